@@ -1,0 +1,239 @@
+"""The SAE family in one module: TopK baseline, the iSAE switches, the ReLU SAE, and the
+classical dictionary-learning reference behind the same interface.
+
+All models work in *normalised* activation space (see ``actset.Normalizer``); a checkpoint
+stores the constants, so ``checkpoint.load`` gives raw-in/raw-out reconstructions.
+
+Shapes are written as suffixes or ``[batch, d_in]`` in docstrings: B rows, D = d_in,
+N = d_sae (width), K = k.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import SAEConfig
+
+
+class Codes(NamedTuple):
+    """A batch of sparse codes in (values, indices) form."""
+
+    val: Tensor
+    """Code values, [B, K] (for relu: [B, N], dense)."""
+    idx: Tensor
+    """Latent indices, [B, K] int64 (for relu: arange(N) broadcast)."""
+
+    def dense(self, width: int) -> Tensor:
+        """[B, N] dense codes."""
+        if self.idx.shape[1] == width and self.val.shape == self.idx.shape:
+            out = torch.zeros_like(self.val)
+            return out.scatter(1, self.idx, self.val)
+        out = self.val.new_zeros(self.val.shape[0], width)
+        return out.scatter(1, self.idx, self.val)
+
+
+class ForwardOutput(NamedTuple):
+    """What one forward pass computes, for the trainer and for evaluation."""
+
+    x_hat: Tensor
+    """Reconstruction, [B, D], normalised space."""
+    codes: Codes
+    """The codes that produced it."""
+    fvu: Tensor
+    """Scalar: sum of squared errors / sum of squared deviations from the batch mean."""
+    auxk: Tensor
+    """Scalar AuxK loss on dead latents (0 when none are dead or not topk)."""
+    l1: Tensor
+    """Scalar decoder-norm-weighted L1 of the codes (relu; 0 otherwise)."""
+
+
+def topk_select(pre: Tensor, k: int, signed: bool) -> Codes:
+    """TopK with or without signs. (pre: [B, N]) -> Codes [B, K].
+
+    signed: the k largest |pre| keep their sign. unsigned: ReLU, then the k largest.
+    """
+    if signed:
+        idx = pre.abs().topk(k, dim=-1, sorted=False).indices
+        return Codes(pre.gather(-1, idx), idx)
+    val, idx = F.relu(pre).topk(k, dim=-1, sorted=False)
+    return Codes(val, idx)
+
+
+def sparse_decode(codes: Codes, W_dec: Tensor) -> Tensor:
+    """sum_j val_j W_dec[idx_j] without a dense [B, N] scatter. -> [B, D]."""
+    return F.embedding_bag(codes.idx, W_dec, per_sample_weights=codes.val, mode="sum")
+
+
+class SparseCoder(nn.Module):
+    """One sparse coder. ``encode`` / ``decode`` / ``forward`` as in sparsify."""
+
+    def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        self.cfg = cfg
+        D, N = cfg.d_in, cfg.d_sae
+        gen = torch.Generator().manual_seed(cfg.seed)
+        W = torch.randn(N, D, generator=gen, dtype=torch.float32)
+        W /= W.norm(dim=1, keepdim=True)
+        if cfg.kind == "relu":
+            # Anthropic's April 2024 recipe: small decoder rows, encoder = decoder^T.
+            W *= 0.1
+        self.W_dec = nn.Parameter(W.to(device))
+        if cfg.tied or cfg.kind == "dl":
+            self.W_enc = None
+        else:
+            self.W_enc = nn.Parameter(W.T.clone().to(device))
+        zeros_d = torch.zeros(D, device=device)
+        zeros_n = torch.zeros(N, device=device)
+        if cfg.bias == "learned" and cfg.kind != "dl":
+            self.b_dec = nn.Parameter(zeros_d)
+            self.b_enc = nn.Parameter(zeros_n)
+        else:
+            self.register_buffer("b_dec", zeros_d)
+            self.register_buffer("b_enc", zeros_n)
+
+    # ------------------------------------------------------------------ parameters
+
+    @property
+    def encoder_weight(self) -> Tensor:
+        """[D, N]."""
+        return self.W_dec.T if self.W_enc is None else self.W_enc
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    # ------------------------------------------------------------------ the maps
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """(x: [B, D]) -> [B, N] encoder pre-activations."""
+        return (x - self.b_dec) @ self.encoder_weight + self.b_enc
+
+    def encode(self, x: Tensor) -> Codes:
+        """(x: [B, D]) normalised activations -> Codes."""
+        assert x.shape[-1] == self.cfg.d_in, f"expected [B, {self.cfg.d_in}], got {tuple(x.shape)}"
+        if self.cfg.kind == "dl":
+            from .dl import omp
+
+            return omp(x - self.b_dec, self.W_dec, self.cfg.k)
+        pre = self.pre_acts(x)
+        if self.cfg.kind == "relu":
+            z = F.relu(pre)
+            idx = torch.arange(z.shape[1], device=z.device).expand_as(z)
+            return Codes(z, idx)
+        codes = topk_select(pre, self.cfg.k, self.cfg.signed)
+        for _ in range(self.cfg.encoder_steps):
+            codes = self.iht_step(x, codes)
+        return codes
+
+    def decode(self, codes: Codes) -> Tensor:
+        """Codes -> [B, D] reconstruction (normalised space)."""
+        if self.cfg.kind == "relu":
+            return codes.val @ self.W_dec + self.b_dec
+        return sparse_decode(codes, self.W_dec) + self.b_dec
+
+    def iht_step(self, x: Tensor, codes: Codes) -> Codes:
+        """One normalised iterative-hard-thresholding step with the decoder.
+
+        z <- H_k(z + eta (x - x_hat) W_dec^T), eta = ||g_S||^2 / ||g_S D_S||^2 on the current
+        support S (Blumensath & Davies 2010), times ``cfg.iht_step``. A row keeps its old code
+        where the step would raise its error, so the steps never make reconstruction worse.
+        """
+        x_hat = self.decode(codes)
+        r = x - x_hat
+        g = r @ self.W_dec.T  # [B, N]
+        g_S = g.gather(-1, codes.idx)
+        Dg = sparse_decode(Codes(g_S, codes.idx), self.W_dec)
+        eta = g_S.pow(2).sum(-1, keepdim=True) / Dg.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
+        u = (g * (eta * self.cfg.iht_step)).scatter_add(-1, codes.idx, codes.val)
+        new = topk_select(u, self.cfg.k, self.cfg.signed)
+        err_old = r.pow(2).sum(-1)
+        err_new = (x - self.decode(new)).pow(2).sum(-1)
+        better = (err_new <= err_old).unsqueeze(-1)
+        return Codes(torch.where(better, new.val, codes.val), torch.where(better, new.idx, codes.idx))
+
+    def forward(self, x: Tensor, dead: Tensor | None = None) -> ForwardOutput:
+        """(x: [B, D]) -> ForwardOutput. ``dead``: [N] bool mask of dead latents for AuxK."""
+        codes = self.encode(x)
+        x_hat = self.decode(codes)
+        err = x - x_hat
+        total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        fvu = err.pow(2).sum() / total_var
+        zero = x.new_zeros(())
+        auxk, l1 = zero, zero
+        if self.cfg.kind == "relu":
+            l1 = (codes.val * self.W_dec.norm(dim=1)).sum(-1).mean()
+        elif self.cfg.kind == "topk" and dead is not None and bool(dead.any()):
+            auxk = self._auxk_loss(x, err.detach(), dead)
+        return ForwardOutput(x_hat, codes, fvu, auxk, l1)
+
+    def _auxk_loss(self, x: Tensor, e: Tensor, dead: Tensor) -> Tensor:
+        """Gao et al.'s AuxK: the top dead latents reconstruct the residual e."""
+        n_dead = int(dead.sum())
+        k_aux = min(max(self.cfg.d_in // 2, 1), n_dead)
+        pre = self.pre_acts(x)
+        score = pre.abs() if self.cfg.signed else F.relu(pre)
+        score = torch.where(dead, score, torch.full_like(score, -1.0))
+        idx = score.topk(k_aux, dim=-1, sorted=False).indices
+        val = pre.gather(-1, idx)
+        if not self.cfg.signed:
+            val = F.relu(val)
+        e_hat = sparse_decode(Codes(val, idx), self.W_dec)
+        scale = min(n_dead / k_aux, 1.0)
+        denom = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+        return scale * (e_hat - e).pow(2).sum() / denom
+
+    # ------------------------------------------------------------------ the constraint
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        return self.cfg.kind != "relu"
+
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove the gradient component parallel to each decoder row (norm-preserving step)."""
+        if not self.unit_norm_decoder or self.W_dec.grad is None:
+            return
+        W, G = self.W_dec, self.W_dec.grad
+        G -= (G * W).sum(-1, keepdim=True) * W
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        if self.unit_norm_decoder:
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    # ------------------------------------------------------------------ the SAELens layout
+
+    @torch.no_grad()
+    def export_tensors(self) -> dict[str, Tensor]:
+        """W_enc [D, N], W_dec [N, D] with unit rows, b_enc [N], b_dec [D], float32, on CPU.
+
+        A relu SAE folds its decoder row norms into the encoder so the codes (and the
+        reconstruction) stay the same while the rows become unit norm.
+        """
+        W_dec = self.W_dec.detach().float()
+        W_enc = self.encoder_weight.detach().float()
+        b_enc = self.b_enc.detach().float()
+        if self.cfg.kind == "relu":
+            norms = W_dec.norm(dim=1).clamp_min(1e-12)
+            W_dec = W_dec / norms[:, None]
+            W_enc = W_enc * norms[None, :]
+            b_enc = b_enc * norms
+        return {
+            "W_enc": W_enc.contiguous().cpu(),
+            "W_dec": W_dec.contiguous().cpu(),
+            "b_enc": b_enc.contiguous().cpu(),
+            "b_dec": self.b_dec.detach().float().contiguous().cpu(),
+        }
+
+    @torch.no_grad()
+    def load_exported(self, tensors: dict[str, Tensor]) -> None:
+        """Inverse of export_tensors (relu loads with unit rows: same function)."""
+        self.W_dec.copy_(tensors["W_dec"])
+        if self.W_enc is not None:
+            self.W_enc.copy_(tensors["W_enc"])
+        self.b_dec.copy_(tensors["b_dec"])
+        self.b_enc.copy_(tensors["b_enc"])
