@@ -22,7 +22,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -88,6 +88,7 @@ class ActivationWriter:
         source: str,
         meta: Mapping | None = None,
         heldout: Mapping | None = None,
+        on_close: Callable[[Path, dict], None] | None = None,
     ) -> None:
         if dtype not in ("float32", "float16"):
             raise UserError(f"dtype must be float32 or float16, not {dtype!r}")
@@ -98,6 +99,10 @@ class ActivationWriter:
         self.source = source
         self.meta = dict(meta or {})
         self.heldout = dict(heldout or {})
+        # on_close(stage_dir, meta): writes extra files (a synthetic set's truth/) into the
+        # staged set before the rename, so they appear atomically with the shards; it may add
+        # keys to meta, which is written after it.
+        self.on_close = on_close
         parent = self.out.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -203,7 +208,13 @@ class ActivationWriter:
             "mean": [float(v) for v in mean],
             "scale": scale,
         }
-        write_json_atomic(self.stage / "meta.json", meta)
+        try:
+            if self.on_close is not None:
+                self.on_close(self.stage, meta)
+            write_json_atomic(self.stage / "meta.json", meta)
+        except BaseException:
+            self.abort()
+            raise
         if self.out.exists():
             shutil.rmtree(self.out)
         os.replace(self.stage, self.out)
