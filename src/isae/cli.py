@@ -25,7 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"isae.commands.{name}").add_parser(sub)
+        try:
+            module = importlib.import_module(f"isae.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"isae.commands.{name}":
+                raise
+            continue  # a stage not installed in this build
+        module.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,124 @@
+"""The SAE family on hand-set weights: exact answers and float64 references."""
+
+import numpy as np
+import pytest
+import torch
+
+from isae.config import SAEConfig, parse_arch
+from isae.dl import omp
+from isae.errors import UserError
+from isae.sae import Codes, SparseCoder, sparse_decode, topk_select
+
+
+def test_topk_select_signed_and_unsigned():
+    pre = torch.tensor([[0.5, -3.0, 2.0, -0.1, 1.0]])
+    s = topk_select(pre, 2, signed=True)
+    assert sorted(zip(s.idx[0].tolist(), s.val[0].tolist())) == [(1, -3.0), (2, 2.0)]
+    u = topk_select(pre, 2, signed=False)
+    assert sorted(zip(u.idx[0].tolist(), u.val[0].tolist())) == [(2, 2.0), (4, 1.0)]
+
+
+@pytest.mark.parametrize("B,N,D,K", [(4, 8, 3, 2), (7, 33, 5, 3), (16, 64, 16, 8)])
+def test_sparse_decode_matches_dense_float64(B, N, D, K):
+    g = torch.Generator().manual_seed(B * N)
+    W = torch.randn(N, D, generator=g)
+    idx = torch.stack([torch.randperm(N, generator=g)[:K] for _ in range(B)])
+    val = torch.randn(B, K, generator=g)
+    dense = np.zeros((B, N))
+    for b in range(B):
+        dense[b, idx[b].numpy()] = val[b].double().numpy()
+    ref = dense @ W.double().numpy()
+    got = sparse_decode(Codes(val, idx), W)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(Codes(val, idx).dense(N).double().numpy(), dense, atol=0)
+
+
+def _model(arch, d=4, n=6, k=2, seed=0):
+    return SparseCoder(SAEConfig.from_arch(arch, d_in=d, d_sae=n, k=k, seed=seed))
+
+
+def test_hand_set_topk_forward():
+    m = _model("topk", d=2, n=3, k=1)
+    with torch.no_grad():
+        m.W_dec.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]))
+        m.W_enc.copy_(m.W_dec.T)
+        m.b_dec.copy_(torch.tensor([1.0, 1.0]))
+    x = torch.tensor([[1.0, 3.0], [1.0, -4.0]])  # centred: (0, 2) and (0, -5)
+    with torch.no_grad():
+        out = m(x)
+    # Row 0: pre = (0, 2, 1.6) -> latent 1 at 2 -> x_hat = (1, 3): exact.
+    # Row 1: pre = (0, -5, -4) -> ReLU kills all; topk picks a zero -> x_hat = b_dec.
+    assert out.codes.idx[0, 0] == 1 and out.codes.val[0, 0] == pytest.approx(2.0)
+    np.testing.assert_allclose(out.x_hat[0].numpy(), [1.0, 3.0], atol=1e-6)
+    np.testing.assert_allclose(out.x_hat[1].numpy(), [1.0, 1.0], atol=1e-6)
+    signed = _model("topk+signed", d=2, n=3, k=1)
+    signed.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        o2 = signed(x)
+    assert o2.codes.idx[1, 0] == 1 and o2.codes.val[1, 0] == pytest.approx(-5.0)
+    np.testing.assert_allclose(o2.x_hat.numpy(), x.numpy(), atol=1e-6)
+
+
+def test_tied_shares_one_parameter_and_nobias_has_none():
+    m = _model("isae")
+    names = {n for n, _ in m.named_parameters()}
+    assert names == {"W_dec"}
+    assert torch.equal(m.encoder_weight, m.W_dec.T)
+    assert not m.b_dec.requires_grad and float(m.b_dec.abs().sum()) == 0
+
+
+def test_iht_steps_never_increase_error():
+    torch.manual_seed(0)
+    base = _model("isae", d=16, n=48, k=4)
+    it = _model("isae-iter", d=16, n=48, k=4)
+    it.load_state_dict(base.state_dict())
+    x = torch.randn(256, 16)
+    e0 = (x - base.decode(base.encode(x))).pow(2).sum(-1)
+    e3 = (x - it.decode(it.encode(x))).pow(2).sum(-1)
+    assert (e3 <= e0 + 1e-5).all()
+    assert e3.mean() < 0.95 * e0.mean()  # and they do help
+
+
+def test_relu_export_folds_norms_without_changing_reconstruction():
+    m = _model("relu", d=5, n=9)
+    with torch.no_grad():
+        m.W_dec.mul_(torch.linspace(0.3, 2.0, 9)[:, None])
+        m.b_enc.uniform_(-0.1, 0.1)
+    x = torch.randn(32, 5)
+    before = m.decode(m.encode(x))
+    t = m.export_tensors()
+    np.testing.assert_allclose(t["W_dec"].norm(dim=1).numpy(), 1.0, rtol=1e-6)
+    m2 = _model("relu", d=5, n=9)
+    m2.load_exported(t)
+    np.testing.assert_allclose(m2.decode(m2.encode(x)).detach().numpy(), before.detach().numpy(), atol=1e-5)
+
+
+def test_omp_recovers_exact_sparse_combination():
+    g = torch.Generator().manual_seed(1)
+    Q, _ = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64))
+    D = Q[:12].float()  # 12 orthonormal atoms in R^20
+    idx = torch.stack([torch.randperm(12, generator=g)[:3] for _ in range(50)])
+    val = torch.randn(50, 3, generator=g)
+    x = sparse_decode(Codes(val, idx), D)
+    c = omp(x, D, 3)
+    np.testing.assert_allclose(c.dense(12).numpy(), Codes(val, idx).dense(12).numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "arch,field,value",
+    [("topk+signed", "signed", True), ("isae-tied", "tied", False), ("topk+nobias", "bias", "none"),
+     ("topk+iter", "encoder_steps", 3), ("isae-iter", "encoder_steps", 3), ("isae-nobias", "bias", "learned")],
+)
+def test_arch_names_set_one_switch(arch, field, value):
+    assert parse_arch(arch)[field] == value
+
+
+@pytest.mark.parametrize("bad", ["topkk", "topk+sined", "isae+", "relu+signed", "topk signed"])
+def test_unknown_arch_or_switch(bad):
+    with pytest.raises(UserError):
+        parse_arch(bad)
+
+
+def test_k_must_be_below_width():
+    with pytest.raises(UserError, match="k must satisfy"):
+        SAEConfig(d_in=4, d_sae=8, k=8)
