@@ -44,8 +44,9 @@ def heldout_mask(groups: np.ndarray, fraction: float, seed: int = 0) -> np.ndarr
     (group, seed) falls under ``fraction``; every stage that recomputes it agrees, and rows
     of one group always land on the same side.
     """
-    g = np.asarray(groups, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
     with np.errstate(over="ignore"):
+        # uint64 arithmetic wraps on purpose (also in the seed term).
+        g = np.asarray(groups, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
         # splitmix64 finaliser: a good mix of consecutive integers.
         g = (g ^ (g >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         g = (g ^ (g >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
