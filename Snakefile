@@ -1,0 +1,38 @@
+# The iSAE study: every figure and table of "Toward Identifiable Sparse Autoencoders".
+#
+#   snakemake --cores 2 --workflow-profile workflow/profiles/local     # embedded default
+#   snakemake --cores 2 results/tables/T1.md                          # one target
+#   snakemake --report results/report.html                             # after a run
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/activations.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/eval.smk"
+include: "workflow/rules/match.smk"
+include: "workflow/rules/ric.smk"
+include: "workflow/rules/fidelity.smk"
+include: "workflow/rules/tables.smk"
+include: "workflow/rules/figures.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.table_t1.output,
+        rules.table_t2.output,
+        rules.f1_stability.output,
+        rules.f2_truth_recovery.output,
+        rules.f3_ric.output,
+        rules.f4_ablation.output,
+        rules.f5_fvu_l0.output,
+        rules.f6_fidelity.output,

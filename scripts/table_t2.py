@@ -1,0 +1,20 @@
+"""Rule entry point: table T2 (Parquet, Markdown, LaTeX) from the collected runs."""
+
+import sys
+
+import pandas as pd
+
+from isae.io import write_table
+from isae.study.tables import T2_CAPTION, T2_METRICS, table_t2, to_latex, to_markdown, write_text_atomic
+
+snakemake = globals()["snakemake"]  # injected by Snakemake's script: directive
+read = pd.read_parquet
+
+with open(snakemake.log[0], "w") as log:
+    sys.stderr = log
+    i, o = snakemake.input, snakemake.output
+    table = table_t2(read(i.match), read(i.ric))
+    write_table(table, o.table)
+    write_text_atomic(to_markdown(table, T2_METRICS, T2_CAPTION), o.md)
+    write_text_atomic(to_latex(table, T2_METRICS, T2_CAPTION, label="tab:t2"), o.tex)
+    print(f"{len(table)} rows", file=log)

@@ -1,0 +1,17 @@
+rule activations:
+    output:
+        acts=directory("results/activations/{dataset}"),
+    log:
+        "logs/activations/{dataset}.log",
+    benchmark:
+        "benchmarks/rules/activations/{dataset}.tsv"
+    params:
+        source=lambda wc: dataset_cfg(wc)["source"],
+        flags=extract_flags,
+    threads: res("extract", "threads")
+    resources:
+        mem_mb=res("extract", "mem_mb"),
+        runtime=res("extract", "runtime"),
+        gpu=gpu_count(),
+    shell:
+        "isae extract {params.source} {params.flags} --out {output.acts} > {log} 2>&1"
