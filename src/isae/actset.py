@@ -20,9 +20,9 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -124,7 +124,7 @@ class ActivationWriter:
         self._sumsq = 0.0
         self._n = 0
 
-    def __enter__(self) -> "ActivationWriter":
+    def __enter__(self) -> ActivationWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

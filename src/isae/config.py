@@ -105,14 +105,14 @@ class SAEConfig:
             raise UserError("encoder_steps must be >= 0")
 
     @classmethod
-    def from_arch(cls, arch: str, **kw) -> "SAEConfig":
+    def from_arch(cls, arch: str, **kw) -> SAEConfig:
         return cls(arch=arch, **parse_arch(arch), **kw)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SAEConfig":
+    def from_dict(cls, d: dict) -> SAEConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

@@ -7,7 +7,7 @@ exactly where an uninterrupted run would be.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

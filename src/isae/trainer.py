@@ -62,8 +62,8 @@ class SAEStepper:
         model.normalize_decoder()
         return {
             "loss": float(loss.detach()),
-            "fvu": float(out.fvu),
-            "auxk": float(out.auxk),
+            "fvu": float(out.fvu.detach()),
+            "auxk": float(out.auxk.detach()),
             "codes": out.codes,
         }
 
@@ -162,48 +162,50 @@ def train(
     t0 = time.perf_counter()
     bar = progress(total=total_steps * tcfg.batch_size, desc=f"train {sae_cfg.arch}", unit="tok")
     bar.update(start_step * tcfg.batch_size)
-    step = start_step
-    for step in range(start_step, total_steps):
-        xb = torch.from_numpy(next(batches)).to(device)
-        x = (xb - mean) / norm.scale
-        dead = since_fired >= tcfg.dead_tokens
-        lr_scale = lr_multiplier(step, total_steps, tcfg)
-        m = stepper.step(x, lr_scale, dead)
-        codes = m["codes"]
-        with torch.no_grad():
-            active = codes.idx[codes.val != 0]
-            fired = torch.zeros(N, dtype=torch.bool, device=device)
-            fired[active] = True
-            since_fired += x.shape[0]
-            since_fired[fired] = 0
-        if not math.isfinite(m["loss"]):
-            raise UserError(f"training diverged at step {step} (loss {m['loss']}); lower --lr")
-        bar.update(x.shape[0])
-        if step % tcfg.log_every == 0 or step == total_steps - 1:
-            l0 = float((codes.val != 0).sum(-1).float().mean())
-            row = {
-                "step": step,
-                "tokens": (step + 1) * tcfg.batch_size,
-                "loss": m["loss"],
-                "fvu": m["fvu"],
-                "auxk": m["auxk"],
-                "l0": l0,
-                "dead_frac": float(dead.float().mean()),
-                "lr": getattr(stepper, "base_lr", 0.0) * lr_scale,
-                "wall_s": wall0 + time.perf_counter() - t0,
-            }
-            rows.append(row)
-            bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{l0:.1f}", dead=f"{row['dead_frac']:.2f}")
-        if (step + 1) % tcfg.checkpoint_every == 0 and step + 1 < total_steps:
-            _save_state(rdir, {
-                "fingerprint": fingerprint,
-                "stepper": stepper.state_dict(),
-                "since_fired": since_fired,
-                "log": rows,
-                "step": step + 1,
-                "wall": wall0 + time.perf_counter() - t0,
-            })
-    bar.close()
+    try:
+        step = start_step
+        for step in range(start_step, total_steps):
+            xb = torch.from_numpy(next(batches)).to(device)
+            x = (xb - mean) / norm.scale
+            dead = since_fired >= tcfg.dead_tokens
+            lr_scale = lr_multiplier(step, total_steps, tcfg)
+            m = stepper.step(x, lr_scale, dead)
+            codes = m["codes"]
+            with torch.no_grad():
+                active = codes.idx[codes.val != 0]
+                fired = torch.zeros(N, dtype=torch.bool, device=device)
+                fired[active] = True
+                since_fired += x.shape[0]
+                since_fired[fired] = 0
+            if not math.isfinite(m["loss"]):
+                raise UserError(f"training diverged at step {step} (loss {m['loss']}); lower --lr")
+            bar.update(x.shape[0])
+            if step % tcfg.log_every == 0 or step == total_steps - 1:
+                l0 = float((codes.val != 0).sum(-1).float().mean())
+                row = {
+                    "step": step,
+                    "tokens": (step + 1) * tcfg.batch_size,
+                    "loss": m["loss"],
+                    "fvu": m["fvu"],
+                    "auxk": m["auxk"],
+                    "l0": l0,
+                    "dead_frac": float(dead.float().mean()),
+                    "lr": getattr(stepper, "base_lr", 0.0) * lr_scale,
+                    "wall_s": wall0 + time.perf_counter() - t0,
+                }
+                rows.append(row)
+                bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{l0:.1f}", dead=f"{row['dead_frac']:.2f}")
+            if (step + 1) % tcfg.checkpoint_every == 0 and step + 1 < total_steps:
+                _save_state(rdir, {
+                    "fingerprint": fingerprint,
+                    "stepper": stepper.state_dict(),
+                    "since_fired": since_fired,
+                    "log": rows,
+                    "step": step + 1,
+                    "wall": wall0 + time.perf_counter() - t0,
+                })
+    finally:
+        bar.close()
 
     tokens_seen = total_steps * tcfg.batch_size
     elapsed = wall0 + time.perf_counter() - t0
