@@ -124,7 +124,9 @@ def test_same_seed_same_checkpoint_other_seed_differs(data, tmp_path):
     a = _train(data, tmp_path / "a", "topk", tokens="40000")
     b = _train(data, tmp_path / "b", "topk", tokens="40000")
     c = _train(data, tmp_path / "c", "topk", tokens="40000", extra=["--seed", "1"])
-    read = lambda p: (p / "sae.safetensors").read_bytes()
+    def read(p):
+        return (p / "sae.safetensors").read_bytes()
+
     assert read(a) == read(b)
     assert read(a) != read(c)
 
