@@ -119,8 +119,8 @@ def abs_cos_cost(
 
     (W_a: [N_a, D], W_b: [N_b, D]) -> (cost [N_a, N_b] = -|cos|, best_ab [N_a], best_ba [N_b]).
     """
-    A = _unit_rows(torch.as_tensor(W_a).to(device=device, dtype=torch.float32))
-    B = _unit_rows(torch.as_tensor(W_b).to(device=device, dtype=torch.float32))
+    A = _unit_rows(torch.as_tensor(W_a).detach().to(device=device, dtype=torch.float32))
+    B = _unit_rows(torch.as_tensor(W_b).detach().to(device=device, dtype=torch.float32))
     if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[1]:
         raise UserError(
             f"cannot match dictionaries of shapes {tuple(A.shape)} and {tuple(B.shape)}: "
@@ -153,8 +153,8 @@ def match_dictionaries(
     cost, best_ab, best_ba = abs_cos_cost(W_a, W_b, device=device, block=block)
     rows, cols = linear_sum_assignment(cost)  # minimises -|cos|: maximises total |cos|
     del cost
-    A = torch.as_tensor(W_a).double().cpu()
-    B = torch.as_tensor(W_b).double().cpu()
+    A = torch.as_tensor(W_a).detach().double().cpu()
+    B = torch.as_tensor(W_b).detach().double().cpu()
     a = torch.as_tensor(rows, dtype=torch.int64)
     b = torch.as_tensor(cols, dtype=torch.int64)
     Ua, Ub = _unit_rows(A[a]), _unit_rows(B[b])
