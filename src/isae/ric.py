@@ -101,7 +101,10 @@ def sample_pairs(n_rows: int, n_pairs: int, rng: np.random.Generator) -> tuple[n
     t = np.sort(rng.choice(M, size=n_pairs, replace=False)).astype(np.int64)
     # Invert the triangular numbering: row i owns t in [off(i), off(i+1)), off(i) = i(2n-i-1)/2.
     n = n_rows
-    off = lambda i: i * (2 * n - i - 1) // 2
+
+    def off(i: np.ndarray) -> np.ndarray:
+        return i * (2 * n - i - 1) // 2
+
     i = np.floor(((2 * n - 1) - np.sqrt((2.0 * n - 1) ** 2 - 8.0 * t)) / 2).astype(np.int64)
     i = np.clip(i, 0, n - 2)
     for _ in range(2):  # float rounding can put i one off either way
@@ -211,7 +214,7 @@ def ric_report(
     -> (per-pair table: pair, kind observed | random_support | gaussian | truth, size, delta,
     mp = Marchenko–Pastur at that size; one-row summary dict).
     """
-    W = torch.as_tensor(W_dec).detach().cpu().float()
+    W = torch.as_tensor(W_dec).detach().cpu()
     N, D = W.shape
     supports = np.asarray(supports, np.int64)
     R = supports.shape[0]
@@ -229,7 +232,7 @@ def ric_report(
 
     kinds = {"observed": (obs, sizes), "random_support": (rnd, sizes), "gaussian": (gauss, sizes)}
     if truth is not None:
-        W_t = torch.as_tensor(truth[0]).detach().cpu().float()
+        W_t = torch.as_tensor(truth[0]).detach().cpu()
         S_t = np.asarray(truth[1], np.int64)
         if S_t.shape[0] != R:
             raise ValueError("true supports must be on the same rows as the observed ones")
