@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fast
 from .config import SAEConfig
 
 
@@ -114,25 +115,37 @@ class SparseCoder(nn.Module):
 
     def encode(self, x: Tensor) -> Codes:
         """(x: [B, D]) normalised activations -> Codes."""
+        return self._encode(x)[0]
+
+    def _encode(self, x: Tensor) -> tuple[Codes, Tensor | None]:
+        """Codes and the dense pre-activations when they were computed (for AuxK)."""
         assert x.shape[-1] == self.cfg.d_in, f"expected [B, {self.cfg.d_in}], got {tuple(x.shape)}"
         if self.cfg.kind == "dl":
             from .dl import omp
 
-            return omp(x - self.b_dec, self.W_dec, self.cfg.k)
-        pre = self.pre_acts(x)
+            return omp(x - self.b_dec, self.W_dec, self.cfg.k), None
         if self.cfg.kind == "relu":
-            z = F.relu(pre)
+            z = F.relu(self.pre_acts(x))
             idx = torch.arange(z.shape[1], device=z.device).expand_as(z)
-            return Codes(z, idx)
-        codes = topk_select(pre, self.cfg.k, self.cfg.signed)
+            return Codes(z, idx), None
+        if fast.enabled(x):
+            val, idx, pre = fast.topk_encode(
+                x, self.b_dec, self.encoder_weight, self.b_enc, self.cfg.k, self.cfg.signed
+            )
+            codes = Codes(val, idx)
+        else:
+            pre = self.pre_acts(x)
+            codes = topk_select(pre, self.cfg.k, self.cfg.signed)
         for _ in range(self.cfg.encoder_steps):
             codes = self.iht_step(x, codes)
-        return codes
+        return codes, pre
 
     def decode(self, codes: Codes) -> Tensor:
         """Codes -> [B, D] reconstruction (normalised space)."""
         if self.cfg.kind == "relu":
             return codes.val @ self.W_dec + self.b_dec
+        if fast.enabled(codes.val):
+            return fast.sparse_decode(codes.val, codes.idx, self.W_dec) + self.b_dec
         return sparse_decode(codes, self.W_dec) + self.b_dec
 
     def iht_step(self, x: Tensor, codes: Codes) -> Codes:
@@ -144,7 +157,10 @@ class SparseCoder(nn.Module):
         """
         x_hat = self.decode(codes)
         r = x - x_hat
-        g = r @ self.W_dec.T  # [B, N]
+        if fast.enabled(r):
+            g = (r.to(fast.LOW) @ self.W_dec.to(fast.LOW).T).float()  # [B, N]
+        else:
+            g = r @ self.W_dec.T  # [B, N]
         g_S = g.gather(-1, codes.idx)
         Dg = sparse_decode(Codes(g_S, codes.idx), self.W_dec)
         eta = g_S.pow(2).sum(-1, keepdim=True) / Dg.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
@@ -157,7 +173,7 @@ class SparseCoder(nn.Module):
 
     def forward(self, x: Tensor, dead: Tensor | None = None) -> ForwardOutput:
         """(x: [B, D]) -> ForwardOutput. ``dead``: [N] bool mask of dead latents for AuxK."""
-        codes = self.encode(x)
+        codes, pre = self._encode(x)
         x_hat = self.decode(codes)
         err = x - x_hat
         total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
@@ -167,21 +183,27 @@ class SparseCoder(nn.Module):
         if self.cfg.kind == "relu":
             l1 = (codes.val * self.W_dec.norm(dim=1)).sum(-1).mean()
         elif self.cfg.kind == "topk" and dead is not None and bool(dead.any()):
-            auxk = self._auxk_loss(x, err.detach(), dead)
+            auxk = self._auxk_loss(x, err.detach(), dead, pre)
         return ForwardOutput(x_hat, codes, fvu, auxk, l1)
 
-    def _auxk_loss(self, x: Tensor, e: Tensor, dead: Tensor) -> Tensor:
+    def _auxk_loss(self, x: Tensor, e: Tensor, dead: Tensor, pre: Tensor | None) -> Tensor:
         """Gao et al.'s AuxK: the top dead latents reconstruct the residual e."""
         n_dead = int(dead.sum())
         k_aux = min(max(self.cfg.d_in // 2, 1), n_dead)
-        pre = self.pre_acts(x)
-        score = pre.abs() if self.cfg.signed else F.relu(pre)
-        score = torch.where(dead, score, torch.full_like(score, -1.0))
-        idx = score.topk(k_aux, dim=-1, sorted=False).indices
-        val = pre.gather(-1, idx)
-        if not self.cfg.signed:
-            val = F.relu(val)
-        e_hat = sparse_decode(Codes(val, idx), self.W_dec)
+        if fast.enabled(x):
+            val, idx, _ = fast.topk_encode(x, self.b_dec, self.encoder_weight, self.b_enc, k_aux,
+                                           self.cfg.signed, only=dead, pre=pre)
+            e_hat = fast.sparse_decode(val, idx, self.W_dec)
+        else:
+            if pre is None:
+                pre = self.pre_acts(x)
+            score = pre.abs() if self.cfg.signed else F.relu(pre)
+            score = torch.where(dead, score, torch.full_like(score, -1.0))
+            idx = score.topk(k_aux, dim=-1, sorted=False).indices
+            val = pre.gather(-1, idx)
+            if not self.cfg.signed:
+                val = F.relu(val)
+            e_hat = sparse_decode(Codes(val, idx), self.W_dec)
         scale = min(n_dead / k_aux, 1.0)
         denom = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
         return scale * (e_hat - e).pow(2).sum() / denom

@@ -1,5 +1,8 @@
 """The trainer: stream an activation set, optimise one sparse coder, write a checkpoint.
 
+Several seeds of one configuration can share the loop (``train_many``): one pass over the
+data feeds every model, which is how a multi-seed study spends its GPU time well.
+
 One loop serves every kind: a *stepper* (SAEStepper here, dl.DLStepper for dictionary
 learning) does one optimisation step on a batch; the loop owns the data stream, the
 learning-rate schedule, dead-latent bookkeeping, logging, resume state and the final
@@ -60,12 +63,9 @@ class SAEStepper:
         model.project_decoder_grad()
         self.opt.step()
         model.normalize_decoder()
-        return {
-            "loss": float(loss.detach()),
-            "fvu": float(out.fvu.detach()),
-            "auxk": float(out.auxk.detach()),
-            "codes": out.codes,
-        }
+        # Tensors, not floats: the loop reads them only when it logs (no GPU sync per step).
+        return {"loss": loss.detach(), "fvu": out.fvu.detach(), "auxk": out.auxk.detach(),
+                "codes": out.codes}
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "opt": self.opt.state_dict()}
@@ -107,6 +107,28 @@ def _check_out(out: Path) -> None:
         raise UserError(f"--out {out} exists and is not a folder")
 
 
+class _Run:
+    """One model being trained: its stepper, dead-latent counters, log and destination."""
+
+    def __init__(self, sae_cfg: SAEConfig, tcfg: TrainConfig, out: Path, device) -> None:
+        self.cfg = sae_cfg
+        self.out = out
+        self.model = SparseCoder(sae_cfg, device=device)
+        self.stepper = (DLStepper(self.model, seed=sae_cfg.seed) if sae_cfg.kind == "dl"
+                        else SAEStepper(self.model, tcfg))
+        self.since_fired = torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device)
+        self.rows: list[dict] = []
+
+    def state(self) -> dict:
+        return {"stepper": self.stepper.state_dict(), "since_fired": self.since_fired,
+                "log": self.rows}
+
+    def restore(self, s: dict) -> None:
+        self.stepper.load_state_dict(s["stepper"])
+        self.since_fired = s["since_fired"].to(self.since_fired.device)
+        self.rows = s["log"]
+
+
 def train(
     activations: str | os.PathLike,
     sae_cfg: SAEConfig,
@@ -115,11 +137,28 @@ def train(
     resume: bool = True,
 ) -> dict:
     """Train one sparse coder; returns the summary printed by ``isae train``."""
-    out = Path(out)
-    _check_out(out)
+    return train_many(activations, [sae_cfg], tcfg, [out], resume)[0]
+
+
+def train_many(
+    activations: str | os.PathLike,
+    sae_cfgs: list[SAEConfig],
+    tcfg: TrainConfig,
+    outs: list[str | os.PathLike],
+    resume: bool = True,
+) -> list[dict]:
+    """Train several sparse coders (e.g. seeds) on one shared stream of batches.
+
+    The data order comes from ``tcfg.seed``; with one model this is the model's own seed,
+    so a single run and a run of several seeds differ only in that the latter share one order.
+    """
+    outs = [Path(o) for o in outs]
+    for o in outs:
+        _check_out(o)
     acts = ActivationSet(activations)
-    if acts.d != sae_cfg.d_in:
-        raise UserError(f"activation set has d={acts.d}, model expects d_in={sae_cfg.d_in}")
+    for c in sae_cfgs:
+        if acts.d != c.d_in:
+            raise UserError(f"activation set has d={acts.d}, model expects d_in={c.d_in}")
     train_rows = int(acts.meta.get("train_rows", acts.rows))
     device = torch.device(tcfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -127,18 +166,14 @@ def train(
 
     norm = acts.normalizer()
     mean = torch.as_tensor(norm.mean, device=device)
-    model = SparseCoder(sae_cfg, device=device)
-    stepper = DLStepper(model, seed=tcfg.seed) if sae_cfg.kind == "dl" else SAEStepper(model, tcfg)
-    N = sae_cfg.d_sae
+    runs = [_Run(c, tcfg, o, device) for c, o in zip(sae_cfgs, outs)]
     total_steps = max(math.ceil(tcfg.tokens / tcfg.batch_size), 1)
-    since_fired = torch.zeros(N, dtype=torch.long, device=device)
-    rows: list[dict] = []
     start_step = 0
     wall0 = 0.0
 
-    rdir = resume_dir(out)
-    fingerprint = {"sae": sae_cfg.to_dict(), "train": _train_fingerprint(tcfg), "d": acts.d,
-                   "activations": str(Path(activations).resolve())}
+    rdir = resume_dir(outs[0])
+    fingerprint = {"sae": [c.to_dict() for c in sae_cfgs], "train": _train_fingerprint(tcfg),
+                   "d": acts.d, "activations": str(Path(activations).resolve())}
     if resume and (rdir / "state.pt").is_file():
         state = torch.load(rdir / "state.pt", map_location=device, weights_only=False)
         if state["fingerprint"]["d"] != acts.d:
@@ -148,59 +183,57 @@ def train(
             )
         if state["fingerprint"] != fingerprint:
             raise UserError(f"resume state {rdir} belongs to a different configuration; delete it to start afresh")
-        stepper.load_state_dict(state["stepper"])
-        since_fired = state["since_fired"].to(device)
-        rows = state["log"]
+        for run, s in zip(runs, state["runs"]):
+            run.restore(s)
         start_step = state["step"]
         wall0 = state["wall"]
-        log.info("resuming %s from step %d of %d", out, start_step, total_steps)
+        log.info("resuming %s from step %d of %d", outs[0], start_step, total_steps)
 
-    batches = shuffled_batches(acts, tcfg.batch_size, tcfg.shuffle_buffer, tcfg.seed)
+    batches = shuffled_batches(acts, tcfg.batch_size, tcfg.shuffle_buffer, tcfg.seed, device)
     for _ in range(start_step):  # replay the stream: same order as an uninterrupted run
         next(batches)
 
+    name = sae_cfgs[0].arch + (f" x{len(runs)} seeds" if len(runs) > 1 else "")
     t0 = time.perf_counter()
-    bar = progress(total=total_steps * tcfg.batch_size, desc=f"train {sae_cfg.arch}", unit="tok")
+    bar = progress(total=total_steps * tcfg.batch_size, desc=f"train {name}", unit="tok")
     bar.update(start_step * tcfg.batch_size)
     try:
-        step = start_step
         for step in range(start_step, total_steps):
-            xb = torch.from_numpy(next(batches)).to(device)
-            x = (xb - mean) / norm.scale
-            dead = since_fired >= tcfg.dead_tokens
+            x = (next(batches) - mean) / norm.scale
             lr_scale = lr_multiplier(step, total_steps, tcfg)
-            m = stepper.step(x, lr_scale, dead)
-            codes = m["codes"]
-            with torch.no_grad():
-                active = codes.idx[codes.val != 0]
-                fired = torch.zeros(N, dtype=torch.bool, device=device)
-                fired[active] = True
-                since_fired += x.shape[0]
-                since_fired[fired] = 0
-            if not math.isfinite(m["loss"]):
-                raise UserError(f"training diverged at step {step} (loss {m['loss']}); lower --lr")
+            logging_step = step % tcfg.log_every == 0 or step == total_steps - 1
+            for run in runs:
+                dead = run.since_fired >= tcfg.dead_tokens
+                m = run.stepper.step(x, lr_scale, dead)
+                codes = m["codes"]
+                with torch.no_grad():
+                    fired = torch.zeros(run.cfg.d_sae, dtype=torch.bool, device=device)
+                    fired[codes.idx[codes.val != 0]] = True
+                    run.since_fired += x.shape[0]
+                    run.since_fired[fired] = 0
+                if logging_step:
+                    row = {
+                        "step": step,
+                        "tokens": (step + 1) * tcfg.batch_size,
+                        "loss": float(m["loss"]),
+                        "fvu": float(m["fvu"]),
+                        "auxk": float(m["auxk"]),
+                        "l0": float((codes.val != 0).sum(-1).float().mean()),
+                        "dead_frac": float(dead.float().mean()),
+                        "lr": getattr(run.stepper, "base_lr", 0.0) * lr_scale,
+                        "wall_s": wall0 + time.perf_counter() - t0,
+                    }
+                    if not math.isfinite(row["loss"]):
+                        raise UserError(f"training diverged at step {step} (loss {row['loss']}); lower --lr")
+                    run.rows.append(row)
             bar.update(x.shape[0])
-            if step % tcfg.log_every == 0 or step == total_steps - 1:
-                l0 = float((codes.val != 0).sum(-1).float().mean())
-                row = {
-                    "step": step,
-                    "tokens": (step + 1) * tcfg.batch_size,
-                    "loss": m["loss"],
-                    "fvu": m["fvu"],
-                    "auxk": m["auxk"],
-                    "l0": l0,
-                    "dead_frac": float(dead.float().mean()),
-                    "lr": getattr(stepper, "base_lr", 0.0) * lr_scale,
-                    "wall_s": wall0 + time.perf_counter() - t0,
-                }
-                rows.append(row)
-                bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{l0:.1f}", dead=f"{row['dead_frac']:.2f}")
+            if logging_step:
+                r = runs[0].rows[-1]
+                bar.set_postfix(fvu=f"{r['fvu']:.3f}", l0=f"{r['l0']:.1f}", dead=f"{r['dead_frac']:.2f}")
             if (step + 1) % tcfg.checkpoint_every == 0 and step + 1 < total_steps:
                 _save_state(rdir, {
                     "fingerprint": fingerprint,
-                    "stepper": stepper.state_dict(),
-                    "since_fired": since_fired,
-                    "log": rows,
+                    "runs": [run.state() for run in runs],
                     "step": step + 1,
                     "wall": wall0 + time.perf_counter() - t0,
                 })
@@ -209,35 +242,40 @@ def train(
 
     tokens_seen = total_steps * tcfg.batch_size
     elapsed = wall0 + time.perf_counter() - t0
-    log_bytes = io.BytesIO()
-    pd.DataFrame(rows).to_parquet(log_bytes, index=False)
-    extra = {
-        "tokens_seen": tokens_seen,
-        "train": {k: v for k, v in _train_fingerprint(tcfg).items()},
-        "lr": getattr(stepper, "base_lr", None),
-        "activations": {
-            "path": str(Path(activations)),
-            "d": acts.d,
-            "train_rows": train_rows,
-            **{k: acts.meta[k] for k in ("source", "model", "hook", "dtype") if k in acts.meta},
-        },
-    }
-    checkpoint.save(model, out, norm, extra=extra, files={"train_log.parquet": log_bytes.getvalue()})
+    rate = (tokens_seen - start_step * tcfg.batch_size) * len(runs) / max(time.perf_counter() - t0, 1e-9)
+    summaries = []
+    for run in runs:
+        log_bytes = io.BytesIO()
+        pd.DataFrame(run.rows).to_parquet(log_bytes, index=False)
+        extra = {
+            "tokens_seen": tokens_seen,
+            "train": _train_fingerprint(tcfg),
+            "lr": getattr(run.stepper, "base_lr", None),
+            "activations": {
+                "path": str(Path(activations)),
+                "d": acts.d,
+                "train_rows": train_rows,
+                **{k: acts.meta[k] for k in ("source", "model", "hook", "dtype") if k in acts.meta},
+            },
+        }
+        checkpoint.save(run.model, run.out, norm, extra=extra,
+                        files={"train_log.parquet": log_bytes.getvalue()})
+        last = run.rows[-1]
+        summaries.append({
+            "out": str(run.out),
+            "arch": run.cfg.arch,
+            "k": run.cfg.k,
+            "width": run.cfg.d_sae,
+            "seed": run.cfg.seed,
+            "tokens": tokens_seen,
+            "fvu": last["fvu"],
+            "l0": last["l0"],
+            "dead_frac": last["dead_frac"],
+            "tokens_per_s": rate,
+            "wall_s": elapsed,
+        })
     shutil.rmtree(rdir, ignore_errors=True)
-    last = rows[-1]
-    return {
-        "out": str(out),
-        "arch": sae_cfg.arch,
-        "k": sae_cfg.k,
-        "width": sae_cfg.d_sae,
-        "seed": sae_cfg.seed,
-        "tokens": tokens_seen,
-        "fvu": last["fvu"],
-        "l0": last["l0"],
-        "dead_frac": last["dead_frac"],
-        "tokens_per_s": (tokens_seen - start_step * tcfg.batch_size) / max(time.perf_counter() - t0, 1e-9),
-        "wall_s": elapsed,
-    }
+    return summaries
 
 
 def _train_fingerprint(tcfg: TrainConfig) -> dict:
