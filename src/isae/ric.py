@@ -41,8 +41,9 @@ def delta_of_supports(
     supports: torch.Tensor | np.ndarray,
     sizes: torch.Tensor | np.ndarray,
     max_elems: int = 1 << 24,
+    device: str | torch.device = "cpu",
 ) -> torch.Tensor:
-    """δ_U for a batch of supports, in float64 on the CPU.
+    """δ_U for a batch of supports, in float64 on the CPU (on CUDA: float32, fast.py).
 
     (W_dec: [N, D]) rows are normalised here (DESIGN: unit decoder rows);
     (supports: [P, S_max] int) row p lists its atoms in the first ``sizes[p]`` entries, the
@@ -52,6 +53,12 @@ def delta_of_supports(
     Supports are grouped by size so each group is one batched Gram + ``eigvalsh``; groups are
     cut into chunks of at most ``max_elems`` float64 gathered entries (bounded memory).
     """
+    if torch.device(device).type == "cuda":
+        from .fast import delta_by_squaring
+
+        W = torch.as_tensor(W_dec).detach().to(device)
+        out = delta_by_squaring(W, torch.as_tensor(supports), torch.as_tensor(sizes))
+        return out.double().cpu()
     W = torch.as_tensor(W_dec).detach().to("cpu")
     supports = torch.as_tensor(supports).to("cpu", torch.int64)
     sizes = torch.as_tensor(sizes).to("cpu", torch.int64)
@@ -203,6 +210,7 @@ def ric_report(
     seed: int,
     k: int | None = None,
     truth: tuple[torch.Tensor | np.ndarray, np.ndarray] | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[pd.DataFrame, dict]:
     """The restricted-isometry study of one dictionary on its observed supports.
 
@@ -222,13 +230,13 @@ def ric_report(
     i, j = sample_pairs(R, n_pairs, rng)
     U, sizes = union_supports(supports[i], supports[j], N)
 
-    obs = delta_of_supports(W, U, sizes).numpy()
+    obs = delta_of_supports(W, U, sizes, device=device).numpy()
     rnd_S = random_supports(sizes, N, rng)
-    rnd = delta_of_supports(W, rnd_S, sizes).numpy()
+    rnd = delta_of_supports(W, rnd_S, sizes, device=device).numpy()
     # Its own stream (not seed + 1: a coder initialised from Gaussian rows with that seed
     # would *be* this dictionary).
     g_seed = int(rng.integers(2**62))
-    gauss = delta_of_supports(gaussian_dictionary(N, D, g_seed), rnd_S, sizes).numpy()
+    gauss = delta_of_supports(gaussian_dictionary(N, D, g_seed), rnd_S, sizes, device=device).numpy()
 
     kinds = {"observed": (obs, sizes), "random_support": (rnd, sizes), "gaussian": (gauss, sizes)}
     if truth is not None:
@@ -237,7 +245,7 @@ def ric_report(
         if S_t.shape[0] != R:
             raise ValueError("true supports must be on the same rows as the observed ones")
         Ut, sizes_t = union_supports(S_t[i], S_t[j], W_t.shape[0])
-        kinds["truth"] = (delta_of_supports(W_t, Ut, sizes_t).numpy(), sizes_t)
+        kinds["truth"] = (delta_of_supports(W_t, Ut, sizes_t, device=device).numpy(), sizes_t)
 
     table = pd.concat(
         [

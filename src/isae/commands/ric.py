@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> dict:
         truth = (W_t, row_supports(data["z_val"], data["z_idx"], W_t.shape[0]))
 
     k = ckpt.cfg.get("k")
-    table, summary = ric_report(ckpt.W_dec, S, args.pairs, args.seed, k=k, truth=truth)
+    table, summary = ric_report(ckpt.W_dec, S, args.pairs, args.seed, k=k, truth=truth,
+                                device=args.device)
     summary = {
         "ckpt": str(ckpt.path),
         "arch": ckpt.cfg.get("arch"),
