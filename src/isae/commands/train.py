@@ -18,6 +18,9 @@ def add_parser(sub) -> None:
     p.add_argument("--k", type=int, default=32, help="active latents per row")
     p.add_argument("--width", type=int, default=None, help="number of latents (default 8 x d)")
     p.add_argument("--seed", type=int, default=0, help="seeds the initialisation and the data order")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds trained together on one pass over the data "
+                        "(--out must contain {seed}; the data order comes from the first seed)")
     p.add_argument("--tokens", type=int, default=2_000_000, help="training rows to consume")
     p.add_argument("--batch-size", type=int, default=4096, help="rows per step")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default scales with width)")
@@ -39,7 +42,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from ..trainer import train
+    from ..trainer import train, train_many
 
     acts = ActivationSet(args.activations)
     width = args.width or 8 * acts.d
@@ -50,10 +53,15 @@ def run(args: argparse.Namespace) -> dict:
 
     spec = parse_arch(args.arch)
     spec.update(extra)
-    try:
-        sae_cfg = SAEConfig(d_in=acts.d, d_sae=width, k=args.k, arch=args.arch, seed=args.seed, **spec)
-    except TypeError as e:
-        raise UserError(str(e)) from None
+    seeds = [args.seed]
+    if args.seeds:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",")]
+        except ValueError:
+            raise UserError(f"--seeds must be comma-separated integers, not {args.seeds!r}") from None
+        if "{seed}" not in args.out:
+            raise UserError("with --seeds, --out must contain {seed} (one checkpoint per seed)")
+    cfgs = [SAEConfig(d_in=acts.d, d_sae=width, k=args.k, arch=args.arch, seed=s, **spec) for s in seeds]
     tcfg = TrainConfig(
         tokens=args.tokens,
         batch_size=args.batch_size,
@@ -66,6 +74,10 @@ def run(args: argparse.Namespace) -> dict:
         log_every=args.log_every,
         checkpoint_every=args.checkpoint_every,
         device=args.device,
-        seed=args.seed,
+        seed=seeds[0],
     )
-    return train(args.activations, sae_cfg, tcfg, args.out, resume=not args.no_resume)
+    if not args.seeds:
+        return train(args.activations, cfgs[0], tcfg, args.out, resume=not args.no_resume)
+    outs = [args.out.replace("{seed}", str(s)) for s in seeds]
+    runs = train_many(args.activations, cfgs, tcfg, outs, resume=not args.no_resume)
+    return {"runs": runs, "tokens_per_s": runs[0]["tokens_per_s"]}
