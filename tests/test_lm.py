@@ -266,6 +266,8 @@ def test_cached_hf_dataset_source(tmp_path):
     src = lm.open_text("isae/tiny", cache_dir=tmp_path)
     assert src.kind == "hf-dataset"
     assert [t for _, t in src.documents] == [r["text"] for r in rows]
+    assert src.meta["split"] == "train"
+    assert [t for _, t in lm.open_text("isae/tiny:train", cache_dir=tmp_path).documents][:1] == [rows[0]["text"]]
     with pytest.raises(UserError, match="local Hugging Face cache"):
         lm.open_text("isae/not-cached", cache_dir=tmp_path)
 

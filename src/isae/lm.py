@@ -12,7 +12,8 @@ Four jobs, each a small function:
 * **text sources** — ``pydoc`` (CPython's ``pydoc_data.topics``, one document per topic, in
   sorted topic order), a text file (documents separated by blank lines), a folder (one file
   per document, sorted by relative path), or a Hugging Face dataset in the local cache
-  (``NAME`` or ``NAME:SPLIT``, column ``text``). A document's id is its index in that order.
+  (``NAME``, ``NAME:SPLIT`` or ``NAME:CONFIG:SPLIT``; one row of column ``text`` per
+  document, streamed). A document's id is its index in that order.
 * **contexts** — every document is tokenised without special tokens (literal strings such as
   ``[SEP]`` in the text are split into ordinary tokens, so text never produces a special
   token) and cut into chunks of ``context - len(prefix) - len(suffix)`` tokens; each chunk is
@@ -318,9 +319,14 @@ def _sha256(path: Path) -> str:
 
 
 def _open_hf_dataset(spec: str, cache_dir: str | os.PathLike | None) -> TextSource:
-    """A dataset from the local Hugging Face cache only: ``NAME`` or ``NAME:SPLIT``."""
-    name, _, split = spec.partition(":")
-    split = split or "train"
+    """A dataset from the local Hugging Face cache only: ``NAME``, ``NAME:SPLIT`` or
+    ``NAME:CONFIG:SPLIT`` (split defaults to train)."""
+    parts = spec.split(":")
+    if len(parts) > 3:
+        raise UserError(f"text source {spec!r}: use NAME, NAME:SPLIT or NAME:CONFIG:SPLIT")
+    name = parts[0]
+    config = parts[1] if len(parts) == 3 else None
+    split = parts[-1] if len(parts) > 1 and parts[-1] else "train"
     not_found = UserError(
         f"text source {spec!r} is not 'pydoc', an existing file or folder, nor a dataset in "
         f"the local Hugging Face cache (on a machine with network: `hf download {name} "
@@ -339,14 +345,14 @@ def _open_hf_dataset(spec: str, cache_dir: str | os.PathLike | None) -> TextSour
         snap = None
     try:
         if snap is not None:
-            ds = datasets.load_dataset(snap, split=split, streaming=True)
+            ds = datasets.load_dataset(snap, config, split=split, streaming=True)
             where = snap
         else:
             # A dataset prepared earlier by `datasets` itself (Arrow files in its own cache).
             old = datasets.config.HF_HUB_OFFLINE
             datasets.config.HF_HUB_OFFLINE = True
             try:
-                ds = datasets.load_dataset(name, split=split)
+                ds = datasets.load_dataset(name, config, split=split)
             finally:
                 datasets.config.HF_HUB_OFFLINE = old
             where = "datasets cache"
@@ -362,8 +368,9 @@ def _open_hf_dataset(spec: str, cache_dir: str | os.PathLike | None) -> TextSour
         for i, row in enumerate(ds):
             yield f"{name}:{split}#{i}", row["text"] or ""
 
-    return TextSource(spec, "hf-dataset", docs(), {"kind": "hf-dataset", "name": name,
-                                                   "split": split, "path": str(where)})
+    meta = {"kind": "hf-dataset", "name": name, "config": config, "split": split,
+            "path": str(where)}
+    return TextSource(spec, "hf-dataset", docs(), meta)
 
 
 # ----------------------------------------------------------------------------- contexts
