@@ -254,3 +254,23 @@ def test_cli_writes_a_set_and_prints_one_json_line(tmp_path, capsys):
     assert (summary["d"], summary["rows"], summary["atoms"]) == (8, 500, 16)
     assert ActivationSet(tmp_path / "s").has_truth
     assert torch.is_tensor(checkpoint.load_decoder(tmp_path / "s" / "truth"))
+
+
+def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch):
+    real = synthetic.sample_rows
+    calls, staged = [], []
+
+    def flaky(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            staged.extend(tmp_path.glob(".s.tmp-*/part-*.parquet"))
+            raise RuntimeError("disk on fire")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(synthetic, "sample_rows", flaky)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        # 64-row blocks (d * k is large), 50-row shards: shards exist when the error comes.
+        synthetic.extract(out=str(tmp_path / "s"), d=65536, atoms=4, k=1, rows=1000,
+                          rows_per_shard=50)
+    assert len(staged) == 2
+    assert list(tmp_path.iterdir()) == []
