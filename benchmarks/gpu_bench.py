@@ -1,0 +1,304 @@
+"""One GPU run that measures every line of the speed issue, ours and the anchors side by side.
+
+    PYTHONPATH=src python benchmarks/gpu_bench.py [--out results.json] [--quick]
+
+Shapes (the issue's): d = 768, width 24 576, k = 32, batch 8 192 rows, float32 parameters.
+Each section is independent; a failing one prints its error and the rest still run. The
+table is printed last. EleutherAI sparsify (the `eai-sparsify` wheel) is imported module by
+module, without its package __init__ (which pulls in its trainer and datasets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import tempfile
+import time
+import traceback
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from isae import fast
+from isae.config import SAEConfig, TrainConfig
+from isae.sae import SparseCoder
+from isae.trainer import SAEStepper
+
+D, N, K, B = 768, 24576, 32, 8192
+ROWS: list[dict] = []
+
+
+def row(what: str, ms: float | None = None, rate: str = "", note: str = "") -> None:
+    ROWS.append({"what": what, "ms": ms, "rate": rate, "note": note})
+    print(f"  {what}: {'' if ms is None else f'{ms:.3f} ms'} {rate} {note}", flush=True)
+
+
+def timed(fn, warmup: int = 5, reps: int = 20) -> float:
+    """Median milliseconds of fn() by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    return float(np.median(ts))
+
+
+def section(name):
+    def wrap(fn):
+        def run(*a, **kw):
+            print(f"== {name}", flush=True)
+            try:
+                return fn(*a, **kw)
+            except Exception as e:  # noqa: BLE001 - one broken section must not hide the others
+                traceback.print_exc()
+                row(name, note=f"FAILED: {type(e).__name__}: {e}"[:200])
+        return run
+    return wrap
+
+
+def synthetic_batches(d: int, n_true: int, k_true: int, seed: int):
+    """Signed sparse rows of a hidden dictionary, generated on the GPU (endless)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    Dt = torch.randn(n_true, d, device="cuda", generator=g)
+    Dt /= Dt.norm(dim=1, keepdim=True)
+    while True:
+        idx = torch.randint(0, n_true, (B, k_true), device="cuda", generator=g)
+        val = (torch.rand(B, k_true, device="cuda", generator=g) + 0.5) * torch.sign(
+            torch.randn(B, k_true, device="cuda", generator=g))
+        x = torch.einsum("bk,bkd->bd", val, Dt[idx]) + 0.05 * torch.randn(B, d, device="cuda", generator=g)
+        yield x / x.norm(dim=1, keepdim=True).mean() * d**0.5
+
+
+def load_sparsify():
+    import site
+
+    for base in [*site.getsitepackages(), *sys.path]:
+        p = Path(base) / "sparsify"
+        if (p / "sparse_coder.py").is_file():
+            pkg = types.ModuleType("sparsify")
+            pkg.__path__ = [str(p)]
+            sys.modules["sparsify"] = pkg
+            cfg = importlib.import_module("sparsify.config")
+            sc = importlib.import_module("sparsify.sparse_coder")
+            return cfg, sc
+    raise ImportError("sparsify (eai-sparsify) not found")
+
+
+@section("anchors: encoder matmul")
+def anchors():
+    x = torch.randn(B, D, device="cuda")
+    W = torch.randn(D, N, device="cuda")
+    xb, Wb = x.bfloat16(), W.bfloat16()
+    ms = timed(lambda: xb @ Wb)
+    row("encoder matmul, bf16", ms, f"{2 * B * D * N / ms / 1e9:.0f} TFLOP/s, {B / ms / 1e3:.1f} M tok/s")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    ms = timed(lambda: x @ W)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    row("encoder matmul, TF32", ms, f"{B / ms / 1e3:.1f} M tok/s")
+    pre = xb @ Wb
+    row("topk on bf16 pre-acts (stock torch)", timed(lambda: pre.topk(K, dim=-1, sorted=False)))
+
+
+@section("sparsify training step")
+def sparsify_step():
+    cfgmod, sc = load_sparsify()
+    cfg = cfgmod.SparseCoderConfig(num_latents=N, k=K)
+    sae = sc.SparseCoder(D, cfg, device="cuda")
+    opt = torch.optim.Adam(sae.parameters(), lr=2e-4, fused=True)
+    x = torch.randn(B, D, device="cuda")
+    dead = torch.rand(N, device="cuda") < 0.05
+
+    def step():
+        out = sae(x, dead_mask=dead)
+        loss = out.fvu + out.auxk_loss / 32
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sae.set_decoder_norm_to_unit_norm()
+
+    ms = timed(step)
+    row("sparsify 1.3.3 step (fwd, FVU+AuxK, bwd, Adam)", ms, f"{B / ms / 1e3:.2f} M tok/s")
+    return ms
+
+
+def our_stepper(arch: str, seed: int = 0):
+    m = SparseCoder(SAEConfig.from_arch(arch, d_in=D, d_sae=N, k=K, seed=seed), device="cuda")
+    st = SAEStepper(m, TrainConfig(lr=2e-4))
+    st.opt = torch.optim.Adam(m.parameters(), lr=2e-4, fused=True)
+    return m, st
+
+
+@section("our training steps")
+def our_steps():
+    x = torch.randn(B, D, device="cuda")
+    dead = torch.rand(N, device="cuda") < 0.05
+    out = {}
+    for arch in ("topk", "isae", "isae-iter"):
+        m, st = our_stepper(arch)
+        ms = timed(lambda st=st: st.step(x, 1.0, dead))
+        out[arch] = ms
+        row(f"ours {arch} step (fast path)", ms, f"{B / ms / 1e3:.2f} M tok/s")
+    fast.ENABLED = False
+    try:
+        m, st = our_stepper("topk")
+        ms = timed(lambda: st.step(x, 1.0, dead), warmup=2, reps=5)
+        row("ours topk step, float32 reference path", ms, f"{B / ms / 1e3:.2f} M tok/s")
+    finally:
+        fast.ENABLED = True
+    return out
+
+
+@section("equivalence: fast vs float32 reference after a fixed budget")
+def equivalence(steps: int):
+    for arch in ("topk", "isae"):
+        fvus = {}
+        for flag in (True, False):
+            fast.ENABLED = flag
+            m, st = our_stepper(arch, seed=0)
+            data = synthetic_batches(D, 4 * N, 16, seed=1)
+            dead_since = torch.zeros(N, device="cuda", dtype=torch.long)
+            for s in range(steps):
+                x = next(data)
+                o = st.step(x, min(1.0, (s + 1) / 20), dead_since >= 20 * B)
+                fired = torch.zeros(N, dtype=torch.bool, device="cuda")
+                fired[o["codes"].idx] = True
+                dead_since += B
+                dead_since[fired] = 0
+            with torch.no_grad():  # held-out FVU on fresh rows, reference encoder for both
+                fast.ENABLED = False
+                xs = torch.cat([next(data) for _ in range(2)])
+                fv = float(m(xs).fvu)
+            norms = m.W_dec.norm(dim=1)
+            fvus[flag] = (fv, float((norms - 1).abs().max()))
+        fast.ENABLED = True
+        rel = abs(fvus[True][0] - fvus[False][0]) / fvus[False][0]
+        row(f"equivalence {arch}: FVU fast / reference after {steps * B / 1e6:.1f}M tok",
+            note=f"{fvus[True][0]:.4f} / {fvus[False][0]:.4f} (rel diff {rel:.2%}, target < 1%); "
+                 f"max | ||d_i|| - 1 | {fvus[True][1]:.1e}")
+
+
+@section("seeds in parallel vs one after another (end to end, from disk)")
+def seeds_parallel(rows: int, tokens: int):
+    from isae.actset import ActivationWriter, heldout_mask
+    from isae.trainer import train, train_many
+
+    tmp = Path(tempfile.mkdtemp())
+    data = synthetic_batches(D, 4 * N, 16, seed=3)
+    t0 = time.perf_counter()
+    with ActivationWriter(tmp / "acts", D, dtype="float16", rows_per_shard=65536, source="bench") as w:
+        n = 0
+        while n < rows:
+            x = next(data).cpu().numpy()
+            w.add(x, heldout_mask(np.arange(n, n + len(x)) // 128, 0.02))
+            n += len(x)
+    row("write activation set", note=f"{rows} rows x {D} fp16 in {time.perf_counter() - t0:.1f} s")
+    tcfg = TrainConfig(tokens=tokens, batch_size=B, device="cuda", shuffle_buffer=262144,
+                       checkpoint_every=10**9, log_every=50)
+    cfgs = [SAEConfig.from_arch("topk", d_in=D, d_sae=N, k=K, seed=s) for s in range(3)]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for c in cfgs:
+        train(tmp / "acts", c, tcfg, tmp / f"seq{c.seed}", resume=False)
+    torch.cuda.synchronize()
+    seq = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    train_many(tmp / "acts", cfgs, tcfg, [tmp / f"par{c.seed}" for c in cfgs], resume=False)
+    torch.cuda.synchronize()
+    par = time.perf_counter() - t0
+    total = 3 * tokens
+    row("3 seeds one after another", seq * 1e3, f"{total / seq / 1e6:.2f} M tok/s")
+    row("3 seeds sharing one pass", par * 1e3, f"{total / par / 1e6:.2f} M tok/s",
+        f"speed-up {seq / par:.2f}x (target >= 3x)")
+
+
+@section("restricted isometry on observed supports")
+def ric(n_unions: int):
+    from isae.ric import delta_of_supports
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    W = torch.randn(N, D, device="cuda", generator=g)
+    sizes = torch.randint(2 * K - 16, 2 * K + 1, (n_unions,), device="cuda", generator=g)
+    sup = torch.randint(0, N, (n_unions, 2 * K), device="cuda", generator=g)
+    sup = torch.sort(sup, dim=1).values  # duplicates are rare at N = 24 576 but do not matter
+    fast.delta_by_squaring(W, sup[:1000], sizes[:1000])
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    d = fast.delta_by_squaring(W, sup, sizes)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    row(f"δ_U by squaring, {n_unions} unions, |U| <= {2 * K}", dt * 1e3, f"{n_unions / dt:,.0f} unions/s",
+        "target >= 100 000/s")
+    sel = torch.arange(0, n_unions, n_unions // 2000)
+    ref = delta_of_supports(W.cpu(), sup[sel].cpu(), sizes[sel].cpu()).numpy()
+    err = np.abs(d[sel].double().cpu().numpy() - ref).max()
+    row("δ_U agreement with float64 (2000 unions)", note=f"max |diff| {err:.1e} (target 1e-4)")
+    # the anchors' kernels on the same batch shape
+    Du = W[sup[:768, :64]]
+    Gm = Du @ Du.transpose(1, 2)
+    ms = timed(lambda: torch.linalg.svdvals(Du), warmup=1, reps=3)
+    row("anchor: torch.linalg.svdvals, 768 x (64 x 768)", ms, f"{768 / ms * 1e3:,.0f} /s")
+    ms = timed(lambda: torch.linalg.eigvalsh(Gm), warmup=1, reps=3)
+    row("anchor: eigvalsh of 768 Gram matrices 64 x 64", ms, f"{768 / ms * 1e3:,.0f} /s")
+
+
+@section("matching two dictionaries")
+def matching(n_atoms: int):
+    from isae.matching import match_dictionaries
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n in (8192, n_atoms):
+        A = torch.randn(n, D, device="cuda", generator=g)
+        perm = torch.randperm(n, device="cuda", generator=g)
+        sign = torch.randint(0, 2, (n,), device="cuda", generator=g) * 2.0 - 1
+        Bm = sign[:, None] * A[perm] + 0.7 * torch.randn(n, D, device="cuda", generator=g)
+        t0 = time.perf_counter()
+        m = match_dictionaries(A, Bm, device="cuda")
+        dt = time.perf_counter() - t0
+        s = m.summary()
+        row(f"match {n} x {n} atoms (blocked |cos| on GPU + scipy Hungarian)", dt * 1e3,
+            note=f"mean matched |cos| {s.get('mean_abs_cos', float('nan')):.3f}"
+                 + (" (target <= 60 s)" if n == n_atoms else ""))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default=None, help="comma list of sections")
+    a = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    sections = {
+        "anchors": anchors,
+        "sparsify": sparsify_step,
+        "steps": our_steps,
+        "equivalence": lambda: equivalence(60 if a.quick else 300),
+        "seeds": lambda: seeds_parallel(200_000 if a.quick else 1_048_576, 2_000_000 if a.quick else 12_000_000),
+        "ric": lambda: ric(20_000 if a.quick else 200_000),
+        "matching": lambda: matching(8192 if a.quick else 32768),
+    }
+    only = a.only.split(",") if a.only else list(sections)
+    for name in only:
+        sections[name]()
+    print("\n| what | ms | rate | note |\n|---|---|---|---|")
+    for r in ROWS:
+        ms = "" if r["ms"] is None else f"{r['ms']:.3f}"
+        print(f"| {r['what']} | {ms} | {r['rate']} | {r['note']} |")
+    if a.out:
+        Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": ROWS}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
