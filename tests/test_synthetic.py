@@ -56,7 +56,7 @@ def _race_inclusion(p: np.ndarray, k: int) -> np.ndarray:
     pi_i = int_0^inf p_i e^{-p_i t} P(fewer than k others finished by t) dt, the count of
     others being Poisson-binomial with probabilities 1 - e^{-p_j t} (computed by a DP).
     """
-    log_t = np.linspace(np.log(1e-8), np.log(1e3 / p.min()), 4000)
+    log_t = np.linspace(np.log(1e-8), np.log(1e3 / p.min()), 1500)
     t = np.exp(log_t)
     q = -np.expm1(-np.outer(t, p))  # [T, atoms]: P(atom j finished by t)
     n = len(p)
