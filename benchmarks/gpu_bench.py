@@ -271,6 +271,25 @@ def matching(n_atoms: int):
                  + (" (target <= 60 s)" if n == n_atoms else ""))
 
 
+@section("profile of one training step")
+def profile_steps():
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(B, D, device="cuda")
+    dead = torch.rand(N, device="cuda") < 0.05
+    for arch in ("topk", "isae-iter"):
+        m, st = our_stepper(arch)
+        for _ in range(3):
+            st.step(x, 1.0, dead)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                st.step(x, 1.0, dead)
+            torch.cuda.synchronize()
+        print(f"-- {arch}: CUDA time by kernel, 5 steps")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -288,8 +307,9 @@ def main() -> None:
         "seeds": lambda: seeds_parallel(200_000 if a.quick else 1_048_576, 2_000_000 if a.quick else 12_000_000),
         "ric": lambda: ric(20_000 if a.quick else 200_000),
         "matching": lambda: matching(8192 if a.quick else 32768),
+        "profile": profile_steps,
     }
-    only = a.only.split(",") if a.only else list(sections)
+    only = a.only.split(",") if a.only else [s for s in sections if s != "profile"]
     for name in only:
         sections[name]()
     print("\n| what | ms | rate | note |\n|---|---|---|---|")

@@ -100,8 +100,35 @@ def topk_encode(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, 
     return _TopKEncode.apply(x, b_dec, W_enc, b_enc, k, signed, only, pre)
 
 
+class _ScatterDecode(Function):
+    """For large k (AuxK's d/2 latents) gathering k rows per token costs more memory traffic
+    than scattering the codes into a bf16 [B, N] matrix and doing one dense matmul."""
+
+    @staticmethod
+    def forward(ctx, val: Tensor, idx: Tensor, W_dec: Tensor):
+        B, N = val.shape[0], W_dec.shape[0]
+        Z = torch.zeros(B, N, dtype=LOW, device=val.device).scatter_(1, idx, val.to(LOW))
+        W = W_dec.to(LOW)
+        ctx.save_for_backward(Z, idx, W)
+        return torch.mm(Z, W).float()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        Z, idx, W = ctx.saved_tensors
+        g_low = g.to(LOW)
+        g_val = (g_low @ W.T).gather(1, idx).float() if ctx.needs_input_grad[0] else None
+        dW = (Z.T @ g_low).float() if ctx.needs_input_grad[2] else None
+        return g_val, None, dW
+
+
+#: Above this many codes per row the decoder scatters and multiplies instead of gathering.
+GATHER_MAX_K = 64
+
+
 def sparse_decode(val: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
     """sum_j val_j W_dec[idx_j], float32 [B, D], with a dense-bf16-matmul backward."""
+    if val.shape[1] > GATHER_MAX_K:
+        return _ScatterDecode.apply(val, idx, W_dec)
     return _SparseDecode.apply(val, idx, W_dec)
 
 
