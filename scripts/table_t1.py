@@ -5,7 +5,14 @@ import sys
 import pandas as pd
 
 from isae.io import write_table
-from isae.study.tables import T1_CAPTION, T1_METRICS, table_t1, to_latex, to_markdown, write_text_atomic
+from isae.study.tables import (
+    T1_CAPTION,
+    T1_METRICS,
+    table_t1,
+    to_latex,
+    to_markdown,
+    write_text_atomic,
+)
 
 snakemake = globals()["snakemake"]  # injected by Snakemake's script: directive
 read = pd.read_parquet

@@ -5,13 +5,15 @@ rule activations:
         "logs/activations/{dataset}.log",
     benchmark:
         "benchmarks/rules/activations/{dataset}.tsv"
-    params:
-        source=lambda wc: dataset_cfg(wc)["source"],
-        flags=extract_flags,
+    conda:
+        ENV
     threads: res("extract", "threads")
     resources:
         mem_mb=res("extract", "mem_mb"),
         runtime=res("extract", "runtime"),
         gpu=gpu_count(),
+    params:
+        source=lambda wc: dataset_cfg(wc)["source"],
+        flags=extract_flags,
     shell:
         "isae extract {params.source} {params.flags} --out {output.acts} > {log} 2>&1"

@@ -15,6 +15,8 @@ Seed pairs (for ``isae match``) are the unordered pairs of seeds trained for one
 """
 
 import itertools
+
+import yaml
 from collections import defaultdict
 from typing import NamedTuple
 
@@ -23,6 +25,32 @@ from snakemake.utils import validate
 
 from isae.config import parse_arch
 from isae.errors import UserError
+
+
+def _retype(value):
+    """A --config string such as "5", "0.1", "true" or "null" -> its YAML value."""
+    if isinstance(value, str):
+        parsed = yaml.safe_load(value) if value.strip() else value
+        return parsed if isinstance(parsed, (bool, int, float, type(None))) else value
+    if isinstance(value, list):
+        return [_retype(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _retype(v) for k, v in value.items()}
+    return value
+
+
+def _typed_overrides(cfg: dict, overrides: dict) -> None:
+    """Snakemake parses the values of --config (e.g. seeds=[0,1] or datasets={...}) with
+    YAML's BaseLoader, which makes every nested scalar a string; re-read those, and only
+    those, so that command-line overrides mean what they say."""
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            _typed_overrides(cfg[key], value)
+        elif key in cfg and cfg[key] == value:
+            cfg[key] = _retype(value)
+
+
+_typed_overrides(config, workflow.config_settings.overwrite_config or {})
 
 # Fails before any job, naming the offending key (additionalProperties: false everywhere);
 # also fills in the schema's defaults.
@@ -38,6 +66,10 @@ wildcard_constraints:
     seed_a=r"\d+",
     seed_b=r"\d+",
 
+
+#: The software of all jobs (the `conda` directive): the project's one environment, the
+#: same that the README's setup installs. Relative to the .smk files.
+ENV = "../../environment.yml"
 
 DATASETS = config["datasets"]
 GRIDS = ("main", "sweep", "ablation")
@@ -64,6 +96,7 @@ class Run(NamedTuple):
 def _check_config() -> None:
     """Checks that the schema cannot express; each names the offending key."""
     archs = set(config["archs"]) | set(config["sweep"]["archs"])
+    archs |= {a for ds in DATASETS.values() for a in ds["archs"] or []}
     archs |= set(config["ablation"]["variants"])
     for arch in sorted(archs):
         try:
@@ -95,7 +128,9 @@ _check_config()
 def _build_runs() -> dict:
     runs = defaultdict(set)
     for name, ds in DATASETS.items():
-        for arch, seed in itertools.product(config["archs"], config["seeds"]):
+        for arch, seed in itertools.product(
+            ds["archs"] or config["archs"], config["seeds"]
+        ):
             runs[Run(name, arch, ds["k"], ds["width"], seed)].add("main")
         sweep = config["sweep"]
         for arch, k, width, seed in itertools.product(
@@ -105,7 +140,9 @@ def _build_runs() -> dict:
     abl = config["ablation"]
     for name in abl["datasets"]:
         ds = DATASETS[name]
-        archs = list(ABLATION_BASES) + [v for v in abl["variants"] if v not in ABLATION_BASES]
+        archs = list(ABLATION_BASES) + [
+            v for v in abl["variants"] if v not in ABLATION_BASES
+        ]
         for arch, seed in itertools.product(archs, abl["seeds"]):
             runs[Run(name, arch, ds["k"], ds["width"], seed)].add("ablation")
     return dict(sorted(runs.items()))
@@ -138,7 +175,7 @@ def dataset_cfg(wildcards) -> dict:
 
 
 def res(stage: str, key: str):
-    """A resource of a rule class (config `resources`), e.g. res("train", "mem_mb")."""
+    """A resource of a class of jobs (config `resources`), e.g. res("train", "mem_mb")."""
     return config["resources"][stage][key]
 
 
@@ -153,7 +190,7 @@ def cli_flags(options: dict) -> str:
     for key, value in options.items():
         if value is None or value is False:
             continue
-        flag = "--" + key.replace("_", "-")
+        flag = f"--{key.replace('_', '-')}"
         parts.append(flag if value is True else f"{flag} {value}")
     return " ".join(parts)
 
@@ -179,7 +216,9 @@ def train_flags(wildcards) -> str:
 
 
 def match_flags(wildcards) -> str:
-    return cli_flags({"max_rows": config["match"]["max_rows"], "device": config["device"]})
+    return cli_flags(
+        {"max_rows": config["match"]["max_rows"], "device": config["device"]}
+    )
 
 
 def ric_flags(wildcards) -> str:
@@ -196,7 +235,9 @@ def pair_keys(pairs) -> list:
     for a, b in pairs:
         row = dict(a.wildcards())
         del row["seed"]
-        row.update(seed_a=a.seed, seed_b=b.seed, **{g: g in PAIRS[(a, b)] for g in GRIDS})
+        row.update(
+            seed_a=a.seed, seed_b=b.seed, **{g: g in PAIRS[(a, b)] for g in GRIDS}
+        )
         keys.append(row)
     return keys
 
@@ -213,8 +254,12 @@ def has_truth(dataset: str) -> bool:
 
 #: Seed pairs of the main grid: their per-latent matched |cos| make F1.
 MAIN_PAIRS = [p for p, grids in PAIRS.items() if "main" in grids]
+#: Every run is evaluated; on a synthetic set every run is also matched to the truth (F4
+#: uses the ablation's). Restricted isometry (F3, T2) and fidelity (F6) read the main grid
+#: and the sweep only, so ablation-only runs skip them.
 TRUTH_RUNS = [r for r in RUNS if has_truth(r.dataset)]
-FIDELITY_RUNS = [r for r in RUNS if DATASETS[r.dataset]["fidelity"]]
+RIC_RUNS = [r for r, grids in RUNS.items() if grids & {"main", "sweep"}]
+FIDELITY_RUNS = [r for r in RIC_RUNS if DATASETS[r.dataset]["fidelity"]]
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -236,19 +281,26 @@ def eval_tables(wildcards) -> list:
 
 
 def match_summaries(wildcards) -> list:
-    return [rules.match_pair.output.summary.format(**pair_wildcards(a, b)) for a, b in PAIRS]
+    return [
+        rules.match_pair.output.summary.format(**pair_wildcards(a, b)) for a, b in PAIRS
+    ]
 
 
 def main_match_tables(wildcards) -> list:
-    return [rules.match_pair.output.table.format(**pair_wildcards(a, b)) for a, b in MAIN_PAIRS]
+    return [
+        rules.match_pair.output.table.format(**pair_wildcards(a, b))
+        for a, b in MAIN_PAIRS
+    ]
 
 
 def truth_summaries(wildcards) -> list:
-    return [rules.match_truth.output.summary.format(**r.wildcards()) for r in TRUTH_RUNS]
+    return [
+        rules.match_truth.output.summary.format(**r.wildcards()) for r in TRUTH_RUNS
+    ]
 
 
 def ric_summaries(wildcards) -> list:
-    return [rules.ric.output.summary.format(**r.wildcards()) for r in RUNS]
+    return [rules.ric.output.summary.format(**r.wildcards()) for r in RIC_RUNS]
 
 
 def fidelity_tables(wildcards) -> list:
@@ -257,4 +309,8 @@ def fidelity_tables(wildcards) -> list:
 
 def true_k() -> dict:
     """Synthetic dataset -> the k its codes were generated with (F2 marks it)."""
-    return {n: ds["extract"]["k"] for n, ds in DATASETS.items() if ds["source"] == "synthetic"}
+    return {
+        n: ds["extract"]["k"]
+        for n, ds in DATASETS.items()
+        if ds["source"] == "synthetic"
+    }

@@ -14,6 +14,8 @@ rule f1_stability:
         "logs/f1_stability/all.log",
     benchmark:
         "benchmarks/rules/f1_stability/all.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=res("report", "mem_mb"),
@@ -34,12 +36,14 @@ rule f2_truth_recovery:
         "logs/f2_truth_recovery/all.log",
     benchmark:
         "benchmarks/rules/f2_truth_recovery/all.tsv"
-    params:
-        true_k=true_k(),
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=res("report", "mem_mb"),
         runtime=res("report", "runtime"),
+    params:
+        true_k=true_k(),
     script:
         "../../scripts/f2_truth_recovery.py"
 
@@ -56,6 +60,8 @@ rule f3_ric:
         "logs/f3_ric/all.log",
     benchmark:
         "benchmarks/rules/f3_ric/all.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=res("report", "mem_mb"),
@@ -78,6 +84,8 @@ rule f4_ablation:
         "logs/f4_ablation/all.log",
     benchmark:
         "benchmarks/rules/f4_ablation/all.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=res("report", "mem_mb"),
@@ -98,6 +106,8 @@ rule f5_fvu_l0:
         "logs/f5_fvu_l0/all.log",
     benchmark:
         "benchmarks/rules/f5_fvu_l0/all.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=res("report", "mem_mb"),
@@ -118,6 +128,8 @@ rule f6_fidelity:
         "logs/f6_fidelity/all.log",
     benchmark:
         "benchmarks/rules/f6_fidelity/all.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=res("report", "mem_mb"),

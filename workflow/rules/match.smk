@@ -10,13 +10,15 @@ rule match_pair:
         "logs/match_pair/{dataset}/{arch}/k{k}-w{width}/seed{seed_a}-seed{seed_b}.log",
     benchmark:
         "benchmarks/rules/match_pair/{dataset}/{arch}/k{k}-w{width}/seed{seed_a}-seed{seed_b}.tsv"
-    params:
-        flags=match_flags,
+    conda:
+        ENV
     threads: res("match", "threads")
     resources:
         mem_mb=res("match", "mem_mb"),
         runtime=res("match", "runtime"),
         gpu=gpu_count(),
+    params:
+        flags=match_flags,
     shell:
         "isae match {input.a} {input.b} --activations {input.acts} {params.flags}"
         " --out {output.table} --summary {output.summary} > {log} 2>&1"
@@ -33,13 +35,15 @@ rule match_truth:
         "logs/match_truth/{dataset}/{arch}/k{k}-w{width}/seed{seed}.log",
     benchmark:
         "benchmarks/rules/match_truth/{dataset}/{arch}/k{k}-w{width}/seed{seed}.tsv"
-    params:
-        flags=match_flags,
+    conda:
+        ENV
     threads: res("match", "threads")
     resources:
         mem_mb=res("match", "mem_mb"),
         runtime=res("match", "runtime"),
         gpu=gpu_count(),
+    params:
+        flags=match_flags,
     shell:
         # The synthetic set's truth/ folder is a checkpoint of the true dictionary.
         "isae match {input.ckpt} {input.acts}/truth --activations {input.acts} {params.flags}"

@@ -11,12 +11,14 @@ rule collect_eval:
         "logs/collect_eval/all.log",
     benchmark:
         "benchmarks/rules/collect_eval/all.tsv"
-    params:
-        ids=run_keys(RUNS),
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=res("report", "mem_mb"),
         runtime=res("report", "runtime"),
+    params:
+        ids=run_keys(RUNS),
     script:
         "../../scripts/collect.py"
 
@@ -30,12 +32,14 @@ rule collect_match:
         "logs/collect_match/all.log",
     benchmark:
         "benchmarks/rules/collect_match/all.tsv"
-    params:
-        ids=pair_keys(PAIRS),
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=res("report", "mem_mb"),
         runtime=res("report", "runtime"),
+    params:
+        ids=pair_keys(PAIRS),
     script:
         "../../scripts/collect.py"
 
@@ -49,14 +53,16 @@ rule collect_match_latents:
         "logs/collect_match_latents/all.log",
     benchmark:
         "benchmarks/rules/collect_match_latents/all.tsv"
-    params:
-        ids=pair_keys(MAIN_PAIRS),
-        columns=["abs_cos"],
-        query="matched",
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=res("report", "mem_mb"),
         runtime=res("report", "runtime"),
+    params:
+        ids=pair_keys(MAIN_PAIRS),
+        columns=["abs_cos"],
+        where="matched",
     script:
         "../../scripts/collect.py"
 
@@ -70,12 +76,14 @@ rule collect_truth:
         "logs/collect_truth/all.log",
     benchmark:
         "benchmarks/rules/collect_truth/all.tsv"
-    params:
-        ids=run_keys(TRUTH_RUNS),
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=res("report", "mem_mb"),
         runtime=res("report", "runtime"),
+    params:
+        ids=run_keys(TRUTH_RUNS),
     script:
         "../../scripts/collect.py"
 
@@ -89,12 +97,14 @@ rule collect_ric:
         "logs/collect_ric/all.log",
     benchmark:
         "benchmarks/rules/collect_ric/all.tsv"
-    params:
-        ids=run_keys(RUNS),
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=res("report", "mem_mb"),
         runtime=res("report", "runtime"),
+    params:
+        ids=run_keys(RIC_RUNS),
     script:
         "../../scripts/collect.py"
 
@@ -108,12 +118,14 @@ rule collect_fidelity:
         "logs/collect_fidelity/all.log",
     benchmark:
         "benchmarks/rules/collect_fidelity/all.tsv"
-    params:
-        ids=run_keys(FIDELITY_RUNS),
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=res("report", "mem_mb"),
         runtime=res("report", "runtime"),
+    params:
+        ids=run_keys(FIDELITY_RUNS),
     script:
         "../../scripts/collect.py"
 
@@ -131,6 +143,8 @@ rule table_t1:
         "logs/table_t1/all.log",
     benchmark:
         "benchmarks/rules/table_t1/all.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=res("report", "mem_mb"),
@@ -151,6 +165,8 @@ rule table_t2:
         "logs/table_t2/all.log",
     benchmark:
         "benchmarks/rules/table_t2/all.tsv"
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=res("report", "mem_mb"),

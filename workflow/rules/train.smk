@@ -7,13 +7,15 @@ rule train:
         "logs/train/{dataset}/{arch}/k{k}-w{width}/seed{seed}.log",
     benchmark:
         "benchmarks/rules/train/{dataset}/{arch}/k{k}-w{width}/seed{seed}.tsv"
-    params:
-        flags=train_flags,
+    conda:
+        ENV
     threads: res("train", "threads")
     resources:
         mem_mb=res("train", "mem_mb"),
         runtime=res("train", "runtime"),
         gpu=gpu_count(),
+    params:
+        flags=train_flags,
     shell:
         "isae train --activations {input.acts} --arch {wildcards.arch}"
         " --k {wildcards.k} --width {wildcards.width} --seed {wildcards.seed}"

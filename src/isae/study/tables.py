@@ -189,9 +189,9 @@ T1_TRUTH = [
 ]
 #: T2 code consistency between seeds (per seed pair) ...
 T2_MATCH = [
-    Metric("pearson_all", "code corr", r"code corr."),
-    Metric("jaccard", "support Jaccard", r"supp.\ Jaccard"),
-    Metric("rel_dist", "rel. code dist", r"rel.\ code dist."),
+    Metric("code_pearson_all", "code corr", r"code corr."),
+    Metric("code_jaccard", "support Jaccard", r"supp.\ Jaccard"),
+    Metric("code_rel_dist", "rel. code dist", r"rel.\ code dist."),
 ]
 #: ... and restricted isometry on observed supports with its calibrations (per seed).
 T2_RIC = [
