@@ -40,14 +40,22 @@ class _TopKEncode(Function):
         xc = (x - b_dec).to(LOW)
         if pre is None:
             pre = torch.addmm(b_enc.to(LOW), xc, W_enc.to(LOW))  # [B, N] bf16
-        score = pre.abs() if signed else pre
-        if only is not None:  # AuxK: select among these latents only
-            score = score.masked_fill(~only, float("-inf"))
-        if signed:
-            idx = score.topk(k, dim=-1, sorted=False).indices
+        if only is not None:
+            # AuxK: select among the dead latents only, on their columns alone (a far
+            # smaller top-k than over all N).
+            cols = only.nonzero().squeeze(1)
+            sub = pre.index_select(1, cols)
+            score = sub.abs() if signed else sub
+            j = score.topk(k, dim=-1, sorted=False).indices
+            idx = cols[j]
+            val = sub.gather(-1, j).float()
+            if not signed:
+                val = val.relu_()
+        elif signed:
+            idx = pre.abs().topk(k, dim=-1, sorted=False).indices
             val = pre.gather(-1, idx).float()
         else:
-            val, idx = score.topk(k, dim=-1, sorted=False)
+            val, idx = pre.topk(k, dim=-1, sorted=False)
             val = val.float().relu_()
         ctx.save_for_backward(xc, W_enc, idx, val)
         ctx.signed = signed

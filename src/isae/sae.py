@@ -158,14 +158,25 @@ class SparseCoder(nn.Module):
         x_hat = self.decode(codes)
         r = x - x_hat
         if fast.enabled(r):
-            g = (r.to(fast.LOW) @ self.W_dec.to(fast.LOW).T).float()  # [B, N]
+            g = (r.to(fast.LOW) @ self.W_dec.to(fast.LOW).T)  # [B, N] bf16
+            g_S = g.gather(-1, codes.idx).float()
+            Dg = fast.sparse_decode(g_S, codes.idx, self.W_dec)
         else:
             g = r @ self.W_dec.T  # [B, N]
-        g_S = g.gather(-1, codes.idx)
-        Dg = sparse_decode(Codes(g_S, codes.idx), self.W_dec)
+            g_S = g.gather(-1, codes.idx)
+            Dg = sparse_decode(Codes(g_S, codes.idx), self.W_dec)
         eta = g_S.pow(2).sum(-1, keepdim=True) / Dg.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
-        u = (g * (eta * self.cfg.iht_step)).scatter_add(-1, codes.idx, codes.val)
+        step = eta * self.cfg.iht_step
+        u = (g * step.to(g.dtype)).scatter_add(-1, codes.idx, codes.val.to(g.dtype))
         new = topk_select(u, self.cfg.k, self.cfg.signed)
+        if u.dtype != codes.val.dtype:
+            # Select on the bf16 u, but take the values in float32: the old code value (where
+            # the atom was already in the support) plus the step along the gradient.
+            same = (new.idx.unsqueeze(-1) == codes.idx.unsqueeze(-2)).to(codes.val.dtype)
+            val = (same @ codes.val.unsqueeze(-1)).squeeze(-1) + step * g.gather(-1, new.idx).float()
+            if not self.cfg.signed:
+                val = F.relu(val)
+            new = Codes(val, new.idx)
         err_old = r.pow(2).sum(-1)
         err_new = (x - self.decode(new)).pow(2).sum(-1)
         better = (err_new <= err_old).unsqueeze(-1)
