@@ -113,6 +113,16 @@ def test_markdown_rendering_exact():
     )
 
 
+def test_markdown_escapes_pipes_in_headers_and_keeps_columns():
+    df = _runs({("syn", "topk"): [0.5, 0.7]})
+    metrics = [Metric("x", "seed |cos|", "x"), Metric("x", "x again", "x", name="y")]
+    md = tables.to_markdown(tables.summarize([(df, metrics)]), metrics)
+    assert r"seed \|cos\|" in md
+    # Unescaped pipes delimit cells: every row has the same number of them.
+    counts = {line.replace(r"\|", "").count("|") for line in md.strip().splitlines()}
+    assert counts == {7}
+
+
 def test_latex_rendering():
     df = _runs({("my_set", "topk"): [0.1, 0.2, 0.4]})
     metrics = [Metric("x", "x", r"$x$"), Metric("y", "y", r"dead \%", optional=True)]

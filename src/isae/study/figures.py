@@ -37,6 +37,8 @@ ARCH_COLORS = {
     "dl": "#7f7f7f",
 }
 ISAE_PRESETS = ("isae", "isae-iter")
+#: What the fidelity fraction is computed on, by model kind (isae.fidelity).
+FIDELITY_KINDS = {"lm": "next-token cross-entropy", "encoder": "sentence-embedding similarity"}
 
 
 def arch_color(arch: str, i: int = 0) -> str:
@@ -89,6 +91,16 @@ def _mean_sd(df: pd.DataFrame, by: list[str], col: str) -> pd.DataFrame:
     out = g.agg(["mean", "count"]).reset_index()
     out["sd"] = g.std(ddof=1).fillna(0.0).to_numpy()
     return out
+
+
+def _swept(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the archs trained at two or more k (the sweep); all rows if there are none.
+
+    Curves against k need several k; a single-k arch such as relu (whose L0 is not k)
+    would only stretch the axis."""
+    n_k = df.groupby("arch")["k"].nunique()
+    swept = set(n_k[n_k > 1].index)
+    return df[df["arch"].isin(swept)] if swept else df
 
 
 # ----------------------------------------------------------------------------- F1
@@ -187,7 +199,7 @@ def f3_ric(ric: pd.DataFrame) -> Figure:
     datasets = _datasets(ric)
     fig, axes = _panels(len(datasets), width=5.2)
     for ax, ds in zip(axes, datasets):
-        sub = ric[ric["dataset"] == ds]
+        sub = _swept(ric[ric["dataset"] == ds])
         for i, a in enumerate(_archs(sub)):
             c = arch_color(a, i)
             s = sub[sub["arch"] == a].groupby("k").mean(numeric_only=True).reset_index()
@@ -196,7 +208,7 @@ def f3_ric(ric: pd.DataFrame) -> Figure:
             ax.plot(s["k"], s["random_support_q50"], ls="--", color=c, lw=1)
         by_k = sub.groupby("k").mean(numeric_only=True).reset_index()
         ax.plot(by_k["k"], by_k["gaussian_q50"], color="0.55", lw=2, alpha=0.7,
-                label="Gaussian dictionary")
+                label="Gaussian dictionary (same |U|)")
         if "truth_q50" in by_k and by_k["truth_q50"].notna().any():
             ax.plot(by_k["k"], by_k["truth_q50"], color="k", ls=":", lw=1.5,
                     label="true dictionary, true supports")
@@ -354,11 +366,11 @@ def f6_fidelity(fidelity: pd.DataFrame) -> Figure:
     xlabel = "mean L0 (active latents per token)"
     ylabel = "fraction recovered (1 = clean model)"
     fidelity = _rows(fidelity, "main", "sweep")
-    if fidelity.empty:
+    if fidelity.empty or "kind" not in fidelity.columns:
         return _empty_figure(title, xlabel, ylabel,
                              "no dataset with fidelity: true in the config")
     datasets = _datasets(fidelity)
-    fig, axes = _panels(len(datasets))
+    fig, axes = _panels(len(datasets), width=6.0, height=4.0)
     for ax, ds in zip(axes, datasets):
         sub = fidelity[fidelity["dataset"] == ds]
         for i, a in enumerate(_archs(sub)):
@@ -370,7 +382,7 @@ def f6_fidelity(fidelity: pd.DataFrame) -> Figure:
             ax.plot(s["l0"], s["frac_recovered_mean"], marker="s", ls="--", color=c,
                     label=f"{a} vs mean abl.")
         ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
-        kinds = ", ".join(sorted(set(sub["kind"].astype(str)))) if "kind" in sub else ""
+        kinds = ", ".join(FIDELITY_KINDS.get(k, k) for k in sorted(set(sub["kind"].astype(str))))
         ax.set_xscale("log", base=2)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)

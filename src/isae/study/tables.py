@@ -255,7 +255,7 @@ def to_markdown(table: pd.DataFrame, metrics: Sequence[Metric], caption: str = "
     """A GitHub-flavoured Markdown table, numbers right-aligned."""
     header = ["dataset", "arch", "k", "width", *[m.label for m in metrics]]
     lines = [f"{caption}\n"] if caption else []
-    lines.append("| " + " | ".join(header) + " |")
+    lines.append("| " + " | ".join(h.replace("|", r"\|") for h in header) + " |")
     lines.append("|" + "|".join([":---", ":---"] + ["---:"] * (len(header) - 2)) + "|")
     for cells in _cells(table, metrics, " ± ", "—"):
         lines.append("| " + " | ".join(c.replace("|", r"\|") for c in cells) + " |")
