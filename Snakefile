@@ -40,3 +40,4 @@ rule all:
         rules.f4_ablation.output,
         rules.f5_fvu_l0.output,
         rules.f6_fidelity.output,
+        run_artifacts,

@@ -314,3 +314,17 @@ def true_k() -> dict:
         for n, ds in DATASETS.items()
         if ds["source"] == "synthetic"
     }
+
+
+def run_artifacts(wildcards) -> list:
+    """Every per-run artifact (activation sets, checkpoints, per-run and per-pair tables).
+
+    They are targets of `rule all` next to the tables and figures, so that deleting one, a
+    checkpoint say, makes the next plain `snakemake` rebuild it and then everything that
+    depends on it (and nothing else); without this, Snakemake treats a missing intermediate
+    file under up-to-date results as nothing to do."""
+    out = [rules.activations.output.acts.format(dataset=name) for name in DATASETS]
+    out += [rules.train.output.ckpt.format(**r.wildcards()) for r in RUNS]
+    out += eval_tables(wildcards) + ric_summaries(wildcards) + fidelity_tables(wildcards)
+    out += match_summaries(wildcards) + truth_summaries(wildcards)
+    return out
