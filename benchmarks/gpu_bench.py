@@ -257,7 +257,7 @@ def matching(n_atoms: int):
     from isae.matching import match_dictionaries
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    for n in (8192, n_atoms):
+    for n in sorted({8192, n_atoms}):
         A = torch.randn(n, D, device="cuda", generator=g)
         perm = torch.randperm(n, device="cuda", generator=g)
         sign = torch.randint(0, 2, (n,), device="cuda", generator=g) * 2.0 - 1
@@ -295,7 +295,14 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default=None, help="comma list of sections")
+    ap.add_argument("--eq-steps", type=int, default=300, help="steps of the equivalence runs")
+    ap.add_argument("--seed-rows", type=int, default=1_048_576, help="rows of the on-disk set")
+    ap.add_argument("--seed-tokens", type=int, default=12_000_000, help="tokens per seed")
+    ap.add_argument("--ric-unions", type=int, default=200_000)
+    ap.add_argument("--match-atoms", type=int, default=32768)
     a = ap.parse_args()
+    if a.quick:
+        a.eq_steps, a.seed_rows, a.seed_tokens, a.ric_unions, a.match_atoms = 60, 200_000, 2_000_000, 20_000, 8192
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
@@ -303,15 +310,17 @@ def main() -> None:
         "anchors": anchors,
         "sparsify": sparsify_step,
         "steps": our_steps,
-        "equivalence": lambda: equivalence(60 if a.quick else 300),
-        "seeds": lambda: seeds_parallel(200_000 if a.quick else 1_048_576, 2_000_000 if a.quick else 12_000_000),
-        "ric": lambda: ric(20_000 if a.quick else 200_000),
-        "matching": lambda: matching(8192 if a.quick else 32768),
+        "equivalence": lambda: equivalence(a.eq_steps),
+        "seeds": lambda: seeds_parallel(a.seed_rows, a.seed_tokens),
+        "ric": lambda: ric(a.ric_unions),
+        "matching": lambda: matching(a.match_atoms),
         "profile": profile_steps,
     }
     only = a.only.split(",") if a.only else [s for s in sections if s != "profile"]
     for name in only:
         sections[name]()
+        if a.out:  # after every section, so a run cut short keeps what it measured
+            Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": ROWS}, indent=1))
     print("\n| what | ms | rate | note |\n|---|---|---|---|")
     for r in ROWS:
         ms = "" if r["ms"] is None else f"{r['ms']:.3f}"
