@@ -160,6 +160,8 @@ AccountingStoragePort=$DBD_PORT
 AccountingStoragePass=$MUNGE_SOCK
 AccountingStorageEnforce=associations
 AccountingStorageTRES=gres/gpu
+# Store sbatch --comment: the executor writes rule_<name>_wildcards_<...> there.
+AccountingStoreFlags=job_comment
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
@@ -184,10 +186,18 @@ AutoDetect=off
 NodeName=$NODE Name=gpu File=/dev/null
 CONF
 
+# The executor's job step (snakemake-executor-plugin-slurm-jobstep) runs the rule through
+# `srun` with every SLURM_* variable removed, SLURM_CONF included, so inside a job srun
+# would look for /etc/slurm/slurm.conf. Rather than write to /etc, jobs find this srun
+# first on PATH (sbatch --export=ALL carries PATH into the job).
+mkdir -p "$STATE/bin"
+printf '#!/bin/sh\nSLURM_CONF=%s exec /usr/bin/srun "$@"\n' "$STATE/etc/slurm.conf" > "$STATE/bin/srun"
+chmod 755 "$STATE/bin/srun"
+
 cat > "$STATE/env.sh" <<ENV
 # source me: points the Slurm client commands at the private test cluster
 export SLURM_CONF=$STATE/etc/slurm.conf
-export PATH=/usr/sbin:/usr/bin:\$PATH
+export PATH=$STATE/bin:\$PATH:/usr/sbin
 export ISAE_SLURM_TEST_ACCOUNT=$ACCOUNT
 export ISAE_SLURM_TEST_PARTITION=$PARTITION
 ENV

@@ -1,0 +1,233 @@
+"""The compute plan of a study config: jobs, GPU-hours and disk, as Markdown tables.
+
+    python tests/slurm/compute_plan.py [--config config/paper.yaml] [--benchmarks DIR]
+
+Nothing here is guessed:
+
+* the jobs are those of `snakemake -n` on the config (run in a scratch directory);
+* disk is arithmetic on the config: activation rows x d x bytes of the stored dtype, and
+  per checkpoint W_enc + W_dec (d x width each) + b_enc + b_dec in float32, the layout of
+  sae.safetensors; d comes from the config (synthetic), from an extracted set's meta.json
+  under --results, or from the known hidden size of the named model;
+* time is measured: the `s` and `max_rss` columns of the rules' benchmark files
+  (benchmarks/rules/<rule>/<wildcards>.tsv, written by every job). A job of the plan
+  without its own benchmark file takes the mean of the measured jobs of the same rule
+  and (dataset, width); a rule with none measured shows "n/a" until a run of that config
+  has produced them. Benchmark paths do not name the config, so --benchmarks must hold
+  the files of a run of *this* config (for the paper config: a GPU/SLURM run of it, even
+  a partial one); training benchmarks of jobs outside the plan are reported as a sign of
+  a mix-up.
+
+docs/slurm.md holds this script's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+# Hidden sizes of the models the configs name (model cards), used when no extracted set
+# is at hand to read `d` from.
+MODEL_D = {
+    "EleutherAI/pythia-160m": 768,
+    "facebook/dinov2-base": 768,
+    "all-MiniLM-L6-v2": 384,
+}
+DTYPE_BYTES = {"float32": 4, "float16": 2}
+# Rules whose jobs request a GPU under device: cuda (resource `gpu` = gpu_count()).
+DEVICE_RULES = ("activations", "train", "eval", "match_pair", "match_truth", "ric", "fidelity")
+JOB_RE = re.compile(r"^(?:local)?rule (\w+):\n((?:    .*\n)*)", re.M)
+
+
+def dry_run_jobs(config: Path) -> list[tuple[str, dict[str, str]]]:
+    """(rule, wildcards) of every job `snakemake -n` plans for the config."""
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run(
+            [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-s",
+             str(REPO / "Snakefile"), "--configfile", str(config.resolve())],
+            cwd=tmp, capture_output=True, text=True,
+        )  # fmt: skip
+    if proc.returncode != 0:
+        raise SystemExit(f"compute_plan: dry run failed:\n{proc.stderr[-2000:]}")
+    jobs = []
+    for rule, body in JOB_RE.findall(proc.stdout):
+        wc = {}
+        m = re.search(r"^    wildcards: (.*)$", body, re.M)
+        if m:
+            wc = dict(item.split("=", 1) for item in m.group(1).split(", "))
+        jobs.append((rule, wc))
+    return jobs
+
+
+def dataset_d(name: str, ds: dict, results: Path) -> int | None:
+    if ds["source"] == "synthetic":
+        return int(ds["extract"]["d"])
+    if ds["extract"].get("model") in MODEL_D:
+        return MODEL_D[ds["extract"]["model"]]
+    meta = results / "activations" / name / "meta.json"
+    return int(json.loads(meta.read_text())["d"]) if meta.is_file() else None
+
+
+def activation_rows(name: str, ds: dict, results: Path) -> int | None:
+    ex = ds["extract"]
+    if ds["source"] == "synthetic":
+        return int(ex["rows"])
+    if ds["source"] == "lm" and ex.get("max_tokens"):
+        return int(ex["max_tokens"])
+    if ds["source"] == "vision" and ex.get("max_images"):
+        # ViT-B/14 at 224 px: 16 x 16 = 256 patch tokens per image (DINOv2-base).
+        return int(ex["max_images"]) * 256
+    # No cap in the config (the whole text): only an extracted set knows its size.
+    meta = results / "activations" / name / "meta.json"
+    return int(json.loads(meta.read_text())["rows"]) if meta.is_file() else None
+
+
+def read_benchmarks(root: Path) -> dict[tuple[str, str], dict[str, float]]:
+    """(rule, wildcard path) -> {"s", "max_rss"} for every benchmark file under root."""
+    out = {}
+    for tsv in root.glob("**/*.tsv"):
+        rel = tsv.relative_to(root)
+        with tsv.open() as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+        if rows:
+            rss = rows[-1].get("max_rss", "NA")
+            out[(rel.parts[0], str(rel.with_suffix(""))[len(rel.parts[0]) + 1 :])] = {
+                "s": float(rows[-1]["s"]),
+                "max_rss": float(rss) if rss not in ("NA", "-", "") else float("nan"),
+            }
+    return out
+
+
+def bench_key(rule: str, wc: dict[str, str]) -> str:
+    """The wildcard part of a job's benchmark path (as in the rules' `benchmark:`)."""
+    if not wc:
+        return "all"
+    if "seed_a" in wc:
+        return f"{wc['dataset']}/{wc['arch']}/k{wc['k']}-w{wc['width']}/seed{wc['seed_a']}-seed{wc['seed_b']}"
+    if "seed" in wc:
+        return f"{wc['dataset']}/{wc['arch']}/k{wc['k']}-w{wc['width']}/seed{wc['seed']}"
+    return wc.get("dataset", "all")
+
+
+def fmt_gb(b: float) -> str:
+    return f"{b / 1e9:,.1f} GB"
+
+
+def plan(config: Path, bench_root: Path, results: Path) -> str:
+    cfg = yaml.safe_load(config.read_text())
+    datasets = cfg["datasets"]
+    jobs = dry_run_jobs(config)
+    bench = read_benchmarks(bench_root) if bench_root.is_dir() else {}
+    planned = {(rule, bench_key(rule, wc)) for rule, wc in jobs}
+    foreign = sorted(k for k in bench if k[0] == "train" and k not in planned)
+    lines = [f"Plan for `{config.relative_to(REPO) if config.is_relative_to(REPO) else config}`"
+             f" (device: {cfg.get('device', 'cpu')}); benchmark files read: {len(bench)}.", ""]  # fmt: skip
+    if foreign:
+        lines[-1:] = [f"WARNING: {len(foreign)} training benchmarks are of jobs outside this plan"
+                      f" (e.g. {foreign[0][1]}): {bench_root} is from another config;"
+                      " none of its files is used.", ""]  # fmt: skip
+        bench = {}
+
+    # ---- time per rule: measured where a benchmark of that very job exists
+    by_group = defaultdict(list)  # (rule, dataset, width) -> measured seconds
+    for rule, wc in jobs:
+        b = bench.get((rule, bench_key(rule, wc)))
+        if b:
+            by_group[(rule, wc.get("dataset"), wc.get("width"))].append(b["s"])
+    rows = defaultdict(lambda: {"jobs": 0, "measured": 0, "s": 0.0, "known": True, "rss": 0.0})
+    for rule, wc in jobs:
+        if rule == "all":
+            continue
+        r = rows[rule]
+        r["jobs"] += 1
+        b = bench.get((rule, bench_key(rule, wc)))
+        if b:
+            r["measured"] += 1
+            r["s"] += b["s"]
+            r["rss"] = max(r["rss"], b["max_rss"])
+        elif by_group.get((rule, wc.get("dataset"), wc.get("width"))):
+            r["s"] += statistics.mean(by_group[(rule, wc.get("dataset"), wc.get("width"))])
+        else:
+            r["known"] = False
+    gpu = cfg.get("device") == "cuda"
+    lines += [
+        "| rule | jobs | measured | GPU | hours (sum of jobs) | max RSS (MB) |",
+        "| --- | ---: | ---: | :---: | ---: | ---: |",
+    ]
+    total_gpu = 0.0
+    gpu_known = True
+    for rule, r in rows.items():
+        uses_gpu = gpu and rule in DEVICE_RULES
+        hours = f"{r['s'] / 3600:,.2f}" if r["known"] else "n/a"
+        if uses_gpu:
+            total_gpu += r["s"] / 3600
+            gpu_known &= r["known"]
+        rss = f"{r['rss']:,.0f}" if r["measured"] else "n/a"
+        lines.append(
+            f"| {rule} | {r['jobs']} | {r['measured']} | {'1' if uses_gpu else '-'} "
+            f"| {hours} | {rss} |"
+        )
+    lines += ["", f"GPU-hours (device jobs): {f'{total_gpu:,.0f}' if gpu_known else 'n/a (not yet measured)'}", ""]  # fmt: skip
+
+    # ---- training volume and disk per dataset
+    train = defaultdict(list)
+    for rule, wc in jobs:
+        if rule == "train":
+            train[wc["dataset"]].append(int(wc["width"]))
+    lines += [
+        "| dataset | d | activation rows | activations on disk | SAEs trained | training tokens"
+        " | checkpoints on disk |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    total_disk = 0.0
+    disk_known = True
+    for name, ds in datasets.items():
+        d = dataset_d(name, ds, results)
+        n_rows = activation_rows(name, ds, results)
+        nbytes = DTYPE_BYTES[ds["extract"].get("dtype", "float32")]
+        widths = train.get(name, [])
+        tokens = len(widths) * int(ds["tokens"])
+        if d is None or n_rows is None:
+            acts = "n/a"
+            disk_known = False
+        else:
+            total_disk += n_rows * d * nbytes
+            acts = fmt_gb(n_rows * d * nbytes)
+        if d is None:
+            ckpt = "n/a"
+        else:
+            ckpt_bytes = sum(4 * (2 * d * w + w + d) for w in widths)
+            total_disk += ckpt_bytes
+            ckpt = fmt_gb(ckpt_bytes)
+        lines.append(
+            f"| {name} | {d or 'n/a'} | {'n/a' if n_rows is None else f'{n_rows:,}'} | {acts} "
+            f"| {len(widths)} | {tokens:,} | {ckpt} |"
+        )
+    lines += ["", f"Disk for activations + checkpoints: {fmt_gb(total_disk)}"
+              + ("" if disk_known else " (plus the sets whose size is n/a)")]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, default=REPO / "config" / "paper.yaml")
+    p.add_argument("--benchmarks", type=Path, default=REPO / "benchmarks" / "rules")
+    p.add_argument("--results", type=Path, default=REPO / "results")
+    args = p.parse_args(argv)
+    print(plan(args.config.resolve(), args.benchmarks, args.results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# The study's DAG on a real (single-node) Slurm, through workflow/profiles/slurm.
+#
+#   bash tests/slurm/run_slurm_test.sh          # as root; installs what it needs
+#
+# 1. setup_slurm.sh installs slurm-wlm/munge/slurmdbd/MariaDB if missing and starts a
+#    private cluster under $ISAE_SLURM_STATE (default /tmp/isae-slurm).
+# 2. The workflow on a reduced config (tests/slurm/tiny.yaml) with --profile: every job of
+#    the DAG must have run as one Slurm job and COMPLETED, under the account and partition
+#    the profile's placeholders were given, none holding a GPU (device: cpu) -- checked
+#    from sacct by check_sacct.py against a dry run. A second run has nothing to do.
+# 3. device: cuda: the activations job must be granted a GPU (a stand-in gres on this
+#    GPU-less node) -- the rules' `gpu` resource reaches Slurm through the profile.
+# 4. Time limit: a job that Slurm kills (TIMEOUT) fails the workflow with a message naming
+#    the rule and the Slurm job id, leaves no half-written output that counts as done, and a
+#    rerun with the limit raised completes (tests/slurm/mini/Snakefile).
+# 5. Teardown stops exactly the daemons setup started.
+#
+# Ends with "slurm: N passed, M failed"; exits non-zero if anything failed.
+set -uo pipefail
+
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+HERE=$REPO/tests/slurm
+export ISAE_SLURM_STATE=${ISAE_SLURM_STATE:-/tmp/isae-slurm}
+WORK=$ISAE_SLURM_STATE/work
+PROFILE=$REPO/workflow/profiles/slurm
+# The executor's first sacct poll after 5 s instead of the profile's 20 s.
+FAST=(--slurm-init-seconds-before-status-checks 5)
+PASSED=0
+FAILED=0
+T_START=$SECONDS
+
+say() { echo "[slurm-test $((SECONDS - T_START))s] $*"; }
+ok() { PASSED=$((PASSED + 1)); say "PASS $*"; }
+bad() { FAILED=$((FAILED + 1)); say "FAIL $*"; }
+finish() {
+  say "stopping the daemons this test started"
+  if ISAE_SLURM_STATE=$ISAE_SLURM_STATE bash "$HERE/teardown_slurm.sh"; then
+    # Nothing recorded may still be alive.
+    left=$(ls "$ISAE_SLURM_STATE/pids" 2>/dev/null | wc -l)
+    if ((left == 0)); then ok "teardown: all started daemons stopped"; else bad "teardown: $left pid files left"; fi
+  else
+    bad "teardown"
+  fi
+  say "total $((SECONDS - T_START)) s; state and logs kept in $ISAE_SLURM_STATE"
+  echo "slurm: $PASSED passed, $FAILED failed"
+  ((FAILED == 0))
+}
+trap 'exit_code=$?; trap - EXIT; finish; exit $(( FAILED > 0 ? 1 : exit_code ))' EXIT
+
+# ------------------------------------------------------------------------------ 1. cluster
+if bash "$HERE/setup_slurm.sh"; then
+  ok "setup: single-node Slurm with accounting up ($((SECONDS - T_START)) s)"
+else
+  bad "setup: see $ISAE_SLURM_STATE/log"
+  exit 1
+fi
+# shellcheck disable=SC1091
+source "$ISAE_SLURM_STATE/env.sh"
+# The profile's documented placeholders, pointed at the test cluster.
+export ISAE_SLURM_ACCOUNT=$ISAE_SLURM_TEST_ACCOUNT
+export ISAE_SLURM_PARTITION=$ISAE_SLURM_TEST_PARTITION
+export ISAE_SLURM_GPU_PARTITION=$ISAE_SLURM_TEST_PARTITION
+mkdir -p "$WORK"
+
+# The repository's Snakefile run from a working directory under $WORK, so that results/,
+# logs/, benchmarks/ and .snakemake/ stay out of the repository.
+SMK=(-s "$REPO/Snakefile" --configfile "$HERE/tiny.yaml")
+fresh_dir() { rm -rf "$1" && mkdir -p "$1" && cd "$1"; }
+
+# ----------------------------------------------------------------------- 2. the workflow
+STUDY=$WORK/study
+fresh_dir "$STUDY" || exit 1
+if snakemake -n --cores 1 "${SMK[@]}" > dry.log 2>&1; then
+  ok "dry run of the reduced config: $(grep -E '^total ' dry.log | tail -1 | awk '{print $2}') jobs"
+else
+  bad "dry run of the reduced config (see $STUDY/dry.log)"; tail -20 dry.log
+fi
+t0=$SECONDS
+if timeout 1500 snakemake --profile "$PROFILE" "${FAST[@]}" "${SMK[@]}" \
+    > run.log 2>&1; then
+  ok "workflow on Slurm completed in $((SECONDS - t0)) s"
+else
+  bad "workflow on Slurm (rc $?, $((SECONDS - t0)) s; log $STUDY/run.log)"; tail -40 run.log
+fi
+if python "$HERE/check_sacct.py" --run-log run.log --dry-run dry.log --account "$ISAE_SLURM_ACCOUNT" \
+    --partition "$ISAE_SLURM_PARTITION" --gpu none --local all; then
+  ok "sacct: every job of the DAG ran as a Slurm job and COMPLETED (no GPU under device: cpu)"
+else
+  bad "sacct check of the workflow run"
+fi
+if snakemake -n --cores 1 "${SMK[@]}" 2>&1 | grep -q "Nothing to be done"; then
+  ok "rerun: nothing to be done after the Slurm run"
+else
+  bad "rerun: the dry run after the Slurm run still has jobs"
+fi
+
+# --------------------------------------------------------------------- 3. GPU requests
+GPU=$WORK/gpu
+fresh_dir "$GPU" || exit 1
+# Only the synthetic extraction: it ignores `device`, so it runs on this CPU-only node.
+target=results/activations/synthetic
+snakemake -n --cores 1 "${SMK[@]}" --config device=cuda -- "$target" > dry.log 2>&1
+if timeout 600 snakemake --profile "$PROFILE" "${FAST[@]}" "${SMK[@]}" \
+    --config device=cuda -- "$target" > run.log 2>&1 \
+  && python "$HERE/check_sacct.py" --run-log run.log --dry-run dry.log \
+    --account "$ISAE_SLURM_ACCOUNT" --partition "$ISAE_SLURM_GPU_PARTITION" \
+    --gpu activations --local none; then
+  ok "device: cuda -> the activations job was granted gres/gpu=1"
+else
+  bad "GPU request under device: cuda (log $GPU/run.log)"; tail -20 run.log
+fi
+
+# ------------------------------------------------------------------ 4. killed at the limit
+KILL=$WORK/kill
+fresh_dir "$KILL" || exit 1
+MINI=(-s "$HERE/mini/Snakefile" --profile "$PROFILE" "${FAST[@]}")
+t0=$SECONDS
+timeout 600 snakemake "${MINI[@]}" --config slow_runtime=1 > run1.log 2>&1
+rc=$?
+jobid=$(sed -n 's/.*has been submitted with SLURM jobid \([0-9]*\) (log: .*rule_slow\/.*/\1/p' run1.log | head -1)
+state=$( [[ -n $jobid ]] && sacct -X -n -P -j "$jobid" -o State | head -1 )
+if ((rc != 0 && rc != 124)) && [[ -n $jobid && $state == TIMEOUT ]]; then
+  ok "time limit: Slurm killed job $jobid (TIMEOUT) and the workflow failed (rc $rc, $((SECONDS - t0)) s)"
+else
+  bad "time limit: rc $rc, job '$jobid', sacct state '$state' (log $KILL/run1.log)"; tail -30 run1.log
+fi
+# The error names the rule and the Slurm job, in one block.
+if grep -A2 "^Error in rule slow:" run1.log | grep -q "SLURM-job '$jobid' failed, SLURM status is: 'TIMEOUT'"; then
+  ok "time limit: the error names rule slow, Slurm job $jobid and TIMEOUT"
+else
+  bad "time limit: no error naming rule slow and Slurm job $jobid"; grep -A4 "Error in rule" run1.log
+fi
+# The job had written "started" into slow.txt when it was killed. It must not count as
+# done: gone, and the next run must schedule `slow` again.
+if [[ ! -e slow.txt && ! -e summary.txt ]] \
+  && snakemake -n -s "$HERE/mini/Snakefile" --cores 1 2>&1 | grep -qE '^slow +1$'; then
+  ok "time limit: the half-written output was removed and slow is scheduled again"
+else
+  bad "time limit: half-written output left as done ($(ls))"
+fi
+t0=$SECONDS
+if timeout 600 snakemake "${MINI[@]}" --config slow_runtime=3 > run2.log 2>&1 \
+  && [[ $(cat slow.txt 2>/dev/null) == $'started\nfinished' && $(tr -d ' ' < summary.txt) == 2 ]]; then
+  jobid2=$(sed -n 's/.*SLURM jobid \([0-9]*\) (log: .*rule_slow\/.*/\1/p' run2.log | head -1)
+  state2=$(sacct -X -n -P -j "$jobid2" -o State,Timelimit | head -1)
+  if [[ $state2 == "COMPLETED|00:03:00" ]]; then
+    ok "time limit raised to 3 min: rerun completed as Slurm job $jobid2 ($((SECONDS - t0)) s)"
+  else
+    bad "rerun: sacct says '$state2' for job '$jobid2'"
+  fi
+else
+  bad "rerun with the limit raised (log $KILL/run2.log)"; tail -30 run2.log
+fi
+exit 0
