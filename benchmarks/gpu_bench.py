@@ -189,7 +189,7 @@ def equivalence(steps: int):
 
 
 @section("seeds in parallel vs one after another (end to end, from disk)")
-def seeds_parallel(rows: int, tokens: int):
+def seeds_parallel(rows: int, tokens: int, buffer: int):
     from isae.actset import ActivationWriter, heldout_mask
     from isae.trainer import train, train_many
 
@@ -203,7 +203,7 @@ def seeds_parallel(rows: int, tokens: int):
             w.add(x, heldout_mask(np.arange(n, n + len(x)) // 128, 0.02))
             n += len(x)
     row("write activation set", note=f"{rows} rows x {D} fp16 in {time.perf_counter() - t0:.1f} s")
-    tcfg = TrainConfig(tokens=tokens, batch_size=B, device="cuda", shuffle_buffer=262144,
+    tcfg = TrainConfig(tokens=tokens, batch_size=B, device="cuda", shuffle_buffer=buffer,
                        checkpoint_every=10**9, log_every=50)
     cfgs = [SAEConfig.from_arch("topk", d_in=D, d_sae=N, k=K, seed=s) for s in range(3)]
     torch.cuda.synchronize()
@@ -298,6 +298,7 @@ def main() -> None:
     ap.add_argument("--eq-steps", type=int, default=300, help="steps of the equivalence runs")
     ap.add_argument("--seed-rows", type=int, default=1_048_576, help="rows of the on-disk set")
     ap.add_argument("--seed-tokens", type=int, default=12_000_000, help="tokens per seed")
+    ap.add_argument("--seed-buffer", type=int, default=131072, help="shuffle buffer (rows)")
     ap.add_argument("--ric-unions", type=int, default=200_000)
     ap.add_argument("--match-atoms", type=int, default=32768)
     a = ap.parse_args()
@@ -311,7 +312,7 @@ def main() -> None:
         "sparsify": sparsify_step,
         "steps": our_steps,
         "equivalence": lambda: equivalence(a.eq_steps),
-        "seeds": lambda: seeds_parallel(a.seed_rows, a.seed_tokens),
+        "seeds": lambda: seeds_parallel(a.seed_rows, a.seed_tokens, a.seed_buffer),
         "ric": lambda: ric(a.ric_unions),
         "matching": lambda: matching(a.match_atoms),
         "profile": profile_steps,
