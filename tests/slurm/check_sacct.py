@@ -105,7 +105,8 @@ def check(
         where = f"rule {rule} (Slurm job {jobid})"
         if row["State"] != "COMPLETED" or row["ExitCode"] != "0:0":
             failures.append(f"{where}: {row['State']} exit {row['ExitCode']}")
-        if not row["Comment"].startswith(f"rule_{rule}"):
+        comment = row["Comment"]
+        if comment != f"rule_{rule}" and not comment.startswith(f"rule_{rule}_wildcards_"):
             failures.append(f"{where}: job comment {row['Comment']!r} names another rule")
         if account and row["Account"] != account:
             failures.append(f"{where}: account {row['Account']!r}, expected {account!r}")
