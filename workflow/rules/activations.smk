@@ -11,7 +11,7 @@ rule activations:
     resources:
         mem_mb=res("extract", "mem_mb"),
         runtime=res("extract", "runtime"),
-        gpu=gpu_count(),
+        gpu=lambda wc: 0 if dataset_cfg(wc)["source"] == "synthetic" else gpu_count(),
     params:
         source=lambda wc: dataset_cfg(wc)["source"],
         flags=extract_flags,
