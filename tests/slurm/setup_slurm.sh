@@ -177,7 +177,11 @@ DefMemPerCPU=1000
 # One stand-in GPU (gres backed by /dev/null, see gres.conf) so that the test can check
 # that GPU requests reach Slurm as gres/gpu allocations on a machine without a GPU.
 GresTypes=gpu
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB Gres=gpu:1 State=UNKNOWN
+# One CPU more than the host has, so that the time-limit test's sleeping job (which holds
+# one CPU for minutes and uses none) can run beside the workflow's jobs; config_overrides
+# makes slurmd accept the configured count.
+SlurmdParameters=config_overrides
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$((CPUS + 1)) RealMemory=$MEM_MB Gres=gpu:1 State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 CONF
 
@@ -214,5 +218,5 @@ start_daemon slurmctld slurmctld -D -f "$SLURM_CONF"
 wait_for 60 slurmctld scontrol ping
 start_daemon slurmd slurmd -D -f "$SLURM_CONF" -N "$NODE"
 wait_for 60 "node $NODE idle" bash -c "sinfo -h -n '$NODE' -o %t | grep -qx idle"
-log "cluster $CLUSTER up: node $NODE ($CPUS CPUs, ${MEM_MB} MB), partition $PARTITION, account $ACCOUNT"
+log "cluster $CLUSTER up: node $NODE ($((CPUS + 1)) CPUs, ${MEM_MB} MB), partition $PARTITION, account $ACCOUNT"
 log "use it with: source $STATE/env.sh"
