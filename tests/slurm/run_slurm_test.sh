@@ -11,8 +11,8 @@
 #    from sacct by check_sacct.py against a dry run. A second run has nothing to do, and
 #    the two-pass recipe of docs/slurm.md (device changed, --rerun-triggers mtime) keeps
 #    the finished checkpoints.
-# 3. device: cuda: the activations job must be granted a GPU (a stand-in gres on this
-#    GPU-less node) -- the rules' `gpu` resource reaches Slurm through the profile.
+# 3. device: cuda: a training job must be granted a GPU (a stand-in gres on this GPU-less
+#    node) -- the rules' `gpu` resource reaches Slurm through the profile.
 # 4. Time limit (tests/slurm/mini/Snakefile, run beside step 2): a job that Slurm kills
 #    (TIMEOUT) fails the workflow with a message naming the rule and the Slurm job id,
 #    leaves no half-written output that counts as done, and a rerun with the limit
@@ -128,19 +128,26 @@ else
 fi
 
 # --------------------------------------------------------------------- 3. GPU requests
+# One training job under device: cuda. Its rule must ask Slurm for a GPU and be granted
+# the node's stand-in one; `isae train --device cuda` then fails on this CUDA-less node,
+# which is expected. Its input, the synthetic extraction, needs no GPU and must get none.
 GPU=$WORK/gpu
 fresh_dir "$GPU" || exit 1
-# Only the synthetic extraction: it ignores `device`, so it runs on this CPU-only node.
-target=results/activations/synthetic
-snakemake -n --cores 1 "${SMK[@]}" --config device=cuda -- "$target" > dry.log 2>&1
-if timeout 600 snakemake --profile "$PROFILE" "${FAST[@]}" "${SMK[@]}" \
-    --config device=cuda -- "$target" > run.log 2>&1 \
-  && python "$HERE/check_sacct.py" --run-log run.log --dry-run dry.log \
-    --account "$ISAE_SLURM_ACCOUNT" --partition "$ISAE_SLURM_GPU_PARTITION" \
-    --gpu activations --local none; then
-  ok "device: cuda -> the activations job was granted gres/gpu=1"
+target=results/checkpoints/synthetic/topk/k2-w32/seed0
+timeout 600 snakemake --profile "$PROFILE" "${FAST[@]}" "${SMK[@]}" \
+  --config device=cuda -- "$target" > run.log 2>&1
+gpu_job() {  # rule -> "State|AllocTRES" of its (first) Slurm job in run.log
+  local id
+  id=$(sed -n "s/.*SLURM jobid \([0-9]*\) (log: .*rule_$1\/.*/\1/p" run.log | head -1)
+  [[ -n $id ]] && sacct -X -n -P -j "$id" -o State,AllocTRES | head -1
+}
+train_job=$(gpu_job train)
+extract_job=$(gpu_job activations)
+if [[ $train_job == *gres/gpu=1* && $extract_job == COMPLETED* && $extract_job != *gres/gpu* ]]; then
+  ok "device: cuda -> the train job was granted gres/gpu=1 ($train_job); extraction got none"
 else
-  bad "GPU request under device: cuda (log $GPU/run.log)"; tail -20 run.log
+  bad "GPU request under device: cuda: train '$train_job', activations '$extract_job' (log $GPU/run.log)"
+  tail -20 run.log
 fi
 
 # ------------------------------------------------------------------ 4b. killed at the limit
