@@ -45,13 +45,11 @@ MODEL_D = {
     "all-MiniLM-L6-v2": 384,
 }
 DTYPE_BYTES = {"float32": 4, "float16": 2}
-# Rules whose jobs request a GPU under device: cuda (resource `gpu` = gpu_count()).
-DEVICE_RULES = ("activations", "train", "eval", "match_pair", "match_truth", "ric", "fidelity")
 JOB_RE = re.compile(r"^(?:local)?rule (\w+):\n((?:    .*\n)*)", re.M)
 
 
-def dry_run_jobs(config: Path) -> list[tuple[str, dict[str, str]]]:
-    """(rule, wildcards) of every job `snakemake -n` plans for the config."""
+def dry_run_jobs(config: Path) -> list[tuple[str, dict[str, str], int]]:
+    """(rule, wildcards, GPUs requested) of every job `snakemake -n` plans for the config."""
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.run(
             [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-s",
@@ -66,7 +64,8 @@ def dry_run_jobs(config: Path) -> list[tuple[str, dict[str, str]]]:
         m = re.search(r"^    wildcards: (.*)$", body, re.M)
         if m:
             wc = dict(item.split("=", 1) for item in m.group(1).split(", "))
-        jobs.append((rule, wc))
+        gpu = re.search(r"^    resources: .*\bgpu=(\d+)", body, re.M)
+        jobs.append((rule, wc, int(gpu.group(1)) if gpu else 0))
     return jobs
 
 
@@ -129,7 +128,7 @@ def plan(config: Path, bench_root: Path, results: Path) -> str:
     datasets = cfg["datasets"]
     jobs = dry_run_jobs(config)
     bench = read_benchmarks(bench_root) if bench_root.is_dir() else {}
-    planned = {(rule, bench_key(rule, wc)) for rule, wc in jobs}
+    planned = {(rule, bench_key(rule, wc)) for rule, wc, _ in jobs}
     foreign = sorted(k for k in bench if k[0] == "train" and k not in planned)
     lines = [f"Plan for `{config.relative_to(REPO) if config.is_relative_to(REPO) else config}`"
              f" (device: {cfg.get('device', 'cpu')}); benchmark files read: {len(bench)}.", ""]  # fmt: skip
@@ -141,48 +140,51 @@ def plan(config: Path, bench_root: Path, results: Path) -> str:
 
     # ---- time per rule: measured where a benchmark of that very job exists
     by_group = defaultdict(list)  # (rule, dataset, width) -> measured seconds
-    for rule, wc in jobs:
+    for rule, wc, _ in jobs:
         b = bench.get((rule, bench_key(rule, wc)))
         if b:
             by_group[(rule, wc.get("dataset"), wc.get("width"))].append(b["s"])
-    rows = defaultdict(lambda: {"jobs": 0, "measured": 0, "s": 0.0, "known": True, "rss": 0.0})
-    for rule, wc in jobs:
+    rows = defaultdict(
+        lambda: {"jobs": 0, "gpu_jobs": 0, "measured": 0, "s": 0.0, "gpu_s": 0.0,
+                 "known": True, "gpu_known": True, "rss": 0.0}
+    )  # fmt: skip
+    for rule, wc, gpus in jobs:
         if rule == "all":
             continue
         r = rows[rule]
         r["jobs"] += 1
+        r["gpu_jobs"] += gpus > 0
         b = bench.get((rule, bench_key(rule, wc)))
+        group = by_group.get((rule, wc.get("dataset"), wc.get("width")))
+        seconds = b["s"] if b else statistics.mean(group) if group else None
         if b:
             r["measured"] += 1
-            r["s"] += b["s"]
             r["rss"] = max(r["rss"], b["max_rss"])
-        elif by_group.get((rule, wc.get("dataset"), wc.get("width"))):
-            r["s"] += statistics.mean(by_group[(rule, wc.get("dataset"), wc.get("width"))])
-        else:
+        if seconds is None:
             r["known"] = False
-    gpu = cfg.get("device") == "cuda"
+            r["gpu_known"] &= gpus == 0
+        else:
+            r["s"] += seconds
+            r["gpu_s"] += seconds * gpus
     lines += [
-        "| rule | jobs | measured | GPU | hours (sum of jobs) | max RSS (MB) |",
-        "| --- | ---: | ---: | :---: | ---: | ---: |",
+        "| rule | jobs | measured | jobs with a GPU | hours (sum of jobs) | max RSS (MB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     total_gpu = 0.0
     gpu_known = True
     for rule, r in rows.items():
-        uses_gpu = gpu and rule in DEVICE_RULES
         hours = f"{r['s'] / 3600:,.2f}" if r["known"] else "n/a"
-        if uses_gpu:
-            total_gpu += r["s"] / 3600
-            gpu_known &= r["known"]
+        total_gpu += r["gpu_s"] / 3600
+        gpu_known &= r["gpu_known"]
         rss = f"{r['rss']:,.0f}" if r["measured"] else "n/a"
         lines.append(
-            f"| {rule} | {r['jobs']} | {r['measured']} | {'1' if uses_gpu else '-'} "
-            f"| {hours} | {rss} |"
+            f"| {rule} | {r['jobs']} | {r['measured']} | {r['gpu_jobs']} | {hours} | {rss} |"
         )
     lines += ["", f"GPU-hours (device jobs): {f'{total_gpu:,.0f}' if gpu_known else 'n/a (not yet measured)'}", ""]  # fmt: skip
 
     # ---- training volume and disk per dataset
     train = defaultdict(list)
-    for rule, wc in jobs:
+    for rule, wc, _ in jobs:
         if rule == "train":
             train[wc["dataset"]].append(int(wc["width"]))
     lines += [
