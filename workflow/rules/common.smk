@@ -325,6 +325,8 @@ def run_artifacts(wildcards) -> list:
     file under up-to-date results as nothing to do."""
     out = [rules.activations.output.acts.format(dataset=name) for name in DATASETS]
     out += [rules.train.output.ckpt.format(**r.wildcards()) for r in RUNS]
-    out += eval_tables(wildcards) + ric_summaries(wildcards) + fidelity_tables(wildcards)
+    out += (
+        eval_tables(wildcards) + ric_summaries(wildcards) + fidelity_tables(wildcards)
+    )
     out += match_summaries(wildcards) + truth_summaries(wildcards)
     return out
