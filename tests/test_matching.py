@@ -111,3 +111,12 @@ def test_random_dictionaries_match_at_chance_level():
 def test_different_dimensions_is_a_user_error():
     with pytest.raises(UserError, match="d_in"):
         match_dictionaries(torch.randn(5, 4), torch.randn(5, 3))
+
+
+def test_chance_level_of_random_dictionaries_matches_design_reference():
+    from isae.matching import chance_mean_abs_cos
+
+    # DESIGN.md: two random dictionaries of 1536 atoms in d = 384 match at 0.174.
+    assert abs(chance_mean_abs_cos(1536, 1536, 384, seed=3) - 0.174) < 0.01
+    # More room (larger d) means a lower floor.
+    assert chance_mean_abs_cos(256, 256, 64) > chance_mean_abs_cos(256, 256, 256)

@@ -80,7 +80,8 @@ def test_t1_uses_main_grid_only_and_pairs_for_stability():
     extra = ev.iloc[[0]].assign(main=False, ablation=True, mse_per_dim=100.0)
     ev = pd.concat([ev, extra], ignore_index=True)
     pairs = pd.DataFrame(dict(dataset="syn", arch="topk", k=8, width=64, seed_a=[0], seed_b=[1],
-                              mean_abs_cos=[0.6], **{"frac_gt_0.9": [0.25]}, main=True,
+                              mean_abs_cos=[0.6], **{"frac_gt_0.9": [0.25]},
+                              chance_mean_abs_cos=[0.17], main=True,
                               sweep=False, ablation=False))
     truth = pd.DataFrame(columns=["dataset", "arch", "k", "width"])
     t = tables.table_t1(ev, pairs, truth)
@@ -89,6 +90,7 @@ def test_t1_uses_main_grid_only_and_pairs_for_stability():
     assert r["mse_per_dim_mean"] == pytest.approx(0.3)  # the ablation row is left out
     assert r["dead_frac_mean"] == pytest.approx(25.0)  # percent
     assert r["mean_abs_cos_mean"] == pytest.approx(0.6) and r["mean_abs_cos_n"] == 1
+    assert r["chance_mean_abs_cos_mean"] == pytest.approx(0.17)
     assert math.isnan(r["truth_abs_cos_mean"])
 
 

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> dict:
     from ..consistency import code_consistency
     from ..errors import UserError
     from ..io import write_table
-    from ..matching import match_dictionaries
+    from ..matching import chance_mean_abs_cos, match_dictionaries
 
     A = load(args.ckpt_a, device=args.device)
     B = load(args.ckpt_b, device=args.device)
@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> dict:
 
     log.info("matching %s (%d atoms) with %s (%d atoms)", A.path, A.d_sae, B.path, B.d_sae)
     m = match_dictionaries(A.W_dec, B.W_dec, device=args.device, block=args.block)
-    summary = {**_describe(A, "a"), **_describe(B, "b"), "d_in": A.d_in, **m.summary()}
+    summary = {**_describe(A, "a"), **_describe(B, "b"), "d_in": A.d_in, **m.summary(),
+               "chance_mean_abs_cos": chance_mean_abs_cos(A.d_sae, B.d_sae, A.d_in, device=args.device)}
     table = m.table()
 
     if acts is not None:

@@ -133,6 +133,11 @@ def f1_stability(latents: pd.DataFrame, matches: pd.DataFrame) -> Figure:
             ax.scatter(np.full(len(m), x), m, color="k", s=14, zorder=3,
                        label="mean of one seed pair" if x == 0 else None)
         ax.axhline(0.9, color="0.5", lw=0.8, ls=":")
+        if "chance_mean_abs_cos" in matches:
+            chance = matches.loc[matches["dataset"] == ds, "chance_mean_abs_cos"].mean()
+            if np.isfinite(chance):
+                ax.axhline(chance, color="0.3", lw=1, ls="--",
+                           label=f"two random dictionaries ({chance:.2f})")
         ax.set_xticks(pos, archs, rotation=30, ha="right")
         ax.set_ylim(0, 1.02)
         ax.set_xlabel(xlabel)

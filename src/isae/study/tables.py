@@ -181,6 +181,7 @@ T1_EVAL = [
 T1_MATCH = [
     Metric("mean_abs_cos", "seed |cos|", r"seed $|\cos|$"),
     Metric("frac_gt_0.9", "seed >0.9", r"seed $>0.9$"),
+    Metric("chance_mean_abs_cos", "chance |cos|", r"chance $|\cos|$"),
 ]
 #: ... and ground-truth recovery where there is a truth (per seed).
 T1_TRUTH = [
