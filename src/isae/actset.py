@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import UserError
+from .io import writable_parent
 
 FORMAT_VERSION = 1
 SHARD_GLOB = "part-*.parquet"
@@ -104,13 +105,7 @@ class ActivationWriter:
         # staged set before the rename, so they appear atomically with the shards; it may add
         # keys to meta, which is written after it.
         self.on_close = on_close
-        parent = self.out.parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create output folder {parent}: {e.strerror}") from None
-        if not os.access(parent, os.W_OK):
-            raise UserError(f"output folder {parent} is not writable")
+        parent = writable_parent(self.out)
         self.stage = parent / f".{self.out.name}.tmp-{os.getpid()}"
         shutil.rmtree(self.stage, ignore_errors=True)
         self.stage.mkdir()

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from .actset import Normalizer, write_json_atomic
 from .config import SAEConfig
 from .errors import UserError
+from .io import writable_parent
 from .sae import Codes, SparseCoder
 
 FORMAT_VERSION = 1
@@ -88,12 +89,7 @@ def save(
 ) -> Path:
     """Write a checkpoint folder atomically. ``files``: further files (e.g. train_log)."""
     out = Path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create {out.parent}: {e.strerror}") from None
-    if not os.access(out.parent, os.W_OK):
-        raise UserError(f"cannot write to {out.parent}")
+    writable_parent(out)
     stage = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()

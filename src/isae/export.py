@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import Checkpoint
 from .errors import UserError
+from .io import writable_parent
 
 
 def raw_space_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
@@ -37,10 +38,7 @@ def raw_space_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
 
 
 def _stage(out: Path) -> Path:
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create {out.parent}: {e.strerror}") from None
+    writable_parent(out)
     stage = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()

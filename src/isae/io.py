@@ -12,6 +12,18 @@ from tqdm import tqdm
 from .errors import UserError
 
 
+def writable_parent(path: str | os.PathLike) -> Path:
+    """Create the folder that will hold ``path``; UserError if it cannot be written."""
+    parent = Path(path).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {parent}: {e.strerror or e}") from None
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"folder {parent} is not writable")
+    return parent
+
+
 def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write a Parquet table atomically (temporary name, then rename)."""
     path = Path(path)

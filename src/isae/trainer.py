@@ -32,7 +32,7 @@ from .actset import ActivationSet
 from .config import SAEConfig, TrainConfig
 from .dl import DLStepper
 from .errors import UserError
-from .io import progress
+from .io import progress, writable_parent
 from .sae import SparseCoder
 from .stream import shuffled_batches
 
@@ -97,12 +97,7 @@ def resume_dir(out: str | os.PathLike) -> Path:
 
 
 def _check_out(out: Path) -> None:
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create {out.parent}: {e.strerror}") from None
-    if not os.access(out.parent, os.W_OK):
-        raise UserError(f"--out {out}: folder {out.parent} is not writable")
+    writable_parent(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
 
