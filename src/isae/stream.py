@@ -9,12 +9,16 @@ the training device; a set that fits in the buffer is read from disk once.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from .actset import ActivationSet
+
+#: Shards decoded ahead of the one being consumed.
+PREFETCH = 2
 
 
 def shuffled_batches(
@@ -35,27 +39,38 @@ def shuffled_batches(
     train_rows = int(acts.meta.get("train_rows", acts.rows))
     cache: dict[int, torch.Tensor] | None = {} if train_rows <= cap else None
 
-    def shard(i: int) -> torch.Tensor:
-        if cache is not None and i in cache:
-            return cache[i]
+    def read(i: int) -> torch.Tensor:
+        """Decode one shard's training rows on the host (runs in the prefetch thread)."""
         parts = [torch.from_numpy(p["x"]) for p in acts.iter_shards("train", shards=[acts.shards[i]])]
-        x = torch.cat(parts).to(device) if parts else torch.empty(0, acts.d, device=device)
-        if cache is not None:
-            cache[i] = x
-        return x
+        return torch.cat(parts) if parts else torch.empty(0, acts.d)
 
     buf = torch.empty(0, acts.d, device=device)
-    while True:
-        order = rng.permutation(len(acts.shards))
-        for i, s in enumerate(order):
-            new = shard(int(s))
-            buf = torch.cat([buf, new]) if len(buf) else new
-            last = i == len(order) - 1
-            if len(buf) >= cap or last:
-                perm = torch.from_numpy(rng.permutation(len(buf))).to(device)
-                buf = buf[perm]
-                keep = 0 if last else cap // 2
-                n_out = (len(buf) - keep) // batch_size
-                for b in range(n_out):
-                    yield buf[b * batch_size : (b + 1) * batch_size]
-                buf = buf[n_out * batch_size :]
+    # One thread decodes the next shards while the caller trains on this one. Only file
+    # reading moves there; every random draw stays on this thread, in the same order, so
+    # the batches are the same with or without it.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="isae-shards") as pool:
+        while True:
+            order = [int(s) for s in rng.permutation(len(acts.shards))]
+            todo = [s for s in order if cache is None or s not in cache]
+            pending = {s: pool.submit(read, s) for s in todo[:PREFETCH]}
+            nxt = PREFETCH
+            for i, s in enumerate(order):
+                if cache is not None and s in cache:
+                    new = cache[s]
+                else:
+                    new = pending.pop(s).result().to(device)
+                    if nxt < len(todo):
+                        pending[todo[nxt]] = pool.submit(read, todo[nxt])
+                        nxt += 1
+                    if cache is not None:
+                        cache[s] = new
+                buf = torch.cat([buf, new]) if len(buf) else new
+                last = i == len(order) - 1
+                if len(buf) >= cap or last:
+                    perm = torch.from_numpy(rng.permutation(len(buf))).to(device)
+                    buf = buf[perm]
+                    keep = 0 if last else cap // 2
+                    n_out = (len(buf) - keep) // batch_size
+                    for b in range(n_out):
+                        yield buf[b * batch_size : (b + 1) * batch_size]
+                    buf = buf[n_out * batch_size :]
