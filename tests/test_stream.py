@@ -2,11 +2,10 @@
 
 import numpy as np
 import torch
+from libdata import signed_sparse_set
 
 from isae import stream
 from isae.actset import ActivationSet
-
-from libdata import signed_sparse_set
 
 
 def _set(tmp_path):
