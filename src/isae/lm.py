@@ -238,19 +238,6 @@ def check_hook(bridge, hook: str, model: str = "the model") -> None:
     )
 
 
-def versions() -> dict[str, str]:
-    """Package versions that determine the activations."""
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformer_lens", "transformers", "tokenizers", "isae"):
-        try:
-            out[pkg] = md.version(pkg.replace("_", "-"))
-        except md.PackageNotFoundError:
-            out[pkg] = "unknown"
-    return out
-
-
 # ----------------------------------------------------------------------------- text
 
 

@@ -18,6 +18,7 @@ from .. import lm
 from ..actset import ActivationWriter, heldout_mask
 from ..errors import UserError
 from ..io import progress
+from . import check_layout, package_versions
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,7 @@ def extract(
         raise UserError(f"--batch-size must be positive, not {batch_size}")
     if max_tokens is not None and max_tokens < 1:
         raise UserError(f"--max-tokens must be positive, not {max_tokens}")
-    if not 0.0 <= heldout_fraction < 1.0:
-        raise UserError(f"--heldout-fraction must be in [0, 1), not {heldout_fraction}")
-    if rows_per_shard < 1:
-        raise UserError(f"--rows-per-shard must be positive, not {rows_per_shard}")
+    check_layout(heldout_fraction, rows_per_shard)
 
     source = lm.open_text(text)  # before booting: a bad text source fails in milliseconds
     if source.local and not source.documents:
@@ -87,7 +85,7 @@ def extract(
         "max_tokens": max_tokens,
         "batch_size": batch_size,
         "seed": seed,
-        "versions": lm.versions(),
+        "versions": package_versions("isae", "torch", "transformer_lens", "transformers", "tokenizers"),
     }
     heldout = {"by": "doc", "fraction": heldout_fraction, "seed": seed}
 

@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
-import platform
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +49,7 @@ from ..config import SAEConfig
 from ..errors import UserError
 from ..io import progress
 from ..sae import SparseCoder
+from . import check_layout, package_versions
 
 log = logging.getLogger(__name__)
 
@@ -231,16 +230,6 @@ def block_rows(d: int, atoms: int, k: int) -> int:
 # ----------------------------------------------------------------------------- the stage
 
 
-def _versions(*names: str) -> dict:
-    out = {"python": platform.python_version()}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 def _validate(d, atoms, k, rows, noise, zipf, coherence, correlation, heldout_fraction,
               rows_per_shard) -> None:
     if d < 1:
@@ -259,10 +248,7 @@ def _validate(d, atoms, k, rows, noise, zipf, coherence, correlation, heldout_fr
         raise UserError(f"--correlation must be in [0, 1], got {correlation}")
     if coherence is not None and not 0.0 < coherence < 1.0:
         raise UserError(f"--coherence must be in (0, 1), got {coherence}")
-    if not 0.0 <= heldout_fraction < 1.0:
-        raise UserError(f"--heldout-fraction must be in [0, 1), got {heldout_fraction}")
-    if rows_per_shard < 1:
-        raise UserError(f"--rows-per-shard must be >= 1, got {rows_per_shard}")
+    check_layout(heldout_fraction, rows_per_shard)
 
 
 def _write_truth(stage: Path, meta: dict, D32: np.ndarray, k: int, seed: int, gen: dict) -> None:
@@ -314,7 +300,7 @@ def extract(
         "seed": seed,
         "columns": {"row": "row id", "doc": f"row // {GROUP_ROWS}, the split unit",
                     "z_idx": "true support (sorted)", "z_val": "true coefficients"},
-        "versions": _versions("isae", "numpy", "pyarrow", "torch"),
+        "versions": package_versions("isae", "numpy", "pyarrow", "torch"),
     }
     heldout_info = {"by": "doc", "group_rows": GROUP_ROWS, "fraction": heldout_fraction,
                     "seed": seed}

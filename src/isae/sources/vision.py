@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -40,6 +38,7 @@ import torch
 from ..actset import ActivationWriter, heldout_mask
 from ..errors import UserError
 from ..io import progress
+from . import check_layout, package_versions
 
 log = logging.getLogger(__name__)
 
@@ -242,16 +241,6 @@ def patch_tokens(hidden: torch.Tensor, height: int, width: int, patch: tuple[int
 # ----------------------------------------------------------------------------- the stage
 
 
-def _versions(*names: str) -> dict:
-    out = {"python": platform.python_version()}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 def extract(
     out: str,
     seed: int = 0,
@@ -271,10 +260,7 @@ def extract(
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     if max_images is not None and max_images < 1:
         raise UserError(f"--max-images must be >= 1, got {max_images}")
-    if not 0.0 <= heldout_fraction < 1.0:
-        raise UserError(f"--heldout-fraction must be in [0, 1), got {heldout_fraction}")
-    if rows_per_shard < 1:
-        raise UserError(f"--rows-per-shard must be >= 1, got {rows_per_shard}")
+    check_layout(heldout_fraction, rows_per_shard)
     t0 = time.perf_counter()
     items = list_images(images)
     backbone, processor = load_backbone(model, device)
@@ -305,7 +291,7 @@ def extract(
         "preprocessing": (type(processor).__name__ if processor is not None
                           else f"default: bicubic {size}x{size}, ImageNet mean/std"),
         "seed": seed,
-        "versions": _versions("isae", "torch", "transformers", "pillow", "numpy", "pyarrow"),
+        "versions": package_versions("isae", "torch", "transformers", "pillow", "numpy", "pyarrow"),
     }
 
     def finish(stage: Path, m: dict) -> None:
