@@ -4,15 +4,7 @@ import sys
 
 import pandas as pd
 
-from isae.io import write_table
-from isae.study.tables import (
-    T1_CAPTION,
-    T1_METRICS,
-    table_t1,
-    to_latex,
-    to_markdown,
-    write_text_atomic,
-)
+from isae.study.tables import T1_CAPTION, T1_METRICS, table_t1, write_renderings
 
 snakemake = globals()["snakemake"]  # injected by Snakemake's script: directive
 read = pd.read_parquet
@@ -21,7 +13,5 @@ with open(snakemake.log[0], "w") as log:
     sys.stderr = log
     i, o = snakemake.input, snakemake.output
     table = table_t1(read(i.eval), read(i.match), read(i.truth))
-    write_table(table, o.table)
-    write_text_atomic(to_markdown(table, T1_METRICS, T1_CAPTION), o.md)
-    write_text_atomic(to_latex(table, T1_METRICS, T1_CAPTION, label="tab:t1"), o.tex)
+    write_renderings(table, T1_METRICS, T1_CAPTION, "tab:t1", o.table, o.md, o.tex)
     print(f"{len(table)} rows", file=log)

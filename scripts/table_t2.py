@@ -4,15 +4,7 @@ import sys
 
 import pandas as pd
 
-from isae.io import write_table
-from isae.study.tables import (
-    T2_CAPTION,
-    T2_METRICS,
-    table_t2,
-    to_latex,
-    to_markdown,
-    write_text_atomic,
-)
+from isae.study.tables import T2_CAPTION, T2_METRICS, table_t2, write_renderings
 
 snakemake = globals()["snakemake"]  # injected by Snakemake's script: directive
 read = pd.read_parquet
@@ -21,7 +13,5 @@ with open(snakemake.log[0], "w") as log:
     sys.stderr = log
     i, o = snakemake.input, snakemake.output
     table = table_t2(read(i.match), read(i.ric))
-    write_table(table, o.table)
-    write_text_atomic(to_markdown(table, T2_METRICS, T2_CAPTION), o.md)
-    write_text_atomic(to_latex(table, T2_METRICS, T2_CAPTION, label="tab:t2"), o.tex)
+    write_renderings(table, T2_METRICS, T2_CAPTION, "tab:t2", o.table, o.md, o.tex)
     print(f"{len(table)} rows", file=log)

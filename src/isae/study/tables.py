@@ -314,3 +314,13 @@ T2_CAPTION = (
     "seed pairs) and restricted isometry δ_U on unions of observed supports with its "
     "calibrations (mean ± sd over seeds)."
 )
+
+
+def write_renderings(table: pd.DataFrame, metrics: Sequence[Metric], caption: str, label: str,
+                     parquet: str | os.PathLike, md: str | os.PathLike, tex: str | os.PathLike) -> None:
+    """One summary table as Parquet, Markdown and LaTeX, each written atomically."""
+    from ..io import write_table
+
+    write_table(table, parquet)
+    write_text_atomic(to_markdown(table, metrics, caption), md)
+    write_text_atomic(to_latex(table, metrics, caption, label=label), tex)
