@@ -88,7 +88,7 @@ def test_checkpoint_maps_raw_to_raw(isae_ckpt, data):
 def test_encoder_steps_never_worse_for_same_dictionary(isae_ckpt, data):
     ck = checkpoint.load(isae_ckpt)
     x = torch.from_numpy(ActivationSet(data[0]).load("heldout")["x"])
-    xn = ck._normalize(x)
+    xn = ck.normalize(x)
     m0 = ck.model
     cfg3 = SAEConfig.from_dict({**m0.cfg.to_dict(), "encoder_steps": 3})
     m3 = SparseCoder(cfg3)

@@ -54,12 +54,13 @@ class Checkpoint:
         """Raw activations [B, D] -> Codes (on the model's device), in batches."""
         vals, idxs = [], []
         for xb in _batches(x, batch_size, self.model.device):
-            c = self.model.encode(self._normalize(xb))
+            c = self.model.encode(self.normalize(xb))
             vals.append(c.val)
             idxs.append(c.idx)
         return Codes(torch.cat(vals), torch.cat(idxs))
 
-    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw activations [B, D] (on the model's device) -> the model's normalised space."""
         mean = torch.as_tensor(self.norm.mean, device=x.device)
         return (x - mean) / self.norm.scale
 
@@ -69,7 +70,7 @@ class Checkpoint:
         mean = torch.as_tensor(self.norm.mean, device=self.model.device)
         out = []
         for xb in _batches(x, batch_size, self.model.device):
-            x_hat = self.model.decode(self.model.encode(self._normalize(xb)))
+            x_hat = self.model.decode(self.model.encode(self.normalize(xb)))
             out.append(x_hat * self.norm.scale + mean)
         return torch.cat(out)
 

@@ -20,7 +20,6 @@ def reconstruction_metrics(ckpt: Checkpoint, acts: ActivationSet, batch_size: in
         raise UserError(f"activation set has d={acts.d}, checkpoint {ckpt.path} has d_in={ckpt.d_in}")
     model = ckpt.model
     dev = model.device
-    mean = torch.as_tensor(ckpt.norm.mean, device=dev)
     n = 0
     sse = 0.0
     s1 = torch.zeros(acts.d, dtype=torch.float64, device=dev)
@@ -29,7 +28,7 @@ def reconstruction_metrics(ckpt: Checkpoint, acts: ActivationSet, batch_size: in
     fired = torch.zeros(ckpt.d_sae, dtype=torch.bool, device=dev)
     for part in acts.iter_shards("heldout"):
         for i in range(0, len(part["x"]), batch_size):
-            x = (torch.from_numpy(part["x"][i : i + batch_size]).to(dev) - mean) / ckpt.norm.scale
+            x = ckpt.normalize(torch.from_numpy(part["x"][i : i + batch_size]).to(dev))
             codes = model.encode(x)
             x_hat = model.decode(codes)
             sse += float((x - x_hat).double().pow(2).sum())
