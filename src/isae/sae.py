@@ -30,11 +30,7 @@ class Codes(NamedTuple):
 
     def dense(self, width: int) -> Tensor:
         """[B, N] dense codes."""
-        if self.idx.shape[1] == width and self.val.shape == self.idx.shape:
-            out = torch.zeros_like(self.val)
-            return out.scatter(1, self.idx, self.val)
-        out = self.val.new_zeros(self.val.shape[0], width)
-        return out.scatter(1, self.idx, self.val)
+        return self.val.new_zeros(self.val.shape[0], width).scatter(1, self.idx, self.val)
 
 
 class ForwardOutput(NamedTuple):
