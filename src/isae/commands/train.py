@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..actset import ActivationSet
-from ..config import SAEConfig, TrainConfig
+from ..config import SAEConfig, TrainConfig, parse_arch
 from ..errors import UserError
 
 
@@ -46,13 +46,9 @@ def run(args: argparse.Namespace) -> dict:
 
     acts = ActivationSet(args.activations)
     width = args.width or 8 * acts.d
-    extra = {"l1_coeff": args.l1_coeff}
+    spec = {**parse_arch(args.arch), "l1_coeff": args.l1_coeff}
     if args.encoder_steps is not None:
-        extra["encoder_steps"] = args.encoder_steps
-    from ..config import parse_arch
-
-    spec = parse_arch(args.arch)
-    spec.update(extra)
+        spec["encoder_steps"] = args.encoder_steps
     seeds = [args.seed]
     if args.seeds:
         try:
