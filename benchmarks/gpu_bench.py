@@ -109,6 +109,50 @@ def anchors():
     row("topk on bf16 pre-acts (stock torch)", timed(lambda: pre.topk(K, dim=-1, sorted=False)))
 
 
+@section("kernels: ours vs stock torch")
+def kernel_bench():
+    import triton
+
+    from isae import kernels
+    row("triton version", note=triton.__version__)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    pre = (torch.randn(B, D, device="cuda", generator=g).bfloat16()
+           @ torch.randn(D, N, device="cuda", generator=g).bfloat16())
+    ref = pre.float().abs().topk(K, dim=-1).values
+    for chunk in (1024, 2048, 4096):
+        for warps in (4, 8):
+            ms = timed(lambda c=chunk, w=warps: kernels.topk_rows(pre, K, True, chunk=c, num_warps=w))
+            v, i = kernels.topk_rows(pre, K, True, chunk=chunk, num_warps=warps)
+            ok = torch.equal(pre.float().abs().gather(1, i), ref)
+            row(f"ours top-k (|.|), chunk {chunk}, {warps} warps", ms, note=f"equal to torch: {ok}")
+    row("stock torch topk (|.|)", timed(lambda: pre.abs().topk(K, dim=-1, sorted=False)))
+    row("ours top-k (ReLU)", timed(lambda: kernels.topk_rows(pre, K, False)))
+    row("stock torch topk (ReLU)", timed(lambda: pre.topk(K, dim=-1, sorted=False)))
+    sub = pre[:, :1229].contiguous()
+    row("ours top-384 of 1229 dead columns (AuxK)", timed(lambda: kernels.topk_rows(sub, 384, False)))
+    row("stock topk 384 of 1229", timed(lambda: sub.topk(384, dim=-1, sorted=False)))
+    v, i = kernels.topk_rows(pre, K, False)
+    W = torch.randn(N, D, device="cuda", generator=g)
+    Wb = W.bfloat16()
+    gr = torch.randn(B, D, device="cuda", generator=g)
+    row("ours gather_decode (bf16 table)", timed(lambda: kernels.gather_decode(v, i, Wb)))
+    row("stock embedding_bag (fp32 table)",
+        timed(lambda: torch.nn.functional.embedding_bag(i, W, per_sample_weights=v, mode="sum")))
+    row("ours gather_dot (bf16 table)", timed(lambda: kernels.gather_dot(gr, i, Wb)))
+    row("ours Segments (sort, counts, work items)", timed(lambda: kernels.Segments(i, N)))
+    seg = kernels.Segments(i, N)
+    xb = gr.bfloat16()
+    row("ours segmented dW reduce", timed(lambda: seg.reduce(v, xb)))
+    ref = torch.zeros(N, D, device="cuda").index_add_(0, i.reshape(-1), (v[..., None] * xb.float()[:, None]).reshape(-1, D))
+    err = float((seg.reduce(v, xb) - ref).abs().max())
+    row("segmented dW vs index_add_ reference", note=f"max |diff| {err:.1e}")
+
+    def dense():
+        Z = torch.zeros(B, N, dtype=torch.bfloat16, device="cuda").scatter_(1, i, v.bfloat16())
+        return Z.T @ xb
+    row("dense dW (scatter + bf16 matmul), the v3 path", timed(dense))
+
+
 @section("sparsify training step")
 def sparsify_step():
     cfgmod, sc = load_sparsify()
@@ -307,6 +351,7 @@ def main() -> None:
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     sections = {
         "anchors": anchors,
+        "kernels": kernel_bench,
         "sparsify": sparsify_step,
         "steps": our_steps,
         "equivalence": lambda: equivalence(a.eq_steps),

@@ -73,3 +73,37 @@ def test_training_on_cuda_keeps_unit_rows(tmp_path):
     for _ in range(10):
         st.step(torch.randn(4096, 128, device="cuda"), 1.0, torch.rand(1024, device="cuda") < 0.3)
         np.testing.assert_allclose(m.W_dec.norm(dim=1).detach().cpu().numpy(), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("n,dtype", [(24576, torch.bfloat16), (70000, torch.bfloat16), (5000, torch.float32)])
+def test_triton_topk_equals_torch_topk(signed, n, dtype):
+    from isae import kernels
+
+    g = torch.Generator(device="cuda").manual_seed(n)
+    pre = torch.randn(1024, n, device="cuda", generator=g).to(dtype)
+    for k in (1, 32, 100, 384):
+        val, idx = kernels.topk_rows(pre, k, signed)
+        s = pre.float().abs() if signed else pre.float().relu()
+        assert torch.equal(s.gather(1, idx), s.topk(k, dim=-1).values)
+        want = pre.float().gather(1, idx)
+        assert torch.equal(val, want if signed else want.relu())
+
+
+def test_triton_sparse_kernels_equal_float64():
+    from isae import kernels
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    B, N, D, K = 4096, 24576, 768, 32
+    W = torch.randn(N, D, device="cuda", generator=g).bfloat16()
+    idx = torch.randint(0, N, (B, K), device="cuda", generator=g)
+    idx[:, 0] = 7  # a latent in every row: its sum is split over work items
+    val = torch.randn(B, K, device="cuda", generator=g)
+    src = torch.randn(B, D, device="cuda", generator=g)
+    ref = torch.einsum("bk,bkd->bd", val.double(), W.double()[idx])
+    assert (kernels.gather_decode(val, idx, W).double() - ref).abs().max() < 1e-3
+    ref = torch.einsum("bd,bkd->bk", src.double(), W.double()[idx])
+    assert (kernels.gather_dot(src, idx, W).double() - ref).abs().max() < 1e-3
+    ref = torch.zeros(N, D, device="cuda", dtype=torch.float64).index_add_(
+        0, idx.reshape(-1), (val.double()[..., None] * src.double()[:, None]).reshape(-1, D))
+    assert (kernels.Segments(idx, N).reduce(val, src).double() - ref).abs().max() < 1e-3

@@ -2,19 +2,24 @@
 
 The reference path (sae.py on the CPU) lets autograd differentiate ``topk`` + ``gather`` and
 ``embedding_bag``; on a GPU that costs a dense [B, N] float32 gradient, an ``index_add_`` for
-the encoder weight and a float32 matmul. Here the two sparse maps get their own backward:
+the encoder weight and a float32 matmul. Here the sparse maps get their own backward, built
+on the Triton kernels of kernels.py:
 
-* encoder: pre = (x - b_dec) W_enc + b_enc in bfloat16 (float32 accumulation), TopK on it;
-  backward scatters the k code gradients into a bfloat16 [B, N] matrix and forms
-  dW_enc = (x - b_dec)^T G as one dense bfloat16 matmul; db_enc is a k-sparse index_add and
+* encoder: pre = (x - b_dec) W_enc + b_enc in bfloat16 (float32 accumulation), then a
+  Triton top-k. Backward: dW_enc is a segmented reduction of the k code gradients over the
+  latents (each latent sums its rows of x - b_dec), db_enc a k-sparse index_add, and
   db_dec = -db_enc W_enc^T needs no [B, D] gradient at all.
-* decoder: x_hat = embedding_bag(idx, W_dec, val) in float32; backward forms
-  dW_dec = Z^T g from the scattered codes as one bfloat16 matmul and d val by gathering the
-  k selected rows.
+* decoder: x_hat = sum_j val_j W_dec[idx_j] from a bfloat16 copy of W_dec, float32
+  accumulation. Backward: d val by gathered dot products, dW_dec by the same segmented
+  reduction (the latents are sorted once and shared with the encoder's backward).
+* AuxK works on the dead latents' columns only, as small dense bfloat16 matmuls.
+* IHT (isae-iter) selects each new support from a dense bfloat16 correlation computed
+  without gradient, and differentiates only the correlations it keeps (gathered dots).
 
 Parameters, optimiser state, the loss and the reconstruction stay float32. The checks that
-these paths match the float32 reference are tests/test_fast_gpu.py (GPU only) and
-benchmarks/gpu_bench.py.
+these paths match the float32 reference are tests/test_fast_cpu.py (the same functions on
+stock ops), tests/test_kernels.py (Triton in interpret mode), tests/test_fast_gpu.py (GPU
+only) and benchmarks/gpu_bench.py.
 """
 
 from __future__ import annotations
@@ -23,42 +28,46 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from . import kernels
+
 LOW = torch.bfloat16
 
 #: Switch for benchmarks and equivalence checks: False sends CUDA tensors down the reference path.
 ENABLED = True
+#: Tests set this to run the fast path's autograd functions on CPU tensors (stock-op kernels).
+FORCE = False
 
 
 def enabled(x: Tensor) -> bool:
     """The fast paths serve CUDA tensors; everything else takes the reference path."""
-    return ENABLED and x.is_cuda
+    return ENABLED and (x.is_cuda or FORCE)
+
+
+def _segments(ctx, idx: Tensor, n: int) -> kernels.Segments:
+    """The sorted latents of ``idx``, built once and shared by the functions that saw it."""
+    holder = ctx.holder
+    if "seg" not in holder:
+        holder["seg"] = kernels.Segments(idx, n)
+    return holder["seg"]
+
+
+def _holder(idx: Tensor) -> dict:
+    h = getattr(idx, "_isae_holder", None)
+    if h is None:
+        h = {}
+        idx._isae_holder = h
+    return h
 
 
 class _TopKEncode(Function):
     @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, k: int, signed: bool, only=None, pre=None):
+    def forward(ctx, x, b_dec, W_enc, b_enc, k: int, signed: bool):
         xc = (x - b_dec).to(LOW)
-        if pre is None:
-            pre = torch.addmm(b_enc.to(LOW), xc, W_enc.to(LOW))  # [B, N] bf16
-        if only is not None:
-            # AuxK: select among the dead latents only, on their columns alone (a far
-            # smaller top-k than over all N).
-            cols = only.nonzero().squeeze(1)
-            sub = pre.index_select(1, cols)
-            score = sub.abs() if signed else sub
-            j = score.topk(k, dim=-1, sorted=False).indices
-            idx = cols[j]
-            val = sub.gather(-1, j).float()
-            if not signed:
-                val = val.relu_()
-        elif signed:
-            idx = pre.abs().topk(k, dim=-1, sorted=False).indices
-            val = pre.gather(-1, idx).float()
-        else:
-            val, idx = pre.topk(k, dim=-1, sorted=False)
-            val = val.float().relu_()
+        pre = torch.addmm(b_enc.to(LOW), xc, W_enc.to(LOW))  # [B, N] bf16
+        val, idx = kernels.topk_rows(pre, k, signed)
         ctx.save_for_backward(xc, W_enc, idx, val)
         ctx.signed = signed
+        ctx.holder = _holder(idx)
         ctx.mark_non_differentiable(idx, pre)
         return val, idx, pre
 
@@ -67,77 +76,87 @@ class _TopKEncode(Function):
         xc, W_enc, idx, val = ctx.saved_tensors
         if not ctx.signed:
             g_val = g_val * (val > 0)
-        B, N = xc.shape[0], W_enc.shape[1]
-        G = torch.zeros(B, N, dtype=LOW, device=xc.device).scatter_(1, idx, g_val.to(LOW))
-        dW = (xc.T @ G).float() if ctx.needs_input_grad[2] else None
+        N = W_enc.shape[1]
+        dW = None
+        if ctx.needs_input_grad[2]:
+            dW = _segments(ctx, idx, N).reduce(g_val, xc).T.contiguous()
         db_enc = torch.zeros(N, device=xc.device, dtype=torch.float32)
         db_enc.index_add_(0, idx.reshape(-1), g_val.reshape(-1).float())
         db_dec = -(db_enc @ W_enc.T) if ctx.needs_input_grad[1] else None
-        return None, db_dec, dW, db_enc if ctx.needs_input_grad[3] else None, None, None, None, None
+        return None, db_dec, dW, db_enc if ctx.needs_input_grad[3] else None, None, None
+
+
+def topk_encode(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, signed: bool):
+    """-> (val [B, K] float32, idx [B, K], pre [B, N] bfloat16, no grad)."""
+    return _TopKEncode.apply(x, b_dec, W_enc, b_enc, k, signed)
 
 
 class _SparseDecode(Function):
     @staticmethod
     def forward(ctx, val: Tensor, idx: Tensor, W_dec: Tensor):
-        ctx.save_for_backward(val, idx, W_dec)
-        return torch.nn.functional.embedding_bag(idx, W_dec, per_sample_weights=val, mode="sum")
+        W_low = W_dec.to(LOW)
+        ctx.save_for_backward(val, idx, W_low)
+        ctx.n = W_dec.shape[0]
+        ctx.holder = _holder(idx)
+        return kernels.gather_decode(val, idx, W_low)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        val, idx, W_dec = ctx.saved_tensors
-        g_low = g.to(LOW)
-        g_val = None
-        if ctx.needs_input_grad[0]:
-            rows = W_dec.to(LOW)[idx]  # [B, K, D]
-            g_val = torch.bmm(rows, g_low.unsqueeze(-1)).squeeze(-1).float()
-        dW = None
-        if ctx.needs_input_grad[2]:
-            B, N = val.shape[0], W_dec.shape[0]
-            Z = torch.zeros(B, N, dtype=LOW, device=val.device).scatter_(1, idx, val.to(LOW))
-            dW = (Z.T @ g_low).float()
+        val, idx, W_low = ctx.saved_tensors
+        g_val = kernels.gather_dot(g, idx, W_low) if ctx.needs_input_grad[0] else None
+        dW = _segments(ctx, idx, ctx.n).reduce(val, g) if ctx.needs_input_grad[2] else None
         return g_val, None, dW
-
-
-def topk_encode(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, signed: bool,
-                only: Tensor | None = None, pre: Tensor | None = None):
-    """-> (val [B, K] float32, idx [B, K], pre [B, N] bfloat16, no grad).
-
-    only: [N] bool, select among these latents (AuxK's dead ones); pre: reuse the
-    pre-activations of an earlier call on the same x.
-    """
-    return _TopKEncode.apply(x, b_dec, W_enc, b_enc, k, signed, only, pre)
-
-
-class _ScatterDecode(Function):
-    """For large k (AuxK's d/2 latents) gathering k rows per token costs more memory traffic
-    than scattering the codes into a bf16 [B, N] matrix and doing one dense matmul."""
-
-    @staticmethod
-    def forward(ctx, val: Tensor, idx: Tensor, W_dec: Tensor):
-        B, N = val.shape[0], W_dec.shape[0]
-        Z = torch.zeros(B, N, dtype=LOW, device=val.device).scatter_(1, idx, val.to(LOW))
-        W = W_dec.to(LOW)
-        ctx.save_for_backward(Z, idx, W)
-        return torch.mm(Z, W).float()
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        Z, idx, W = ctx.saved_tensors
-        g_low = g.to(LOW)
-        g_val = (g_low @ W.T).gather(1, idx).float() if ctx.needs_input_grad[0] else None
-        dW = (Z.T @ g_low).float() if ctx.needs_input_grad[2] else None
-        return g_val, None, dW
-
-
-#: Above this many codes per row the decoder scatters and multiplies instead of gathering.
-GATHER_MAX_K = 64
 
 
 def sparse_decode(val: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
-    """sum_j val_j W_dec[idx_j], float32 [B, D], with a dense-bf16-matmul backward."""
-    if val.shape[1] > GATHER_MAX_K:
-        return _ScatterDecode.apply(val, idx, W_dec)
+    """sum_j val_j W_dec[idx_j], float32 [B, D], with a segmented-reduction backward."""
     return _SparseDecode.apply(val, idx, W_dec)
+
+
+class _GatherDot(Function):
+    @staticmethod
+    def forward(ctx, r: Tensor, idx: Tensor, W_dec: Tensor):
+        W_low = W_dec.to(LOW)
+        ctx.save_for_backward(r, idx, W_low)
+        ctx.n = W_dec.shape[0]
+        ctx.holder = _holder(idx)
+        return kernels.gather_dot(r, idx, W_low)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        r, idx, W_low = ctx.saved_tensors
+        dr = kernels.gather_decode(g, idx, W_low) if ctx.needs_input_grad[0] else None
+        dW = _segments(ctx, idx, ctx.n).reduce(g, r) if ctx.needs_input_grad[2] else None
+        return dr, None, dW
+
+
+def gather_dot(r: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
+    """<r[b], W_dec[idx[b, j]]>, float32 [B, K], differentiable in r and W_dec."""
+    return _GatherDot.apply(r, idx, W_dec)
+
+
+def select_topk(score_src: Tensor, k: int, signed: bool) -> Tensor:
+    """Indices [B, k] of the top-k of a (bfloat16) matrix, no gradient."""
+    return kernels.topk_rows(score_src, k, signed)[1]
+
+
+def auxk_codes(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, cols: Tensor, k: int,
+               signed: bool, pre: Tensor) -> tuple[Tensor, Tensor]:
+    """AuxK's codes on the dead columns ``cols`` only: (z [B, n_dead] dense, with gradient to
+    the encoder's dead columns; the k largest per row kept), as bfloat16 matmuls whose cost
+    scales with the number of dead latents, not the width."""
+    with torch.no_grad():
+        j = kernels.topk_rows(pre.index_select(1, cols), k, signed)[1]
+    xc = (x - b_dec).to(LOW)
+    sub = torch.addmm(b_enc[cols].to(LOW), xc, W_enc.index_select(1, cols).to(LOW)).float()
+    keep = torch.zeros_like(sub, dtype=torch.bool).scatter_(1, j, True)
+    z = torch.where(keep, sub if signed else sub.relu(), 0.0)
+    return z
+
+
+def dense_decode(z: Tensor, W_rows: Tensor) -> Tensor:
+    """z [B, M] @ W_rows [M, D] in bfloat16 with float32 output."""
+    return (z.to(LOW) @ W_rows.to(LOW)).float()
 
 
 @torch.no_grad()

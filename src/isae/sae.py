@@ -154,25 +154,38 @@ class SparseCoder(nn.Module):
         x_hat = self.decode(codes)
         r = x - x_hat
         if fast.enabled(r):
-            g = (r.to(fast.LOW) @ self.W_dec.to(fast.LOW).T)  # [B, N] bf16
-            g_S = g.gather(-1, codes.idx).float()
-            Dg = fast.sparse_decode(g_S, codes.idx, self.W_dec)
-        else:
-            g = r @ self.W_dec.T  # [B, N]
-            g_S = g.gather(-1, codes.idx)
-            Dg = sparse_decode(Codes(g_S, codes.idx), self.W_dec)
-        eta = g_S.pow(2).sum(-1, keepdim=True) / Dg.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
-        step = eta * self.cfg.iht_step
-        u = (g * step.to(g.dtype)).scatter_add(-1, codes.idx, codes.val.to(g.dtype))
+            return self._iht_step_fast(x, r, codes)
+        g = r @ self.W_dec.T  # [B, N]
+        g_S = g.gather(-1, codes.idx)
+        Dg = sparse_decode(Codes(g_S, codes.idx), self.W_dec)
+        step = self._iht_eta(g_S, Dg)
+        u = (g * step).scatter_add(-1, codes.idx, codes.val)
         new = topk_select(u, self.cfg.k, self.cfg.signed)
-        if u.dtype != codes.val.dtype:
-            # Select on the bf16 u, but take the values in float32: the old code value (where
-            # the atom was already in the support) plus the step along the gradient.
-            same = (new.idx.unsqueeze(-1) == codes.idx.unsqueeze(-2)).to(codes.val.dtype)
-            val = (same @ codes.val.unsqueeze(-1)).squeeze(-1) + step * g.gather(-1, new.idx).float()
-            if not self.cfg.signed:
-                val = F.relu(val)
-            new = Codes(val, new.idx)
+        return self._keep_better(x, r, codes, new)
+
+    def _iht_eta(self, g_S: Tensor, Dg: Tensor) -> Tensor:
+        eta = g_S.pow(2).sum(-1, keepdim=True) / Dg.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
+        return eta * self.cfg.iht_step
+
+    def _iht_step_fast(self, x: Tensor, r: Tensor, codes: Codes) -> Codes:
+        """The same step on the GPU: the new support is chosen from a bfloat16 correlation
+        computed without gradient; only the correlations kept are differentiated."""
+        g_S = fast.gather_dot(r, codes.idx, self.W_dec)
+        Dg = fast.sparse_decode(g_S, codes.idx, self.W_dec)
+        step = self._iht_eta(g_S, Dg)
+        with torch.no_grad():
+            u = r.to(fast.LOW) @ self.W_dec.to(fast.LOW).T  # [B, N] bf16
+            u = (u * step.to(u.dtype)).scatter_add_(-1, codes.idx, codes.val.to(u.dtype))
+            idx = fast.select_topk(u, self.cfg.k, self.cfg.signed)
+        # New value = the old code value (where the atom was already in the support) plus the
+        # step along the float32 correlation.
+        same = (idx.unsqueeze(-1) == codes.idx.unsqueeze(-2)).to(codes.val.dtype)
+        val = (same @ codes.val.unsqueeze(-1)).squeeze(-1) + step * fast.gather_dot(r, idx, self.W_dec)
+        if not self.cfg.signed:
+            val = F.relu(val)
+        return self._keep_better(x, r, codes, Codes(val, idx))
+
+    def _keep_better(self, x: Tensor, r: Tensor, codes: Codes, new: Codes) -> Codes:
         err_old = r.pow(2).sum(-1)
         err_new = (x - self.decode(new)).pow(2).sum(-1)
         better = (err_new <= err_old).unsqueeze(-1)
@@ -180,6 +193,10 @@ class SparseCoder(nn.Module):
 
     def forward(self, x: Tensor, dead: Tensor | None = None) -> ForwardOutput:
         """(x: [B, D]) -> ForwardOutput. ``dead``: [N] bool mask of dead latents for AuxK."""
+        cols = None
+        if self.cfg.kind == "topk" and dead is not None:
+            # The step's one host sync, taken first, while the GPU still finishes the last step.
+            cols = dead.nonzero().squeeze(1)
         codes, pre = self._encode(x)
         x_hat = self.decode(codes)
         err = x - x_hat
@@ -189,18 +206,20 @@ class SparseCoder(nn.Module):
         auxk, l1 = zero, zero
         if self.cfg.kind == "relu":
             l1 = (codes.val * self.W_dec.norm(dim=1)).sum(-1).mean()
-        elif self.cfg.kind == "topk" and dead is not None and bool(dead.any()):
-            auxk = self._auxk_loss(x, err.detach(), dead, pre)
+        elif cols is not None and cols.numel():
+            auxk = self._auxk_loss(x, err.detach(), dead, cols, pre)
         return ForwardOutput(x_hat, codes, fvu, auxk, l1)
 
-    def _auxk_loss(self, x: Tensor, e: Tensor, dead: Tensor, pre: Tensor | None) -> Tensor:
-        """Gao et al.'s AuxK: the top dead latents reconstruct the residual e."""
-        n_dead = int(dead.sum())
+    def _auxk_loss(self, x: Tensor, e: Tensor, dead: Tensor, cols: Tensor,
+                   pre: Tensor | None) -> Tensor:
+        """Gao et al.'s AuxK: the top dead latents (mask ``dead``, indices ``cols``)
+        reconstruct the residual e."""
+        n_dead = cols.numel()
         k_aux = min(max(self.cfg.d_in // 2, 1), n_dead)
         if fast.enabled(x):
-            val, idx, _ = fast.topk_encode(x, self.b_dec, self.encoder_weight, self.b_enc, k_aux,
-                                           self.cfg.signed, only=dead, pre=pre)
-            e_hat = fast.sparse_decode(val, idx, self.W_dec)
+            z = fast.auxk_codes(x, self.b_dec, self.encoder_weight, self.b_enc, cols, k_aux,
+                                self.cfg.signed, pre)
+            e_hat = fast.dense_decode(z, self.W_dec[cols])
         else:
             if pre is None:
                 pre = self.pre_acts(x)

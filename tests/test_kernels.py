@@ -1,0 +1,70 @@
+"""The Triton kernels of kernels.py against stock torch, run by Triton's interpreter on the
+CPU (a subprocess, since TRITON_INTERPRET must be set before Triton compiles anything).
+
+Skipped where Triton is not installed (it comes with the ``dev`` extra); on a GPU the same
+kernels are compiled and checked by tests/test_fast_gpu.py.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+CHECKS = textwrap.dedent('''
+    import torch
+    from isae import kernels as K
+    assert K.usable(torch.zeros(1)), "interpret mode not active"
+    g = torch.Generator().manual_seed(0)
+
+    def check_topk(B, N, k, signed, dtype, chunk, wide=None):
+        pre = torch.randn(B, N, generator=g).to(dtype)
+        if not signed:
+            pre[0, : N - 2] = -1.0  # fewer positive values than k: zeros fill the rest
+        val, idx = K.topk_rows(pre, k, signed, chunk=chunk, _wide=wide)
+        s = pre.float().abs() if signed else pre.float().relu()
+        ref = s.topk(k, dim=-1).values
+        assert torch.equal(s.gather(1, idx), ref), (B, N, k, signed)  # sorted, same scores
+        want = pre.float().gather(1, idx)
+        assert torch.equal(val, want if signed else want.relu())
+        assert (idx.sort(1).values.diff(dim=1) > 0).all(), "an index twice"
+
+    check_topk(7, 300, 5, False, torch.bfloat16, 64)      # chunks, a ragged last chunk
+    check_topk(5, 1000, 13, True, torch.bfloat16, 256)    # k not a power of two
+    check_topk(3, 64, 64, True, torch.float32, 64)        # k = N; float32: 64-bit keys
+    check_topk(4, 200, 8, False, torch.bfloat16, 64, wide=True)  # 64-bit keys, as N > 65536
+    ties = torch.zeros(2, 100, dtype=torch.bfloat16)
+    ties[:, 10:20] = 1.0
+    v, i = K.topk_rows(ties, 4, False, chunk=32)
+    assert i.tolist() == [[10, 11, 12, 13]] * 2, i  # ties go to the lower index
+
+    B, N, D, k = 9, 50, 40, 5
+    W = torch.randn(N, D, generator=g).bfloat16()
+    idx = torch.randint(0, N, (B, k), generator=g)
+    val = torch.randn(B, k, generator=g)
+    ref = (val.double()[..., None] * W.double()[idx]).sum(1)
+    assert (K.gather_decode(val, idx, W).double() - ref).abs().max() < 1e-5
+    gr = torch.randn(B, D, generator=g)
+    ref = (W.double()[idx] * gr.double()[:, None]).sum(-1)
+    assert (K.gather_dot(gr, idx, W).double() - ref).abs().max() < 1e-5
+
+    idx[:, 0] = 3  # one latent in every row: split over several work items, atomics
+    src = torch.randn(B, D, generator=g)
+    for pmax in (4, 256):
+        seg = K.Segments(idx, N, pmax=pmax)
+        ref = torch.zeros(N, D, dtype=torch.float64).index_add_(
+            0, idx.reshape(-1), (val.double()[..., None] * src.double()[:, None]).reshape(-1, D))
+        assert (seg.reduce(val, src).double() - ref).abs().max() < 1e-5, pmax
+    print("kernels ok")
+''')
+
+
+def test_triton_kernels_in_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", CHECKS], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "kernels ok" in r.stdout
