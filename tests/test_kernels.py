@@ -20,26 +20,28 @@ CHECKS = textwrap.dedent('''
     assert K.usable(torch.zeros(1)), "interpret mode not active"
     g = torch.Generator().manual_seed(0)
 
-    def check_topk(B, N, k, signed, dtype, chunk, wide=None):
+    def check_topk(B, N, k, signed, dtype, block):
         pre = torch.randn(B, N, generator=g).to(dtype)
         if not signed:
             pre[0, : N - 2] = -1.0  # fewer positive values than k: zeros fill the rest
-        val, idx = K.topk_rows(pre, k, signed, chunk=chunk, _wide=wide)
+        val, idx = K.topk_rows(pre, k, signed, block=block)
         s = pre.float().abs() if signed else pre.float().relu()
         ref = s.topk(k, dim=-1).values
-        assert torch.equal(s.gather(1, idx), ref), (B, N, k, signed)  # sorted, same scores
+        got = s.gather(1, idx).sort(dim=1, descending=True).values
+        assert torch.equal(got, ref), (B, N, k, signed)
         want = pre.float().gather(1, idx)
         assert torch.equal(val, want if signed else want.relu())
-        assert (idx.sort(1).values.diff(dim=1) > 0).all(), "an index twice"
+        assert (idx.diff(dim=1) > 0).all(), "not in index order, or an index twice"
 
-    check_topk(7, 300, 5, False, torch.bfloat16, 64)      # chunks, a ragged last chunk
-    check_topk(5, 1000, 13, True, torch.bfloat16, 256)    # k not a power of two
-    check_topk(3, 64, 64, True, torch.float32, 64)        # k = N; float32: 64-bit keys
-    check_topk(4, 200, 8, False, torch.bfloat16, 64, wide=True)  # 64-bit keys, as N > 65536
+    check_topk(7, 300, 5, False, torch.bfloat16, 512)     # one block, padded
+    check_topk(5, 1000, 13, True, torch.bfloat16, 256)    # several chunks, a ragged last one
+    check_topk(3, 64, 64, True, torch.float32, 64)        # k = N; float32: 31-bit keys
+    check_topk(4, 200, 1, False, torch.float32, 64)       # k = 1
     ties = torch.zeros(2, 100, dtype=torch.bfloat16)
     ties[:, 10:20] = 1.0
-    v, i = K.topk_rows(ties, 4, False, chunk=32)
-    assert i.tolist() == [[10, 11, 12, 13]] * 2, i  # ties go to the lower index
+    ties[1, 50] = 2.0
+    v, i = K.topk_rows(ties, 4, False, block=32)
+    assert i.tolist() == [[10, 11, 12, 13], [10, 11, 12, 50]], i  # ties: the lower index
 
     B, N, D, k = 9, 50, 40, 5
     W = torch.randn(N, D, generator=g).bfloat16()

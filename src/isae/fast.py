@@ -43,6 +43,18 @@ def enabled(x: Tensor) -> bool:
     return ENABLED and (x.is_cuda or FORCE)
 
 
+def low(W: Tensor) -> Tensor:
+    """A bfloat16 copy of a parameter, made once per version of it (a step casts W_dec for
+    the decoder, its backward and every IHT step; the optimiser's in-place update bumps the
+    version and so invalidates the copy)."""
+    cached = getattr(W, "_isae_low", None)
+    if cached is not None and cached[0] == W._version and cached[1].shape == W.shape:
+        return cached[1]
+    w = W.detach().to(LOW)
+    W._isae_low = (W._version, w)
+    return w
+
+
 def _segments(ctx, idx: Tensor, n: int) -> kernels.Segments:
     """The sorted latents of ``idx``, built once and shared by the functions that saw it."""
     holder = ctx.holder
@@ -94,7 +106,7 @@ def topk_encode(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, 
 class _SparseDecode(Function):
     @staticmethod
     def forward(ctx, val: Tensor, idx: Tensor, W_dec: Tensor):
-        W_low = W_dec.to(LOW)
+        W_low = low(W_dec)
         ctx.save_for_backward(val, idx, W_low)
         ctx.n = W_dec.shape[0]
         ctx.holder = _holder(idx)
@@ -116,7 +128,7 @@ def sparse_decode(val: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
 class _GatherDot(Function):
     @staticmethod
     def forward(ctx, r: Tensor, idx: Tensor, W_dec: Tensor):
-        W_low = W_dec.to(LOW)
+        W_low = low(W_dec)
         ctx.save_for_backward(r, idx, W_low)
         ctx.n = W_dec.shape[0]
         ctx.holder = _holder(idx)
@@ -156,7 +168,7 @@ def auxk_codes(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, cols: Ten
 
 def dense_decode(z: Tensor, W_rows: Tensor) -> Tensor:
     """z [B, M] @ W_rows [M, D] in bfloat16 with float32 output."""
-    return (z.to(LOW) @ W_rows.to(LOW)).float()
+    return (z.to(LOW) @ W_rows.to(LOW)).float()  # W_rows: a gathered copy, so no caching
 
 
 @torch.no_grad()

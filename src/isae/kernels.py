@@ -3,8 +3,9 @@
 Four small kernels, each replacing a stock op that dominated the training step on an H200
 (benchmarks/RESULTS.md):
 
-* ``topk_rows``: per-row top-k by a bitonic top-k over packed (value, index) keys, chunk by
-  chunk, in registers. Stock ``topk`` spends ~1.6 ms on a [8192, 24576] bf16 matrix.
+* ``topk_rows``: per-row top-k by radix select (bisection on the float bits, the row held in
+  registers) and one scan to write the winners. Stock ``topk`` spends ~1.6 ms on a
+  [8192, 24576] bf16 matrix.
 * ``gather_decode``: sum_j val[b, j] W[idx[b, j]] (the sparse decoder) from a bf16 table.
 * ``gather_dot``: <g[b], W[idx[b, j]]> for each selected latent (the decoder's value
   gradient, and IHT's correlations on a support).
@@ -49,63 +50,84 @@ def _pow2(n: int) -> int:
 if AVAILABLE:
 
     @triton.jit
-    def _topk_kernel(pre, out_val, out_idx, N, stride_row,
-                     K: tl.constexpr, KP: tl.constexpr, CHUNK: tl.constexpr,
-                     SIGNED: tl.constexpr, WIDE: tl.constexpr):
+    def _keys(base, o, N, SIGNED: tl.constexpr, SHIFT: tl.constexpr):
+        # The float bits of |x| (signed) or max(x, 0) (TopK after ReLU) are monotone in the
+        # value for non-negative floats; padding gets -1, below every real key. bfloat16 rows
+        # use the top 16 bits only (SHIFT 16), all a bfloat16 value has.
+        m = o < N
+        x = tl.load(base + o, mask=m, other=0.0).to(tl.float32)
+        a = tl.abs(x) if SIGNED else tl.maximum(x, 0.0)
+        return tl.where(m, a.to(tl.int32, bitcast=True) >> SHIFT, -1)
+
+    @triton.jit
+    def _topk_kernel(pre, out_val, out_idx, N, stride_row, K,
+                     BLOCK: tl.constexpr, NCHUNK: tl.constexpr, SIGNED: tl.constexpr,
+                     SHIFT: tl.constexpr, BITS: tl.constexpr):
+        # Radix select by bisection: t = the k-th largest key, found bit by bit from the top
+        # (BITS passes, each a count over the row), then one scan writes the elements above
+        # t and the first ties at t in index order. Rows of <= BLOCK columns stay in
+        # registers; wider rows are re-read chunk by chunk (from L2) on every pass.
         row = tl.program_id(0).to(tl.int64)
         base = pre + row * stride_row
-        offs = tl.arange(0, CHUNK)
-        # Keys: the float bits of |x| (signed) or max(x, 0) (TopK after ReLU) are monotone in
-        # the value for non-negative floats; the low bits hold the complemented index, so keys
-        # are unique and ties go to the lower index. Narrow keys (bfloat16, N <= 65536) keep the
-        # top 16 bits of the float32 pattern, which is all a bfloat16 value has.
-        if WIDE:
-            best = tl.full([KP], -1, tl.int64)
-        else:
-            best = tl.full([KP], -1, tl.int32)
-        for start in range(0, N, CHUNK):
-            o = start + offs
-            m = o < N
-            x = tl.load(base + o, mask=m, other=0.0).to(tl.float32)
-            if SIGNED:
-                a = tl.abs(x)
+        offs = tl.arange(0, BLOCK)
+        if NCHUNK == 1:
+            key = _keys(base, offs, N, SIGNED, SHIFT)
+        t = tl.full([], 0, tl.int32)
+        for bit in tl.static_range(BITS - 1, -1, -1):
+            cand = t | (1 << bit)
+            if NCHUNK == 1:
+                cnt = tl.sum((key >= cand).to(tl.int32), axis=0)
             else:
-                a = tl.maximum(x, 0.0)
-            bits = a.to(tl.int32, bitcast=True)
-            if WIDE:
-                key = (bits.to(tl.int64) << 32) | (2147483647 - o).to(tl.int64)
-            else:
-                key = ((bits >> 16) << 16) | (65535 - o)
-            key = tl.where(m, key, -1)
-            top = tl.topk(key, KP)
-            both = tl.reshape(tl.join(best, top), [2 * KP])
-            best = tl.topk(both, KP)
-        if WIDE:
-            idx = (2147483647 - (best & 2147483647)).to(tl.int64)
+                cnt = tl.full([], 0, tl.int32)
+                for c in range(NCHUNK):
+                    kc = _keys(base, c * BLOCK + offs, N, SIGNED, SHIFT)
+                    cnt += tl.sum((kc >= cand).to(tl.int32), axis=0)
+            t = tl.where(cnt >= K, cand, t)
+        done_gt = tl.full([], 0, tl.int32)
+        done_tie = tl.full([], 0, tl.int32)
+        n_gt = tl.full([], 0, tl.int32)
+        if NCHUNK == 1:
+            n_gt = tl.sum((key > t).to(tl.int32), axis=0)
         else:
-            idx = (65535 - (best & 65535)).to(tl.int64)
-        kk = tl.arange(0, KP)
-        keep = (kk < K) & (best >= 0)
-        val = tl.load(base + idx, mask=keep, other=0.0).to(tl.float32)
-        if not SIGNED:
-            val = tl.maximum(val, 0.0)
-        tl.store(out_val + row * K + kk, val, mask=kk < K)
-        tl.store(out_idx + row * K + kk, idx, mask=kk < K)
+            for c in range(NCHUNK):
+                kc = _keys(base, c * BLOCK + offs, N, SIGNED, SHIFT)
+                n_gt += tl.sum((kc > t).to(tl.int32), axis=0)
+        need = K - n_gt
+        for c in range(NCHUNK):
+            o = c * BLOCK + offs
+            if NCHUNK == 1:
+                kc = key
+            else:
+                kc = _keys(base, o, N, SIGNED, SHIFT)
+            gt = kc > t
+            tie = kc == t
+            # one scan for both counts: ties in the high half, > t in the low half
+            both = tl.cumsum(gt.to(tl.int32) + (tie.to(tl.int32) << 16), axis=0)
+            c_gt = done_gt + (both & 65535)
+            c_tie = done_tie + (both >> 16)
+            sel = gt | (tie & (c_tie <= need))
+            pos = c_gt + tl.minimum(c_tie, need) - 1
+            v = tl.load(base + o, mask=sel, other=0.0).to(tl.float32)
+            if not SIGNED:
+                v = tl.maximum(v, 0.0)
+            tl.store(out_val + row * K + pos, v, mask=sel)
+            tl.store(out_idx + row * K + pos, o.to(tl.int64), mask=sel)
+            done_gt += tl.sum(gt.to(tl.int32), axis=0)
+            done_tie += tl.sum(tie.to(tl.int32), axis=0)
 
     @triton.jit
     def _gather_decode_kernel(val, idx, W, out, D, K: tl.constexpr, KP: tl.constexpr,
                               BLOCK_D: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
-        dblk = tl.program_id(1)
         kk = tl.arange(0, KP)
         km = kk < K
         j = tl.load(idx + row * K + kk, mask=km, other=0)
         v = tl.load(val + row * K + kk, mask=km, other=0.0)
-        d = dblk * BLOCK_D + tl.arange(0, BLOCK_D)
-        dm = d < D
-        w = tl.load(W + j[:, None] * D + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
-        acc = tl.sum(w.to(tl.float32) * v[:, None], axis=0)
-        tl.store(out + row * D + d, acc, mask=dm)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d < D
+            w = tl.load(W + j[:, None] * D + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+            tl.store(out + row * D + d, tl.sum(w.to(tl.float32) * v[:, None], axis=0), mask=dm)
 
     @triton.jit
     def _gather_dot_kernel(g, idx, W, out, D, K: tl.constexpr, KP: tl.constexpr,
@@ -128,7 +150,6 @@ if AVAILABLE:
                         K: tl.constexpr, PMAX: tl.constexpr, P: tl.constexpr,
                         BLOCK_D: tl.constexpr):
         i = tl.program_id(0)
-        dblk = tl.program_id(1)
         n = tl.load(item_latent + i)
         if n < N:
             c = i - tl.load(item_first + n)
@@ -136,51 +157,54 @@ if AVAILABLE:
             seg1 = tl.load(offsets + n + 1)
             s = seg0 + c * PMAX
             e = tl.minimum(seg1, s + PMAX)
-            d = dblk * BLOCK_D + tl.arange(0, BLOCK_D)
-            dm = d < D
-            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for p0 in range(s, e, P):
-                p = p0 + tl.arange(0, P)
-                pm = p < e
-                f = tl.load(order + p, mask=pm, other=0).to(tl.int64)
-                wv = tl.load(wts + f, mask=pm, other=0.0).to(tl.float32)
-                b = f // K
-                x = tl.load(src + b[:, None] * D + d[None, :], mask=pm[:, None] & dm[None, :],
-                            other=0.0)
-                acc += tl.sum(x.to(tl.float32) * wv[:, None], axis=0)
-            dst = out + n.to(tl.int64) * D + d
-            if seg1 - seg0 > PMAX:  # this latent's sum is split over several programs
-                tl.atomic_add(dst, acc, mask=dm)
-            else:
-                tl.store(dst, acc, mask=dm)
+            split = seg1 - seg0 > PMAX  # this latent's sum is spread over several programs
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                dm = d < D
+                acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+                for p0 in range(s, e, P):
+                    p = p0 + tl.arange(0, P)
+                    pm = p < e
+                    f = tl.load(order + p, mask=pm, other=0).to(tl.int64)
+                    wv = tl.load(wts + f, mask=pm, other=0.0).to(tl.float32)
+                    b = f // K
+                    x = tl.load(src + b[:, None] * D + d[None, :],
+                                mask=pm[:, None] & dm[None, :], other=0.0)
+                    acc += tl.sum(x.to(tl.float32) * wv[:, None], axis=0)
+                dst = out + n.to(tl.int64) * D + d
+                if split:
+                    tl.atomic_add(dst, acc, mask=dm)
+                else:
+                    tl.store(dst, acc, mask=dm)
 
 
-def topk_rows(pre: Tensor, k: int, signed: bool, chunk: int = 2048, num_warps: int = 4,
-              _wide: bool | None = None) -> tuple[Tensor, Tensor]:
+def topk_rows(pre: Tensor, k: int, signed: bool, block: int = 32768, num_warps: int = 16
+              ) -> tuple[Tensor, Tensor]:
     """Top-k of each row of ``pre`` [B, N] -> (val float32 [B, k], idx int64 [B, k]).
 
-    signed: by |pre|, keeping the sign; unsigned: of ReLU(pre) (values clipped at 0). Rows come
-    out sorted by score, descending; equal scores go to the lower index. Exact for any float
-    dtype: bfloat16 rows of N <= 65536 use 32-bit keys, everything else 64-bit keys.
+    signed: by |pre|, keeping the sign; unsigned: of ReLU(pre) (values clipped at 0). Exact
+    for any float dtype; equal scores go to the lower index; within a row the k come out in
+    index order (not sorted by score).
     """
     B, N = pre.shape
-    if k > N:
-        raise ValueError(f"k={k} > {N} columns")
+    if not 0 < k <= N:
+        raise ValueError(f"k={k} outside 1..{N} columns")
     if not usable(pre):
         score = pre.float().abs() if signed else pre.float().relu()
-        idx = score.topk(k, dim=-1).indices
+        idx = score.topk(k, dim=-1).indices.sort(dim=-1).values
         val = pre.float().gather(1, idx)
         return (val if signed else val.relu()), idx
     if pre.stride(1) != 1:
         pre = pre.contiguous()
-    KP = _pow2(k)
-    chunk = max(min(chunk, _pow2(N)), KP)
+    block = min(block, _pow2(N))
+    narrow = pre.dtype == torch.bfloat16
     val = torch.empty(B, k, device=pre.device, dtype=torch.float32)
     idx = torch.empty(B, k, device=pre.device, dtype=torch.int64)
-    wide = (N > 65536 or pre.dtype != torch.bfloat16) if _wide is None else _wide
     if B:
-        _topk_kernel[(B,)](pre, val, idx, N, pre.stride(0), K=k, KP=KP, CHUNK=chunk,
-                           SIGNED=signed, WIDE=wide, num_warps=num_warps)
+        _topk_kernel[(B,)](pre, val, idx, N, pre.stride(0), k, BLOCK=block,
+                           NCHUNK=triton.cdiv(N, block), SIGNED=signed,
+                           SHIFT=16 if narrow else 0, BITS=15 if narrow else 31,
+                           num_warps=num_warps)
     return val, idx
 
 
@@ -194,7 +218,7 @@ def gather_decode(val: Tensor, idx: Tensor, W: Tensor) -> Tensor:
     out = torch.empty(B, D, device=W.device, dtype=torch.float32)
     BLOCK_D = min(_pow2(D), 256)
     if B:
-        _gather_decode_kernel[(B, triton.cdiv(D, BLOCK_D))](
+        _gather_decode_kernel[(B,)](
             val.float().contiguous(), idx.contiguous(), W.contiguous(), out, D,
             K=K, KP=_pow2(K), BLOCK_D=BLOCK_D, num_warps=4)
     return out
@@ -228,17 +252,19 @@ class Segments:
         self.idx = idx
         if not usable(idx):
             return
-        _, order = torch.sort(flat)
+        # Sorting 32-bit keys halves the radix passes; counts come from the sorted keys
+        # (torch.bincount on CUDA would sync with the host).
+        srt, order = torch.sort(flat.to(torch.int32))
         self.order = order.to(torch.int32)
-        cnt = torch.bincount(flat, minlength=n)
-        self.offsets = torch.zeros(n + 1, dtype=torch.int64, device=idx.device)
-        torch.cumsum(cnt, 0, out=self.offsets[1:])
-        items = (cnt + pmax - 1) // pmax
+        ar = torch.arange(n + 1, device=idx.device, dtype=torch.int32)
+        self.offsets = torch.searchsorted(srt, ar).to(torch.int32)
+        items = (self.offsets.diff() + pmax - 1) // pmax
         ends = torch.cumsum(items, 0)
-        self.item_first = ends - items
+        self.item_first = (ends - items).to(torch.int32)
         bound = n + (flat.numel() + pmax - 1) // pmax  # >= sum(items), no host sync needed
         self.item_latent = torch.searchsorted(
-            ends, torch.arange(bound, device=idx.device), right=True).to(torch.int32)
+            ends, torch.arange(bound, device=idx.device, dtype=ends.dtype), right=True
+        ).to(torch.int32)
 
     def reduce(self, wts: Tensor, src: Tensor) -> Tensor:
         """out[n] = sum_{idx[b, j] = n} wts[b, j] src[b] -> float32 [N, D]."""
@@ -248,8 +274,8 @@ class Segments:
             rows = (wts.float()[..., None] * src.float()[:, None, :]).reshape(-1, D)
             return out.index_add_(0, self.idx.reshape(-1), rows)
         BLOCK_D = min(_pow2(D), 256)
-        grid = (self.item_latent.numel(), triton.cdiv(D, BLOCK_D))
-        _segment_kernel[grid](self.order, self.offsets, self.item_latent, self.item_first,
-                              wts.float().contiguous(), src.contiguous(), out, self.n, D,
-                              K=self.K, PMAX=self.pmax, P=32, BLOCK_D=BLOCK_D, num_warps=4)
+        _segment_kernel[(self.item_latent.numel(),)](
+            self.order, self.offsets, self.item_latent, self.item_first,
+            wts.float().contiguous(), src.contiguous(), out, self.n, D,
+            K=self.K, PMAX=self.pmax, P=16, BLOCK_D=BLOCK_D, num_warps=4)
         return out

@@ -174,7 +174,7 @@ class SparseCoder(nn.Module):
         Dg = fast.sparse_decode(g_S, codes.idx, self.W_dec)
         step = self._iht_eta(g_S, Dg)
         with torch.no_grad():
-            u = r.to(fast.LOW) @ self.W_dec.to(fast.LOW).T  # [B, N] bf16
+            u = r.to(fast.LOW) @ fast.low(self.W_dec).T  # [B, N] bf16
             u = (u * step.to(u.dtype)).scatter_add_(-1, codes.idx, codes.val.to(u.dtype))
             idx = fast.select_topk(u, self.cfg.k, self.cfg.signed)
         # New value = the old code value (where the atom was already in the support) plus the

@@ -204,11 +204,13 @@ def train_many(
                 dead = run.since_fired >= tcfg.dead_tokens
                 m = run.stepper.step(x, lr_scale, dead)
                 codes = m["codes"]
-                with torch.no_grad():
-                    fired = torch.zeros(run.cfg.d_sae, dtype=torch.bool, device=device)
-                    fired[codes.idx[codes.val != 0]] = True
-                    run.since_fired += x.shape[0]
-                    run.since_fired[fired] = 0
+                with torch.no_grad():  # no boolean indexing: it would wait for the GPU
+                    if run.cfg.kind == "relu":  # dense codes
+                        fires = (codes.val != 0).sum(0)
+                    else:
+                        fires = torch.zeros(run.cfg.d_sae, dtype=torch.long, device=device)
+                        fires.scatter_add_(0, codes.idx.reshape(-1), (codes.val != 0).reshape(-1).long())
+                    run.since_fired = torch.where(fires > 0, 0, run.since_fired + x.shape[0])
                 if logging_step:
                     row = {
                         "step": step,
