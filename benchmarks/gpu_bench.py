@@ -119,15 +119,13 @@ def kernel_bench():
     pre = (torch.randn(B, D, device="cuda", generator=g).bfloat16()
            @ torch.randn(D, N, device="cuda", generator=g).bfloat16())
     ref = pre.float().abs().topk(K, dim=-1).values
-    for warps in (8, 16, 32):
-        ms = timed(lambda w=warps: kernels.topk_rows(pre, K, True, num_warps=w))
-        v, i = kernels.topk_rows(pre, K, True, num_warps=warps)
-        ok = torch.equal(pre.float().abs().gather(1, i).sort(1, descending=True).values, ref)
-        row(f"ours top-k (|.|), {warps} warps", ms, note=f"equal to torch: {ok}")
-    v, i = kernels.topk_rows(pre, K, True, block=4096)
+    ms = timed(lambda: kernels.topk_rows(pre, K, True))
+    v, i = kernels.topk_rows(pre, K, True)
     ok = torch.equal(pre.float().abs().gather(1, i).sort(1, descending=True).values, ref)
-    row("ours top-k (|.|), rows re-read in 4096-column chunks",
-        timed(lambda: kernels.topk_rows(pre, K, True, block=4096, num_warps=8)), note=f"equal: {ok}")
+    row("ours top-k (|.|)", ms, note=f"equal to torch: {ok}")
+    G = N // kernels.GROUP
+    gm = torch.rand(B, G, device="cuda")
+    row("  of which: stock topk of the group maxima", timed(lambda: gm.topk(K, dim=1, sorted=False)))
     row("stock torch topk (|.|)", timed(lambda: pre.abs().topk(K, dim=-1, sorted=False)))
     row("ours top-k (ReLU)", timed(lambda: kernels.topk_rows(pre, K, False)))
     row("stock torch topk (ReLU)", timed(lambda: pre.topk(K, dim=-1, sorted=False)))
@@ -143,12 +141,18 @@ def kernel_bench():
         timed(lambda: torch.nn.functional.embedding_bag(i, W, per_sample_weights=v, mode="sum")))
     row("ours gather_dot (bf16 table)", timed(lambda: kernels.gather_dot(gr, i, Wb)))
     row("ours Segments (sort, counts, work items)", timed(lambda: kernels.Segments(i, N)))
+    flat = i.reshape(-1).to(torch.int32)
+    row("  of which: torch.sort of B*k int32", timed(lambda: torch.sort(flat)))
     seg = kernels.Segments(i, N)
     xb = gr.bfloat16()
-    row("ours segmented dW reduce", timed(lambda: seg.reduce(v, xb)))
     ref = torch.zeros(N, D, device="cuda").index_add_(0, i.reshape(-1), (v[..., None] * xb.float()[:, None]).reshape(-1, D))
-    err = float((seg.reduce(v, xb) - ref).abs().max())
-    row("segmented dW vs index_add_ reference", note=f"max |diff| {err:.1e}")
+    for method in ("kernel", "csr", "dense"):
+        kernels.METHOD = method
+        err = float((seg.reduce(v, xb) - ref).abs().max())
+        row(f"segmented dW reduce, {method}", timed(lambda: seg.reduce(v, xb)), note=f"max |diff| {err:.1e}")
+    kernels.METHOD = "kernel"
+    row("index_add_ dW (stock)", timed(lambda: torch.zeros(N, D, device="cuda").index_add_(
+        0, i.reshape(-1), (v[..., None] * xb.float()[:, None]).reshape(-1, D))))
 
     def dense():
         Z = torch.zeros(B, N, dtype=torch.bfloat16, device="cuda").scatter_(1, i, v.bfloat16())
@@ -189,11 +193,16 @@ def our_steps():
     x = torch.randn(B, D, device="cuda")
     dead = torch.rand(N, device="cuda") < 0.05
     out = {}
-    for arch in ("topk", "isae", "isae-iter"):
-        m, st = our_stepper(arch)
-        ms = timed(lambda st=st: st.step(x, 1.0, dead))
-        out[arch] = ms
-        row(f"ours {arch} step (fast path)", ms, f"{B / ms / 1e3:.2f} M tok/s")
+    from isae import kernels
+
+    for method in ("kernel", "csr", "dense"):
+        kernels.METHOD = method
+        for arch in ("topk", "isae", "isae-iter"):
+            m, st = our_stepper(arch)
+            ms = timed(lambda st=st: st.step(x, 1.0, dead))
+            out[(arch, method)] = ms
+            row(f"ours {arch} step (fast path, dW by {method})", ms, f"{B / ms / 1e3:.2f} M tok/s")
+    kernels.METHOD = "kernel"
     fast.ENABLED = False
     try:
         m, st = our_stepper("topk")

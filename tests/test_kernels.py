@@ -20,11 +20,11 @@ CHECKS = textwrap.dedent('''
     assert K.usable(torch.zeros(1)), "interpret mode not active"
     g = torch.Generator().manual_seed(0)
 
-    def check_topk(B, N, k, signed, dtype, block):
+    def check_topk(B, N, k, signed, dtype):
         pre = torch.randn(B, N, generator=g).to(dtype)
         if not signed:
             pre[0, : N - 2] = -1.0  # fewer positive values than k: zeros fill the rest
-        val, idx = K.topk_rows(pre, k, signed, block=block)
+        val, idx = K.topk_rows(pre, k, signed)
         s = pre.float().abs() if signed else pre.float().relu()
         ref = s.topk(k, dim=-1).values
         got = s.gather(1, idx).sort(dim=1, descending=True).values
@@ -33,15 +33,18 @@ CHECKS = textwrap.dedent('''
         assert torch.equal(val, want if signed else want.relu())
         assert (idx.diff(dim=1) > 0).all(), "not in index order, or an index twice"
 
-    check_topk(7, 300, 5, False, torch.bfloat16, 512)     # one block, padded
-    check_topk(5, 1000, 13, True, torch.bfloat16, 256)    # several chunks, a ragged last one
-    check_topk(3, 64, 64, True, torch.float32, 64)        # k = N; float32: 31-bit keys
-    check_topk(4, 200, 1, False, torch.float32, 64)       # k = 1
+    check_topk(7, 300, 5, False, torch.bfloat16)   # ragged last group; row 0: the slow path
+    check_topk(5, 3000, 13, True, torch.bfloat16)  # several chunks
+    check_topk(3, 64, 64, True, torch.float32)     # k = N
+    check_topk(4, 200, 1, False, torch.float32)    # k = 1
     ties = torch.zeros(2, 100, dtype=torch.bfloat16)
     ties[:, 10:20] = 1.0
     ties[1, 50] = 2.0
-    v, i = K.topk_rows(ties, 4, False, block=32)
+    v, i = K.topk_rows(ties, 4, False)
     assert i.tolist() == [[10, 11, 12, 13], [10, 11, 12, 50]], i  # ties: the lower index
+    many = torch.ones(2, 5000)  # all equal: every column a candidate, over CAP
+    v, i = K.topk_rows(many, 20, True)
+    assert i.tolist() == [list(range(20))] * 2, i
 
     B, N, D, k = 9, 50, 40, 5
     W = torch.randn(N, D, generator=g).bfloat16()

@@ -3,8 +3,8 @@
 Four small kernels, each replacing a stock op that dominated the training step on an H200
 (benchmarks/RESULTS.md):
 
-* ``topk_rows``: per-row top-k by radix select (bisection on the float bits, the row held in
-  registers) and one scan to write the winners. Stock ``topk`` spends ~1.6 ms on a
+* ``topk_rows``: per-row top-k: a lower bound from group maxima filters the row to a few
+  candidates, bisection on their (score, index) keys picks the k. Stock ``topk`` spends ~1.6 ms on a
   [8192, 24576] bf16 matrix.
 * ``gather_decode``: sum_j val[b, j] W[idx[b, j]] (the sparse decoder) from a bf16 table.
 * ``gather_dot``: <g[b], W[idx[b, j]]> for each selected latent (the decoder's value
@@ -50,70 +50,87 @@ def _pow2(n: int) -> int:
 if AVAILABLE:
 
     @triton.jit
-    def _keys(base, o, N, SIGNED: tl.constexpr, SHIFT: tl.constexpr):
-        # The float bits of |x| (signed) or max(x, 0) (TopK after ReLU) are monotone in the
-        # value for non-negative floats; padding gets -1, below every real key. bfloat16 rows
-        # use the top 16 bits only (SHIFT 16), all a bfloat16 value has.
+    def _scores(base, o, N, SIGNED: tl.constexpr):
+        # |x| (signed) or max(x, 0) (TopK after ReLU); padding gets -1, below every score.
         m = o < N
         x = tl.load(base + o, mask=m, other=0.0).to(tl.float32)
         a = tl.abs(x) if SIGNED else tl.maximum(x, 0.0)
-        return tl.where(m, a.to(tl.int32, bitcast=True) >> SHIFT, -1)
+        return tl.where(m, a, -1.0)
 
     @triton.jit
-    def _topk_kernel(pre, out_val, out_idx, N, stride_row, K,
-                     BLOCK: tl.constexpr, NCHUNK: tl.constexpr, SIGNED: tl.constexpr,
-                     SHIFT: tl.constexpr, BITS: tl.constexpr):
-        # Radix select by bisection: t = the k-th largest key, found bit by bit from the top
-        # (BITS passes, each a count over the row), then one scan writes the elements above
-        # t and the first ties at t in index order. Rows of <= BLOCK columns stay in
-        # registers; wider rows are re-read chunk by chunk (from L2) on every pass.
+    def _group_max_kernel(pre, gmax, N, G, stride_row, SIGNED: tl.constexpr,
+                          S: tl.constexpr, GC: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = pre + row * stride_row
-        offs = tl.arange(0, BLOCK)
-        if NCHUNK == 1:
-            key = _keys(base, offs, N, SIGNED, SHIFT)
-        t = tl.full([], 0, tl.int32)
-        for bit in tl.static_range(BITS - 1, -1, -1):
-            cand = t | (1 << bit)
-            if NCHUNK == 1:
-                cnt = tl.sum((key >= cand).to(tl.int32), axis=0)
-            else:
-                cnt = tl.full([], 0, tl.int32)
-                for c in range(NCHUNK):
-                    kc = _keys(base, c * BLOCK + offs, N, SIGNED, SHIFT)
-                    cnt += tl.sum((kc >= cand).to(tl.int32), axis=0)
-            t = tl.where(cnt >= K, cand, t)
-        done_gt = tl.full([], 0, tl.int32)
-        done_tie = tl.full([], 0, tl.int32)
-        n_gt = tl.full([], 0, tl.int32)
-        if NCHUNK == 1:
-            n_gt = tl.sum((key > t).to(tl.int32), axis=0)
-        else:
-            for c in range(NCHUNK):
-                kc = _keys(base, c * BLOCK + offs, N, SIGNED, SHIFT)
-                n_gt += tl.sum((kc > t).to(tl.int32), axis=0)
-        need = K - n_gt
-        for c in range(NCHUNK):
-            o = c * BLOCK + offs
-            if NCHUNK == 1:
-                kc = key
-            else:
-                kc = _keys(base, o, N, SIGNED, SHIFT)
-            gt = kc > t
-            tie = kc == t
-            # one scan for both counts: ties in the high half, > t in the low half
-            both = tl.cumsum(gt.to(tl.int32) + (tie.to(tl.int32) << 16), axis=0)
-            c_gt = done_gt + (both & 65535)
-            c_tie = done_tie + (both >> 16)
-            sel = gt | (tie & (c_tie <= need))
-            pos = c_gt + tl.minimum(c_tie, need) - 1
-            v = tl.load(base + o, mask=sel, other=0.0).to(tl.float32)
+        gs = tl.arange(0, GC)
+        ss = tl.arange(0, S)
+        for g0 in range(0, G, GC):
+            o = (g0 + gs)[:, None] * S + ss[None, :]
+            m = tl.max(_scores(base, o, N, SIGNED), axis=1)
+            tl.store(gmax + row * G + g0 + gs, m, mask=g0 + gs < G)
+
+    @triton.jit
+    def _select_kernel(pre, tau, scratch, out_val, out_idx, N, stride_row, K,
+                       SIGNED: tl.constexpr, CHUNK: tl.constexpr, CAP: tl.constexpr):
+        # Keys pack the score's float bits above the complemented column index (unique keys,
+        # ties to the lower index): 32 bits for bfloat16 rows of <= 65536 columns, else 64.
+        row = tl.program_id(0).to(tl.int64)
+        base = pre + row * stride_row
+        t_lo = tl.load(tau + row)
+        offs = tl.arange(0, CHUNK)
+        # 1. Compact the candidates (score >= tau, a lower bound of the k-th score) in index
+        #    order into this row's scratch; there are usually only a few more than k.
+        n_cand = tl.full([], 0, tl.int32)
+        for c0 in range(0, N, CHUNK):
+            o = c0 + offs
+            sc = _scores(base, o, N, SIGNED)
+            cand = (sc >= t_lo) & (o < N)
+            pos = n_cand + tl.cumsum(cand.to(tl.int32), axis=0) - 1
+            key = (sc.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - o).to(tl.int64)
+            tl.store(scratch + row * CAP + pos, key, mask=cand & (pos < CAP))
+            n_cand += tl.sum(cand.to(tl.int32), axis=0)
+        if n_cand <= CAP:
+            cs = tl.arange(0, CAP)
+            key = tl.load(scratch + row * CAP + cs, mask=cs < n_cand, other=-1)
+            # 2. Bisection for the k-th largest key among the candidates (keys are unique,
+            #    so exactly k are >= it), then one scan writes them in index order.
+            t = tl.full([], 0, tl.int64)
+            for bit in tl.static_range(62, -1, -1):
+                cand_t = t | (1 << bit)
+                t = tl.where(tl.sum((key >= cand_t).to(tl.int32), axis=0) >= K, cand_t, t)
+            sel = key >= t
+            pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+            idx = 2147483647 - (key & 2147483647)
+            v = tl.load(base + idx, mask=sel, other=0.0).to(tl.float32)
             if not SIGNED:
                 v = tl.maximum(v, 0.0)
             tl.store(out_val + row * K + pos, v, mask=sel)
-            tl.store(out_idx + row * K + pos, o.to(tl.int64), mask=sel)
-            done_gt += tl.sum(gt.to(tl.int32), axis=0)
-            done_tie += tl.sum(tie.to(tl.int32), axis=0)
+            tl.store(out_idx + row * K + pos, idx, mask=sel)
+        else:
+            # Too many candidates: the same bisection over the whole row, re-read per pass.
+            t = tl.full([], 0, tl.int64)
+            for bit in tl.static_range(62, -1, -1):
+                cand_t = t | (1 << bit)
+                cnt = tl.full([], 0, tl.int32)
+                for c0 in range(0, N, CHUNK):
+                    o = c0 + offs
+                    sc = _scores(base, o, N, SIGNED)
+                    key = (sc.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - o).to(tl.int64)
+                    cnt += tl.sum((key >= cand_t).to(tl.int32), axis=0)
+                t = tl.where(cnt >= K, cand_t, t)
+            done = tl.full([], 0, tl.int32)
+            for c0 in range(0, N, CHUNK):
+                o = c0 + offs
+                sc = _scores(base, o, N, SIGNED)
+                key = (sc.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (2147483647 - o).to(tl.int64)
+                sel = key >= t
+                pos = done + tl.cumsum(sel.to(tl.int32), axis=0) - 1
+                v = tl.load(base + o, mask=sel, other=0.0).to(tl.float32)
+                if not SIGNED:
+                    v = tl.maximum(v, 0.0)
+                tl.store(out_val + row * K + pos, v, mask=sel)
+                tl.store(out_idx + row * K + pos, o.to(tl.int64), mask=sel)
+                done += tl.sum(sel.to(tl.int32), axis=0)
 
     @triton.jit
     def _gather_decode_kernel(val, idx, W, out, D, K: tl.constexpr, KP: tl.constexpr,
@@ -178,33 +195,47 @@ if AVAILABLE:
                     tl.store(dst, acc, mask=dm)
 
 
-def topk_rows(pre: Tensor, k: int, signed: bool, block: int = 32768, num_warps: int = 16
-              ) -> tuple[Tensor, Tensor]:
+#: Group size of the pre-filter and the candidate capacity per row of the select kernel.
+GROUP, CAP = 64, 2048
+
+
+def topk_rows(pre: Tensor, k: int, signed: bool) -> tuple[Tensor, Tensor]:
     """Top-k of each row of ``pre`` [B, N] -> (val float32 [B, k], idx int64 [B, k]).
 
-    signed: by |pre|, keeping the sign; unsigned: of ReLU(pre) (values clipped at 0). Exact
-    for any float dtype; equal scores go to the lower index; within a row the k come out in
-    index order (not sorted by score).
+    signed: by |pre|, keeping the sign; unsigned: of ReLU(pre) (values clipped at 0). Exact;
+    equal scores go to the lower index; within a row the k come out in index order.
+
+    The GPU path filters first: tau, the k-th largest of the maxima of groups of 64 columns,
+    is a lower bound of the k-th largest score (k groups reach it), so only scores >= tau can
+    win — typically a few more than k. They are compacted per row and the k-th is found by
+    bisection on (score, index) keys. Where a row has more than CAP candidates (only with
+    large k, or many equal group maxima) the stock ``topk`` serves instead.
     """
     B, N = pre.shape
     if not 0 < k <= N:
         raise ValueError(f"k={k} outside 1..{N} columns")
-    if not usable(pre):
+    if not usable(pre) or k * 4 > CAP:
         score = pre.float().abs() if signed else pre.float().relu()
         idx = score.topk(k, dim=-1).indices.sort(dim=-1).values
         val = pre.float().gather(1, idx)
         return (val if signed else val.relu()), idx
     if pre.stride(1) != 1:
         pre = pre.contiguous()
-    block = min(block, _pow2(N))
-    narrow = pre.dtype == torch.bfloat16
-    val = torch.empty(B, k, device=pre.device, dtype=torch.float32)
-    idx = torch.empty(B, k, device=pre.device, dtype=torch.int64)
-    if B:
-        _topk_kernel[(B,)](pre, val, idx, N, pre.stride(0), k, BLOCK=block,
-                           NCHUNK=triton.cdiv(N, block), SIGNED=signed,
-                           SHIFT=16 if narrow else 0, BITS=15 if narrow else 31,
-                           num_warps=num_warps)
+    G = triton.cdiv(N, GROUP)
+    gmax = torch.empty(B, G, device=pre.device, dtype=torch.float32)
+    val = torch.zeros(B, k, device=pre.device, dtype=torch.float32)
+    idx = torch.zeros(B, k, device=pre.device, dtype=torch.int64)
+    if not B:
+        return val, idx
+    _group_max_kernel[(B,)](pre, gmax, N, G, pre.stride(0), SIGNED=signed, S=GROUP, GC=64,
+                            num_warps=4)
+    if G >= k:
+        tau = gmax.topk(k, dim=1, sorted=False).values.amin(dim=1).contiguous()
+    else:  # fewer groups than k: no bound, every column is a candidate
+        tau = torch.zeros(B, device=pre.device, dtype=torch.float32)
+    scratch = torch.empty(B, CAP, device=pre.device, dtype=torch.int64)
+    _select_kernel[(B,)](pre, tau, scratch, val, idx, N, pre.stride(0), k, SIGNED=signed,
+                         CHUNK=2048, CAP=CAP, num_warps=8)
     return val, idx
 
 
@@ -238,6 +269,12 @@ def gather_dot(g: Tensor, idx: Tensor, W: Tensor) -> Tensor:
     return out
 
 
+#: How ``Segments.reduce`` runs on the GPU: "kernel" (the Triton segmented sum), "csr"
+#: (cuSPARSE SpMM on the same sorted layout) or "dense" (scatter + bfloat16 matmul); the
+#: benchmark measures all three.
+METHOD = "kernel"
+
+
 class Segments:
     """The latents of a batch's codes sorted once, for segmented reductions over latents.
 
@@ -269,6 +306,16 @@ class Segments:
     def reduce(self, wts: Tensor, src: Tensor) -> Tensor:
         """out[n] = sum_{idx[b, j] = n} wts[b, j] src[b] -> float32 [N, D]."""
         D = src.shape[1]
+        if usable(src) and METHOD == "dense":
+            B = src.shape[0]
+            Z = torch.zeros(B, self.n, dtype=torch.bfloat16, device=src.device)
+            Z.scatter_(1, self.idx, wts.to(torch.bfloat16))
+            return (Z.T @ src.to(torch.bfloat16)).float()
+        if usable(src) and METHOD == "csr":
+            vals = wts.reshape(-1).float()[self.order.long()]
+            A = torch.sparse_csr_tensor(self.offsets.long(), (self.order // self.K).long(), vals,
+                                        size=(self.n, src.shape[0]), check_invariants=False)
+            return A @ src.float()
         out = torch.zeros(self.n, D, device=src.device, dtype=torch.float32)
         if not usable(src):
             rows = (wts.float()[..., None] * src.float()[:, None, :]).reshape(-1, D)
