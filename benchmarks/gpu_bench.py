@@ -146,11 +146,8 @@ def kernel_bench():
     seg = kernels.Segments(i, N)
     xb = gr.bfloat16()
     ref = torch.zeros(N, D, device="cuda").index_add_(0, i.reshape(-1), (v[..., None] * xb.float()[:, None]).reshape(-1, D))
-    for method in ("kernel", "csr", "dense"):
-        kernels.METHOD = method
-        err = float((seg.reduce(v, xb) - ref).abs().max())
-        row(f"segmented dW reduce, {method}", timed(lambda: seg.reduce(v, xb)), note=f"max |diff| {err:.1e}")
-    kernels.METHOD = "kernel"
+    err = float((seg.reduce(v, xb) - ref).abs().max())
+    row("segmented dW (CSR SpMM)", timed(lambda: seg.reduce(v, xb)), note=f"max |diff| {err:.1e}")
     row("index_add_ dW (stock)", timed(lambda: torch.zeros(N, D, device="cuda").index_add_(
         0, i.reshape(-1), (v[..., None] * xb.float()[:, None]).reshape(-1, D))))
 
@@ -193,16 +190,11 @@ def our_steps():
     x = torch.randn(B, D, device="cuda")
     dead = torch.rand(N, device="cuda") < 0.05
     out = {}
-    from isae import kernels
-
-    for method in ("kernel", "csr", "dense"):
-        kernels.METHOD = method
-        for arch in ("topk", "isae", "isae-iter"):
-            m, st = our_stepper(arch)
-            ms = timed(lambda st=st: st.step(x, 1.0, dead))
-            out[(arch, method)] = ms
-            row(f"ours {arch} step (fast path, dW by {method})", ms, f"{B / ms / 1e3:.2f} M tok/s")
-    kernels.METHOD = "kernel"
+    for arch in ("topk", "isae", "isae-iter"):
+        m, st = our_stepper(arch)
+        ms = timed(lambda st=st: st.step(x, 1.0, dead))
+        out[arch] = ms
+        row(f"ours {arch} step (fast path)", ms, f"{B / ms / 1e3:.2f} M tok/s")
     fast.ENABLED = False
     try:
         m, st = our_stepper("topk")
