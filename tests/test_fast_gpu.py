@@ -88,7 +88,8 @@ def test_triton_topk_equals_torch_topk(signed, n, dtype):
         s = pre.float().abs() if signed else pre.float().relu()
         got = s.gather(1, idx).sort(dim=1, descending=True).values
         assert torch.equal(got, s.topk(k, dim=-1).values)
-        assert (idx.diff(dim=1) > 0).all()
+        if k <= kernels.MAX_K:  # the kernel writes rows in index order; stock topk does not
+            assert (idx.diff(dim=1) > 0).all()
         want = pre.float().gather(1, idx)
         assert torch.equal(val, want if signed else want.relu())
 

@@ -76,45 +76,41 @@ if AVAILABLE:
         return tl.where(sc >= 0, sc.to(tl.int32, bitcast=True) >> SHIFT, -1)
 
     @triton.jit
-    def _select_kernel(pre, tau, out_val, out_idx, cand_key, cand_idx, N, stride_row, K,
-                       SIGNED: tl.constexpr, SHIFT: tl.constexpr, CHUNK: tl.constexpr,
-                       CAP: tl.constexpr):
+    def _select_kernel(pre, gmax, tau, out_val, out_idx, gsel_buf, N, G, stride_row, K,
+                       SIGNED: tl.constexpr, SHIFT: tl.constexpr, S: tl.constexpr,
+                       GP: tl.constexpr, CAPG: tl.constexpr, CHUNK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = pre + row * stride_row
         t_lo = tl.load(tau + row)
-        offs = tl.arange(0, CHUNK)
-        # 1. Compact the candidates (score >= tau, a lower bound of the k-th score) in index
-        #    order into this row's scratch; typically only a few more than k.
-        n_cand = tl.full([], 0, tl.int32)
-        hi = tl.full([], 0, tl.int32)
-        for c0 in range(0, N, CHUNK):
-            o = c0 + offs
-            sc = _scores(base, o, N, SIGNED)
-            kc = _bits(sc, SHIFT)
-            cand = (sc >= t_lo) & (o < N)
-            pos = n_cand + tl.cumsum(cand.to(tl.int32), axis=0) - 1
-            ok = cand & (pos < CAP)
-            tl.store(cand_key + row * CAP + pos, kc, mask=ok)
-            tl.store(cand_idx + row * CAP + pos, o, mask=ok)
-            n_cand += tl.sum(cand.to(tl.int32), axis=0)
-            hi = tl.maximum(hi, tl.max(kc, axis=0))
-        # 2. Bisection for t, the k-th largest key: count(key >= lo) >= k > count(key >= hi);
-        # 3. then everything above t, and the first ties at t, written in index order.
-        lo = _bits(t_lo, SHIFT)
-        hi = hi + 1
-        if n_cand <= CAP:
-            cs = tl.arange(0, CAP)
-            key = tl.load(cand_key + row * CAP + cs, mask=cs < n_cand, other=-1)
-            col = tl.load(cand_idx + row * CAP + cs, mask=cs < n_cand, other=0)
+        # 1. Only groups whose maximum reaches tau can hold a winner: typically k of them.
+        gs = tl.arange(0, GP)
+        gm = tl.load(gmax + row * G + gs, mask=gs < G, other=-2.0)
+        gsel = gm >= t_lo
+        n_groups = tl.sum(gsel.to(tl.int32), axis=0)
+        lo = _bits(t_lo, SHIFT)  # count(key >= lo) >= k > count(key >= hi)
+        hi = _bits(tl.max(gm, axis=0), SHIFT) + 1
+        if n_groups <= CAPG:
+            gpos = tl.cumsum(gsel.to(tl.int32), axis=0) - 1
+            tl.store(gsel_buf + row * CAPG + gpos, gs, mask=gsel)
+            cg = tl.arange(0, CAPG)
+            gid = tl.load(gsel_buf + row * CAPG + cg, mask=cg < n_groups, other=0)
+            o = gid[:, None] * S + tl.arange(0, S)[None, :]  # [CAPG, S], in index order
+            ok = (cg < n_groups)[:, None] & (o < N)
+            sc = tl.where(ok, _scores(base, o, N, SIGNED), -1.0)
+            key = tl.reshape(_bits(sc, SHIFT), [CAPG * S])
+            col = tl.reshape(o, [CAPG * S])
+            # 2. Bisection for t, the k-th largest key, among these columns only.
             while hi - lo > 1:
                 mid = lo + (hi - lo) // 2
                 big = tl.sum((key >= mid).to(tl.int32), axis=0) >= K
                 lo = tl.where(big, mid, lo)
                 hi = tl.where(big, hi, mid)
+            # 3. Everything above t, then the first ties at t, written in index order.
             n_gt = tl.sum((key > lo).to(tl.int32), axis=0)
             _write(base, key, col, lo, K - n_gt, 0, 0, out_val, out_idx, row, K, SIGNED)
         else:
-            # More candidates than fit (many equal scores): the same over the whole row.
+            # Many groups reach tau (many equal scores): the same over the whole row.
+            offs = tl.arange(0, CHUNK)
             while hi - lo > 1:
                 mid = lo + (hi - lo) // 2
                 cnt = tl.full([], 0, tl.int32)
@@ -186,28 +182,29 @@ if AVAILABLE:
         tl.store(out + row * K + kk, acc, mask=km)
 
 #: Group size of the pre-filter; above MAX_K the stock topk serves.
-GROUP, MAX_K = 64, 256
+GROUP, MAX_K = 64, 128
 
 
 def topk_rows(pre: Tensor, k: int, signed: bool) -> tuple[Tensor, Tensor]:
     """Top-k of each row of ``pre`` [B, N] -> (val float32 [B, k], idx int64 [B, k]).
 
-    signed: by |pre|, keeping the sign; unsigned: of ReLU(pre) (values clipped at 0). Exact;
-    equal scores go to the lower index; within a row the k come out in index order.
+    signed: by |pre|, keeping the sign; unsigned: of ReLU(pre) (values clipped at 0). Exact.
+    The kernel gives equal scores to the lower index and writes each row in index order; the
+    stock fallback (CPU, k > MAX_K) makes no promise about either.
 
     The GPU path filters first: tau, the k-th largest of the maxima of groups of 64 columns,
     is a lower bound of the k-th largest score (k groups reach it), so only scores >= tau can
-    win — typically a few more than k. They are compacted per row and the k-th score is found
-    by bisection on their float bits, ties going to the lower index. A row with more than 4k
-    candidates (many equal scores) is bisected over all its columns instead: same result,
-    slower.
+    win, and only in the ~k groups whose maximum reaches tau. The select kernel reads just
+    those groups and finds the k-th score by bisection on their float bits, ties going to the
+    lower index. A row with more than 2k such groups (many equal scores) is bisected over all
+    its columns instead: same result, slower. k above MAX_K takes the stock ``topk``.
     """
     B, N = pre.shape
     if not 0 < k <= N:
         raise ValueError(f"k={k} outside 1..{N} columns")
     if not usable(pre) or k > MAX_K:
-        score = pre.float().abs() if signed else pre.float().relu()
-        idx = score.topk(k, dim=-1).indices.sort(dim=-1).values
+        score = pre.abs() if signed else pre.relu()
+        idx = score.topk(k, dim=-1, sorted=False).indices
         val = pre.float().gather(1, idx)
         return (val if signed else val.relu()), idx
     if pre.stride(1) != 1:
@@ -224,12 +221,12 @@ def topk_rows(pre: Tensor, k: int, signed: bool) -> tuple[Tensor, Tensor]:
         tau = gmax.topk(k, dim=1, sorted=False).values.amin(dim=1).contiguous()
     else:  # fewer groups than k: no bound, every column is a candidate
         tau = torch.zeros(B, device=pre.device, dtype=torch.float32)
-    cap = _pow2(max(4 * k, 64))
-    cand_key = torch.empty(B, cap, device=pre.device, dtype=torch.int32)
-    cand_idx = torch.empty(B, cap, device=pre.device, dtype=torch.int32)
-    _select_kernel[(B,)](pre, tau, val, idx, cand_key, cand_idx, N, pre.stride(0), k,
-                         SIGNED=signed, SHIFT=16 if pre.dtype == torch.bfloat16 else 0,
-                         CHUNK=4096, CAP=cap, num_warps=4)
+    capg = _pow2(max(2 * k, 16))
+    gsel_buf = torch.empty(B, capg, device=pre.device, dtype=torch.int32)
+    _select_kernel[(B,)](pre, gmax, tau, val, idx, gsel_buf, N, G, pre.stride(0), k,
+                         SIGNED=signed, SHIFT=16 if pre.dtype == torch.bfloat16 else 0, S=GROUP,
+                         GP=_pow2(G), CAPG=capg, CHUNK=4096,
+                         num_warps=4 if capg * GROUP <= 4096 else 8)
     return val, idx
 
 
