@@ -6,7 +6,7 @@ CORES ?= 2
 
 setup:  ## install the package and everything it needs (torch pinned: CPU build)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,slurm]'
+	$(PY) -m pip install -q -e '.[dev,slurm,cpu-kernels]'
 
 study: setup  ## every figure and table of the embedded default
 	snakemake --cores $(CORES) --workflow-profile workflow/profiles/local

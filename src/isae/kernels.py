@@ -23,6 +23,7 @@ on any machine (tests/test_fast_cpu.py).
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -92,6 +93,7 @@ if AVAILABLE:
         if n_groups <= CAPG:
             gpos = tl.cumsum(gsel.to(tl.int32), axis=0) - 1
             tl.store(gsel_buf + row * CAPG + gpos, gs, mask=gsel)
+            tl.debug_barrier()  # other threads of this program read what these wrote
             cg = tl.arange(0, CAPG)
             gid = tl.load(gsel_buf + row * CAPG + cg, mask=cg < n_groups, other=0)
             o = gid[:, None] * S + tl.arange(0, S)[None, :]  # [CAPG, S], in index order
@@ -287,6 +289,8 @@ class Segments:
             return torch.zeros(self.n, src.shape[1], dtype=torch.float32,
                                device=src.device).index_add_(0, self.idx.reshape(-1), rows)
         vals = wts.reshape(-1).float()[self.order]
-        A = torch.sparse_csr_tensor(self.crow.long(), self.col, vals, size=(self.n, src.shape[0]),
-                                    check_invariants=False)
+        with warnings.catch_warnings():  # "CSR support is in beta": SpMM is all we use
+            warnings.simplefilter("ignore", UserWarning)
+            A = torch.sparse_csr_tensor(self.crow.long(), self.col, vals,
+                                        size=(self.n, src.shape[0]), check_invariants=False)
         return A @ src.float()
