@@ -235,7 +235,7 @@ def equivalence(steps: int):
 
 
 @section("seeds in parallel vs one after another (end to end, from disk)")
-def seeds_parallel(rows: int, tokens: int, buffer: int):
+def seeds_parallel(rows: int, tokens: int, buffer: int, n_seeds: int = 3):
     from isae.actset import ActivationWriter, heldout_mask
     from isae.trainer import train, train_many
 
@@ -251,7 +251,7 @@ def seeds_parallel(rows: int, tokens: int, buffer: int):
     row("write activation set", note=f"{rows} rows x {D} fp16 in {time.perf_counter() - t0:.1f} s")
     tcfg = TrainConfig(tokens=tokens, batch_size=B, device="cuda", shuffle_buffer=buffer,
                        checkpoint_every=10**9, log_every=50)
-    cfgs = [SAEConfig.from_arch("topk", d_in=D, d_sae=N, k=K, seed=s) for s in range(3)]
+    cfgs = [SAEConfig.from_arch("topk", d_in=D, d_sae=N, k=K, seed=s) for s in range(n_seeds)]
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for c in cfgs:
@@ -262,9 +262,9 @@ def seeds_parallel(rows: int, tokens: int, buffer: int):
     train_many(tmp / "acts", cfgs, tcfg, [tmp / f"par{c.seed}" for c in cfgs], resume=False)
     torch.cuda.synchronize()
     par = time.perf_counter() - t0
-    total = 3 * tokens
-    row("3 seeds one after another", seq * 1e3, f"{total / seq / 1e6:.2f} M tok/s")
-    row("3 seeds sharing one pass", par * 1e3, f"{total / par / 1e6:.2f} M tok/s",
+    total = n_seeds * tokens
+    row(f"{n_seeds} seeds one after another", seq * 1e3, f"{total / seq / 1e6:.2f} M tok/s")
+    row(f"{n_seeds} seeds sharing one pass", par * 1e3, f"{total / par / 1e6:.2f} M tok/s",
         f"speed-up {seq / par:.2f}x (target >= 3x)")
 
 
@@ -345,6 +345,7 @@ def main() -> None:
     ap.add_argument("--seed-rows", type=int, default=1_048_576, help="rows of the on-disk set")
     ap.add_argument("--seed-tokens", type=int, default=12_000_000, help="tokens per seed")
     ap.add_argument("--seed-buffer", type=int, default=131072, help="shuffle buffer (rows)")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds in the seeds section")
     ap.add_argument("--ric-unions", type=int, default=200_000)
     ap.add_argument("--match-atoms", type=int, default=32768)
     a = ap.parse_args()
@@ -359,7 +360,7 @@ def main() -> None:
         "sparsify": sparsify_step,
         "steps": our_steps,
         "equivalence": lambda: equivalence(a.eq_steps),
-        "seeds": lambda: seeds_parallel(a.seed_rows, a.seed_tokens, a.seed_buffer),
+        "seeds": lambda: seeds_parallel(a.seed_rows, a.seed_tokens, a.seed_buffer, a.seeds),
         "ric": lambda: ric(a.ric_unions),
         "matching": lambda: matching(a.match_atoms),
         "profile": profile_steps,
