@@ -207,7 +207,7 @@ def our_steps():
 
 @section("equivalence: fast vs float32 reference after a fixed budget")
 def equivalence(steps: int):
-    for arch in ("topk", "isae"):
+    for arch in ("topk", "isae", "isae-iter"):
         fvus = {}
         for flag in (True, False):
             fast.ENABLED = flag

@@ -77,19 +77,29 @@ if AVAILABLE:
         return tl.where(sc >= 0, sc.to(tl.int32, bitcast=True) >> SHIFT, -1)
 
     @triton.jit
-    def _select_kernel(pre, gmax, tau, out_val, out_idx, gsel_buf, N, G, stride_row, K,
+    def _select_kernel(pre, gmax, out_val, out_idx, gsel_buf, N, G, stride_row, K,
                        SIGNED: tl.constexpr, SHIFT: tl.constexpr, S: tl.constexpr,
                        GP: tl.constexpr, CAPG: tl.constexpr, CHUNK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = pre + row * stride_row
-        t_lo = tl.load(tau + row)
-        # 1. Only groups whose maximum reaches tau can hold a winner: typically k of them.
+        # 1. The bound: lo = the k-th largest group maximum (as a key), by bisection over the
+        #    G maxima. k groups reach it, so count(key >= lo) >= k over the row; with fewer
+        #    than k groups it stays 0, which every score reaches.
         gs = tl.arange(0, GP)
-        gm = tl.load(gmax + row * G + gs, mask=gs < G, other=-2.0)
-        gsel = gm >= t_lo
+        gkey = _bits(tl.load(gmax + row * G + gs, mask=gs < G, other=-2.0), SHIFT)
+        lo = tl.full([], 0, tl.int32)
+        hi = tl.max(gkey, axis=0) + 1  # count(key >= hi) = 0 < k
+        glo = lo
+        ghi = hi
+        while ghi - glo > 1:
+            mid = glo + (ghi - glo) // 2
+            big = tl.sum((gkey >= mid).to(tl.int32), axis=0) >= K
+            glo = tl.where(big, mid, glo)
+            ghi = tl.where(big, ghi, mid)
+        lo = glo
+        # Only groups whose maximum reaches the bound can hold a winner: typically k of them.
+        gsel = gkey >= lo
         n_groups = tl.sum(gsel.to(tl.int32), axis=0)
-        lo = _bits(t_lo, SHIFT)  # count(key >= lo) >= k > count(key >= hi)
-        hi = _bits(tl.max(gm, axis=0), SHIFT) + 1
         if n_groups <= CAPG:
             gpos = tl.cumsum(gsel.to(tl.int32), axis=0) - 1
             tl.store(gsel_buf + row * CAPG + gpos, gs, mask=gsel)
@@ -111,7 +121,7 @@ if AVAILABLE:
             n_gt = tl.sum((key > lo).to(tl.int32), axis=0)
             _write(base, key, col, lo, K - n_gt, 0, 0, out_val, out_idx, row, K, SIGNED)
         else:
-            # Many groups reach tau (many equal scores): the same over the whole row.
+            # Many groups reach the bound (many equal scores): the same over the whole row.
             offs = tl.arange(0, CHUNK)
             while hi - lo > 1:
                 mid = lo + (hi - lo) // 2
@@ -213,19 +223,15 @@ def topk_rows(pre: Tensor, k: int, signed: bool) -> tuple[Tensor, Tensor]:
         pre = pre.contiguous()
     G = triton.cdiv(N, GROUP)
     gmax = torch.empty(B, G, device=pre.device, dtype=torch.float32)
-    val = torch.zeros(B, k, device=pre.device, dtype=torch.float32)
-    idx = torch.zeros(B, k, device=pre.device, dtype=torch.int64)
+    val = torch.empty(B, k, device=pre.device, dtype=torch.float32)
+    idx = torch.empty(B, k, device=pre.device, dtype=torch.int64)
     if not B:
         return val, idx
     _group_max_kernel[(B,)](pre, gmax, N, G, pre.stride(0), SIGNED=signed, S=GROUP, GC=64,
                             num_warps=4)
-    if G >= k:
-        tau = gmax.topk(k, dim=1, sorted=False).values.amin(dim=1).contiguous()
-    else:  # fewer groups than k: no bound, every column is a candidate
-        tau = torch.zeros(B, device=pre.device, dtype=torch.float32)
     capg = _pow2(max(2 * k, 16))
     gsel_buf = torch.empty(B, capg, device=pre.device, dtype=torch.int32)
-    _select_kernel[(B,)](pre, gmax, tau, val, idx, gsel_buf, N, G, pre.stride(0), k,
+    _select_kernel[(B,)](pre, gmax, val, idx, gsel_buf, N, G, pre.stride(0), k,
                          SIGNED=signed, SHIFT=16 if pre.dtype == torch.bfloat16 else 0, S=GROUP,
                          GP=_pow2(G), CAPG=capg, CHUNK=4096,
                          num_warps=4 if capg * GROUP <= 4096 else 8)

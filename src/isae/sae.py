@@ -115,26 +115,37 @@ class SparseCoder(nn.Module):
 
     def _encode(self, x: Tensor) -> tuple[Codes, Tensor | None]:
         """Codes and the dense pre-activations when they were computed (for AuxK)."""
+        codes, pre, _ = self._encode_and_decode(x)
+        return codes, pre
+
+    def _encode_and_decode(self, x: Tensor) -> tuple[Codes, Tensor | None, Tensor | None]:
+        """Codes, pre-activations, and the reconstruction where the encoder made it anyway
+        (the GPU's IHT steps carry it along instead of decoding each support twice)."""
         assert x.shape[-1] == self.cfg.d_in, f"expected [B, {self.cfg.d_in}], got {tuple(x.shape)}"
         if self.cfg.kind == "dl":
             from .dl import omp
 
-            return omp(x - self.b_dec, self.W_dec, self.cfg.k), None
+            return omp(x - self.b_dec, self.W_dec, self.cfg.k), None, None
         if self.cfg.kind == "relu":
             z = F.relu(self.pre_acts(x))
             idx = torch.arange(z.shape[1], device=z.device).expand_as(z)
-            return Codes(z, idx), None
+            return Codes(z, idx), None, None
         if fast.enabled(x):
             val, idx, pre = fast.topk_encode(
                 x, self.b_dec, self.encoder_weight, self.b_enc, self.cfg.k, self.cfg.signed
             )
             codes = Codes(val, idx)
-        else:
-            pre = self.pre_acts(x)
-            codes = topk_select(pre, self.cfg.k, self.cfg.signed)
+            x_hat = None
+            for _ in range(self.cfg.encoder_steps):
+                if x_hat is None:
+                    x_hat = self.decode(codes)
+                codes, x_hat = self._iht_step_fast(x, x_hat, codes)
+            return codes, pre, x_hat
+        pre = self.pre_acts(x)
+        codes = topk_select(pre, self.cfg.k, self.cfg.signed)
         for _ in range(self.cfg.encoder_steps):
             codes = self.iht_step(x, codes)
-        return codes, pre
+        return codes, pre, None
 
     def decode(self, codes: Codes) -> Tensor:
         """Codes -> [B, D] reconstruction (normalised space)."""
@@ -152,30 +163,33 @@ class SparseCoder(nn.Module):
         where the step would raise its error, so the steps never make reconstruction worse.
         """
         x_hat = self.decode(codes)
+        if fast.enabled(x):
+            return self._iht_step_fast(x, x_hat, codes)[0]
         r = x - x_hat
-        if fast.enabled(r):
-            return self._iht_step_fast(x, r, codes)
         g = r @ self.W_dec.T  # [B, N]
         g_S = g.gather(-1, codes.idx)
         Dg = sparse_decode(Codes(g_S, codes.idx), self.W_dec)
         step = self._iht_eta(g_S, Dg)
         u = (g * step).scatter_add(-1, codes.idx, codes.val)
         new = topk_select(u, self.cfg.k, self.cfg.signed)
-        return self._keep_better(x, r, codes, new)
+        return self._keep_better(x, x_hat, codes, new)[0]
 
     def _iht_eta(self, g_S: Tensor, Dg: Tensor) -> Tensor:
         eta = g_S.pow(2).sum(-1, keepdim=True) / Dg.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
         return eta * self.cfg.iht_step
 
-    def _iht_step_fast(self, x: Tensor, r: Tensor, codes: Codes) -> Codes:
-        """The same step on the GPU: the new support is chosen from a bfloat16 correlation
-        computed without gradient; only the correlations kept are differentiated."""
+    def _iht_step_fast(self, x: Tensor, x_hat: Tensor, codes: Codes) -> tuple[Codes, Tensor]:
+        """The same step on the GPU, taking and returning the reconstruction: the new support
+        is chosen from a bfloat16 correlation computed without gradient; only the
+        correlations kept are differentiated."""
+        r = x - x_hat
         g_S = fast.gather_dot(r, codes.idx, self.W_dec)
         Dg = fast.sparse_decode(g_S, codes.idx, self.W_dec)
         step = self._iht_eta(g_S, Dg)
         with torch.no_grad():
-            u = r.to(fast.LOW) @ fast.low(self.W_dec).T  # [B, N] bf16
-            u = (u * step.to(u.dtype)).scatter_add_(-1, codes.idx, codes.val.to(u.dtype))
+            # (step r) W^T: the step scales the small [B, D] side, not the [B, N] product
+            u = (r * step).to(fast.LOW) @ fast.low(self.W_dec).T  # [B, N] bf16
+            u = u.scatter_add_(-1, codes.idx, codes.val.to(u.dtype))
             idx = fast.select_topk(u, self.cfg.k, self.cfg.signed)
         # New value = the old code value (where the atom was already in the support) plus the
         # step along the float32 correlation.
@@ -183,13 +197,16 @@ class SparseCoder(nn.Module):
         val = (same @ codes.val.unsqueeze(-1)).squeeze(-1) + step * fast.gather_dot(r, idx, self.W_dec)
         if not self.cfg.signed:
             val = F.relu(val)
-        return self._keep_better(x, r, codes, Codes(val, idx))
+        return self._keep_better(x, x_hat, codes, Codes(val, idx))
 
-    def _keep_better(self, x: Tensor, r: Tensor, codes: Codes, new: Codes) -> Codes:
-        err_old = r.pow(2).sum(-1)
-        err_new = (x - self.decode(new)).pow(2).sum(-1)
-        better = (err_new <= err_old).unsqueeze(-1)
-        return Codes(torch.where(better, new.val, codes.val), torch.where(better, new.idx, codes.idx))
+    def _keep_better(self, x: Tensor, x_hat: Tensor, codes: Codes, new: Codes
+                     ) -> tuple[Codes, Tensor]:
+        """Per row, the new codes where they reconstruct no worse, else the old ones; with the
+        reconstruction of the codes kept."""
+        x_new = self.decode(new)
+        better = ((x - x_new).pow(2).sum(-1) <= (x - x_hat).pow(2).sum(-1)).unsqueeze(-1)
+        kept = Codes(torch.where(better, new.val, codes.val), torch.where(better, new.idx, codes.idx))
+        return kept, torch.where(better, x_new, x_hat)
 
     def forward(self, x: Tensor, dead: Tensor | None = None) -> ForwardOutput:
         """(x: [B, D]) -> ForwardOutput. ``dead``: [N] bool mask of dead latents for AuxK."""
@@ -197,8 +214,9 @@ class SparseCoder(nn.Module):
         if self.cfg.kind == "topk" and dead is not None:
             # The step's one host sync, taken first, while the GPU still finishes the last step.
             cols = dead.nonzero().squeeze(1)
-        codes, pre = self._encode(x)
-        x_hat = self.decode(codes)
+        codes, pre, x_hat = self._encode_and_decode(x)
+        if x_hat is None:
+            x_hat = self.decode(codes)
         err = x - x_hat
         total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
         fvu = err.pow(2).sum() / total_var
