@@ -346,6 +346,7 @@ def main() -> None:
     ap.add_argument("--seed-tokens", type=int, default=12_000_000, help="tokens per seed")
     ap.add_argument("--seed-buffer", type=int, default=131072, help="shuffle buffer (rows)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds in the seeds section")
+    ap.add_argument("--prefetch", type=int, default=None, help="reader threads (isae.stream.PREFETCH)")
     ap.add_argument("--ric-unions", type=int, default=200_000)
     ap.add_argument("--match-atoms", type=int, default=32768)
     a = ap.parse_args()
@@ -353,6 +354,10 @@ def main() -> None:
         a.eq_steps, a.seed_rows, a.seed_tokens, a.ric_unions, a.match_atoms = 60, 200_000, 2_000_000, 20_000, 8192
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    if a.prefetch:
+        import isae.stream
+
+        isae.stream.PREFETCH = a.prefetch
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     sections = {
         "anchors": anchors,
