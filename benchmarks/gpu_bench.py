@@ -140,7 +140,7 @@ def kernel_bench():
     row("stock embedding_bag (fp32 table)",
         timed(lambda: torch.nn.functional.embedding_bag(i, W, per_sample_weights=v, mode="sum")))
     row("ours gather_dot (bf16 table)", timed(lambda: kernels.gather_dot(gr, i, Wb)))
-    row("ours Segments (sort, counts, work items)", timed(lambda: kernels.Segments(i, N)))
+    row("ours Segments (sort + CSR row offsets)", timed(lambda: kernels.Segments(i, N)))
     flat = i.reshape(-1).to(torch.int32)
     row("  of which: torch.sort of B*k int32", timed(lambda: torch.sort(flat)))
     seg = kernels.Segments(i, N)
