@@ -3,9 +3,9 @@
 Small kernels, each replacing a stock op that dominated the training step on an H200
 (benchmarks/RESULTS.md):
 
-* ``topk_rows``: per-row top-k: a lower bound from group maxima filters the row to a few
-  candidates, bisection on their (score, index) keys picks the k. Stock ``topk`` spends ~1.6 ms on a
-  [8192, 24576] bf16 matrix.
+* ``topk_rows``: per-row top-k: a lower bound from the maxima of 64-column groups leaves
+  only ~k groups to read, and bisection on the scores' float bits picks the k (0.44 ms on a
+  [8192, 24576] bf16 matrix, where stock ``topk`` takes 1.8 ms).
 * ``gather_decode``: sum_j val[b, j] W[idx[b, j]] (the sparse decoder) from a bf16 table.
 * ``gather_dot``: <g[b], W[idx[b, j]]> for each selected latent (the decoder's value
   gradient, and IHT's correlations on a support).
