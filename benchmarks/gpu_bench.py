@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from isae import fast
+from isae import fast, graphs
 from isae.config import SAEConfig, TrainConfig
 from isae.sae import SparseCoder
 from isae.trainer import SAEStepper
@@ -51,6 +51,19 @@ def timed(fn, warmup: int = 5, reps: int = 20) -> float:
         torch.cuda.synchronize()
         ts.append(a.elapsed_time(b))
     return float(np.median(ts))
+
+
+def per_step(fn, warmup: int = 5, reps: int = 30) -> float:
+    """Milliseconds per call of fn() called back to back (as a training loop does), by the
+    wall clock between two device syncs: launch overhead and host syncs count."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / reps
 
 
 def section(name):
@@ -139,7 +152,21 @@ def kernel_bench():
     row("ours gather_decode (bf16 table)", timed(lambda: kernels.gather_decode(v, i, Wb)))
     row("stock embedding_bag (fp32 table)",
         timed(lambda: torch.nn.functional.embedding_bag(i, W, per_sample_weights=v, mode="sum")))
+    out = torch.empty(B, D, device="cuda")
+    vf, ic = v.float().contiguous(), i.contiguous()
+    for bd, nw in ((256, 4), (256, 8), (512, 8), (1024, 8), (1024, 16)):  # launch settings
+        def variant(bd=bd, nw=nw):
+            kernels._gather_decode_kernel[(B,)](vf, ic, Wb, out, D, K=K, KP=K, BLOCK_D=bd,
+                                                num_warps=nw)
+        row(f"  gather_decode with BLOCK_D {bd}, {nw} warps", timed(variant))
     row("ours gather_dot (bf16 table)", timed(lambda: kernels.gather_dot(gr, i, Wb)))
+    Wd, G = torch.randn(N, D, device="cuda"), torch.randn(N, D, device="cuda")
+    lowb = torch.empty(N, D, dtype=torch.bfloat16, device="cuda")
+    row("ours decoder rows: normalise + bf16 copy", timed(lambda: kernels.normalize_rows_(Wd, lowb)))
+    row("stock: normalise, then bf16 cast",
+        timed(lambda: (Wd.div_(Wd.norm(dim=1, keepdim=True).clamp_min(1e-12)), lowb.copy_(Wd))))
+    row("ours decoder gradient: project out the rows", timed(lambda: kernels.project_rows_(G, Wd)))
+    row("stock: project out the rows", timed(lambda: G.sub_((G * Wd).sum(-1, keepdim=True) * Wd)))
     row("ours Segments (sort + CSR row offsets)", timed(lambda: kernels.Segments(i, N)))
     flat = i.reshape(-1).to(torch.int32)
     row("  of which: torch.sort of B*k int32", timed(lambda: torch.sort(flat)))
@@ -175,7 +202,7 @@ def sparsify_step():
         opt.zero_grad(set_to_none=True)
         sae.set_decoder_norm_to_unit_norm()
 
-    ms = timed(step)
+    ms = per_step(step)
     row("sparsify 1.3.3 step (fwd, FVU+AuxK, bwd, Adam)", ms, f"{B / ms / 1e3:.2f} M tok/s")
     return ms
 
@@ -191,14 +218,22 @@ def our_steps():
     dead = torch.rand(N, device="cuda") < 0.05
     out = {}
     for arch in ("topk", "isae", "isae-iter"):
-        m, st = our_stepper(arch)
-        ms = timed(lambda st=st: st.step(x, 1.0, dead))
-        out[arch] = ms
-        row(f"ours {arch} step (fast path)", ms, f"{B / ms / 1e3:.2f} M tok/s")
+        for use_graphs in (True, False):
+            graphs.ENABLED = use_graphs
+            try:
+                m, st = our_stepper(arch)
+                ms = per_step(lambda st=st: st.step(x, 1.0, dead))
+            finally:
+                graphs.ENABLED = True
+            how = "CUDA graph" if use_graphs else "eager launches"
+            if use_graphs:
+                out[arch] = ms
+            row(f"ours {arch} step (fast path, {how})", ms, f"{B / ms / 1e3:.2f} M tok/s")
+            del m, st
     fast.ENABLED = False
     try:
         m, st = our_stepper("topk")
-        ms = timed(lambda: st.step(x, 1.0, dead), warmup=2, reps=5)
+        ms = per_step(lambda: st.step(x, 1.0, dead), warmup=2, reps=5)
         row("ours topk step, float32 reference path", ms, f"{B / ms / 1e3:.2f} M tok/s")
     finally:
         fast.ENABLED = True
@@ -323,6 +358,7 @@ def profile_steps():
 
     x = torch.randn(B, D, device="cuda")
     dead = torch.rand(N, device="cuda") < 0.05
+    graphs.ENABLED = False  # the profiler sees kernels launched one by one
     for arch in ("topk", "isae-iter"):
         m, st = our_stepper(arch)
         for _ in range(3):
@@ -333,7 +369,8 @@ def profile_steps():
                 st.step(x, 1.0, dead)
             torch.cuda.synchronize()
         print(f"-- {arch}: CUDA time by kernel, 5 steps")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
+    graphs.ENABLED = True
 
 
 def main() -> None:

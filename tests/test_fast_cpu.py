@@ -66,7 +66,7 @@ def test_segmented_gradients_equal_float64_dense_reference(forced):
     b_dec = torch.zeros(d, requires_grad=True)
     b_enc = torch.zeros(n, requires_grad=True)
     x = torch.randn(B, d)
-    val, idx, _ = fast.topk_encode(x, b_dec, W_enc, b_enc, k, True)
+    val, idx, _, _ = fast.topk_encode(x, b_dec, W_enc, b_enc, k, True)
     x_hat = fast.sparse_decode(val, idx, W_dec)
     g_out = torch.randn(B, d)
     (x_hat * g_out).sum().backward()
@@ -79,3 +79,98 @@ def test_segmented_gradients_equal_float64_dense_reference(forced):
     torch.testing.assert_close(W_dec.grad.double(), Z.T @ g_out.double(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(W_enc.grad.double(), xc.T @ dZ, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b_enc.grad.double(), dZ.sum(0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_auxk_codes_and_their_gradients_equal_float64_reference(forced, signed):
+    """AuxK's codes come from the encoder's own pre-activations on the dead columns (padded
+    to a fixed width with live ones, which must get nothing); their gradient joins the main
+    encoder gradient. Compare with dense float64 algebra on the same selection."""
+    torch.manual_seed(5)
+    B, d, n, k, k_aux = 32, 16, 50, 3, 4
+    W_enc = torch.randn(d, n, requires_grad=True)
+    b_enc = (0.1 * torch.randn(n)).requires_grad_()
+    b_dec = (0.1 * torch.randn(d)).requires_grad_()
+    x = torch.randn(B, d)
+    dead = torch.zeros(n, dtype=torch.bool)
+    dead[[3, 7, 8, 20, 31, 44, 45]] = True
+    cols, valid = fast.aux_columns(dead, 12)
+    assert cols[:7].tolist() == [3, 7, 8, 20, 31, 44, 45] and valid.sum() == 7 and not valid[7:].any()
+    val, idx, pre, z = fast.topk_encode(x, b_dec, W_enc, b_enc, k, signed, (cols, valid), k_aux)
+    g_val, g_z = torch.randn(B, k), torch.randn(B, 12)
+    ((val * g_val).sum() + (z * g_z).sum()).backward()
+
+    xc = (x - b_dec.detach()).to(torch.bfloat16).double()
+    pre64 = pre.double()  # the selection is made on these bfloat16 values
+    score = pre64.abs() if signed else pre64.clamp_min(0)
+    score = torch.where(dead, score, torch.tensor(-1.0, dtype=torch.float64))
+    top = score.topk(k_aux, dim=1).indices
+    keep = torch.zeros(B, n, dtype=torch.bool).scatter_(1, top, True) & dead
+    if not signed:
+        keep &= pre64 > 0
+    z_ref = torch.where(keep, pre64, 0.0)
+    torch.testing.assert_close(z.double(), z_ref[:, cols] * valid, rtol=0, atol=0)
+    # d/dpre of the two outputs, scattered to the full width
+    dpre = torch.zeros(B, n, dtype=torch.float64)
+    g_main = g_val.double() * ((val.detach() > 0).double() if not signed else 1.0)
+    dpre.scatter_add_(1, idx, g_main)
+    dz_full = torch.zeros(B, n, dtype=torch.float64)
+    dz_full[:, cols] = g_z.double()
+    dpre += dz_full * keep
+    ref = xc.T @ dpre  # AuxK's share is a bfloat16 product: compare in norm
+    assert float((W_enc.grad.double() - ref).norm() / ref.norm()) < 5e-3
+    torch.testing.assert_close(b_enc.grad.double(), dpre.sum(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b_dec.grad.double(), -(dpre.sum(0) @ W_enc.detach().double().T),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["topk", "isae"])
+def test_padded_aux_width_changes_nothing(forced, arch):
+    """A fixed AuxK width larger than the dead count (what a CUDA graph uses) gives the same
+    loss and gradients as reading exactly the dead columns."""
+    torch.manual_seed(2)
+    m = SparseCoder(SAEConfig.from_arch(arch, d_in=24, d_sae=200, k=4, seed=3))
+    x = torch.randn(256, 24)
+    dead = torch.rand(200) < 0.1
+    res = []
+    for width in (None, int(dead.sum()) + 37):
+        m.zero_grad(set_to_none=True)
+        out = m(x, dead, aux_width=width)
+        (out.fvu + out.auxk / 32).backward()
+        res.append((out, {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (a, ga), (b, gb) = res
+    assert float(a.auxk) > 0
+    torch.testing.assert_close(b.auxk, a.auxk, rtol=1e-6, atol=1e-7)
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], rtol=1e-5, atol=1e-6)
+
+
+def test_fvu_and_its_gradient_equal_float64_autograd():
+    torch.manual_seed(4)
+    x = torch.randn(300, 20) * 3 + 1
+    x_hat = (x + 0.5 * torch.randn(300, 20)).requires_grad_()
+    got, err = fast.fvu(x, x_hat)
+    got.backward(torch.tensor(1.7))
+    x64 = x.double()
+    xh64 = x_hat.detach().double().requires_grad_()
+    ref = (x64 - xh64).pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum()
+    (1.7 * ref).backward()
+    assert abs(float(got) - float(ref)) < 1e-6 * float(ref)
+    torch.testing.assert_close(err.double(), x64 - xh64.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(x_hat.grad.double(), xh64.grad, rtol=1e-5, atol=1e-9)
+    assert not err.requires_grad
+
+
+def test_normalize_keeps_the_low_copy_current(forced):
+    """normalize_rows_ writes W's bfloat16 copy in the same pass, into the buffer ``low``
+    hands out (a recorded CUDA graph keeps reading that buffer)."""
+    W = torch.nn.Parameter(torch.randn(30, 12) * 2)
+    first = fast.low(W)
+    fast.normalize_rows_(W)
+    again = fast.low(W)
+    assert again.data_ptr() == first.data_ptr()
+    torch.testing.assert_close(W.detach().norm(dim=1), torch.ones(30))
+    assert torch.equal(again, W.detach().bfloat16())
+    with torch.no_grad():
+        W.mul_(3)  # any other change: the copy is refreshed in place
+    assert fast.low(W).data_ptr() == first.data_ptr() and torch.equal(first, W.detach().bfloat16())

@@ -1,5 +1,7 @@
 """The CUDA fast paths against the float32 / float64 references (skipped without CUDA)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -111,3 +113,96 @@ def test_triton_sparse_kernels_equal_float64():
     ref = torch.zeros(N, D, device="cuda", dtype=torch.float64).index_add_(
         0, idx.reshape(-1), (val.double()[..., None] * src.double()[:, None]).reshape(-1, D))
     assert (kernels.Segments(idx, N).reduce(val, src).double() - ref).abs().max() < 1e-3
+
+
+def _dead_masks(n, steps, gen):
+    """Dead masks whose counts revisit a few AuxK widths (and none dead), so graphs get
+    recorded and replayed."""
+    fracs = [0.0, 0.05, 0.05, 0.3, 0.05, 0.0, 0.3, 0.3, 0.05, 0.0, 0.05, 0.3]
+    return [torch.rand(n, generator=gen, device="cuda") < fracs[s % len(fracs)] for s in range(steps)]
+
+
+@pytest.mark.parametrize("arch", ["topk", "isae", "isae-iter"])
+def test_graphed_steps_equal_eager_steps(arch):
+    """The CUDA-graph replay (fixed AuxK widths) against eager fast steps (exact dead
+    columns), from the same start on the same batches and schedule."""
+    from isae import graphs
+    from isae.config import TrainConfig
+    from isae.trainer import SAEStepper
+
+    d, n, k, B, steps = 128, 4096, 16, 2048, 12
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    xs = [torch.randn(B, d, generator=gen, device="cuda") for _ in range(steps)]
+    deads = _dead_masks(n, steps, gen)
+    runs = {}
+    for use in (True, False):
+        graphs.ENABLED = use
+        try:
+            torch.manual_seed(4)  # _pair draws the biases from the global generator
+            m = _pair(arch, d, n, k, seed=4)
+            start = [p.detach().clone() for p in m.parameters()]
+            st = SAEStepper(m, TrainConfig(lr=1e-3))
+            assert (st.graphs is not None) == use
+            logs = []
+            for s in range(steps):
+                o = st.step(xs[s], (s + 1) / steps, deads[s])
+                logs.append((float(o["fvu"]), float(o["auxk"]), o["codes"].idx.clone()))
+            runs[use] = (m, st, logs, start)
+        finally:
+            graphs.ENABLED = True
+    (mg, stg, lg, p0), (me, _, le, _) = runs[True], runs[False]
+    assert len(stg.graphs.graphs) == 3  # widths 0, 512 and 1536 were each replayed
+    for s, (a, b) in enumerate(zip(lg, le)):
+        assert abs(a[0] - b[0]) <= 2e-3 * b[0], (s, a[0], b[0])
+        assert abs(a[1] - b[1]) <= 1e-2 * max(b[1], 1e-6), (s, a[1], b[1])  # AuxK: noisier
+        ma = torch.zeros(B, n, device="cuda").scatter_(1, a[2], 1.0)
+        mb = torch.zeros(B, n, device="cuda").scatter_(1, b[2], 1.0)
+        assert float((ma * mb).sum() / mb.sum()) > 0.95, s  # same latents chosen
+    # Summation order differs (sparse products, AuxK widths): compare the parameters'
+    # displacement from their start rather than elementwise.
+    for (name, p), q, s0 in zip(mg.named_parameters(), me.parameters(), p0):
+        moved = float((q.detach() - s0).norm())
+        assert float((p.detach() - q.detach()).norm()) < 0.02 * moved, name
+    np.testing.assert_allclose(mg.W_dec.norm(dim=1).detach().cpu().numpy(), 1.0, atol=1e-5)
+
+
+def test_graphed_stepper_resumes_like_an_uninterrupted_one():
+    from isae.config import TrainConfig
+    from isae.trainer import SAEStepper
+
+    d, n, k, B = 64, 2048, 8, 1024
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    xs = [torch.randn(B, d, generator=gen, device="cuda") for _ in range(10)]
+    deads = _dead_masks(n, 10, gen)
+    m = _pair("topk", d, n, k, seed=1)
+    start = [p.detach().clone() for p in m.parameters()]
+    st = SAEStepper(m, TrainConfig(lr=1e-3))
+    for s in range(5):
+        st.step(xs[s], 1.0, deads[s])
+    saved = copy.deepcopy(st.state_dict())
+    for s in range(5, 10):
+        st.step(xs[s], 1.0, deads[s])
+    m2 = _pair("topk", d, n, k, seed=99)
+    st2 = SAEStepper(m2, TrainConfig(lr=1e-3))
+    st2.load_state_dict(saved)
+    for s in range(5, 10):
+        st2.step(xs[s], 1.0, deads[s])
+    for p, q, s0 in zip(m.parameters(), m2.parameters(), start):
+        moved = float((p.detach() - s0).norm())
+        assert float((p.detach() - q.detach()).norm()) < 0.02 * moved
+
+
+def test_row_kernels_equal_float64():
+    from isae import kernels
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    W = torch.randn(5000, 768, generator=g, device="cuda") * 3
+    G = torch.randn(5000, 768, generator=g, device="cuda")
+    Wn = W.double() / W.double().norm(dim=1, keepdim=True)
+    low = torch.empty_like(W, dtype=torch.bfloat16)
+    kernels.normalize_rows_(W, low)
+    assert float((W.double() - Wn).abs().max()) < 1e-6
+    assert torch.equal(low, W.bfloat16())  # rounded to nearest, as torch casts
+    ref = G.double() - (G.double() * W.double()).sum(-1, keepdim=True) * W.double()
+    kernels.project_rows_(G, W)
+    assert float((G.double() - ref).abs().max()) < 1e-5

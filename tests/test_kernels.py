@@ -62,6 +62,18 @@ CHECKS = textwrap.dedent('''
     ref = torch.zeros(N, D, dtype=torch.float64).index_add_(
         0, idx.reshape(-1), (val.double()[..., None] * src.double()[:, None]).reshape(-1, D))
     assert (seg.reduce(val, src).double() - ref).abs().max() < 1e-5
+
+    G, W = torch.randn(N, 77, generator=g), torch.randn(N, 77, generator=g)  # D not a power of 2
+    W[3] = 0.0  # a zero row stays zero (the norm's floor)
+    Wn = W.double() / W.double().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    ref = G.double() - (G.double() * Wn).sum(-1, keepdim=True) * Wn
+    K.project_rows_(G, Wn.float())
+    assert (G.double() - ref).abs().max() < 1e-5
+    low = torch.empty(N, 77, dtype=torch.bfloat16)
+    K.normalize_rows_(W, low)
+    assert (W.double() - Wn).abs().max() < 1e-6
+    # within one bfloat16 step (the interpreter truncates; the GPU test checks rounding)
+    assert ((low.float() - W).abs() <= W.abs() * 2.0**-7).all()
     print("kernels ok")
 ''')
 

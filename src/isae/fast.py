@@ -12,7 +12,9 @@ on the Triton kernels of kernels.py:
 * decoder: x_hat = sum_j val_j W_dec[idx_j] from a bfloat16 copy of W_dec, float32
   accumulation. Backward: d val by gathered dot products, dW_dec by the same segmented
   reduction (the latents are sorted once and shared with the encoder's backward).
-* AuxK works on the dead latents' columns only, as small dense bfloat16 matmuls.
+* AuxK gathers the dead latents' columns of the pre-activations the encoder computed anyway
+  (a fixed number of columns, so a step's shapes do not depend on how many are dead), and
+  its encoder gradient goes into the same [N, D] buffer as the main one.
 * IHT (isae-iter) selects each new support from a dense bfloat16 correlation computed
   without gradient, and differentiates only the correlations it keeps (gathered dots).
 
@@ -46,13 +48,57 @@ def enabled(x: Tensor) -> bool:
 def low(W: Tensor) -> Tensor:
     """A bfloat16 copy of a parameter, made once per version of it (a step casts W_dec for
     the decoder, its backward and every IHT step; the optimiser's in-place update bumps the
-    version and so invalidates the copy)."""
+    version and so invalidates the copy).
+
+    The copy keeps its buffer: it is refreshed in place, so a recorded CUDA graph that reads
+    it (graphs.py) always finds the current one there.
+    """
     cached = getattr(W, "_isae_low", None)
-    if cached is not None and cached[0] == W._version and cached[1].shape == W.shape:
-        return cached[1]
-    w = W.detach().to(LOW)
-    W._isae_low = (W._version, w)
-    return w
+    if cached is not None and cached[1].shape == W.shape:
+        if cached[0] == W._version:
+            return cached[1]
+        buf = cached[1]
+        buf.copy_(W.detach())
+    else:
+        buf = W.detach().to(LOW)
+    W._isae_low = (W._version, buf)
+    return buf
+
+
+@torch.no_grad()
+def normalize_rows_(W: Tensor) -> None:
+    """W's rows to unit norm in place, writing its bfloat16 copy (``low``) in the same pass:
+    the next forward's decoder reads that copy instead of casting W again."""
+    cached = getattr(W, "_isae_low", None)
+    buf = (cached[1] if cached is not None and cached[1].shape == W.shape
+           else torch.empty(W.shape, dtype=LOW, device=W.device))
+    kernels.normalize_rows_(W, buf)
+    torch.autograd.graph.increment_version(W)  # a Triton write is invisible to autograd
+    W._isae_low = (W._version, buf)
+
+
+class _FVU(Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, x_hat: Tensor):
+        err = x - x_hat
+        total_var = (x.var(0, unbiased=False).sum() * x.shape[0]).clamp_min(1e-12)
+        ctx.save_for_backward(err, total_var)
+        ctx.mark_non_differentiable(err)
+        return torch.linalg.vector_norm(err).square() / total_var, err
+
+    @staticmethod
+    def backward(ctx, g: Tensor, _g_err):
+        err, total_var = ctx.saved_tensors
+        return None, err * (-2.0 * g / total_var)
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
+    """(FVU = ||x - x_hat||^2 / ||x - mean(x)||^2, the residual x - x_hat without gradient).
+
+    Differentiable in x_hat only (x is data). Three reductions and one elementwise backward,
+    where autograd on the stock expression launches about a dozen [B, D] kernels.
+    """
+    return _FVU.apply(x, x_hat)
 
 
 def _segments(ctx, idx: Tensor, n: int) -> kernels.Segments:
@@ -71,36 +117,71 @@ def _holder(idx: Tensor) -> dict:
     return h
 
 
+def aux_columns(dead: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """``width`` latent columns for AuxK, the dead ones first (in index order), and which of
+    them are dead. A fixed width gives every step the same shapes whatever the number of
+    dead latents, and needs no host sync (CUDA graphs, graphs.py)."""
+    cols = torch.argsort(dead.logical_not().to(torch.uint8), stable=True)[:width]
+    return cols, dead.index_select(0, cols)
+
+
 class _TopKEncode(Function):
     @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, k: int, signed: bool):
+    def forward(ctx, x, b_dec, W_enc, b_enc, k: int, signed: bool, aux_cols, aux_valid, k_aux: int):
         xc = (x - b_dec).to(LOW)
         pre = torch.addmm(b_enc.to(LOW), xc, W_enc.to(LOW))  # [B, N] bf16
         val, idx = kernels.topk_rows(pre, k, signed)
-        ctx.save_for_backward(xc, W_enc, idx, val)
+        if aux_cols is None:
+            z = keep = val.new_zeros(x.shape[0], 0)
+        else:
+            # AuxK reads the pre-activations already computed: its dead columns are a gather,
+            # not a second matmul; columns that are not dead count as zero.
+            sub = pre.index_select(1, aux_cols).mul_(aux_valid.to(LOW))
+            with torch.no_grad():
+                j = kernels.topk_rows(sub, k_aux, signed)[1]
+            keep = torch.zeros_like(sub, dtype=torch.bool).scatter_(1, j, True)
+            keep &= aux_valid if signed else (sub > 0)
+            z = torch.where(keep, sub, 0).float()
+        ctx.save_for_backward(xc, W_enc, idx, val, aux_cols, keep)
         ctx.signed = signed
         ctx.holder = _holder(idx)
         ctx.mark_non_differentiable(idx, pre)
-        return val, idx, pre
+        return val, idx, pre, z
 
     @staticmethod
-    def backward(ctx, g_val: Tensor, _g_idx, _g_pre):
-        xc, W_enc, idx, val = ctx.saved_tensors
+    def backward(ctx, g_val: Tensor, _g_idx, _g_pre, g_z: Tensor):
+        xc, W_enc, idx, val, cols, keep = ctx.saved_tensors
         if not ctx.signed:
             g_val = g_val * (val > 0)
         N = W_enc.shape[1]
-        dW = None
-        if ctx.needs_input_grad[2]:
-            dW = _segments(ctx, idx, N).reduce(g_val, xc).T.contiguous()
         db_enc = torch.zeros(N, device=xc.device, dtype=torch.float32)
         db_enc.index_add_(0, idx.reshape(-1), g_val.reshape(-1).float())
+        if cols is not None:
+            g_z = torch.where(keep, g_z, 0.0)
+            db_enc.index_add_(0, cols, g_z.sum(0))
+        dW = None
+        if ctx.needs_input_grad[2]:
+            dW = _segments(ctx, idx, N).reduce(g_val, xc)  # [N, D]
+            if cols is not None:  # AuxK's share, straight into the same [N, D] gradient
+                dW.index_add_(0, cols, (g_z.to(LOW).T @ xc).float())
+            # [D, N] as a view: W_enc is stored latent-major (sae.py), so this is its own
+            # layout and autograd takes it without a copy.
+            dW = dW.T
         db_dec = -(db_enc @ W_enc.T) if ctx.needs_input_grad[1] else None
-        return None, db_dec, dW, db_enc if ctx.needs_input_grad[3] else None, None, None
+        return (None, db_dec, dW, db_enc if ctx.needs_input_grad[3] else None,
+                None, None, None, None, None)
 
 
-def topk_encode(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, signed: bool):
-    """-> (val [B, K] float32, idx [B, K], pre [B, N] bfloat16, no grad)."""
-    return _TopKEncode.apply(x, b_dec, W_enc, b_enc, k, signed)
+def topk_encode(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, signed: bool,
+                aux: tuple[Tensor, Tensor] | None = None, k_aux: int = 0):
+    """-> (val [B, K] float32, idx [B, K], pre [B, N] bfloat16 no grad, z [B, C] float32).
+
+    aux = (cols [C], valid [C]) from ``aux_columns``: z holds AuxK's codes on those columns,
+    the k_aux largest of each row kept, zero elsewhere and on columns not valid. Without aux
+    z is [B, 0].
+    """
+    cols, valid = aux if aux is not None else (None, None)
+    return _TopKEncode.apply(x, b_dec, W_enc, b_enc, k, signed, cols, valid, k_aux)
 
 
 class _SparseDecode(Function):
@@ -150,20 +231,6 @@ def gather_dot(r: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
 def select_topk(score_src: Tensor, k: int, signed: bool) -> Tensor:
     """Indices [B, k] of the top-k of a (bfloat16) matrix, no gradient."""
     return kernels.topk_rows(score_src, k, signed)[1]
-
-
-def auxk_codes(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, cols: Tensor, k: int,
-               signed: bool, pre: Tensor) -> tuple[Tensor, Tensor]:
-    """AuxK's codes on the dead columns ``cols`` only: (z [B, n_dead] dense, with gradient to
-    the encoder's dead columns; the k largest per row kept), as bfloat16 matmuls whose cost
-    scales with the number of dead latents, not the width."""
-    with torch.no_grad():
-        j = kernels.topk_rows(pre.index_select(1, cols), k, signed)[1]
-    xc = (x - b_dec).to(LOW)
-    sub = torch.addmm(b_enc[cols].to(LOW), xc, W_enc.index_select(1, cols).to(LOW)).float()
-    keep = torch.zeros_like(sub, dtype=torch.bool).scatter_(1, j, True)
-    z = torch.where(keep, sub if signed else sub.relu(), 0.0)
-    return z
 
 
 def dense_decode(z: Tensor, W_rows: Tensor) -> Tensor:

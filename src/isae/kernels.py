@@ -268,6 +268,51 @@ def gather_dot(g: Tensor, idx: Tensor, W: Tensor) -> Tensor:
     return out
 
 
+if AVAILABLE:
+
+    @triton.jit
+    def _project_rows_kernel(G, W, D, BLOCK: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)
+        o = tl.arange(0, BLOCK)
+        m = o < D
+        g = tl.load(G + r * D + o, mask=m, other=0.0)
+        w = tl.load(W + r * D + o, mask=m, other=0.0)
+        tl.store(G + r * D + o, g - tl.sum(g * w, axis=0) * w, mask=m)
+
+    @triton.jit
+    def _normalize_rows_kernel(W, LOW, D, BLOCK: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)
+        o = tl.arange(0, BLOCK)
+        m = o < D
+        w = tl.load(W + r * D + o, mask=m, other=0.0)
+        w = w / tl.maximum(tl.sqrt(tl.sum(w * w, axis=0)), 1e-12)
+        tl.store(W + r * D + o, w, mask=m)
+        tl.store(LOW + r * D + o, w.to(LOW.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
+
+
+def _rowwise(*ts: Tensor) -> bool:
+    return all(usable(t) and t.is_contiguous() and t.dtype == torch.float32 for t in ts)
+
+
+def project_rows_(G: Tensor, W: Tensor) -> None:
+    """G[i] -= <G[i], W[i]> W[i] in place, for [N, D] float32 (one read of each, one write)."""
+    if not _rowwise(G, W) or not G.shape[0]:
+        G -= (G * W).sum(-1, keepdim=True) * W
+        return
+    _project_rows_kernel[(G.shape[0],)](G, W, G.shape[1], BLOCK=_pow2(G.shape[1]), num_warps=4)
+
+
+def normalize_rows_(W: Tensor, low: Tensor) -> None:
+    """W[i] /= max(||W[i]||, 1e-12) in place, and the result cast into ``low`` (same shape):
+    one pass where the stock ops take four."""
+    if not _rowwise(W) or not (usable(low) and low.is_contiguous()) or not W.shape[0]:
+        W /= W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        low.copy_(W)
+        return
+    _normalize_rows_kernel[(W.shape[0],)](W, low, W.shape[1], BLOCK=_pow2(W.shape[1]),
+                                          num_warps=4)
+
+
 class Segments:
     """The latents of a batch's codes sorted once: the sparse matrix G^T in CSR form
     (rows = latents, columns = batch rows), for the weight gradients of a k-sparse map.

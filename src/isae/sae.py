@@ -82,6 +82,9 @@ class SparseCoder(nn.Module):
         if cfg.tied or cfg.kind == "dl":
             self.W_enc = None
         else:
+            # [D, N] stored latent-major (the clone keeps the transpose's strides): each
+            # latent's encoder column is contiguous, like its decoder row, so the fast
+            # path's [N, D] weight gradient is already in the parameter's layout.
             self.W_enc = nn.Parameter(W.T.clone().to(device))
         zeros_d = torch.zeros(D, device=device)
         zeros_n = torch.zeros(N, device=device)
@@ -115,24 +118,27 @@ class SparseCoder(nn.Module):
 
     def _encode(self, x: Tensor) -> tuple[Codes, Tensor | None]:
         """Codes and the dense pre-activations when they were computed (for AuxK)."""
-        codes, pre, _ = self._encode_and_decode(x)
+        codes, pre, _, _ = self._encode_and_decode(x)
         return codes, pre
 
-    def _encode_and_decode(self, x: Tensor) -> tuple[Codes, Tensor | None, Tensor | None]:
-        """Codes, pre-activations, and the reconstruction where the encoder made it anyway
-        (the GPU's IHT steps carry it along instead of decoding each support twice)."""
+    def _encode_and_decode(self, x: Tensor, aux: tuple[Tensor, Tensor] | None = None
+                           ) -> tuple[Codes, Tensor | None, Tensor | None, Tensor | None]:
+        """Codes, pre-activations, the reconstruction where the encoder made it anyway (the
+        GPU's IHT steps carry it along instead of decoding each support twice), and on the
+        fast path AuxK's codes on the columns ``aux`` (see fast.topk_encode)."""
         assert x.shape[-1] == self.cfg.d_in, f"expected [B, {self.cfg.d_in}], got {tuple(x.shape)}"
         if self.cfg.kind == "dl":
             from .dl import omp
 
-            return omp(x - self.b_dec, self.W_dec, self.cfg.k), None, None
+            return omp(x - self.b_dec, self.W_dec, self.cfg.k), None, None, None
         if self.cfg.kind == "relu":
             z = F.relu(self.pre_acts(x))
             idx = torch.arange(z.shape[1], device=z.device).expand_as(z)
-            return Codes(z, idx), None, None
+            return Codes(z, idx), None, None, None
         if fast.enabled(x):
-            val, idx, pre = fast.topk_encode(
-                x, self.b_dec, self.encoder_weight, self.b_enc, self.cfg.k, self.cfg.signed
+            val, idx, pre, z_aux = fast.topk_encode(
+                x, self.b_dec, self.encoder_weight, self.b_enc, self.cfg.k, self.cfg.signed,
+                aux, self._k_aux(aux[0].numel()) if aux is not None else 0,
             )
             codes = Codes(val, idx)
             x_hat = None
@@ -140,12 +146,12 @@ class SparseCoder(nn.Module):
                 if x_hat is None:
                     x_hat = self.decode(codes)
                 codes, x_hat = self._iht_step_fast(x, x_hat, codes)
-            return codes, pre, x_hat
+            return codes, pre, x_hat, z_aux
         pre = self.pre_acts(x)
         codes = topk_select(pre, self.cfg.k, self.cfg.signed)
         for _ in range(self.cfg.encoder_steps):
             codes = self.iht_step(x, codes)
-        return codes, pre, None
+        return codes, pre, None, None
 
     def decode(self, codes: Codes) -> Tensor:
         """Codes -> [B, D] reconstruction (normalised space)."""
@@ -208,49 +214,65 @@ class SparseCoder(nn.Module):
         kept = Codes(torch.where(better, new.val, codes.val), torch.where(better, new.idx, codes.idx))
         return kept, torch.where(better, x_new, x_hat)
 
-    def forward(self, x: Tensor, dead: Tensor | None = None) -> ForwardOutput:
-        """(x: [B, D]) -> ForwardOutput. ``dead``: [N] bool mask of dead latents for AuxK."""
-        cols = None
-        if self.cfg.kind == "topk" and dead is not None:
-            # The step's one host sync, taken first, while the GPU still finishes the last step.
-            cols = dead.nonzero().squeeze(1)
-        codes, pre, x_hat = self._encode_and_decode(x)
+    def forward(self, x: Tensor, dead: Tensor | None = None, aux_width: int | None = None
+                ) -> ForwardOutput:
+        """(x: [B, D]) -> ForwardOutput. ``dead``: [N] bool mask of dead latents for AuxK.
+
+        aux_width (fast path only): how many latent columns AuxK reads, the dead ones first
+        and the rest masked out, so the step's shapes stay fixed (graphs.py). It must be at
+        least the number of dead latents; None reads exactly those (one host sync).
+        """
+        aux = None
+        if self.cfg.kind == "topk" and dead is not None and fast.enabled(x):
+            if aux_width is None:
+                aux_width = int(dead.sum())  # the step's one host sync
+            if aux_width:
+                aux = fast.aux_columns(dead, aux_width)
+        codes, pre, x_hat, z_aux = self._encode_and_decode(x, aux)
         if x_hat is None:
             x_hat = self.decode(codes)
-        err = x - x_hat
-        total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-        fvu = err.pow(2).sum() / total_var
+        if fast.enabled(x):
+            fvu, err = fast.fvu(x, x_hat)
+        else:
+            err = x - x_hat
+            total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+            fvu = err.pow(2).sum() / total_var
         zero = x.new_zeros(())
         auxk, l1 = zero, zero
         if self.cfg.kind == "relu":
             l1 = (codes.val * self.W_dec.norm(dim=1)).sum(-1).mean()
-        elif cols is not None and cols.numel():
-            auxk = self._auxk_loss(x, err.detach(), dead, cols, pre)
+        elif aux is not None:
+            # Reference AuxK's scale min(n_dead / k_aux, 1) is always 1, since k_aux <= n_dead.
+            e_hat = fast.dense_decode(z_aux, self.W_dec.index_select(0, aux[0]))
+            auxk = fast.fvu(err.detach(), e_hat)[0]  # the FVU of e by e_hat
+        elif self.cfg.kind == "topk" and dead is not None and not fast.enabled(x):
+            n_dead = int(dead.sum())
+            if n_dead:
+                auxk = self._auxk_loss(x, err.detach(), dead, n_dead, pre)
         return ForwardOutput(x_hat, codes, fvu, auxk, l1)
 
-    def _auxk_loss(self, x: Tensor, e: Tensor, dead: Tensor, cols: Tensor,
-                   pre: Tensor | None) -> Tensor:
-        """Gao et al.'s AuxK: the top dead latents (mask ``dead``, indices ``cols``)
-        reconstruct the residual e."""
-        n_dead = cols.numel()
-        k_aux = min(max(self.cfg.d_in // 2, 1), n_dead)
-        if fast.enabled(x):
-            z = fast.auxk_codes(x, self.b_dec, self.encoder_weight, self.b_enc, cols, k_aux,
-                                self.cfg.signed, pre)
-            e_hat = fast.dense_decode(z, self.W_dec[cols])
-        else:
-            if pre is None:
-                pre = self.pre_acts(x)
-            score = pre.abs() if self.cfg.signed else F.relu(pre)
-            score = torch.where(dead, score, torch.full_like(score, -1.0))
-            idx = score.topk(k_aux, dim=-1, sorted=False).indices
-            val = pre.gather(-1, idx)
-            if not self.cfg.signed:
-                val = F.relu(val)
-            e_hat = sparse_decode(Codes(val, idx), self.W_dec)
-        scale = min(n_dead / k_aux, 1.0)
+    def _k_aux(self, n_dead: int) -> int:
+        return min(max(self.cfg.d_in // 2, 1), n_dead)
+
+    @staticmethod
+    def _auxk_ratio(e_hat: Tensor, e: Tensor) -> Tensor:
         denom = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
-        return scale * (e_hat - e).pow(2).sum() / denom
+        return (e_hat - e).pow(2).sum() / denom
+
+    def _auxk_loss(self, x: Tensor, e: Tensor, dead: Tensor, n_dead: int,
+                   pre: Tensor | None) -> Tensor:
+        """Gao et al.'s AuxK: the top dead latents (mask ``dead``) reconstruct the residual e."""
+        k_aux = self._k_aux(n_dead)
+        if pre is None:
+            pre = self.pre_acts(x)
+        score = pre.abs() if self.cfg.signed else F.relu(pre)
+        score = torch.where(dead, score, torch.full_like(score, -1.0))
+        idx = score.topk(k_aux, dim=-1, sorted=False).indices
+        val = pre.gather(-1, idx)
+        if not self.cfg.signed:
+            val = F.relu(val)
+        e_hat = sparse_decode(Codes(val, idx), self.W_dec)
+        return min(n_dead / k_aux, 1.0) * self._auxk_ratio(e_hat, e)
 
     # ------------------------------------------------------------------ the constraint
 
@@ -264,11 +286,18 @@ class SparseCoder(nn.Module):
         if not self.unit_norm_decoder or self.W_dec.grad is None:
             return
         W, G = self.W_dec, self.W_dec.grad
-        G -= (G * W).sum(-1, keepdim=True) * W
+        if fast.enabled(W):
+            fast.kernels.project_rows_(G, W)
+        else:
+            G -= (G * W).sum(-1, keepdim=True) * W
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        if self.unit_norm_decoder:
+        if not self.unit_norm_decoder:
+            return
+        if fast.enabled(self.W_dec):
+            fast.normalize_rows_(self.W_dec)
+        else:
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     # ------------------------------------------------------------------ the SAELens layout

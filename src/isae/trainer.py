@@ -27,35 +27,57 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from . import checkpoint
+from . import checkpoint, fast, graphs
 from .actset import ActivationSet
 from .config import SAEConfig, TrainConfig
 from .dl import DLStepper
 from .errors import UserError
 from .io import progress, writable_parent
-from .sae import SparseCoder
+from .sae import Codes, SparseCoder
 from .stream import shuffled_batches
 
 log = logging.getLogger(__name__)
 
 
 class SAEStepper:
-    """Adam on the SAE loss with the unit-norm decoder constraint."""
+    """Adam on the SAE loss with the unit-norm decoder constraint.
+
+    On CUDA the TopK family's step is replayed as a CUDA graph (graphs.py); elsewhere it
+    runs eagerly, the CPU with the reference implementation.
+    """
 
     def __init__(self, model: SparseCoder, tcfg: TrainConfig) -> None:
         self.model = model
         self.tcfg = tcfg
         self.base_lr = tcfg.learning_rate(model.cfg.d_sae)
+        cuda = model.W_dec.is_cuda
+        self.graphs = None
+        lr: float | torch.Tensor = self.base_lr
+        if cuda and graphs.ENABLED and fast.ENABLED and model.cfg.kind == "topk":
+            # A recorded step reads the learning rate from a tensor, so the schedule can
+            # change it between replays.
+            lr = torch.tensor(self.base_lr, device=model.device)
+            self.graphs = graphs.StepGraphs(self._body, self._before_recording)
         # The fused kernel on CUDA (what benchmarks/gpu_bench.py measured); the CPU keeps the
         # reference implementation.
-        self.opt = torch.optim.Adam(model.parameters(), lr=self.base_lr, betas=(0.9, 0.999), eps=1e-8,
-                                    fused=model.W_dec.is_cuda)
+        self.opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                                    fused=cuda, capturable=self.graphs is not None)
 
     def step(self, x: torch.Tensor, lr_scale: float, dead: torch.Tensor | None) -> dict:
-        model = self.model
+        if self.graphs is None:
+            for g in self.opt.param_groups:
+                g["lr"] = self.base_lr * lr_scale
+            return self._body(x, dead, None)
         for g in self.opt.param_groups:
-            g["lr"] = self.base_lr * lr_scale
-        out = model(x, dead=dead)
+            g["lr"].fill_(self.base_lr * lr_scale)
+        if dead is None:
+            dead = torch.zeros(self.model.cfg.d_sae, dtype=torch.bool, device=x.device)
+        width = graphs.aux_bucket(int(dead.sum()), self.model.cfg.d_sae)  # the one host sync
+        return self.graphs(x, dead, width)
+
+    def _body(self, x: torch.Tensor, dead: torch.Tensor | None, aux_width: int | None) -> dict:
+        model = self.model
+        out = model(x, dead=dead, aux_width=aux_width)
         if model.cfg.kind == "relu":
             mse = (x - out.x_hat).pow(2).sum(-1).mean() / x.shape[1]
             loss = mse + model.cfg.l1_coeff * out.l1
@@ -67,8 +89,17 @@ class SAEStepper:
         self.opt.step()
         model.normalize_decoder()
         # Tensors, not floats: the loop reads them only when it logs (no GPU sync per step).
+        # Detached codes: holding the step's autograd graph until the next step would keep
+        # its memory (and, across streams, its gradient-accumulation nodes) alive.
+        codes = Codes(out.codes.val.detach(), out.codes.idx)
         return {"loss": loss.detach(), "fvu": out.fvu.detach(), "auxk": out.auxk.detach(),
-                "codes": out.codes}
+                "codes": codes}
+
+    def _before_recording(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        # The bfloat16 decoder copy must be current: the recorded forward reads it as is,
+        # and each replay's normalisation rewrites it (fast.normalize_rows_).
+        fast.low(self.model.W_dec)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "opt": self.opt.state_dict()}
@@ -76,6 +107,11 @@ class SAEStepper:
     def load_state_dict(self, s: dict) -> None:
         self.model.load_state_dict(s["model"])
         self.opt.load_state_dict(s["opt"])
+        if self.graphs is not None:  # the optimiser's state tensors were replaced
+            for g in self.opt.param_groups:  # a state saved by an eager run has a float lr
+                g["lr"] = torch.as_tensor(g["lr"], dtype=torch.float32,
+                                          device=self.model.device).clone()
+            self.graphs.reset()
 
 
 def lr_multiplier(step: int, total: int, tcfg: TrainConfig) -> float:
