@@ -18,13 +18,18 @@ same time and the caller reads a step's outputs before the next step replays any
 
 from __future__ import annotations
 
+import gc
+import os
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-#: Switch for benchmarks and equivalence checks: False runs every CUDA step eagerly.
-ENABLED = True
+from .errors import UserError
+
+#: False runs every CUDA step eagerly (benchmarks, equivalence checks, and the way out if a
+#: recording ever fails: ISAE_CUDA_GRAPHS=0 in the environment).
+ENABLED = os.environ.get("ISAE_CUDA_GRAPHS", "1") != "0"
 
 
 def aux_bucket(n_dead: int, n: int) -> int:
@@ -92,9 +97,28 @@ class StepGraphs:
         torch.cuda.synchronize(x.device)
         self.prepare()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self._side(x.device),
-                              capture_error_mode="thread_local"):
-            out = self.body(sx, sd, width)
+        # Python's cycle collector must not run inside a recording: an earlier stepper (a
+        # cycle through its bound method here) freed mid-recording destroys its graphs and
+        # frees their memory, which CUDA forbids while a stream records. Collect now instead.
+        gc.collect()
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            # "relaxed": calls that CUDA deems unsafe while recording but that change no
+            # stream (Triton loading a kernel, say) must not void the recording; the step
+            # itself has no host syncs (the graph tests compare replays with eager steps).
+            with torch.cuda.graph(graph, pool=self.pool, stream=self._side(x.device),
+                                  capture_error_mode="relaxed"):
+                out = self.body(sx, sd, width)
+        except RuntimeError as e:  # torch's CUDA errors are RuntimeErrors
+            raise UserError(
+                f"recording the training step as a CUDA graph failed ({str(e).splitlines()[0]}); "
+                "rerun with ISAE_CUDA_GRAPHS=0 to train without graphs (the run resumes from "
+                "its last saved state)"
+            ) from e
+        finally:
+            if collecting:
+                gc.enable()
         self.pool = graph.pool()
         self.prepare()
         entry = self.graphs[width] = (graph, sx, sd, out)
