@@ -26,3 +26,35 @@ def test_environment_switches_graphs_off():
         env = {**os.environ, "ISAE_CUDA_GRAPHS": value}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         assert out.stdout.strip() == want, out.stderr
+
+
+def test_a_failed_recording_stops_with_one_line_and_leaves_the_collector_on(monkeypatch):
+    """No CUDA here: torch's recording context is replaced by one that fails as a voided
+    capture does, to check what the user is told and that the cycle collector comes back."""
+    import contextlib
+    import gc
+
+    import pytest
+    import torch
+
+    from isae import graphs
+    from isae.errors import UserError
+
+    @contextlib.contextmanager
+    def failing(*a, **k):
+        assert not gc.isenabled()  # off while recording
+        yield
+        raise RuntimeError("CUDA error: operation failed due to a previous error during capture\nmore")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", failing)
+    sg = graphs.StepGraphs(lambda x, dead, width: {"x": x}, lambda: None)
+    monkeypatch.setattr(sg, "_side", lambda device: None)
+    assert gc.isenabled()
+    with pytest.raises(UserError) as e:
+        sg._record(torch.zeros(2, 3), torch.zeros(3, dtype=torch.bool), 0)
+    msg = str(e.value)
+    assert "previous error during capture" in msg and "ISAE_CUDA_GRAPHS=0" in msg and "\n" not in msg
+    assert gc.isenabled()
+    assert sg.graphs == {}
