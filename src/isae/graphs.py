@@ -97,16 +97,17 @@ class StepGraphs:
         torch.cuda.synchronize(x.device)
         self.prepare()
         graph = torch.cuda.CUDAGraph()
-        # Python's cycle collector must not run inside a recording: an earlier stepper (a
-        # cycle through its bound method here) freed mid-recording destroys its graphs and
-        # frees their memory, which CUDA forbids while a stream records. Collect now instead.
+        # Python's cycle collector stays off inside a recording: an earlier stepper (a cycle
+        # through its bound method here) freed mid-recording would destroy its graphs while
+        # a stream records. The suspect of an intermittent failure (benchmarks/RESULTS.md),
+        # not a proven cause. Collect now instead.
         gc.collect()
         collecting = gc.isenabled()
         gc.disable()
         try:
-            # "relaxed": calls that CUDA deems unsafe while recording but that change no
-            # stream (Triton loading a kernel, say) must not void the recording; the step
-            # itself has no host syncs (the graph tests compare replays with eager steps).
+            # "relaxed": a call that CUDA deems unsafe while recording but that touches no
+            # stream (a library loading a kernel, say) does not void the recording. The
+            # step itself has no host syncs (the GPU tests compare replays with eager steps).
             with torch.cuda.graph(graph, pool=self.pool, stream=self._side(x.device),
                                   capture_error_mode="relaxed"):
                 out = self.body(sx, sd, width)
