@@ -115,7 +115,8 @@ def test_decoder_rows_unit_norm_after_every_step(data, arch):
 
 
 def test_auxk_revives_dead_latents(data, tmp_path):
-    out = _train(data, tmp_path, "topk", tokens="300000", extra=["--dead-tokens", "2048"])
+    # every step logged: latents die and revive briefly, between the default log points
+    out = _train(data, tmp_path, "topk", tokens="300000", extra=["--dead-tokens", "2048", "--log-every", "1"])
     log = pd.read_parquet(out / "train_log.parquet")
     assert log["auxk"].max() > 0  # the AuxK term was active at some point
 

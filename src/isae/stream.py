@@ -1,7 +1,7 @@
 """Batches of training rows streamed from an activation set through a shuffle buffer.
 
 Memory is bounded by the buffer plus one shard, whatever the size of the set. The order is a
-pure function of the seed (permutations come from a NumPy generator on the host), so a
+pure function of the seed (permutations come from NumPy generators on the host), so a
 resumed run replays the stream up to its step and continues exactly where an uninterrupted
 run would be, and the CPU and GPU see the same rows in the same order. The buffer lives on
 the training device; a set that fits in the buffer is read from disk once.
@@ -10,7 +10,8 @@ the training device; a set that fits in the buffer is read from disk once.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
 import numpy as np
@@ -21,6 +22,14 @@ from .actset import ActivationSet
 #: Shards decoded ahead of the one being consumed, each by its own thread (more on hosts
 #: with many cores: one shard takes a core for ~0.1-0.3 s).
 PREFETCH = max(2, min(4, (os.cpu_count() or 2) // 4))
+
+
+def _shard_sequence(rng: np.random.Generator, n: int) -> Iterator[tuple[int, bool]]:
+    """Endless (shard, last of its epoch): each epoch a fresh permutation of the n shards."""
+    while True:
+        order = rng.permutation(n)
+        for i, s in enumerate(order):
+            yield int(s), i == n - 1
 
 
 def shuffled_batches(
@@ -36,7 +45,10 @@ def shuffled_batches(
     shuffled whenever it fills (and at the end of every epoch), and batches are taken from
     it down to half its capacity, so rows from different shards mix.
     """
-    rng = np.random.default_rng(seed)
+    # Two generators from the seed: shard orders, drawn ahead so reads run across epoch
+    # boundaries, and the buffer's permutations, drawn as batches are made.
+    order_seed, perm_seed = np.random.SeedSequence(seed).spawn(2)
+    rng = np.random.default_rng(perm_seed)
     cap = max(buffer_rows, 2 * batch_size)
     train_rows = int(acts.meta.get("train_rows", acts.rows))
     cache: dict[int, torch.Tensor] | None = {} if train_rows <= cap else None
@@ -51,32 +63,40 @@ def shuffled_batches(
         return torch.cat(parts) if parts else torch.empty(0, acts.d)
 
     buf = torch.empty(0, acts.d, device=device)
-    # Threads decode the next shards (in parallel: Arrow and NumPy release the GIL) while
-    # the caller trains on this one. Only file reading moves there; every random draw stays
-    # on this thread, in the same order, so the batches are the same with or without them.
+    upcoming = _shard_sequence(np.random.default_rng(order_seed), len(acts.shards))
+    queue: deque[tuple[int, bool, Future | None]] = deque()
+    requested: set[int] = set()  # with a cache, each shard is read once
+    # Threads decode the next PREFETCH shards of the sequence, this epoch's or the next's
+    # (in parallel: Arrow and NumPy release the GIL), while the caller trains. Only file
+    # reading moves there; every random draw stays on this thread, so the batches are the
+    # same with or without them.
     with ThreadPoolExecutor(max_workers=PREFETCH, thread_name_prefix="isae-shards") as pool:
+
+        def top_up() -> None:
+            while len(queue) < PREFETCH:
+                s, last = next(upcoming)
+                fut = None
+                if cache is None or s not in requested:
+                    fut = pool.submit(read, s)
+                    requested.add(s)
+                queue.append((s, last, fut))
+
         while True:
-            order = [int(s) for s in rng.permutation(len(acts.shards))]
-            todo = [s for s in order if cache is None or s not in cache]
-            pending = {s: pool.submit(read, s) for s in todo[:PREFETCH]}
-            nxt = PREFETCH
-            for i, s in enumerate(order):
-                if cache is not None and s in cache:
-                    new = cache[s]
-                else:
-                    new = pending.pop(s).result().to(device).float()
-                    if nxt < len(todo):
-                        pending[todo[nxt]] = pool.submit(read, todo[nxt])
-                        nxt += 1
-                    if cache is not None:
-                        cache[s] = new
-                buf = torch.cat([buf, new]) if len(buf) else new
-                last = i == len(order) - 1
-                if len(buf) >= cap or last:
-                    perm = torch.from_numpy(rng.permutation(len(buf))).to(device)
-                    buf = buf[perm]
-                    keep = 0 if last else cap // 2
-                    n_out = (len(buf) - keep) // batch_size
-                    for b in range(n_out):
-                        yield buf[b * batch_size : (b + 1) * batch_size]
-                    buf = buf[n_out * batch_size :]
+            top_up()
+            s, last, fut = queue.popleft()
+            top_up()  # the next read starts before this one is waited for
+            if fut is None:
+                new = cache[s]
+            else:
+                new = fut.result().to(device).float()
+                if cache is not None:
+                    cache[s] = new
+            buf = torch.cat([buf, new]) if len(buf) else new
+            if len(buf) >= cap or last:
+                perm = torch.from_numpy(rng.permutation(len(buf))).to(device)
+                buf = buf[perm]
+                keep = 0 if last else cap // 2
+                n_out = (len(buf) - keep) // batch_size
+                for b in range(n_out):
+                    yield buf[b * batch_size : (b + 1) * batch_size]
+                buf = buf[n_out * batch_size :]
