@@ -1,11 +1,11 @@
 """Batches of training rows streamed from an activation set through a shuffle buffer.
 
 Memory is bounded by the buffer plus the shards being read ahead (PREFETCH), whatever the
-size of the set. The order is a
-pure function of the seed (permutations come from NumPy generators on the host), so a
-resumed run replays the stream up to its step and continues exactly where an uninterrupted
-run would be, and the CPU and GPU see the same rows in the same order. The buffer lives on
-the training device; a set that fits in the buffer is read from disk once.
+size of the set. The order is a pure function of the seed (permutations come from NumPy
+generators on the host), so a resumed run replays the stream up to its step and continues
+exactly where an uninterrupted run would be, and the CPU and GPU see the same rows in the
+same order. The buffer lives on the training device; a set that fits in the buffer is read
+from disk once.
 """
 
 from __future__ import annotations
