@@ -60,6 +60,14 @@ def topk_select(pre: Tensor, k: int, signed: bool) -> Codes:
     return Codes(val, idx)
 
 
+def fvu(x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
+    """(||x - x_hat||^2 / ||x - mean(x)||^2, the residual x - x_hat): the reference of
+    fast.fvu, also AuxK's loss (the FVU of the residual by the dead latents' decode)."""
+    err = x - x_hat
+    total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+    return err.pow(2).sum() / total_var, err
+
+
 def sparse_decode(codes: Codes, W_dec: Tensor) -> Tensor:
     """sum_j val_j W_dec[idx_j] without a dense [B, N] scatter. -> [B, D]."""
     return F.embedding_bag(codes.idx, W_dec, per_sample_weights=codes.val, mode="sum")
@@ -222,8 +230,10 @@ class SparseCoder(nn.Module):
         and the rest masked out, so the step's shapes stay fixed (graphs.py). It must be at
         least the number of dead latents; None reads exactly those (one host sync).
         """
+        use_fast = fast.enabled(x)
+        aux_k = self.cfg.kind == "topk" and dead is not None
         aux = None
-        if self.cfg.kind == "topk" and dead is not None and fast.enabled(x):
+        if aux_k and use_fast:
             if aux_width is None:
                 aux_width = int(dead.sum())  # the step's one host sync
             if aux_width:
@@ -231,12 +241,7 @@ class SparseCoder(nn.Module):
         codes, pre, x_hat, z_aux = self._encode_and_decode(x, aux)
         if x_hat is None:
             x_hat = self.decode(codes)
-        if fast.enabled(x):
-            fvu, err = fast.fvu(x, x_hat)
-        else:
-            err = x - x_hat
-            total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-            fvu = err.pow(2).sum() / total_var
+        fvu_, err = (fast.fvu if use_fast else fvu)(x, x_hat)
         zero = x.new_zeros(())
         auxk, l1 = zero, zero
         if self.cfg.kind == "relu":
@@ -244,20 +249,15 @@ class SparseCoder(nn.Module):
         elif aux is not None:
             # Reference AuxK's scale min(n_dead / k_aux, 1) is always 1, since k_aux <= n_dead.
             e_hat = fast.dense_decode(z_aux, self.W_dec.index_select(0, aux[0]))
-            auxk = fast.fvu(err.detach(), e_hat)[0]  # the FVU of e by e_hat
-        elif self.cfg.kind == "topk" and dead is not None and not fast.enabled(x):
+            auxk = fast.fvu(err.detach(), e_hat)[0]
+        elif aux_k and not use_fast:
             n_dead = int(dead.sum())
             if n_dead:
                 auxk = self._auxk_loss(x, err.detach(), dead, n_dead, pre)
-        return ForwardOutput(x_hat, codes, fvu, auxk, l1)
+        return ForwardOutput(x_hat, codes, fvu_, auxk, l1)
 
     def _k_aux(self, n_dead: int) -> int:
         return min(max(self.cfg.d_in // 2, 1), n_dead)
-
-    @staticmethod
-    def _auxk_ratio(e_hat: Tensor, e: Tensor) -> Tensor:
-        denom = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
-        return (e_hat - e).pow(2).sum() / denom
 
     def _auxk_loss(self, x: Tensor, e: Tensor, dead: Tensor, n_dead: int,
                    pre: Tensor | None) -> Tensor:
@@ -272,7 +272,7 @@ class SparseCoder(nn.Module):
         if not self.cfg.signed:
             val = F.relu(val)
         e_hat = sparse_decode(Codes(val, idx), self.W_dec)
-        return min(n_dead / k_aux, 1.0) * self._auxk_ratio(e_hat, e)
+        return min(n_dead / k_aux, 1.0) * fvu(e, e_hat)[0]
 
     # ------------------------------------------------------------------ the constraint
 

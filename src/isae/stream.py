@@ -82,8 +82,8 @@ def shuffled_batches(
                     requested.add(s)
                 queue.append((s, last, fut))
 
+        top_up()
         while True:
-            top_up()
             s, last, fut = queue.popleft()
             top_up()  # the next read starts before this one is waited for
             if fut is None:
