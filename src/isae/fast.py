@@ -54,24 +54,27 @@ def low(W: Tensor) -> Tensor:
     it (graphs.py) always finds the current one there.
     """
     cached = getattr(W, "_isae_low", None)
-    if cached is not None and cached[1].shape == W.shape:
-        if cached[0] == W._version:
-            return cached[1]
-        buf = cached[1]
-        buf.copy_(W.detach())
-    else:
-        buf = W.detach().to(LOW)
+    if cached is not None and cached[0] == W._version and cached[1].shape == W.shape:
+        return cached[1]
+    buf = _low_buffer(W)
+    buf.copy_(W.detach())
     W._isae_low = (W._version, buf)
     return buf
+
+
+def _low_buffer(W: Tensor) -> Tensor:
+    """The buffer that holds W's bfloat16 copy: the cached one when its shape still fits."""
+    cached = getattr(W, "_isae_low", None)
+    if cached is not None and cached[1].shape == W.shape:
+        return cached[1]
+    return torch.empty(W.shape, dtype=LOW, device=W.device)
 
 
 @torch.no_grad()
 def normalize_rows_(W: Tensor) -> None:
     """W's rows to unit norm in place, writing its bfloat16 copy (``low``) in the same pass:
     the next forward's decoder reads that copy instead of casting W again."""
-    cached = getattr(W, "_isae_low", None)
-    buf = (cached[1] if cached is not None and cached[1].shape == W.shape
-           else torch.empty(W.shape, dtype=LOW, device=W.device))
+    buf = _low_buffer(W)
     kernels.normalize_rows_(W, buf)
     torch.autograd.graph.increment_version(W)  # a Triton write is invisible to autograd
     W._isae_low = (W._version, buf)
