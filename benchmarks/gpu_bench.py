@@ -355,23 +355,26 @@ def matching(n_atoms: int):
 
 
 @section("profile of one training step")
-def profile_steps():
+def profile_steps(trace_dir: str | None = None):
     from torch.profiler import ProfilerActivity, profile
 
     x = torch.randn(B, D, device="cuda")
     dead = torch.rand(N, device="cuda") < 0.05
     graphs.ENABLED = False  # the profiler sees kernels launched one by one
-    for arch in ("topk", "isae-iter"):
+    for arch in ("topk", "isae", "isae-iter"):
         m, st = our_stepper(arch)
         for _ in range(3):
             st.step(x, 1.0, dead)
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 st.step(x, 1.0, dead)
             torch.cuda.synchronize()
         print(f"-- {arch}: CUDA time by kernel, 5 steps")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=80,
+                                        max_name_column_width=110))
+        if trace_dir:  # kernels linked to the ops that launched them, for a closer look
+            prof.export_chrome_trace(str(Path(trace_dir) / f"profile_{arch}.json"))
     graphs.ENABLED = True
 
 
@@ -388,6 +391,7 @@ def main() -> None:
     ap.add_argument("--prefetch", type=int, default=None, help="reader threads (isae.stream.PREFETCH)")
     ap.add_argument("--ric-unions", type=int, default=200_000)
     ap.add_argument("--match-atoms", type=int, default=32768)
+    ap.add_argument("--trace-dir", default=None, help="where the profile section writes its traces")
     a = ap.parse_args()
     if a.quick:
         a.eq_steps, a.seed_rows, a.seed_tokens, a.ric_unions, a.match_atoms = 60, 200_000, 2_000_000, 20_000, 8192
@@ -407,7 +411,7 @@ def main() -> None:
         "seeds": lambda: seeds_parallel(a.seed_rows, a.seed_tokens, a.seed_buffer, a.seeds),
         "ric": lambda: ric(a.ric_unions),
         "matching": lambda: matching(a.match_atoms),
-        "profile": profile_steps,
+        "profile": lambda: profile_steps(a.trace_dir),
     }
     only = a.only.split(",") if a.only else [s for s in sections if s != "profile"]
     for name in only:

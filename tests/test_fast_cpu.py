@@ -115,7 +115,7 @@ def test_auxk_codes_and_their_gradients_equal_float64_reference(forced, signed):
     g_main = g_val.double() * ((val.detach() > 0).double() if not signed else 1.0)
     dpre.scatter_add_(1, idx, g_main)
     dz_full = torch.zeros(B, n, dtype=torch.float64)
-    dz_full[:, cols] = g_z.double()
+    dz_full[:, cols] = g_z.bfloat16().double()  # z is bfloat16, so is the gradient it gets
     dpre += dz_full * keep
     ref = xc.T @ dpre  # AuxK's share is a bfloat16 product: compare in norm
     assert float((W_enc.grad.double() - ref).norm() / ref.norm()) < 5e-3
@@ -174,3 +174,26 @@ def test_normalize_keeps_the_low_copy_current(forced):
     with torch.no_grad():
         W.mul_(3)  # any other change: the copy is refreshed in place
     assert fast.low(W).data_ptr() == first.data_ptr() and torch.equal(first, W.detach().bfloat16())
+
+
+@pytest.mark.parametrize("arch", ["topk", "isae", "isae-iter"])
+def test_one_decoder_buffer_equals_autograd_summing(forced, arch, monkeypatch):
+    """fast.collect: the decoder's readers add into one buffer instead of each returning an
+    [N, D] gradient for autograd to sum. Same sums, another order: equal to float32 rounding."""
+    from isae import sae as sae_mod
+
+    torch.manual_seed(2)
+    d, n, k = 32, 256, 5
+    m = SparseCoder(SAEConfig.from_arch(arch, d_in=d, d_sae=n, k=k, seed=3))
+    x = torch.randn(256, d)
+    dead = torch.rand(n) < 0.2
+    _, g_buf = _grads(m, x, dead, True)
+
+    def autograd_sums(self):
+        tied = self.W_enc is None
+        return sae_mod._FastWeights(self.W_dec, self.W_dec.T if tied else self.W_enc, None, tied)
+
+    monkeypatch.setattr(SparseCoder, "_fast_weights", autograd_sums)
+    _, g_sum = _grads(m, x, dead, True)
+    for name, g in g_sum.items():
+        torch.testing.assert_close(g_buf[name], g, rtol=1e-5, atol=1e-6, msg=name)

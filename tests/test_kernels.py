@@ -62,6 +62,42 @@ CHECKS = textwrap.dedent('''
     ref = torch.zeros(N, D, dtype=torch.float64).index_add_(
         0, idx.reshape(-1), (val.double()[..., None] * src.double()[:, None]).reshape(-1, D))
     assert (seg.reduce(val, src).double() - ref).abs().max() < 1e-5
+    acc = torch.randn(N, D, generator=g)
+    want = acc.double() + ref
+    seg.reduce_into(acc, val, src)  # accumulates in place
+    assert (acc.double() - want).abs().max() < 1e-5
+
+    def check_mask(B, C, k, signed, dtype):
+        src = torch.randn(B, C, generator=g).to(dtype)
+        valid = torch.rand(C, generator=g) < 0.5
+        z = K.topk_mask_rows(src, k, signed, valid)
+        score = torch.where(valid, src.float().abs() if signed else src.float().relu(), -1.0)
+        kth = score.topk(k, dim=1).values[:, -1:]
+        v = src if signed else src.relu()
+        kept = z != 0
+        assert z.dtype == dtype and torch.equal(z[kept], v[kept])
+        assert (kept.sum(1) <= k).all() and (valid | ~kept).all()
+        assert (score[kept.nonzero(as_tuple=True)] >= kth.expand_as(score)[kept]).all()
+        missed = (score > kth) & ~kept  # every score above the k-th is kept
+        assert not missed.any(), (B, C, k)
+
+    check_mask(5, 300, 20, True, torch.bfloat16)   # one block
+    check_mask(4, 5000, 37, False, torch.bfloat16)  # chunks
+    check_mask(3, 100, 10, False, torch.float32)
+    ties = torch.zeros(2, 50, dtype=torch.bfloat16)
+    ties[:, 5:15] = 1.0
+    z = K.topk_mask_rows(ties, 4, True, torch.ones(50, dtype=torch.bool))
+    assert z.nonzero()[:, 1].tolist() == [5, 6, 7, 8] * 2, z.nonzero()  # ties: lower index
+
+    xs = torch.randn(70, 77, generator=g) + 5.0  # an offset the variance must not see
+    xh = torch.randn(70, 77, generator=g)
+    err, sse, tv = K.fvu_parts(xs, xh)
+    e64 = xs.double() - xh.double()
+    assert (err.double() - e64).abs().max() < 1e-6
+    assert abs(float(sse) / float(e64.pow(2).sum()) - 1) < 1e-6
+    assert abs(float(tv) / float((xs.double() - xs.double().mean(0)).pow(2).sum()) - 1) < 1e-5
+    two, three = torch.tensor(2.0), torch.tensor(3.0)
+    assert (K.scale(xh, two, three, -2.0).double() - xh.double() * (-4.0 / 3.0)).abs().max() < 1e-6
 
     G, W = torch.randn(N, 77, generator=g), torch.randn(N, 77, generator=g)  # D not a power of 2
     W[3] = 0.0  # a zero row stays zero (the norm's floor)

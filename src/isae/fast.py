@@ -47,27 +47,35 @@ def enabled(x: Tensor) -> bool:
 
 def low(W: Tensor) -> Tensor:
     """A bfloat16 copy of a parameter, made once per version of it (a step casts W_dec for
-    the decoder, its backward and every IHT step; the optimiser's in-place update bumps the
-    version and so invalidates the copy).
+    the encoder of a tied model, the decoder, its backward and every IHT step; the
+    optimiser's in-place update bumps the version and so invalidates the copy).
 
-    The copy keeps its buffer: it is refreshed in place, so a recorded CUDA graph that reads
-    it (graphs.py) always finds the current one there.
+    A view of the parameter (``collect``'s, or its transpose) gets the same view of the
+    parameter's copy. The copy keeps its buffer: it is refreshed in place, so a recorded
+    CUDA graph that reads it (graphs.py) always finds the current one there.
     """
-    cached = getattr(W, "_isae_low", None)
-    if cached is not None and cached[0] == W._version and cached[1].shape == W.shape:
-        return cached[1]
-    buf = _low_buffer(W)
-    buf.copy_(W.detach())
-    W._isae_low = (W._version, buf)
-    return buf
+    owner = W if W._base is None else W._base
+    cached = getattr(owner, "_isae_low", None)
+    if not (cached is not None and cached[0] == owner._version and cached[1].shape == owner.shape):
+        buf = _low_buffer(owner)
+        buf.copy_(owner.detach())
+        owner._isae_low = (owner._version, buf)
+        cached = owner._isae_low
+    buf = cached[1]
+    if owner is W:
+        return buf
+    if buf.stride() != owner.stride():  # a parameter not dense in memory: no shared view
+        return W.detach().to(LOW)
+    return buf.as_strided(W.shape, W.stride(), W.storage_offset() - owner.storage_offset())
 
 
 def _low_buffer(W: Tensor) -> Tensor:
-    """The buffer that holds W's bfloat16 copy: the cached one when its shape still fits."""
+    """The buffer that holds W's bfloat16 copy: the cached one when its shape still fits; a
+    new one keeps W's strides (W_enc is stored latent-major)."""
     cached = getattr(W, "_isae_low", None)
     if cached is not None and cached[1].shape == W.shape:
         return cached[1]
-    return torch.empty(W.shape, dtype=LOW, device=W.device)
+    return torch.empty_like(W, dtype=LOW)
 
 
 @torch.no_grad()
@@ -83,23 +91,27 @@ def normalize_rows_(W: Tensor) -> None:
 class _FVU(Function):
     @staticmethod
     def forward(ctx, x: Tensor, x_hat: Tensor):
-        err = x - x_hat
-        total_var = (x.var(0, unbiased=False).sum() * x.shape[0]).clamp_min(1e-12)
+        err, sse, total_var = kernels.fvu_parts(x, x_hat)
+        total_var = total_var.clamp_min(1e-12)
         ctx.save_for_backward(err, total_var)
         ctx.mark_non_differentiable(err)
-        return torch.linalg.vector_norm(err).square() / total_var, err
+        ctx.set_materialize_grads(False)  # no [B, D] zeros for the residual's gradient
+        return sse / total_var, err
 
     @staticmethod
     def backward(ctx, g: Tensor, _g_err):
+        if g is None:
+            return None, None
         err, total_var = ctx.saved_tensors
-        return None, err * (-2.0 * g / total_var)
+        return None, kernels.scale(err, g, total_var, -2.0)
 
 
 def fvu(x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
     """(FVU = ||x - x_hat||^2 / ||x - mean(x)||^2, the residual x - x_hat without gradient).
 
-    Differentiable in x_hat only (x is data). Three reductions and one elementwise backward,
-    where autograd on the stock expression launches about a dozen [B, D] kernels.
+    Differentiable in x_hat only (x is data). One pass over x and x_hat (kernels.fvu_parts)
+    and one elementwise backward, where autograd on the stock expression launches about a
+    dozen [B, D] kernels.
     """
     return _FVU.apply(x, x_hat)
 
@@ -120,6 +132,82 @@ def _holder(idx: Tensor) -> dict:
     return h
 
 
+_MM_OUT_DTYPE = True
+
+
+def mm32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for bfloat16 a, b with float32 accumulation and a float32 result."""
+    global _MM_OUT_DTYPE
+    if a.is_cuda and _MM_OUT_DTYPE:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without mm(out_dtype=) on this GPU
+            _MM_OUT_DTYPE = False
+    if a.is_cuda:
+        return (a @ b).float()
+    return a.float() @ b.float()
+
+
+class DecoderGrads:
+    """Where the fast functions that read the decoder in one step put its [N, D] gradient.
+
+    A step reads W_dec in several places (the decoder, AuxK's decode, the encoder of a tied
+    model, every IHT step's decode and correlations). Left to autograd, each would hand back
+    its own [N, D] float32 gradient and autograd would add them up: a 225 MB pass each.
+    Here the first sparse product writes the buffer and the rest accumulate into it in place;
+    ``collect``'s backward hands the sum to autograd once.
+    """
+
+    def __init__(self, n: int, d: int) -> None:
+        self.n, self.d = n, d
+        self.acc: Tensor | None = None
+
+    def add_segments(self, seg: kernels.Segments, wts: Tensor, src: Tensor) -> None:
+        """+= sum over (b, j) with idx[b, j] = n of wts[b, j] src[b] (seg from idx)."""
+        if self.acc is None:
+            self.acc = seg.reduce(wts, src)
+        else:
+            seg.reduce_into(self.acc, wts, src)
+
+    def add_rows(self, rows: Tensor, vals: Tensor) -> None:
+        """+= vals [C, D] on the rows ``rows`` [C] (distinct)."""
+        if self.acc is None:
+            self.acc = torch.zeros(self.n, self.d, device=vals.device, dtype=torch.float32)
+        self.acc.index_add_(0, rows, vals)
+
+    def take(self) -> Tensor | None:
+        acc, self.acc = self.acc, None
+        return acc
+
+
+class _Collect(Function):
+    @staticmethod
+    def forward(ctx, W: Tensor, grads: DecoderGrads):
+        ctx.grads = grads
+        ctx.set_materialize_grads(False)
+        return W.view_as(W)
+
+    @staticmethod
+    def backward(ctx, g: Tensor | None):
+        # Runs after every function that read the view: they all feed this node.
+        acc = ctx.grads.take()
+        if acc is None:
+            return g, None
+        if g is not None:  # stock ops read the view too
+            acc += g
+        return acc, None
+
+
+def collect(W: Tensor) -> tuple[Tensor, DecoderGrads]:
+    """(a view of the decoder weight W [N, D], the buffer its fast readers add to).
+
+    The fast functions given this view and buffer return no gradient for it themselves; the
+    view's backward returns their sum (and whatever stock ops added) as W's gradient.
+    """
+    grads = DecoderGrads(*W.shape)
+    return _Collect.apply(W, grads), grads
+
+
 def aux_columns(dead: Tensor, width: int) -> tuple[Tensor, Tensor]:
     """``width`` latent columns for AuxK, the dead ones first (in index order), and which of
     them are dead. A fixed width gives every step the same shapes whatever the number of
@@ -130,69 +218,110 @@ def aux_columns(dead: Tensor, width: int) -> tuple[Tensor, Tensor]:
 
 class _TopKEncode(Function):
     @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, k: int, signed: bool, aux_cols, aux_valid, k_aux: int):
+    def forward(ctx, x, b_dec, W_enc, b_enc, k: int, signed: bool, aux_cols, aux_valid,
+                k_aux: int, grads: DecoderGrads | None):
         xc = (x - b_dec).to(LOW)
-        pre = torch.addmm(b_enc.to(LOW), xc, W_enc.to(LOW))  # [B, N] bf16
+        W_low = low(W_enc)  # [D, N]: a tied model's is the decoder's cached copy, transposed
+        pre = torch.addmm(b_enc.to(LOW), xc, W_low)  # [B, N] bf16
         val, idx = kernels.topk_rows(pre, k, signed)
         if aux_cols is None:
-            z = keep = val.new_zeros(x.shape[0], 0)
+            z = val.new_zeros(x.shape[0], 0, dtype=LOW)
         else:
-            # AuxK reads the pre-activations already computed: its dead columns are a gather,
-            # not a second matmul; columns that are not dead count as zero.
-            sub = pre.index_select(1, aux_cols).mul_(aux_valid.to(LOW))
-            with torch.no_grad():
-                j = kernels.topk_rows(sub, k_aux, signed)[1]
-            keep = torch.zeros_like(sub, dtype=torch.bool).scatter_(1, j, True)
-            keep &= aux_valid if signed else (sub > 0)
-            z = torch.where(keep, sub, 0).float()
-        ctx.save_for_backward(xc, W_enc, idx, val, aux_cols, keep)
+            # AuxK's columns by their own small matmul (a column gather from `pre` reads all
+            # of it), then its top-k_aux among the dead ones, as a dense bf16 matrix.
+            sub = torch.addmm(b_enc.index_select(0, aux_cols).to(LOW), xc,
+                              W_low.index_select(1, aux_cols))
+            z = kernels.topk_mask_rows(sub, k_aux, signed, aux_valid)
+        ctx.save_for_backward(xc, W_enc, idx, val, aux_cols, z)
         ctx.signed = signed
+        ctx.grads = grads
         ctx.holder = _holder(idx)
         ctx.mark_non_differentiable(idx, pre)
+        ctx.set_materialize_grads(False)  # no [B, N] zeros for `pre`'s gradient
         return val, idx, pre, z
 
     @staticmethod
-    def backward(ctx, g_val: Tensor, _g_idx, _g_pre, g_z: Tensor):
-        xc, W_enc, idx, val, cols, keep = ctx.saved_tensors
-        if not ctx.signed:
+    def backward(ctx, g_val: Tensor | None, _g_idx, _g_pre, g_z: Tensor | None):
+        xc, W_enc, idx, val, cols, z = ctx.saved_tensors
+        if g_val is None:
+            g_val = torch.zeros_like(val)
+        elif not ctx.signed:
             g_val = g_val * (val > 0)
         N = W_enc.shape[1]
         db_enc = torch.zeros(N, device=xc.device, dtype=torch.float32)
         db_enc.index_add_(0, idx.reshape(-1), g_val.reshape(-1).float())
-        if cols is not None:
-            g_z = torch.where(keep, g_z, 0.0)
-            db_enc.index_add_(0, cols, g_z.sum(0))
+        g_aux = None
+        if cols is not None and g_z is not None:
+            g_aux = torch.where(z != 0, g_z.to(LOW), 0)  # [B, C]: the kept codes only
+            db_enc.index_add_(0, cols, g_aux.sum(0, dtype=torch.float32))
         dW = None
         if ctx.needs_input_grad[2]:
-            dW = _segments(ctx, idx, N).reduce(g_val, xc)  # [N, D]
-            if cols is not None:  # AuxK's share, straight into the same [N, D] gradient
-                dW.index_add_(0, cols, (g_z.to(LOW).T @ xc).float())
-            # [D, N] as a view: W_enc is stored latent-major (sae.py), so this is its own
-            # layout and autograd takes it without a copy.
-            dW = dW.T
+            seg = _segments(ctx, idx, N)
+            aux_rows = mm32(g_aux.T, xc) if g_aux is not None else None  # [C, D]
+            if ctx.grads is not None:  # a tied model: into the decoder's one buffer
+                ctx.grads.add_segments(seg, g_val, xc)
+                if aux_rows is not None:
+                    ctx.grads.add_rows(cols, aux_rows)
+            else:
+                dW = seg.reduce(g_val, xc)  # [N, D]
+                if aux_rows is not None:  # AuxK's share, straight into the same gradient
+                    dW.index_add_(0, cols, aux_rows)
+                # [D, N] as a view: W_enc is stored latent-major (sae.py), so this is its
+                # own layout and autograd takes it without a copy.
+                dW = dW.T
         db_dec = -(db_enc @ W_enc.T) if ctx.needs_input_grad[1] else None
         return (None, db_dec, dW, db_enc if ctx.needs_input_grad[3] else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def topk_encode(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, signed: bool,
-                aux: tuple[Tensor, Tensor] | None = None, k_aux: int = 0):
-    """-> (val [B, K] float32, idx [B, K], pre [B, N] bfloat16 no grad, z [B, C] float32).
+                aux: tuple[Tensor, Tensor] | None = None, k_aux: int = 0,
+                grads: DecoderGrads | None = None):
+    """-> (val [B, K] float32, idx [B, K], pre [B, N] bfloat16 no grad, z [B, C] bfloat16).
 
     aux = (cols [C], valid [C]) from ``aux_columns``: z holds AuxK's codes on those columns,
     the k_aux largest of each row kept, zero elsewhere and on columns not valid. Without aux
-    z is [B, 0].
+    z is [B, 0]. grads: for a tied model, W_enc is ``collect``'s view transposed and its
+    weight gradient goes there.
     """
     cols, valid = aux if aux is not None else (None, None)
-    return _TopKEncode.apply(x, b_dec, W_enc, b_enc, k, signed, cols, valid, k_aux)
+    return _TopKEncode.apply(x, b_dec, W_enc, b_enc, k, signed, cols, valid, k_aux, grads)
+
+
+class _AuxDecode(Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, cols: Tensor, W_dec: Tensor, grads: DecoderGrads | None):
+        W_rows = low(W_dec).index_select(0, cols)  # [C, D]
+        ctx.save_for_backward(z, cols, W_rows)
+        ctx.grads, ctx.n = grads, W_dec.shape[0]
+        return mm32(z, W_rows)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        z, cols, W_rows = ctx.saved_tensors
+        g_low = g.to(LOW)
+        g_z = g_low @ W_rows.T if ctx.needs_input_grad[0] else None
+        dW = None
+        if ctx.needs_input_grad[2]:
+            rows = mm32(z.T, g_low)
+            if ctx.grads is not None:
+                ctx.grads.add_rows(cols, rows)
+            else:
+                dW = torch.zeros(ctx.n, rows.shape[1], device=g.device).index_add_(0, cols, rows)
+        return g_z, None, dW, None
+
+
+def aux_decode(z: Tensor, cols: Tensor, W_dec: Tensor, grads: DecoderGrads | None = None) -> Tensor:
+    """AuxK's reconstruction z [B, C] @ W_dec[cols] -> float32 [B, D] (bf16 products)."""
+    return _AuxDecode.apply(z, cols, W_dec, grads)
 
 
 class _SparseDecode(Function):
     @staticmethod
-    def forward(ctx, val: Tensor, idx: Tensor, W_dec: Tensor):
+    def forward(ctx, val: Tensor, idx: Tensor, W_dec: Tensor, grads: DecoderGrads | None):
         W_low = low(W_dec)
         ctx.save_for_backward(val, idx, W_low)
-        ctx.n = W_dec.shape[0]
+        ctx.n, ctx.grads = W_dec.shape[0], grads
         ctx.holder = _holder(idx)
         return kernels.gather_decode(val, idx, W_low)
 
@@ -200,21 +329,27 @@ class _SparseDecode(Function):
     def backward(ctx, g: Tensor):
         val, idx, W_low = ctx.saved_tensors
         g_val = kernels.gather_dot(g, idx, W_low) if ctx.needs_input_grad[0] else None
-        dW = _segments(ctx, idx, ctx.n).reduce(val, g) if ctx.needs_input_grad[2] else None
-        return g_val, None, dW
+        dW = None
+        if ctx.needs_input_grad[2]:
+            if ctx.grads is not None:
+                ctx.grads.add_segments(_segments(ctx, idx, ctx.n), val, g)
+            else:
+                dW = _segments(ctx, idx, ctx.n).reduce(val, g)
+        return g_val, None, dW, None
 
 
-def sparse_decode(val: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
-    """sum_j val_j W_dec[idx_j], float32 [B, D], with a segmented-reduction backward."""
-    return _SparseDecode.apply(val, idx, W_dec)
+def sparse_decode(val: Tensor, idx: Tensor, W_dec: Tensor, grads: DecoderGrads | None = None) -> Tensor:
+    """sum_j val_j W_dec[idx_j], float32 [B, D], with a segmented-reduction backward
+    (into ``grads`` when W_dec is ``collect``'s view)."""
+    return _SparseDecode.apply(val, idx, W_dec, grads)
 
 
 class _GatherDot(Function):
     @staticmethod
-    def forward(ctx, r: Tensor, idx: Tensor, W_dec: Tensor):
+    def forward(ctx, r: Tensor, idx: Tensor, W_dec: Tensor, grads: DecoderGrads | None):
         W_low = low(W_dec)
         ctx.save_for_backward(r, idx, W_low)
-        ctx.n = W_dec.shape[0]
+        ctx.n, ctx.grads = W_dec.shape[0], grads
         ctx.holder = _holder(idx)
         return kernels.gather_dot(r, idx, W_low)
 
@@ -222,23 +357,23 @@ class _GatherDot(Function):
     def backward(ctx, g: Tensor):
         r, idx, W_low = ctx.saved_tensors
         dr = kernels.gather_decode(g, idx, W_low) if ctx.needs_input_grad[0] else None
-        dW = _segments(ctx, idx, ctx.n).reduce(g, r) if ctx.needs_input_grad[2] else None
-        return dr, None, dW
+        dW = None
+        if ctx.needs_input_grad[2]:
+            if ctx.grads is not None:
+                ctx.grads.add_segments(_segments(ctx, idx, ctx.n), g, r)
+            else:
+                dW = _segments(ctx, idx, ctx.n).reduce(g, r)
+        return dr, None, dW, None
 
 
-def gather_dot(r: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
+def gather_dot(r: Tensor, idx: Tensor, W_dec: Tensor, grads: DecoderGrads | None = None) -> Tensor:
     """<r[b], W_dec[idx[b, j]]>, float32 [B, K], differentiable in r and W_dec."""
-    return _GatherDot.apply(r, idx, W_dec)
+    return _GatherDot.apply(r, idx, W_dec, grads)
 
 
 def select_topk(score_src: Tensor, k: int, signed: bool) -> Tensor:
     """Indices [B, k] of the top-k of a (bfloat16) matrix, no gradient."""
     return kernels.topk_rows(score_src, k, signed)[1]
-
-
-def dense_decode(z: Tensor, W_rows: Tensor) -> Tensor:
-    """z [B, M] @ W_rows [M, D] in bfloat16 with float32 output."""
-    return (z.to(LOW) @ W_rows.to(LOW)).float()  # W_rows: a gathered copy, so no caching
 
 
 @torch.no_grad()

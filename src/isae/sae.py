@@ -73,6 +73,18 @@ def sparse_decode(codes: Codes, W_dec: Tensor) -> Tensor:
     return F.embedding_bag(codes.idx, W_dec, per_sample_weights=codes.val, mode="sum")
 
 
+class _FastWeights(NamedTuple):
+    """The weights one fast-path forward reads: W_dec through ``fast.collect`` (so its
+    readers' gradients meet in one buffer) and the encoder weight."""
+
+    dec: Tensor
+    """[N, D], collect's view of W_dec."""
+    enc: Tensor
+    """[D, N]: the view transposed for a tied model, else W_enc."""
+    grads: fast.DecoderGrads
+    tied: bool
+
+
 class SparseCoder(nn.Module):
     """One sparse coder. ``encode`` / ``decode`` / ``forward`` as in sparsify."""
 
@@ -129,7 +141,13 @@ class SparseCoder(nn.Module):
         codes, pre, _, _ = self._encode_and_decode(x)
         return codes, pre
 
-    def _encode_and_decode(self, x: Tensor, aux: tuple[Tensor, Tensor] | None = None
+    def _fast_weights(self) -> _FastWeights:
+        dec, grads = fast.collect(self.W_dec)
+        tied = self.W_enc is None
+        return _FastWeights(dec, dec.T if tied else self.W_enc, grads, tied)
+
+    def _encode_and_decode(self, x: Tensor, aux: tuple[Tensor, Tensor] | None = None,
+                           w: _FastWeights | None = None
                            ) -> tuple[Codes, Tensor | None, Tensor | None, Tensor | None]:
         """Codes, pre-activations, the reconstruction where the encoder made it anyway (the
         GPU's IHT steps carry it along instead of decoding each support twice), and on the
@@ -144,16 +162,18 @@ class SparseCoder(nn.Module):
             idx = torch.arange(z.shape[1], device=z.device).expand_as(z)
             return Codes(z, idx), None, None, None
         if fast.enabled(x):
+            w = w or self._fast_weights()
             val, idx, pre, z_aux = fast.topk_encode(
-                x, self.b_dec, self.encoder_weight, self.b_enc, self.cfg.k, self.cfg.signed,
+                x, self.b_dec, w.enc, self.b_enc, self.cfg.k, self.cfg.signed,
                 aux, self._k_aux(aux[0].numel()) if aux is not None else 0,
+                w.grads if w.tied else None,
             )
             codes = Codes(val, idx)
             x_hat = None
             for _ in range(self.cfg.encoder_steps):
                 if x_hat is None:
-                    x_hat = self.decode(codes)
-                codes, x_hat = self._iht_step_fast(x, x_hat, codes)
+                    x_hat = self._decode_fast(codes, w)
+                codes, x_hat = self._iht_step_fast(x, x_hat, codes, w)
             return codes, pre, x_hat, z_aux
         pre = self.pre_acts(x)
         codes = topk_select(pre, self.cfg.k, self.cfg.signed)
@@ -169,6 +189,9 @@ class SparseCoder(nn.Module):
             return fast.sparse_decode(codes.val, codes.idx, self.W_dec) + self.b_dec
         return sparse_decode(codes, self.W_dec) + self.b_dec
 
+    def _decode_fast(self, codes: Codes, w: _FastWeights) -> Tensor:
+        return fast.sparse_decode(codes.val, codes.idx, w.dec, w.grads) + self.b_dec
+
     def iht_step(self, x: Tensor, codes: Codes) -> Codes:
         """One normalised iterative-hard-thresholding step with the decoder.
 
@@ -176,9 +199,10 @@ class SparseCoder(nn.Module):
         support S (Blumensath & Davies 2010), times ``cfg.iht_step``. A row keeps its old code
         where the step would raise its error, so the steps never make reconstruction worse.
         """
-        x_hat = self.decode(codes)
         if fast.enabled(x):
-            return self._iht_step_fast(x, x_hat, codes)[0]
+            w = self._fast_weights()
+            return self._iht_step_fast(x, self._decode_fast(codes, w), codes, w)[0]
+        x_hat = self.decode(codes)
         r = x - x_hat
         g = r @ self.W_dec.T  # [B, N]
         g_S = g.gather(-1, codes.idx)
@@ -192,32 +216,33 @@ class SparseCoder(nn.Module):
         eta = g_S.pow(2).sum(-1, keepdim=True) / Dg.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
         return eta * self.cfg.iht_step
 
-    def _iht_step_fast(self, x: Tensor, x_hat: Tensor, codes: Codes) -> tuple[Codes, Tensor]:
+    def _iht_step_fast(self, x: Tensor, x_hat: Tensor, codes: Codes, w: _FastWeights
+                       ) -> tuple[Codes, Tensor]:
         """The same step on the GPU, taking and returning the reconstruction: the new support
         is chosen from a bfloat16 correlation computed without gradient; only the
         correlations kept are differentiated."""
         r = x - x_hat
-        g_S = fast.gather_dot(r, codes.idx, self.W_dec)
-        Dg = fast.sparse_decode(g_S, codes.idx, self.W_dec)
+        g_S = fast.gather_dot(r, codes.idx, w.dec, w.grads)
+        Dg = fast.sparse_decode(g_S, codes.idx, w.dec, w.grads)
         step = self._iht_eta(g_S, Dg)
         with torch.no_grad():
             # (step r) W^T: the step scales the small [B, D] side, not the [B, N] product
-            u = (r * step).to(fast.LOW) @ fast.low(self.W_dec).T  # [B, N] bf16
+            u = (r * step).to(fast.LOW) @ fast.low(w.dec).T  # [B, N] bf16
             u = u.scatter_add_(-1, codes.idx, codes.val.to(u.dtype))
             idx = fast.select_topk(u, self.cfg.k, self.cfg.signed)
         # New value = the old code value (where the atom was already in the support) plus the
         # step along the float32 correlation.
         same = (idx.unsqueeze(-1) == codes.idx.unsqueeze(-2)).to(codes.val.dtype)
-        val = (same @ codes.val.unsqueeze(-1)).squeeze(-1) + step * fast.gather_dot(r, idx, self.W_dec)
+        val = (same @ codes.val.unsqueeze(-1)).squeeze(-1) + step * fast.gather_dot(r, idx, w.dec, w.grads)
         if not self.cfg.signed:
             val = F.relu(val)
-        return self._keep_better(x, x_hat, codes, Codes(val, idx))
+        return self._keep_better(x, x_hat, codes, Codes(val, idx), w)
 
-    def _keep_better(self, x: Tensor, x_hat: Tensor, codes: Codes, new: Codes
-                     ) -> tuple[Codes, Tensor]:
+    def _keep_better(self, x: Tensor, x_hat: Tensor, codes: Codes, new: Codes,
+                     w: _FastWeights | None = None) -> tuple[Codes, Tensor]:
         """Per row, the new codes where they reconstruct no worse, else the old ones; with the
         reconstruction of the codes kept."""
-        x_new = self.decode(new)
+        x_new = self.decode(new) if w is None else self._decode_fast(new, w)
         better = ((x - x_new).pow(2).sum(-1) <= (x - x_hat).pow(2).sum(-1)).unsqueeze(-1)
         kept = Codes(torch.where(better, new.val, codes.val), torch.where(better, new.idx, codes.idx))
         return kept, torch.where(better, x_new, x_hat)
@@ -232,15 +257,17 @@ class SparseCoder(nn.Module):
         """
         use_fast = fast.enabled(x)
         aux_k = self.cfg.kind == "topk" and dead is not None
-        aux = None
+        aux = w = None
+        if use_fast and self.cfg.kind == "topk":
+            w = self._fast_weights()
         if aux_k and use_fast:
             if aux_width is None:
                 aux_width = int(dead.sum())  # the step's one host sync
             if aux_width:
                 aux = fast.aux_columns(dead, aux_width)
-        codes, pre, x_hat, z_aux = self._encode_and_decode(x, aux)
+        codes, pre, x_hat, z_aux = self._encode_and_decode(x, aux, w)
         if x_hat is None:
-            x_hat = self.decode(codes)
+            x_hat = self.decode(codes) if w is None else self._decode_fast(codes, w)
         fvu_, err = (fast.fvu if use_fast else fvu)(x, x_hat)
         zero = x.new_zeros(())
         auxk, l1 = zero, zero
@@ -248,7 +275,7 @@ class SparseCoder(nn.Module):
             l1 = (codes.val * self.W_dec.norm(dim=1)).sum(-1).mean()
         elif aux is not None:
             # Reference AuxK's scale min(n_dead / k_aux, 1) is always 1, since k_aux <= n_dead.
-            e_hat = fast.dense_decode(z_aux, self.W_dec.index_select(0, aux[0]))
+            e_hat = fast.aux_decode(z_aux, aux[0], w.dec, w.grads)
             auxk = fast.fvu(err.detach(), e_hat)[0]
         elif aux_k and not use_fast:
             n_dead = int(dead.sum())
