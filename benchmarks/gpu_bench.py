@@ -156,8 +156,8 @@ def kernel_bench():
     vf, ic = v.float().contiguous(), i.contiguous()
     for bd, nw in ((256, 4), (256, 8), (512, 8), (1024, 8), (1024, 16)):  # launch settings
         def variant(bd=bd, nw=nw):
-            kernels._gather_decode_kernel[(B,)](vf, ic, Wb, out, D, K=K, KP=K, BLOCK_D=bd,
-                                                num_warps=nw)
+            kernels._gather_decode_kernel[(B,)](vf, ic, Wb, out, out, D, K=K, KP=K, BLOCK_D=bd,
+                                                BIAS=False, num_warps=nw)
         row(f"  gather_decode with BLOCK_D {bd}, {nw} warps", timed(variant))
     row("ours gather_dot (bf16 table)", timed(lambda: kernels.gather_dot(gr, i, Wb)))
     Wd, G = torch.randn(N, D, device="cuda"), torch.randn(N, D, device="cuda")
@@ -361,14 +361,15 @@ def profile_steps(trace_dir: str | None = None):
     x = torch.randn(B, D, device="cuda")
     dead = torch.rand(N, device="cuda") < 0.05
     graphs.ENABLED = False  # the profiler sees kernels launched one by one
+    width = graphs.aux_bucket(int(dead.sum()), N)  # AuxK's width as a graph has it
     for arch in ("topk", "isae", "isae-iter"):
         m, st = our_stepper(arch)
         for _ in range(3):
-            st.step(x, 1.0, dead)
+            st._body(x, dead, width)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
-                st.step(x, 1.0, dead)
+                st._body(x, dead, width)
             torch.cuda.synchronize()
         print(f"-- {arch}: CUDA time by kernel, 5 steps")
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=80,

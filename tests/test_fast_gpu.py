@@ -153,7 +153,8 @@ def test_graphed_steps_equal_eager_steps(arch):
     (mg, stg, lg, p0), (me, _, le, _) = runs[True], runs[False]
     assert len(stg.graphs.graphs) == 3  # widths 0, 512 and 1536 were each replayed
     for s, (a, b) in enumerate(zip(lg, le)):
-        assert abs(a[0] - b[0]) <= 2e-3 * b[0], (s, a[0], b[0])
+        # isae-iter's discrete support choices amplify summation-order differences (below)
+        assert abs(a[0] - b[0]) <= (5e-3 if arch == "isae-iter" else 2e-3) * b[0], (s, a[0], b[0])
         assert abs(a[1] - b[1]) <= 1e-2 * max(b[1], 1e-6), (s, a[1], b[1])  # AuxK: noisier
         ma = torch.zeros(B, n, device="cuda").scatter_(1, a[2], 1.0)
         mb = torch.zeros(B, n, device="cuda").scatter_(1, b[2], 1.0)
@@ -235,3 +236,40 @@ def test_recording_survives_garbage_steppers():
             del st  # a cycle (graphs -> bound method -> stepper): garbage, not freed
     finally:
         gc.set_threshold(*old)
+
+
+def test_elementwise_kernels_equal_torch():
+    """The small fused passes of a step: FVU's sums, its scaled backward, the encoder's
+    shifted bf16 input, AuxK's masked gradient and top-k mask, the biased decode."""
+    from isae import kernels
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(8192, 768, generator=g, device="cuda") + 3.0
+    xh = torch.randn(8192, 768, generator=g, device="cuda")
+    err, sse, tv = kernels.fvu_parts(x, xh)
+    e64 = x.double() - xh.double()
+    assert torch.equal(err, x - xh)
+    assert abs(float(sse) / float(e64.pow(2).sum()) - 1) < 1e-5
+    assert abs(float(tv) / float((x.double() - x.double().mean(0)).pow(2).sum()) - 1) < 1e-5
+    num, den = torch.tensor(0.7, device="cuda"), torch.tensor(3.0, device="cuda")
+    torch.testing.assert_close(kernels.scale(err, num, den, -2.0), err * (-2.0 * num / den))
+    assert torch.equal(kernels.sub_cast(x, xh[0], torch.bfloat16), (x - xh[0]).bfloat16())
+    z = torch.where(torch.rand(8192, 1536, generator=g, device="cuda") < 0.25,
+                    torch.randn(8192, 1536, generator=g, device="cuda"), 0.0).bfloat16()
+    gz = torch.randn(8192, 1536, generator=g, device="cuda").bfloat16()
+    assert torch.equal(kernels.keep_where(gz, z), torch.where(z != 0, gz, 0.0))
+    sub = torch.randn(8192, 1536, generator=g, device="cuda").bfloat16()
+    valid = torch.arange(1536, device="cuda") < 1229
+    for signed in (True, False):
+        zk = kernels.topk_mask_rows(sub, 384, signed, valid)
+        score = torch.where(valid, sub.float().abs() if signed else sub.float().relu(), -1.0)
+        kth = score.topk(384, dim=1).values[:, -1:]
+        kept = zk != 0
+        assert not ((score > kth) & ~kept).any() and not (kept & (score < kth)).any()
+        assert (kept.sum(1) <= 384).all() and not kept[:, 1229:].any()
+    W = torch.randn(24576, 768, generator=g, device="cuda").bfloat16()
+    idx = torch.randint(0, 24576, (8192, 32), generator=g, device="cuda")
+    val = torch.randn(8192, 32, generator=g, device="cuda")
+    b = torch.randn(768, generator=g, device="cuda")
+    ref = (val.double()[..., None] * W.double()[idx]).sum(1) + b.double()
+    assert float((kernels.gather_decode(val, idx, W, b).double() - ref).abs().max()) < 1e-4

@@ -52,6 +52,8 @@ CHECKS = textwrap.dedent('''
     val = torch.randn(B, k, generator=g)
     ref = (val.double()[..., None] * W.double()[idx]).sum(1)
     assert (K.gather_decode(val, idx, W).double() - ref).abs().max() < 1e-5
+    bias = torch.randn(D, generator=g)
+    assert (K.gather_decode(val, idx, W, bias).double() - ref - bias.double()).abs().max() < 1e-5
     gr = torch.randn(B, D, generator=g)
     ref = (W.double()[idx] * gr.double()[:, None]).sum(-1)
     assert (K.gather_dot(gr, idx, W).double() - ref).abs().max() < 1e-5
@@ -96,6 +98,11 @@ CHECKS = textwrap.dedent('''
     assert (err.double() - e64).abs().max() < 1e-6
     assert abs(float(sse) / float(e64.pow(2).sum()) - 1) < 1e-6
     assert abs(float(tv) / float((xs.double() - xs.double().mean(0)).pow(2).sum()) - 1) < 1e-5
+    sc = K.sub_cast(xs, xh[0], torch.bfloat16)
+    ref = xs - xh[0]  # within one bfloat16 step (the interpreter truncates)
+    assert sc.dtype == torch.bfloat16 and ((sc.float() - ref).abs() <= ref.abs() * 2.0**-7).all()
+    zm = torch.where(torch.rand(70, 77, generator=g) < 0.3, xh, 0.0).bfloat16()
+    assert torch.equal(K.keep_where(xs, zm), torch.where(zm != 0, xs, 0.0))
     two, three = torch.tensor(2.0), torch.tensor(3.0)
     assert (K.scale(xh, two, three, -2.0).double() - xh.double() * (-4.0 / 3.0)).abs().max() < 1e-6
 

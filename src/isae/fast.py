@@ -132,17 +132,9 @@ def _holder(idx: Tensor) -> dict:
     return h
 
 
-_MM_OUT_DTYPE = True
-
-
 def mm32(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b for bfloat16 a, b with float32 accumulation and a float32 result."""
-    global _MM_OUT_DTYPE
-    if a.is_cuda and _MM_OUT_DTYPE:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):  # a torch without mm(out_dtype=) on this GPU
-            _MM_OUT_DTYPE = False
+    """a @ b for bfloat16 a, b as float32: a bfloat16 product on the GPU (torch.mm's
+    out_dtype=float32 picked kernels 2-3x slower on an H200), float32 on the CPU."""
     if a.is_cuda:
         return (a @ b).float()
     return a.float() @ b.float()
@@ -220,8 +212,11 @@ class _TopKEncode(Function):
     @staticmethod
     def forward(ctx, x, b_dec, W_enc, b_enc, k: int, signed: bool, aux_cols, aux_valid,
                 k_aux: int, grads: DecoderGrads | None):
-        xc = (x - b_dec).to(LOW)
-        W_low = low(W_enc)  # [D, N]: a tied model's is the decoder's cached copy, transposed
+        xc = kernels.sub_cast(x, b_dec, LOW)
+        # [D, N]. A tied model's is the decoder's cached copy, transposed (normalize_rows_
+        # rewrites it after each step, also inside a CUDA graph); W_enc itself changes every
+        # step and nothing in a recorded step would refresh a cached copy of it.
+        W_low = low(W_enc) if grads is not None else W_enc.detach().to(LOW)
         pre = torch.addmm(b_enc.to(LOW), xc, W_low)  # [B, N] bf16
         val, idx = kernels.topk_rows(pre, k, signed)
         if aux_cols is None:
@@ -252,20 +247,22 @@ class _TopKEncode(Function):
         db_enc.index_add_(0, idx.reshape(-1), g_val.reshape(-1).float())
         g_aux = None
         if cols is not None and g_z is not None:
-            g_aux = torch.where(z != 0, g_z.to(LOW), 0)  # [B, C]: the kept codes only
+            g_aux = kernels.keep_where(g_z.to(LOW), z)  # [B, C]: the kept codes only
             db_enc.index_add_(0, cols, g_aux.sum(0, dtype=torch.float32))
         dW = None
         if ctx.needs_input_grad[2]:
             seg = _segments(ctx, idx, N)
             aux_rows = mm32(g_aux.T, xc) if g_aux is not None else None  # [C, D]
             if ctx.grads is not None:  # a tied model: into the decoder's one buffer
-                ctx.grads.add_segments(seg, g_val, xc)
                 if aux_rows is not None:
                     ctx.grads.add_rows(cols, aux_rows)
-            else:
+                ctx.grads.add_segments(seg, g_val, xc)
+            elif aux_rows is None:
                 dW = seg.reduce(g_val, xc)  # [N, D]
-                if aux_rows is not None:  # AuxK's share, straight into the same gradient
-                    dW.index_add_(0, cols, aux_rows)
+            else:  # AuxK's share first: the sparse product then accumulates (no rescaling)
+                dW = torch.zeros(N, xc.shape[1], device=xc.device).index_add_(0, cols, aux_rows)
+                seg.reduce_into(dW, g_val, xc)
+            if dW is not None:
                 # [D, N] as a view: W_enc is stored latent-major (sae.py), so this is its
                 # own layout and autograd takes it without a copy.
                 dW = dW.T
@@ -318,12 +315,13 @@ def aux_decode(z: Tensor, cols: Tensor, W_dec: Tensor, grads: DecoderGrads | Non
 
 class _SparseDecode(Function):
     @staticmethod
-    def forward(ctx, val: Tensor, idx: Tensor, W_dec: Tensor, grads: DecoderGrads | None):
+    def forward(ctx, val: Tensor, idx: Tensor, W_dec: Tensor, grads: DecoderGrads | None,
+                bias: Tensor | None):
         W_low = low(W_dec)
         ctx.save_for_backward(val, idx, W_low)
         ctx.n, ctx.grads = W_dec.shape[0], grads
         ctx.holder = _holder(idx)
-        return kernels.gather_decode(val, idx, W_low)
+        return kernels.gather_decode(val, idx, W_low, bias)
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -335,13 +333,15 @@ class _SparseDecode(Function):
                 ctx.grads.add_segments(_segments(ctx, idx, ctx.n), val, g)
             else:
                 dW = _segments(ctx, idx, ctx.n).reduce(val, g)
-        return g_val, None, dW, None
+        db = g.sum(0) if ctx.needs_input_grad[4] else None
+        return g_val, None, dW, None, db
 
 
-def sparse_decode(val: Tensor, idx: Tensor, W_dec: Tensor, grads: DecoderGrads | None = None) -> Tensor:
-    """sum_j val_j W_dec[idx_j], float32 [B, D], with a segmented-reduction backward
-    (into ``grads`` when W_dec is ``collect``'s view)."""
-    return _SparseDecode.apply(val, idx, W_dec, grads)
+def sparse_decode(val: Tensor, idx: Tensor, W_dec: Tensor, grads: DecoderGrads | None = None,
+                  bias: Tensor | None = None) -> Tensor:
+    """sum_j val_j W_dec[idx_j] (+ bias), float32 [B, D], with a segmented-reduction
+    backward (into ``grads`` when W_dec is ``collect``'s view)."""
+    return _SparseDecode.apply(val, idx, W_dec, grads, bias)
 
 
 class _GatherDot(Function):

@@ -83,13 +83,14 @@ if AVAILABLE:
         row = tl.program_id(0).to(tl.int64)
         base = pre + row * stride_row
         # 1. The bound: lo = the k-th largest group maximum (as a key), by bisection over the
-        #    G maxima. k groups reach it, so count(key >= lo) >= k over the row; with fewer
-        #    than k groups it stays 0, which every score reaches.
+        #    G maxima, from the smallest of them (all G reach it). k groups reach the bound,
+        #    so count(key >= lo) >= k over the row; with fewer than k groups it stays 0,
+        #    which every score reaches.
         gs = tl.arange(0, GP)
         gkey = _bits(tl.load(gmax + row * G + gs, mask=gs < G, other=-2.0), SHIFT)
-        lo = tl.full([], 0, tl.int32)
         hi = tl.max(gkey, axis=0) + 1  # count(key >= hi) = 0 < k
-        glo = lo
+        kmin = tl.min(tl.where(gs < G, gkey, 2147483647), axis=0)
+        glo = tl.where(G >= K, kmin, 0)
         ghi = hi
         while ghi - glo > 1:
             mid = glo + (ghi - glo) // 2
@@ -97,29 +98,16 @@ if AVAILABLE:
             glo = tl.where(big, mid, glo)
             ghi = tl.where(big, ghi, mid)
         lo = glo
-        # Only groups whose maximum reaches the bound can hold a winner: typically k of them.
+        # Only groups whose maximum reaches the bound can hold a winner: k of them, more
+        # where maxima tie at the bound. The tile is sized to the count.
         gsel = gkey >= lo
         n_groups = tl.sum(gsel.to(tl.int32), axis=0)
-        if n_groups <= CAPG:
-            gpos = tl.cumsum(gsel.to(tl.int32), axis=0) - 1
-            tl.store(gsel_buf + row * CAPG + gpos, gs, mask=gsel)
-            tl.debug_barrier()  # other threads of this program read what these wrote
-            cg = tl.arange(0, CAPG)
-            gid = tl.load(gsel_buf + row * CAPG + cg, mask=cg < n_groups, other=0)
-            o = gid[:, None] * S + tl.arange(0, S)[None, :]  # [CAPG, S], in index order
-            ok = (cg < n_groups)[:, None] & (o < N)
-            sc = tl.where(ok, _scores(base, o, N, SIGNED), -1.0)
-            key = tl.reshape(_bits(sc, SHIFT), [CAPG * S])
-            col = tl.reshape(o, [CAPG * S])
-            # 2. Bisection for t, the k-th largest key, among these columns only.
-            while hi - lo > 1:
-                mid = lo + (hi - lo) // 2
-                big = tl.sum((key >= mid).to(tl.int32), axis=0) >= K
-                lo = tl.where(big, mid, lo)
-                hi = tl.where(big, hi, mid)
-            # 3. Everything above t, then the first ties at t, written in index order.
-            n_gt = tl.sum((key > lo).to(tl.int32), axis=0)
-            _write(base, key, col, lo, K - n_gt, 0, 0, out_val, out_idx, row, K, SIGNED)
+        if n_groups <= CAPG // 2:
+            _select_in_groups(base, gs, gsel, n_groups, lo, hi, gsel_buf, out_val, out_idx, row,
+                              N, K, SIGNED, SHIFT, S, CAPG, CAPG // 2)
+        elif n_groups <= CAPG:
+            _select_in_groups(base, gs, gsel, n_groups, lo, hi, gsel_buf, out_val, out_idx, row,
+                              N, K, SIGNED, SHIFT, S, CAPG, CAPG)
         else:
             # Many groups reach the bound (many equal scores): the same over the whole row.
             offs = tl.arange(0, CHUNK)
@@ -147,6 +135,30 @@ if AVAILABLE:
                 done_tie += tl.sum((k2 == lo).to(tl.int32), axis=0)
 
     @triton.jit
+    def _select_in_groups(base, gs, gsel, n_groups, lo, hi, gsel_buf, out_val, out_idx, row,
+                          N, K, SIGNED: tl.constexpr, SHIFT: tl.constexpr, S: tl.constexpr,
+                          CAPG: tl.constexpr, CAP: tl.constexpr):
+        gpos = tl.cumsum(gsel.to(tl.int32), axis=0) - 1
+        tl.store(gsel_buf + row * CAPG + gpos, gs, mask=gsel)
+        tl.debug_barrier()  # other threads of this program read what these wrote
+        cg = tl.arange(0, CAP)
+        gid = tl.load(gsel_buf + row * CAPG + cg, mask=cg < n_groups, other=0)
+        o = gid[:, None] * S + tl.arange(0, S)[None, :]  # [CAP, S], in index order
+        ok = (cg < n_groups)[:, None] & (o < N)
+        sc = tl.where(ok, _scores(base, o, N, SIGNED), -1.0)
+        key = tl.reshape(_bits(sc, SHIFT), [CAP * S])
+        col = tl.reshape(o, [CAP * S])
+        # 2. Bisection for t, the k-th largest key, among these columns only.
+        while hi - lo > 1:
+            mid = lo + (hi - lo) // 2
+            big = tl.sum((key >= mid).to(tl.int32), axis=0) >= K
+            lo = tl.where(big, mid, lo)
+            hi = tl.where(big, hi, mid)
+        # 3. Everything above t, then the first ties at t, written in index order.
+        n_gt = tl.sum((key > lo).to(tl.int32), axis=0)
+        _write(base, key, col, lo, K - n_gt, 0, 0, out_val, out_idx, row, K, SIGNED)
+
+    @triton.jit
     def _write(base, key, col, t, need, done_gt, done_tie, out_val, out_idx, row, K,
                SIGNED: tl.constexpr):
         gt = key > t
@@ -164,8 +176,8 @@ if AVAILABLE:
         tl.store(out_idx + row * K + pos, col.to(tl.int64), mask=sel)
 
     @triton.jit
-    def _gather_decode_kernel(val, idx, W, out, D, K: tl.constexpr, KP: tl.constexpr,
-                              BLOCK_D: tl.constexpr):
+    def _gather_decode_kernel(val, idx, W, out, bias, D, K: tl.constexpr, KP: tl.constexpr,
+                              BLOCK_D: tl.constexpr, BIAS: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         kk = tl.arange(0, KP)
         km = kk < K
@@ -175,7 +187,10 @@ if AVAILABLE:
             d = d0 + tl.arange(0, BLOCK_D)
             dm = d < D
             w = tl.load(W + j[:, None] * D + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
-            tl.store(out + row * D + d, tl.sum(w.to(tl.float32) * v[:, None], axis=0), mask=dm)
+            acc = tl.sum(w.to(tl.float32) * v[:, None], axis=0)
+            if BIAS:
+                acc += tl.load(bias + d, mask=dm, other=0.0)
+            tl.store(out + row * D + d, acc, mask=dm)
 
     @triton.jit
     def _gather_dot_kernel(g, idx, W, out, D, K: tl.constexpr, KP: tl.constexpr,
@@ -238,21 +253,24 @@ def topk_rows(pre: Tensor, k: int, signed: bool) -> tuple[Tensor, Tensor]:
     return val, idx
 
 
-def gather_decode(val: Tensor, idx: Tensor, W: Tensor) -> Tensor:
-    """sum_j val[b, j] W[idx[b, j]] -> float32 [B, D] (W [N, D], any float dtype)."""
+def gather_decode(val: Tensor, idx: Tensor, W: Tensor, bias: Tensor | None = None) -> Tensor:
+    """sum_j val[b, j] W[idx[b, j]] (+ bias [D]) -> float32 [B, D] (W [N, D], any float dtype)."""
     B, K = idx.shape
     D = W.shape[1]
     if not usable(W):
-        return torch.nn.functional.embedding_bag(idx, W.float(), per_sample_weights=val.float(),
-                                                 mode="sum")
+        out = torch.nn.functional.embedding_bag(idx, W.float(), per_sample_weights=val.float(),
+                                                mode="sum")
+        return out if bias is None else out + bias
     out = torch.empty(B, D, device=W.device, dtype=torch.float32)
     # A whole row of up to 1024 columns per pass, over 8 warps: at D 768 on an H200 that
     # took 0.18 ms against 0.27 ms for 256-column passes over 4 warps (gpu_bench kernels).
     BLOCK_D = min(_pow2(D), 1024)
     if B:
         _gather_decode_kernel[(B,)](
-            val.float().contiguous(), idx.contiguous(), W.contiguous(), out, D,
-            K=K, KP=_pow2(K), BLOCK_D=BLOCK_D, num_warps=8 if BLOCK_D >= 1024 else 4)
+            val.float().contiguous(), idx.contiguous(), W.contiguous(), out,
+            out if bias is None else bias.float().contiguous(), D,
+            K=K, KP=_pow2(K), BLOCK_D=BLOCK_D, BIAS=bias is not None,
+            num_warps=8 if BLOCK_D >= 1024 else 4)
     return out
 
 
@@ -427,6 +445,47 @@ def scale(src: Tensor, num: Tensor, den: Tensor, factor: float) -> Tensor:
     if n:
         _scale_kernel[(triton.cdiv(n, 4096),)](src, out, num.float(), den.float(), factor, n,
                                                BLOCK=4096, num_warps=8)
+    return out
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _sub_cast_kernel(x, b, out, n, D, BLOCK: tl.constexpr):
+        o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = o < n
+        v = tl.load(x + o, mask=m, other=0.0) - tl.load(b + o % D, mask=m, other=0.0)
+        tl.store(out + o, v.to(out.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
+
+    @triton.jit
+    def _keep_where_kernel(g, z, out, n, BLOCK: tl.constexpr):
+        o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = o < n
+        keep = tl.load(z + o, mask=m, other=0.0) != 0
+        tl.store(out + o, tl.where(keep, tl.load(g + o, mask=m, other=0.0), 0.0), mask=m)
+
+
+def sub_cast(x: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """(x - b).to(dtype) for [B, D] float32 x and [D] b, in one pass."""
+    if not (usable(x) and x.is_contiguous() and x.dtype == b.dtype == torch.float32):
+        return (x - b).to(dtype)
+    out = torch.empty(x.shape, device=x.device, dtype=dtype)
+    n = x.numel()
+    if n:
+        _sub_cast_kernel[(triton.cdiv(n, 4096),)](x, b.contiguous(), out, n, x.shape[-1],
+                                                  BLOCK=4096, num_warps=8)
+    return out
+
+
+def keep_where(g: Tensor, z: Tensor) -> Tensor:
+    """g where z != 0, else 0 (same shapes; g's dtype): a gradient through a mask that the
+    forward left in its output."""
+    if not (usable(g) and g.is_contiguous() and z.is_contiguous() and g.shape == z.shape):
+        return torch.where(z != 0, g, 0).to(g.dtype)
+    out = torch.empty_like(g)
+    n = g.numel()
+    if n:
+        _keep_where_kernel[(triton.cdiv(n, 4096),)](g, z, out, n, BLOCK=4096, num_warps=8)
     return out
 
 

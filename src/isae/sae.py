@@ -190,7 +190,7 @@ class SparseCoder(nn.Module):
         return sparse_decode(codes, self.W_dec) + self.b_dec
 
     def _decode_fast(self, codes: Codes, w: _FastWeights) -> Tensor:
-        return fast.sparse_decode(codes.val, codes.idx, w.dec, w.grads) + self.b_dec
+        return fast.sparse_decode(codes.val, codes.idx, w.dec, w.grads, self.b_dec)
 
     def iht_step(self, x: Tensor, codes: Codes) -> Codes:
         """One normalised iterative-hard-thresholding step with the decoder.
