@@ -68,3 +68,41 @@ def test_float16_non_finite_found_by_its_bits():
     x = np.array([[1.0, 65504.0], [np.inf, 0.0], [0.0, np.nan], [-65504.0, -0.0]], np.float16)
     assert _finite_rows(x).tolist() == [True, False, False, True]
     assert _finite_rows(x.astype(np.float32)).tolist() == [True, False, False, True]
+
+
+def test_shards_of_several_chunks_read_like_the_whole_table(tmp_path):
+    """iter_shards copies the kept rows chunk by chunk: the same rows as combining the
+    chunks and masking, in both dtypes, and a NaN in a later chunk is named by its row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    from isae.actset import ActivationWriter, heldout_mask
+    from isae.errors import UserError
+
+    rng = np.random.default_rng(0)
+    for dtype in ("float16", "float32"):
+        path = tmp_path / dtype
+        with ActivationWriter(path, 24, dtype=dtype, rows_per_shard=600, source="t") as w:
+            for n in range(0, 1200, 100):  # several adds: several chunks per shard
+                w.add(rng.standard_normal((100, 24), dtype=np.float32),
+                      heldout_mask(np.arange(n, n + 100) // 7, 0.3))
+        acts = ActivationSet(path)
+        shard = acts.shards[1]
+        t = pq.read_table(shard)
+        x = t.column("x").combine_chunks().flatten().to_numpy().reshape(-1, 24).copy()
+        held = t.column("heldout").to_numpy()
+
+        def write_chunked(x):  # row groups of 100 rows: six chunks
+            pq.write_table(t.set_column(0, "x", pa.FixedSizeListArray.from_arrays(
+                pa.array(x.reshape(-1)), 24)), shard, row_group_size=100)
+            assert pq.read_table(shard).column("x").num_chunks == 6
+
+        write_chunked(x)
+        for split, rows in (("train", x[~held]), ("heldout", x[held]), ("all", x)):
+            got = next(acts.iter_shards(split, shards=[shard], native=True))["x"]
+            assert got.dtype == np.dtype(dtype) and np.array_equal(got, rows), (dtype, split)
+        x[450, 5] = np.inf
+        write_chunked(x)
+        with pytest.raises(UserError, match=f"{shard.name}: non-finite .* row 450"):
+            list(acts.iter_shards("train", shards=[shard]))

@@ -302,31 +302,54 @@ class ActivationSet:
         want = ["x", "heldout"] + [c for c in (columns or []) if c not in ("x", "heldout")]
         for path in shards if shards is not None else self.shards:
             try:
-                table = pq.read_table(path, columns=want)
+                table = pq.read_table(path, columns=want, memory_map=True)
             except (pa.ArrowInvalid, OSError, KeyError) as e:
                 raise UserError(f"cannot read shard {path}: {e}") from None
-            xcol = table.column("x").combine_chunks()
+            xcol = table.column("x")
             if not pa.types.is_fixed_size_list(xcol.type) or xcol.type.list_size != self.d:
                 raise UserError(
                     f"{path}: column x is {xcol.type}, expected fixed_size_list[{self.d}]"
                 )
-            x = xcol.values.to_numpy(zero_copy_only=False).reshape(-1, self.d)
-            finite = _finite_rows(x)
-            if not finite.all():
-                row = int(np.argmin(finite))
-                raise UserError(f"{path}: non-finite activation (NaN or Inf) in row {row}")
-            out = {"x": x if native else x.astype(np.float32, copy=False)}
             held = table.column("heldout").to_numpy(zero_copy_only=False).astype(bool)
-            keep = slice(None) if split == "all" else (held if split == "heldout" else ~held)
+            keep = None if split == "all" else (held if split == "heldout" else ~held)
+            x = self._x_rows(path, xcol, keep)
+            out = {"x": x if native else x.astype(np.float32, copy=False)}
             for name in want[1:]:
                 col = table.column(name).combine_chunks()
                 if pa.types.is_list(col.type):
-                    out[name] = _list_to_numpy(col)
+                    v = _list_to_numpy(col)
                 else:
-                    out[name] = col.to_numpy(zero_copy_only=False)
-            out = {k: v[keep] for k, v in out.items()}
+                    v = col.to_numpy(zero_copy_only=False)
+                out[name] = v if keep is None else v[keep]
             if len(out["x"]):
                 yield out
+
+    def _x_rows(self, path: Path, xcol: pa.ChunkedArray, keep: np.ndarray | None) -> np.ndarray:
+        """Column x's rows (those in ``keep``) as one array in the stored dtype, checked
+        finite, chunk by chunk: one copy of the kept rows, where combining the chunks and
+        then masking made two, and the check runs on cache-sized blocks."""
+        n_out = len(xcol) if keep is None else int(keep.sum())
+        chunks = [c for c in xcol.chunks if len(c)]
+        if keep is None and len(chunks) == 1:
+            x = chunks[0].flatten().to_numpy(zero_copy_only=False).reshape(-1, self.d)
+            _check_finite(path, x, 0)
+            return x
+        dtype = chunks[0].type.value_type.to_pandas_dtype() if chunks else np.float32
+        x = np.empty((n_out, self.d), dtype=dtype)
+        start = pos = 0
+        for c in chunks:
+            v = c.flatten().to_numpy(zero_copy_only=False).reshape(-1, self.d)
+            _check_finite(path, v, start)
+            if keep is None:
+                x[pos : pos + len(v)] = v
+                pos += len(v)
+            else:
+                k = keep[start : start + len(v)]
+                m = int(k.sum())
+                np.compress(k, v, axis=0, out=x[pos : pos + m])
+                pos += m
+            start += len(v)
+        return x
 
     def load(
         self, split: str = "heldout", columns: list[str] | None = None, max_rows: int | None = None
@@ -353,6 +376,16 @@ def _finite_rows(x: np.ndarray) -> np.ndarray:
     if x.dtype == np.float16:
         return ((x.view(np.uint16) & 0x7C00) != 0x7C00).all(1)
     return np.isfinite(x).all(1)
+
+
+def _check_finite(path: Path, x: np.ndarray, first_row: int, block: int = 2048) -> None:
+    """A UserError naming the shard and row of the first non-finite activation in x, whose
+    row 0 is the shard's row ``first_row``. Blocks of rows keep the temporaries in cache."""
+    for i in range(0, len(x), block):
+        ok = _finite_rows(x[i : i + block])
+        if not ok.all():
+            row = first_row + i + int(np.argmin(ok))
+            raise UserError(f"{path}: non-finite activation (NaN or Inf) in row {row}")
 
 
 def _list_to_numpy(col: pa.ListArray) -> np.ndarray:
