@@ -93,7 +93,7 @@ def test_shards_of_several_chunks_read_like_the_whole_table(tmp_path):
         x = t.column("x").combine_chunks().flatten().to_numpy().reshape(-1, 24).copy()
         held = t.column("heldout").to_numpy()
 
-        def write_chunked(x):  # row groups of 100 rows: six chunks
+        def write_chunked(x, t=t, shard=shard):  # row groups of 100 rows: six chunks
             pq.write_table(t.set_column(0, "x", pa.FixedSizeListArray.from_arrays(
                 pa.array(x.reshape(-1)), 24)), shard, row_group_size=100)
             assert pq.read_table(shard).column("x").num_chunks == 6
