@@ -30,9 +30,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--step-ms", type=float, default=3.5)
-    ap.add_argument("--no-pin", action="store_true", help="read into pageable memory (as before)")
     a = ap.parse_args()
-    stream.PIN_MEMORY = not a.no_pin
     tmp = Path(tempfile.mkdtemp())
     rng = np.random.default_rng(0)
     with ActivationWriter(tmp / "acts", D, dtype="float16", rows_per_shard=SHARD, source="bench") as w:
@@ -69,9 +67,7 @@ def main() -> None:
         rows.append((seed, steps * BATCH / dt / 1e6, dt, waited[0]))
     print("\n| run | M rows/s | seconds | waiting on reads (s) |\n|---|---|---|---|")
     for seed, rate, dt, w in rows:
-        pin = ", pinned" if stream.PIN_MEMORY and a.device != "cpu" else ""
-        print(f"| seed {seed}, PREFETCH {stream.PREFETCH}, {a.device}{pin}, {a.step_ms} ms steps "
-              f"| {rate:.3f} | {dt:.2f} | {w:.2f} |")
+        print(f"| seed {seed}, PREFETCH {stream.PREFETCH}, {a.device} | {rate:.3f} | {dt:.2f} | {w:.2f} |")
 
 
 if __name__ == "__main__":
