@@ -287,6 +287,10 @@ def seeds_parallel(rows: int, tokens: int, buffer: int, n_seeds: int = 3):
     tcfg = TrainConfig(tokens=tokens, batch_size=B, device="cuda", shuffle_buffer=buffer,
                        checkpoint_every=10**9, log_every=50)
     cfgs = [SAEConfig.from_arch("topk", d_in=D, d_sae=N, k=K, seed=s) for s in range(n_seeds)]
+    # Compile the kernels and warm the caches outside the timing, so neither way pays them
+    warm = TrainConfig(tokens=20 * B, batch_size=B, device="cuda", shuffle_buffer=buffer,
+                       checkpoint_every=10**9, log_every=50)
+    train_many(tmp / "acts", cfgs[:2], warm, [tmp / "warm0", tmp / "warm1"], resume=False)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     loop_rates = []  # the training loop's own rate (train's summary): no setup, no checkpoint
