@@ -30,7 +30,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--step-ms", type=float, default=3.5)
+    ap.add_argument("--prefetch", type=int, default=None, help="reader threads (isae.stream.PREFETCH)")
     a = ap.parse_args()
+    if a.prefetch:
+        stream.PREFETCH = a.prefetch
     tmp = Path(tempfile.mkdtemp())
     rng = np.random.default_rng(0)
     with ActivationWriter(tmp / "acts", D, dtype="float16", rows_per_shard=SHARD, source="bench") as w:
