@@ -9,12 +9,16 @@ on the Triton kernels of kernels.py:
   Triton top-k. Backward: dW_enc is a segmented reduction of the k code gradients over the
   latents (each latent sums its rows of x - b_dec), db_enc a k-sparse index_add, and
   db_dec = -db_enc W_enc^T needs no [B, D] gradient at all.
-* decoder: x_hat = sum_j val_j W_dec[idx_j] from a bfloat16 copy of W_dec, float32
+* decoder: x_hat = sum_j val_j W_dec[idx_j] + b_dec from a bfloat16 copy of W_dec, float32
   accumulation. Backward: d val by gathered dot products, dW_dec by the same segmented
   reduction (the latents are sorted once and shared with the encoder's backward).
-* AuxK gathers the dead latents' columns of the pre-activations the encoder computed anyway
-  (a fixed number of columns, so a step's shapes do not depend on how many are dead), and
-  its encoder gradient goes into the same [N, D] buffer as the main one.
+* Every reader of W_dec in a step (decoder, AuxK's decode, a tied encoder, each IHT step)
+  adds its weight gradient into one [N, D] buffer (``collect``), which autograd receives
+  once.
+* AuxK computes the dead latents' pre-activations by its own small matmul (a fixed number
+  of columns, so a step's shapes do not depend on how many are dead), keeps each row's top
+  k_aux with a Triton kernel, and its encoder gradient goes into the main [N, D] buffer.
+* The FVU (loss and AuxK's) is one pass over x and x_hat.
 * IHT (isae-iter) selects each new support from a dense bfloat16 correlation computed
   without gradient, and differentiates only the correlations it keeps (gathered dots).
 
