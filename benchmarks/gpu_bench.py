@@ -394,6 +394,7 @@ def main() -> None:
     ap.add_argument("--seed-buffer", type=int, default=131072, help="shuffle buffer (rows)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds in the seeds section")
     ap.add_argument("--prefetch", type=int, default=None, help="reader threads (isae.stream.PREFETCH)")
+    ap.add_argument("--pin", choices=["on", "off"], default=None, help="isae.stream.PIN_MEMORY")
     ap.add_argument("--ric-unions", type=int, default=200_000)
     ap.add_argument("--match-atoms", type=int, default=32768)
     ap.add_argument("--trace-dir", default=None, help="where the profile section writes its traces")
@@ -402,10 +403,12 @@ def main() -> None:
         a.eq_steps, a.seed_rows, a.seed_tokens, a.ric_unions, a.match_atoms = 60, 200_000, 2_000_000, 20_000, 8192
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    if a.prefetch:
-        import isae.stream
+    import isae.stream
 
+    if a.prefetch:
         isae.stream.PREFETCH = a.prefetch
+    if a.pin:
+        isae.stream.PIN_MEMORY = a.pin == "on"
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     sections = {
         "anchors": anchors,

@@ -31,9 +31,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--step-ms", type=float, default=3.5)
     ap.add_argument("--prefetch", type=int, default=None, help="reader threads (isae.stream.PREFETCH)")
+    ap.add_argument("--pin", choices=["on", "off"], default=None,
+                    help="decode into pinned memory (default: isae.stream.PIN_MEMORY)")
     a = ap.parse_args()
     if a.prefetch:
         stream.PREFETCH = a.prefetch
+    if a.pin:
+        stream.PIN_MEMORY = a.pin == "on"
     tmp = Path(tempfile.mkdtemp())
     rng = np.random.default_rng(0)
     with ActivationWriter(tmp / "acts", D, dtype="float16", rows_per_shard=SHARD, source="bench") as w:
@@ -70,7 +74,9 @@ def main() -> None:
         rows.append((seed, steps * BATCH / dt / 1e6, dt, waited[0]))
     print("\n| run | M rows/s | seconds | waiting on reads (s) |\n|---|---|---|---|")
     for seed, rate, dt, w in rows:
-        print(f"| seed {seed}, PREFETCH {stream.PREFETCH}, {a.device} | {rate:.3f} | {dt:.2f} | {w:.2f} |")
+        pin = ", pinned" if stream.PIN_MEMORY and a.device != "cpu" else ""
+        print(f"| seed {seed}, PREFETCH {stream.PREFETCH}, {a.device}{pin}, {a.step_ms} ms steps "
+              f"| {rate:.3f} | {dt:.2f} | {w:.2f} |")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ from .actset import ActivationSet
 #: Shards decoded ahead of the one being consumed, each by its own thread (more on hosts
 #: with many cores: one shard takes a core for ~0.1-0.3 s).
 PREFETCH = max(2, min(4, (os.cpu_count() or 2) // 4))
+#: Decode shards bound for a GPU into pinned host memory, so their copy to the device is an
+#: asynchronous DMA (benchmarks/reader_bench.py --pin measures what it buys).
+PIN_MEMORY = False
 
 
 def _shard_sequence(rng: np.random.Generator, n: int) -> Iterator[tuple[int, bool]]:
@@ -54,14 +57,19 @@ def shuffled_batches(
     train_rows = int(acts.meta.get("train_rows", acts.rows))
     cache: dict[int, torch.Tensor] | None = {} if train_rows <= cap else None
 
+    pin = PIN_MEMORY and torch.device(device).type == "cuda"
+
     def read(i: int) -> torch.Tensor:
         """Decode one shard's training rows on the host (runs in a prefetch thread), in the
-        stored dtype: a float16 set crosses to the device at half the bytes."""
+        stored dtype: a float16 set crosses to the device at half the bytes; with
+        PIN_MEMORY, in pinned memory."""
         parts = [torch.from_numpy(p["x"])
                  for p in acts.iter_shards("train", shards=[acts.shards[i]], native=True)]
         if len(parts) == 1:
-            return parts[0]
-        return torch.cat(parts) if parts else torch.empty(0, acts.d)
+            rows = parts[0]
+        else:
+            rows = torch.cat(parts) if parts else torch.empty(0, acts.d)
+        return rows.pin_memory() if pin else rows
 
     buf = torch.empty(0, acts.d, device=device)
     upcoming = _shard_sequence(np.random.default_rng(order_seed), len(acts.shards))
@@ -89,7 +97,7 @@ def shuffled_batches(
             if fut is None:
                 new = cache[s]
             else:
-                new = fut.result().to(device).float()
+                new = fut.result().to(device, non_blocking=True).float()
                 if cache is not None:
                     cache[s] = new
             buf = torch.cat([buf, new]) if len(buf) else new
