@@ -137,8 +137,8 @@ def _holder(idx: Tensor) -> dict:
 
 
 def mm32(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b for bfloat16 a, b as float32: a bfloat16 product on the GPU (torch.mm's
-    out_dtype=float32 picked kernels 2-3x slower on an H200), float32 on the CPU."""
+    """a @ b for bfloat16 a, b as float32: on the GPU a bfloat16 product, then a cast (the
+    kernels the benchmarks measured); on the CPU in float32."""
     if a.is_cuda:
         return (a @ b).float()
     return a.float() @ b.float()
