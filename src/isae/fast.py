@@ -317,6 +317,16 @@ def aux_decode(z: Tensor, cols: Tensor, W_dec: Tensor, grads: DecoderGrads | Non
     return _AuxDecode.apply(z, cols, W_dec, grads)
 
 
+def _decoder_grad(ctx, idx: Tensor, wts: Tensor, src: Tensor) -> Tensor | None:
+    """W_dec's gradient from a k-sparse reader: sum over (b, j) of wts[b, j] src[b] on row
+    idx[b, j]. Into the step's buffer when there is one (then None for autograd)."""
+    seg = _segments(ctx, idx, ctx.n)
+    if ctx.grads is None:
+        return seg.reduce(wts, src)
+    ctx.grads.add_segments(seg, wts, src)
+    return None
+
+
 class _SparseDecode(Function):
     @staticmethod
     def forward(ctx, val: Tensor, idx: Tensor, W_dec: Tensor, grads: DecoderGrads | None,
@@ -331,12 +341,7 @@ class _SparseDecode(Function):
     def backward(ctx, g: Tensor):
         val, idx, W_low = ctx.saved_tensors
         g_val = kernels.gather_dot(g, idx, W_low) if ctx.needs_input_grad[0] else None
-        dW = None
-        if ctx.needs_input_grad[2]:
-            if ctx.grads is not None:
-                ctx.grads.add_segments(_segments(ctx, idx, ctx.n), val, g)
-            else:
-                dW = _segments(ctx, idx, ctx.n).reduce(val, g)
+        dW = _decoder_grad(ctx, idx, val, g) if ctx.needs_input_grad[2] else None
         db = g.sum(0) if ctx.needs_input_grad[4] else None
         return g_val, None, dW, None, db
 
@@ -361,12 +366,7 @@ class _GatherDot(Function):
     def backward(ctx, g: Tensor):
         r, idx, W_low = ctx.saved_tensors
         dr = kernels.gather_decode(g, idx, W_low) if ctx.needs_input_grad[0] else None
-        dW = None
-        if ctx.needs_input_grad[2]:
-            if ctx.grads is not None:
-                ctx.grads.add_segments(_segments(ctx, idx, ctx.n), g, r)
-            else:
-                dW = _segments(ctx, idx, ctx.n).reduce(g, r)
+        dW = _decoder_grad(ctx, idx, g, r) if ctx.needs_input_grad[2] else None
         return dr, None, dW, None
 
 
