@@ -186,7 +186,7 @@ class SparseCoder(nn.Module):
         if self.cfg.kind == "relu":
             return codes.val @ self.W_dec + self.b_dec
         if fast.enabled(codes.val):
-            return fast.sparse_decode(codes.val, codes.idx, self.W_dec) + self.b_dec
+            return fast.sparse_decode(codes.val, codes.idx, self.W_dec, bias=self.b_dec)
         return sparse_decode(codes, self.W_dec) + self.b_dec
 
     def _decode_fast(self, codes: Codes, w: _FastWeights) -> Tensor:
