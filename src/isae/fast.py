@@ -255,21 +255,17 @@ class _TopKEncode(Function):
             db_enc.index_add_(0, cols, g_aux.sum(0, dtype=torch.float32))
         dW = None
         if ctx.needs_input_grad[2]:
-            seg = _segments(ctx, idx, N)
-            aux_rows = mm32(g_aux.T, xc) if g_aux is not None else None  # [C, D]
-            if ctx.grads is not None:  # a tied model: into the decoder's one buffer
-                if aux_rows is not None:
-                    ctx.grads.add_rows(cols, aux_rows)
-                ctx.grads.add_segments(seg, g_val, xc)
-            elif aux_rows is None:
-                dW = seg.reduce(g_val, xc)  # [N, D]
-            else:  # AuxK's share first: the sparse product then accumulates (no rescaling)
-                dW = torch.zeros(N, xc.shape[1], device=xc.device).index_add_(0, cols, aux_rows)
-                seg.reduce_into(dW, g_val, xc)
-            if dW is not None:
+            # A tied model's share goes into the decoder's one buffer; an untied encoder's
+            # into its own. AuxK's rows first: the sparse product then accumulates onto
+            # them (no rescaling pass).
+            grads = _buffer(ctx, N, xc.shape[1])
+            if g_aux is not None:
+                grads.add_rows(cols, mm32(g_aux.T, xc))  # [C, D]
+            grads.add_segments(_segments(ctx, idx, N), g_val, xc)
+            if ctx.grads is None:
                 # [D, N] as a view: W_enc is stored latent-major (sae.py), so this is its
                 # own layout and autograd takes it without a copy.
-                dW = dW.T
+                dW = grads.take().T
         db_dec = -(db_enc @ W_enc.T) if ctx.needs_input_grad[1] else None
         return (None, db_dec, dW, db_enc if ctx.needs_input_grad[3] else None,
                 None, None, None, None, None, None)
@@ -304,11 +300,9 @@ class _AuxDecode(Function):
         g_z = g_low @ W_rows.T if ctx.needs_input_grad[0] else None
         dW = None
         if ctx.needs_input_grad[2]:
-            rows = mm32(z.T, g_low)
-            if ctx.grads is not None:
-                ctx.grads.add_rows(cols, rows)
-            else:
-                dW = torch.zeros(ctx.n, rows.shape[1], device=g.device).index_add_(0, cols, rows)
+            grads = _buffer(ctx, ctx.n, g.shape[1])
+            grads.add_rows(cols, mm32(z.T, g_low))
+            dW = grads.take() if ctx.grads is None else None
         return g_z, None, dW, None
 
 
@@ -317,14 +311,17 @@ def aux_decode(z: Tensor, cols: Tensor, W_dec: Tensor, grads: DecoderGrads | Non
     return _AuxDecode.apply(z, cols, W_dec, grads)
 
 
+def _buffer(ctx, n: int, d: int) -> DecoderGrads:
+    """The step's decoder-gradient buffer, or a fresh one for this function's own gradient."""
+    return ctx.grads if ctx.grads is not None else DecoderGrads(n, d)
+
+
 def _decoder_grad(ctx, idx: Tensor, wts: Tensor, src: Tensor) -> Tensor | None:
     """W_dec's gradient from a k-sparse reader: sum over (b, j) of wts[b, j] src[b] on row
     idx[b, j]. Into the step's buffer when there is one (then None for autograd)."""
-    seg = _segments(ctx, idx, ctx.n)
-    if ctx.grads is None:
-        return seg.reduce(wts, src)
-    ctx.grads.add_segments(seg, wts, src)
-    return None
+    grads = _buffer(ctx, ctx.n, src.shape[1])
+    grads.add_segments(_segments(ctx, idx, ctx.n), wts, src)
+    return grads.take() if ctx.grads is None else None
 
 
 class _SparseDecode(Function):
