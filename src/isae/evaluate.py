@@ -47,7 +47,8 @@ def reconstruction_metrics(ckpt: Checkpoint, acts: ActivationSet, batch_size: in
         "mse_per_dim": sse / (n * acts.d),
         "fvu": sse / total_var if total_var > 0 else float("nan"),
         "l0": nnz / n,
-        "dead_frac": float(1.0 - fired.float().mean()),
+        # counted, not averaged in float32: a fraction like 1/48 must be exact
+        "dead_frac": 1.0 - int(fired.sum()) / fired.numel(),
     }
 
 

@@ -255,7 +255,7 @@ def train_many(
                         "fvu": float(m["fvu"]),
                         "auxk": float(m["auxk"]),
                         "l0": float((codes.val != 0).sum(-1).float().mean()),
-                        "dead_frac": float(dead.float().mean()),
+                        "dead_frac": int(dead.sum()) / dead.numel(),
                         "lr": getattr(run.stepper, "base_lr", 0.0) * lr_scale,
                         "wall_s": wall0 + time.perf_counter() - t0,
                     }
