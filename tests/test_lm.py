@@ -81,7 +81,8 @@ def test_parquet_reads_back_with_pyarrow_and_pandas(minilm_set):
     shards = sorted(minilm_set.glob("part-*.parquet"))
     assert len(shards) >= 2  # rows_per_shard 300 < rows
     table = pa.concat_tables([pq.read_table(p) for p in shards])
-    assert table.schema.field("x").type == pa.list_(pa.float32(), 384)
+    xt = table.schema.field("x").type  # fixed_size_list<float32>[384], non-null elements
+    assert pa.types.is_fixed_size_list(xt) and xt.list_size == 384 and xt.value_type == pa.float32()
     for col in ("doc", "pos", "token_id"):
         assert pa.types.is_integer(table.schema.field(col).type)
     assert table.schema.field("heldout").type == pa.bool_()
@@ -177,7 +178,8 @@ def test_pydoc_rerun_is_byte_identical(tmp_path, capsys):
     assert meta["text_source"]["kind"] == "pydoc" and meta["dtype"] == "float16"
     assert meta["doc_names"] == sorted(topics)[: meta["documents"]]
     table = pq.read_table(outs[0] / "part-00000.parquet")
-    assert table.schema.field("x").type == pa.list_(pa.float16(), 384)
+    xt = table.schema.field("x").type
+    assert pa.types.is_fixed_size_list(xt) and xt.list_size == 384 and xt.value_type == pa.float16()
 
 
 # ----------------------------------------------------------------------------- bad input
