@@ -106,3 +106,36 @@ def test_shards_of_several_chunks_read_like_the_whole_table(tmp_path):
         write_chunked(x)
         with pytest.raises(UserError, match=f"{shard.name}: non-finite .* row 450"):
             list(acts.iter_shards("train", shards=[shard]))
+
+
+def _reference_batches(acts, batch_size, buffer_rows, seed, n_batches):
+    """The stream's documented order, written plainly in NumPy: whole-buffer concatenation
+    and permutation, as the first version of stream.py did it."""
+    order_seed, perm_seed = np.random.SeedSequence(seed).spawn(2)
+    shard_rng, rng = np.random.default_rng(order_seed), np.random.default_rng(perm_seed)
+    cap = max(buffer_rows, 2 * batch_size)
+    rows = [np.concatenate([p["x"] for p in acts.iter_shards("train", shards=[s])] or
+                           [np.empty((0, acts.d), np.float32)]) for s in acts.shards]
+    buf, out = np.empty((0, acts.d), np.float32), []
+    while True:
+        order = shard_rng.permutation(len(rows))
+        for j, s in enumerate(order):
+            last = j == len(order) - 1
+            buf = np.concatenate([buf, rows[s]])
+            if len(buf) >= cap or last:
+                buf = buf[rng.permutation(len(buf))]
+                n_out = (len(buf) - (0 if last else cap // 2)) // batch_size
+                for b in range(n_out):
+                    out.append(buf[b * batch_size : (b + 1) * batch_size])
+                    if len(out) == n_batches:
+                        return np.concatenate(out)
+                buf = buf[n_out * batch_size :]
+
+
+def test_batches_follow_the_reference_order_across_epochs(tmp_path):
+    acts = _set(tmp_path)
+    # streaming / the whole set cached / a buffer smaller than two batches
+    for batch, buffer in ((64, 1000), (50, 100_000), (700, 10)):
+        n = 3 * 5000 // batch  # about three epochs
+        got = _take(acts, n, batch_size=batch, buffer_rows=buffer, seed=5)
+        np.testing.assert_array_equal(got, _reference_batches(acts, batch, buffer, 5, n))
