@@ -254,7 +254,7 @@ def train_many(
                         "loss": float(m["loss"]),
                         "fvu": float(m["fvu"]),
                         "auxk": float(m["auxk"]),
-                        "l0": float((codes.val != 0).sum(-1).float().mean()),
+                        "l0": int((codes.val != 0).sum()) / codes.val.shape[0],
                         "dead_frac": int(dead.sum()) / dead.numel(),
                         "lr": getattr(run.stepper, "base_lr", 0.0) * lr_scale,
                         "wall_s": wall0 + time.perf_counter() - t0,
