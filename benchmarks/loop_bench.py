@@ -11,7 +11,11 @@ piece at a time, on the same float16 set (d 768, width 24 576, k 32, batch 8 192
 - the reader alone (``shuffled_batches`` onto the GPU, nothing else);
 - ``train`` fed from batches already on the GPU (the loop's own bookkeeping, no reader);
 - the same without the per-step host sync (AuxK width fixed at its first value; CUDA only);
-- ``train`` from disk, with the time its thread spent waiting on shard decodes.
+- ``train`` from disk, with the time its thread spent waiting on shard decodes;
+
+and, for each run of ``train``, how many new AuxK widths it met and the host time their
+first steps and graph recordings took (a suspect for short runs: dead latents come and go,
+and each new width costs an eager step and a recording).
 
 Prints a table last.
 """
@@ -50,6 +54,33 @@ def write_set(path: Path, rows: int, atoms: int, device: str) -> None:
             val = torch.randn(B, 16, device=device, generator=g)
             x = torch.einsum("bk,bkd->bd", val, dic[idx]) + 0.05 * torch.randn(B, D, device=device, generator=g)
             w.add(x.cpu().numpy(), heldout_mask(np.arange(n, n + B) // 128, 0.02))
+
+
+#: Host time the graphs spend on new AuxK widths: each new width's eager first step and
+#: its recording (synchronising, collecting garbage, capturing, instantiating). A short
+#: run that sees many widths pays this often; a long one amortises it.
+NEW_WIDTHS = {"n": 0, "s": 0.0}
+
+
+def _timed(fn):
+    def wrapper(*args, **kw):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kw)
+        finally:
+            NEW_WIDTHS["n"] += 1
+            NEW_WIDTHS["s"] += time.perf_counter() - t
+    return wrapper
+
+
+graphs.StepGraphs._eager = _timed(graphs.StepGraphs._eager)
+graphs.StepGraphs._record = _timed(graphs.StepGraphs._record)
+
+
+def widths_note() -> str:
+    note = f"{NEW_WIDTHS['n']} first steps/recordings of new AuxK widths, {NEW_WIDTHS['s']:.2f} s"
+    NEW_WIDTHS.update(n=0, s=0.0)
+    return note
 
 
 def sync(device: str) -> None:
@@ -127,8 +158,9 @@ def main() -> None:
 
     real_batches = trainer.shuffled_batches
     trainer.shuffled_batches = from_memory
+    widths_note()
     s = trainer.train(tmp / "acts", cfg, tcfg, tmp / "mem", resume=False)
-    report(f"train, batches already on the {dev}", s["tokens_per_s"])
+    report(f"train, batches already on the {dev}", s["tokens_per_s"], widths_note())
 
     # 4. the same without the per-step host sync (the AuxK width read once)
     real_step = trainer.SAEStepper.step
@@ -144,7 +176,8 @@ def main() -> None:
     if dev == "cuda" and graphs.ENABLED:  # elsewhere there is no per-step sync to remove
         trainer.SAEStepper.step = no_sync
         s = trainer.train(tmp / "acts", cfg, tcfg, tmp / "mem2", resume=False)
-        report("train, batches on the GPU, no per-step host sync", s["tokens_per_s"])
+        report("train, batches on the GPU, no per-step host sync (one AuxK width)", s["tokens_per_s"],
+               widths_note())
         trainer.SAEStepper.step = real_step
     trainer.shuffled_batches = real_batches
 
@@ -160,12 +193,13 @@ def main() -> None:
             waited[0] += time.perf_counter() - t
 
     cf.Future.result = timed_result
+    widths_note()
     t0 = time.perf_counter()
     s = trainer.train(tmp / "acts", cfg, tcfg, tmp / "disk", resume=False)
     wall = time.perf_counter() - t0
     cf.Future.result = result
     report("train from disk", s["tokens_per_s"],
-           f"waited {waited[0]:.2f} s of {wall:.2f} s on shard decodes")
+           f"waited {waited[0]:.2f} s of {wall:.2f} s on shard decodes; {widths_note()}")
 
     print("\n| piece | M tok/s | note |\n|---|---|---|")
     for what, rate, note in ROWS:
