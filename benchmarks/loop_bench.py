@@ -23,13 +23,13 @@ Prints a table last.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from read_waits import ReadWaits
 
 from isae import graphs, stream, trainer
 from isae.actset import ActivationSet, ActivationWriter, heldout_mask
@@ -182,24 +182,13 @@ def main() -> None:
     trainer.shuffled_batches = real_batches
 
     # 5. from disk, timing the waits on shard decodes
-    waited = [0.0]
-    result = cf.Future.result
-
-    def timed_result(self, timeout=None):
-        t = time.perf_counter()
-        try:
-            return result(self, timeout)
-        finally:
-            waited[0] += time.perf_counter() - t
-
-    cf.Future.result = timed_result
     widths_note()
     t0 = time.perf_counter()
-    s = trainer.train(tmp / "acts", cfg, tcfg, tmp / "disk", resume=False)
+    with ReadWaits() as waits:
+        s = trainer.train(tmp / "acts", cfg, tcfg, tmp / "disk", resume=False)
     wall = time.perf_counter() - t0
-    cf.Future.result = result
     report("train from disk", s["tokens_per_s"],
-           f"waited {waited[0]:.2f} s of {wall:.2f} s on shard decodes; {widths_note()}")
+           f"waited {waits.seconds:.2f} s of {wall:.2f} s on shard decodes; {widths_note()}")
 
     print("\n| piece | M tok/s | note |\n|---|---|---|")
     for what, rate, note in ROWS:

@@ -12,12 +12,12 @@ spent waiting for shard decodes (``Future.result``). Prints a table last.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from read_waits import ReadWaits
 
 from isae import stream
 from isae.actset import ActivationSet, ActivationWriter, heldout_mask
@@ -45,33 +45,22 @@ def main() -> None:
             w.add(rng.standard_normal((BATCH, D), dtype=np.float32),
                   heldout_mask(np.arange(n, n + BATCH) // 128, 0.02))
     acts = ActivationSet(tmp / "acts")
-    waited = [0.0]
-    result = cf.Future.result
-
-    def timed_result(self, timeout=None):
-        t = time.perf_counter()
-        try:
-            return result(self, timeout)
-        finally:
-            waited[0] += time.perf_counter() - t
-
-    cf.Future.result = timed_result
     rows = []
     for seed in range(2):
         it = stream.shuffled_batches(acts, BATCH, BUFFER, seed, a.device)
         next(it)
-        waited[0] = 0.0
         steps = a.epochs * acts.meta.get("train_rows", acts.rows) // BATCH
         t0 = time.perf_counter()
-        for _ in range(steps):
-            next(it)
-            time.sleep(a.step_ms / 1e3)
+        with ReadWaits() as waits:
+            for _ in range(steps):
+                next(it)
+                time.sleep(a.step_ms / 1e3)
         if a.device != "cpu":
             import torch
 
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        rows.append((seed, steps * BATCH / dt / 1e6, dt, waited[0]))
+        rows.append((seed, steps * BATCH / dt / 1e6, dt, waits.seconds))
     print("\n| run | M rows/s | seconds | waiting on reads (s) |\n|---|---|---|---|")
     for seed, rate, dt, w in rows:
         pin = ", pinned" if stream.PIN_MEMORY and a.device != "cpu" else ""
