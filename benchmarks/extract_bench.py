@@ -15,9 +15,9 @@ What is measured (``--device`` for all of it):
 
 * MiniLM-shaped (all-MiniLM-L6-v2 config, its real tokenizer), CPython's ``pydoc_data.topics``
   text, hook ``blocks.3.hook_resid_post``:
-  - end to end: ``isae.sources.lm.extract``, the function behind ``isae extract lm``, writing
+  - end to end: ``isae.data.sources.text.extract``, the function behind ``isae extract lm``, writing
     an activation set into a temporary folder (boot, tokenising, forward, Parquet writing);
-  - the transformer-lens capture alone (``isae.lm.capture``) on the very same batches;
+  - the transformer-lens capture alone (``isae.data.language_models.capture``) on the very same batches;
   - the plain Hugging Face forward (no hooks, ``torch.no_grad``, float32) on the very same
     batches: all 6 layers, and the 4 layers the hook needs (extraction stops after block 3);
     the note gives its share of the extraction time.
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from isae import lm
+from isae.data import language_models as lm
 
 MINILM_HOOK = "blocks.3.hook_resid_post"
 PYTHIA_DIR = "pythia160m-config"
@@ -236,9 +236,9 @@ def pydoc_batches(loaded: lm.LoadedModel, args) -> list[lm.Batch]:
     return [b.to(args.device) for b in lm.batches(chunks, fr, args.context, args.batch)]
 
 
-@section("MiniLM: end-to-end extraction (isae.sources.lm.extract)")
+@section("MiniLM: end-to-end extraction (isae.data.sources.text.extract)")
 def bench_extract(model: Path, args) -> None:
-    from isae.sources.lm import extract
+    from isae.data.sources.text import extract
 
     def run(out: Path, max_tokens: int | None) -> dict:
         return extract(out=str(out), model=str(model), hook=MINILM_HOOK, text="pydoc",
@@ -262,7 +262,7 @@ def bench_extract(model: Path, args) -> None:
         summary["seconds"], "capture + copy to host + Parquet writing")
 
 
-@section("MiniLM: transformer-lens capture alone (isae.lm.capture)")
+@section("MiniLM: transformer-lens capture alone (isae.data.language_models.capture)")
 def bench_capture(model: Path, args) -> None:
     loaded = lm.boot(str(model), device=args.device)
     batches = pydoc_batches(loaded, args)
@@ -362,7 +362,7 @@ def bench_bridge_pythia(model_dir: Path, args) -> None:
     from transformer_lens.model_bridge import TransformerBridge
 
     with tempfile.TemporaryDirectory() as tmp:
-        # A local GPTNeoX folder with random weights, as `isae.lm.boot` would be given.
+        # A local GPTNeoX folder with random weights, as `isae.data.language_models.boot` would be given.
         folder = Path(tmp)
         random_model(model_dir / PYTHIA_DIR).save_pretrained(folder)
         boot = {"device": args.device, "dtype": torch.float32}
@@ -372,7 +372,7 @@ def bench_bridge_pythia(model_dir: Path, args) -> None:
             tok = bridge.tokenizer
             how = f"booted from the folder, tokenizer {type(tok).__name__} of {len(tok)} tokens"
         except Exception as e:  # noqa: BLE001 - expected: the folder has no tokenizer
-            row("bridge boot_transformers(folder) as isae.lm.boot does it",
+            row("bridge boot_transformers(folder) as isae.data.language_models.boot does it",
                 note=one_line(e, "not measured"))
             # Random ids make the tokenizer irrelevant to the cost: lend MiniLM's so it boots.
             from transformers import AutoTokenizer

@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from isae import fast, graphs
-from isae.config import SAEConfig, TrainConfig
-from isae.sae import SparseCoder
-from isae.trainer import SAEStepper
+from isae.gpu import cuda_graphs as graphs
+from isae.gpu import ops as fast
+from isae.models.config import SAEConfig, TrainConfig
+from isae.models.sparse_coder import SparseCoder
+from isae.training.trainer import SAEStepper
 
 D, N, K, B = 768, 24576, 32, 8192
 ROWS: list[dict] = []
@@ -126,7 +127,8 @@ def anchors():
 def kernel_bench():
     import triton
 
-    from isae import kernels
+    from isae.gpu import kernels
+
     row("triton version", note=triton.__version__)
     g = torch.Generator(device="cuda").manual_seed(0)
     pre = (torch.randn(B, D, device="cuda", generator=g).bfloat16()
@@ -271,8 +273,8 @@ def equivalence(steps: int):
 
 @section("seeds in parallel vs one after another (end to end, from disk)")
 def seeds_parallel(rows: int, tokens: int, buffer: int, n_seeds: int = 3):
-    from isae.actset import ActivationWriter, heldout_mask
-    from isae.trainer import train, train_many
+    from isae.data.activations import ActivationWriter, heldout_mask
+    from isae.training.trainer import train, train_many
 
     tmp = Path(tempfile.mkdtemp())
     data = synthetic_batches(D, 4 * N, 16, seed=3)
@@ -311,17 +313,18 @@ def seeds_parallel(rows: int, tokens: int, buffer: int, n_seeds: int = 3):
 
 @section("restricted isometry on observed supports")
 def ric(n_unions: int):
-    from isae.ric import delta_of_supports
+    from isae.analysis import isometry
+    from isae.analysis.isometry import delta_of_supports
 
     g = torch.Generator(device="cuda").manual_seed(0)
     W = torch.randn(N, D, device="cuda", generator=g)
     sizes = torch.randint(2 * K - 16, 2 * K + 1, (n_unions,), device="cuda", generator=g)
     sup = torch.randint(0, N, (n_unions, 2 * K), device="cuda", generator=g)
     sup = torch.sort(sup, dim=1).values  # duplicates are rare at N = 24 576 but do not matter
-    fast.delta_by_squaring(W, sup[:1000], sizes[:1000])
+    isometry.delta_by_squaring(W, sup[:1000], sizes[:1000])
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    d = fast.delta_by_squaring(W, sup, sizes)
+    d = isometry.delta_by_squaring(W, sup, sizes)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     row(f"δ_U by squaring, {n_unions} unions, |U| <= {2 * K}", dt * 1e3, f"{n_unions / dt:,.0f} unions/s",
@@ -341,7 +344,7 @@ def ric(n_unions: int):
 
 @section("matching two dictionaries")
 def matching(n_atoms: int):
-    from isae.matching import match_dictionaries
+    from isae.analysis.matching import match_dictionaries
 
     g = torch.Generator(device="cuda").manual_seed(0)
     for n in sorted({8192, n_atoms}):
@@ -393,8 +396,8 @@ def main() -> None:
     ap.add_argument("--seed-tokens", type=int, default=12_000_000, help="tokens per seed")
     ap.add_argument("--seed-buffer", type=int, default=131072, help="shuffle buffer (rows)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds in the seeds section")
-    ap.add_argument("--prefetch", type=int, default=None, help="reader threads (isae.stream.PREFETCH)")
-    ap.add_argument("--pin", choices=["on", "off"], default=None, help="isae.stream.PIN_MEMORY")
+    ap.add_argument("--prefetch", type=int, default=None, help="reader threads (isae.data.stream.PREFETCH)")
+    ap.add_argument("--pin", choices=["on", "off"], default=None, help="isae.data.stream.PIN_MEMORY")
     ap.add_argument("--ric-unions", type=int, default=200_000)
     ap.add_argument("--match-atoms", type=int, default=32768)
     ap.add_argument("--trace-dir", default=None, help="where the profile section writes its traces")
@@ -403,12 +406,12 @@ def main() -> None:
         a.eq_steps, a.seed_rows, a.seed_tokens, a.ric_unions, a.match_atoms = 60, 200_000, 2_000_000, 20_000, 8192
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    import isae.stream
+    import isae.data.stream
 
     if a.prefetch:
-        isae.stream.PREFETCH = a.prefetch
+        isae.data.stream.PREFETCH = a.prefetch
     if a.pin:
-        isae.stream.PIN_MEMORY = a.pin == "on"
+        isae.data.stream.PIN_MEMORY = a.pin == "on"
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     sections = {
         "anchors": anchors,

@@ -31,9 +31,11 @@ import numpy as np
 import torch
 from read_waits import ReadWaits
 
-from isae import graphs, stream, trainer
-from isae.actset import ActivationSet, ActivationWriter, heldout_mask
-from isae.config import SAEConfig, TrainConfig
+from isae.data import stream
+from isae.data.activations import ActivationSet, ActivationWriter, heldout_mask
+from isae.gpu import cuda_graphs as graphs
+from isae.models.config import SAEConfig, TrainConfig
+from isae.training import trainer
 
 D, K, B = 768, 32, 8192
 ROWS: list[tuple[str, float, str]] = []
@@ -119,7 +121,7 @@ def main() -> None:
     trainer.train(tmp / "acts", cfg, warm, tmp / "warm", resume=False)
 
     # 1. the step alone
-    from isae.sae import SparseCoder
+    from isae.models.sparse_coder import SparseCoder
 
     model = SparseCoder(cfg, device=dev)
     st = trainer.SAEStepper(model, tcfg)

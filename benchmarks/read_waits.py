@@ -1,4 +1,4 @@
-"""How long a benchmark's thread waits on isae.stream's shard decodes (``Future.result``)."""
+"""How long a benchmark's thread waits on isae.data.stream's shard decodes (``Future.result``)."""
 
 from __future__ import annotations
 

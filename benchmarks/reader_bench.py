@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from read_waits import ReadWaits
 
-from isae import stream
-from isae.actset import ActivationSet, ActivationWriter, heldout_mask
+from isae.data import stream
+from isae.data.activations import ActivationSet, ActivationWriter, heldout_mask
 
 D, SHARD, SHARDS, BATCH, BUFFER = 768, 65536, 4, 8192, 65536
 
@@ -30,9 +30,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--step-ms", type=float, default=3.5)
-    ap.add_argument("--prefetch", type=int, default=None, help="reader threads (isae.stream.PREFETCH)")
+    ap.add_argument("--prefetch", type=int, default=None, help="reader threads (isae.data.stream.PREFETCH)")
     ap.add_argument("--pin", choices=["on", "off"], default=None,
-                    help="decode into pinned memory (default: isae.stream.PIN_MEMORY)")
+                    help="decode into pinned memory (default: isae.data.stream.PIN_MEMORY)")
     a = ap.parse_args()
     if a.prefetch:
         stream.PREFETCH = a.prefetch

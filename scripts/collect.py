@@ -2,7 +2,7 @@
 
 import sys
 
-from isae.io import write_table
+from isae.data.atomic import write_table
 from isae.study.tables import collect
 
 snakemake = globals()["snakemake"]  # injected by Snakemake's script: directive

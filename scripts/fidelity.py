@@ -1,12 +1,12 @@
-"""Rule entry point: downstream fidelity of one checkpoint (isae.fidelity), one-row Parquet."""
+"""Rule entry point: downstream fidelity of one checkpoint (isae.analysis.fidelity), one-row Parquet."""
 
 import logging
 import sys
 
 import pandas as pd
 
-from isae.fidelity import fidelity
-from isae.io import write_table
+from isae.analysis.fidelity import fidelity
+from isae.data.atomic import write_table
 
 snakemake = globals()["snakemake"]  # injected by Snakemake's script: directive
 

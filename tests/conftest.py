@@ -15,7 +15,7 @@ SYNTHETIC = {"d": 32, "atoms": 128, "k": 3, "rows": 20000, "noise": 0.01, "zipf"
 def synthetic_set(tmp_path_factory) -> Path:
     """A synthetic activation set (d 32, 128 atoms, k 3, 20000 rows, noise 0.01, seed 0)
     with its ``truth/`` checkpoint; written once per test session (well under a second)."""
-    from isae.sources import synthetic
+    from isae.data.sources import synthetic
 
     out = tmp_path_factory.mktemp("sets") / "synthetic"
     synthetic.extract(out=str(out), **SYNTHETIC)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from isae.actset import ActivationWriter, heldout_mask
+from isae.data.activations import ActivationWriter, heldout_mask
 
 
 def signed_sparse_set(

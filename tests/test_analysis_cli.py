@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from isae import checkpoint
-from isae.actset import ActivationSet, ActivationWriter, Normalizer
-from isae.cli import main
-from isae.config import SAEConfig
-from isae.sae import SparseCoder
+from isae.cli.main import main
+from isae.data import checkpoints as checkpoint
+from isae.data.activations import ActivationSet, ActivationWriter, Normalizer
+from isae.models.config import SAEConfig
+from isae.models.sparse_coder import SparseCoder
 
 
 def _run(capsys, *argv) -> tuple[int, dict | None, str]:

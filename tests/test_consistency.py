@@ -8,10 +8,10 @@ import pytest
 import torch
 from scipy.stats import hypergeom
 
-from isae.config import SAEConfig
-from isae.consistency import code_consistency, sparse_triples
-from isae.matching import match_dictionaries
-from isae.sae import SparseCoder
+from isae.analysis.consistency import code_consistency, sparse_triples
+from isae.analysis.matching import match_dictionaries
+from isae.models.config import SAEConfig
+from isae.models.sparse_coder import SparseCoder
 
 
 def _dense(val, idx, width):

@@ -10,11 +10,11 @@ import torch
 from libdata import signed_sparse_set
 from safetensors.numpy import load_file
 
-from isae import checkpoint
-from isae.actset import ActivationSet
-from isae.cli import main
-from isae.config import SAEConfig
-from isae.sae import SparseCoder
+from isae.cli.main import main
+from isae.data import checkpoints as checkpoint
+from isae.data.activations import ActivationSet
+from isae.models.config import SAEConfig
+from isae.models.sparse_coder import SparseCoder
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
-"""The fast path's autograd functions (fast.py) against the float32 reference, on the CPU.
+"""The fast path's autograd functions (gpu/ops.py) against the float32 reference, on the CPU.
 
 On a CPU tensor kernels.py computes each kernel's result with stock torch ops, so these
-tests check fast.py's hand-written backward passes (segmented weight gradients, gathered
+tests check ops.py's hand-written backward passes (segmented weight gradients, gathered
 dots, AuxK on dead columns, the IHT step) without a GPU; tests/test_kernels.py checks the
 Triton kernels themselves, tests/test_fast_gpu.py the whole path on CUDA.
 """
@@ -9,9 +9,9 @@ Triton kernels themselves, tests/test_fast_gpu.py the whole path on CUDA.
 import pytest
 import torch
 
-from isae import fast
-from isae.config import SAEConfig
-from isae.sae import SparseCoder
+from isae.gpu import ops as fast
+from isae.models.config import SAEConfig
+from isae.models.sparse_coder import SparseCoder
 
 
 @pytest.fixture
@@ -180,7 +180,7 @@ def test_normalize_keeps_the_low_copy_current(forced):
 def test_one_decoder_buffer_equals_autograd_summing(forced, arch, monkeypatch):
     """fast.collect: the decoder's readers add into one buffer instead of each returning an
     [N, D] gradient for autograd to sum. Same sums, another order: equal to float32 rounding."""
-    from isae import sae as sae_mod
+    from isae.models import sparse_coder as sae_mod
 
     torch.manual_seed(2)
     d, n, k = 32, 256, 5

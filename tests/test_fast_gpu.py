@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from isae import fast
-from isae.config import SAEConfig
-from isae.ric import delta_of_supports
-from isae.sae import SparseCoder
+from isae.analysis.isometry import delta_of_supports
+from isae.gpu import ops as fast
+from isae.models.config import SAEConfig
+from isae.models.sparse_coder import SparseCoder
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 pytestmark = [cuda, pytest.mark.gpu]
@@ -67,8 +67,8 @@ def test_delta_by_squaring_matches_float64_svd():
 
 
 def test_training_on_cuda_keeps_unit_rows(tmp_path):
-    from isae.config import TrainConfig
-    from isae.trainer import SAEStepper
+    from isae.models.config import TrainConfig
+    from isae.training.trainer import SAEStepper
 
     m = _pair("topk", 128, 1024, 16)
     st = SAEStepper(m, TrainConfig(lr=1e-3))
@@ -80,7 +80,7 @@ def test_training_on_cuda_keeps_unit_rows(tmp_path):
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("n,dtype", [(24576, torch.bfloat16), (70000, torch.bfloat16), (5000, torch.float32)])
 def test_triton_topk_equals_torch_topk(signed, n, dtype):
-    from isae import kernels
+    from isae.gpu import kernels
 
     g = torch.Generator(device="cuda").manual_seed(n)
     pre = torch.randn(1024, n, device="cuda", generator=g).to(dtype)
@@ -97,7 +97,7 @@ def test_triton_topk_equals_torch_topk(signed, n, dtype):
 
 
 def test_triton_sparse_kernels_equal_float64():
-    from isae import kernels
+    from isae.gpu import kernels
 
     g = torch.Generator(device="cuda").manual_seed(1)
     B, N, D, K = 4096, 24576, 768, 32
@@ -126,9 +126,9 @@ def _dead_masks(n, steps, gen):
 def test_graphed_steps_equal_eager_steps(arch):
     """The CUDA-graph replay (fixed AuxK widths) against eager fast steps (exact dead
     columns), from the same start on the same batches and schedule."""
-    from isae import graphs
-    from isae.config import TrainConfig
-    from isae.trainer import SAEStepper
+    from isae.gpu import cuda_graphs as graphs
+    from isae.models.config import TrainConfig
+    from isae.training.trainer import SAEStepper
 
     d, n, k, B, steps = 128, 4096, 16, 2048, 12
     gen = torch.Generator(device="cuda").manual_seed(7)
@@ -171,8 +171,8 @@ def test_graphed_steps_equal_eager_steps(arch):
 
 
 def test_graphed_stepper_resumes_like_an_uninterrupted_one():
-    from isae.config import TrainConfig
-    from isae.trainer import SAEStepper
+    from isae.models.config import TrainConfig
+    from isae.training.trainer import SAEStepper
 
     d, n, k, B = 64, 2048, 8, 1024
     gen = torch.Generator(device="cuda").manual_seed(3)
@@ -197,7 +197,7 @@ def test_graphed_stepper_resumes_like_an_uninterrupted_one():
 
 
 def test_row_kernels_equal_float64():
-    from isae import kernels
+    from isae.gpu import kernels
 
     g = torch.Generator(device="cuda").manual_seed(0)
     W = torch.randn(5000, 768, generator=g, device="cuda") * 3
@@ -219,8 +219,8 @@ def test_recording_survives_garbage_steppers():
     intermittent recording failure seen once in gpu_bench's equivalence runs; see RESULTS.)"""
     import gc
 
-    from isae.config import TrainConfig
-    from isae.trainer import SAEStepper
+    from isae.models.config import TrainConfig
+    from isae.training.trainer import SAEStepper
 
     x = torch.randn(512, 32, device="cuda")
     dead = torch.zeros(256, dtype=torch.bool, device="cuda")
@@ -241,7 +241,7 @@ def test_recording_survives_garbage_steppers():
 def test_elementwise_kernels_equal_torch():
     """The small fused passes of a step: FVU's sums, its scaled backward, the encoder's
     shifted bf16 input, AuxK's masked gradient and top-k mask, the biased decode."""
-    from isae import kernels
+    from isae.gpu import kernels
 
     g = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(8192, 768, generator=g, device="cuda") + 3.0

@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from isae import checkpoint, lm
-from isae import fidelity as fid
-from isae.actset import ActivationSet, Normalizer
-from isae.config import SAEConfig
-from isae.sae import SparseCoder
+from isae.analysis import fidelity as fid
+from isae.data import checkpoints as checkpoint
+from isae.data import language_models as lm
+from isae.data.activations import ActivationSet, Normalizer
+from isae.models.config import SAEConfig
+from isae.models.sparse_coder import SparseCoder
 
 TEXT = (
     "def add(a, b):\n    return a + b\n\n"
@@ -211,7 +212,7 @@ def test_lm_fidelity_row_with_a_checkpoint(neox, tiny_neox, tmp_path):
 @pytest.fixture(scope="module")
 def minilm(tmp_path_factory):
     """MiniLM, a tiny activation set over TEXT (block 2) and a random SAE checkpoint on it."""
-    from isae.sources.lm import extract
+    from isae.data.sources.text import extract
 
     root = tmp_path_factory.mktemp("minilm-fid")
     (root / "text.txt").write_text(TEXT)

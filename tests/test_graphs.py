@@ -1,11 +1,11 @@
-"""What the CUDA-graph machinery decides on the host (graphs.py); the recordings themselves
+"""What the CUDA-graph machinery decides on the host (cuda_cuda_graphs.py); the recordings themselves
 are checked against eager steps in tests/test_fast_gpu.py."""
 
 import os
 import subprocess
 import sys
 
-from isae.graphs import aux_bucket
+from isae.gpu.cuda_graphs import aux_bucket
 
 
 def test_aux_widths_cover_the_dead_with_little_padding_and_few_graphs():
@@ -21,7 +21,7 @@ def test_aux_widths_cover_the_dead_with_little_padding_and_few_graphs():
 
 
 def test_environment_switches_graphs_off():
-    code = "from isae import graphs; print(graphs.ENABLED)"
+    code = "from isae.gpu import cuda_graphs; print(cuda_graphs.ENABLED)"
     for value, want in (("0", "False"), ("1", "True")):
         env = {**os.environ, "ISAE_CUDA_GRAPHS": value}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -37,8 +37,8 @@ def test_a_failed_recording_stops_with_one_line_and_leaves_the_collector_on(monk
     import pytest
     import torch
 
-    from isae import graphs
     from isae.errors import UserError
+    from isae.gpu import cuda_graphs as graphs
 
     @contextlib.contextmanager
     def failing(*a, **k):

@@ -16,7 +16,8 @@ pytest.importorskip("triton")
 
 CHECKS = textwrap.dedent('''
     import torch
-    from isae import kernels as K
+    from isae.gpu import kernels as K
+
     assert K.usable(torch.zeros(1)), "interpret mode not active"
     g = torch.Generator().manual_seed(0)
 

@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from isae import cli, lm
-from isae.actset import ActivationSet, heldout_mask
+from isae.cli import main as cli
+from isae.data import language_models as lm
+from isae.data.activations import ActivationSet, heldout_mask
 from isae.errors import UserError
 
 HOOK = "blocks.3.hook_resid_post"

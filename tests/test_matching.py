@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from isae.analysis.matching import match_dictionaries
 from isae.errors import UserError
-from isae.matching import match_dictionaries
 
 
 def _signed_perm(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -114,7 +114,7 @@ def test_different_dimensions_is_a_user_error():
 
 
 def test_chance_level_of_random_dictionaries_matches_design_reference():
-    from isae.matching import chance_mean_abs_cos
+    from isae.analysis.matching import chance_mean_abs_cos
 
     # DESIGN.md: two random dictionaries of 1536 atoms in d = 384 match at 0.174.
     assert abs(chance_mean_abs_cos(1536, 1536, 384, seed=3) - 0.174) < 0.01

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from isae.errors import UserError
-from isae.ric import (
+from isae.analysis.isometry import (
     delta_of_supports,
     gaussian_dictionary,
     mp_delta,
@@ -18,6 +17,7 @@ from isae.ric import (
     sample_pairs,
     union_supports,
 )
+from isae.errors import UserError
 
 
 def _orthonormal(n: int, seed: int) -> np.ndarray:

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from isae.config import SAEConfig, parse_arch
-from isae.dl import omp
 from isae.errors import UserError
-from isae.sae import Codes, SparseCoder, sparse_decode, topk_select
+from isae.models.config import SAEConfig, parse_arch
+from isae.models.dictionary_learning import omp
+from isae.models.sparse_coder import Codes, SparseCoder, sparse_decode, topk_select
 
 
 def test_topk_select_signed_and_unsigned():

@@ -4,8 +4,8 @@ import numpy as np
 import torch
 from libdata import signed_sparse_set
 
-from isae import stream
-from isae.actset import ActivationSet
+from isae.data import stream
+from isae.data.activations import ActivationSet
 
 
 def _set(tmp_path):
@@ -46,7 +46,7 @@ def test_order_is_a_function_of_the_seed_and_not_of_prefetching(tmp_path, monkey
 def test_float16_shards_stream_as_float32_and_are_stored_plainly(tmp_path):
     import pyarrow.parquet as pq
 
-    from isae.actset import ROW_GROUP, ActivationWriter, heldout_mask
+    from isae.data.activations import ROW_GROUP, ActivationWriter, heldout_mask
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3 * ROW_GROUP + 5, 8)).astype(np.float32)
@@ -63,7 +63,7 @@ def test_float16_shards_stream_as_float32_and_are_stored_plainly(tmp_path):
 
 
 def test_float16_non_finite_found_by_its_bits():
-    from isae.actset import _finite_rows
+    from isae.data.activations import _finite_rows
 
     x = np.array([[1.0, 65504.0], [np.inf, 0.0], [0.0, np.nan], [-65504.0, -0.0]], np.float16)
     assert _finite_rows(x).tolist() == [True, False, False, True]
@@ -77,7 +77,7 @@ def test_shards_of_several_chunks_read_like_the_whole_table(tmp_path):
     import pyarrow.parquet as pq
     import pytest
 
-    from isae.actset import ActivationWriter, heldout_mask
+    from isae.data.activations import ActivationWriter, heldout_mask
     from isae.errors import UserError
 
     rng = np.random.default_rng(0)

@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from isae import checkpoint, cli
-from isae.actset import ActivationSet, heldout_mask
-from isae.sources import synthetic
+from isae.cli import main as cli
+from isae.data import checkpoints as checkpoint
+from isae.data.activations import ActivationSet, heldout_mask
+from isae.data.sources import synthetic
 
 
 def _all(path):

@@ -15,12 +15,12 @@ import torch
 from libdata import matched_abs_cos, signed_sparse_set
 from safetensors.torch import load_file
 
-from isae import checkpoint
-from isae.actset import ActivationSet
-from isae.cli import main
-from isae.config import SAEConfig, TrainConfig
-from isae.sae import SparseCoder
-from isae.trainer import SAEStepper, lr_multiplier
+from isae.cli.main import main
+from isae.data import checkpoints as checkpoint
+from isae.data.activations import ActivationSet
+from isae.models.config import SAEConfig, TrainConfig
+from isae.models.sparse_coder import SparseCoder
+from isae.training.trainer import SAEStepper, lr_multiplier
 
 FAST = ["--k", "3", "--width", "128", "--batch-size", "512", "--lr", "1e-2"]
 
@@ -147,7 +147,7 @@ def test_lr_schedule_shape():
 
 def _cli(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "isae.cli", "-q", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "isae.cli.main", "-q", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

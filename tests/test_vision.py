@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from isae import cli
-from isae.actset import ActivationSet, heldout_mask
-from isae.sources import vision
+from isae.cli import main as cli
+from isae.data.activations import ActivationSet, heldout_mask
+from isae.data.sources import vision
 
 transformers = pytest.importorskip("transformers")
 skdata = pytest.importorskip("skimage.data")

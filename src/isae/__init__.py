@@ -1,15 +1,18 @@
 """isae: identifiable sparse autoencoders, the study's library.
 
-Modules, one job each:
-  errors      UserError, the one-line failure the CLI turns into exit code 2
-  actset      activation sets on disk (meta.json + Parquet shards), streaming readers
-  checkpoint  checkpoint folders (sae.safetensors + cfg.json), atomic writes
-  config      SAEConfig / TrainConfig dataclasses and the presets
-  sae         the SAE family (topk, relu, the iSAE switches) as one module
-  dl          classical dictionary learning with OMP codes (the reference)
-  trainer     streaming trainer with resume
-  evaluate    held-out reconstruction metrics
-  export      SAELens / sparsify layouts
+The package is grouped by role; imports run one way, from the top of this list down:
+
+  cli        the ``isae`` console script: one thin module per subcommand
+  study      the study's tables (T1, T2, ...) and figures, from collected Parquet tables
+  analysis   metrics on trained dictionaries: matching, code consistency, restricted
+             isometry, held-out reconstruction, downstream fidelity
+  training   the trainer: streaming, schedule, dead latents, resume state
+  data       formats on disk (activation sets, checkpoints, exports), streaming readers,
+             activation sources (synthetic, text through a language model, vision)
+  models     the SAE family and dictionary learning as plain maths, configs and presets
+  gpu        the CUDA fast path: Triton kernels, fused autograd ops, CUDA graphs
+
+``errors`` (UserError, the one-line failure) and ``progress`` (the progress bar) serve all.
 """
 
 __version__ = "0.1.0"

@@ -23,10 +23,8 @@ from typing import NamedTuple
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from isae.config import parse_arch
+from isae.models.config import parse_arch
 from isae.errors import UserError
-
-
 def _retype(value):
     """A --config string such as "5", "0.1", "true" or "null" -> its YAML value."""
     if isinstance(value, str):

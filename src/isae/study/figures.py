@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ..config import PRESETS
-from .tables import arch_sort_key
+from isae.models.config import PRESETS
+from isae.study.tables import arch_sort_key
 
 DELTA_THRESHOLDS = {"δ = 1/3": 1.0 / 3.0, "δ = √2−1": math.sqrt(2.0) - 1.0}
 #: Fixed colours so an arch looks the same in every figure.
@@ -37,7 +37,7 @@ ARCH_COLORS = {
     "dl": "#7f7f7f",
 }
 ISAE_PRESETS = ("isae", "isae-iter")
-#: What the fidelity fraction is computed on, by model kind (isae.fidelity).
+#: What the fidelity fraction is computed on, by model kind (isae.analysis.fidelity).
 FIDELITY_KINDS = {"lm": "next-token cross-entropy", "encoder": "sentence-embedding similarity"}
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..errors import UserError
+from isae.errors import UserError
 
 #: Keys of one table row: a dataset and one SAE configuration.
 ROW_KEYS = ["dataset", "arch", "k", "width"]
@@ -291,16 +291,6 @@ def to_latex(table: pd.DataFrame, metrics: Sequence[Metric], caption: str = "",
     return "\n".join(out) + "\n"
 
 
-def write_text_atomic(text: str, path: str | os.PathLike) -> None:
-    """Write a text file under a temporary name, then rename it into place."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 #: Columns of T1 and T2, in display order.
 T1_METRICS = [*T1_EVAL, *T1_MATCH, *T1_TRUTH]
 T2_METRICS = [*T2_MATCH, *T2_RIC]
@@ -319,7 +309,7 @@ T2_CAPTION = (
 def write_renderings(table: pd.DataFrame, metrics: Sequence[Metric], caption: str, label: str,
                      parquet: str | os.PathLike, md: str | os.PathLike, tex: str | os.PathLike) -> None:
     """One summary table as Parquet, Markdown and LaTeX, each written atomically."""
-    from ..io import write_table
+    from isae.data.atomic import write_table, write_text_atomic
 
     write_table(table, parquet)
     write_text_atomic(to_markdown(table, metrics, caption), md)

@@ -1,0 +1,66 @@
+"""Held-out reconstruction metrics (DESIGN.md "Metrics", first bullet).
+
+All in the checkpoint's normalised space: MSE per dimension, FVU (against the held-out
+mean), mean L0, and the fraction of latents never active on the held-out rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from isae.data.activations import ActivationSet
+from isae.data.checkpoints import Checkpoint
+from isae.errors import UserError
+
+
+@torch.no_grad()
+def reconstruction_metrics(ckpt: Checkpoint, acts: ActivationSet, batch_size: int = 4096) -> dict:
+    """-> dict(rows, mse_per_dim, fvu, l0, dead_frac), streamed over held-out shards."""
+    if acts.d != ckpt.d_in:
+        raise UserError(f"activation set has d={acts.d}, checkpoint {ckpt.path} has d_in={ckpt.d_in}")
+    model = ckpt.model
+    dev = model.device
+    n = 0
+    sse = 0.0
+    s1 = torch.zeros(acts.d, dtype=torch.float64, device=dev)
+    s2 = 0.0
+    nnz = 0
+    fired = torch.zeros(ckpt.d_sae, dtype=torch.bool, device=dev)
+    for part in acts.iter_shards("heldout"):
+        for i in range(0, len(part["x"]), batch_size):
+            x = ckpt.normalize(torch.from_numpy(part["x"][i : i + batch_size]).to(dev))
+            codes = model.encode(x)
+            x_hat = model.decode(codes)
+            sse += float((x - x_hat).double().pow(2).sum())
+            xd = x.double()
+            s1 += xd.sum(0)
+            s2 += float(xd.pow(2).sum())
+            active = codes.val != 0
+            nnz += int(active.sum())
+            fired[codes.idx[active]] = True
+            n += x.shape[0]
+    if n == 0:
+        raise UserError(f"activation set {acts.path} has no held-out rows")
+    total_var = s2 - float(s1 @ s1) / n
+    return {
+        "rows": n,
+        "mse_per_dim": sse / (n * acts.d),
+        "fvu": sse / total_var if total_var > 0 else float("nan"),
+        "l0": nnz / n,
+        # counted, not averaged in float32: a fraction like 1/48 must be exact
+        "dead_frac": 1.0 - int(fired.sum()) / fired.numel(),
+    }
+
+
+def describe(ckpt: Checkpoint) -> dict:
+    """The identifying columns every per-checkpoint table starts with."""
+    c = ckpt.cfg
+    return {
+        "ckpt": str(ckpt.path),
+        "arch": c.get("arch"),
+        "k": c.get("k"),
+        "width": c.get("d_sae"),
+        "seed": c.get("seed"),
+        "tokens": c.get("tokens_seen"),
+    }
+

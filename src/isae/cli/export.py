@@ -1,0 +1,23 @@
+"""``isae export``: a checkpoint in SAELens's or sparsify's folder layout."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a checkpoint in SAELens or sparsify layout")
+    p.add_argument("ckpt", help="checkpoint folder")
+    p.add_argument("--format", required=True, choices=["saelens", "sparsify"])
+    p.add_argument("--out", required=True, help="folder to write")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from isae.data.checkpoints import load
+    from isae.data.export import export_saelens, export_sparsify
+
+    ckpt = load(args.ckpt)
+    fn = export_saelens if args.format == "saelens" else export_sparsify
+    path = fn(ckpt, args.out)
+    return {"out": str(path), "format": args.format, "d_in": ckpt.d_in, "d_sae": ckpt.d_sae}

@@ -1,0 +1,78 @@
+"""``isae extract synthetic|lm|vision``: write an activation set (see isae.data.activations)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output activation-set folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and of the split")
+    p.add_argument("--heldout-fraction", type=float, default=0.1,
+                   help="fraction of documents / images / rows held out for evaluation")
+    p.add_argument("--rows-per-shard", type=int, default=16384, help="rows per Parquet shard")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="storage type of the activations")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("extract", help="write an activation set")
+    src = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
+
+    s = src.add_parser("synthetic", help="known dictionary, signed sparse codes, noise")
+    s.add_argument("--d", type=int, required=True, help="activation dimension")
+    s.add_argument("--atoms", type=int, required=True, help="true dictionary size")
+    s.add_argument("--k", type=int, required=True, help="active atoms per row")
+    s.add_argument("--rows", type=int, required=True, help="rows to generate")
+    s.add_argument("--noise", type=float, default=0.0, help="Gaussian noise std per dimension")
+    s.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of atom frequencies (0 = uniform)")
+    s.add_argument("--coherence", type=float, default=None,
+                   help="target mutual coherence of the dictionary (default: plain Gaussian)")
+    s.add_argument("--correlation", type=float, default=0.0,
+                   help="probability that a row's support is drawn from a correlated block")
+    _common(s)
+    s.set_defaults(func=_run_synthetic)
+
+    lm = src.add_parser("lm", help="residual-stream (or any hook) activations of a language model")
+    lm.add_argument("--model", required=True, help="all-MiniLM-L6-v2, a local path, or a HF name")
+    lm.add_argument("--hook", required=True, help="e.g. blocks.3.hook_resid_post")
+    lm.add_argument("--text", default="pydoc", help="pydoc | a text file or folder | a HF dataset name")
+    lm.add_argument("--context", type=int, default=128, help="tokens per context")
+    lm.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
+    lm.add_argument("--batch-size", type=int, default=32, help="contexts per forward pass")
+    lm.add_argument("--device", default="cpu")
+    _common(lm)
+    lm.set_defaults(func=_run_lm)
+
+    v = src.add_parser("vision", help="patch tokens of a Hugging Face vision backbone")
+    v.add_argument("--model", required=True, help="local path or HF name (e.g. facebook/dinov2-base)")
+    v.add_argument("--images", required=True, help="folder of images, or 'skimage' for the samples")
+    v.add_argument("--layer", type=int, default=-1, help="hidden-state index (-1 = last layer)")
+    v.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    v.add_argument("--max-images", type=int, default=None, help="stop after this many images")
+    v.add_argument("--device", default="cpu")
+    _common(v)
+    v.set_defaults(func=_run_vision)
+
+
+def _kwargs(args: argparse.Namespace) -> dict:
+    skip = {"func", "command", "source", "quiet"}
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def _run_synthetic(args: argparse.Namespace) -> dict:
+    from isae.data.sources import synthetic
+
+    return synthetic.extract(**_kwargs(args))
+
+
+def _run_lm(args: argparse.Namespace) -> dict:
+    from isae.data.sources import text as lm
+
+    return lm.extract(**_kwargs(args))
+
+
+def _run_vision(args: argparse.Namespace) -> dict:
+    from isae.data.sources import vision
+
+    return vision.extract(**_kwargs(args))

@@ -1,0 +1,60 @@
+"""The ``isae`` console script: one subcommand per stage of the study.
+
+Each subcommand module in ``isae.cli`` has ``add_parser(subparsers)`` that registers
+its parser with ``func=run``; ``run(args)`` returns the one-line JSON summary as a dict.
+A ``UserError`` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+from isae.errors import UserError
+
+COMMANDS = ("extract", "train", "eval", "match", "ric", "export")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="isae", description="Identifiable sparse autoencoders: the study's command line."
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"isae.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"isae.cli.{name}":
+                raise
+            continue  # a stage not installed in this build
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s isae %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    try:
+        summary = args.func(args)
+    except UserError as e:
+        print(f"isae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"isae {args.command}: interrupted", file=sys.stderr)
+        return 130
+    print(json.dumps(summary, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

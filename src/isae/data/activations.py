@@ -1,0 +1,397 @@
+"""Activation sets on disk: a folder with ``meta.json`` and ``part-NNNNN.parquet`` shards.
+
+The format is the contract between the extract stage and everything after it (DESIGN.md,
+"Activation set"):
+
+* ``meta.json``: ``d``, ``rows``, ``source``, ``dtype``, provenance, ``mean`` (d floats) and
+  ``scale`` (float) such that ``(x - mean) / scale`` has E||.||^2 = d over the training rows,
+  and ``heldout`` describing the split.
+* shards: column ``x`` = ``fixed_size_list<float32|float16>[d]``, column ``heldout`` (bool,
+  the one split every stage uses), provenance columns (``doc``/``pos``/``token_id``,
+  ``image``/``patch``) and, for synthetic sets, ``z_idx`` / ``z_val``.
+
+Writers stage everything under a temporary folder and rename it into place on success, so a
+crash never leaves a set that looks complete. Readers stream shard by shard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from isae.data.atomic import writable_parent, write_json_atomic
+from isae.errors import UserError
+
+FORMAT_VERSION = 1
+SHARD_GLOB = "part-*.parquet"
+#: Rows per Parquet row group in a shard (the unit Arrow decodes in parallel).
+ROW_GROUP = 8192
+
+
+# ----------------------------------------------------------------------------- the split
+
+
+def heldout_mask(groups: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """Deterministic held-out assignment by group (document or image), never by row.
+
+    (groups: [rows] int) -> [rows] bool. A group is held out when a 64-bit mix of
+    (group, seed) falls under ``fraction``; every stage that recomputes it agrees, and rows
+    of one group always land on the same side.
+    """
+    with np.errstate(over="ignore"):
+        # uint64 arithmetic wraps on purpose (also in the seed term).
+        g = np.asarray(groups, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        # splitmix64 finaliser: a good mix of consecutive integers.
+        g = (g ^ (g >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        g = (g ^ (g >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        g = g ^ (g >> np.uint64(31))
+    u = (g >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return u < fraction
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _to_arrow(name: str, values) -> pa.Array:
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return values
+    arr = np.asarray(values)
+    if arr.ndim == 1:
+        return pa.array(arr)
+    if arr.ndim == 2:
+        # Ragged lists are not needed by any source: rows of equal length become list<>.
+        rows, width = arr.shape
+        offsets = pa.array(np.arange(0, rows * width + 1, width, dtype=np.int32))
+        return pa.ListArray.from_arrays(offsets, pa.array(arr.reshape(-1)))
+    raise ValueError(f"column {name}: cannot store an array of {arr.ndim} dimensions")
+
+
+class ActivationWriter:
+    """Write an activation set shard by shard; ``close()`` publishes it atomically.
+
+    Use as a context manager: leaving the block with an exception removes the staging
+    folder, so nothing half-written is ever visible at ``out``.
+    """
+
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        d: int,
+        *,
+        dtype: str = "float32",
+        rows_per_shard: int = 16384,
+        source: str,
+        meta: Mapping | None = None,
+        heldout: Mapping | None = None,
+        on_close: Callable[[Path, dict], None] | None = None,
+    ) -> None:
+        if dtype not in ("float32", "float16"):
+            raise UserError(f"dtype must be float32 or float16, not {dtype!r}")
+        self.out = Path(out)
+        self.d = int(d)
+        self.dtype = np.dtype(dtype)
+        self.rows_per_shard = int(rows_per_shard)
+        self.source = source
+        self.meta = dict(meta or {})
+        self.heldout = dict(heldout or {})
+        # on_close(stage_dir, meta): writes extra files (a synthetic set's truth/) into the
+        # staged set before the rename, so they appear atomically with the shards; it may add
+        # keys to meta, which is written after it.
+        self.on_close = on_close
+        parent = writable_parent(self.out)
+        self.stage = parent / f".{self.out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(self.stage, ignore_errors=True)
+        self.stage.mkdir()
+        self._pending: list[dict[str, np.ndarray | pa.Array]] = []
+        self._pending_rows = 0
+        self._shards = 0
+        self.rows = 0
+        self.heldout_rows = 0
+        # Streaming float64 moments over the training rows, for normalisation constants.
+        self._sum = np.zeros(self.d, np.float64)
+        self._sumsq = 0.0
+        self._n = 0
+
+    def __enter__(self) -> ActivationWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def add(self, x: np.ndarray, heldout: np.ndarray, **columns) -> None:
+        """Append rows. (x: [rows, d]) float; (heldout: [rows]) bool; columns: [rows] or
+        [rows, w] arrays, or pyarrow arrays of length rows."""
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.d:
+            raise ValueError(f"x has shape {x.shape}, expected [rows, {self.d}]")
+        if not np.isfinite(x).all():
+            bad = int(np.argwhere(~np.isfinite(x))[0, 0])
+            raise UserError(f"non-finite activation in row {self.rows + bad} of {self.source}")
+        heldout = np.asarray(heldout, dtype=bool)
+        x = x.astype(self.dtype, copy=False)
+        # Constants from the stored (possibly float16) values, so readers see exactly them.
+        train = x[~heldout].astype(np.float64)
+        self._sum += train.sum(0)
+        self._sumsq += float((train**2).sum())
+        self._n += train.shape[0]
+        self.heldout_rows += int(heldout.sum())
+        start = 0
+        while start < x.shape[0]:
+            take = min(self.rows_per_shard - self._pending_rows, x.shape[0] - start)
+            sl = slice(start, start + take)
+            chunk = {"x": x[sl], "heldout": heldout[sl]}
+            for k, v in columns.items():
+                chunk[k] = v.slice(start, take) if isinstance(v, pa.Array) else np.asarray(v)[sl]
+            self._pending.append(chunk)
+            self._pending_rows += take
+            start += take
+            if self._pending_rows == self.rows_per_shard:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending_rows:
+            return
+        names = list(self._pending[0])
+        cols = {}
+        for name in names:
+            parts = [c[name] for c in self._pending]
+            if isinstance(parts[0], pa.Array):
+                cols[name] = pa.concat_arrays(parts)
+            else:
+                cols[name] = np.concatenate(parts)
+        x = cols.pop("x")
+        # x and its elements are declared non-null: Parquet then stores no definition
+        # levels for them: Arrow decodes a float16 shard's column 1.75x faster, the whole
+        # shard read (checks and copy included) 1.3x (benchmarks/RESULTS.md).
+        xtype = pa.list_(pa.field("item", pa.from_numpy_dtype(x.dtype), nullable=False), self.d)
+        arrays = [pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), type=xtype)]
+        arrays += [_to_arrow(k, v) for k, v in cols.items()]
+        fields = [pa.field("x", xtype, nullable=False)]
+        fields += [pa.field(k, a.type) for k, a in zip(cols, arrays[1:])]
+        table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+        path = self.stage / f"part-{self._shards:05d}.parquet"
+        # Reading is the trainer's bottleneck, so the activations are stored plainly: no
+        # dictionary (it made the nested column ~4x slower to read) and no compression
+        # (zstd saved 7% on MiniLM activations and made reading 3.5x slower), in row groups
+        # that Arrow decodes in parallel.
+        pq.write_table(table, path, write_statistics=False,
+                       compression={c: "none" if c == "x" else "zstd" for c in table.column_names},
+                       use_dictionary=[c for c in table.column_names if c != "x"],
+                       data_page_version="2.0", row_group_size=ROW_GROUP)
+        self._shards += 1
+        self.rows += table.num_rows
+        self._pending, self._pending_rows = [], 0
+
+    def close(self) -> Path:
+        self._flush()
+        if self.rows == 0:
+            self.abort()
+            raise UserError(f"no activations were produced for {self.out}")
+        if self._n == 0:
+            self.abort()
+            raise UserError(f"every row of {self.out} is held out: no training rows")
+        mean = self._sum / self._n
+        var = max(self._sumsq / self._n - float(mean @ mean), 0.0)
+        scale = math.sqrt(var / self.d) if var > 0 else 1.0
+        meta = {
+            "version": FORMAT_VERSION,
+            "d": self.d,
+            "rows": self.rows,
+            "train_rows": self.rows - self.heldout_rows,
+            "heldout_rows": self.heldout_rows,
+            "shards": self._shards,
+            "source": self.source,
+            "dtype": self.dtype.name,
+            "heldout": self.heldout,
+            **self.meta,
+            "mean": [float(v) for v in mean],
+            "scale": scale,
+        }
+        try:
+            if self.on_close is not None:
+                self.on_close(self.stage, meta)
+            write_json_atomic(self.stage / "meta.json", meta)
+        except BaseException:
+            self.abort()
+            raise
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        os.replace(self.stage, self.out)
+        return self.out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.stage, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    """Maps raw activations to the normalised space every model works in, and back."""
+
+    mean: np.ndarray  # [d] float32
+    scale: float
+
+    def forward(self, x):
+        return (x - self.mean) / self.scale
+
+    def inverse(self, x):
+        return x * self.scale + self.mean
+
+
+class ActivationSet:
+    """Read side of the format: metadata, shard list and streaming iterators."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise UserError(f"activation set {self.path} does not exist (run `isae extract`)")
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise UserError(f"activation set {self.path} has no meta.json (incomplete or not a set)")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{meta_path} is not valid JSON: {e.msg}") from None
+        for key in ("d", "rows"):
+            if key not in self.meta:
+                raise UserError(f"{meta_path} lacks the required key {key!r}")
+        self.d = int(self.meta["d"])
+        self.rows = int(self.meta["rows"])
+        self.shards = sorted(self.path.glob(SHARD_GLOB))
+        if not self.shards:
+            raise UserError(f"activation set {self.path} has no {SHARD_GLOB} shards")
+
+    @property
+    def has_truth(self) -> bool:
+        return (self.path / "truth" / "sae.safetensors").is_file()
+
+    def normalizer(self) -> Normalizer:
+        mean = np.asarray(self.meta.get("mean", np.zeros(self.d)), np.float32)
+        return Normalizer(mean=mean, scale=float(self.meta.get("scale", 1.0)))
+
+    def columns(self) -> list[str]:
+        return pq.read_schema(self.shards[0]).names
+
+    def iter_shards(
+        self, split: str = "train", columns: list[str] | None = None, shards=None,
+        native: bool = False,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Yield one dict per shard: ``x`` as float32 [rows, d], other columns as numpy.
+
+        split: ``train``, ``heldout`` or ``all``. native: keep ``x`` in its stored dtype
+        (float16 sets: half the bytes to move; the trainer converts on its device).
+        Non-finite activations raise a UserError naming the shard and row.
+        """
+        if split not in ("train", "heldout", "all"):
+            raise ValueError(f"split must be train, heldout or all, not {split!r}")
+        want = ["x", "heldout"] + [c for c in (columns or []) if c not in ("x", "heldout")]
+        for path in shards if shards is not None else self.shards:
+            try:
+                table = pq.read_table(path, columns=want, memory_map=True)
+            except (pa.ArrowInvalid, OSError, KeyError) as e:
+                raise UserError(f"cannot read shard {path}: {e}") from None
+            xcol = table.column("x")
+            if not pa.types.is_fixed_size_list(xcol.type) or xcol.type.list_size != self.d:
+                raise UserError(
+                    f"{path}: column x is {xcol.type}, expected fixed_size_list[{self.d}]"
+                )
+            held = table.column("heldout").to_numpy(zero_copy_only=False).astype(bool)
+            keep = None if split == "all" else (held if split == "heldout" else ~held)
+            x = self._x_rows(path, xcol, keep)
+            out = {"x": x if native else x.astype(np.float32, copy=False)}
+            for name in want[1:]:
+                col = table.column(name).combine_chunks()
+                if pa.types.is_list(col.type):
+                    v = _list_to_numpy(col)
+                else:
+                    v = col.to_numpy(zero_copy_only=False)
+                out[name] = v if keep is None else v[keep]
+            if len(out["x"]):
+                yield out
+
+    def _x_rows(self, path: Path, xcol: pa.ChunkedArray, keep: np.ndarray | None) -> np.ndarray:
+        """Column x's rows (those in ``keep``) as one array in the stored dtype, checked
+        finite, chunk by chunk: one copy of the kept rows, where combining the chunks and
+        then masking made two, and the check runs on cache-sized blocks."""
+        n_out = len(xcol) if keep is None else int(keep.sum())
+        chunks = [c for c in xcol.chunks if len(c)]
+        if keep is None and len(chunks) == 1:
+            x = chunks[0].flatten().to_numpy(zero_copy_only=False).reshape(-1, self.d)
+            _check_finite(path, x, 0)
+            return x
+        dtype = chunks[0].type.value_type.to_pandas_dtype() if chunks else np.float32
+        x = np.empty((n_out, self.d), dtype=dtype)
+        start = pos = 0
+        for c in chunks:
+            v = c.flatten().to_numpy(zero_copy_only=False).reshape(-1, self.d)
+            _check_finite(path, v, start)
+            if keep is None:
+                x[pos : pos + len(v)] = v
+                pos += len(v)
+            else:
+                k = keep[start : start + len(v)]
+                m = int(k.sum())
+                np.compress(k, v, axis=0, out=x[pos : pos + m])
+                pos += m
+            start += len(v)
+        return x
+
+    def load(
+        self, split: str = "heldout", columns: list[str] | None = None, max_rows: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Concatenate a split into memory (for held-out evaluation sets, which are small)."""
+        parts: list[dict[str, np.ndarray]] = []
+        n = 0
+        for part in self.iter_shards(split, columns):
+            parts.append(part)
+            n += len(part["x"])
+            if max_rows is not None and n >= max_rows:
+                break
+        if not parts:
+            raise UserError(f"activation set {self.path} has no {split} rows")
+        out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        if max_rows is not None:
+            out = {k: v[:max_rows] for k, v in out.items()}
+        return out
+
+
+def _finite_rows(x: np.ndarray) -> np.ndarray:
+    """[rows] bool: all values finite. float16 by its exponent bits (NumPy's float16
+    arithmetic is slow; an all-ones exponent is exactly Inf or NaN)."""
+    if x.dtype == np.float16:
+        return ((x.view(np.uint16) & 0x7C00) != 0x7C00).all(1)
+    return np.isfinite(x).all(1)
+
+
+def _check_finite(path: Path, x: np.ndarray, first_row: int, block: int = 2048) -> None:
+    """A UserError naming the shard and row of the first non-finite activation in x, whose
+    row 0 is the shard's row ``first_row``. Blocks of rows keep the temporaries in cache."""
+    for i in range(0, len(x), block):
+        ok = _finite_rows(x[i : i + block])
+        if not ok.all():
+            row = first_row + i + int(np.argmin(ok))
+            raise UserError(f"{path}: non-finite activation (NaN or Inf) in row {row}")
+
+
+def _list_to_numpy(col: pa.ListArray) -> np.ndarray:
+    """list<> column of equal-length rows -> [rows, w] numpy array."""
+    offsets = col.offsets.to_numpy()
+    lengths = np.diff(offsets)
+    values = col.values.to_numpy(zero_copy_only=False)
+    if len(lengths) and (lengths == lengths[0]).all():
+        return values[offsets[0] : offsets[-1]].reshape(len(lengths), int(lengths[0]))
+    raise UserError("list column with rows of different lengths is not supported")

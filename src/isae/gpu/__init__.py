@@ -1,0 +1,3 @@
+"""The CUDA fast path of the TopK family's training step: Triton kernels (``kernels``), the
+autograd functions built on them (``ops``) and CUDA-graph replay of a whole step
+(``cuda_graphs``). Every piece has a plain-torch reference in ``isae.models.reference``."""

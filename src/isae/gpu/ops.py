@@ -1,0 +1,377 @@
+"""CUDA fast paths of the TopK family's hot loop, behind the same API as the reference.
+
+The reference path (models/sparse_coder.py on the CPU) lets autograd differentiate ``topk`` + ``gather`` and
+``embedding_bag``; on a GPU that costs a dense [B, N] float32 gradient, an ``index_add_`` for
+the encoder weight and a float32 matmul. Here the sparse maps get their own backward, built
+on the Triton kernels of kernels.py:
+
+* encoder: pre = (x - b_dec) W_enc + b_enc in bfloat16 (float32 accumulation), then a
+  Triton top-k. Backward: dW_enc is a segmented reduction of the k code gradients over the
+  latents (each latent sums its rows of x - b_dec), db_enc a k-sparse index_add, and
+  db_dec = -db_enc W_enc^T needs no [B, D] gradient at all.
+* decoder: x_hat = sum_j val_j W_dec[idx_j] + b_dec from a bfloat16 copy of W_dec, float32
+  accumulation. Backward: d val by gathered dot products, dW_dec by the same segmented
+  reduction (the latents are sorted once and shared with the encoder's backward).
+* Every reader of W_dec in a step (decoder, AuxK's decode, a tied encoder, each IHT step)
+  adds its weight gradient into one [N, D] buffer (``collect``), which autograd receives
+  once.
+* AuxK computes the dead latents' pre-activations by its own small matmul (a fixed number
+  of columns, so a step's shapes do not depend on how many are dead), keeps each row's top
+  k_aux with a Triton kernel, and its encoder gradient goes into the main [N, D] buffer.
+* The FVU (loss and AuxK's) is one pass over x and x_hat.
+* IHT (isae-iter) selects each new support from a dense bfloat16 correlation computed
+  without gradient, and differentiates only the correlations it keeps (gathered dots).
+
+Parameters, optimiser state, the loss and the reconstruction stay float32. The checks that
+these paths match the float32 reference are tests/test_fast_cpu.py (the same functions on
+stock ops), tests/test_kernels.py (Triton in interpret mode), tests/test_fast_gpu.py (GPU
+only) and benchmarks/gpu_bench.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd import Function
+
+from isae.gpu import kernels
+
+LOW = torch.bfloat16
+
+#: Switch for benchmarks and equivalence checks: False sends CUDA tensors down the reference path.
+ENABLED = True
+#: Tests set this to run the fast path's autograd functions on CPU tensors (stock-op kernels).
+FORCE = False
+
+
+def enabled(x: Tensor) -> bool:
+    """The fast paths serve CUDA tensors; everything else takes the reference path."""
+    return ENABLED and (x.is_cuda or FORCE)
+
+
+def low(W: Tensor) -> Tensor:
+    """A bfloat16 copy of a parameter, made once per version of it (a step casts W_dec for
+    the encoder of a tied model, the decoder, its backward and every IHT step; the
+    optimiser's in-place update bumps the version and so invalidates the copy).
+
+    A view of the parameter (``collect``'s, or its transpose) gets the same view of the
+    parameter's copy. The copy keeps its buffer: it is refreshed in place, so a recorded
+    CUDA graph that reads it (cuda_cuda_graphs.py) always finds the current one there.
+    """
+    owner = W if W._base is None else W._base
+    cached = getattr(owner, "_isae_low", None)
+    if not (cached is not None and cached[0] == owner._version and cached[1].shape == owner.shape):
+        buf = _low_buffer(owner)
+        buf.copy_(owner.detach())
+        owner._isae_low = (owner._version, buf)
+        cached = owner._isae_low
+    buf = cached[1]
+    if owner is W:
+        return buf
+    if buf.stride() != owner.stride():  # a parameter not dense in memory: no shared view
+        return W.detach().to(LOW)
+    return buf.as_strided(W.shape, W.stride(), W.storage_offset() - owner.storage_offset())
+
+
+def _low_buffer(W: Tensor) -> Tensor:
+    """The buffer that holds W's bfloat16 copy: the cached one when its shape still fits; a
+    new one keeps W's strides (W_enc is stored latent-major)."""
+    cached = getattr(W, "_isae_low", None)
+    if cached is not None and cached[1].shape == W.shape:
+        return cached[1]
+    return torch.empty_like(W, dtype=LOW)
+
+
+@torch.no_grad()
+def normalize_rows_(W: Tensor) -> None:
+    """W's rows to unit norm in place, writing its bfloat16 copy (``low``) in the same pass:
+    the next forward's decoder reads that copy instead of casting W again."""
+    buf = _low_buffer(W)
+    kernels.normalize_rows_(W, buf)
+    torch.autograd.graph.increment_version(W)  # a Triton write is invisible to autograd
+    W._isae_low = (W._version, buf)
+
+
+class _FVU(Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, x_hat: Tensor):
+        err, sse, total_var = kernels.fvu_parts(x, x_hat)
+        total_var = total_var.clamp_min(1e-12)
+        ctx.save_for_backward(err, total_var)
+        ctx.mark_non_differentiable(err)
+        ctx.set_materialize_grads(False)  # no [B, D] zeros for the residual's gradient
+        return sse / total_var, err
+
+    @staticmethod
+    def backward(ctx, g: Tensor, _g_err):
+        if g is None:
+            return None, None
+        err, total_var = ctx.saved_tensors
+        return None, kernels.scale(err, g, total_var, -2.0)
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
+    """(FVU = ||x - x_hat||^2 / ||x - mean(x)||^2, the residual x - x_hat without gradient).
+
+    Differentiable in x_hat only (x is data). One pass over x and x_hat (kernels.fvu_parts)
+    and one elementwise backward, where autograd on the stock expression launches about a
+    dozen [B, D] kernels.
+    """
+    return _FVU.apply(x, x_hat)
+
+
+def _segments(ctx, idx: Tensor, n: int) -> kernels.Segments:
+    """The sorted latents of ``idx``, built once and shared by the functions that saw it."""
+    holder = ctx.holder
+    if "seg" not in holder:
+        holder["seg"] = kernels.Segments(idx, n)
+    return holder["seg"]
+
+
+def _holder(idx: Tensor) -> dict:
+    h = getattr(idx, "_isae_holder", None)
+    if h is None:
+        h = {}
+        idx._isae_holder = h
+    return h
+
+
+def mm32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for bfloat16 a, b as float32: on the GPU a bfloat16 product, then a cast (the
+    kernels the benchmarks measured); on the CPU in float32."""
+    if a.is_cuda:
+        return (a @ b).float()
+    return a.float() @ b.float()
+
+
+class DecoderGrads:
+    """Where the fast functions that read the decoder in one step put its [N, D] gradient.
+
+    A step reads W_dec in several places (the decoder, AuxK's decode, the encoder of a tied
+    model, every IHT step's decode and correlations). Left to autograd, each would hand back
+    its own [N, D] float32 gradient and autograd would add them up: a 225 MB pass each.
+    Here the first sparse product writes the buffer and the rest accumulate into it in place;
+    ``collect``'s backward hands the sum to autograd once.
+    """
+
+    def __init__(self, n: int, d: int) -> None:
+        self.n, self.d = n, d
+        self.acc: Tensor | None = None
+
+    def add_segments(self, seg: kernels.Segments, wts: Tensor, src: Tensor) -> None:
+        """+= sum over (b, j) with idx[b, j] = n of wts[b, j] src[b] (seg from idx)."""
+        if self.acc is None:
+            self.acc = seg.reduce(wts, src)
+        else:
+            seg.reduce_into(self.acc, wts, src)
+
+    def add_rows(self, rows: Tensor, vals: Tensor) -> None:
+        """+= vals [C, D] on the rows ``rows`` [C] (distinct)."""
+        if self.acc is None:
+            self.acc = torch.zeros(self.n, self.d, device=vals.device, dtype=torch.float32)
+        self.acc.index_add_(0, rows, vals)
+
+    def take(self) -> Tensor | None:
+        acc, self.acc = self.acc, None
+        return acc
+
+
+class _Collect(Function):
+    @staticmethod
+    def forward(ctx, W: Tensor, grads: DecoderGrads):
+        ctx.grads = grads
+        ctx.set_materialize_grads(False)
+        return W.view_as(W)
+
+    @staticmethod
+    def backward(ctx, g: Tensor | None):
+        # Runs after every function that read the view: they all feed this node.
+        acc = ctx.grads.take()
+        if acc is None:
+            return g, None
+        if g is not None:  # stock ops read the view too
+            acc += g
+        return acc, None
+
+
+def collect(W: Tensor) -> tuple[Tensor, DecoderGrads]:
+    """(a view of the decoder weight W [N, D], the buffer its fast readers add to).
+
+    The fast functions given this view and buffer return no gradient for it themselves; the
+    view's backward returns their sum (and whatever stock ops added) as W's gradient.
+    """
+    grads = DecoderGrads(*W.shape)
+    return _Collect.apply(W, grads), grads
+
+
+def aux_columns(dead: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """``width`` latent columns for AuxK, the dead ones first (in index order), and which of
+    them are dead. A fixed width gives every step the same shapes whatever the number of
+    dead latents, and needs no host sync (CUDA graphs, cuda_graphs.py)."""
+    cols = torch.argsort(dead.logical_not().to(torch.uint8), stable=True)[:width]
+    return cols, dead.index_select(0, cols)
+
+
+class _TopKEncode(Function):
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, b_enc, k: int, signed: bool, aux_cols, aux_valid,
+                k_aux: int, grads: DecoderGrads | None):
+        xc = kernels.sub_cast(x, b_dec, LOW)
+        # [D, N]. A tied model's is the decoder's cached copy, transposed (normalize_rows_
+        # rewrites it after each step, also inside a CUDA graph); W_enc itself changes every
+        # step and nothing in a recorded step would refresh a cached copy of it.
+        W_low = low(W_enc) if grads is not None else W_enc.detach().to(LOW)
+        pre = torch.addmm(b_enc.to(LOW), xc, W_low)  # [B, N] bf16
+        val, idx = kernels.topk_rows(pre, k, signed)
+        if aux_cols is None:
+            z = val.new_zeros(x.shape[0], 0, dtype=LOW)
+        else:
+            # AuxK's columns by their own small matmul (a column gather from `pre` reads all
+            # of it), then its top-k_aux among the dead ones, as a dense bf16 matrix.
+            sub = torch.addmm(b_enc.index_select(0, aux_cols).to(LOW), xc,
+                              W_low.index_select(1, aux_cols))
+            z = kernels.topk_mask_rows(sub, k_aux, signed, aux_valid)
+        ctx.save_for_backward(xc, W_enc, idx, val, aux_cols, z)
+        ctx.signed = signed
+        ctx.grads = grads
+        ctx.holder = _holder(idx)
+        ctx.mark_non_differentiable(idx, pre)
+        ctx.set_materialize_grads(False)  # no [B, N] zeros for `pre`'s gradient
+        return val, idx, pre, z
+
+    @staticmethod
+    def backward(ctx, g_val: Tensor | None, _g_idx, _g_pre, g_z: Tensor | None):
+        xc, W_enc, idx, val, cols, z = ctx.saved_tensors
+        if g_val is None:
+            g_val = torch.zeros_like(val)
+        elif not ctx.signed:
+            g_val = g_val * (val > 0)
+        N = W_enc.shape[1]
+        db_enc = torch.zeros(N, device=xc.device, dtype=torch.float32)
+        db_enc.index_add_(0, idx.reshape(-1), g_val.reshape(-1).float())
+        g_aux = None
+        if cols is not None and g_z is not None:
+            g_aux = kernels.keep_where(g_z.to(LOW), z)  # [B, C]: the kept codes only
+            db_enc.index_add_(0, cols, g_aux.sum(0, dtype=torch.float32))
+        dW = None
+        if ctx.needs_input_grad[2]:
+            # A tied model's share goes into the decoder's one buffer; an untied encoder's
+            # into its own. AuxK's rows first: the sparse product then accumulates onto
+            # them (no rescaling pass).
+            grads = _buffer(ctx, N, xc.shape[1])
+            if g_aux is not None:
+                grads.add_rows(cols, mm32(g_aux.T, xc))  # [C, D]
+            grads.add_segments(_segments(ctx, idx, N), g_val, xc)
+            if ctx.grads is None:
+                # [D, N] as a view: W_enc is stored latent-major (sparse_coder.py), so this is its
+                # own layout and autograd takes it without a copy.
+                dW = grads.take().T
+        db_dec = -(db_enc @ W_enc.T) if ctx.needs_input_grad[1] else None
+        return (None, db_dec, dW, db_enc if ctx.needs_input_grad[3] else None,
+                None, None, None, None, None, None)
+
+
+def topk_encode(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, signed: bool,
+                aux: tuple[Tensor, Tensor] | None = None, k_aux: int = 0,
+                grads: DecoderGrads | None = None):
+    """-> (val [B, K] float32, idx [B, K], pre [B, N] bfloat16 no grad, z [B, C] bfloat16).
+
+    aux = (cols [C], valid [C]) from ``aux_columns``: z holds AuxK's codes on those columns,
+    the k_aux largest of each row kept, zero elsewhere and on columns not valid. Without aux
+    z is [B, 0]. grads: for a tied model, W_enc is ``collect``'s view transposed and its
+    weight gradient goes there.
+    """
+    cols, valid = aux if aux is not None else (None, None)
+    return _TopKEncode.apply(x, b_dec, W_enc, b_enc, k, signed, cols, valid, k_aux, grads)
+
+
+class _AuxDecode(Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, cols: Tensor, W_dec: Tensor, grads: DecoderGrads | None):
+        W_rows = low(W_dec).index_select(0, cols)  # [C, D]
+        ctx.save_for_backward(z, cols, W_rows)
+        ctx.grads, ctx.n = grads, W_dec.shape[0]
+        return mm32(z, W_rows)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        z, cols, W_rows = ctx.saved_tensors
+        g_low = g.to(LOW)
+        g_z = g_low @ W_rows.T if ctx.needs_input_grad[0] else None
+        dW = None
+        if ctx.needs_input_grad[2]:
+            grads = _buffer(ctx, ctx.n, g.shape[1])
+            grads.add_rows(cols, mm32(z.T, g_low))
+            dW = grads.take() if ctx.grads is None else None
+        return g_z, None, dW, None
+
+
+def aux_decode(z: Tensor, cols: Tensor, W_dec: Tensor, grads: DecoderGrads | None = None) -> Tensor:
+    """AuxK's reconstruction z [B, C] @ W_dec[cols] -> float32 [B, D] (bf16 products)."""
+    return _AuxDecode.apply(z, cols, W_dec, grads)
+
+
+def _buffer(ctx, n: int, d: int) -> DecoderGrads:
+    """The step's decoder-gradient buffer, or a fresh one for this function's own gradient."""
+    return ctx.grads if ctx.grads is not None else DecoderGrads(n, d)
+
+
+def _decoder_grad(ctx, idx: Tensor, wts: Tensor, src: Tensor) -> Tensor | None:
+    """W_dec's gradient from a k-sparse reader: sum over (b, j) of wts[b, j] src[b] on row
+    idx[b, j]. Into the step's buffer when there is one (then None for autograd)."""
+    grads = _buffer(ctx, ctx.n, src.shape[1])
+    grads.add_segments(_segments(ctx, idx, ctx.n), wts, src)
+    return grads.take() if ctx.grads is None else None
+
+
+class _SparseDecode(Function):
+    @staticmethod
+    def forward(ctx, val: Tensor, idx: Tensor, W_dec: Tensor, grads: DecoderGrads | None,
+                bias: Tensor | None):
+        W_low = low(W_dec)
+        ctx.save_for_backward(val, idx, W_low)
+        ctx.n, ctx.grads = W_dec.shape[0], grads
+        ctx.holder = _holder(idx)
+        return kernels.gather_decode(val, idx, W_low, bias)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        val, idx, W_low = ctx.saved_tensors
+        g_val = kernels.gather_dot(g, idx, W_low) if ctx.needs_input_grad[0] else None
+        dW = _decoder_grad(ctx, idx, val, g) if ctx.needs_input_grad[2] else None
+        db = g.sum(0) if ctx.needs_input_grad[4] else None
+        return g_val, None, dW, None, db
+
+
+def sparse_decode(val: Tensor, idx: Tensor, W_dec: Tensor, grads: DecoderGrads | None = None,
+                  bias: Tensor | None = None) -> Tensor:
+    """sum_j val_j W_dec[idx_j] (+ bias), float32 [B, D], with a segmented-reduction
+    backward (into ``grads`` when W_dec is ``collect``'s view)."""
+    return _SparseDecode.apply(val, idx, W_dec, grads, bias)
+
+
+class _GatherDot(Function):
+    @staticmethod
+    def forward(ctx, r: Tensor, idx: Tensor, W_dec: Tensor, grads: DecoderGrads | None):
+        W_low = low(W_dec)
+        ctx.save_for_backward(r, idx, W_low)
+        ctx.n, ctx.grads = W_dec.shape[0], grads
+        ctx.holder = _holder(idx)
+        return kernels.gather_dot(r, idx, W_low)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        r, idx, W_low = ctx.saved_tensors
+        dr = kernels.gather_decode(g, idx, W_low) if ctx.needs_input_grad[0] else None
+        dW = _decoder_grad(ctx, idx, g, r) if ctx.needs_input_grad[2] else None
+        return dr, None, dW, None
+
+
+def gather_dot(r: Tensor, idx: Tensor, W_dec: Tensor, grads: DecoderGrads | None = None) -> Tensor:
+    """<r[b], W_dec[idx[b, j]]>, float32 [B, K], differentiable in r and W_dec."""
+    return _GatherDot.apply(r, idx, W_dec, grads)
+
+
+def select_topk(score_src: Tensor, k: int, signed: bool) -> Tensor:
+    """Indices [B, k] of the top-k of a (bfloat16) matrix, no gradient."""
+    return kernels.topk_rows(score_src, k, signed)[1]

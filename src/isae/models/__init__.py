@@ -1,0 +1,3 @@
+"""The SAE family as maths, with no I/O: configs and presets (``config``), the plain-torch
+operations every faster path is checked against (``reference``), the sparse coder
+(``sparse_coder``) and classical dictionary learning (``dictionary_learning``)."""
