@@ -8,9 +8,19 @@ D_U the unit-norm decoder rows in U (a |U| x d matrix):
 computed as the extreme eigenvalues of the |U| x |U| Gram matrix D_U D_Uᵀ (σ² of D_U are the
 eigenvalues of the Gram; for |U| > d the smallest is 0 and δ_U ≥ 1).
 
+and its two sides apart, which say different things:
+
+* the lower side 1 − σ_min(D_U)² — below 1 means D_U is injective, which uniqueness of a
+  code on |U| ≤ 2k needs; 1 (σ_min = 0) means two codes on U give the same x;
+* the upper side σ_max(D_U)² − 1 — large when U holds coherent, near-duplicate atoms.
+
 Calibrations, on the same sizes: random supports on the same dictionary, and a random
-Gaussian dictionary with unit rows of the same shape, whose δ for s random rows follows
-Marchenko–Pastur, δ ≈ max((1+√(s/d))² − 1, 1 − (1−√(s/d))²) = 2√(s/d) + s/d.
+Gaussian dictionary with unit rows of the same shape, whose Gram eigenvalues for s random
+rows fill the Marchenko–Pastur interval [(1−√(s/d))², (1+√(s/d))²]: lower side ≈ 2√r − r,
+upper side ≈ 2√r + r with r = s/d, δ ≈ the upper side.
+
+Two properties of the dictionary alone go with them: the fraction of atoms with a
+near-duplicate (another atom at |cos| > 0.95), and its mutual coherence.
 
 The largest δ sampled at |U| = 2k is reported as what it is: a lower bound on the restricted
 isometry constant δ_2k, a maximum over all C(N, 2k) supports (NP-hard to compute exactly).
@@ -31,9 +41,69 @@ from torch import Tensor
 from isae.errors import UserError
 
 THRESHOLDS = {"1/3": 1.0 / 3.0, "sqrt2-1": math.sqrt(2.0) - 1.0}
+#: A union is near-singular when its lower side 1 − σ_min² exceeds this (σ_min < 0.1): two
+#: codes on it that differ by a unit vector give reconstructions less than 0.1 apart.
+NEAR_SINGULAR = 0.99
+#: Two atoms with |cos| above this are near-duplicates.
+NEAR_DUPLICATE = 0.95
 
 
 # ----------------------------------------------------------------------------- the kernel
+
+
+@torch.no_grad()
+def gram_extremes(
+    W_dec: torch.Tensor | np.ndarray,
+    supports: torch.Tensor | np.ndarray,
+    sizes: torch.Tensor | np.ndarray,
+    max_elems: int = 1 << 24,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest and largest eigenvalue of the Gram D_U D_Uᵀ of each support, float64.
+
+    (W_dec: [N, D]) rows are normalised here (unit decoder rows);
+    (supports: [P, S_max] int) row p lists its atoms in the first ``sizes[p]`` entries, the
+    rest is padding and never read; (sizes: [P] int). -> (λ_min [P], λ_max [P]) on the CPU,
+    both 1 for |U| ≤ 1 (a single unit row, or nothing, is an isometry). For |U| > D the
+    Gram is singular and λ_min is 0 up to rounding.
+
+    Supports are grouped by size so each group is one batched Gram + ``eigvalsh`` (on
+    ``device``, in float64); groups are cut into chunks of at most ``max_elems`` gathered
+    entries (bounded memory).
+    """
+    dev = torch.device(device)
+    W = torch.as_tensor(W_dec).detach().to(dev)
+    supports = torch.as_tensor(supports).to("cpu", torch.int64)
+    sizes = torch.as_tensor(sizes).to("cpu", torch.int64)
+    P = supports.shape[0]
+    assert sizes.shape == (P,), f"sizes {tuple(sizes.shape)} vs supports {tuple(supports.shape)}"
+    D = W.shape[1]
+    lo = torch.ones(P, dtype=torch.float64)
+    hi = torch.ones(P, dtype=torch.float64)
+    for s in torch.unique(sizes).tolist():
+        if s <= 1:
+            continue
+        where = torch.nonzero(sizes == s).squeeze(1)
+        step = max(1, max_elems // (s * D))
+        for c in range(0, len(where), step):
+            rows = where[c : c + step]
+            Du = W[supports[rows, :s].to(dev)].double()  # [p, s, D]
+            Du = Du / Du.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+            lam = torch.linalg.eigvalsh(Du @ Du.transpose(1, 2)).cpu()  # ascending, [p, s]
+            lo[rows] = lam[:, 0]
+            hi[rows] = lam[:, -1]
+    return lo, hi
+
+
+def isometry_sides(lam_min: torch.Tensor | np.ndarray, lam_max: torch.Tensor | np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(λ_min, λ_max) of Grams -> (lower side 1 − λ_min, upper side λ_max − 1, δ = their max),
+    float64 arrays. λ_min is clipped at 0 (a singular Gram's rounding), so the lower side is
+    at most 1."""
+    lo = np.clip(np.asarray(lam_min, np.float64), 0.0, None)
+    hi = np.asarray(lam_max, np.float64)
+    lower, upper = 1.0 - lo, hi - 1.0
+    return lower, upper, np.maximum(lower, upper)
 
 
 @torch.no_grad()
@@ -46,37 +116,14 @@ def delta_of_supports(
 ) -> torch.Tensor:
     """δ_U for a batch of supports, in float64 on the CPU (on CUDA: float32, delta_by_squaring).
 
-    (W_dec: [N, D]) rows are normalised here (DESIGN: unit decoder rows);
-    (supports: [P, S_max] int) row p lists its atoms in the first ``sizes[p]`` entries, the
-    rest is padding and never read; (sizes: [P] int). -> [P] float64 δ (0 for |U| ≤ 1 by
-    construction: a single unit row is an isometry; 0 for an empty support).
-
-    Supports are grouped by size so each group is one batched Gram + ``eigvalsh``; groups are
-    cut into chunks of at most ``max_elems`` float64 gathered entries (bounded memory).
+    Shapes as in ``gram_extremes``. -> [P] float64 δ (0 for |U| ≤ 1).
     """
     if torch.device(device).type == "cuda":
         W = torch.as_tensor(W_dec).detach().to(device)
         out = delta_by_squaring(W, torch.as_tensor(supports), torch.as_tensor(sizes))
         return out.double().cpu()
-    W = torch.as_tensor(W_dec).detach().to("cpu")
-    supports = torch.as_tensor(supports).to("cpu", torch.int64)
-    sizes = torch.as_tensor(sizes).to("cpu", torch.int64)
-    P = supports.shape[0]
-    assert sizes.shape == (P,), f"sizes {tuple(sizes.shape)} vs supports {tuple(supports.shape)}"
-    D = W.shape[1]
-    out = torch.zeros(P, dtype=torch.float64)
-    for s in torch.unique(sizes).tolist():
-        if s <= 0:
-            continue
-        where = torch.nonzero(sizes == s).squeeze(1)
-        step = max(1, max_elems // (s * D))
-        for c in range(0, len(where), step):
-            rows = where[c : c + step]
-            Du = W[supports[rows, :s]].double()  # [p, s, D]
-            Du = Du / Du.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-            lam = torch.linalg.eigvalsh(Du @ Du.transpose(1, 2))  # ascending, [p, s]
-            out[rows] = torch.maximum(lam[:, -1] - 1.0, 1.0 - lam[:, 0])
-    return out
+    lo, hi = gram_extremes(W_dec, supports, sizes, max_elems=max_elems)
+    return torch.maximum(hi - 1.0, 1.0 - lo)
 
 
 @torch.no_grad()
@@ -124,8 +171,50 @@ def delta_by_squaring(
 
 def mp_delta(s: np.ndarray | float, d: int) -> np.ndarray:
     """Marchenko–Pastur prediction of δ for s random unit rows in dimension d."""
+    return np.maximum(mp_upper(s, d), mp_lower(s, d))
+
+
+def mp_lower(s: np.ndarray | float, d: int) -> np.ndarray:
+    """Marchenko–Pastur prediction of the lower side 1 − λ_min for s random unit rows in
+    dimension d: 1 − (1 − √r)² = 2√r − r for r = s/d ≤ 1, and 1 past it (a singular Gram)."""
     r = np.asarray(s, np.float64) / d
-    return np.maximum((1 + np.sqrt(r)) ** 2 - 1, 1 - (1 - np.sqrt(r)) ** 2)
+    return np.where(r <= 1, 1 - (1 - np.sqrt(np.minimum(r, 1))) ** 2, 1.0)
+
+
+def mp_upper(s: np.ndarray | float, d: int) -> np.ndarray:
+    """Marchenko–Pastur prediction of the upper side λ_max − 1: (1 + √r)² − 1 = 2√r + r."""
+    r = np.asarray(s, np.float64) / d
+    return (1 + np.sqrt(r)) ** 2 - 1
+
+
+# ----------------------------------------------------------------------------- the dictionary
+
+
+@torch.no_grad()
+def nearest_atom_cos(W: torch.Tensor | np.ndarray, block: int = 4096) -> np.ndarray:
+    """[N] float64: for each atom (row of W [N, D]), the largest |cos| with any *other* atom.
+
+    Built in row blocks of the float64 |cos| matrix (memory block x N)."""
+    A = torch.as_tensor(np.asarray(W) if not isinstance(W, torch.Tensor) else W).detach()
+    A = A.to("cpu", torch.float64)
+    A = A / A.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    N = A.shape[0]
+    out = np.zeros(N, np.float64)
+    if N < 2:
+        return out
+    for i in range(0, N, block):
+        c = (A[i : i + block] @ A.T).abs_()
+        rows = torch.arange(i, min(i + block, N))
+        c[rows - i, rows] = -1.0  # not the atom itself
+        out[i : i + block] = c.max(dim=1).values.numpy()
+    return out
+
+
+def dictionary_summary(W: torch.Tensor | np.ndarray, duplicate: float = NEAR_DUPLICATE) -> dict:
+    """The dictionary's own geometry: ``coherence`` (largest |cos| between two atoms) and
+    ``dup_frac`` (fraction of atoms with another atom at |cos| > ``duplicate``)."""
+    best = nearest_atom_cos(W)
+    return {"coherence": float(best.max(initial=0.0)), "dup_frac": float((best > duplicate).mean())}
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -229,19 +318,30 @@ def gaussian_dictionary(n_atoms: int, d: int, seed: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the report
 
 
-def summarize(deltas: np.ndarray, sizes: np.ndarray, prefix: str) -> dict:
-    """Quantiles 50/90/99/max, fractions under 1/3 and under √2−1, mean |U|."""
+def summarize(deltas: np.ndarray, sizes: np.ndarray, prefix: str,
+              lower: np.ndarray | None = None, upper: np.ndarray | None = None) -> dict:
+    """Quantiles 50/90/99/max of δ, fractions under 1/3 and under √2−1, mean |U|; with the
+    two sides, their quantiles 50/90/99 (``<prefix>_lower_q50``, ``<prefix>_upper_q50``, …)
+    and the fraction of near-singular unions (lower side > NEAR_SINGULAR)."""
     d = np.asarray(deltas, np.float64)
-    q = np.quantile(d, [0.5, 0.9, 0.99]) if len(d) else [np.nan] * 3
+    nan = float("nan")
+    q = np.quantile(d, [0.5, 0.9, 0.99]) if len(d) else [nan] * 3
     out = {
         f"{prefix}_q50": float(q[0]),
         f"{prefix}_q90": float(q[1]),
         f"{prefix}_q99": float(q[2]),
-        f"{prefix}_max": float(d.max()) if len(d) else float("nan"),
+        f"{prefix}_max": float(d.max()) if len(d) else nan,
     }
     for name, t in THRESHOLDS.items():
-        out[f"{prefix}_frac_lt_{name}"] = float((d < t).mean()) if len(d) else float("nan")
-    out[f"{prefix}_mean_size"] = float(np.mean(sizes)) if len(d) else float("nan")
+        out[f"{prefix}_frac_lt_{name}"] = float((d < t).mean()) if len(d) else nan
+    out[f"{prefix}_mean_size"] = float(np.mean(sizes)) if len(d) else nan
+    for side, v in (("lower", lower), ("upper", upper)):
+        if v is None:
+            continue
+        qs = np.quantile(v, [0.5, 0.9, 0.99]) if len(v) else [nan] * 3
+        out.update({f"{prefix}_{side}_q{p}": float(x) for p, x in zip((50, 90, 99), qs)})
+    if lower is not None:
+        out[f"{prefix}_frac_singular"] = float((lower > NEAR_SINGULAR).mean()) if len(d) else nan
     return out
 
 
@@ -262,7 +362,9 @@ def ric_report(
     same rows, evaluated on the same pairs as a further calibration.
 
     -> (per-pair table: pair, kind observed | random_support | gaussian | truth, size, delta,
-    mp = Marchenko–Pastur at that size; one-row summary dict).
+    lower, upper (the two sides), mp = Marchenko–Pastur δ at that size; one-row summary
+    dict: ``summarize`` of each kind, and ``dict_coherence`` / ``dict_dup_frac`` of the
+    dictionary (``truth_coherence`` / ``truth_dup_frac`` of the true one)).
     """
     W = torch.as_tensor(W_dec).detach().cpu()
     N, D = W.shape
@@ -272,22 +374,28 @@ def ric_report(
     i, j = sample_pairs(R, n_pairs, rng)
     U, sizes = union_supports(supports[i], supports[j], N)
 
-    obs = delta_of_supports(W, U, sizes, device=device).numpy()
+    def sides(W_, S_, sz):
+        return isometry_sides(*gram_extremes(W_, S_, sz, device=device))
+
     rnd_S = random_supports(sizes, N, rng)
-    rnd = delta_of_supports(W, rnd_S, sizes, device=device).numpy()
     # Its own stream (not seed + 1: a coder initialised from Gaussian rows with that seed
     # would *be* this dictionary).
     g_seed = int(rng.integers(2**62))
-    gauss = delta_of_supports(gaussian_dictionary(N, D, g_seed), rnd_S, sizes, device=device).numpy()
-
-    kinds = {"observed": (obs, sizes), "random_support": (rnd, sizes), "gaussian": (gauss, sizes)}
+    kinds = {
+        "observed": (sides(W, U, sizes), sizes),
+        "random_support": (sides(W, rnd_S, sizes), sizes),
+        "gaussian": (sides(gaussian_dictionary(N, D, g_seed), rnd_S, sizes), sizes),
+    }
+    summary: dict = {"d": D, "n_atoms": N, "k": k, "pairs": n_pairs, "heldout_rows": R, "seed": seed}
+    summary.update({f"dict_{k_}": v for k_, v in dictionary_summary(W).items()})
     if truth is not None:
         W_t = torch.as_tensor(truth[0]).detach().cpu()
         S_t = np.asarray(truth[1], np.int64)
         if S_t.shape[0] != R:
             raise ValueError("true supports must be on the same rows as the observed ones")
         Ut, sizes_t = union_supports(S_t[i], S_t[j], W_t.shape[0])
-        kinds["truth"] = (delta_of_supports(W_t, Ut, sizes_t, device=device).numpy(), sizes_t)
+        kinds["truth"] = (sides(W_t, Ut, sizes_t), sizes_t)
+        summary.update({f"truth_{k_}": v for k_, v in dictionary_summary(W_t).items()})
 
     table = pd.concat(
         [
@@ -297,22 +405,26 @@ def ric_report(
                     "kind": kind,
                     "size": sz.astype(np.int64),
                     "delta": dl,
+                    "lower": lo,
+                    "upper": up,
                     "mp": mp_delta(sz, D),
                 }
             )
-            for kind, (dl, sz) in kinds.items()
+            for kind, ((lo, up, dl), sz) in kinds.items()
         ],
         ignore_index=True,
     )
 
-    summary: dict = {"d": D, "n_atoms": N, "k": k, "pairs": n_pairs, "heldout_rows": R, "seed": seed}
-    for kind, (dl, sz) in kinds.items():
-        summary.update(summarize(dl, sz, kind))
+    for kind, ((lo, up, dl), sz) in kinds.items():
+        summary.update(summarize(dl, sz, kind, lower=lo, upper=up))
     # Asymptotic: at small |U| the sampled Gaussian median sits well below it (Tracy–Widom
     # fluctuations of the edge); the ``gaussian`` rows are the calibration, this the theory.
     summary["mp_q50"] = float(np.median(mp_delta(sizes, D)))
+    summary["mp_lower_q50"] = float(np.median(mp_lower(sizes, D)))
+    summary["mp_upper_q50"] = float(np.median(mp_upper(sizes, D)))
     if k is not None:
         at = sizes == 2 * k
+        obs = kinds["observed"][0][2]
         summary["n_pairs_size_2k"] = int(at.sum())
         # Not δ_2k itself: the max over the supports we happened to sample.
         summary["delta_2k_lower_bound"] = float(obs[at].max()) if at.any() else float("nan")
