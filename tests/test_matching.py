@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -120,3 +121,62 @@ def test_chance_level_of_random_dictionaries_matches_design_reference():
     assert abs(chance_mean_abs_cos(1536, 1536, 384, seed=3) - 0.174) < 0.01
     # More room (larger d) means a lower floor.
     assert chance_mean_abs_cos(256, 256, 64) > chance_mean_abs_cos(256, 256, 256)
+
+
+# ----------------------------------------------------------------------------- data-shaped chance
+
+
+def _low_rank_rows(R: int, d: int, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """R centred rows spanning a random r-dimensional subspace of R^d, and its basis [r, d]."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    basis = Q[:, :r].T
+    rows = torch.randn(R, r, generator=g, dtype=torch.float64) @ basis
+    return rows - rows.mean(0), basis
+
+
+def test_data_covariance_dictionaries_live_where_the_data_does():
+    from isae.analysis.matching import random_dictionary
+
+    rows, basis = _low_rank_rows(2000, 32, 5, seed=1)
+    W = random_dictionary("data_cov", 100, 32, torch.Generator().manual_seed(0), rows)
+    assert torch.allclose(W.norm(dim=1), torch.ones(100, dtype=torch.float64))
+    residual = W - (W @ basis.T) @ basis  # the part outside the data's subspace
+    assert residual.abs().max() < 1e-9
+
+
+def test_data_covariance_chance_equals_isotropic_chance_in_the_data_subspace():
+    """Rows spanning r of d dimensions, isotropic inside: Gaussian dictionaries with that
+    covariance are isotropic Gaussian dictionaries of R^r rotated into R^d, so their matched
+    |cos| is the isotropic chance level at d = r, far above the level at d."""
+    from isae.analysis.matching import chance_levels
+
+    rows, _ = _low_rank_rows(20000, 48, 8, seed=2)
+    got = chance_levels(64, 48, rows=rows, draws=4, seed=1, kinds=("gaussian", "data_cov"))
+    mean = got.groupby("kind")["mean_abs_cos"].mean()
+    ref = chance_levels(64, 8, draws=4, seed=5, kinds=("gaussian",))["mean_abs_cos"].mean()
+    assert mean["data_cov"] == pytest.approx(ref, abs=0.03)
+    assert mean["data_cov"] > mean["gaussian"] + 0.2
+
+
+def test_random_training_rows_when_the_data_is_the_dictionary():
+    """Data made of exactly n distinct directions: a draw of n rows takes them all, so two
+    draws (and one draw against those directions as the truth) match perfectly."""
+    from isae.analysis.matching import chance_levels
+
+    g = torch.Generator().manual_seed(3)
+    atoms = torch.randn(40, 16, generator=g, dtype=torch.float64)
+    rows = atoms * torch.linspace(0.5, 2.0, 40, dtype=torch.float64)[:, None]  # scale is ignored
+    got = chance_levels(40, 16, rows=rows, truth=-atoms, draws=2, kinds=("data_rows",))
+    assert len(got) == 4 and set(got["target"]) == {"seed", "truth"}
+    np.testing.assert_allclose(got["mean_abs_cos"], 1.0, atol=1e-12)
+    with pytest.raises(UserError, match="41 random training rows"):
+        chance_levels(41, 16, rows=rows, kinds=("data_rows",))
+
+
+def test_chance_levels_reproducible_and_without_rows_only_isotropic():
+    from isae.analysis.matching import chance_levels
+
+    a = chance_levels(32, 16, draws=2, seed=7)
+    assert set(a["kind"]) == {"gaussian"} and set(a["target"]) == {"seed"}
+    pd.testing.assert_frame_equal(a, chance_levels(32, 16, draws=2, seed=7))

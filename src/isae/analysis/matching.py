@@ -181,3 +181,78 @@ def chance_mean_abs_cos(n_a: int, n_b: int, d: int, seed: int = 0, device: str |
     A = torch.randn(n_a, d, generator=g)
     B = torch.randn(n_b, d, generator=g)
     return float(match_dictionaries(A, B, device=device).summary()["mean_abs_cos"])
+
+
+# ----------------------------------------------------------------------------- chance levels
+
+#: The random dictionaries a matched |cos| is read against. ``gaussian``: isotropic, the
+#: floor of two unrelated dictionaries; ``data_cov``: Gaussian with the data's covariance,
+#: which already lines atoms up with the data's top principal directions; ``data_rows``:
+#: random (normalised, centred) training rows, which is where dictionary learning starts.
+#: The data-shaped two are the reference for trained dictionaries.
+CHANCE_KINDS = ("gaussian", "data_cov", "data_rows")
+
+
+def random_dictionary(kind: str, n: int, d: int, gen: torch.Generator,
+                      rows: torch.Tensor | None = None) -> torch.Tensor:
+    """One random dictionary [n, d] float64 with unit rows.
+
+    ``rows`` [R, d]: centred data rows (``data_cov`` uses their covariance, ``data_rows``
+    draws n of them without replacement; R >= n).
+    """
+    if kind == "gaussian":
+        W = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    elif kind in ("data_cov", "data_rows"):
+        if rows is None:
+            raise ValueError(f"chance kind {kind!r} needs data rows")
+        X = torch.as_tensor(rows).to(torch.float64)
+        if kind == "data_rows":
+            if X.shape[0] < n:
+                raise UserError(f"{n} random training rows asked for, only {X.shape[0]} exist")
+            W = X[torch.randperm(X.shape[0], generator=gen)[:n]]
+        else:
+            # z Σ^½ with Σ^½ from the eigendecomposition (Σ may be singular).
+            cov = X.T @ X / max(X.shape[0] - 1, 1)
+            lam, V = torch.linalg.eigh(cov)
+            # Rounding leaves ~1e-16 eigenvalues on the null directions: drop them, so a
+            # rank-deficient covariance gives atoms inside the data's span.
+            lam = torch.where(lam > lam.max() * 1e-12, lam, torch.zeros_like(lam))
+            root = V * lam.sqrt()
+            W = torch.randn(n, d, generator=gen, dtype=torch.float64) @ root.T
+    else:
+        raise ValueError(f"unknown chance kind {kind!r}; known: {', '.join(CHANCE_KINDS)}")
+    return _unit_rows(W)
+
+
+def chance_levels(
+    width: int,
+    d: int,
+    rows: torch.Tensor | np.ndarray | None = None,
+    truth: torch.Tensor | np.ndarray | None = None,
+    draws: int = 3,
+    seed: int = 0,
+    kinds: tuple[str, ...] = CHANCE_KINDS,
+    device: str | torch.device = "cpu",
+) -> pd.DataFrame:
+    """Matched |cos| of random dictionaries of ``width`` atoms: between two independent draws
+    of each kind (``target = "seed"``, the chance level of seed stability), and, given the
+    ``truth`` [N_t, d], between one draw and the truth (``target = "truth"``, the chance
+    level of truth recovery). Each repeated ``draws`` times with fresh draws.
+
+    ``rows``: centred training rows [R, d] for the data-shaped kinds (skipped without them).
+    -> one row per (kind, target, draw): kind, target, draw, mean_abs_cos, frac_gt_0.9.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for kind in kinds:
+        if kind != "gaussian" and rows is None:
+            continue
+        for draw in range(draws):
+            A = random_dictionary(kind, width, d, gen, rows)
+            B = random_dictionary(kind, width, d, gen, rows)
+            targets = [("seed", B)] + ([("truth", truth)] if truth is not None else [])
+            for target, other in targets:
+                s = match_dictionaries(A, other, device=device).summary()
+                out.append({"kind": kind, "target": target, "draw": draw,
+                            "mean_abs_cos": s["mean_abs_cos"], "frac_gt_0.9": s["frac_gt_0.9"]})
+    return pd.DataFrame(out, columns=["kind", "target", "draw", "mean_abs_cos", "frac_gt_0.9"])
