@@ -107,13 +107,16 @@ def test_omp_recovers_exact_sparse_combination():
 @pytest.mark.parametrize(
     "arch,field,value",
     [("topk+signed", "signed", True), ("isae-tied", "tied", False), ("topk+nobias", "bias", "none"),
-     ("topk+iter", "encoder_steps", 3), ("isae-iter", "encoder_steps", 3), ("isae-nobias", "bias", "learned")],
+     ("topk+iter", "encoder_steps", 3), ("isae-iter", "encoder_steps", 3), ("isae-nobias", "bias", "learned"),
+     ("topk+iter10", "encoder_steps", 10), ("isae+iter1", "encoder_steps", 1),
+     ("isae-iter+iter10", "encoder_steps", 10)],
 )
 def test_arch_names_set_one_switch(arch, field, value):
     assert parse_arch(arch)[field] == value
 
 
-@pytest.mark.parametrize("bad", ["topkk", "topk+sined", "isae+", "relu+signed", "topk signed"])
+@pytest.mark.parametrize("bad", ["topkk", "topk+sined", "isae+", "relu+signed", "topk signed",
+                                 "topk+signed2", "topk-iter3", "topk+iter0"])
 def test_unknown_arch_or_switch(bad):
     with pytest.raises(UserError):
         parse_arch(bad)

@@ -2,7 +2,8 @@
 
 A preset is data: a dict of switches. An architecture name is a preset followed by switches
 added (``+name``) or removed (``-name``), e.g. ``topk+signed`` or ``isae-tied`` — which is
-how the ablation names its variants.
+how the ablation names its variants. ``+iterN`` adds N hard-thresholding steps (``+iter``
+alone adds 3), e.g. ``topk+iter10`` or ``isae+iter1``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ PRESETS: dict[str, dict] = {
     "dl": dict(kind="dl", signed=True, tied=True, bias="none", encoder_steps=0),
 }
 
-_TOKEN = re.compile(r"([+-])([a-z]+)")
+_TOKEN = re.compile(r"([+-])([a-z]+)(\d*)")
 
 
 def parse_arch(name: str) -> dict:
@@ -48,12 +49,18 @@ def parse_arch(name: str) -> dict:
     for m in _TOKEN.finditer(rest):
         if m.start() != pos:
             break
-        sign, switch = m.groups()
+        sign, switch, count = m.groups()
         if switch not in SWITCHES:
             raise UserError(f"unknown switch {switch!r} in arch {name!r}; known: {', '.join(SWITCHES)}")
         if spec["kind"] != "topk":
             raise UserError(f"arch {name!r}: switches apply to TopK-family presets only")
         fname, on, off = SWITCHES[switch]
+        if count:
+            if switch != "iter" or sign != "+" or int(count) < 1:
+                raise UserError(
+                    f"arch {name!r}: only +iterN takes a count (N >= 1 thresholding steps)"
+                )
+            on = int(count)
         spec[fname] = on if sign == "+" else off
         pos = m.end()
     if pos != len(rest):
