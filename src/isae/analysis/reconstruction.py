@@ -64,3 +64,36 @@ def describe(ckpt: Checkpoint) -> dict:
         "tokens": c.get("tokens_seen"),
     }
 
+
+
+def encode_flops_parts(kind: str, d: int, n: int, k: int, encoder_steps: int = 0) -> tuple[int, int]:
+    """Floating-point operations to encode one row, as (matrix products, the rest).
+
+    A multiply-add counts 2. Counted: the encoder's dense product, each hard-thresholding
+    step's decodes, correlations and error checks (isae.models.sparse_coder.iht_step), and
+    orthogonal matching pursuit's correlations, Gram systems and refits (reference.omp).
+    Selections (top-k, argmax) and O(N) elementwise work are not counted: they do not
+    multiply with d. ``kind``: topk | relu | dl.
+    """
+    if kind in ("topk", "relu"):
+        mm = 2 * d * n  # pre-activations x W_enc
+        rest = 0
+        for _ in range(encoder_steps):
+            mm += 2 * d * n  # the residual's correlation with every atom, r W_decᵀ
+            # decode of the current code, of the step direction g_S, and of the new code
+            # (2kd each); residual, step size and the two errors compared (~6d + 4k)
+            rest += 3 * 2 * k * d + 6 * d + 4 * k
+        return mm, rest
+    if kind == "dl":
+        mm = rest = 0
+        for t in range(1, k + 1):
+            mm += 2 * d * n  # correlation of the residual with every atom
+            mm += 2 * t * t * d + 2 * t * d + 2 * t * d  # Gram of the support, D_S x, the refit
+            rest += (2 * t**3) // 3 + d  # the t x t solve, the residual
+        return mm, rest
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def encode_flops(kind: str, d: int, n: int, k: int, encoder_steps: int = 0) -> int:
+    """Floating-point operations per row of the encoder (see encode_flops_parts)."""
+    return sum(encode_flops_parts(kind, d, n, k, encoder_steps))

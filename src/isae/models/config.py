@@ -68,6 +68,14 @@ def parse_arch(name: str) -> dict:
     return spec
 
 
+def preset_of(name: str) -> str:
+    """The preset an architecture name starts from: ``topk+signed`` -> ``topk``,
+    ``isae-iter+iter10`` -> ``isae-iter``. UserError for a name that parse_arch rejects."""
+    parse_arch(name)
+    return max((p for p in PRESETS if name == p or name.startswith(p + "+") or name.startswith(p + "-")),
+               key=len)
+
+
 @dataclass
 class SAEConfig:
     """Shape and architecture of one sparse coder."""

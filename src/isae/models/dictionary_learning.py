@@ -26,6 +26,8 @@ class DLStepper:
         self.B = torch.zeros(N, D, device=dev)
         self.forget = forget
         self.initialised = False
+        self.initial: torch.Tensor | None = None
+        """The first atoms (rows of the first batch), before any update: the initial decoder."""
         self.gen = torch.Generator().manual_seed(seed + 1)
 
     @torch.no_grad()
@@ -38,6 +40,7 @@ class DLStepper:
             pick = pick.repeat(N // len(pick) + 1)[:N]
             W.copy_(x[pick.to(x.device)])
             W /= W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            self.initial = W.clone()
             self.initialised = True
         codes = omp(x, W, self.model.cfg.k)
         x_hat = (codes.val.unsqueeze(1) @ W[codes.idx]).squeeze(1)

@@ -22,10 +22,12 @@ import math
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import torch
+from safetensors.torch import save as safetensors_bytes
 
 from isae.data import checkpoints as checkpoint
 from isae.data.activations import ActivationSet
@@ -144,26 +146,41 @@ def _check_out(out: Path) -> None:
         raise UserError(f"--out {out} exists and is not a folder")
 
 
+#: The initial decoder, written beside the checkpoint: how far each atom moved from where
+#: the seed put it is a convergence control (isae.analysis.convergence.init_abs_cos).
+INIT_FILE = "init.safetensors"
+
+
 class _Run:
     """One model being trained: its stepper, dead-latent counters, log and destination."""
 
     def __init__(self, sae_cfg: SAEConfig, tcfg: TrainConfig, out: Path, device) -> None:
         self.cfg = sae_cfg
+        self.tcfg = tcfg
         self.out = out
         self.model = SparseCoder(sae_cfg, device=device)
         self.stepper = (DLStepper(self.model, seed=sae_cfg.seed) if sae_cfg.kind == "dl"
                         else SAEStepper(self.model, tcfg))
         self.since_fired = torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device)
         self.rows: list[dict] = []
+        # Dictionary learning draws its first atoms from the first batch (DLStepper.initial).
+        self.W_init = None if sae_cfg.kind == "dl" else self.model.W_dec.detach().cpu().clone()
+
+    def initial_decoder(self) -> torch.Tensor | None:
+        if self.W_init is None and getattr(self.stepper, "initial", None) is not None:
+            self.W_init = self.stepper.initial.detach().cpu().clone()
+        return self.W_init
 
     def state(self) -> dict:
         return {"stepper": self.stepper.state_dict(), "since_fired": self.since_fired,
-                "log": self.rows}
+                "log": self.rows, "W_init": self.initial_decoder()}
 
     def restore(self, s: dict) -> None:
         self.stepper.load_state_dict(s["stepper"])
         self.since_fired = s["since_fired"].to(self.since_fired.device)
         self.rows = s["log"]
+        if s.get("W_init") is not None:
+            self.W_init = s["W_init"].cpu()
 
 
 def train(
@@ -183,12 +200,19 @@ def train_many(
     tcfg: TrainConfig,
     outs: list[str | os.PathLike],
     resume: bool = True,
+    lrs: list[float | None] | None = None,
 ) -> list[dict]:
-    """Train several sparse coders (e.g. seeds) on one shared stream of batches.
+    """Train several sparse coders (e.g. seeds, or architectures) on one shared stream of
+    batches.
 
     The data order comes from ``tcfg.seed``; with one model this is the model's own seed,
     so a single run and a run of several seeds differ only in that the latter share one order.
+    ``lrs``: one learning rate per model (None = ``tcfg.lr``), so that architectures tuned
+    apart can share the pass.
     """
+    if lrs is not None and len(lrs) != len(sae_cfgs):
+        raise ValueError(f"{len(lrs)} learning rates for {len(sae_cfgs)} models")
+    tcfgs = [tcfg if lr is None else replace(tcfg, lr=lr) for lr in (lrs or [None] * len(sae_cfgs))]
     outs = [Path(o) for o in outs]
     for o in outs:
         _check_out(o)
@@ -203,13 +227,14 @@ def train_many(
 
     norm = acts.normalizer()
     mean = torch.as_tensor(norm.mean, device=device)
-    runs = [_Run(c, tcfg, o, device) for c, o in zip(sae_cfgs, outs)]
+    runs = [_Run(c, t, o, device) for c, t, o in zip(sae_cfgs, tcfgs, outs)]
     total_steps = max(math.ceil(tcfg.tokens / tcfg.batch_size), 1)
     start_step = 0
     wall0 = 0.0
 
     rdir = resume_dir(outs[0])
-    fingerprint = {"sae": [c.to_dict() for c in sae_cfgs], "train": _train_fingerprint(tcfg),
+    fingerprint = {"sae": [c.to_dict() for c in sae_cfgs],
+                   "train": [_train_fingerprint(t) for t in tcfgs],
                    "d": acts.d, "activations": str(Path(activations).resolve())}
     if resume and (rdir / "state.pt").is_file():
         state = torch.load(rdir / "state.pt", map_location=device, weights_only=False)
@@ -288,7 +313,7 @@ def train_many(
         pd.DataFrame(run.rows).to_parquet(log_bytes, index=False)
         extra = {
             "tokens_seen": tokens_seen,
-            "train": _train_fingerprint(tcfg),
+            "train": _train_fingerprint(run.tcfg),
             "lr": getattr(run.stepper, "base_lr", None),
             "activations": {
                 "path": str(Path(activations)),
@@ -297,8 +322,11 @@ def train_many(
                 **{k: acts.meta[k] for k in ("source", "model", "hook", "dtype") if k in acts.meta},
             },
         }
-        checkpoint.save(run.model, run.out, norm, extra=extra,
-                        files={"train_log.parquet": log_bytes.getvalue()})
+        files = {"train_log.parquet": log_bytes.getvalue()}
+        W_init = run.initial_decoder()
+        if W_init is not None:
+            files[INIT_FILE] = safetensors_bytes({"W_dec": W_init.float().contiguous()})
+        checkpoint.save(run.model, run.out, norm, extra=extra, files=files)
         last = run.rows[-1]
         summaries.append({
             "out": str(run.out),
