@@ -15,7 +15,7 @@ import sys
 
 from isae.errors import UserError
 
-COMMANDS = ("extract", "train", "eval", "match", "ric", "export")
+COMMANDS = ("extract", "train", "lr-sweep", "eval", "match", "ric", "measure", "chance", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,10 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
+        modname = f"isae.cli.{name.replace('-', '_')}"
         try:
-            module = importlib.import_module(f"isae.cli.{name}")
+            module = importlib.import_module(modname)
         except ModuleNotFoundError as e:
-            if e.name != f"isae.cli.{name}":
+            if e.name != modname:
                 raise
             continue  # a stage not installed in this build
         module.add_parser(sub)

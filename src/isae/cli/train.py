@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seeds", default=None,
                    help="comma-separated seeds trained together on one pass over the data "
                         "(--out must contain {seed}; the data order comes from the first seed)")
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="seed of the data order (default: the first seed); fixing it makes a "
+                        "run's result independent of which runs share its pass")
     p.add_argument("--tokens", type=int, default=2_000_000, help="training rows to consume")
     p.add_argument("--batch-size", type=int, default=4096, help="rows per step")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default scales with width)")
@@ -91,7 +94,7 @@ def run(args: argparse.Namespace) -> dict:
         log_every=args.log_every,
         checkpoint_every=args.checkpoint_every,
         device=args.device,
-        seed=seeds[0],
+        seed=seeds[0] if args.data_seed is None else args.data_seed,
     )
     outs = [args.out.replace("{seed}", str(s)).replace("{arch}", a) for a, s in runs]
     lrs = [rates.get(a) for a, _ in runs]
@@ -126,6 +129,6 @@ def read_lr_file(path: str, archs: list[str]) -> dict[str, float]:
                 rates[arch] = float(value)
                 break
         else:
-            raise UserError(f"--lr-from {path} has no learning rate for {arch!r} or its preset "
-                            f"{preset_of(arch)!r}")
+            alt = "" if preset_of(arch) == arch else f" or its preset {preset_of(arch)!r}"
+            raise UserError(f"--lr-from {path} has no learning rate for {arch!r}{alt}")
     return rates

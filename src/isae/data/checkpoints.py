@@ -25,6 +25,10 @@ from isae.models.sparse_coder import Codes, SparseCoder
 FORMAT_VERSION = 1
 TENSORS = "sae.safetensors"
 CFG = "cfg.json"
+#: Written by the trainer beside the two: the training log, and the initial decoder (how far
+#: each atom moved from where the seed put it is a convergence control).
+TRAIN_LOG = "train_log.parquet"
+INIT_FILE = "init.safetensors"
 
 
 @dataclass

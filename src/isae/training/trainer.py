@@ -146,11 +146,6 @@ def _check_out(out: Path) -> None:
         raise UserError(f"--out {out} exists and is not a folder")
 
 
-#: The initial decoder, written beside the checkpoint: how far each atom moved from where
-#: the seed put it is a convergence control (isae.analysis.convergence.init_abs_cos).
-INIT_FILE = "init.safetensors"
-
-
 class _Run:
     """One model being trained: its stepper, dead-latent counters, log and destination."""
 
@@ -163,6 +158,7 @@ class _Run:
                         else SAEStepper(self.model, tcfg))
         self.since_fired = torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device)
         self.rows: list[dict] = []
+        self.diverged = False
         # Dictionary learning draws its first atoms from the first batch (DLStepper.initial).
         self.W_init = None if sae_cfg.kind == "dl" else self.model.W_dec.detach().cpu().clone()
 
@@ -173,7 +169,7 @@ class _Run:
 
     def state(self) -> dict:
         return {"stepper": self.stepper.state_dict(), "since_fired": self.since_fired,
-                "log": self.rows, "W_init": self.initial_decoder()}
+                "log": self.rows, "W_init": self.initial_decoder(), "diverged": self.diverged}
 
     def restore(self, s: dict) -> None:
         self.stepper.load_state_dict(s["stepper"])
@@ -181,6 +177,7 @@ class _Run:
         self.rows = s["log"]
         if s.get("W_init") is not None:
             self.W_init = s["W_init"].cpu()
+        self.diverged = bool(s.get("diverged", False))
 
 
 def train(
@@ -201,6 +198,7 @@ def train_many(
     outs: list[str | os.PathLike],
     resume: bool = True,
     lrs: list[float | None] | None = None,
+    drop_diverged: bool = False,
 ) -> list[dict]:
     """Train several sparse coders (e.g. seeds, or architectures) on one shared stream of
     batches.
@@ -208,7 +206,9 @@ def train_many(
     The data order comes from ``tcfg.seed``; with one model this is the model's own seed,
     so a single run and a run of several seeds differ only in that the latter share one order.
     ``lrs``: one learning rate per model (None = ``tcfg.lr``), so that architectures tuned
-    apart can share the pass.
+    apart can share the pass. ``drop_diverged``: a model whose loss turns non-finite stops
+    training and is not saved (its summary says ``diverged``) while the others go on, as a
+    learning-rate sweep needs; otherwise divergence is a UserError.
     """
     if lrs is not None and len(lrs) != len(sae_cfgs):
         raise ValueError(f"{len(lrs)} learning rates for {len(sae_cfgs)} models")
@@ -255,7 +255,9 @@ def train_many(
     for _ in range(start_step):  # replay the stream: same order as an uninterrupted run
         next(batches)
 
-    name = sae_cfgs[0].arch + (f" x{len(runs)} seeds" if len(runs) > 1 else "")
+    archs = set(c.arch for c in sae_cfgs)
+    name = f"{len(runs)} models" if len(archs) > 1 else sae_cfgs[0].arch + (
+        f" x{len(runs)} seeds" if len(runs) > 1 else "")
     t0 = time.perf_counter()
     bar = progress(total=total_steps * tcfg.batch_size, desc=f"train {name}", unit="tok")
     bar.update(start_step * tcfg.batch_size)
@@ -265,6 +267,8 @@ def train_many(
             lr_scale = lr_multiplier(step, total_steps, tcfg)
             logging_step = step % tcfg.log_every == 0 or step == total_steps - 1
             for run in runs:
+                if run.diverged:
+                    continue
                 dead = run.since_fired >= tcfg.dead_tokens
                 m = run.stepper.step(x, lr_scale, dead)
                 codes = m["codes"]
@@ -288,10 +292,15 @@ def train_many(
                         "wall_s": wall0 + time.perf_counter() - t0,
                     }
                     if not math.isfinite(row["loss"]):
-                        raise UserError(f"training diverged at step {step} (loss {row['loss']}); lower --lr")
+                        if not drop_diverged:
+                            raise UserError(f"training diverged at step {step} (loss {row['loss']}); lower --lr")
+                        log.warning("%s seed %d diverged at step %d (lr %.3g); dropped",
+                                    run.cfg.arch, run.cfg.seed, step, row["lr"] / max(lr_scale, 1e-30))
+                        run.diverged = True
+                        continue
                     run.rows.append(row)
             bar.update(x.shape[0])
-            if logging_step:
+            if logging_step and runs[0].rows:
                 r = runs[0].rows[-1]
                 bar.set_postfix(fvu=f"{r['fvu']:.3f}", l0=f"{r['l0']:.1f}", dead=f"{r['dead_frac']:.2f}")
             if (step + 1) % tcfg.checkpoint_every == 0 and step + 1 < total_steps:
@@ -309,6 +318,11 @@ def train_many(
     rate = (tokens_seen - start_step * tcfg.batch_size) * len(runs) / max(time.perf_counter() - t0, 1e-9)
     summaries = []
     for run in runs:
+        if run.diverged:
+            summaries.append({"out": None, "arch": run.cfg.arch, "k": run.cfg.k,
+                              "width": run.cfg.d_sae, "seed": run.cfg.seed, "diverged": True,
+                              "lr": getattr(run.stepper, "base_lr", None)})
+            continue
         log_bytes = io.BytesIO()
         pd.DataFrame(run.rows).to_parquet(log_bytes, index=False)
         extra = {
@@ -322,10 +336,10 @@ def train_many(
                 **{k: acts.meta[k] for k in ("source", "model", "hook", "dtype") if k in acts.meta},
             },
         }
-        files = {"train_log.parquet": log_bytes.getvalue()}
+        files = {checkpoint.TRAIN_LOG: log_bytes.getvalue()}
         W_init = run.initial_decoder()
         if W_init is not None:
-            files[INIT_FILE] = safetensors_bytes({"W_dec": W_init.float().contiguous()})
+            files[checkpoint.INIT_FILE] = safetensors_bytes({"W_dec": W_init.float().contiguous()})
         checkpoint.save(run.model, run.out, norm, extra=extra, files=files)
         last = run.rows[-1]
         summaries.append({

@@ -1,0 +1,199 @@
+"""Every measurement of a group of checkpoints trained together, in one pass.
+
+The study trains the seeds and architectures of one configuration (dataset, k, width,
+training tokens) in one job, and measures them in one job: held-out reconstruction,
+convergence controls, encode cost, ground-truth recovery, restricted isometry, and the
+matchings between runs. Held-out codes are computed once per checkpoint and shared by
+every comparison that needs them.
+
+Three tables come out (``GroupTables``):
+
+* ``runs``: one row per checkpoint (identity, reconstruction, convergence, cost, truth
+  recovery, restricted isometry with ``ric_`` prefixed columns);
+* ``pairs``: one row per compared pair of checkpoints: ``kind = "seed"`` for two seeds of
+  one architecture (dictionary stability and code consistency), ``kind = "arch"`` for two
+  architectures trained from the same seed (their initial dictionaries are the same, so a
+  high match there and a low one across seeds says the dictionary is still its seed's);
+* ``latents``: the matched |cos| of every latent of every seed pair (F1).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from safetensors.torch import load_file
+
+from isae.analysis.consistency import code_consistency
+from isae.analysis.convergence import fvu_trend, init_abs_cos, is_converged
+from isae.analysis.isometry import ric_report, row_supports
+from isae.analysis.matching import match_dictionaries
+from isae.analysis.reconstruction import describe, encode_flops, reconstruction_metrics
+from isae.data.activations import ActivationSet
+from isae.data.checkpoints import CFG, INIT_FILE, TENSORS, TRAIN_LOG, Checkpoint, load, load_decoder
+from isae.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TRUE_CODES = ["z_idx", "z_val"]
+
+
+@dataclass
+class GroupTables:
+    runs: pd.DataFrame
+    pairs: pd.DataFrame
+    latents: pd.DataFrame
+
+
+def find_checkpoints(paths: list[str | os.PathLike]) -> list[Path]:
+    """Checkpoint folders among ``paths``: each path is a checkpoint, or a folder whose
+    checkpoints (at any depth) are taken in sorted order. UserError when none is found."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if (p / TENSORS).is_file() and (p / CFG).is_file():
+            found.append(p)
+        elif p.is_dir():
+            found += sorted(c.parent for c in p.rglob(CFG) if (c.parent / TENSORS).is_file())
+        else:
+            raise UserError(f"{p} is neither a checkpoint nor a folder of checkpoints")
+    if not found:
+        raise UserError(f"no checkpoint under {', '.join(map(str, paths))}")
+    return found
+
+
+def convergence(ckpt: Checkpoint, tail: float, threshold: float) -> dict:
+    """The run's convergence controls from its train log and initial decoder:
+    ``fvu_trend`` (relative fall of the smoothed training FVU over the last ``tail`` of the
+    steps), ``converged`` (that fall below ``threshold``), ``steps`` and ``log_rows``, and
+    ``init_abs_cos`` (mean |cos| of each atom with its own initial atom; NaN without
+    init.safetensors)."""
+    out = {"fvu_trend": np.nan, "converged": False, "steps": np.nan, "log_rows": 0,
+           "init_abs_cos": np.nan}
+    train = ckpt.cfg.get("train") or {}
+    if train.get("batch_size"):
+        out["steps"] = int(ckpt.cfg.get("tokens_seen", 0)) // int(train["batch_size"])
+    log_path = ckpt.path / TRAIN_LOG
+    if log_path.is_file():
+        tl = pd.read_parquet(log_path)
+        out["log_rows"] = len(tl)
+        if len(tl):
+            out["fvu_trend"] = fvu_trend(tl, tail=tail)
+            out["converged"] = is_converged(out["fvu_trend"], threshold)
+    init_path = ckpt.path / INIT_FILE
+    if init_path.is_file():
+        W0 = load_file(str(init_path))["W_dec"]
+        out["init_abs_cos"] = float(init_abs_cos(ckpt.W_dec.cpu().numpy(), W0.numpy()).mean())
+    return out
+
+
+def _identity(ckpt: Checkpoint) -> dict:
+    row = describe(ckpt)
+    row["lr"] = ckpt.cfg.get("lr")
+    row["kind"] = ckpt.model.cfg.kind
+    return row
+
+
+def measure_group(
+    paths: list[str | os.PathLike],
+    activations: str | os.PathLike,
+    *,
+    max_rows: int | None = 10000,
+    ric_pairs: int = 0,
+    ric_seed: int = 0,
+    cross_archs: list[str] | None = None,
+    tail: float = 0.2,
+    threshold: float = 0.01,
+    latents: bool = True,
+    device: str = "cpu",
+    batch_size: int = 4096,
+) -> GroupTables:
+    """Measure every checkpoint under ``paths`` (see the module docstring).
+
+    ``max_rows``: held-out rows for codes (pairs, truth, restricted isometry; None = all);
+    reconstruction always streams every held-out row. ``ric_pairs``: sampled pairs of rows
+    for the restricted isometry (0 = skip it). ``cross_archs``: the architectures compared
+    at equal seeds (dl is never among them: its first atoms come from the data, not from
+    the seed). ``tail``, ``threshold``: the convergence control.
+    """
+    ckpt_paths = find_checkpoints(paths)
+    acts = ActivationSet(activations)
+    truth = acts.has_truth and set(TRUE_CODES) <= set(acts.columns())
+    data = acts.load("heldout", columns=TRUE_CODES if truth else [], max_rows=max_rows)
+    W_true = load_decoder(acts.path / "truth") if truth else None
+    if ric_pairs and len(data["x"]) < 2:
+        raise UserError(f"{acts.path}: fewer than 2 held-out rows for the restricted isometry")
+
+    runs, codes, decoders, keys = [], {}, {}, []
+    for path in ckpt_paths:
+        ckpt = load(path, device=device)
+        if ckpt.d_in != acts.d:
+            raise UserError(f"{path} has d_in={ckpt.d_in}, activation set {acts.path} has d={acts.d}")
+        row = _identity(ckpt)
+        key = (row["arch"], row["seed"])
+        if key in codes:
+            raise UserError(f"two checkpoints of arch {key[0]} seed {key[1]} under the inputs")
+        log.info("measuring %s", path)
+        row.update(reconstruction_metrics(ckpt, acts, batch_size))
+        row.update(convergence(ckpt, tail, threshold))
+        c = ckpt.model.cfg
+        row["encode_flops"] = encode_flops(c.kind, c.d_in, c.d_sae, c.k, c.encoder_steps)
+        z = ckpt.encode_raw(data["x"])
+        codes[key] = (z.val.cpu(), z.idx.cpu())
+        decoders[key] = ckpt.W_dec.cpu()
+        if truth:
+            m = match_dictionaries(ckpt.W_dec, W_true, device=device)
+            s = m.summary()
+            row.update({"truth_abs_cos": s["mean_abs_cos"], "truth_frac_gt_0.9": s["frac_gt_0.9"],
+                        "truth_frac_gt_0.7": s["frac_gt_0.7"], "truth_mmcs": s["mmcs_ab"]})
+            # True codes live in raw units; the model's in its normalised space.
+            z_true = (np.asarray(data["z_val"], np.float64) / float(ckpt.norm.scale),
+                      np.asarray(data["z_idx"], np.int64))
+            cons = code_consistency(codes[key], z_true, m).summary()
+            row.update({f"truth_code_{k}": v for k, v in cons.items() if k != "rows"})
+        if ric_pairs:
+            S = row_supports(*codes[key], ckpt.d_sae)
+            true_S = None
+            if truth:
+                true_S = (W_true, row_supports(data["z_val"], data["z_idx"], W_true.shape[0]))
+            _, ric = ric_report(ckpt.W_dec, S, ric_pairs, ric_seed, k=c.k, truth=true_S,
+                                device=device)
+            row.update({f"ric_{k}": v for k, v in ric.items() if k not in ("k", "seed")})
+        runs.append(row)
+        keys.append(key)
+
+    pairs, lat = [], []
+    by_arch: dict[str, list[int]] = {}
+    for arch, seed in keys:
+        by_arch.setdefault(arch, []).append(seed)
+    for arch, seeds in by_arch.items():
+        for sa, sb in itertools.combinations(sorted(seeds), 2):
+            a, b = (arch, sa), (arch, sb)
+            m = match_dictionaries(decoders[a], decoders[b], device=device)
+            row = {"kind": "seed", "arch_a": arch, "arch_b": arch, "seed_a": sa, "seed_b": sb,
+                   **m.summary()}
+            cons = code_consistency(codes[a], codes[b], m).summary()
+            row.update({f"code_{k}": v for k, v in cons.items()})
+            pairs.append(row)
+            if latents:
+                lat.append(pd.DataFrame({"arch": arch, "seed_a": sa, "seed_b": sb,
+                                         "abs_cos": m.abs_cos}))
+    kinds = {r["arch"]: r["kind"] for r in runs}
+    cross = [a for a in (cross_archs or []) if a in by_arch and kinds[a] != "dl"]
+    for arch_a, arch_b in itertools.combinations(cross, 2):
+        for seed in sorted(set(by_arch[arch_a]) & set(by_arch[arch_b])):
+            m = match_dictionaries(decoders[(arch_a, seed)], decoders[(arch_b, seed)], device=device)
+            pairs.append({"kind": "arch", "arch_a": arch_a, "arch_b": arch_b, "seed_a": seed,
+                          "seed_b": seed, **m.summary()})
+
+    pair_cols = ["kind", "arch_a", "arch_b", "seed_a", "seed_b"]
+    return GroupTables(
+        runs=pd.DataFrame(runs),
+        pairs=pd.DataFrame(pairs, columns=None if pairs else pair_cols),
+        latents=(pd.concat(lat, ignore_index=True) if lat
+                 else pd.DataFrame(columns=["arch", "seed_a", "seed_b", "abs_cos"])),
+    )

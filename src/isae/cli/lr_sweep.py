@@ -1,0 +1,49 @@
+"""``isae lr-sweep``: each architecture trained at a few multiples of its default learning
+rate on one seed; the rate with the lowest held-out FVU is written to OUT/lr.json for
+``isae train --lr-from`` (see isae.training.lr_sweep)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("lr-sweep", help="choose each architecture's learning rate by held-out FVU")
+    p.add_argument("--activations", required=True, help="activation-set folder")
+    p.add_argument("--arch", required=True, help="comma-separated architectures (dl is skipped)")
+    p.add_argument("--factors", default="0.25,1,4",
+                   help="comma-separated multiples of the default rate to try")
+    p.add_argument("--k", type=int, required=True, help="active latents per row")
+    p.add_argument("--width", type=int, required=True, help="number of latents")
+    p.add_argument("--seed", type=int, default=0, help="the one seed of every candidate")
+    p.add_argument("--tokens", type=int, required=True, help="training rows per candidate")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per step (default: train's)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="the rate the factors multiply (default: train's width-scaled rate)")
+    p.add_argument("--data-seed", type=int, default=None, help="seed of the data order (default: --seed)")
+    p.add_argument("--log-every", type=int, default=None, help="steps between log rows")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="folder: ckpt/, sweep.parquet, lr.json")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from dataclasses import replace
+
+    from isae.errors import UserError
+    from isae.models.config import TrainConfig
+    from isae.training.lr_sweep import lr_sweep
+
+    try:
+        factors = [float(f) for f in args.factors.split(",") if f]
+    except ValueError:
+        raise UserError(f"--factors must be comma-separated numbers, not {args.factors!r}") from None
+    tcfg = TrainConfig(tokens=args.tokens, lr=args.lr, device=args.device,
+                       seed=args.seed if args.data_seed is None else args.data_seed)
+    if args.batch_size is not None:
+        tcfg = replace(tcfg, batch_size=args.batch_size)
+    if args.log_every is not None:
+        tcfg = replace(tcfg, log_every=args.log_every)
+    archs = [a for a in args.arch.split(",") if a]
+    return lr_sweep(args.activations, archs, factors, args.k, args.width, tcfg, args.out,
+                    seed=args.seed)
