@@ -21,9 +21,7 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/activations.smk"
 include: "workflow/rules/train.smk"
-include: "workflow/rules/eval.smk"
-include: "workflow/rules/match.smk"
-include: "workflow/rules/ric.smk"
+include: "workflow/rules/measure.smk"
 include: "workflow/rules/fidelity.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/figures.smk"
@@ -40,4 +38,6 @@ rule all:
         rules.f4_ablation.output,
         rules.f5_fvu_l0.output,
         rules.f6_fidelity.output,
+        rules.f7_budget.output,
+        rules.f8_iter.output,
         run_artifacts,

@@ -1,4 +1,4 @@
-"""Rule entry point: figure F4 (PNG + PDF) from the collected runs."""
+"""Rule entry point: figure F4 (PNG + PDF) from the collected tables."""
 
 import sys
 
@@ -7,10 +7,9 @@ import pandas as pd
 from isae.study import figures
 
 snakemake = globals()["snakemake"]  # injected by Snakemake's script: directive
-read = pd.read_parquet
 
 with open(snakemake.log[0], "w") as log:
     sys.stderr = log
-    i, o = snakemake.input, snakemake.output
-    fig = figures.f4_ablation(read(i.eval), read(i.match), read(i.truth))
-    figures.save_figure(fig, [o.png, o.pdf])
+    tables = {name: pd.read_parquet(path) for name, path in snakemake.input.items()}
+    fig = figures.f4_ablation(**tables, **dict(snakemake.params.items()))
+    figures.save_figure(fig, [snakemake.output.png, snakemake.output.pdf])

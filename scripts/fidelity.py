@@ -17,7 +17,7 @@ with open(snakemake.log[0], "w") as log:
     # Model, hook, text, context and the held-out split are read from the activation set's
     # meta.json, so the splice uses exactly the setting the SAE was trained on.
     row = fidelity(
-        snakemake.input.ckpt,
+        snakemake.params.ckpt,
         activations=snakemake.input.acts,
         max_tokens=p.max_tokens,
         batch_size=p.batch_size,

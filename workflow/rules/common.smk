@@ -1,20 +1,28 @@
 """Validation of the config, the grid of runs, input functions and path helpers.
 
-A *run* is one trained checkpoint: (dataset, arch, k, width, seed). Three grids make the
-set of runs, and a run may belong to several:
+A *run* is one trained checkpoint: (dataset, arch, k, width, rows, seed). Five grids make
+the set of runs, and a run may belong to several:
 
-* main     every dataset x ``archs`` x ``seeds`` at the dataset's main k and width
-           (T1, T2, F1);
-* sweep    every dataset x ``sweep.archs`` x ``ks`` x ``widths`` x ``sweep.seeds``
-           (F2, F3, F5, F6);
-* ablation ``ablation.datasets`` x (topk, isae, ``ablation.variants``) x ``ablation.seeds``
-           at the main k and width (F4).
+* main      every dataset x ``archs`` x ``seeds`` at the dataset's main k, width and rows
+            (T1, T2, F1);
+* sweep     every dataset x ``sweep.archs`` x ``train.ks`` x ``train.widths`` x
+            ``sweep.seeds`` at the main rows (F2, F3, F5, F6);
+* budget    every dataset x ``budgets.archs`` x ``budgets.seeds`` at the main k and width and
+            at every rows of ``train.budgets`` and the main rows (F7);
+* ablation  ``ablation.datasets`` x (topk, isae, ``ablation.variants``) x ``ablation.seeds``
+            at the main k, width and rows (F4);
+* iter      ``iter.datasets`` x (each base, base+iterN for N in ``iter.steps``) x
+            ``iter.seeds`` at the main k, width and rows (F8).
 
-Seed pairs (for ``isae match``) are the unordered pairs of seeds trained for one
-(dataset, arch, k, width); a pair belongs to a grid when both of its runs do.
+Runs are trained and measured in *groups*: the runs of one dataset at one (k, width, rows)
+share one training job (one pass over the data) and one measuring job. The ablation's and
+the iteration study's variants form groups of their own (role ``ablation`` / ``iter``), so
+that the main grid's jobs do not wait for them. Every run of a dataset sees the same order
+of training rows (``data_seed``), so its checkpoint does not depend on its group.
 """
 
 import itertools
+import os
 
 import yaml
 from collections import defaultdict
@@ -23,8 +31,10 @@ from typing import NamedTuple
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from isae.models.config import parse_arch
+from isae.models.config import parse_arch, preset_of
 from isae.errors import UserError
+
+
 def _retype(value):
     """A --config string such as "5", "0.1", "true" or "null" -> its YAML value."""
     if isinstance(value, str):
@@ -57,12 +67,9 @@ validate(config, "../../config/schema.yaml")
 
 wildcard_constraints:
     dataset=r"[A-Za-z0-9_]+",
+    group=r"k\d+-w\d+-r\d+(-[a-z]+)?",
     arch=r"[a-z][a-z0-9+\-]*",
-    k=r"\d+",
-    width=r"\d+",
     seed=r"\d+",
-    seed_a=r"\d+",
-    seed_b=r"\d+",
 
 
 #: The software of all jobs (the `conda` directive): the project's one environment, the
@@ -70,7 +77,7 @@ wildcard_constraints:
 ENV = "../../environment.yml"
 
 DATASETS = config["datasets"]
-GRIDS = ("main", "sweep", "ablation")
+GRIDS = ("main", "sweep", "budget", "ablation", "iter")
 # topk and isae are the two ends every ablation variant is compared with.
 ABLATION_BASES = ("topk", "isae")
 
@@ -80,39 +87,66 @@ class Run(NamedTuple):
     arch: str
     k: int
     width: int
+    rows: int
     seed: int
+    role: str
+    """main | ablation | iter: which training group the run belongs to."""
 
     @property
-    def group(self) -> tuple:
-        """Runs that differ only in the seed."""
-        return (self.dataset, self.arch, self.k, self.width)
+    def group(self) -> str:
+        """The training group's name (a path component)."""
+        suffix = "" if self.role == "main" else f"-{self.role}"
+        return f"k{self.k}-w{self.width}-r{self.rows}{suffix}"
 
-    def wildcards(self) -> dict:
-        return dict(self._asdict())
+    def key(self) -> dict:
+        return {
+            "dataset": self.dataset,
+            "arch": self.arch,
+            "k": self.k,
+            "width": self.width,
+            "rows": self.rows,
+            "seed": self.seed,
+        }
+
+
+def iter_arch(base: str, steps: int) -> str:
+    """The name of ``base`` with ``steps`` thresholding steps: isae + 3 is the preset
+    isae-iter, topk + 3 is topk+iter, otherwise base+iterN."""
+    if steps == 3:
+        return "isae-iter" if base == "isae" else f"{base}+iter"
+    return f"{base}+iter{steps}"
 
 
 def _check_config() -> None:
     """Checks that the schema cannot express; each names the offending key."""
     archs = set(config["archs"]) | set(config["sweep"]["archs"])
+    archs |= set(config["budgets"]["archs"])
     archs |= {a for ds in DATASETS.values() for a in ds["archs"] or []}
-    archs |= set(config["ablation"]["variants"])
+    archs |= set(config["ablation"]["variants"]) | set(config["iter"]["bases"])
     for arch in sorted(archs):
         try:
             parse_arch(arch)
         except UserError as e:
             raise WorkflowError(f"config: {e}")
-    for name in config["ablation"]["datasets"]:
-        if name not in DATASETS:
+    for block in ("ablation", "iter"):
+        for name in config[block]["datasets"]:
+            if name not in DATASETS:
+                raise WorkflowError(
+                    f"config: {block}.datasets names {name!r}, which is not in datasets "
+                    f"({', '.join(DATASETS)})"
+                )
+    for base in config["iter"]["bases"]:
+        if parse_arch(base)["encoder_steps"]:
             raise WorkflowError(
-                f"config: ablation.datasets names {name!r}, which is not in datasets "
-                f"({', '.join(DATASETS)})"
+                f"config: iter.bases: {base!r} already has thresholding steps"
             )
     for name, ds in DATASETS.items():
-        for w in [ds["width"], *ds["widths"]]:
-            for k in {ds["k"], *ds["ks"]}:
+        tr = ds["train"]
+        for w in [tr["width"], *tr["widths"]]:
+            for k in {tr["k"], *tr["ks"]}:
                 if k >= w:
                     raise WorkflowError(
-                        f"config: datasets.{name}: k={k} must be smaller than width={w}"
+                        f"config: datasets.{name}.train: k={k} must be smaller than width={w}"
                     )
         if ds["fidelity"] and ds["source"] != "lm":
             raise WorkflowError(
@@ -126,23 +160,56 @@ _check_config()
 def _build_runs() -> dict:
     runs = defaultdict(set)
     for name, ds in DATASETS.items():
+        tr = ds["train"]
+        main = dict(dataset=name, k=tr["k"], width=tr["width"], rows=tr["rows"])
         for arch, seed in itertools.product(
             ds["archs"] or config["archs"], config["seeds"]
         ):
-            runs[Run(name, arch, ds["k"], ds["width"], seed)].add("main")
+            runs[Run(arch=arch, seed=seed, role="main", **main)].add("main")
         sweep = config["sweep"]
         for arch, k, width, seed in itertools.product(
-            sweep["archs"], ds["ks"], ds["widths"] or [ds["width"]], sweep["seeds"]
+            sweep["archs"], tr["ks"], tr["widths"] or [tr["width"]], sweep["seeds"]
         ):
-            runs[Run(name, arch, k, width, seed)].add("sweep")
-    abl = config["ablation"]
-    for name in abl["datasets"]:
-        ds = DATASETS[name]
-        archs = list(ABLATION_BASES) + [
-            v for v in abl["variants"] if v not in ABLATION_BASES
-        ]
-        for arch, seed in itertools.product(archs, abl["seeds"]):
-            runs[Run(name, arch, ds["k"], ds["width"], seed)].add("ablation")
+            run = Run(name, arch, k, width, tr["rows"], seed, "main")
+            runs[run].add("sweep")
+        bud = config["budgets"]
+        for arch, rows, seed in itertools.product(
+            bud["archs"], sorted({tr["rows"], *tr["budgets"]}), bud["seeds"]
+        ):
+            runs[Run(name, arch, tr["k"], tr["width"], rows, seed, "main")].add(
+                "budget"
+            )
+        if name in config["ablation"]["datasets"]:
+            abl = config["ablation"]
+            for arch, seed in itertools.product(ABLATION_BASES, abl["seeds"]):
+                runs[Run(arch=arch, seed=seed, role="main", **main)].add("ablation")
+            # isae-iter against topk is the other whole combination F4 shows, where the
+            # main grid trains it.
+            for seed in abl["seeds"]:
+                run = Run(arch="isae-iter", seed=seed, role="main", **main)
+                if run in runs:
+                    runs[run].add("ablation")
+            for arch, seed in itertools.product(abl["variants"], abl["seeds"]):
+                if arch not in ABLATION_BASES:
+                    runs[Run(arch=arch, seed=seed, role="ablation", **main)].add(
+                        "ablation"
+                    )
+        if name in config["iter"]["datasets"]:
+            it = config["iter"]
+            for base, seed in itertools.product(it["bases"], it["seeds"]):
+                runs[Run(arch=base, seed=seed, role="main", **main)].add("iter")
+                for n in it["steps"]:
+                    arch = iter_arch(base, n)
+                    # A run the main grid or the ablation already trains is reused.
+                    known = [
+                        r for r in runs if r.key() == dict(main, arch=arch, seed=seed)
+                    ]
+                    run = (
+                        known[0]
+                        if known
+                        else Run(arch=arch, seed=seed, role="iter", **main)
+                    )
+                    runs[run].add("iter")
     return dict(sorted(runs.items()))
 
 
@@ -150,19 +217,65 @@ def _build_runs() -> dict:
 RUNS = _build_runs()
 
 
-def _build_pairs() -> dict:
-    by_group = defaultdict(list)
+class Group(NamedTuple):
+    dataset: str
+    name: str
+    k: int
+    width: int
+    rows: int
+    archs: tuple
+    seeds: tuple
+
+    def wildcards(self) -> dict:
+        return {"dataset": self.dataset, "group": self.name}
+
+
+def _build_groups() -> dict:
+    """(dataset, group name) -> Group: archs x seeds of the runs in it (every arch is
+    trained with every seed of its group)."""
+    members = defaultdict(list)
     for run in RUNS:
-        by_group[run.group].append(run)
-    pairs = {}
-    for group_runs in by_group.values():
-        for a, b in itertools.combinations(sorted(group_runs, key=lambda r: r.seed), 2):
-            pairs[(a, b)] = RUNS[a] & RUNS[b]
-    return pairs
+        members[(run.dataset, run.group)].append(run)
+    out = {}
+    for (dataset, name), runs in sorted(members.items()):
+        r = runs[0]
+        archs = tuple(dict.fromkeys(sorted((x.arch for x in runs), key=_arch_order)))
+        seeds = tuple(sorted({x.seed for x in runs}))
+        out[(dataset, name)] = Group(dataset, name, r.k, r.width, r.rows, archs, seeds)
+    return out
 
 
-#: (Run a, Run b) with a.seed < b.seed -> set of grids both belong to.
-PAIRS = _build_pairs()
+def _arch_order(arch: str) -> tuple:
+    presets = ["topk", "relu", "isae", "isae-iter", "dl"]
+    return (presets.index(arch) if arch in presets else len(presets), arch)
+
+
+GROUPS = _build_groups()
+
+
+def group_of(wildcards) -> Group:
+    return GROUPS[(wildcards.dataset, wildcards.group)]
+
+
+def grid_flags() -> list:
+    """One row per run: its identity and the grids it belongs to (for the collect rules)."""
+    rows = []
+    for run, grids in RUNS.items():
+        rows.append(dict(run.key(), group=run.group, **{g: g in grids for g in GRIDS}))
+    # Every run of a group is trained (archs x seeds), also those no grid asked for.
+    for g in GROUPS.values():
+        for arch, seed in itertools.product(g.archs, g.seeds):
+            key = dict(
+                dataset=g.dataset,
+                arch=arch,
+                k=g.k,
+                width=g.width,
+                rows=g.rows,
+                seed=seed,
+            )
+            if not any(r.key() == key and r.group == g.name for r in RUNS):
+                rows.append(dict(key, group=g.name, **{x: False for x in GRIDS}))
+    return rows
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -178,7 +291,8 @@ def res(stage: str, key: str):
 
 
 def gpu_count() -> int:
-    """GPUs per device job: the `gpu` resource of the SLURM executor plugin (--gpus)."""
+    """GPUs per device job: the `gpu` resource of the SLURM executor plugin (--gpus), and
+    the slots of the local profile's `gpu` resource."""
     return 1 if config["device"] == "cuda" else 0
 
 
@@ -186,7 +300,7 @@ def cli_flags(options: dict) -> str:
     """{"max_tokens": 5, "noise": 0.1, "coherence": None} -> "--max-tokens 5 --noise 0.1"."""
     parts = []
     for key, value in options.items():
-        if value is None or value is False:
+        if value is None or value is False or value == "":
             continue
         flag = f"--{key.replace('_', '-')}"
         parts.append(flag if value is True else f"{flag} {value}")
@@ -201,108 +315,146 @@ def extract_flags(wildcards) -> str:
     return flags
 
 
-def train_flags(wildcards) -> str:
-    ds = dataset_cfg(wildcards)
+def log_every(rows: int, batch_size: int) -> int:
+    """Steps between log rows: about 200 rows per run, enough for the convergence control."""
+    steps = -(-rows // batch_size)
+    return max(1, steps // 200)
+
+
+def sweep_archs(name: str) -> list:
+    """Every arch of a dataset with a learning rate of its own (dl has none; variants take
+    their preset's)."""
+    archs = {preset_of(r.arch) for r in RUNS if r.dataset == name}
+    return [a for a in sorted(archs, key=_arch_order) if parse_arch(a)["kind"] != "dl"]
+
+
+def has_lr_sweep(name: str) -> bool:
+    return bool(config["lr_sweep"]["factors"]) and bool(sweep_archs(name))
+
+
+def lr_sweep_flags(wildcards) -> str:
+    tr = dataset_cfg(wildcards)["train"]
     return cli_flags(
         {
-            "tokens": ds["tokens"],
-            "batch_size": ds["batch_size"],
-            "lr": ds["lr"],
+            "arch": ",".join(sweep_archs(wildcards.dataset)),
+            "factors": ",".join(f"{f:g}" for f in config["lr_sweep"]["factors"]),
+            "k": tr["k"],
+            "width": tr["width"],
+            "seed": config["lr_sweep"]["seed"],
+            "data_seed": config["data_seed"],
+            "tokens": tr["rows"],
+            "batch_size": tr["batch_size"],
+            "lr": tr["lr"],
+            "log_every": log_every(tr["rows"], tr["batch_size"]),
             "device": config["device"],
         }
     )
 
 
-def match_flags(wildcards) -> str:
+def train_flags(wildcards) -> str:
+    g = group_of(wildcards)
+    tr = dataset_cfg(wildcards)["train"]
+    flags = {
+        "arch": ",".join(g.archs),
+        "seeds": ",".join(map(str, g.seeds)),
+        "data_seed": config["data_seed"],
+        "k": g.k,
+        "width": g.width,
+        "tokens": g.rows,
+        "batch_size": tr["batch_size"],
+        "log_every": log_every(g.rows, tr["batch_size"]),
+        "device": config["device"],
+    }
+    if not has_lr_sweep(wildcards.dataset):
+        flags["lr"] = tr["lr"]
+    return cli_flags(flags)
+
+
+def lr_choice(wildcards) -> list:
+    """The lr sweep's choice file of the group's dataset (none without a sweep)."""
+    if not has_lr_sweep(wildcards.dataset):
+        return []
+    return [rules.lr_sweep.output.choice.format(dataset=wildcards.dataset)]
+
+
+def main_archs(name: str) -> list:
+    return DATASETS[name]["archs"] or config["archs"]
+
+
+def measure_flags(wildcards) -> str:
+    g = group_of(wildcards)
+    runs = [r for r in RUNS if r.dataset == g.dataset and r.group == g.name]
+    ric = any(RUNS[r] & {"main", "sweep"} for r in runs)
     return cli_flags(
-        {"max_rows": config["match"]["max_rows"], "device": config["device"]}
+        {
+            "max_rows": config["match"]["max_rows"],
+            "ric_pairs": config["ric"]["pairs"] if ric else 0,
+            "cross_archs": ",".join(a for a in main_archs(g.dataset) if a in g.archs),
+            "tail": config["convergence"]["tail"],
+            "converged_below": config["convergence"]["threshold"],
+            "device": config["device"],
+        }
     )
-
-
-def ric_flags(wildcards) -> str:
-    return cli_flags({"pairs": config["ric"]["pairs"], "device": config["device"]})
-
-
-def run_keys(runs) -> list:
-    """Identity columns (and grid flags) of each run, in the order of its input files."""
-    return [dict(r.wildcards(), **{g: g in RUNS[r] for g in GRIDS}) for r in runs]
-
-
-def pair_keys(pairs) -> list:
-    keys = []
-    for a, b in pairs:
-        row = dict(a.wildcards())
-        del row["seed"]
-        row.update(
-            seed_a=a.seed, seed_b=b.seed, **{g: g in PAIRS[(a, b)] for g in GRIDS}
-        )
-        keys.append(row)
-    return keys
-
-
-def pair_wildcards(a, b) -> dict:
-    w = a.wildcards()
-    del w["seed"]
-    return dict(w, seed_a=a.seed, seed_b=b.seed)
 
 
 def has_truth(dataset: str) -> bool:
     return DATASETS[dataset]["source"] == "synthetic"
 
 
-#: Seed pairs of the main grid: their per-latent matched |cos| make F1.
-MAIN_PAIRS = [p for p, grids in PAIRS.items() if "main" in grids]
-#: Every run is evaluated; on a synthetic set every run is also matched to the truth (F4
-#: uses the ablation's). Restricted isometry (F3, T2) and fidelity (F6) read the main grid
-#: and the sweep only, so ablation-only runs skip them.
-TRUTH_RUNS = [r for r in RUNS if has_truth(r.dataset)]
-RIC_RUNS = [r for r, grids in RUNS.items() if grids & {"main", "sweep"}]
-FIDELITY_RUNS = [r for r in RIC_RUNS if DATASETS[r.dataset]["fidelity"]]
+#: Downstream fidelity (F6) reads the k sweep's runs of the datasets that ask for it: one
+#: seed at every k, the same in every point of the figure.
+FIDELITY_RUNS = [
+    r
+    for r, grids in RUNS.items()
+    if "sweep" in grids and DATASETS[r.dataset]["fidelity"]
+]
 
 
 # ----------------------------------------------------------------------------- inputs
 
 
-def ckpt_of(seed_key: str):
-    """Input function: the checkpoint of seed wildcard `seed_key` of a pair."""
+def group_ckpts(wildcards):
+    return rules.train.output.ckpts.format(**wildcards)
 
-    def inner(wildcards):
-        w = {key: wildcards[key] for key in ("dataset", "arch", "k", "width")}
-        w["seed"] = wildcards[seed_key]
-        return rules.train.output.ckpt.format(**w)
+
+def measure_tables(name: str):
+    def inner(wildcards) -> list:
+        return [
+            getattr(rules.measure.output, name).format(**g.wildcards())
+            for g in GROUPS.values()
+        ]
 
     return inner
 
 
-def eval_tables(wildcards) -> list:
-    return [rules.eval.output.table.format(**r.wildcards()) for r in RUNS]
-
-
-def match_summaries(wildcards) -> list:
-    return [
-        rules.match_pair.output.summary.format(**pair_wildcards(a, b)) for a, b in PAIRS
-    ]
-
-
-def main_match_tables(wildcards) -> list:
-    return [
-        rules.match_pair.output.table.format(**pair_wildcards(a, b))
-        for a, b in MAIN_PAIRS
-    ]
-
-
-def truth_summaries(wildcards) -> list:
-    return [
-        rules.match_truth.output.summary.format(**r.wildcards()) for r in TRUTH_RUNS
-    ]
-
-
-def ric_summaries(wildcards) -> list:
-    return [rules.ric.output.summary.format(**r.wildcards()) for r in RIC_RUNS]
+def group_ids() -> list:
+    """(dataset, group) of every group, in the order of measure_tables."""
+    return [g.wildcards() for g in GROUPS.values()]
 
 
 def fidelity_tables(wildcards) -> list:
-    return [rules.fidelity.output.table.format(**r.wildcards()) for r in FIDELITY_RUNS]
+    return [
+        rules.fidelity.output.table.format(
+            dataset=r.dataset, group=r.group, arch=r.arch, seed=r.seed
+        )
+        for r in FIDELITY_RUNS
+    ]
+
+
+def fidelity_ids() -> list:
+    return [dict(r.key(), group=r.group) for r in FIDELITY_RUNS]
+
+
+def chance_tables(wildcards) -> list:
+    return [rules.chance.output.table.format(dataset=name) for name in DATASETS]
+
+
+def lr_tables(wildcards) -> list:
+    return [
+        rules.lr_sweep.output.table.format(dataset=name)
+        for name in DATASETS
+        if has_lr_sweep(name)
+    ]
 
 
 def true_k() -> dict:
@@ -315,16 +467,19 @@ def true_k() -> dict:
 
 
 def run_artifacts(wildcards) -> list:
-    """Every per-run artifact (activation sets, checkpoints, per-run and per-pair tables).
+    """Every per-group artifact (activation sets, lr sweeps, checkpoints, measurements).
 
     They are targets of `rule all` next to the tables and figures, so that deleting one, a
-    checkpoint say, makes the next plain `snakemake` rebuild it and then everything that
-    depends on it (and nothing else); without this, Snakemake treats a missing intermediate
-    file under up-to-date results as nothing to do."""
+    group's checkpoints say, makes the next plain `snakemake` rebuild it and then everything
+    that depends on it (and nothing else); without this, Snakemake treats a missing
+    intermediate file under up-to-date results as nothing to do."""
     out = [rules.activations.output.acts.format(dataset=name) for name in DATASETS]
-    out += [rules.train.output.ckpt.format(**r.wildcards()) for r in RUNS]
-    out += (
-        eval_tables(wildcards) + ric_summaries(wildcards) + fidelity_tables(wildcards)
-    )
-    out += match_summaries(wildcards) + truth_summaries(wildcards)
+    out += [
+        rules.lr_sweep.output.choice.format(dataset=n)
+        for n in DATASETS
+        if has_lr_sweep(n)
+    ]
+    out += [rules.train.output.ckpts.format(**g.wildcards()) for g in GROUPS.values()]
+    out += measure_tables("runs")(wildcards) + fidelity_tables(wildcards)
+    out += chance_tables(wildcards)
     return out

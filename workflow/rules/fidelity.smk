@@ -1,13 +1,13 @@
 rule fidelity:
     input:
-        ckpt=rules.train.output.ckpt,
+        ckpts=rules.train.output.ckpts,
         acts=rules.activations.output.acts,
     output:
-        table="results/fidelity/{dataset}/{arch}/k{k}-w{width}/seed{seed}.parquet",
+        table="results/fidelity/{dataset}/{group}/{arch}/seed{seed}.parquet",
     log:
-        "logs/fidelity/{dataset}/{arch}/k{k}-w{width}/seed{seed}.log",
+        "logs/fidelity/{dataset}/{group}/{arch}/seed{seed}.log",
     benchmark:
-        "benchmarks/rules/fidelity/{dataset}/{arch}/k{k}-w{width}/seed{seed}.tsv"
+        "benchmarks/rules/fidelity/{dataset}/{group}/{arch}/seed{seed}.tsv"
     conda:
         ENV
     threads: res("fidelity", "threads")
@@ -16,6 +16,7 @@ rule fidelity:
         runtime=res("fidelity", "runtime"),
         gpu=gpu_count(),
     params:
+        ckpt=lambda wc, input: f"{input.ckpts}/{wc.arch}/seed{wc.seed}",
         max_tokens=config["fidelity"]["max_tokens"],
         batch_size=config["fidelity"]["batch_size"],
         device=config["device"],

@@ -3,8 +3,10 @@
 
 rule f1_stability:
     input:
-        latents=rules.collect_match_latents.output.table,
-        match=rules.collect_match.output.table,
+        latents=rules.collect_latents.output.table,
+        pairs=rules.collect_pairs.output.table,
+        runs=rules.collect_runs.output.table,
+        chance=rules.collect_chance.output.table,
     output:
         png=report(
             "results/figures/F1.png", caption="../report/F1.rst", category="Figures"
@@ -26,7 +28,7 @@ rule f1_stability:
 
 rule f2_truth_recovery:
     input:
-        truth=rules.collect_truth.output.table,
+        runs=rules.collect_runs.output.table,
     output:
         png=report(
             "results/figures/F2.png", caption="../report/F2.rst", category="Figures"
@@ -50,7 +52,7 @@ rule f2_truth_recovery:
 
 rule f3_ric:
     input:
-        ric=rules.collect_ric.output.table,
+        runs=rules.collect_runs.output.table,
     output:
         png=report(
             "results/figures/F3.png", caption="../report/F3.rst", category="Figures"
@@ -72,9 +74,8 @@ rule f3_ric:
 
 rule f4_ablation:
     input:
-        eval=rules.collect_eval.output.table,
-        match=rules.collect_match.output.table,
-        truth=rules.collect_truth.output.table,
+        runs=rules.collect_runs.output.table,
+        pairs=rules.collect_pairs.output.table,
     output:
         png=report(
             "results/figures/F4.png", caption="../report/F4.rst", category="Figures"
@@ -96,7 +97,7 @@ rule f4_ablation:
 
 rule f5_fvu_l0:
     input:
-        eval=rules.collect_eval.output.table,
+        runs=rules.collect_runs.output.table,
     output:
         png=report(
             "results/figures/F5.png", caption="../report/F5.rst", category="Figures"
@@ -136,3 +137,50 @@ rule f6_fidelity:
         runtime=res("report", "runtime"),
     script:
         "../../scripts/f6_fidelity.py"
+
+
+rule f7_budget:
+    input:
+        runs=rules.collect_runs.output.table,
+        pairs=rules.collect_pairs.output.table,
+        chance=rules.collect_chance.output.table,
+    output:
+        png=report(
+            "results/figures/F7.png", caption="../report/F7.rst", category="Figures"
+        ),
+        pdf="results/figures/F7.pdf",
+    log:
+        "logs/f7_budget/all.log",
+    benchmark:
+        "benchmarks/rules/f7_budget/all.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=res("report", "mem_mb"),
+        runtime=res("report", "runtime"),
+    script:
+        "../../scripts/f7_budget.py"
+
+
+rule f8_iter:
+    input:
+        runs=rules.collect_runs.output.table,
+        pairs=rules.collect_pairs.output.table,
+    output:
+        png=report(
+            "results/figures/F8.png", caption="../report/F8.rst", category="Figures"
+        ),
+        pdf="results/figures/F8.pdf",
+    log:
+        "logs/f8_iter/all.log",
+    benchmark:
+        "benchmarks/rules/f8_iter/all.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=res("report", "mem_mb"),
+        runtime=res("report", "runtime"),
+    script:
+        "../../scripts/f8_iter.py"

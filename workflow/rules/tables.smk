@@ -1,16 +1,16 @@
-# Per-run tables gathered into one Parquet per stage (identity columns from the paths, grid
-# flags from the config), then T1 and T2.
+# Per-group and per-run tables gathered into one Parquet per kind (identity columns from the
+# paths, grid flags from the config), then T1 and T2.
 
 
-rule collect_eval:
+rule collect_runs:
     input:
-        tables=eval_tables,
+        tables=measure_tables("runs"),
     output:
-        table="results/runs/eval.parquet",
+        table="results/runs/runs.parquet",
     log:
-        "logs/collect_eval/all.log",
+        "logs/collect_runs/all.log",
     benchmark:
-        "benchmarks/rules/collect_eval/all.tsv"
+        "benchmarks/rules/collect_runs/all.tsv"
     conda:
         ENV
     threads: 1
@@ -18,20 +18,22 @@ rule collect_eval:
         mem_mb=res("report", "mem_mb"),
         runtime=res("report", "runtime"),
     params:
-        ids=run_keys(RUNS),
+        ids=group_ids(),
+        flags=grid_flags(),
+        kind="runs",
     script:
         "../../scripts/collect.py"
 
 
-rule collect_match:
+rule collect_pairs:
     input:
-        tables=match_summaries,
+        tables=measure_tables("pairs"),
     output:
-        table="results/runs/match.parquet",
+        table="results/runs/pairs.parquet",
     log:
-        "logs/collect_match/all.log",
+        "logs/collect_pairs/all.log",
     benchmark:
-        "benchmarks/rules/collect_match/all.tsv"
+        "benchmarks/rules/collect_pairs/all.tsv"
     conda:
         ENV
     threads: 1
@@ -39,20 +41,22 @@ rule collect_match:
         mem_mb=res("report", "mem_mb"),
         runtime=res("report", "runtime"),
     params:
-        ids=pair_keys(PAIRS),
+        ids=group_ids(),
+        flags=grid_flags(),
+        kind="pairs",
     script:
         "../../scripts/collect.py"
 
 
-rule collect_match_latents:
+rule collect_latents:
     input:
-        tables=main_match_tables,
+        tables=measure_tables("latents"),
     output:
-        table="results/runs/match_latents.parquet",
+        table="results/runs/latents.parquet",
     log:
-        "logs/collect_match_latents/all.log",
+        "logs/collect_latents/all.log",
     benchmark:
-        "benchmarks/rules/collect_match_latents/all.tsv"
+        "benchmarks/rules/collect_latents/all.tsv"
     conda:
         ENV
     threads: 1
@@ -60,51 +64,9 @@ rule collect_match_latents:
         mem_mb=res("report", "mem_mb"),
         runtime=res("report", "runtime"),
     params:
-        ids=pair_keys(MAIN_PAIRS),
-        columns=["abs_cos"],
-        where="matched",
-    script:
-        "../../scripts/collect.py"
-
-
-rule collect_truth:
-    input:
-        tables=truth_summaries,
-    output:
-        table="results/runs/truth.parquet",
-    log:
-        "logs/collect_truth/all.log",
-    benchmark:
-        "benchmarks/rules/collect_truth/all.tsv"
-    conda:
-        ENV
-    threads: 1
-    resources:
-        mem_mb=res("report", "mem_mb"),
-        runtime=res("report", "runtime"),
-    params:
-        ids=run_keys(TRUTH_RUNS),
-    script:
-        "../../scripts/collect.py"
-
-
-rule collect_ric:
-    input:
-        tables=ric_summaries,
-    output:
-        table="results/runs/ric.parquet",
-    log:
-        "logs/collect_ric/all.log",
-    benchmark:
-        "benchmarks/rules/collect_ric/all.tsv"
-    conda:
-        ENV
-    threads: 1
-    resources:
-        mem_mb=res("report", "mem_mb"),
-        runtime=res("report", "runtime"),
-    params:
-        ids=run_keys(RIC_RUNS),
+        ids=group_ids(),
+        flags=grid_flags(),
+        kind="latents",
     script:
         "../../scripts/collect.py"
 
@@ -125,16 +87,59 @@ rule collect_fidelity:
         mem_mb=res("report", "mem_mb"),
         runtime=res("report", "runtime"),
     params:
-        ids=run_keys(FIDELITY_RUNS),
+        ids=fidelity_ids(),
+    script:
+        "../../scripts/collect.py"
+
+
+rule collect_chance:
+    input:
+        tables=chance_tables,
+    output:
+        table="results/runs/chance.parquet",
+    log:
+        "logs/collect_chance/all.log",
+    benchmark:
+        "benchmarks/rules/collect_chance/all.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=res("report", "mem_mb"),
+        runtime=res("report", "runtime"),
+    params:
+        ids=[{"dataset": n} for n in DATASETS],
+    script:
+        "../../scripts/collect.py"
+
+
+rule collect_lr:
+    input:
+        tables=lr_tables,
+    output:
+        table="results/runs/lr.parquet",
+    log:
+        "logs/collect_lr/all.log",
+    benchmark:
+        "benchmarks/rules/collect_lr/all.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=res("report", "mem_mb"),
+        runtime=res("report", "runtime"),
+    params:
+        ids=[{"dataset": n} for n in DATASETS if has_lr_sweep(n)],
     script:
         "../../scripts/collect.py"
 
 
 rule table_t1:
     input:
-        eval=rules.collect_eval.output.table,
-        match=rules.collect_match.output.table,
-        truth=rules.collect_truth.output.table,
+        runs=rules.collect_runs.output.table,
+        pairs=rules.collect_pairs.output.table,
+        chance=rules.collect_chance.output.table,
+        lr=rules.collect_lr.output.table,
     output:
         table="results/tables/T1.parquet",
         md=report("results/tables/T1.md", caption="../report/T1.rst", category="Tables"),
@@ -155,8 +160,8 @@ rule table_t1:
 
 rule table_t2:
     input:
-        match=rules.collect_match.output.table,
-        ric=rules.collect_ric.output.table,
+        runs=rules.collect_runs.output.table,
+        pairs=rules.collect_pairs.output.table,
     output:
         table="results/tables/T2.parquet",
         md=report("results/tables/T2.md", caption="../report/T2.rst", category="Tables"),

@@ -1,12 +1,39 @@
-rule train:
+rule lr_sweep:
     input:
         acts=rules.activations.output.acts,
     output:
-        ckpt=directory("results/checkpoints/{dataset}/{arch}/k{k}-w{width}/seed{seed}"),
+        choice="results/lr/{dataset}/lr.json",
+        table="results/lr/{dataset}/sweep.parquet",
+        ckpts=directory("results/lr/{dataset}/ckpt"),
     log:
-        "logs/train/{dataset}/{arch}/k{k}-w{width}/seed{seed}.log",
+        "logs/lr_sweep/{dataset}.log",
     benchmark:
-        "benchmarks/rules/train/{dataset}/{arch}/k{k}-w{width}/seed{seed}.tsv"
+        "benchmarks/rules/lr_sweep/{dataset}.tsv"
+    conda:
+        ENV
+    threads: res("train", "threads")
+    resources:
+        mem_mb=res("train", "mem_mb"),
+        runtime=res("train", "runtime"),
+        gpu=gpu_count(),
+    params:
+        flags=lr_sweep_flags,
+        out=lambda wc: f"results/lr/{wc.dataset}",
+    shell:
+        "isae lr-sweep --activations {input.acts} {params.flags} --out {params.out}"
+        " > {log} 2>&1"
+
+
+rule train:
+    input:
+        acts=rules.activations.output.acts,
+        lr=lr_choice,
+    output:
+        ckpts=directory("results/checkpoints/{dataset}/{group}"),
+    log:
+        "logs/train/{dataset}/{group}.log",
+    benchmark:
+        "benchmarks/rules/train/{dataset}/{group}.tsv"
     conda:
         ENV
     threads: res("train", "threads")
@@ -16,7 +43,7 @@ rule train:
         gpu=gpu_count(),
     params:
         flags=train_flags,
+        lr=lambda wc, input: f"--lr-from {input.lr}" if input.lr else "",
     shell:
-        "isae train --activations {input.acts} --arch {wildcards.arch}"
-        " --k {wildcards.k} --width {wildcards.width} --seed {wildcards.seed}"
-        " {params.flags} --out {output.ckpt} > {log} 2>&1"
+        "isae train --activations {input.acts} {params.flags} {params.lr}"
+        " --out '{output.ckpts}/{{arch}}/seed{{seed}}' > {log} 2>&1"

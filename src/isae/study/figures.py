@@ -1,12 +1,23 @@
-"""The study's figures F1–F6: one function each, from the collected tables to a Figure.
+"""The study's figures F1–F8: one function each, from the collected tables to a Figure.
 
-Every function takes the DataFrames written by the workflow's collect rules (identity
-columns dataset / arch / k / width / seed or seed_a, seed_b, grid flags main / sweep /
-ablation, and the stage's own columns), returns a ``matplotlib.figure.Figure`` with labelled
-axes, and draws a labelled placeholder panel when the config produced no data for it (e.g.
-F2 without a synthetic dataset), so that every target exists for every config.
+Every function takes the DataFrames written by the workflow's collect rules (``runs``: one
+row per checkpoint, ``pairs``: one row per compared pair, ``latents``, ``chance``,
+``fidelity``; identity columns dataset / group / arch / k / width / rows / seed and the grid
+flags main / sweep / budget / ablation / iter), returns a ``matplotlib.figure.Figure``, and
+draws a labelled placeholder panel when the config produced no data for it, so that every
+target exists for every config.
 
-The numbers behind F4 come from ``ablation_deltas``, a pure function, tested on its own.
+Conventions, so that a figure reads without its caption:
+
+* an architecture has one colour in every figure, and every colour is in a legend;
+* legends sit below the panels, never on the data;
+* a hollow marker is a run (or a mean over runs) that has not converged;
+* error bars over seeds are ± one sd; over seed pairs (which share seeds, so they are not
+  independent) they span the pairs' range; a value from one seed has none, and the panel
+  says how many seeds each point has; no bar is drawn from a missing value.
+
+The numbers behind F4, F7 and F8 come from pure functions (``ablation_deltas``,
+``budget_curves``, ``iter_curves``), tested on their own.
 """
 
 from __future__ import annotations
@@ -23,9 +34,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
-from isae.models.config import PRESETS
-from isae.study.tables import arch_sort_key
+from isae.models.config import PRESETS, parse_arch, preset_of
+from isae.study.tables import arch_sort_key, seed_pairs
 
 DELTA_THRESHOLDS = {"δ = 1/3": 1.0 / 3.0, "δ = √2−1": math.sqrt(2.0) - 1.0}
 #: Fixed colours so an arch looks the same in every figure.
@@ -36,9 +48,15 @@ ARCH_COLORS = {
     "isae-iter": "#2ca02c",
     "dl": "#7f7f7f",
 }
-ISAE_PRESETS = ("isae", "isae-iter")
+#: Colours of the chance levels (F1, F7): the data-shaped ones are the reference.
+CHANCE_STYLE = {
+    "data_rows": ("random training rows", "0.15", "-"),
+    "data_cov": ("Gaussian, data covariance", "0.35", "--"),
+    "gaussian": ("isotropic Gaussian", "0.6", ":"),
+}
 #: What the fidelity fraction is computed on, by model kind (isae.analysis.fidelity).
 FIDELITY_KINDS = {"lm": "next-token cross-entropy", "encoder": "sentence-embedding similarity"}
+NOT_CONVERGED = "hollow: not converged"
 
 
 def arch_color(arch: str, i: int = 0) -> str:
@@ -55,18 +73,18 @@ def _rows(df: pd.DataFrame, *grids: str) -> pd.DataFrame:
     return df[mask]
 
 
-def _archs(df: pd.DataFrame) -> list[str]:
-    return sorted(set(df["arch"]), key=arch_sort_key)
+def _archs(df: pd.DataFrame, col: str = "arch") -> list[str]:
+    return sorted(set(df[col]), key=arch_sort_key)
 
 
 def _datasets(df: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(df["dataset"]))
 
 
-def _panels(n: int, width: float = 4.6, height: float = 3.6):
-    n = max(n, 1)
-    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
-    return fig, list(axes[0])
+def _grid(rows: int, cols: int, width: float = 4.4, height: float = 3.4):
+    fig, axes = plt.subplots(max(rows, 1), max(cols, 1), figsize=(width * max(cols, 1),
+                             height * max(rows, 1)), squeeze=False)
+    return fig, axes
 
 
 def _placeholder(ax, xlabel: str, ylabel: str, why: str) -> None:
@@ -79,156 +97,274 @@ def _placeholder(ax, xlabel: str, ylabel: str, why: str) -> None:
 
 
 def _empty_figure(title: str, xlabel: str, ylabel: str, why: str) -> Figure:
-    fig, (ax,) = _panels(1)
-    _placeholder(ax, xlabel, ylabel, why)
+    fig, axes = _grid(1, 1)
+    _placeholder(axes[0][0], xlabel, ylabel, why)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
-def _mean_sd(df: pd.DataFrame, by: list[str], col: str) -> pd.DataFrame:
-    g = df.groupby(by, sort=True)[col]
-    out = g.agg(["mean", "count"]).reset_index()
-    out["sd"] = g.std(ddof=1).fillna(0.0).to_numpy()
-    return out
+def _finish(fig: Figure, title: str, handles: list, ncol: int | None = None) -> Figure:
+    """Suptitle, and one legend below the panels (off the data)."""
+    fig.suptitle(title)
+    fig.tight_layout()
+    if handles:
+        # Below the figure's bottom edge; saving with bbox_inches="tight" takes it in.
+        fig.legend(handles=handles, loc="upper center", ncol=ncol or min(len(handles), 4),
+                   fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0))
+    return fig
 
 
-def _swept(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows of the archs trained at two or more k (the sweep); all rows if there are none.
+def _arch_handles(archs: list[str]) -> list:
+    return [Line2D([], [], color=arch_color(a, i), marker="o", lw=1.5, label=a)
+            for i, a in enumerate(archs)]
 
-    Curves against k need several k; a single-k arch such as relu (whose L0 is not k)
-    would only stretch the axis."""
-    n_k = df.groupby("arch")["k"].nunique()
-    swept = set(n_k[n_k > 1].index)
-    return df[df["arch"].isin(swept)] if swept else df
+
+def _hollow_handle() -> Line2D:
+    return Line2D([], [], color="0.3", marker="o", mfc="white", ls="none", label=NOT_CONVERGED)
+
+
+def _stats(values: pd.Series) -> tuple[float, float, float, float, int]:
+    """(mean, sd, min, max, n) of the finite values; NaN where undefined."""
+    v = pd.to_numeric(values, errors="coerce").to_numpy(np.float64)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return math.nan, math.nan, math.nan, math.nan, 0
+    sd = float(v.std(ddof=1)) if len(v) > 1 else math.nan
+    return float(v.mean()), sd, float(v.min()), float(v.max()), len(v)
+
+
+def _errbar(ax, x, mean, err, color, converged: bool, **kw) -> None:
+    """One point with its error bar (``err``: a number, a (lo, hi) pair, or NaN = none)."""
+    if not np.isfinite(mean):
+        return
+    yerr = None
+    if isinstance(err, tuple):
+        if all(np.isfinite(err)):
+            yerr = [[max(mean - err[0], 0.0)], [max(err[1] - mean, 0.0)]]
+    elif np.isfinite(err):
+        yerr = err
+    ax.errorbar([x], [mean], yerr=yerr, color=color, marker=kw.pop("marker", "o"),
+                mfc=color if converged else "white", capsize=3, ls="none", **kw)
+
+
+def _count_label(n: pd.Series, metric: str) -> str:
+    """'3 seeds', '1 seed', '1–3 pairs': how many values each point of a panel averages."""
+    unit = "pair" if metric == "seed_abs_cos" else "seed"
+    lo, hi = int(n.min()), int(n.max())
+    count = str(lo) if lo == hi else f"{lo}–{hi}"
+    return f"{count} {unit}{'s' if hi != 1 else ''}"
+
+
+def _all_converged(df: pd.DataFrame) -> bool:
+    return "converged" not in df.columns or bool(df["converged"].astype(bool).all())
 
 
 # ----------------------------------------------------------------------------- F1
 
 
-def f1_stability(latents: pd.DataFrame, matches: pd.DataFrame) -> Figure:
+def f1_stability(latents: pd.DataFrame, pairs: pd.DataFrame, runs: pd.DataFrame | None = None,
+                 chance: pd.DataFrame | None = None) -> Figure:
     """Distribution of matched |cos| between seeds, per arch, one panel per dataset.
 
     ``latents``: per matched latent (dataset, arch, seed_a, seed_b, abs_cos) of the main
-    grid's seed pairs; ``matches``: per-pair summaries (mean_abs_cos) drawn as dots.
+    grid's seed pairs; ``pairs``: per-pair summaries (seed pairs as dots, same-seed pairs of
+    two archs as diamonds); ``runs``: the convergence flags († under a violin: not every seed
+    converged); ``chance``: the chance levels drawn as lines.
     """
-    title = "F1 · dictionary stability across seeds: TopK vs iSAE presets"
-    xlabel, ylabel = "architecture", "matched |cos| between seeds (per latent)"
+    title = "F1 · dictionary stability across seeds, against chance"
+    xlabel, ylabel = "architecture", "matched |cos| between seeds\n(per latent, pooled over pairs)"
+    latents = _rows(latents, "main")
     if latents.empty:
         return _empty_figure(title, xlabel, ylabel, "no seed pairs (needs ≥ 2 seeds)")
-    matches = _rows(matches, "main")
+    sp = _rows(seed_pairs(pairs), "main")
+    cross = pairs[pairs["kind"] == "arch"] if "kind" in pairs.columns else pairs.iloc[:0]
+    cross = _rows(cross, "main")
+    runs = _rows(runs, "main") if runs is not None else pd.DataFrame()
     datasets = _datasets(latents)
-    fig, axes = _panels(len(datasets))
-    for ax, ds in zip(axes, datasets):
+    fig, axes = _grid(1, len(datasets), width=4.8, height=4.0)
+    handles = []
+    for ax, ds in zip(axes[0], datasets):
         sub = latents[latents["dataset"] == ds]
         archs = _archs(sub)
         data = [sub.loc[sub["arch"] == a, "abs_cos"].to_numpy(np.float64) for a in archs]
         pos = np.arange(len(archs))
         parts = ax.violinplot(data, positions=pos, showmedians=True, widths=0.8)
-        for body, a in zip(parts["bodies"], archs):
-            body.set_facecolor(arch_color(a))
+        for body, a, i in zip(parts["bodies"], archs, range(len(archs))):
+            body.set_facecolor(arch_color(a, i))
             body.set_alpha(0.45)
+        for key in ("cbars", "cmins", "cmaxes", "cmedians"):
+            parts[key].set_color("0.25")
+            parts[key].set_linewidth(0.8)
+        labels = []
         for x, a in zip(pos, archs):
-            m = matches[(matches["dataset"] == ds) & (matches["arch"] == a)]["mean_abs_cos"]
-            ax.scatter(np.full(len(m), x), m, color="k", s=14, zorder=3,
-                       label="mean of one seed pair" if x == 0 else None)
-        ax.axhline(0.9, color="0.5", lw=0.8, ls=":")
-        if "chance_mean_abs_cos" in matches:
-            chance = matches.loc[matches["dataset"] == ds, "chance_mean_abs_cos"].mean()
-            if np.isfinite(chance):
-                ax.axhline(chance, color="0.3", lw=1, ls="--",
-                           label=f"two random dictionaries ({chance:.2f})")
-        ax.set_xticks(pos, archs, rotation=30, ha="right")
+            m = sp[(sp["dataset"] == ds) & (sp["arch"] == a)]["mean_abs_cos"]
+            ax.scatter(np.full(len(m), x), m, color="k", s=14, zorder=3)
+            c = cross[(cross["dataset"] == ds) & ((cross["arch_a"] == a) | (cross["arch_b"] == a))]
+            if len(c):
+                ax.scatter(np.full(len(c), x + 0.25), c["mean_abs_cos"], color="k", marker="D",
+                           s=14, zorder=3, facecolors="none")
+            r = runs[(runs["dataset"] == ds) & (runs["arch"] == a)] if len(runs) else runs
+            mark = "" if r.empty or _all_converged(r) else " †"
+            labels.append(f"{a}{mark}\n{len(m)} pair{'s' if len(m) != 1 else ''}")
+        if chance is not None and not chance.empty:
+            w = int(sub["width"].iloc[0]) if "width" in sub.columns else None
+            ch = chance[(chance["dataset"] == ds) & (chance["target"] == "seed")]
+            if w is not None and "width" in ch.columns:
+                ch = ch[ch["width"] == w]
+            for kind, (_, color, ls) in CHANCE_STYLE.items():
+                v = ch.loc[ch["kind"] == kind, "mean_abs_cos"].mean()
+                if np.isfinite(v):
+                    ax.axhline(v, color=color, lw=1.2, ls=ls)
+        ax.set_xticks(pos, labels, fontsize=8)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        n_pairs = sub.groupby(["arch", "seed_a", "seed_b"]).ngroups
-        ax.set_title(f"{ds} ({n_pairs} seed pairs)")
-        ax.legend(loc="lower right", fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+        ax.set_title(ds)
+    handles += [Line2D([], [], color="k", marker="o", ls="none", ms=4, label="mean of one seed pair"),
+                Line2D([], [], color="k", marker="D", mfc="none", ls="none", ms=4,
+                       label="same seed, another arch")]
+    if chance is not None and not chance.empty:
+        handles += [Line2D([], [], color=c, ls=ls, label=f"chance: {label}")
+                    for label, c, ls in CHANCE_STYLE.values()]
+    if runs is not None and "converged" in runs.columns and not _all_converged(runs):
+        handles.append(Line2D([], [], ls="none", label="† not every seed converged"))
+    return _finish(fig, title, handles, ncol=3)
 
 
 # ----------------------------------------------------------------------------- F2
 
 
-def f2_truth_recovery(truth: pd.DataFrame, true_k: dict | None = None) -> Figure:
-    """Mean matched |cos| to the true dictionary against k, per arch (synthetic sets).
+def _per_k(ax, df: pd.DataFrame, col: str, archs: list[str], x: str = "k") -> None:
+    """Lines over ``x`` from the sweep's runs (one seed each), and the main grid's mean ± sd
+    at its k as a larger marker."""
+    for i, a in enumerate(archs):
+        c = arch_color(a, i)
+        s = _rows(df[df["arch"] == a], "sweep")
+        if len(s):
+            s = s.sort_values(x)
+            ax.plot(s[x], s[col], color=c, lw=1.2, ls="--", zorder=2)
+            for _, r in s.iterrows():
+                conv = bool(r.get("converged", True))
+                ax.plot(r[x], r[col], "o", color=c, mfc=c if conv else "white", ms=5, zorder=3)
+        m = _rows(df[df["arch"] == a], "main")
+        for kv, g in m.groupby(x):
+            mean, sd, _, _, n = _stats(g[col])
+            _errbar(ax, kv, mean, sd, c, _all_converged(g), marker="s", ms=8, zorder=4)
 
-    ``truth``: per-checkpoint truth-match summaries (dataset, arch, k, seed, mean_abs_cos);
-    mean ± sd over seeds. ``true_k``: dataset -> the true k, drawn as a vertical line.
-    """
-    title = "F2 · ground-truth recovery against k (synthetic)"
+
+def _per_k_handles(archs: list[str], n_main: int) -> list:
+    return [*_arch_handles(archs),
+            Line2D([], [], color="0.3", ls="--", marker="o", ms=5, label="k sweep: one seed"),
+            Line2D([], [], color="0.3", marker="s", ls="none", ms=7,
+                   label=f"main k: mean ± sd over {n_main} seeds"),
+            _hollow_handle()]
+
+
+def _n_main_seeds(df: pd.DataFrame) -> int:
+    m = _rows(df, "main")
+    return int(m.groupby(["dataset", "arch"])["seed"].nunique().max()) if len(m) else 0
+
+
+def f2_truth_recovery(runs: pd.DataFrame, true_k: dict | None = None) -> Figure:
+    """Matched |cos| to the true dictionary against k, per arch (synthetic sets)."""
+    title = "F2 · ground-truth recovery against k (synthetic sets)"
     xlabel, ylabel = "k (active latents per row)", "matched |cos| to the true dictionary"
-    truth = _rows(truth, "main", "sweep")
-    if truth.empty:
+    if runs.empty or "truth_abs_cos" not in runs.columns:
         return _empty_figure(title, xlabel, ylabel, "no synthetic dataset in the config")
-    datasets = _datasets(truth)
-    fig, axes = _panels(len(datasets))
-    for ax, ds in zip(axes, datasets):
-        sub = truth[truth["dataset"] == ds]
-        for i, a in enumerate(_archs(sub)):
-            s = _mean_sd(sub[sub["arch"] == a], ["k"], "mean_abs_cos")
-            ax.errorbar(s["k"], s["mean"], yerr=s["sd"], marker="o", capsize=3,
-                        color=arch_color(a, i), label=a)
+    runs = _rows(runs[runs["truth_abs_cos"].notna()], "main", "sweep")
+    if runs.empty:
+        return _empty_figure(title, xlabel, ylabel, "no synthetic dataset in the config")
+    datasets = _datasets(runs)
+    fig, axes = _grid(1, len(datasets))
+    archs = _archs(runs)
+    for ax, ds in zip(axes[0], datasets):
+        sub = runs[runs["dataset"] == ds]
+        _per_k(ax, sub, "truth_abs_cos", [a for a in archs if a in set(sub["arch"])])
         if true_k and ds in true_k:
-            ax.axvline(true_k[ds], color="0.3", ls=":", lw=1, label=f"true k = {true_k[ds]}")
+            ax.axvline(true_k[ds], color="0.3", ls=":", lw=1)
+            ax.text(true_k[ds], 0.02, f" true k = {true_k[ds]}", fontsize=7, color="0.3")
         ax.set_xscale("log", base=2)
+        ks = sorted(set(sub["k"]))
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
         ax.set_ylim(0, 1.02)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{ds} (mean ± sd over seeds)")
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+        ax.set_title(ds)
+    return _finish(fig, title, _per_k_handles(archs, _n_main_seeds(runs)))
 
 
 # ----------------------------------------------------------------------------- F3
 
 
-def f3_ric(ric: pd.DataFrame) -> Figure:
-    """δ_U on observed supports against k, per arch, with thresholds and calibrations.
+def f3_ric(runs: pd.DataFrame) -> Figure:
+    """Both sides of the restricted isometry on observed supports against k, per arch, with
+    thresholds and calibrations (the k sweep's runs: one seed per point).
 
-    ``ric``: per-checkpoint ric summaries (observed_q50, observed_q90, random_support_q50,
-    gaussian_q50, optional truth_q50). Lines: median δ over the sampled unions (band to the
-    90% quantile); dashed: random supports of the same sizes on the same dictionary; grey:
-    a Gaussian dictionary of the same shape; black: the true dictionary on its own supports.
+    Rows: datasets; columns: the lower side 1 − σ_min² (1 = a singular union) and the upper
+    side σ_max² − 1 of the unit decoder rows on unions of two held-out rows' supports.
+    Solid: the median over the sampled unions; dashed: random supports of the same sizes on
+    the same dictionary; grey: a Gaussian dictionary; black dotted: the true dictionary on
+    the true supports (synthetic); thin black: the Marchenko–Pastur edge.
     """
-    title = "F3 · restricted isometry δ_U on observed supports against k"
-    xlabel, ylabel = "k (active latents per row)", "δ_U (median; band to q90)"
-    ric = _rows(ric, "main", "sweep")
-    if ric.empty:
-        return _empty_figure(title, xlabel, ylabel, "no checkpoints")
-    datasets = _datasets(ric)
-    fig, axes = _panels(len(datasets), width=5.2)
-    for ax, ds in zip(axes, datasets):
-        sub = _swept(ric[ric["dataset"] == ds])
-        for i, a in enumerate(_archs(sub)):
-            c = arch_color(a, i)
-            s = sub[sub["arch"] == a].groupby("k").mean(numeric_only=True).reset_index()
-            ax.plot(s["k"], s["observed_q50"], marker="o", color=c, label=f"{a}")
-            ax.fill_between(s["k"], s["observed_q50"], s["observed_q90"], color=c, alpha=0.15)
-            ax.plot(s["k"], s["random_support_q50"], ls="--", color=c, lw=1)
-        by_k = sub.groupby("k").mean(numeric_only=True).reset_index()
-        ax.plot(by_k["k"], by_k["gaussian_q50"], color="0.55", lw=2, alpha=0.7,
-                label="Gaussian dictionary (same |U|)")
-        if "truth_q50" in by_k and by_k["truth_q50"].notna().any():
-            ax.plot(by_k["k"], by_k["truth_q50"], color="k", ls=":", lw=1.5,
-                    label="true dictionary, true supports")
-        ax.plot([], [], ls="--", color="0.3", lw=1, label="random supports (same dict.)")
-        for (name, t), ls in zip(DELTA_THRESHOLDS.items(), ["-.", ":"]):
-            ax.axhline(t, color="tab:orange", ls=ls, lw=1.2, label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(bottom=0)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(ds)
-        ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    title = "F3 · restricted isometry on observed supports: both sides against k"
+    xlabel = "k (active latents per row)"
+    col = "ric_observed_lower_q50"
+    if runs.empty or col not in runs.columns:
+        return _empty_figure(title, xlabel, "side of δ (median)", "no checkpoints")
+    runs = _rows(runs[runs[col].notna()], "sweep")
+    if runs.empty:
+        return _empty_figure(title, xlabel, "side of δ (median)", "no k sweep in the config")
+    datasets = _datasets(runs)
+    archs = _archs(runs)
+    fig, axes = _grid(len(datasets), 2, width=4.6, height=3.3)
+    sides = [("lower", "lower side 1 − σ_min² (median)"), ("upper", "upper side σ_max² − 1 (median)")]
+    for r, ds in enumerate(datasets):
+        sub = runs[runs["dataset"] == ds]
+        for c, (side, ylabel) in enumerate(sides):
+            ax = axes[r][c]
+            for i, a in enumerate(archs):
+                s = sub[sub["arch"] == a].sort_values("k")
+                if s.empty:
+                    continue
+                color = arch_color(a, i)
+                ax.plot(s["k"], s[f"ric_observed_{side}_q50"], color=color, lw=1.5)
+                for _, row in s.iterrows():
+                    conv = bool(row.get("converged", True))
+                    ax.plot(row["k"], row[f"ric_observed_{side}_q50"], "o", color=color,
+                            mfc=color if conv else "white", ms=5)
+                ax.plot(s["k"], s[f"ric_random_support_{side}_q50"], color=color, lw=1, ls="--",
+                        marker="_", ms=8)
+            by_k = sub.groupby("k").mean(numeric_only=True).reset_index()
+            ax.plot(by_k["k"], by_k[f"ric_gaussian_{side}_q50"], color="0.55", lw=2, alpha=0.7,
+                    marker="_", ms=10)
+            ax.plot(by_k["k"], by_k[f"ric_mp_{side}_q50"], color="k", lw=0.8, marker="_", ms=10)
+            if f"ric_truth_{side}_q50" in by_k and by_k[f"ric_truth_{side}_q50"].notna().any():
+                ax.plot(by_k["k"], by_k[f"ric_truth_{side}_q50"], color="k", ls=":", lw=1.5,
+                        marker="x", ms=5)
+            for t, ls in zip(DELTA_THRESHOLDS.values(), ["-.", ":"]):
+                ax.axhline(t, color="tab:orange", ls=ls, lw=1.2)
+            if side == "lower":
+                ax.axhline(1.0, color="tab:red", lw=0.8, alpha=0.6)
+            ax.set_xscale("log", base=2)
+            ks = sorted(set(sub["k"]))
+            ax.set_xticks(ks, [str(k) for k in ks])
+            ax.minorticks_off()
+            ax.set_ylim(bottom=0)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.set_title(f"{ds} (seed {int(sub['seed'].min())})", fontsize=9)
+    handles = [*_arch_handles(archs),
+               Line2D([], [], color="0.3", ls="--", label="random supports, same dictionary"),
+               Line2D([], [], color="0.55", lw=2, label="Gaussian dictionary"),
+               Line2D([], [], color="k", lw=0.8, label="Marchenko–Pastur edge"),
+               Line2D([], [], color="k", ls=":", lw=1.5, label="true dictionary, true supports"),
+               Line2D([], [], color="tab:orange", ls="-.", label="1/3"),
+               Line2D([], [], color="tab:orange", ls=":", label="√2−1"),
+               Line2D([], [], color="tab:red", lw=0.8, label="lower side 1: singular"),
+               _hollow_handle()]
+    return _finish(fig, title, handles, ncol=4)
 
 
 # ----------------------------------------------------------------------------- F4
@@ -239,35 +375,53 @@ def ablation_base(variant: str) -> tuple[str, str] | None:
     (or anything else) -> None."""
     if variant in PRESETS:
         return None
-    for base in sorted(PRESETS, key=len, reverse=True):
-        if variant.startswith(base) and variant[len(base):len(base) + 1] in "+-":
-            return base, variant[len(base):]
-    return None
+    try:
+        base = preset_of(variant)
+    except Exception:
+        return None
+    return base, variant[len(base):]
 
 
-def ablation_deltas(evals: pd.DataFrame, matches: pd.DataFrame,
-                    truth: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Change of each ablation variant against its base preset, on the ablation grid.
+#: F4's metrics: (name, source table, column, per seed (True) or per seed pair (False)).
+F4_METRICS = [
+    ("fvu", "runs", "fvu", True),
+    ("seed_abs_cos", "pairs", "mean_abs_cos", False),
+    ("truth_abs_cos", "runs", "truth_abs_cos", True),
+]
+_F4_LABELS = {
+    "fvu": "Δ held-out FVU (lower is better)",
+    "seed_abs_cos": "Δ matched |cos| between seeds",
+    "truth_abs_cos": "Δ matched |cos| to the truth",
+}
 
-    For a variant v of base b (``topk+x`` against topk, ``isae-x`` against isae) at the same
-    dataset, k and width: Δ = mean(v) − mean(b), with means over ablation seeds (MSE/dim,
-    truth |cos|) or ablation seed pairs (seed |cos|), and sd = sqrt(sd_v²/n_v + sd_b²/n_b)
-    (the standard error of the difference; NaN with fewer than 2 values on either side).
 
-    -> columns dataset, k, width, variant, base, change, metric, delta, se, n_variant, n_base.
+def ablation_deltas(runs: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
+    """Change of each ablation variant against its base preset, on the ablation grid, and
+    of the whole combination (isae and isae-iter against topk).
+
+    For a variant v of base b at the same dataset, k and width: Δ = mean(v) − mean(b), with
+    means over seeds (FVU, truth |cos|) or over seed pairs (seed |cos|). ``se``: the standard
+    error sqrt(sd_v²/n_v + sd_b²/n_b) for per-seed metrics with at least 2 values on each
+    side; NaN for pair metrics (pairs share seeds, so they are not independent samples) and
+    for fewer values. ``values``: the variant's individual values minus the base's mean.
+
+    -> columns dataset, k, width, variant, base, change, metric, delta, se, n_variant,
+    n_base, values.
     """
-    sources = [("mse_per_dim", _rows(evals, "ablation"), "mse_per_dim"),
-               ("seed_abs_cos", _rows(matches, "ablation"), "mean_abs_cos")]
-    if truth is not None and not truth.empty:
-        sources.append(("truth_abs_cos", _rows(truth, "ablation"), "mean_abs_cos"))
+    cols = ["dataset", "k", "width", "variant", "base", "change", "metric", "delta", "se",
+            "n_variant", "n_base", "values"]
+    tables = {"runs": _rows(runs, "ablation"), "pairs": _rows(seed_pairs(pairs), "ablation")}
     rows = []
-    for metric, df, col in sources:
-        if df.empty:
+    for metric, source, col, per_seed in F4_METRICS:
+        df = tables[source]
+        if df.empty or col not in df.columns:
             continue
-        stats = {key: g[col].astype(float).dropna().to_numpy()
+        stats = {key: pd.to_numeric(g[col], errors="coerce").dropna().to_numpy(np.float64)
                  for key, g in df.groupby(["dataset", "k", "width", "arch"])}
         for (ds, k, w, arch), v in stats.items():
             parsed = ablation_base(arch)
+            if arch in ("isae", "isae-iter"):
+                parsed = ("topk", f"{arch} (combined)")
             if parsed is None:
                 continue
             base, change = parsed
@@ -275,88 +429,103 @@ def ablation_deltas(evals: pd.DataFrame, matches: pd.DataFrame,
             if b is None or len(v) == 0 or len(b) == 0:
                 continue
             se = (math.sqrt(v.var(ddof=1) / len(v) + b.var(ddof=1) / len(b))
-                  if len(v) > 1 and len(b) > 1 else math.nan)
+                  if per_seed and len(v) > 1 and len(b) > 1 else math.nan)
             rows.append(dict(dataset=ds, k=int(k), width=int(w), variant=arch, base=base,
                              change=change, metric=metric, delta=float(v.mean() - b.mean()),
-                             se=se, n_variant=len(v), n_base=len(b)))
-    cols = ["dataset", "k", "width", "variant", "base", "change", "metric", "delta", "se",
-            "n_variant", "n_base"]
+                             se=se, n_variant=len(v), n_base=len(b),
+                             values=list(v - b.mean())))
     return pd.DataFrame(rows, columns=cols)
 
 
-_F4_METRICS = {
-    "seed_abs_cos": "Δ matched |cos| between seeds",
-    "mse_per_dim": "Δ held-out MSE/dim (normalised)",
-    "truth_abs_cos": "Δ matched |cos| to the truth",
-}
+def _f4_label(variant: str, row: pd.Series) -> str:
+    if not isinstance(row["base"], str):
+        return variant
+    name = f"{variant} vs topk (all switches)" if "combined" in row["change"] else variant
+    return f"{name} (n={int(row['n_variant'])})"
 
 
-def f4_ablation(evals: pd.DataFrame, matches: pd.DataFrame,
-                truth: pd.DataFrame | None = None) -> Figure:
-    """Each switch added alone to topk (+x) and removed alone from isae (−x): the change in
-    stability, in MSE and (synthetic) in truth recovery, one row of panels per dataset."""
+def f4_ablation(runs: pd.DataFrame, pairs: pd.DataFrame) -> Figure:
+    """Each switch added alone to topk (+x) and removed alone from isae (−x), and the whole
+    combinations (isae, isae-iter against topk): the change in held-out FVU, in stability
+    and (synthetic) in truth recovery, one row of panels per dataset."""
     title = "F4 · ablation: one switch added to TopK or removed from iSAE"
-    d = ablation_deltas(evals, matches, truth)
+    d = ablation_deltas(runs, pairs)
     if d.empty:
         return _empty_figure(title, "change against the base preset", "variant",
                              "no ablation runs (config ablation.datasets is empty)")
     datasets = _datasets(d)
-    metrics = [m for m in _F4_METRICS if m in set(d["metric"])]
-    fig, axes = plt.subplots(len(datasets), len(metrics), squeeze=False,
-                             figsize=(4.4 * len(metrics), 0.9 + 0.45 * d["variant"].nunique()
-                                      * len(datasets) + 1.2 * len(datasets)))
+    metrics = [m for m, *_ in F4_METRICS if m in set(d["metric"])]
+    n_var = d.groupby("dataset")["variant"].nunique().max()
+    fig, axes = _grid(len(datasets), len(metrics), width=4.3, height=0.9 + 0.36 * n_var)
     for r, ds in enumerate(datasets):
         sub = d[d["dataset"] == ds]
-        variants = sorted(set(sub["variant"]), key=lambda v: (v.startswith("isae"), v))
+        variants = sorted(set(sub["variant"]),
+                          key=lambda v: (v.startswith("isae") and "combined" not in
+                                         sub[sub.variant == v]["change"].iloc[0],
+                                         "combined" in sub[sub.variant == v]["change"].iloc[0], v))
         y = np.arange(len(variants))
         for c, metric in enumerate(metrics):
             ax = axes[r][c]
             m = sub[sub["metric"] == metric].set_index("variant").reindex(variants)
-            colors = [arch_color(b) for b in m["base"].fillna("topk")]
-            ax.barh(y, m["delta"].fillna(0.0), xerr=m["se"].fillna(0.0), color=colors,
-                    alpha=0.8, capsize=3)
+            for yi, v in zip(y, variants):
+                row = m.loc[v]
+                if not isinstance(row["base"], str):
+                    ax.text(0, yi, " n/a", va="center", fontsize=7, color="0.4")
+                    continue
+                color = arch_color(row["base"])
+                ax.barh(yi, row["delta"], color=color, alpha=0.55, height=0.7)
+                if np.isfinite(row["se"]):
+                    ax.errorbar(row["delta"], yi, xerr=row["se"], color="k", capsize=3, lw=1)
+                vals = np.asarray(row["values"], np.float64)
+                ax.scatter(vals, np.full(len(vals), yi), color="k", s=9, zorder=3)
             ax.axvline(0, color="k", lw=0.8)
-            ax.set_yticks(y, variants)
+            labels = [_f4_label(v, m.loc[v]) for v in variants]
+            ax.set_yticks(y, labels, fontsize=8)
             ax.invert_yaxis()
-            ax.set_xlabel(_F4_METRICS[metric])
-            ax.set_ylabel("variant (vs topk or isae)")
+            ax.set_xlabel(_F4_LABELS[metric], fontsize=9)
+            ax.set_ylabel("variant (against its base)" if c == 0 else " ")
             k, w = int(sub["k"].iloc[0]), int(sub["width"].iloc[0])
             ax.set_title(f"{ds}, k={k}, width={w}", fontsize=9)
-    fig.suptitle(title + " (bars: mean difference; whiskers: standard error)")
-    fig.tight_layout()
-    return fig
+    handles = [Line2D([], [], color=arch_color("topk"), lw=6, alpha=0.55, label="against topk"),
+               Line2D([], [], color=arch_color("isae"), lw=6, alpha=0.55, label="against isae"),
+               Line2D([], [], color="k", marker="o", ls="none", ms=3,
+                      label="one seed (FVU, truth) or seed pair (seed |cos|)"),
+               Line2D([], [], color="k", marker="|", ls="-", label="± standard error (seeds only)")]
+    return _finish(fig, title, handles, ncol=2)
 
 
 # ----------------------------------------------------------------------------- F5
 
 
-def f5_fvu_l0(evals: pd.DataFrame) -> Figure:
-    """Held-out FVU against mean L0 over the k sweep, per arch, one panel per dataset
-    (mean over seeds at each k; each point annotated with its k)."""
+def f5_fvu_l0(runs: pd.DataFrame) -> Figure:
+    """Held-out FVU against mean L0 over the k sweep (one seed), per arch, one panel per
+    dataset; each point annotated with its k."""
     title = "F5 · reconstruction–sparsity trade-off: FVU against L0 over the k sweep"
     xlabel, ylabel = "mean L0 (active latents per held-out row)", "held-out FVU"
-    evals = _rows(evals, "main", "sweep")
-    if evals.empty:
-        return _empty_figure(title, xlabel, ylabel, "no checkpoints")
-    datasets = _datasets(evals)
-    fig, axes = _panels(len(datasets))
-    for ax, ds in zip(axes, datasets):
-        sub = evals[evals["dataset"] == ds]
-        for i, a in enumerate(_archs(sub)):
-            s = sub[sub["arch"] == a].groupby("k").mean(numeric_only=True).reset_index()
-            s = s.sort_values("k")
-            ax.plot(s["l0"], s["fvu"], marker="o", color=arch_color(a, i), label=a)
+    runs = _rows(runs, "sweep")
+    if runs.empty:
+        return _empty_figure(title, xlabel, ylabel, "no k sweep in the config")
+    datasets = _datasets(runs)
+    archs = _archs(runs)
+    fig, axes = _grid(1, len(datasets))
+    for ax, ds in zip(axes[0], datasets):
+        sub = runs[runs["dataset"] == ds]
+        for i, a in enumerate(archs):
+            s = sub[sub["arch"] == a].sort_values("k")
+            if s.empty:
+                continue
+            color = arch_color(a, i)
+            ax.plot(s["l0"], s["fvu"], color=color, lw=1.5)
             for _, r in s.iterrows():
+                conv = bool(r.get("converged", True))
+                ax.plot(r["l0"], r["fvu"], "o", color=color, mfc=color if conv else "white")
                 ax.annotate(f"k={int(r['k'])}", (r["l0"], r["fvu"]), fontsize=6,
                             textcoords="offset points", xytext=(3, 3))
         ax.set_xscale("log", base=2)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.set_title(ds)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+        ax.set_title(f"{ds} (seed {int(sub['seed'].min())})")
+    return _finish(fig, title, [*_arch_handles(archs), _hollow_handle()])
 
 
 # ----------------------------------------------------------------------------- F6
@@ -366,36 +535,219 @@ def f6_fidelity(fidelity: pd.DataFrame) -> Figure:
     """Downstream fidelity against L0: the fraction of the clean model's behaviour that the
     SAE reconstruction spliced in at the hook recovers, relative to zero ablation (solid) and
     mean ablation (dashed); cross-entropy for a causal LM, sentence-embedding similarity for
-    an encoder (the ``kind`` column says which)."""
+    an encoder (the ``kind`` column says which). The k sweep's runs: one seed per point."""
     title = "F6 · downstream fidelity with the reconstruction spliced in at the hook"
     xlabel = "mean L0 (active latents per token)"
     ylabel = "fraction recovered (1 = clean model)"
-    fidelity = _rows(fidelity, "main", "sweep")
+    fidelity = _rows(fidelity, "sweep")
     if fidelity.empty or "kind" not in fidelity.columns:
         return _empty_figure(title, xlabel, ylabel,
                              "no dataset with fidelity: true in the config")
     datasets = _datasets(fidelity)
-    fig, axes = _panels(len(datasets), width=6.0, height=4.0)
-    for ax, ds in zip(axes, datasets):
+    archs = _archs(fidelity)
+    fig, axes = _grid(1, len(datasets), width=5.6, height=3.8)
+    for ax, ds in zip(axes[0], datasets):
         sub = fidelity[fidelity["dataset"] == ds]
-        for i, a in enumerate(_archs(sub)):
+        for i, a in enumerate(archs):
             s = sub[sub["arch"] == a].groupby("k").mean(numeric_only=True).reset_index()
             s = s.sort_values("k")
             c = arch_color(a, i)
-            ax.plot(s["l0"], s["frac_recovered_zero"], marker="o", color=c,
-                    label=f"{a} vs zero abl.")
-            ax.plot(s["l0"], s["frac_recovered_mean"], marker="s", ls="--", color=c,
-                    label=f"{a} vs mean abl.")
+            ax.plot(s["l0"], s["frac_recovered_zero"], marker="o", color=c)
+            ax.plot(s["l0"], s["frac_recovered_mean"], marker="s", ls="--", color=c)
         ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
         kinds = ", ".join(FIDELITY_KINDS.get(k, k) for k in sorted(set(sub["kind"].astype(str))))
         ax.set_xscale("log", base=2)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{ds} ({kinds})" if kinds else ds)
-        ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+        seed = int(sub["seed"].min()) if "seed" in sub.columns else 0
+        ax.set_title(f"{ds}, seed {seed}\n({kinds})", fontsize=9)
+    handles = [*_arch_handles(archs),
+               Line2D([], [], color="0.3", marker="o", label="against zero ablation"),
+               Line2D([], [], color="0.3", marker="s", ls="--", label="against mean ablation")]
+    return _finish(fig, title, handles, ncol=3)
+
+
+# ----------------------------------------------------------------------------- F7
+
+
+def budget_curves(runs: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset x arch x training rows of the budget grid: the mean, sd, min, max and n
+    of held-out FVU and truth |cos| over seeds, of seed |cos| over seed pairs, and whether
+    every run converged.
+
+    -> columns dataset, arch, rows, metric (fvu | truth_abs_cos | seed_abs_cos), mean, sd,
+    lo, hi, n, converged."""
+    cols = ["dataset", "arch", "rows", "metric", "mean", "sd", "lo", "hi", "n", "converged"]
+    r = _rows(runs, "budget")
+    p = _rows(seed_pairs(pairs), "budget")
+    out = []
+    if r.empty:
+        return pd.DataFrame(columns=cols)
+    conv = r.groupby(["dataset", "arch", "rows"])["converged"].agg(lambda v: bool(v.all())) \
+        if "converged" in r.columns else None
+    sources = [("fvu", r, "fvu"), ("truth_abs_cos", r, "truth_abs_cos"),
+               ("seed_abs_cos", p, "mean_abs_cos")]
+    for metric, df, col in sources:
+        if df.empty or col not in df.columns:
+            continue
+        for (ds, arch, rows), g in df.groupby(["dataset", "arch", "rows"]):
+            mean, sd, lo, hi, n = _stats(g[col])
+            if n == 0:
+                continue
+            c = bool(conv.get((ds, arch, rows), True)) if conv is not None else True
+            out.append(dict(dataset=ds, arch=arch, rows=int(rows), metric=metric, mean=mean,
+                            sd=sd, lo=lo, hi=hi, n=n, converged=c))
+    return pd.DataFrame(out, columns=cols)
+
+
+_F7_METRICS = [
+    ("seed_abs_cos", "matched |cos| between seeds\n(mean, range over seed pairs)"),
+    ("truth_abs_cos", "matched |cos| to the truth\n(mean ± sd over seeds)"),
+    ("fvu", "held-out FVU\n(mean ± sd over seeds)"),
+]
+
+
+def f7_budget(runs: pd.DataFrame, pairs: pd.DataFrame, chance: pd.DataFrame | None = None) -> Figure:
+    """Seed stability, truth recovery and held-out FVU against the training rows (log x),
+    per arch, one row of panels per dataset (the budget grid)."""
+    title = "F7 · the training budget as an axis"
+    xlabel = "training rows (tokens) per SAE"
+    d = budget_curves(runs, pairs)
+    if d.empty:
+        return _empty_figure(title, xlabel, "metric", "no budget runs in the config")
+    datasets = _datasets(d)
+    metrics = [(m, label) for m, label in _F7_METRICS if m in set(d["metric"])]
+    archs = _archs(d)
+    fig, axes = _grid(len(datasets), len(metrics), width=4.2, height=3.1)
+    for r, ds in enumerate(datasets):
+        for c, (metric, label) in enumerate(metrics):
+            ax = axes[r][c]
+            sub = d[(d["dataset"] == ds) & (d["metric"] == metric)]
+            if sub.empty:
+                _placeholder(ax, xlabel, label, "no truth for this dataset")
+                continue
+            for i, a in enumerate(archs):
+                s = sub[sub["arch"] == a].sort_values("rows")
+                if s.empty:
+                    continue
+                color = arch_color(a, i)
+                ax.plot(s["rows"], s["mean"], color=color, lw=1.3)
+                for _, row in s.iterrows():
+                    err = (row["lo"], row["hi"]) if metric == "seed_abs_cos" else row["sd"]
+                    _errbar(ax, row["rows"], row["mean"], err, color, bool(row["converged"]))
+            if metric == "seed_abs_cos" and chance is not None and not chance.empty:
+                ch = chance[(chance["dataset"] == ds) & (chance["target"] == "seed") &
+                            (chance["kind"] == "data_rows")]["mean_abs_cos"].mean()
+                if np.isfinite(ch):
+                    ax.axhline(ch, color="0.15", lw=1)
+            ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(label, fontsize=8)
+            ax.set_title(f"{ds} ({_count_label(sub['n'], metric)} per point)", fontsize=9)
+    handles = [*_arch_handles(archs), _hollow_handle()]
+    if chance is not None and not chance.empty:
+        handles.append(Line2D([], [], color="0.15", label="chance: random training rows"))
+    return _finish(fig, title, handles)
+
+
+# ----------------------------------------------------------------------------- F8
+
+
+def iter_steps(arch: str) -> tuple[str, int] | None:
+    """``isae-iter`` -> ("isae", 3), ``topk+iter10`` -> ("topk", 10), ``topk`` -> ("topk", 0);
+    None for an arch that is not a base plus thresholding steps."""
+    try:
+        spec = parse_arch(arch)
+    except Exception:
+        return None
+    n = int(spec["encoder_steps"])
+    if arch == "isae-iter":
+        return "isae", n
+    if n == 0:
+        return (arch, 0) if arch in PRESETS else None
+    base = preset_of(arch)
+    rest = arch[len(base):]
+    if not rest.startswith("+iter") or "+" in rest[1:] or "-" in rest[1:]:
+        return None
+    return base, n
+
+
+def iter_curves(runs: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset x base x thresholding steps (the iter grid): mean, sd, min, max, n of
+    held-out FVU, truth |cos| and encode FLOPs per row over seeds, of seed |cos| over seed
+    pairs. -> columns dataset, base, steps, metric, mean, sd, lo, hi, n, converged."""
+    cols = ["dataset", "base", "steps", "metric", "mean", "sd", "lo", "hi", "n", "converged"]
+    r = _rows(runs, "iter")
+    p = _rows(seed_pairs(pairs), "iter")
+    if r.empty:
+        return pd.DataFrame(columns=cols)
+    out = []
+    sources = [("fvu", r, "fvu"), ("truth_abs_cos", r, "truth_abs_cos"),
+               ("encode_flops", r, "encode_flops"), ("seed_abs_cos", p, "mean_abs_cos")]
+    for metric, df, col in sources:
+        if df.empty or col not in df.columns:
+            continue
+        for (ds, arch), g in df.groupby(["dataset", "arch"]):
+            parsed = iter_steps(arch)
+            if parsed is None:
+                continue
+            mean, sd, lo, hi, n = _stats(g[col])
+            if n == 0:
+                continue
+            rr = r[(r["dataset"] == ds) & (r["arch"] == arch)]
+            out.append(dict(dataset=ds, base=parsed[0], steps=parsed[1], metric=metric,
+                            mean=mean, sd=sd, lo=lo, hi=hi, n=n, converged=_all_converged(rr)))
+    return pd.DataFrame(out, columns=cols)
+
+
+_F8_METRICS = [
+    ("fvu", "held-out FVU (mean ± sd)"),
+    ("seed_abs_cos", "matched |cos| between seeds\n(mean, range over pairs)"),
+    ("truth_abs_cos", "matched |cos| to the truth (mean ± sd)"),
+    ("encode_flops", "encode cost per row (FLOPs)"),
+]
+
+
+def f8_iter(runs: pd.DataFrame, pairs: pd.DataFrame) -> Figure:
+    """Iterative hard thresholding against its number of steps (0 = the base arch), per
+    base (topk: topk+iterN; isae: isae+iterN, 3 steps = isae-iter): FVU, stability, truth
+    recovery and the encoder's cost per row."""
+    title = "F8 · iterative hard thresholding: steps against quality and cost"
+    xlabel = "thresholding steps in the encoder"
+    d = iter_curves(runs, pairs)
+    if d.empty:
+        return _empty_figure(title, xlabel, "metric", "no iter runs (config iter.datasets is empty)")
+    datasets = _datasets(d)
+    metrics = [(m, label) for m, label in _F8_METRICS if m in set(d["metric"])]
+    bases = _archs(d, "base")
+    fig, axes = _grid(len(datasets), len(metrics), width=3.9, height=3.1)
+    for r, ds in enumerate(datasets):
+        for c, (metric, label) in enumerate(metrics):
+            ax = axes[r][c]
+            sub = d[(d["dataset"] == ds) & (d["metric"] == metric)]
+            if sub.empty:
+                _placeholder(ax, xlabel, label, "no truth for this dataset")
+                continue
+            steps = sorted(set(d[d["dataset"] == ds]["steps"]))
+            pos = {s: i for i, s in enumerate(steps)}
+            for i, b in enumerate(bases):
+                s = sub[sub["base"] == b].sort_values("steps")
+                if s.empty:
+                    continue
+                color = arch_color(b, i)
+                ax.plot([pos[x] for x in s["steps"]], s["mean"], color=color, lw=1.3)
+                for _, row in s.iterrows():
+                    err = (row["lo"], row["hi"]) if metric == "seed_abs_cos" else row["sd"]
+                    _errbar(ax, pos[row["steps"]], row["mean"], err, color, bool(row["converged"]))
+            ax.set_xticks(range(len(steps)), [str(s) for s in steps])
+            if metric == "encode_flops":
+                ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(label, fontsize=8)
+            ax.set_title(f"{ds} ({_count_label(sub['n'], metric)} per point)", fontsize=9)
+    handles = [*[Line2D([], [], color=arch_color(b, i), marker="o", label=f"{b} + N steps")
+                 for i, b in enumerate(bases)], _hollow_handle()]
+    return _finish(fig, title, handles, ncol=3)
 
 
 # ----------------------------------------------------------------------------- saving

@@ -27,7 +27,7 @@ from isae.errors import UserError
 #: Keys of one table row: a dataset and one SAE configuration.
 ROW_KEYS = ["dataset", "arch", "k", "width"]
 #: Grid flags stored by the workflow beside the identity columns.
-GRIDS = ["main", "sweep", "ablation"]
+GRIDS = ["main", "sweep", "budget", "ablation", "iter"]
 #: Presets first, in the order the text discusses them; other archs (variants) after.
 ARCH_ORDER = ["topk", "relu", "isae", "isae-iter", "dl"]
 
@@ -50,6 +50,12 @@ class Metric:
     """Prefix of the output columns ``<name>_mean/_sd/_n``; default ``column``."""
     optional: bool = False
     """A source table without this column gives NaN (e.g. truth calibration off synthetic)."""
+    spread: str = "sd"
+    """How the cell shows the spread: ``sd`` (mean ± sample sd, for independent runs),
+    ``range`` (mean and [min, max], for seed pairs, which share seeds), ``count`` (a
+    boolean column as "true count/n"), or ``none`` (the mean alone)."""
+    fmt: str = "f"
+    """Number format: ``f`` (``digits`` decimals) or ``g`` (``digits`` significant digits)."""
 
     @property
     def key(self) -> str:
@@ -94,6 +100,55 @@ def collect(
     return pd.concat(frames, ignore_index=True)
 
 
+def collect_groups(
+    paths: Sequence[str | os.PathLike],
+    ids: Sequence[dict],
+    flags: Sequence[dict],
+    kind: str,
+) -> pd.DataFrame:
+    """Stack the per-group tables of ``isae measure`` and tag each row with the grids its
+    runs belong to.
+
+    ``ids[i]``: the dataset and group of ``paths[i]``. ``flags``: one dict per run with
+    dataset, group, arch, seed, k, width, rows and a boolean per grid (GRIDS). ``kind``:
+    ``runs`` (one row per run), ``pairs`` (arch_a, seed_a, arch_b, seed_b) or ``latents``
+    (arch, seed_a, seed_b); a pair belongs to a grid when both of its runs do. Every row
+    gets k, width and rows from the flags; runs missing from ``flags`` belong to no grid.
+    """
+    if kind not in ("runs", "pairs", "latents"):
+        raise ValueError(f"unknown table kind {kind!r}")
+    frames = []
+    for path, ident in zip(paths, ids):
+        df = pd.read_parquet(path)
+        frames.append(df.assign(**{c: v for c, v in ident.items()}))
+    if len(paths) != len(ids):
+        raise UserError(f"collect: {len(paths)} tables but {len(ids)} identity rows")
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    F = pd.DataFrame(list(flags))
+    grids = [g for g in GRIDS if g in F.columns]
+    on = ["dataset", "group", "arch", "seed"]
+    F = F.drop_duplicates(on).set_index(on)
+    if df.empty:
+        return df
+    df = df.drop(columns=[c for c in ("k", "width", "rows", *grids) if c in df.columns])
+    shape = F.groupby(level=["dataset", "group"])[["k", "width", "rows"]].first()
+    df = df.join(shape, on=["dataset", "group"])
+
+    def flags_of(arch_col: str, seed_col: str) -> pd.DataFrame:
+        keys = pd.MultiIndex.from_arrays([df["dataset"], df["group"], df[arch_col], df[seed_col]])
+        return F.reindex(keys)[grids].fillna(False).astype(bool).reset_index(drop=True)
+
+    if kind == "runs":
+        fl = flags_of("arch", "seed")
+    elif kind == "pairs":
+        fl = flags_of("arch_a", "seed_a") & flags_of("arch_b", "seed_b")
+    else:
+        fl = flags_of("arch", "seed_a") & flags_of("arch", "seed_b")
+    for g in grids:
+        df[g] = fl[g].to_numpy()
+    return df
+
+
 # ----------------------------------------------------------------------------- summarize
 
 
@@ -125,9 +180,10 @@ def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
 def mean_sd(
     df: pd.DataFrame, metrics: Sequence[Metric], by: Sequence[str] = ROW_KEYS
 ) -> pd.DataFrame:
-    """Per group of ``by``: ``<key>_mean``, ``<key>_sd`` (ddof 1) and ``<key>_n`` of each
-    metric (scaled), ignoring NaN. An empty input gives an empty table with those columns."""
-    out_cols = [f"{m.key}_{s}" for m in metrics for s in ("mean", "sd", "n")]
+    """Per group of ``by``: ``<key>_mean``, ``<key>_sd`` (ddof 1), ``<key>_n``, ``<key>_min``
+    and ``<key>_max`` of each metric (scaled), ignoring NaN. An empty input gives an empty
+    table with those columns."""
+    out_cols = [f"{m.key}_{s}" for m in metrics for s in ("mean", "sd", "n", "min", "max")]
     if df.empty:
         return pd.DataFrame(columns=[*by, *out_cols])
     missing = [m.column for m in metrics if m.column not in df.columns and not m.optional]
@@ -145,6 +201,8 @@ def mean_sd(
             row[f"{m.key}_mean"] = float(v.mean()) if len(v) else math.nan
             row[f"{m.key}_sd"] = float(v.std(ddof=1)) if len(v) > 1 else math.nan
             row[f"{m.key}_n"] = len(v)
+            row[f"{m.key}_min"] = float(v.min()) if len(v) else math.nan
+            row[f"{m.key}_max"] = float(v.max()) if len(v) else math.nan
         rows.append(row)
     return pd.DataFrame(rows, columns=[*by, *out_cols])
 
@@ -170,39 +228,61 @@ def summarize(
 
 # ----------------------------------------------------------------------------- T1 and T2
 
-#: T1 reconstruction (held-out, per seed) ...
+#: T1: the learning rate chosen by the lr sweep, reconstruction (held-out, per seed) ...
 T1_EVAL = [
+    Metric("lr", "lr", r"lr", digits=2, fmt="g", spread="none"),
     Metric("mse_per_dim", "MSE/dim", r"MSE/dim"),
     Metric("fvu", "FVU", r"FVU"),
     Metric("l0", "L0", r"$L_0$", digits=1),
     Metric("dead_frac", "dead %", r"dead \%", digits=1, scale=100.0),
 ]
-#: ... and stability (per seed pair) ...
+#: ... convergence controls (per seed) ...
+T1_CONVERGENCE = [
+    Metric("converged", "converged", r"conv.", spread="count"),
+    Metric("fvu_trend", "FVU fall %", r"FVU fall \%", digits=1, scale=100.0),
+    Metric("init_abs_cos", "init |cos|", r"init $|\cos|$"),
+]
+#: ... stability: seed pairs (which share seeds: range, not sd), the same seed across
+#: architectures, and the chance levels (independent draws) ...
 T1_MATCH = [
-    Metric("mean_abs_cos", "seed |cos|", r"seed $|\cos|$"),
-    Metric("frac_gt_0.9", "seed >0.9", r"seed $>0.9$"),
-    Metric("chance_mean_abs_cos", "chance |cos|", r"chance $|\cos|$"),
+    Metric("mean_abs_cos", "seed |cos|", r"seed $|\cos|$", spread="range"),
+    Metric("frac_gt_0.9", "seed >0.9", r"seed $>0.9$", spread="range"),
+    Metric("arch_abs_cos", "same-seed arch |cos|", r"same-seed arch $|\cos|$", spread="range",
+           optional=True),
+    Metric("chance_data_rows", "chance rows", r"chance rows", optional=True),
+    Metric("chance_data_cov", "chance cov", r"chance cov.", optional=True),
+    Metric("chance_gaussian", "chance iso", r"chance iso.", optional=True),
 ]
 #: ... and ground-truth recovery where there is a truth (per seed).
 T1_TRUTH = [
-    Metric("mean_abs_cos", "truth |cos|", r"truth $|\cos|$", name="truth_abs_cos"),
-    Metric("frac_gt_0.9", "truth >0.9", r"truth $>0.9$", name="truth_frac_gt_0.9"),
+    Metric("truth_abs_cos", "truth |cos|", r"truth $|\cos|$", optional=True),
+    Metric("truth_frac_gt_0.9", "truth >0.9", r"truth $>0.9$", optional=True),
+    Metric("chance_truth_data_rows", "truth chance rows", r"truth chance rows", optional=True),
 ]
 #: T2 code consistency between seeds (per seed pair) ...
 T2_MATCH = [
-    Metric("code_pearson_all", "code corr", r"code corr."),
-    Metric("code_jaccard", "support Jaccard", r"supp.\ Jaccard"),
-    Metric("code_rel_dist", "rel. code dist", r"rel.\ code dist."),
+    Metric("code_pearson_all", "code corr", r"code corr.", spread="range"),
+    Metric("code_jaccard", "support Jaccard", r"supp.\ Jaccard", spread="range"),
+    Metric("code_rel_dist", "rel. code dist", r"rel.\ code dist.", spread="range"),
 ]
-#: ... and restricted isometry on observed supports with its calibrations (per seed).
+#: ... and restricted isometry on observed supports, its two sides, its calibrations and
+#: the dictionary's own geometry (per seed).
 T2_RIC = [
-    Metric("observed_q50", "δ median", r"$\delta$ med."),
-    Metric("observed_q90", "δ q90", r"$\delta$ q90"),
-    Metric("observed_frac_lt_1/3", "frac δ<1/3", r"frac.\ $\delta<1/3$"),
-    Metric("observed_frac_lt_sqrt2-1", "frac δ<√2−1", r"frac.\ $\delta<\sqrt2-1$"),
-    Metric("random_support_q50", "δ med. random supp.", r"$\delta$ med.\ rand.\ supp."),
-    Metric("gaussian_q50", "δ med. Gaussian dict.", r"$\delta$ med.\ Gauss.\ dict."),
-    Metric("truth_q50", "δ med. true dict.", r"$\delta$ med.\ true dict.", optional=True),
+    Metric("ric_observed_q50", "δ median", r"$\delta$ med."),
+    Metric("ric_observed_q90", "δ q90", r"$\delta$ q90"),
+    Metric("ric_observed_lower_q50", "lower side med.", r"lower med."),
+    Metric("ric_observed_upper_q50", "upper side med.", r"upper med."),
+    Metric("ric_observed_frac_singular", "near-singular %", r"near-sing.\ \%", digits=1,
+           scale=100.0),
+    Metric("ric_observed_frac_lt_1/3", "frac δ<1/3", r"frac.\ $\delta<1/3$"),
+    Metric("ric_observed_frac_lt_sqrt2-1", "frac δ<√2−1", r"frac.\ $\delta<\sqrt2-1$"),
+    Metric("ric_random_support_q50", "δ med. random supp.", r"$\delta$ med.\ rand.\ supp."),
+    Metric("ric_gaussian_q50", "δ med. Gaussian dict.", r"$\delta$ med.\ Gauss.\ dict."),
+    Metric("ric_dict_dup_frac", "near-dup. atoms %", r"near-dup.\ \%", digits=1, scale=100.0),
+    Metric("ric_truth_coherence", "true dict. coherence", r"true coh.", optional=True),
+    Metric("ric_truth_q50", "true δ med.", r"true $\delta$ med.", optional=True),
+    Metric("ric_truth_frac_lt_sqrt2-1", "true frac δ<√2−1", r"true frac.\ $\delta<\sqrt2-1$",
+           optional=True),
 ]
 
 
@@ -213,41 +293,121 @@ def main_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["main"].astype(bool)]
 
 
-def table_t1(evals: pd.DataFrame, matches: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
-    """T1: reconstruction and stability per dataset x arch on the main grid."""
-    return summarize(
-        [
-            (main_rows(evals), T1_EVAL),
-            (main_rows(matches), T1_MATCH),
-            (main_rows(truth), T1_TRUTH),
-        ]
-    )
+def seed_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
+    """The seed pairs (two seeds of one arch) of ``isae measure``'s pairs table, with an
+    ``arch`` column."""
+    if pairs.empty:
+        return pairs.assign(arch=pd.Series(dtype=object))
+    p = pairs[pairs["kind"] == "seed"] if "kind" in pairs.columns else pairs
+    return p.assign(arch=p["arch_a"]) if "arch_a" in p.columns else p
 
 
-def table_t2(matches: pd.DataFrame, ric: pd.DataFrame, ric_metrics=None) -> pd.DataFrame:
-    """T2: code consistency and restricted-isometry summary on the main grid."""
-    return summarize([(main_rows(matches), T2_MATCH), (main_rows(ric), ric_metrics or T2_RIC)])
+def arch_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
+    """The same-seed pairs of two archs, one row per member arch (so that each arch's row of
+    a table averages its pairs with every other arch), value column ``arch_abs_cos``."""
+    cols = [*ROW_KEYS, "arch_abs_cos"]
+    if pairs.empty or "kind" not in pairs.columns:
+        return pd.DataFrame(columns=cols)
+    p = pairs[pairs["kind"] == "arch"]
+    if "main" in p.columns:
+        p = p[p["main"].astype(bool)]
+    both = [p.assign(arch=p[side], arch_abs_cos=p["mean_abs_cos"]) for side in ("arch_a", "arch_b")]
+    return pd.concat(both, ignore_index=True)[cols] if len(p) else pd.DataFrame(columns=cols)
+
+
+def chance_columns(runs: pd.DataFrame, chance: pd.DataFrame) -> pd.DataFrame:
+    """One row per run of ``runs`` (dataset, arch, k, width) with the dataset's chance
+    levels at the run's width: ``chance_<kind>`` (two random dictionaries) and
+    ``chance_truth_<kind>`` (one against the truth), each a mean over the draws."""
+    keys = runs[ROW_KEYS].drop_duplicates()
+    if chance.empty:
+        return keys
+    c = chance.copy()
+    c["col"] = np.where(c["target"] == "truth", "chance_truth_", "chance_") + c["kind"].astype(str)
+    wide = c.pivot_table(index=["dataset", "width"], columns="col", values="mean_abs_cos",
+                         aggfunc="mean").reset_index()
+    wide.columns.name = None
+    keys = keys.astype({"width": "int64"})
+    wide = wide.astype({"width": "int64"})
+    return keys.merge(wide, on=["dataset", "width"], how="left")
+
+
+def converged_marks(runs: pd.DataFrame) -> dict:
+    """(dataset, arch, k, width) -> True where some run of the main grid has not converged."""
+    r = main_rows(runs)
+    if r.empty or "converged" not in r.columns:
+        return {}
+    g = r.groupby(ROW_KEYS)["converged"].agg(lambda v: not bool(np.all(v.astype(bool))))
+    return {tuple(k): bool(v) for k, v in g.items()}
+
+
+def table_t1(runs: pd.DataFrame, pairs: pd.DataFrame, chance: pd.DataFrame | None = None,
+             lr: pd.DataFrame | None = None) -> pd.DataFrame:
+    """T1: reconstruction, convergence and stability per dataset x arch on the main grid,
+    with a ``not_converged`` column (some seed's run has not converged). ``lr`` (the lr
+    sweep's table) is not needed: the chosen rate is in ``runs``."""
+    r = main_rows(runs)
+    sources = [(r, [*T1_EVAL, *T1_CONVERGENCE]),
+               (main_rows(seed_pairs(pairs)), T1_MATCH[:2]),
+               (arch_pairs(pairs), T1_MATCH[2:3]),
+               (chance_columns(r, chance if chance is not None else pd.DataFrame()), T1_MATCH[3:]),
+               (r, T1_TRUTH[:2]),
+               (chance_columns(r, chance if chance is not None else pd.DataFrame()), T1_TRUTH[2:])]
+    table = summarize(sources)
+    marks = converged_marks(runs)
+    table["not_converged"] = [marks.get((d, a, int(k), int(w)), False) for d, a, k, w in
+                              zip(table["dataset"], table["arch"], table["k"], table["width"])]
+    return table
+
+
+def table_t2(runs: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
+    """T2: code consistency and restricted isometry per dataset x arch on the main grid."""
+    table = summarize([(main_rows(seed_pairs(pairs)), T2_MATCH), (main_rows(runs), T2_RIC)])
+    marks = converged_marks(runs)
+    table["not_converged"] = [marks.get((d, a, int(k), int(w)), False) for d, a, k, w in
+                              zip(table["dataset"], table["arch"], table["k"], table["width"])]
+    return table
 
 
 # ----------------------------------------------------------------------------- rendering
 
 
-def format_cell(mean: float, sd: float, digits: int, pm: str = " ± ", dash: str = "—") -> str:
-    """'0.143 ± 0.004'; the mean alone when sd is NaN; ``dash`` when the mean is NaN."""
+def _num(x: float, digits: int, fmt: str) -> str:
+    return f"{x:.{digits}{fmt}}"
+
+
+def format_cell(mean: float, sd: float, digits: int, pm: str = " ± ", dash: str = "—",
+                spread: str = "sd", lo: float = math.nan, hi: float = math.nan,
+                n: int = 0, fmt: str = "f", en: str = "–") -> str:
+    """'0.143 ± 0.004' (sd), '0.491 [0.488, 0.494]' (range), '2/3' (count of a boolean
+    mean over n), or the mean alone (one value, or spread none); ``dash`` when the mean is
+    NaN."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return dash
-    cell = f"{mean:.{digits}f}"
-    if sd is not None and not math.isnan(sd):
-        cell += f"{pm}{sd:.{digits}f}"
+    if spread == "count":
+        return f"{int(round(mean * n))}/{n}"
+    cell = _num(mean, digits, fmt)
+    if spread == "sd" and sd is not None and not math.isnan(sd):
+        cell += f"{pm}{_num(sd, digits, fmt)}"
+    elif spread == "range" and n > 1 and not math.isnan(lo):
+        cell += f" [{_num(lo, digits, fmt)}, {_num(hi, digits, fmt)}]"
     return cell
+
+
+#: Appended to the arch of a row with a run that has not converged.
+NOT_CONVERGED = " †"
 
 
 def _cells(table: pd.DataFrame, metrics: Sequence[Metric], pm: str, dash: str) -> list[list[str]]:
     rows = []
     for _, r in table.iterrows():
-        cells = [str(r["dataset"]), str(r["arch"]), str(int(r["k"])), str(int(r["width"]))]
+        arch = str(r["arch"]) + (NOT_CONVERGED if r.get("not_converged", False) else "")
+        cells = [str(r["dataset"]), arch, str(int(r["k"])), str(int(r["width"]))]
         for m in metrics:
-            cells.append(format_cell(r[f"{m.key}_mean"], r[f"{m.key}_sd"], m.digits, pm, dash))
+            cells.append(format_cell(r[f"{m.key}_mean"], r[f"{m.key}_sd"], m.digits, pm, dash,
+                                     spread=m.spread, lo=r.get(f"{m.key}_min", math.nan),
+                                     hi=r.get(f"{m.key}_max", math.nan),
+                                     n=int(r.get(f"{m.key}_n", 0)), fmt=m.fmt))
         rows.append(cells)
     return rows
 
@@ -292,17 +452,29 @@ def to_latex(table: pd.DataFrame, metrics: Sequence[Metric], caption: str = "",
 
 
 #: Columns of T1 and T2, in display order.
-T1_METRICS = [*T1_EVAL, *T1_MATCH, *T1_TRUTH]
+T1_METRICS = [*T1_EVAL, *T1_CONVERGENCE, *T1_MATCH, *T1_TRUTH]
 T2_METRICS = [*T2_MATCH, *T2_RIC]
 T1_CAPTION = (
-    "T1. Held-out reconstruction (normalised activations) and dictionary stability per "
-    "dataset x arch at the main k and width: mean ± sd over seeds (MSE/dim, FVU, L0, dead %, "
-    "truth) or over seed pairs (seed |cos|, fraction of matched latents above 0.9)."
+    "T1. Per dataset x arch at the main k, width and training rows: the learning rate the lr "
+    "sweep chose; held-out reconstruction (normalised activations), mean ± sd over seeds; "
+    "convergence (runs whose smoothed training FVU fell less than the threshold over the "
+    "last steps, that fall in %, each atom's |cos| with its own initial atom); stability: "
+    "matched |cos| between seeds and fraction above 0.9, mean [min, max] over the seed "
+    "pairs (they share seeds, so no sd), matched |cos| with the other architectures trained "
+    "from the same seed, and chance levels of two random dictionaries drawn from the "
+    "training rows (rows), with the data's covariance (cov) and isotropic (iso); truth: "
+    "matched |cos| to the true dictionary (synthetic), and that of random training rows. "
+    "† marks a row with a run that has not converged: its stability still measures its "
+    "initialisation."
 )
 T2_CAPTION = (
-    "T2. Code consistency between seeds after signed-permutation matching (mean ± sd over "
-    "seed pairs) and restricted isometry δ_U on unions of observed supports with its "
-    "calibrations (mean ± sd over seeds)."
+    "T2. Code consistency between seeds after signed-permutation matching (mean [min, max] "
+    "over seed pairs) and restricted isometry on unions of observed supports, mean ± sd over "
+    "seeds: δ = max(lower, upper), the lower side 1 − σ_min² (1 = singular) and the upper "
+    "side σ_max² − 1 (coherent atoms), the unions with σ_min < 0.1, the fractions under 1/3 "
+    "and √2−1, the calibrations (random supports, a Gaussian dictionary), the atoms with a "
+    "near-duplicate (|cos| > 0.95), and, on a synthetic set, the true dictionary's coherence "
+    "and δ on its true supports. † as in T1."
 )
 
 

@@ -1,0 +1,49 @@
+rule measure:
+    input:
+        ckpts=rules.train.output.ckpts,
+        acts=rules.activations.output.acts,
+    output:
+        runs="results/measure/{dataset}/{group}/runs.parquet",
+        pairs="results/measure/{dataset}/{group}/pairs.parquet",
+        latents="results/measure/{dataset}/{group}/latents.parquet",
+    log:
+        "logs/measure/{dataset}/{group}.log",
+    benchmark:
+        "benchmarks/rules/measure/{dataset}/{group}.tsv"
+    conda:
+        ENV
+    threads: res("measure", "threads")
+    resources:
+        mem_mb=res("measure", "mem_mb"),
+        runtime=res("measure", "runtime"),
+        gpu=gpu_count(),
+    params:
+        flags=measure_flags,
+        out=lambda wc, output: os.path.dirname(output.runs),
+    shell:
+        "isae measure {input.ckpts} --activations {input.acts} {params.flags}"
+        " --out {params.out} > {log} 2>&1"
+
+
+rule chance:
+    input:
+        acts=rules.activations.output.acts,
+    output:
+        table="results/chance/{dataset}.parquet",
+    log:
+        "logs/chance/{dataset}.log",
+    benchmark:
+        "benchmarks/rules/chance/{dataset}.tsv"
+    conda:
+        ENV
+    threads: res("measure", "threads")
+    resources:
+        mem_mb=res("measure", "mem_mb"),
+        runtime=res("measure", "runtime"),
+    params:
+        width=lambda wc: dataset_cfg(wc)["train"]["width"],
+        draws=config["chance"]["draws"],
+        seed=config["data_seed"],
+    shell:
+        "isae chance --activations {input.acts} --width {params.width}"
+        " --draws {params.draws} --seed {params.seed} --out {output.table} > {log} 2>&1"
