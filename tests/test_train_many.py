@@ -1,0 +1,170 @@
+"""Several architectures and seeds on one training pass: per-arch learning rates, the data
+seed, the initial decoder kept beside the checkpoint, dropped divergent runs, and the
+learning-rate sweep that chooses the rates."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from libdata import signed_sparse_set
+from safetensors.torch import load_file
+
+from isae.cli.main import main
+from isae.data.activations import ActivationSet
+from isae.data.checkpoints import INIT_FILE, load_decoder
+from isae.models.config import SAEConfig, TrainConfig
+from isae.models.sparse_coder import SparseCoder
+from isae.training import lr_sweep as sweep
+from isae.training.trainer import train_many
+
+SHAPE = ["--k", "3", "--width", "48", "--batch-size", "256", "--tokens", "6000"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("acts") / "syn"
+    signed_sparse_set(path, d=16, atoms=48, rows=4000)
+    return path
+
+
+def _tensors(path) -> dict:
+    return load_file(str(path / "sae.safetensors"))
+
+
+def _same(a, b) -> bool:
+    ta, tb = _tensors(a), _tensors(b)
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_one_pass_with_two_rates_equals_two_single_runs(data, tmp_path, capsys):
+    """Models on a shared pass are independent: each ends as it would alone, bit for bit,
+    when the data order is the same (--data-seed)."""
+    rates = tmp_path / "lr.json"
+    rates.write_text(json.dumps({"lr": {"topk": 3e-3, "isae": 1e-2}}))
+    out = tmp_path / "many" / "{arch}" / "seed{seed}"
+    assert main(["-q", "train", "--activations", str(data), "--arch", "topk,isae,topk+signed",
+                 "--seeds", "0,1", "--data-seed", "5", "--lr-from", str(rates), *SHAPE,
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    for arch, lr in (("isae", "1e-2"), ("topk+signed", "3e-3")):  # a variant takes its preset's
+        single = tmp_path / "single" / arch
+        assert main(["-q", "train", "--activations", str(data), "--arch", arch, "--seed", "1",
+                     "--data-seed", "5", "--lr", lr, *SHAPE, "--out", str(single)]) == 0
+        assert _same(tmp_path / "many" / arch / "seed1", single)
+        cfg = json.loads((single / "cfg.json").read_text())
+        assert cfg["lr"] == pytest.approx(float(lr))
+    # Without --data-seed the order comes from the run's own seed: another result.
+    other = tmp_path / "other"
+    assert main(["-q", "train", "--activations", str(data), "--arch", "isae", "--seed", "1",
+                 "--lr", "1e-2", *SHAPE, "--out", str(other)]) == 0
+    assert not _same(tmp_path / "many" / "isae" / "seed1", other)
+
+
+def test_initial_decoder_is_kept(data, tmp_path, capsys):
+    out = tmp_path / "{arch}" / "seed{seed}"
+    assert main(["-q", "train", "--activations", str(data), "--arch", "topk,dl", "--seeds", "2",
+                 *SHAPE, "--out", str(out)]) == 0
+    capsys.readouterr()
+    # An SAE starts from its seed's random decoder ...
+    W0 = load_file(str(tmp_path / "topk" / "seed2" / INIT_FILE))["W_dec"]
+    ref = SparseCoder(SAEConfig.from_arch("topk", d_in=16, d_sae=48, k=3, seed=2)).W_dec
+    assert torch.equal(W0, ref.detach())
+    assert not torch.equal(W0, load_decoder(tmp_path / "topk" / "seed2"))  # and moved
+    # ... dictionary learning from training rows (normalised, unit norm).
+    W0 = load_file(str(tmp_path / "dl" / "seed2" / INIT_FILE))["W_dec"].double()
+    acts = ActivationSet(data)
+    norm = acts.normalizer()
+    x = torch.as_tensor((acts.load("train")["x"] - norm.mean) / norm.scale, dtype=torch.float64)
+    x = x / x.norm(dim=1, keepdim=True)
+    best = (W0 @ x.T).max(dim=1).values  # each initial atom is one of the rows
+    np.testing.assert_allclose(best.numpy(), 1.0, atol=1e-5)
+
+
+def test_several_archs_need_arch_in_out_and_rates_for_each(data, tmp_path, capsys):
+    base = ["-q", "train", "--activations", str(data), *SHAPE]
+    assert main([*base, "--arch", "topk,isae", "--out", str(tmp_path / "x")]) == 2
+    assert "{arch}" in capsys.readouterr().err
+    rates = tmp_path / "lr.json"
+    rates.write_text(json.dumps({"lr": {"topk": 1e-3}}))
+    assert main([*base, "--arch", "isae", "--lr-from", str(rates), "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "no learning rate for 'isae'" in err and len(err.strip().splitlines()) == 1
+    assert main([*base, "--arch", "topk", "--lr", "1e-3", "--lr-from", str(rates),
+                 "--out", str(tmp_path / "z")]) == 2
+    assert "not both" in capsys.readouterr().err
+    rates.write_text("{not json")
+    assert main([*base, "--arch", "topk", "--lr-from", str(rates), "--out", str(tmp_path / "w")]) == 2
+    assert "--lr-from" in capsys.readouterr().err
+
+
+def test_a_diverging_model_is_dropped_and_the_others_go_on(data, tmp_path, monkeypatch):
+    from isae.training import trainer
+
+    real = trainer.SAEStepper.step
+
+    def step(self, x, lr_scale, dead):
+        out = real(self, x, lr_scale, dead)
+        if self.model.cfg.seed == 1:
+            out["loss"] = torch.tensor(float("nan"))
+        return out
+
+    monkeypatch.setattr(trainer.SAEStepper, "step", step)
+    cfgs = [SAEConfig.from_arch("topk", d_in=16, d_sae=48, k=3, seed=s) for s in (0, 1)]
+    outs = [tmp_path / "s0", tmp_path / "s1"]
+    tcfg = TrainConfig(tokens=2048, batch_size=256, log_every=1)
+    with pytest.raises(Exception, match="diverged"):
+        train_many(data, cfgs, tcfg, outs)
+    done = train_many(data, cfgs, tcfg, outs, drop_diverged=True, resume=False)
+    assert done[1]["diverged"] and done[1]["out"] is None and not outs[1].exists()
+    assert not done[0].get("diverged") and (outs[0] / "sae.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- lr sweep
+
+
+def test_best_rates_by_heldout_fvu():
+    table = pd.DataFrame({
+        "arch": ["topk"] * 3 + ["isae"] * 3,
+        "lr": [1e-3, 4e-3, 1.6e-2] * 2,
+        "heldout_fvu": [0.30, 0.20, math.inf, 0.50, 0.40, 0.40],
+    })
+    # topk: the lowest FVU; isae: a tie goes to the smaller rate.
+    assert sweep.best_rates(table) == {"topk": 4e-3, "isae": 4e-3}
+    with pytest.raises(Exception, match="every learning rate of topk diverged"):
+        sweep.best_rates(table.assign(heldout_fvu=math.inf))
+
+
+def test_lr_sweep_writes_the_choice_train_reads(data, tmp_path, capsys):
+    out = tmp_path / "lr"
+    assert main(["-q", "lr-sweep", "--activations", str(data), "--arch", "topk,isae,dl",
+                 "--factors", "0.5,4", "--k", "3", "--width", "48", "--tokens", "6000",
+                 "--batch-size", "256", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    table = pd.read_parquet(out / "sweep.parquet")
+    assert sorted(set(table["arch"])) == ["isae", "topk"]  # dl has no learning rate
+    choice = json.loads((out / "lr.json").read_text())
+    default = TrainConfig().learning_rate(48)
+    for arch, g in table.groupby("arch"):
+        assert g["factor"].tolist() == [0.5, 4.0]
+        np.testing.assert_allclose(g["lr"], [0.5 * default, 4 * default])
+        best = g.sort_values("heldout_fvu")["lr"].iloc[0]
+        assert choice["lr"][arch] == pytest.approx(best) == summary["lr"][arch]
+        assert g["chosen"].sum() == 1
+        # The recorded FVU is the candidate checkpoint's held-out FVU.
+        from isae.analysis.reconstruction import reconstruction_metrics
+        from isae.data.checkpoints import load
+        f = g["factor"].iloc[0]
+        ck = load(out / "ckpt" / arch / sweep.factor_name(f))
+        assert reconstruction_metrics(ck, ActivationSet(data))["fvu"] == pytest.approx(
+            g["heldout_fvu"].iloc[0])
+    assert main(["-q", "train", "--activations", str(data), "--arch", "isae", *SHAPE,
+                 "--lr-from", str(out / "lr.json"), "--out", str(tmp_path / "t")]) == 0
+    assert json.loads((tmp_path / "t" / "cfg.json").read_text())["lr"] == pytest.approx(
+        choice["lr"]["isae"])
+    assert main(["-q", "lr-sweep", "--activations", str(data), "--arch", "topk", "--factors",
+                 "1,x", "--k", "3", "--width", "48", "--tokens", "100", "--out", str(out)]) == 2
