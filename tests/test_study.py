@@ -74,24 +74,75 @@ def test_summarize_outer_joins_and_orders_archs():
     assert t.set_index("arch").loc["isae", "x_mean"] == 2.0
 
 
-def test_t1_uses_main_grid_only_and_pairs_for_stability():
-    ev = _runs({("syn", "topk"): [0.2, 0.4]}).rename(columns={"x": "mse_per_dim"})
-    ev["fvu"], ev["l0"], ev["dead_frac"] = [0.3, 0.5], [8.0, 8.0], [0.0, 0.5]
-    extra = ev.iloc[[0]].assign(main=False, ablation=True, mse_per_dim=100.0)
-    ev = pd.concat([ev, extra], ignore_index=True)
-    pairs = pd.DataFrame(dict(dataset="syn", arch="topk", k=8, width=64, seed_a=[0], seed_b=[1],
-                              mean_abs_cos=[0.6], **{"frac_gt_0.9": [0.25]},
-                              chance_mean_abs_cos=[0.17], main=True,
-                              sweep=False, ablation=False))
-    truth = pd.DataFrame(columns=["dataset", "arch", "k", "width"])
-    t = tables.table_t1(ev, pairs, truth)
-    assert len(t) == 1
+def _group_runs(values: dict, **cols) -> pd.DataFrame:
+    """{(dataset, arch): [x_seed0, x_seed1, ...]} -> a runs table of the main grid."""
+    rows = []
+    for (ds, arch), vs in values.items():
+        for seed, v in enumerate(vs):
+            rows.append(dict(dataset=ds, arch=arch, k=8, width=64, rows=1000, seed=seed,
+                             main=True, sweep=seed == 0, budget=False, ablation=False,
+                             iter=False, **{c: f(seed, v) for c, f in cols.items()}))
+    return pd.DataFrame(rows)
+
+
+def test_t1_uses_main_grid_only_and_reads_pairs_and_chance():
+    runs = _group_runs({("syn", "topk"): [0.2, 0.4, 0.3]},
+                       mse_per_dim=lambda s, v: v, fvu=lambda s, v: v, l0=lambda s, v: 8.0,
+                       dead_frac=lambda s, v: [0.0, 0.5, 0.25][s], lr=lambda s, v: 4e-3,
+                       converged=lambda s, v: s != 1, fvu_trend=lambda s, v: 0.01 * s,
+                       init_abs_cos=lambda s, v: 0.5, truth_abs_cos=lambda s, v: 0.6)
+    extra = runs.iloc[[0]].assign(main=False, ablation=True, mse_per_dim=100.0)
+    runs = pd.concat([runs, extra], ignore_index=True)
+    pairs = pd.DataFrame(dict(
+        dataset="syn", kind=["seed", "seed", "seed", "arch", "arch"],
+        arch_a=["topk", "topk", "topk", "topk", "isae"], arch_b=["topk", "topk", "topk", "isae", "topk"],
+        seed_a=[0, 0, 1, 0, 1], seed_b=[1, 2, 2, 0, 1], k=8, width=64, rows=1000,
+        mean_abs_cos=[0.5, 0.6, 0.7, 0.9, 0.8], **{"frac_gt_0.9": [0.0, 0.1, 0.2, 0.5, 0.4]},
+        main=True, ablation=False))
+    chance = pd.DataFrame(dict(dataset="syn", width=64, kind=["gaussian", "gaussian", "data_rows"],
+                               target=["seed", "seed", "truth"], draw=[0, 1, 0],
+                               mean_abs_cos=[0.30, 0.32, 0.45]))
+    t = tables.table_t1(runs, pairs, chance)
+    assert list(t["arch"]) == ["topk", "isae"]  # isae: from its same-seed pairs only
     r = t.iloc[0]
     assert r["mse_per_dim_mean"] == pytest.approx(0.3)  # the ablation row is left out
     assert r["dead_frac_mean"] == pytest.approx(25.0)  # percent
-    assert r["mean_abs_cos_mean"] == pytest.approx(0.6) and r["mean_abs_cos_n"] == 1
-    assert r["chance_mean_abs_cos_mean"] == pytest.approx(0.17)
-    assert math.isnan(r["truth_abs_cos_mean"])
+    assert r["converged_mean"] == pytest.approx(2 / 3) and r["converged_n"] == 3
+    assert r["not_converged"]
+    # Seed pairs: mean and range over the three pairs.
+    assert r["mean_abs_cos_mean"] == pytest.approx(0.6) and r["mean_abs_cos_n"] == 3
+    assert (r["mean_abs_cos_min"], r["mean_abs_cos_max"]) == (0.5, 0.7)
+    # Same-seed pairs with another arch count for both members.
+    assert r["arch_abs_cos_mean"] == pytest.approx(0.85) and r["arch_abs_cos_n"] == 2
+    assert r["chance_gaussian_mean"] == pytest.approx(0.31)
+    assert r["chance_truth_data_rows_mean"] == pytest.approx(0.45)
+    assert math.isnan(r["chance_data_cov_mean"])
+    md = tables.to_markdown(t, tables.T1_METRICS)
+    assert "| syn | topk † |" in md and "| 2/3 |" in md and "0.600 [0.500, 0.700]" in md
+    assert "| 0.004 |" in md  # the learning rate, 2 significant digits
+
+
+def test_collect_groups_tags_grids_and_pairs_need_both_runs(tmp_path):
+    runs = pd.DataFrame(dict(arch=["topk", "topk", "isae"], seed=[0, 1, 0], fvu=[0.1, 0.2, 0.3]))
+    pairs = pd.DataFrame(dict(kind=["seed", "arch"], arch_a=["topk", "topk"],
+                              arch_b=["topk", "isae"], seed_a=[0, 0], seed_b=[1, 0],
+                              mean_abs_cos=[0.5, 0.9]))
+    runs.to_parquet(tmp_path / "runs.parquet")
+    pairs.to_parquet(tmp_path / "pairs.parquet")
+    flags = [dict(dataset="syn", group="g", arch=a, seed=s, k=8, width=64, rows=1000,
+                  main=m, sweep=False, budget=b, ablation=False, iter=False)
+             for a, s, m, b in [("topk", 0, True, True), ("topk", 1, True, False),
+                                ("isae", 0, False, True)]]
+    ids = [dict(dataset="syn", group="g")]
+    r = tables.collect_groups([tmp_path / "runs.parquet"], ids, flags, "runs")
+    assert r["main"].tolist() == [True, True, False] and r["budget"].tolist() == [True, False, True]
+    assert r["rows"].tolist() == [1000] * 3 and r["dataset"].tolist() == ["syn"] * 3
+    p = tables.collect_groups([tmp_path / "pairs.parquet"], ids, flags, "pairs")
+    assert p["main"].tolist() == [True, False]  # isae seed 0 is not in the main grid
+    assert p["budget"].tolist() == [False, True]
+    # A run that no grid asked for (trained because its group trains archs x seeds).
+    r2 = tables.collect_groups([tmp_path / "runs.parquet"], ids, flags[:1], "runs")
+    assert r2["main"].tolist() == [True, False, False]
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -101,6 +152,10 @@ def test_format_cell():
     assert tables.format_cell(0.23333, 0.15275, 3) == "0.233 ± 0.153"
     assert tables.format_cell(0.5, float("nan"), 2) == "0.50"
     assert tables.format_cell(float("nan"), float("nan"), 2) == "—"
+    assert tables.format_cell(0.6, 0.1, 2, spread="range", lo=0.5, hi=0.7, n=3) == "0.60 [0.50, 0.70]"
+    assert tables.format_cell(0.6, float("nan"), 2, spread="range", lo=0.6, hi=0.6, n=1) == "0.60"
+    assert tables.format_cell(2 / 3, 0.5, 2, spread="count", n=3) == "2/3"
+    assert tables.format_cell(0.0064, 0.001, 2, spread="none", fmt="g") == "0.0064"
 
 
 def test_markdown_rendering_exact():
@@ -165,24 +220,69 @@ def test_ablation_base():
     assert figures.ablation_base("topk") is None
 
 
+def _abl(values: dict, col: str) -> pd.DataFrame:
+    rows = []
+    for arch, vs in values.items():
+        for seed, v in enumerate(vs):
+            rows.append(dict(dataset="syn", arch=arch, k=8, width=64, seed=seed, ablation=True,
+                             main=False, **{col: v}))
+    return pd.DataFrame(rows)
+
+
 def test_ablation_deltas_hand_computed():
-    ev = _runs({("syn", "topk"): [0.30, 0.50], ("syn", "topk+signed"): [0.20, 0.20],
-                ("syn", "isae"): [0.10, 0.30], ("syn", "isae-tied"): [0.40]},
-               grid="ablation").rename(columns={"x": "mse_per_dim"})
-    pairs = pd.DataFrame(dict(dataset="syn", arch=["topk", "topk+signed"], k=8, width=64,
-                              seed_a=0, seed_b=1, mean_abs_cos=[0.4, 0.7], main=False,
-                              sweep=False, ablation=True))
-    d = figures.ablation_deltas(ev, pairs).set_index(["variant", "metric"])
-    r = d.loc[("topk+signed", "mse_per_dim")]
+    runs = _abl({"topk": [0.30, 0.50], "topk+signed": [0.20, 0.20], "isae": [0.10, 0.30],
+                 "isae-tied": [0.40]}, "fvu")
+    pairs = pd.DataFrame(dict(dataset="syn", kind="seed", arch_a=["topk", "topk+signed"],
+                              arch_b=["topk", "topk+signed"], k=8, width=64, seed_a=0, seed_b=1,
+                              mean_abs_cos=[0.4, 0.7], ablation=True, main=False))
+    d = figures.ablation_deltas(runs, pairs).set_index(["variant", "metric"])
+    r = d.loc[("topk+signed", "fvu")]
     assert r["base"] == "topk" and r["change"] == "+signed"
     assert r["delta"] == pytest.approx(0.20 - 0.40)
     # se = sqrt(var_v / 2 + var_b / 2) = sqrt(0 + 0.02 / 2)
     assert r["se"] == pytest.approx(math.sqrt(0.02 / 2))
+    np.testing.assert_allclose(r["values"], [-0.2, -0.2])
     assert d.loc[("topk+signed", "seed_abs_cos"), "delta"] == pytest.approx(0.3)
-    assert math.isnan(d.loc[("topk+signed", "seed_abs_cos"), "se"])  # one pair each
-    assert d.loc[("isae-tied", "mse_per_dim"), "delta"] == pytest.approx(0.40 - 0.20)
+    assert math.isnan(d.loc[("topk+signed", "seed_abs_cos"), "se"])  # pairs: no se
+    assert d.loc[("isae-tied", "fvu"), "delta"] == pytest.approx(0.40 - 0.20)
+    assert math.isnan(d.loc[("isae-tied", "fvu"), "se"])  # one seed: no whisker
     assert ("isae-tied", "seed_abs_cos") not in d.index  # no pair for a single seed
-    assert ("topk", "mse_per_dim") not in d.index
+    # The whole combination: isae against topk.
+    c = d.loc[("isae", "fvu")]
+    assert c["base"] == "topk" and "combined" in c["change"]
+    assert c["delta"] == pytest.approx(0.20 - 0.40)
+    assert ("topk", "fvu") not in d.index
+
+
+def test_budget_curves_hand_computed():
+    runs = pd.DataFrame(dict(dataset="syn", arch="topk", rows=[100, 100, 1000, 1000],
+                             seed=[0, 1, 0, 1], fvu=[0.5, 0.3, 0.2, 0.2],
+                             converged=[False, True, True, True], budget=True))
+    pairs = pd.DataFrame(dict(dataset="syn", kind="seed", arch_a="topk", arch_b="topk",
+                              rows=[100, 1000], seed_a=0, seed_b=1, mean_abs_cos=[0.3, 0.6],
+                              budget=True))
+    d = figures.budget_curves(runs, pairs).set_index(["rows", "metric"])
+    r = d.loc[(100, "fvu")]
+    assert r["mean"] == pytest.approx(0.4) and r["sd"] == pytest.approx(math.sqrt(0.02))
+    assert r["n"] == 2 and not r["converged"]
+    assert d.loc[(1000, "fvu"), "converged"] and d.loc[(1000, "fvu"), "sd"] == 0
+    assert d.loc[(1000, "seed_abs_cos"), "mean"] == 0.6 and d.loc[(1000, "seed_abs_cos"), "n"] == 1
+    assert (1000, "truth_abs_cos") not in d.index
+
+
+def test_iter_steps_and_curves():
+    assert figures.iter_steps("isae-iter") == ("isae", 3)
+    assert figures.iter_steps("topk+iter10") == ("topk", 10)
+    assert figures.iter_steps("isae+iter1") == ("isae", 1)
+    assert figures.iter_steps("topk") == ("topk", 0)
+    assert figures.iter_steps("topk+signed") is None
+    assert figures.iter_steps("topk+signed+iter") is None
+    runs = pd.DataFrame(dict(dataset="syn", arch=["isae", "isae", "isae-iter", "isae+iter10"],
+                             seed=[0, 1, 0, 0], fvu=[0.4, 0.6, 0.3, 0.25],
+                             encode_flops=[10.0, 10.0, 40.0, 110.0], converged=True, iter=True))
+    d = figures.iter_curves(runs, pd.DataFrame()).set_index(["steps", "metric"])
+    assert d.loc[(0, "fvu"), "mean"] == pytest.approx(0.5) and d.loc[(0, "fvu"), "n"] == 2
+    assert d.loc[(3, "encode_flops"), "mean"] == 40.0 and d.loc[(10, "fvu"), "mean"] == 0.25
 
 
 # ----------------------------------------------------------------------------- figures
@@ -204,56 +304,74 @@ def frames():
     for ds in ("syn", "lm"):
         for arch in ("topk", "isae", "isae-iter"):
             for k in (4, 8, 16):
-                for seed in ((0, 1) if k == 8 else (0,)):
-                    runs.append(dict(dataset=ds, arch=arch, k=k, width=64, seed=seed,
-                                     main=k == 8, sweep=seed == 0, ablation=False))
-    for arch in ("topk+signed", "isae-tied"):
+                for rows in ((100, 1000) if k == 8 else (1000,)):
+                    for seed in ((0, 1) if k == 8 else (0,)):
+                        runs.append(dict(dataset=ds, arch=arch, k=k, width=64, rows=rows,
+                                         seed=seed, main=k == 8 and rows == 1000,
+                                         sweep=seed == 0 and rows == 1000, budget=k == 8,
+                                         ablation=False, iter=False))
+    for arch in ("topk+signed", "isae-tied", "isae+iter1"):
         for seed in (0, 1):
-            runs.append(dict(dataset="syn", arch=arch, k=8, width=64, seed=seed, main=False,
-                             sweep=False, ablation=True))
+            runs.append(dict(dataset="syn", arch=arch, k=8, width=64, rows=1000, seed=seed,
+                             main=False, sweep=False, budget=False, ablation=arch != "isae+iter1",
+                             iter=arch == "isae+iter1"))
     runs = pd.DataFrame(runs)
-    runs.loc[runs["arch"].isin(["topk", "isae"]) & (runs["k"] == 8), "ablation"] = True
+    main8 = (runs["k"] == 8) & (runs["rows"] == 1000)
+    runs.loc[runs["arch"].isin(["topk", "isae"]) & main8 & (runs["dataset"] == "syn"), "ablation"] = True
+    runs.loc[runs["arch"].isin(["isae", "isae-iter"]) & main8 & (runs["dataset"] == "syn"), "iter"] = True
     n = len(runs)
-    ev = runs.assign(mse_per_dim=rng.uniform(0.1, 0.5, n), fvu=rng.uniform(0.1, 0.5, n),
-                     l0=runs["k"].astype(float), dead_frac=0.0)
+    runs = runs.assign(mse_per_dim=rng.uniform(0.1, 0.5, n), fvu=rng.uniform(0.1, 0.5, n),
+                       l0=runs["k"].astype(float), dead_frac=0.0, converged=rng.random(n) < 0.7,
+                       encode_flops=1e4 * (1 + runs["arch"].str.contains("iter")),
+                       truth_abs_cos=np.where(runs["dataset"] == "syn", rng.uniform(0.3, 0.9, n),
+                                              np.nan))
+    for side in ("lower", "upper"):
+        for kind in ("observed", "random_support", "gaussian", "mp", "truth"):
+            runs[f"ric_{kind}_{side}_q50"] = rng.uniform(0.2, 1.0, n)
     pairs = (runs[runs["seed"] == 0].drop(columns="seed")
-             .merge(runs[runs["seed"] == 1][["dataset", "arch", "k", "width"]])
-             .assign(seed_a=0, seed_b=1))
+             .merge(runs[runs["seed"] == 1][["dataset", "arch", "k", "width", "rows"]])
+             .assign(seed_a=0, seed_b=1, kind="seed"))
+    pairs["arch_a"] = pairs["arch_b"] = pairs["arch"]
     pairs["mean_abs_cos"] = rng.uniform(0.3, 0.9, len(pairs))
     latents = pairs[pairs["main"]].loc[lambda d: d.index.repeat(20)].assign(
         abs_cos=lambda d: rng.uniform(0, 1, len(d)))
-    truth = ev[ev["dataset"] == "syn"].assign(mean_abs_cos=rng.uniform(0.3, 0.9))
-    ric = runs[runs["main"] | runs["sweep"]].assign(
-        observed_q50=0.8, observed_q90=1.1, random_support_q50=0.7, gaussian_q50=0.6)
-    ric["truth_q50"] = np.where(ric["dataset"] == "syn", 0.5, np.nan)
-    fid = ric[ric["dataset"] == "lm"].assign(l0=lambda d: d["k"].astype(float),
-                                               frac_recovered_zero=0.9,
-                                               frac_recovered_mean=0.8, kind="encoder")
-    return dict(ev=ev, pairs=pairs, latents=latents, truth=truth, ric=ric, fid=fid)
+    chance = pd.DataFrame([dict(dataset=ds, width=64, kind=kind, target="seed", draw=0,
+                                mean_abs_cos=v) for ds in ("syn", "lm")
+                           for kind, v in (("gaussian", 0.2), ("data_cov", 0.3), ("data_rows", 0.4))])
+    fid = runs[runs["sweep"] & (runs["dataset"] == "lm")].assign(
+        frac_recovered_zero=0.9, frac_recovered_mean=0.8, kind="encoder")
+    return dict(runs=runs, pairs=pairs, latents=latents, chance=chance, fid=fid)
 
 
 def test_figures_have_labelled_axes(frames, tmp_path):
     f = frames
     made = [
-        figures.f1_stability(f["latents"], f["pairs"]),
-        figures.f2_truth_recovery(f["truth"], {"syn": 8}),
-        figures.f3_ric(f["ric"]),
-        figures.f4_ablation(f["ev"], f["pairs"], f["truth"]),
-        figures.f5_fvu_l0(f["ev"]),
+        figures.f1_stability(f["latents"], f["pairs"], f["runs"], f["chance"]),
+        figures.f2_truth_recovery(f["runs"], {"syn": 8}),
+        figures.f3_ric(f["runs"]),
+        figures.f4_ablation(f["runs"], f["pairs"]),
+        figures.f5_fvu_l0(f["runs"]),
         figures.f6_fidelity(f["fid"]),
+        figures.f7_budget(f["runs"], f["pairs"], f["chance"]),
+        figures.f8_iter(f["runs"], f["pairs"]),
     ]
     for fig in made:
         _labelled(fig)
-    # F1: one panel per dataset, one violin per arch of the main grid.
+        # Every figure has a legend, below the panels.
+        assert fig.legends, "no legend"
+    # F1: one panel per dataset, one violin per arch of the main grid, its pair count.
     assert len(made[0].axes) == 2
-    assert [t.get_text() for t in made[0].axes[0].get_xticklabels()] == ["topk", "isae",
-                                                                          "isae-iter"]
-    # F3: both thresholds are drawn.
-    ys = {round(line.get_ydata()[0], 6) for line in made[2].axes[0].lines
-          if len(set(line.get_ydata())) == 1}
-    assert round(1 / 3, 6) in ys and round(math.sqrt(2) - 1, 6) in ys
-    # F4: one row for the one ablation dataset; Δ seed |cos| of topk+signed is drawn.
+    labels = [t.get_text() for t in made[0].axes[0].get_xticklabels()]
+    assert [lab.split("\n")[0].rstrip(" †") for lab in labels] == ["topk", "isae", "isae-iter"]
+    assert all(lab.endswith("1 pair") for lab in labels)
+    # F3: both thresholds are drawn, on both sides.
+    for ax in made[2].axes[:2]:
+        ys = {round(line.get_ydata()[0], 6) for line in ax.lines if len(set(line.get_ydata())) == 1}
+        assert round(1 / 3, 6) in ys and round(math.sqrt(2) - 1, 6) in ys
+    # F4: one row for the one ablation dataset, three metrics.
     assert len(made[3].axes) == 3
+    # F7: datasets x (seed |cos|, truth, FVU); F8: one dataset x four metrics.
+    assert len(made[6].axes) == 6 and len(made[7].axes) == 4
     png, pdf = tmp_path / "f.png", tmp_path / "f.pdf"
     figures.save_figure(made[4], [png, pdf])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -261,9 +379,19 @@ def test_figures_have_labelled_axes(frames, tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+def test_no_whisker_from_a_missing_value():
+    """F4 with one seed per side: bars and dots, no error bar at all (it used to draw a
+    whisker of length 0 from a NaN)."""
+    runs = _abl({"topk": [0.3], "topk+signed": [0.2]}, "fvu")
+    fig = figures.f4_ablation(runs, pd.DataFrame())
+    from matplotlib.container import ErrorbarContainer
+    assert not [c for ax in fig.axes for c in ax.containers if isinstance(c, ErrorbarContainer)]
+
+
 def test_figures_with_no_data_still_labelled():
     empty = pd.DataFrame(columns=["dataset", "arch", "k", "width"])
     for fig in [figures.f1_stability(empty, empty), figures.f2_truth_recovery(empty),
-                figures.f3_ric(empty), figures.f4_ablation(empty, empty, empty),
-                figures.f5_fvu_l0(empty), figures.f6_fidelity(empty)]:
+                figures.f3_ric(empty), figures.f4_ablation(empty, empty),
+                figures.f5_fvu_l0(empty), figures.f6_fidelity(empty),
+                figures.f7_budget(empty, empty), figures.f8_iter(empty, empty)]:
         _labelled(fig)

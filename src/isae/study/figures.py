@@ -483,7 +483,7 @@ def f4_ablation(runs: pd.DataFrame, pairs: pd.DataFrame) -> Figure:
             ax.set_yticks(y, labels, fontsize=8)
             ax.invert_yaxis()
             ax.set_xlabel(_F4_LABELS[metric], fontsize=9)
-            ax.set_ylabel("variant (against its base)" if c == 0 else " ")
+            ax.set_ylabel("variant (against its base)", fontsize=8)
             k, w = int(sub["k"].iloc[0]), int(sub["width"].iloc[0])
             ax.set_title(f"{ds}, k={k}, width={w}", fontsize=9)
     handles = [Line2D([], [], color=arch_color("topk"), lw=6, alpha=0.55, label="against topk"),
