@@ -79,7 +79,8 @@ def test_both_configs_satisfy_the_schema():
 @pytest.mark.parametrize(
     "path",
     [("tokns",), ("datasets", "minilm", "tokns"), ("datasets", "synthetic", "extract", "nois"),
-     ("resources", "train", "thread"), ("ablation", "seed")],
+     ("datasets", "synthetic", "train", "rowz"), ("resources", "train", "thread"),
+     ("ablation", "seed"), ("lr_sweep", "factor"), ("convergence", "treshold")],
 )
 def test_schema_rejects_misspelt_keys_anywhere(path):
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
@@ -120,6 +121,9 @@ def test_semantic_check_names_the_key(workdir):
     proc, *_ = snakemake(workdir, "--config", "archs=[topk, topk+bogus]")
     assert proc.returncode != 0
     assert "unknown switch 'bogus'" in proc.stdout + proc.stderr
+    proc, *_ = snakemake(workdir, "--config", "iter={bases: [isae-iter]}")
+    assert proc.returncode != 0
+    assert "iter.bases: 'isae-iter' already has thresholding steps" in proc.stdout + proc.stderr
 
 
 # ----------------------------------------------------------------------------- dry runs
@@ -132,17 +136,27 @@ def test_default_dry_run_and_overrides_are_typed(workdir):
     # A shrunk run through --config: nested values arrive as strings from Snakemake's parser
     # and must still validate as numbers (common.smk re-types them).
     proc, *_ = snakemake(workdir, "--config", "seeds=[0, 1]", "archs=[topk, isae]",
-                        "sweep={archs: []}", "ablation={datasets: []}",
-                        "datasets={minilm: {tokens: 2000, archs: null}}")
+                        "sweep={archs: [topk], seeds: [0]}", "ablation={datasets: []}",
+                        "budgets={archs: []}", "iter={datasets: []}",
+                        "datasets={minilm: {train: {rows: 2000, ks: [8, 16]}, archs: null}}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     small = job_counts(proc.stdout)
-    # 2 datasets x 2 archs x 2 seeds; one seed pair each; truth only on synthetic.
-    assert small["train"] == 8 and small["eval"] == 8 and small["ric"] == 8
-    assert small["match_pair"] == 4 and small["match_truth"] == 4 and small["fidelity"] == 4
+    # 3 datasets; per dataset one group at the main k (both archs x both seeds, trained in
+    # one job and measured in one) and one per other k of the sweep; minilm: ks 8 and 16
+    # -> 2 groups, synthetic 3 (ks 4, 8, 16), wellposed 3.
+    assert small["train"] == small["measure"] == 8
+    assert small["lr_sweep"] == small["chance"] == small["activations"] == 3
+    assert small["fidelity"] == 2  # the sweep's topk at k 8 and 16, seed 0
     assert small["train"] < full["train"]
     for rule in ("table_t1", "table_t2", "f1_stability", "f2_truth_recovery", "f3_ric",
-                 "f4_ablation", "f5_fvu_l0", "f6_fidelity"):
+                 "f4_ablation", "f5_fvu_l0", "f6_fidelity", "f7_budget", "f8_iter"):
         assert small[rule] == 1
+    # Every group trains its archs x seeds in one pass, with the chosen learning rates.
+    assert "--arch topk,isae --seeds 0,1 --data-seed 0" in proc.stdout
+    assert "--lr-from results/lr/minilm/lr.json" in proc.stdout
+    proc, *_ = snakemake(workdir, "--config", "lr_sweep={factors: []}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "lr_sweep" not in job_counts(proc.stdout) and "--lr-from" not in proc.stdout
 
 
 def test_paper_dry_run_needs_no_weights(workdir):
@@ -152,4 +166,4 @@ def test_paper_dry_run_needs_no_weights(workdir):
     assert counts["activations"] == 3  # synthetic, pythia, dinov2: config.yaml is replaced
     assert "EleutherAI/pythia-160m" in proc.stdout
     assert "minilm" not in proc.stdout
-    assert counts["fidelity"] > 0 and counts["train"] > 100
+    assert counts["fidelity"] > 0 and counts["train"] > 20 and counts["lr_sweep"] == 3
