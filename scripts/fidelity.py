@@ -4,6 +4,7 @@ import logging
 import sys
 
 import pandas as pd
+import torch
 
 from isae.analysis.fidelity import fidelity
 from isae.data.atomic import write_table
@@ -14,6 +15,8 @@ with open(snakemake.log[0], "w") as log:
     sys.stderr = log
     logging.basicConfig(level=logging.INFO, stream=log, format="%(asctime)s %(message)s")
     p = snakemake.params
+    # The configured threads, not the scheduler's (possibly fewer): the numbers depend on it.
+    torch.set_num_threads(p.torch_threads)
     # Model, hook, text, context and the held-out split are read from the activation set's
     # meta.json, so the splice uses exactly the setting the SAE was trained on.
     row = fidelity(

@@ -13,7 +13,8 @@ rule activations:
         runtime=res("extract", "runtime"),
         gpu=lambda wc: 0 if dataset_cfg(wc)["source"] == "synthetic" else gpu_count(),
     params:
+        torch_threads=res("extract", "threads"),
         source=lambda wc: dataset_cfg(wc)["source"],
         flags=extract_flags,
     shell:
-        "isae extract {params.source} {params.flags} --out {output.acts} > {log} 2>&1"
+        "isae --threads {params.torch_threads} extract {params.source} {params.flags} --out {output.acts} > {log} 2>&1"

@@ -16,6 +16,7 @@ rule fidelity:
         runtime=res("fidelity", "runtime"),
         gpu=gpu_count(),
     params:
+        torch_threads=res("fidelity", "threads"),
         ckpt=lambda wc, input: f"{input.ckpts}/{wc.arch}/seed{wc.seed}",
         max_tokens=config["fidelity"]["max_tokens"],
         batch_size=config["fidelity"]["batch_size"],

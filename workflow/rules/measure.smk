@@ -18,10 +18,11 @@ rule measure:
         runtime=res("measure", "runtime"),
         gpu=gpu_count(),
     params:
+        torch_threads=res("measure", "threads"),
         flags=measure_flags,
         out=lambda wc, output: os.path.dirname(output.runs),
     shell:
-        "isae measure {input.ckpts} --activations {input.acts} {params.flags}"
+        "isae --threads {params.torch_threads} measure {input.ckpts} --activations {input.acts} {params.flags}"
         " --out {params.out} > {log} 2>&1"
 
 
@@ -41,9 +42,10 @@ rule chance:
         mem_mb=res("measure", "mem_mb"),
         runtime=res("measure", "runtime"),
     params:
+        torch_threads=res("measure", "threads"),
         width=lambda wc: dataset_cfg(wc)["train"]["width"],
         draws=config["chance"]["draws"],
         seed=config["data_seed"],
     shell:
-        "isae chance --activations {input.acts} --width {params.width}"
+        "isae --threads {params.torch_threads} chance --activations {input.acts} --width {params.width}"
         " --draws {params.draws} --seed {params.seed} --out {output.table} > {log} 2>&1"

@@ -17,10 +17,11 @@ rule lr_sweep:
         runtime=res("train", "runtime"),
         gpu=gpu_count(),
     params:
+        torch_threads=res("train", "threads"),
         flags=lr_sweep_flags,
         out=lambda wc: f"results/lr/{wc.dataset}",
     shell:
-        "isae lr-sweep --activations {input.acts} {params.flags} --out {params.out}"
+        "isae --threads {params.torch_threads} lr-sweep --activations {input.acts} {params.flags} --out {params.out}"
         " > {log} 2>&1"
 
 
@@ -42,8 +43,9 @@ rule train:
         runtime=res("train", "runtime"),
         gpu=gpu_count(),
     params:
+        torch_threads=res("train", "threads"),
         flags=train_flags,
         lr=lambda wc, input: f"--lr-from {input.lr}" if input.lr else "",
     shell:
-        "isae train --activations {input.acts} {params.flags} {params.lr}"
+        "isae --threads {params.torch_threads} train --activations {input.acts} {params.flags} {params.lr}"
         " --out '{output.ckpts}/{{arch}}/seed{{seed}}' > {log} 2>&1"

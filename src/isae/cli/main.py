@@ -23,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="isae", description="Identifiable sparse autoencoders: the study's command line."
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of torch's operations (default: OMP_NUM_THREADS, else "
+                             "all cores). A training run's numbers depend on it: fix it to "
+                             "reproduce a result bit for bit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         modname = f"isae.cli.{name.replace('-', '_')}"
@@ -46,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise UserError("--threads must be at least 1")
+            import torch
+
+            torch.set_num_threads(args.threads)
         summary = args.func(args)
     except UserError as e:
         print(f"isae {args.command}: error: {e}", file=sys.stderr)
