@@ -45,28 +45,48 @@ MODEL_D = {
     "all-MiniLM-L6-v2": 384,
 }
 DTYPE_BYTES = {"float32": 4, "float16": 2}
-JOB_RE = re.compile(r"^(?:local)?rule (\w+):\n((?:    .*\n)*)", re.M)
+JOB_RE = re.compile(r"^(?:local)?rule (\w+):\n((?:    .*\n)*)(?:Shell command: (.*)\n)?", re.M)
 
 
-def dry_run_jobs(config: Path) -> list[tuple[str, dict[str, str], int]]:
-    """(rule, wildcards, GPUs requested) of every job `snakemake -n` plans for the config."""
+def dry_run_jobs(config: Path) -> list[tuple[str, dict[str, str], int, str]]:
+    """(rule, wildcards, GPUs requested, shell command or "") of every job `snakemake -n`
+    plans for the config."""
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.run(
-            [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-s",
+            [sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "1", "-s",
              str(REPO / "Snakefile"), "--configfile", str(config.resolve())],
             cwd=tmp, capture_output=True, text=True,
         )  # fmt: skip
     if proc.returncode != 0:
         raise SystemExit(f"compute_plan: dry run failed:\n{proc.stderr[-2000:]}")
     jobs = []
-    for rule, body in JOB_RE.findall(proc.stdout):
+    for rule, body, shell in JOB_RE.findall(proc.stdout):
         wc = {}
         m = re.search(r"^    wildcards: (.*)$", body, re.M)
         if m:
             wc = dict(item.split("=", 1) for item in m.group(1).split(", "))
         gpu = re.search(r"^    resources: .*\bgpu=(\d+)", body, re.M)
-        jobs.append((rule, wc, int(gpu.group(1)) if gpu else 0))
+        jobs.append((rule, wc, int(gpu.group(1)) if gpu else 0, shell or ""))
     return jobs
+
+
+def flag(shell: str, name: str) -> str | None:
+    m = re.search(rf"--{name} (\S+)", shell)
+    return m.group(1) if m else None
+
+
+def trained_models(rule: str, shell: str) -> tuple[int, int, int] | None:
+    """(SAEs, width, training rows of each) of a training job, from its command line:
+    `isae train` trains --arch x --seeds, `isae lr-sweep` --arch x --factors (dl skipped)."""
+    if rule not in ("train", "lr_sweep"):
+        return None
+    archs = [a for a in (flag(shell, "arch") or "").split(",") if a and a != "dl"]
+    if rule == "train":
+        archs = [a for a in (flag(shell, "arch") or "").split(",") if a]
+        n = len(archs) * len((flag(shell, "seeds") or "0").split(","))
+    else:
+        n = len(archs) * len((flag(shell, "factors") or "1").split(","))
+    return n, int(flag(shell, "width")), int(flag(shell, "tokens"))
 
 
 def dataset_d(name: str, ds: dict, results: Path) -> int | None:
@@ -112,11 +132,17 @@ def bench_key(rule: str, wc: dict[str, str]) -> str:
     """The wildcard part of a job's benchmark path (as in the rules' `benchmark:`)."""
     if not wc:
         return "all"
-    if "seed_a" in wc:
-        return f"{wc['dataset']}/{wc['arch']}/k{wc['k']}-w{wc['width']}/seed{wc['seed_a']}-seed{wc['seed_b']}"
     if "seed" in wc:
-        return f"{wc['dataset']}/{wc['arch']}/k{wc['k']}-w{wc['width']}/seed{wc['seed']}"
+        return f"{wc['dataset']}/{wc['group']}/{wc['arch']}/seed{wc['seed']}"
+    if "group" in wc:
+        return f"{wc['dataset']}/{wc['group']}"
     return wc.get("dataset", "all")
+
+
+def job_width(wc: dict[str, str]) -> str | None:
+    """The SAE width of a job's group (k8-w256-r1000000 -> "256")."""
+    m = re.search(r"-w(\d+)-", wc.get("group", ""))
+    return m.group(1) if m else None
 
 
 def fmt_gb(b: float) -> str:
@@ -128,7 +154,7 @@ def plan(config: Path, bench_root: Path, results: Path) -> str:
     datasets = cfg["datasets"]
     jobs = dry_run_jobs(config)
     bench = read_benchmarks(bench_root) if bench_root.is_dir() else {}
-    planned = {(rule, bench_key(rule, wc)) for rule, wc, _ in jobs}
+    planned = {(rule, bench_key(rule, wc)) for rule, wc, *_ in jobs}
     foreign = sorted(k for k in bench if k[0] == "train" and k not in planned)
     lines = [f"Plan for `{config.relative_to(REPO) if config.is_relative_to(REPO) else config}`"
              f" (device: {cfg.get('device', 'cpu')}); benchmark files read: {len(bench)}.", ""]  # fmt: skip
@@ -140,22 +166,22 @@ def plan(config: Path, bench_root: Path, results: Path) -> str:
 
     # ---- time per rule: measured where a benchmark of that very job exists
     by_group = defaultdict(list)  # (rule, dataset, width) -> measured seconds
-    for rule, wc, _ in jobs:
+    for rule, wc, *_ in jobs:
         b = bench.get((rule, bench_key(rule, wc)))
         if b:
-            by_group[(rule, wc.get("dataset"), wc.get("width"))].append(b["s"])
+            by_group[(rule, wc.get("dataset"), job_width(wc))].append(b["s"])
     rows = defaultdict(
         lambda: {"jobs": 0, "gpu_jobs": 0, "measured": 0, "s": 0.0, "gpu_s": 0.0,
                  "known": True, "gpu_known": True, "rss": 0.0}
     )  # fmt: skip
-    for rule, wc, gpus in jobs:
+    for rule, wc, gpus, _ in jobs:
         if rule == "all":
             continue
         r = rows[rule]
         r["jobs"] += 1
         r["gpu_jobs"] += gpus > 0
         b = bench.get((rule, bench_key(rule, wc)))
-        group = by_group.get((rule, wc.get("dataset"), wc.get("width")))
+        group = by_group.get((rule, wc.get("dataset"), job_width(wc)))
         seconds = b["s"] if b else statistics.mean(group) if group else None
         if b:
             r["measured"] += 1
@@ -183,10 +209,11 @@ def plan(config: Path, bench_root: Path, results: Path) -> str:
     lines += ["", f"GPU-hours (device jobs): {f'{total_gpu:,.0f}' if gpu_known else 'n/a (not yet measured)'}", ""]  # fmt: skip
 
     # ---- training volume and disk per dataset
-    train = defaultdict(list)
-    for rule, wc, _ in jobs:
-        if rule == "train":
-            train[wc["dataset"]].append(int(wc["width"]))
+    train = defaultdict(list)  # dataset -> (SAEs, width, rows) per training job
+    for rule, wc, _, shell in jobs:
+        models = trained_models(rule, shell)
+        if models:
+            train[wc["dataset"]].append(models)
     lines += [
         "| dataset | d | activation rows | activations on disk | SAEs trained | training tokens"
         " | checkpoints on disk |",
@@ -198,8 +225,9 @@ def plan(config: Path, bench_root: Path, results: Path) -> str:
         d = dataset_d(name, ds, results)
         n_rows = activation_rows(name, ds, results)
         nbytes = DTYPE_BYTES[ds["extract"].get("dtype", "float32")]
-        widths = train.get(name, [])
-        tokens = len(widths) * int(ds["tokens"])
+        groups = train.get(name, [])
+        n_saes = sum(n for n, _, _ in groups)
+        tokens = sum(n * rows for n, _, rows in groups)
         if d is None or n_rows is None:
             acts = "n/a"
             disk_known = False
@@ -209,12 +237,12 @@ def plan(config: Path, bench_root: Path, results: Path) -> str:
         if d is None:
             ckpt = "n/a"
         else:
-            ckpt_bytes = sum(4 * (2 * d * w + w + d) for w in widths)
+            ckpt_bytes = sum(n * 4 * (2 * d * w + w + d) for n, w, _ in groups)
             total_disk += ckpt_bytes
             ckpt = fmt_gb(ckpt_bytes)
         lines.append(
             f"| {name} | {d or 'n/a'} | {'n/a' if n_rows is None else f'{n_rows:,}'} | {acts} "
-            f"| {len(widths)} | {tokens:,} | {ckpt} |"
+            f"| {n_saes} | {tokens:,} | {ckpt} |"
         )
     lines += ["", f"Disk for activations + checkpoints: {fmt_gb(total_disk)}"
               + ("" if disk_known else " (plus the sets whose size is n/a)")]  # fmt: skip
