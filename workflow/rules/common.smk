@@ -31,7 +31,7 @@ from typing import NamedTuple
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from isae.models.config import parse_arch, preset_of
+from isae.models.config import parse_arch, preset_of, thresholding_steps
 from isae.errors import UserError
 
 
@@ -209,6 +209,17 @@ def _build_runs() -> dict:
                         if known
                         else Run(arch=arch, seed=seed, role="iter", **main)
                     )
+                    runs[run].add("iter")
+            # Other bases with steps that other grids train anyway (the ablation's topk and
+            # topk+iter) join F8 at no cost.
+            for run in list(runs):
+                same = (run.dataset, run.k, run.width, run.rows) == (
+                    name,
+                    tr["k"],
+                    tr["width"],
+                    tr["rows"],
+                )
+                if same and run.seed in it["seeds"] and thresholding_steps(run.arch):
                     runs[run].add("iter")
     return dict(sorted(runs.items()))
 

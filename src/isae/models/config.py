@@ -76,6 +76,27 @@ def preset_of(name: str) -> str:
                key=len)
 
 
+def thresholding_steps(name: str) -> tuple[str, int] | None:
+    """An arch read as a base plus N hard-thresholding steps: ``isae-iter`` -> ("isae", 3),
+    ``topk+iter10`` -> ("topk", 10), ``topk+iter`` -> ("topk", 3), ``topk`` -> ("topk", 0);
+    None for anything else (other switches, unknown names)."""
+    try:
+        spec = parse_arch(name)
+    except UserError:
+        return None
+    n = int(spec["encoder_steps"])
+    if spec["kind"] != "topk":
+        return None
+    if name == "isae-iter":
+        return "isae", n
+    if name in PRESETS:
+        return (name, 0) if n == 0 else None
+    base = preset_of(name)
+    if base == "isae-iter" or not re.fullmatch(r"\+iter\d*", name[len(base):]):
+        return None
+    return base, n
+
+
 @dataclass
 class SAEConfig:
     """Shape and architecture of one sparse coder."""

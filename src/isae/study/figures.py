@@ -36,7 +36,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from isae.models.config import PRESETS, parse_arch, preset_of
+from isae.models.config import PRESETS, preset_of, thresholding_steps
 from isae.study.tables import arch_sort_key, seed_pairs
 
 DELTA_THRESHOLDS = {"δ = 1/3": 1.0 / 3.0, "δ = √2−1": math.sqrt(2.0) - 1.0}
@@ -656,20 +656,7 @@ def f7_budget(runs: pd.DataFrame, pairs: pd.DataFrame, chance: pd.DataFrame | No
 def iter_steps(arch: str) -> tuple[str, int] | None:
     """``isae-iter`` -> ("isae", 3), ``topk+iter10`` -> ("topk", 10), ``topk`` -> ("topk", 0);
     None for an arch that is not a base plus thresholding steps."""
-    try:
-        spec = parse_arch(arch)
-    except Exception:
-        return None
-    n = int(spec["encoder_steps"])
-    if arch == "isae-iter":
-        return "isae", n
-    if n == 0:
-        return (arch, 0) if arch in PRESETS else None
-    base = preset_of(arch)
-    rest = arch[len(base):]
-    if not rest.startswith("+iter") or "+" in rest[1:] or "-" in rest[1:]:
-        return None
-    return base, n
+    return thresholding_steps(arch)
 
 
 def iter_curves(runs: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
