@@ -277,6 +277,7 @@ def test_iter_steps_and_curves():
     assert figures.iter_steps("topk") == ("topk", 0)
     assert figures.iter_steps("topk+signed") is None
     assert figures.iter_steps("topk+signed+iter") is None
+    assert figures.iter_steps("dl") is None and figures.iter_steps("isae-iter+iter10") is None
     runs = pd.DataFrame(dict(dataset="syn", arch=["isae", "isae", "isae-iter", "isae+iter10"],
                              seed=[0, 1, 0, 0], fvu=[0.4, 0.6, 0.3, 0.25],
                              encode_flops=[10.0, 10.0, 40.0, 110.0], converged=True, iter=True))
