@@ -15,7 +15,9 @@ import sys
 
 from isae.errors import UserError
 
-COMMANDS = ("extract", "train", "eval", "match", "ric", "export")
+COMMANDS = ("extract", "train", "eval", "match", "ric", "export", "import")
+#: Subcommands whose module is not named after them (``import`` is a Python keyword).
+MODULES = {"import": "import_ckpt"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,9 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"isae.cli.{name}")
+            module = importlib.import_module(f"isae.cli.{MODULES.get(name, name)}")
         except ModuleNotFoundError as e:
-            if e.name != f"isae.cli.{name}":
+            if e.name != f"isae.cli.{MODULES.get(name, name)}":
                 raise
             continue  # a stage not installed in this build
         module.add_parser(sub)
