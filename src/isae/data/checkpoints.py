@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from isae.data.activations import Normalizer
 from isae.data import foreign
+from isae.data.activations import Normalizer
 from isae.data.atomic import writable_parent, write_json_atomic
 from isae.errors import UserError
 from isae.models.config import SAEConfig
