@@ -252,7 +252,7 @@ def fidelity(
     mean_vec = np.asarray(meta["mean"], np.float32) if "mean" in meta else ckpt.norm.mean
     source = lm.open_text(text)
     loaded = lm.boot(model, device=device)
-    lm.check_hook(loaded.bridge, hook, model=f"model {model!r}")
+    native = lm.check_hook(loaded.bridge, hook, model=f"model {model!r}")
     fr = lm.framing(loaded.tokenizer)
     content_len = lm.check_context(context, fr, loaded.n_ctx)
 
@@ -285,7 +285,7 @@ def fidelity(
         "mean": lambda rows: mean_t.to(rows.dtype).expand_as(rows),
     }
     kind = loaded.kind
-    metrics = measure(loaded.bridge, hook, batches, reps, kind)
+    metrics = measure(loaded.bridge, native, batches, reps, kind)
     nan = float("nan")
     row = {
         "ckpt": str(Path(checkpoint)),

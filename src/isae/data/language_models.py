@@ -202,18 +202,34 @@ def model_kind(bridge) -> str:
 
     Having an unembedding is not the test: the embedded MiniLM boots as ``BertForMaskedLM``
     whose MLM head is not in the sentence-transformers weights (randomly initialised, and
-    a masked-token objective besides). A model counts as a causal LM when its attention is
-    causal and transformer-lens's adapter supports the shifted next-token loss.
+    a masked-token objective besides). Nor is the bridge's ``attention_dir``: transformer-lens
+    3.9 reports BERT's attention as causal. A model counts as a causal LM when the Hugging
+    Face class it was booted as is one of transformers' causal-LM classes (falling back to
+    ``attention_dir`` when the bridge does not expose it), transformer-lens's adapter
+    supports the shifted next-token loss, and it has an unembedding.
     """
-    causal = getattr(bridge.cfg, "attention_dir", "causal") == "causal"
+    hf = getattr(bridge, "original_model", None)
+    if hf is not None:
+        causal = type(hf).__name__ in _causal_lm_classes()
+    else:
+        causal = getattr(bridge.cfg, "attention_dir", "causal") == "causal"
     shifted = bool(getattr(getattr(bridge, "adapter", None), "supports_causal_loss", False))
     has_unembed = "hook_unembed" in bridge.hook_dict or "unembed.hook_out" in bridge.hook_dict
     return "lm" if causal and shifted and has_unembed else "encoder"
 
 
+def _causal_lm_classes() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names: set[str] = set()
+    for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update([v] if isinstance(v, str) else v)
+    return names
+
+
 def final_hook(bridge) -> str:
     """Hook of the last block's output (BERT: the post-LayerNorm last_hidden_state)."""
-    return f"blocks.{bridge.cfg.n_layers - 1}.hook_resid_post"
+    return resolve_hook(bridge, f"blocks.{bridge.cfg.n_layers - 1}.hook_resid_post")
 
 
 def hook_names(bridge) -> list[str]:
@@ -221,11 +237,33 @@ def hook_names(bridge) -> list[str]:
     return sorted(bridge.hook_dict)
 
 
-def check_hook(bridge, hook: str, model: str = "the model") -> None:
-    """UserError naming the closest valid hooks when ``hook`` does not exist."""
-    names = hook_names(bridge)
+def resolve_hook(bridge, hook: str) -> str:
+    """The name under which this bridge fires ``hook``.
+
+    A block's residual output is ``blocks.L.hook_resid_post`` in transformer-lens's legacy
+    naming and ``blocks.L.hook_out`` in the bridge's own; transformer-lens 4.x and 3.9
+    expose both, a bridge without the legacy aliases only the second. Either name given,
+    the one the bridge has is used, so activation sets and splices do not depend on the
+    transformer-lens version (the set records the name the user gave).
+    """
+    names = bridge.hook_dict
     if hook in names:
-        return
+        return hook
+    m = re.fullmatch(r"(blocks\.\d+\.)(hook_resid_post|hook_out)", hook)
+    if m:
+        other = m.group(1) + ("hook_out" if m.group(2) == "hook_resid_post" else "hook_resid_post")
+        if other in names:
+            return other
+    return hook
+
+
+def check_hook(bridge, hook: str, model: str = "the model") -> str:
+    """The bridge's name for ``hook`` (``resolve_hook``); UserError naming the closest valid
+    hooks when it has none."""
+    native = resolve_hook(bridge, hook)
+    names = hook_names(bridge)
+    if native in names:
+        return native
     close = difflib.get_close_matches(hook, names, n=6, cutoff=0.5)
     if not close:
         # Fall back to the hooks of the same block, or the residual-stream ones.

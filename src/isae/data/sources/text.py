@@ -56,7 +56,7 @@ def extract(
         raise UserError(f"text source {text!r} is empty: no documents with text")
     loaded = lm.boot(model, device=device)
     bridge = loaded.bridge
-    lm.check_hook(bridge, hook, model=f"model {model!r}")
+    native = lm.check_hook(bridge, hook, model=f"model {model!r}")
     fr = lm.framing(loaded.tokenizer)
     content_len = lm.check_context(context, fr, loaded.n_ctx)
 
@@ -96,7 +96,7 @@ def extract(
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(progress(total, desc=f"extract {hook}", unit="tok"))
         for batch in lm.batches(chunks, fr, context, batch_size):
-            rows = lm.capture(bridge, batch.to(device), hook).float().cpu().numpy()
+            rows = lm.capture(bridge, batch.to(device), native).float().cpu().numpy()
             if writer is None:
                 # d is known after the first forward pass (per-head hooks are flattened).
                 writer = stack.enter_context(ActivationWriter(
