@@ -158,11 +158,14 @@ def export_saelens(ckpt: Checkpoint, out: str | os.PathLike, lossy: bool = False
         "activation_fn_str": "relu" if arch == "standard" else arch,
         "activation_fn_kwargs": {} if arch == "standard" else {"k": c.get("k")},
         "k": None if arch == "standard" else c.get("k"),
-        "model_name": act.get("model"),
-        "hook_name": act.get("hook"),
-        "metadata": {"model_name": act.get("model"), "hook_name": act.get("hook")},
+        "reshape_activations": "none",
         **export_record(ckpt, "saelens"),
     }
+    # Names only when known: SAELens's reading of a config without a version stamp fails on
+    # a null hook_name.
+    names = {k: v for k, v in (("model_name", act.get("model")), ("hook_name", act.get("hook")))
+             if v is not None}
+    cfg.update(names, metadata=names)
     stage = _stage(out)
     save_file(t, str(stage / "sae_weights.safetensors"))
     (stage / "cfg.json").write_text(json.dumps(cfg, indent=1) + "\n")
