@@ -20,6 +20,7 @@ thread count it ends bitwise equal to an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -44,6 +45,26 @@ from isae.progress import progress
 from isae.training.batches import STREAM, training_batches
 
 log = logging.getLogger(__name__)
+
+#: Seeds sharing a pass on CUDA run their steps and bookkeeping on one stream each, so one
+#: model's small kernels can overlap another's. Opt-in (ISAE_SEED_STREAMS=1) until the GPU
+#: benchmark (gpu_bench.py, seeds) has measured what it buys.
+SEED_STREAMS = os.environ.get("ISAE_SEED_STREAMS", "0") == "1"
+
+
+@contextlib.contextmanager
+def _on_stream(stream: torch.cuda.Stream | None, *inputs: torch.Tensor):
+    """Run the block on ``stream`` once the current stream's work is done, keeping
+    ``inputs`` (made on the current stream) alive until the stream has read them; with
+    None, run it as it is."""
+    if stream is None:
+        yield
+        return
+    stream.wait_stream(torch.cuda.current_stream(stream.device))
+    for t in inputs:
+        t.record_stream(stream)
+    with torch.cuda.stream(stream):
+        yield
 
 
 class SAEStepper:
@@ -241,6 +262,8 @@ def train_many(
     # With several graphed models, their dead counts are read in one host sync per step
     # (one per model would idle the GPU after each model's step while the host waits).
     one_sync = len(runs) > 1 and all(getattr(r.stepper, "graphs", None) is not None for r in runs)
+    streams = ([torch.cuda.Stream(device) for _ in runs] if one_sync and SEED_STREAMS
+               else [None] * len(runs))
 
     name = sae_cfgs[0].arch + (f" x{len(runs)} seeds" if len(runs) > 1 else "")
     t0 = time.perf_counter()
@@ -254,32 +277,36 @@ def train_many(
             deads = [run.since_fired >= tcfg.dead_tokens for run in runs]
             n_deads = (torch.stack([d.sum() for d in deads]).tolist() if one_sync
                        else [None] * len(runs))
-            for run, dead, n_dead in zip(runs, deads, n_deads):
-                m = (run.stepper.step(x, lr_scale, dead) if n_dead is None
-                     else run.stepper.step(x, lr_scale, dead, n_dead))
-                codes = m["codes"]
-                with torch.no_grad():  # no boolean indexing: it would wait for the GPU
-                    if run.cfg.kind == "relu":  # dense codes
-                        fires = (codes.val != 0).sum(0)
-                    else:
-                        fires = torch.zeros(run.cfg.d_sae, dtype=torch.long, device=device)
-                        fires.scatter_add_(0, codes.idx.reshape(-1), (codes.val != 0).reshape(-1).long())
-                    run.since_fired = torch.where(fires > 0, 0, run.since_fired + x.shape[0])
-                if logging_step:
-                    row = {
-                        "step": step,
-                        "tokens": (step + 1) * tcfg.batch_size,
-                        "loss": float(m["loss"]),
-                        "fvu": float(m["fvu"]),
-                        "auxk": float(m["auxk"]),
-                        "l0": int((codes.val != 0).sum()) / codes.val.shape[0],
-                        "dead_frac": int(dead.sum()) / dead.numel(),
-                        "lr": getattr(run.stepper, "base_lr", 0.0) * lr_scale,
-                        "wall_s": wall0 + time.perf_counter() - t0,
-                    }
-                    if not math.isfinite(row["loss"]):
-                        raise UserError(f"training diverged at step {step} (loss {row['loss']}); lower --lr")
-                    run.rows.append(row)
+            for run, dead, n_dead, stream in zip(runs, deads, n_deads, streams):
+                with _on_stream(stream, x, dead):
+                    m = (run.stepper.step(x, lr_scale, dead) if n_dead is None
+                         else run.stepper.step(x, lr_scale, dead, n_dead))
+                    codes = m["codes"]
+                    with torch.no_grad():  # no boolean indexing: it would wait for the GPU
+                        if run.cfg.kind == "relu":  # dense codes
+                            fires = (codes.val != 0).sum(0)
+                        else:
+                            fires = torch.zeros(run.cfg.d_sae, dtype=torch.long, device=device)
+                            fires.scatter_add_(0, codes.idx.reshape(-1), (codes.val != 0).reshape(-1).long())
+                        run.since_fired = torch.where(fires > 0, 0, run.since_fired + x.shape[0])
+                    if logging_step:
+                        row = {
+                            "step": step,
+                            "tokens": (step + 1) * tcfg.batch_size,
+                            "loss": float(m["loss"]),
+                            "fvu": float(m["fvu"]),
+                            "auxk": float(m["auxk"]),
+                            "l0": int((codes.val != 0).sum()) / codes.val.shape[0],
+                            "dead_frac": int(dead.sum()) / dead.numel(),
+                            "lr": getattr(run.stepper, "base_lr", 0.0) * lr_scale,
+                            "wall_s": wall0 + time.perf_counter() - t0,
+                        }
+                        if not math.isfinite(row["loss"]):
+                            raise UserError(f"training diverged at step {step} (loss {row['loss']}); lower --lr")
+                        run.rows.append(row)
+            for stream in streams:  # the next step's dead counts read every model's counters
+                if stream is not None:
+                    torch.cuda.current_stream(device).wait_stream(stream)
             bar.update(x.shape[0])
             if logging_step:
                 r = runs[0].rows[-1]
