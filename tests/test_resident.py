@@ -101,6 +101,17 @@ def test_meta_that_miscounts_the_training_rows_is_named(tmp_path):
         resident.load_training_rows(ActivationSet(acts.path))
 
 
+def test_a_split_too_large_for_the_device_is_one_line(tmp_path):
+    import json
+
+    acts = _set(tmp_path / "s")
+    meta = json.loads((acts.path / "meta.json").read_text())
+    meta["train_rows"] = 10**13  # 480 TB in float32: no machine allocates it
+    (acts.path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="does not fit in cpu's memory"):
+        resident.load_training_rows(ActivationSet(acts.path))
+
+
 def test_auto_falls_back_to_streaming_when_the_split_does_not_fit(tmp_path, monkeypatch):
     acts = _set(tmp_path / "s", "float16")
     need = resident.resident_bytes(acts)

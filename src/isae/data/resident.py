@@ -81,9 +81,9 @@ def load_training_rows(acts: ActivationSet, device: str | torch.device = "cpu",
                        workers: int | None = None) -> torch.Tensor:
     """The training split as one [rows, d] tensor on ``device``, in the stored dtype.
 
-    Shards are decoded by ``workers`` threads, at most twice that many ahead of the one
-    being copied (host memory stays bounded by the window, not the set), and copied into
-    the preallocated tensor in shard order.
+    Shards are decoded by ``workers`` threads, at most ``workers + 2`` ahead of the one
+    being copied (host memory stays bounded by that window, not by the set), and copied
+    into the preallocated tensor in shard order.
     """
     device = torch.device(device)
     workers = workers or LOAD_WORKERS
@@ -103,33 +103,27 @@ def load_training_rows(acts: ActivationSet, device: str | torch.device = "cpu",
     pos = 0
     pending: deque[Future] = deque()
     shards = iter(acts.shards)
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="isae-load") as pool:
-            def top_up() -> None:
-                while len(pending) < 2 * workers:
-                    path = next(shards, None)
-                    if path is None:
-                        return
-                    pending.append(pool.submit(read, path))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="isae-load") as pool:
+        def top_up() -> None:
+            while len(pending) < workers + 2:
+                path = next(shards, None)
+                if path is None:
+                    return
+                pending.append(pool.submit(read, path))
 
+        top_up()
+        while pending:
+            rows = pending.popleft().result()
             top_up()
-            while pending:
-                rows = pending.popleft().result()
-                top_up()
-                if not len(rows):
-                    continue
-                if out is None:
-                    out = torch.empty(n, acts.d, dtype=rows.dtype, device=device)
-                if pos + len(rows) > n:
-                    raise UserError(f"activation set {acts.path} holds more training rows than "
-                                    f"its meta.json's train_rows ({n})")
-                out[pos : pos + len(rows)].copy_(rows, non_blocking=pin)
-                pos += len(rows)
-    except torch.OutOfMemoryError:
-        raise UserError(
-            f"the training split of {acts.path} ({n * acts.d * stored_itemsize(acts) / 1e9:.2f} GB) "
-            f"does not fit in {device}'s memory; train with --data-on-device auto or never"
-        ) from None
+            if not len(rows):
+                continue
+            if out is None:
+                out = _allocate(n, acts, rows.dtype, device)
+            if pos + len(rows) > n:
+                raise UserError(f"activation set {acts.path} holds more training rows than "
+                                f"its meta.json's train_rows ({n})")
+            out[pos : pos + len(rows)].copy_(rows, non_blocking=pin)
+            pos += len(rows)
     if pos != n or out is None:
         raise UserError(f"activation set {acts.path} holds {pos} training rows, but its "
                         f"meta.json says train_rows = {n}")
@@ -139,6 +133,15 @@ def load_training_rows(acts: ActivationSet, device: str | torch.device = "cpu",
     log.info("training split on %s: %d rows x %d %s (%.2f GB) loaded in %.2f s", device, n,
              acts.d, str(out.dtype).removeprefix("torch."), out.numel() * out.element_size() / 1e9, dt)
     return out
+
+
+def _allocate(n: int, acts: ActivationSet, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    try:
+        return torch.empty(n, acts.d, dtype=dtype, device=device)
+    except RuntimeError:  # torch.OutOfMemoryError on CUDA, a plain RuntimeError on the CPU
+        gb = n * acts.d * torch.finfo(dtype).bits / 8 / 1e9
+        raise UserError(f"the training split of {acts.path} ({gb:.2f} GB) does not fit in "
+                        f"{device}'s memory; train with --data-on-device auto or never") from None
 
 
 def epoch_permutation(seed: int, epoch: int, rows: int) -> np.ndarray:
@@ -165,7 +168,8 @@ def resident_batches(rows: torch.Tensor, batch_size: int, seed: int,
         p = torch.from_numpy(epoch_permutation(seed, e, len(rows)))
         return p.pin_memory() if pin else p
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="isae-perm") as pool:
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="isae-perm")
+    try:
         upcoming = pool.submit(draw, epoch)
         while True:
             perm = upcoming.result().to(rows.device, non_blocking=pin)
@@ -173,3 +177,5 @@ def resident_batches(rows: torch.Tensor, batch_size: int, seed: int,
             for i in range(b, per_epoch):
                 yield rows.index_select(0, perm[i * batch_size : (i + 1) * batch_size]).float()
             epoch, b = epoch + 1, 0
+    finally:  # a finished run does not wait for the next epoch's permutation
+        pool.shutdown(wait=False, cancel_futures=True)
