@@ -268,3 +268,62 @@ def test_cli_flags_reach_the_trainer_and_bad_values_fail_in_one_line(tmp_path, c
         lines = [ln for ln in err.splitlines() if "error" in ln.lower()]
         assert rc == 2 and len(lines) == 1 and pattern in lines[0] and "Traceback" not in err, err
         assert not (tmp_path / "c").exists()
+
+
+# ------------------------------------------------------------------ on a GPU (skipped without CUDA)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_copy_and_batches_equal_the_cpu_ones(tmp_path):
+    acts = _set(tmp_path / "s", "float16")
+    host = resident.load_training_rows(acts, "cpu")
+    dev = resident.load_training_rows(acts, "cuda", workers=3)
+    assert dev.is_cuda and dev.dtype == torch.float16 and torch.equal(dev.cpu(), host)
+    a, b = resident.resident_batches(host, 37, 2), resident.resident_batches(dev, 37, 2)
+    for _ in range(2 * len(host) // 37 + 3):
+        assert torch.equal(next(b).cpu(), next(a))
+
+
+@cuda
+@pytest.mark.gpu
+def test_auto_on_cuda_holds_the_split_unless_the_budget_is_too_small(tmp_path):
+    path = _train_set(tmp_path)
+    kw = {"device": "cuda", "data_on_device": "auto", "tokens": 64 * 30}
+    s = trainer.train(path, _cfg(), _tcfg(**kw), tmp_path / "a", resume=False)
+    assert s["batches"] == source.DEVICE
+    s = trainer.train(path, _cfg(), _tcfg(**kw, data_memory_fraction=1e-12), tmp_path / "b", resume=False)
+    assert s["batches"] == source.STREAM
+
+
+@cuda
+@pytest.mark.gpu
+def test_seed_streams_train_like_one_stream(tmp_path, monkeypatch):
+    """Each seed on its own CUDA stream (ISAE_SEED_STREAMS=1) against one stream: the same
+    batches and steps, so the same losses up to the order of atomic sums."""
+    from isae.gpu import cuda_graphs as graphs
+
+    if not graphs.ENABLED:
+        pytest.skip("CUDA graphs are off")
+    from libdata import signed_sparse_set
+
+    signed_sparse_set(tmp_path / "syn", d=64, atoms=256, k=4, rows=30000, rows_per_shard=8192)
+    cfgs = [SAEConfig.from_arch("topk", d_in=64, d_sae=1024, k=8, seed=s) for s in (0, 1, 2)]
+    tcfg = TrainConfig(tokens=1024 * 60, batch_size=1024, lr=1e-3, log_every=1, checkpoint_every=10**9,
+                       device="cuda", dead_tokens=8 * 1024)
+    logs = {}
+    for on in (False, True):
+        monkeypatch.setattr(trainer, "SEED_STREAMS", on)
+        outs = [tmp_path / f"{on}{c.seed}" for c in cfgs]
+        trainer.train_many(tmp_path / "syn", cfgs, tcfg, outs, resume=False)
+        import pandas as pd
+
+        logs[on] = [pd.read_parquet(o / "train_log.parquet") for o in outs]
+    for a, b in zip(logs[True], logs[False]):
+        assert len(a) == len(b) == 60
+        # 1 %: room for atomic sums in another order; a race between streams (a step
+        # reading a batch or counter another stream has not finished) would be far off
+        np.testing.assert_allclose(a["fvu"], b["fvu"], rtol=1e-2)
+        assert (a["dead_frac"] - b["dead_frac"]).abs().max() <= 0.02
