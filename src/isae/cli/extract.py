@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
     lm.add_argument("--context", type=int, default=128, help="tokens per context")
     lm.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
     lm.add_argument("--batch-size", type=int, default=32, help="contexts per forward pass")
-    lm.add_argument("--device", default="cpu")
+    lm.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     _common(lm)
     lm.set_defaults(func=_run_lm)
 
@@ -50,7 +50,7 @@ def add_parser(sub) -> None:
     v.add_argument("--layer", type=int, default=-1, help="hidden-state index (-1 = last layer)")
     v.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     v.add_argument("--max-images", type=int, default=None, help="stop after this many images")
-    v.add_argument("--device", default="cpu")
+    v.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     _common(v)
     v.set_defaults(func=_run_vision)
 
