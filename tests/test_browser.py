@@ -336,3 +336,51 @@ def test_page_in_headless_chromium(lm_set, tmp_path, capsys):
               "--hide-scrollbars")
     assert shot.stat().st_size > 10_000
     assert re.match(rb"\x89PNG", shot.read_bytes()[:4])
+
+
+def test_dense_relu_codes(lm_set, tokenizer, tmp_path):
+    """A relu SAE's codes come dense; frequencies and top rows still follow its ReLU."""
+    from safetensors.numpy import load_file
+
+    tmp, acts, cks = lm_set
+    m = SparseCoder(SAEConfig.from_arch("relu", d_in=D, d_sae=N, k=K, seed=3))
+    ck = checkpoint.save(m, tmp_path / "relu", acts.normalizer())
+    data = br.browse(checkpoint.load(ck), checkpoint.load(cks[0]), acts, tokenizer, pairs=0,
+                     contexts=2, window=1)
+    t = {k: v.astype(np.float64) for k, v in load_file(str(ck / "sae.safetensors")).items()}
+    x = acts.load("heldout")["x"].astype(np.float64)
+    nz = acts.normalizer()
+    z = np.maximum(((x - nz.mean) / nz.scale - t["b_dec"]) @ t["W_enc"] + t["b_enc"], 0)
+    for p in data.pairs:
+        j = p.a.index
+        assert p.a.freq == pytest.approx((z[:, j] > 0).mean(), abs=1e-12)
+        if p.a.contexts:
+            assert p.a.contexts[0].value == pytest.approx(z[:, j].max(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- the workflow
+
+
+@pytest.mark.skipif(shutil.which("snakemake") is None, reason="snakemake missing")
+def test_workflow_plans_one_page_per_language_model_arch(tmp_path):
+    import os
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copy(root / "Snakefile", tmp_path / "Snakefile")
+    for folder in ("workflow", "config", "scripts"):
+        shutil.copytree(root / folder, tmp_path / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    r = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--config", "seeds=[2, 0, 1]",
+         "archs=[topk, isae]", "sweep={archs: []}", "ablation={datasets: []}",
+         "datasets={minilm: {archs: null}}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    pages = sorted(set(re.findall(r"results/browser/\S+\.html", r.stdout)))
+    # the synthetic set has no text: pages for minilm only, each arch's two lowest seeds
+    assert pages == ["results/browser/minilm/isae/k16-w1536/seed0-seed1.html",
+                     "results/browser/minilm/topk/k16-w1536/seed0-seed1.html"]

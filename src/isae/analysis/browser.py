@@ -199,12 +199,11 @@ def scan_heldout(
                 rows = n + s + np.arange(len(xb))
                 for ckpt, top, count in zip(ckpts, tops, counts):
                     codes = ckpt.model.encode(ckpt.normalize(xb.to(ckpt.model.device)))
-                    val = codes.val.double().cpu().numpy()
-                    idx = codes.idx.cpu().numpy()
-                    r, j = np.nonzero(val)
-                    lat = idx[r, j]
-                    np.add.at(count, lat, 1)
-                    top.update(lat, rows[r], val[r, j])
+                    # Only the active entries leave the device (relu codes come dense).
+                    r, j = (codes.val != 0).nonzero(as_tuple=True)
+                    lat = codes.idx[r, j].cpu().numpy()
+                    count += np.bincount(lat, minlength=len(count))
+                    top.update(lat, rows[r.cpu().numpy()], codes.val[r, j].double().cpu().numpy())
             n += len(x_all)
             bar.update(len(x_all))
             if max_rows is not None and n >= max_rows:
