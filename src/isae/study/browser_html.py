@@ -242,7 +242,8 @@ def render(data: BrowserData, title: str | None = None) -> str:
     doc_names = about.get("doc_names")
     rows = int(s.get("rows") or 0)
     pairs = "\n".join(_pair(p, rows, doc_names) for p in data.pairs)
-    note = ("Pairs spread over the whole ranking by |cos| (best first), unmatched latents last. "
+    note = ("Pairs ranked by |cos| (best first): the top of the ranking, then a sample of the "
+            "rest down to the worst match, unmatched latents last. "
             f"Each side lists the latent's {s.get('contexts')} held-out rows with the largest "
             f"|code| (signed value on the left), {s.get('window')} tokens of context either side.")
     return f"""<!DOCTYPE html>
