@@ -229,6 +229,10 @@ def test_browse_command_writes_the_page(lm_set, capsys):
     html = out.read_text()
     assert html.count('<section class="pair"') == 10
     assert 0 < html.count("<mark>") <= 10 * 2 * 3
+    # --max-rows: only the first rows are encoded, and every context comes from them
+    assert main(["browse", str(cks[0]), str(cks[1]), "--activations", str(acts.path),
+                 "--out", str(out), "--max-rows", "50", "--pairs", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 50
 
 
 def _fail(argv, capsys, fragment):
