@@ -62,7 +62,7 @@ run() {
   if ((rc != 0 && rc != 124)); then tail -n 5 "$OUT/$name.err"; fi
 }
 
-run pytest 150 python3 -m pytest -q -p no:cacheprovider tests/test_fast_gpu.py tests/test_graphs.py \
+run pytest 180 python3 -m pytest -q -p no:cacheprovider tests/test_fast_gpu.py tests/test_graphs.py \
   tests/test_resident.py
 run loop_after 120 python3 benchmarks/loop_bench.py "${SHAPE[@]}" "${LOOP[@]}" --set "$SET" \
   --data-on-device $AFTER --json "$OUT/loop_after.json"
