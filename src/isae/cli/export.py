@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="write a checkpoint in SAELens or sparsify layout")
     p.add_argument("ckpt", help="checkpoint folder")
-    p.add_argument("--format", required=True, choices=["saelens", "sparsify"])
+    p.add_argument("--format", required=True, choices=["saelens", "sparsify"],
+                   help="the library whose folder layout to write")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--lossy", action="store_true",
                    help="export even what the target library computes differently (warns)")
@@ -48,12 +49,15 @@ def run(args: argparse.Namespace) -> dict:
     if lost and not args.lossy:
         raise UserError(f"{LIBRARY[args.format]} cannot represent {ckpt.path}: {'; '.join(lost)} "
                         "(--lossy exports anyway)")
+    log.info("exporting %s (%s, %d x %d) to %s's layout", ckpt.path, ckpt.cfg.get("arch"),
+             ckpt.d_in, ckpt.d_sae, args.format)
     change = measure_change(ckpt, args) if args.activations else None
     if change is not None:
         summary.update({"fvu_isae": change["fvu"], "fvu_exported": change["fvu_other"],
                         "same_support": change["same_support"], "rows": change["rows"]})
     fn = export_saelens if args.format == "saelens" else export_sparsify
     path = fn(ckpt, args.out, lossy=args.lossy)
+    log.info("wrote %s", path)
     if lost:
         if change is None:
             measured = "pass --activations SET to measure the FVU change"
