@@ -82,6 +82,7 @@ def test_match_ric_evaluate_equal_the_command_line(setup, capsys):
         capsys, "eval", str(paths["saelens"]), "--activations", str(acts.path))
 
 
+@pytest.mark.ecosystem  # also under transformer-lens 3.x
 def test_splice_is_the_fidelity_stage_splice():
     """On MiniLM: the hook's downstream sees exactly sae(x) at the chosen positions and x
     elsewhere, and the final states equal those of the fidelity stage's own splice."""

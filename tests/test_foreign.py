@@ -411,3 +411,17 @@ def test_export_of_a_foreign_folder_is_refused(tmp_path, capsys):
     write_saelens(tmp_path / "s", "topk")
     rc = main(["export", str(tmp_path / "s"), "--format", "sparsify", "--out", str(tmp_path / "o")])
     assert rc == 2 and "already a saelens folder" in capsys.readouterr().err
+
+
+def test_codes_compare_across_normalisations(tmp_path, raw_set, isae_ckpts, capsys):
+    """An isae checkpoint (codes in its normalised space) against its own SAELens export
+    (identity normalisation, codes in raw units): the same codes once both are in raw units."""
+    acts, _ = raw_set
+    assert abs(acts.normalizer().scale - 1) > 0.3  # a wrong unit would show
+    main(["export", str(isae_ckpts["isae"]), "--format", "saelens", "--out", str(tmp_path / "e")])
+    capsys.readouterr()
+    assert main(["match", str(isae_ckpts["isae"]), str(tmp_path / "e"), "--activations",
+                 str(acts.path)]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["mean_abs_cos"] == pytest.approx(1.0, abs=1e-6) and s["code_jaccard"] == 1.0
+    assert s["code_rel_dist"] == pytest.approx(0.0, abs=1e-5)
