@@ -121,9 +121,10 @@ def main() -> None:
     trainer.train(tmp / "acts", cfg, warm, tmp / "warm", resume=False)
 
     # 1. the step alone
+    from isae.models.compute import select_ops
     from isae.models.sparse_coder import SparseCoder
 
-    model = SparseCoder(cfg, device=dev)
+    model = SparseCoder(cfg, device=dev, ops=select_ops(dev))
     st = trainer.SAEStepper(model, tcfg)
     x = torch.randn(B, D, device=dev)
     dead = torch.zeros(N, dtype=torch.bool, device=dev)
@@ -175,7 +176,7 @@ def main() -> None:
             widths[id(self)] = graphs.aux_bucket(int(dead.sum()), self.model.cfg.d_sae)
         return self.graphs(x, dead, widths[id(self)])
 
-    if dev == "cuda" and graphs.ENABLED:  # elsewhere there is no per-step sync to remove
+    if st.graphs is not None:  # elsewhere there is no per-step sync to remove
         trainer.SAEStepper.step = no_sync
         s = trainer.train(tmp / "acts", cfg, tcfg, tmp / "mem2", resume=False)
         report("train, batches on the GPU, no per-step host sync (one AuxK width)", s["tokens_per_s"],
