@@ -141,6 +141,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpo
         fields.update(kind="dl", signed=True, tied=True, bias="none", encoder_steps=0)
     if (fields["d_sae"], fields["d_in"]) != (n, d):
         raise UserError(f"{path}: cfg.json says {fields['d_sae']}x{fields['d_in']}, tensors {n}x{d}")
+    if "k" not in fields:  # no default here: a checkpoint says what it was trained with
+        raise UserError(f"{path / CFG} has no k")
     sae_cfg = SAEConfig.from_dict(fields)
     model = SparseCoder(sae_cfg, device=device, ops=select_ops(device))
     zeros = {"W_enc": tensors["W_dec"].T, "b_enc": torch.zeros(n), "b_dec": torch.zeros(d)}
