@@ -15,7 +15,7 @@ import sys
 
 from isae.errors import UserError
 
-COMMANDS = ("extract", "train", "eval", "match", "ric", "export")
+COMMANDS = ("extract", "train", "eval", "match", "ric", "fidelity", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
