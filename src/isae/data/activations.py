@@ -1,7 +1,6 @@
 """Activation sets on disk: a folder with ``meta.json`` and ``part-NNNNN.parquet`` shards.
 
-The format is the contract between the extract stage and everything after it (DESIGN.md,
-"Activation set"):
+The format is the contract between the extract stage and everything after it:
 
 * ``meta.json``: ``d``, ``rows``, ``source``, ``dtype``, provenance, ``mean`` (d floats) and
   ``scale`` (float) such that ``(x - mean) / scale`` has E||.||^2 = d over the training rows,

@@ -3,7 +3,7 @@
 Several seeds of one configuration can share the loop (``train_many``): one pass over the
 data feeds every model, which is how a multi-seed study spends its GPU time well.
 
-One loop serves every kind: a *stepper* (SAEStepper here, dl.DLStepper for dictionary
+One loop serves every kind: a *stepper* (SAEStepper here, DLStepper for dictionary
 learning) does one optimisation step on a batch; the loop owns the data stream, the
 learning-rate schedule, dead-latent bookkeeping, logging, resume state and the final
 checkpoint.
