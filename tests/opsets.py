@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from isae.gpu.ops import FastOps
+from isae.models.config import SAEConfig
 from isae.models.reference import REFERENCE
 from isae.models.sparse_coder import SparseCoder
 
@@ -22,6 +23,17 @@ OP_SETS = {"reference": lambda: REFERENCE, "fast": lambda: FastOps(cuda_graphs=F
 #: pick another latent in a few rows; IHT re-selects supports from bfloat16 scores, where
 #: near-ties flip more often and each flip moves whole rows of the decoder gradient.
 TOLERANCE = {"reference": (1e-5, 1e-5, 0.99999, 0.99999), "fast": (0.02, 0.03, 0.98, 0.9)}
+
+
+def model(arch: str, d: int, n: int, k: int, ops, seed: int = 1, device: str = "cpu") -> SparseCoder:
+    """A coder on ``ops``; learned biases drawn from the global generator (not zero, so that
+    their gradients are checked too)."""
+    m = SparseCoder(SAEConfig.from_arch(arch, d_in=d, d_sae=n, k=k, seed=seed), device=device, ops=ops)
+    if m.cfg.bias == "learned":
+        with torch.no_grad():
+            m.b_dec.normal_(0, 0.1)
+            m.b_enc.normal_(0, 0.1)
+    return m
 
 
 def step(m: SparseCoder, x: torch.Tensor, dead: torch.Tensor | None, aux_width: int | None = None):

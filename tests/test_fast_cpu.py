@@ -9,7 +9,7 @@ Triton kernels themselves, tests/test_fast_gpu.py the whole path on CUDA.
 
 import pytest
 import torch
-from opsets import OP_SETS, check_against_float64, step
+from opsets import OP_SETS, check_against_float64, model, step
 
 from isae.errors import UserError
 from isae.gpu import ops as fast
@@ -20,21 +20,12 @@ from isae.models.reference import REFERENCE, Weights
 from isae.models.sparse_coder import SparseCoder
 
 
-def _model(arch, d, n, k, ops, seed=1):
-    m = SparseCoder(SAEConfig.from_arch(arch, d_in=d, d_sae=n, k=k, seed=seed), ops=ops)
-    if m.cfg.bias == "learned":
-        with torch.no_grad():
-            m.b_dec.normal_(0, 0.1)
-            m.b_enc.normal_(0, 0.1)
-    return m
-
-
 @pytest.mark.parametrize("ops", OP_SETS)
 @pytest.mark.parametrize("arch", ["topk", "isae", "topk+signed", "isae-iter"])
 def test_op_sets_match_float64_forward_and_gradients(ops, arch):
     torch.manual_seed(0)
     d, n, k = 48, 384, 6
-    m = _model(arch, d, n, k, OP_SETS[ops]())
+    m = model(arch, d, n, k, OP_SETS[ops]())
     x = torch.randn(512, d)
     dead = torch.rand(n) < 0.2
     check_against_float64(m, ops, x, dead)
@@ -45,11 +36,11 @@ def test_op_sets_match_float64_forward_and_gradients(ops, arch):
 def test_op_sets_serve_relu_and_dl_alike(ops, arch):
     """relu and dl use the op set's FVU (and dl its sparse decode) only."""
     torch.manual_seed(1)
-    m = _model(arch, 24, 96, 4, OP_SETS[ops]())
+    m = model(arch, 24, 96, 4, OP_SETS[ops]())
     x = torch.randn(128, 24)
     with torch.no_grad():
         got = m(x)
-        ref = _model(arch, 24, 96, 4, REFERENCE)
+        ref = model(arch, 24, 96, 4, REFERENCE)
         ref.load_state_dict(m.state_dict())
         want = ref(x)
     assert torch.equal(got.codes.idx, want.codes.idx)

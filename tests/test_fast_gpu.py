@@ -6,12 +6,10 @@ import copy
 import numpy as np
 import pytest
 import torch
-from opsets import OP_SETS, check_against_float64
+from opsets import OP_SETS, check_against_float64, model
 
 from isae.analysis.isometry import delta_of_supports
 from isae.gpu.ops import FastOps
-from isae.models.config import SAEConfig
-from isae.models.sparse_coder import SparseCoder
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 pytestmark = [cuda, pytest.mark.gpu]
@@ -19,13 +17,7 @@ pytestmark = [cuda, pytest.mark.gpu]
 
 def _pair(arch, d, n, k, seed=0, ops=None):
     """A model on CUDA (the fast op set with graph replay unless ``ops``), random biases."""
-    cfg = SAEConfig.from_arch(arch, d_in=d, d_sae=n, k=k, seed=seed)
-    m = SparseCoder(cfg, device="cuda", ops=ops or FastOps())
-    if cfg.bias == "learned":
-        with torch.no_grad():
-            m.b_dec.normal_(0, 0.1)
-            m.b_enc.normal_(0, 0.1)
-    return m
+    return model(arch, d, n, k, ops or FastOps(), seed=seed, device="cuda")
 
 
 @pytest.mark.parametrize("ops", OP_SETS)
