@@ -12,6 +12,7 @@ import yaml
 
 from isae.cli import train
 from isae.cli.fields import default_of, field_docs
+from isae.cli.main import Parser
 from isae.models.config import PRESETS, SWITCHES, SAEConfig, TrainConfig, parse_arch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +27,7 @@ TRAIN_DEFAULTS = {"k": 32, "d_sae": None, "seed": 0, "l1_coeff": 1e-3, "encoder_
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    sub = argparse.ArgumentParser().add_subparsers()
+    sub = Parser().add_subparsers()
     train.add_parser(sub)
     return sub.choices["train"]
 
@@ -47,6 +48,8 @@ def test_train_help_is_the_fields_docstrings():
         for name in names:
             assert field_docs(cls)[name] in text, name
     assert "--width WIDTH" in text and "(default: 8 x d)" in text
+    assert "(default: the arch's)" in text and "(default: 200000)" in text
+    assert text.count("(default:") == len(train.SAE_FLAGS + train.TRAIN_FLAGS) - 1  # lr: None
     assert all(p in text for p in PRESETS) and all(s in text for s in SWITCHES)
 
 

@@ -3,10 +3,11 @@
 The package is grouped by role; imports run one way, from the top of this list down:
 
   cli        the ``isae`` console script: one thin module per subcommand
-  study      the study's tables (T1, T2, ...) and figures, from collected Parquet tables
+  study      the study's tables (T1, T2, ...), figures and pages, from what analysis made
   analysis   metrics on trained dictionaries: matching, code consistency, restricted
-             isometry, held-out reconstruction, downstream fidelity
-  training   the trainer: streaming, schedule, dead latents, resume state
+             isometry, held-out reconstruction, downstream fidelity, the feature browser
+  training   the trainer: streaming, schedule, dead latents, resume state (analysis and
+             training never import each other)
   data       formats on disk (activation sets, checkpoints, exports), streaming readers,
              activation sources (synthetic, text through a language model, vision)
   models     the SAE family and dictionary learning as plain maths, configs and presets,

@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
                    help="documents to run on: held out from training (default), trained on, or all")
     p.add_argument("--max-tokens", type=int, default=8192, help="stop after this many content tokens")
     p.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="device of the language model and the SAE")
     p.add_argument("--out", default=None, help="one-row Parquet table to write")
     p.set_defaults(func=run)
 

@@ -48,7 +48,8 @@ def add_field_flags(parser: argparse.ArgumentParser, cls: type, names: Iterable[
     """One flag per field of ``cls`` in ``names``: ``--field-name`` (or ``flags[name]``).
 
     defaults[name] = (value, shown): a default that the command resolves itself (e.g. a
-    width of 8 x d, known once the data is), and how the help text shows it.
+    width of 8 x d, known once the data is), and how the help text shows it. Other
+    defaults are shown by the parser's formatter (isae.cli.main.DefaultsFormatter).
     notes[name]: what the command adds to the field's docstring.
     """
     hints = typing.get_type_hints(cls)
@@ -58,12 +59,14 @@ def add_field_flags(parser: argparse.ArgumentParser, cls: type, names: Iterable[
         f = by_name[name]
         value, shown = (defaults or {}).get(name, (default_of(cls, name), None))
         note = (notes or {}).get(name)
-        text = docs[name] + (f" {note}" if note else "")
+        text = (docs[name] + (f" {note}" if note else "")).replace("%", "%%")
+        if shown is not None:  # the command's own default; the parser's formatter shows the rest
+            text += f" (default: {shown})"
         flag = (flags or {}).get(name, "--" + name.replace("_", "-"))
         parser.add_argument(
             flag, dest=name, metavar=flag.lstrip("-").upper().replace("-", "_"),
             type=_scalar_type(hints[name]), default=value, choices=f.metadata.get("choices"),
-            help=f"{text} (default: {value if shown is None else shown})".replace("%", "%%"),
+            help=text,
         )
 
 
