@@ -18,7 +18,8 @@ from isae.models.config import SAEConfig, TrainConfig, arch_help, parse_arch
 SAE_FLAGS = ("k", "d_sae", "seed", "l1_coeff", "encoder_steps")
 #: TrainConfig fields with a flag (its seed, of the data order, is the first model seed).
 TRAIN_FLAGS = ("tokens", "batch_size", "lr", "decay", "warmup_frac", "auxk_alpha", "dead_tokens",
-               "shuffle_buffer", "checkpoint_every", "log_every", "device")
+               "shuffle_buffer", "checkpoint_every", "log_every", "device", "data_on_device",
+               "data_memory_fraction")
 #: Times d, the width when --width is not given.
 WIDTH_PER_DIM = 8
 
