@@ -72,11 +72,14 @@ def _cli(capsys, *argv) -> dict:
 
 
 def test_match_ric_evaluate_equal_the_command_line(setup, capsys):
+    """The same numbers (the command line prints an undefined number, NaN, as null)."""
+    from isae.cli.output import json_safe
+
     tmp, acts, paths = setup
     a, b = str(paths["isae0"]), str(paths["isae1"])
-    assert isae.match(a, isae.load(b), activations=acts.path) == _cli(
+    assert json_safe(isae.match(a, isae.load(b), activations=acts.path)) == _cli(
         capsys, "match", a, b, "--activations", str(acts.path))
-    assert isae.ric(isae.load(a), acts.path, pairs=200) == _cli(
+    assert json_safe(isae.ric(isae.load(a), acts.path, pairs=200)) == _cli(
         capsys, "ric", a, "--activations", str(acts.path), "--pairs", "200")
     assert isae.evaluate(paths["saelens"], acts.path) == _cli(
         capsys, "eval", str(paths["saelens"]), "--activations", str(acts.path))

@@ -15,10 +15,9 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -116,19 +115,24 @@ def load(path: PathLike, device: str = "cpu") -> SAE:
     return SAE(load_checkpoint(path, device=device))
 
 
-def _path(x: PathLike | SAE) -> str:
-    return str(x.path) if isinstance(x, SAE) else str(x)
+def _ckpt(x: PathLike | SAE, device: str):
+    from isae.data.checkpoints import load as load_checkpoint
+
+    return x.ckpt if isinstance(x, SAE) else load_checkpoint(x, device=device)
 
 
-def _run(command: str, **kw: Any) -> dict:
-    """A subcommand's summary: the API calls what the command line calls, so the numbers
-    are the same."""
-    import importlib
+def _write(table, summary: dict, out: PathLike | None, summary_out: PathLike | None) -> dict:
+    """Write the tables as the command line's flags do; -> the summary (NaN where a number is
+    undefined; the command line prints those as null)."""
+    from isae.data.atomic import write_table
 
-    from isae.cli.main import MODULES
+    if out is not None:
+        write_table(table, out)
+    if summary_out is not None:
+        import pandas as pd
 
-    module = importlib.import_module(f"isae.cli.{MODULES.get(command, command)}")
-    return module.run(argparse.Namespace(**kw))
+        write_table(pd.DataFrame([summary]), summary_out)
+    return summary
 
 
 def match(a: PathLike | SAE, b: PathLike | SAE, activations: PathLike | None = None, *,
@@ -136,26 +140,35 @@ def match(a: PathLike | SAE, b: PathLike | SAE, activations: PathLike | None = N
           summary: PathLike | None = None, block: int = 4096) -> dict:
     """Stability of two dictionaries (signed Hungarian matching on |cos|), and with
     ``activations`` the consistency of their codes on its held-out rows: the summary of
-    ``isae match A B``. ``out``/``summary``: Parquet tables to write, as the flags."""
-    return _run("match", ckpt_a=_path(a), ckpt_b=_path(b),
-                activations=None if activations is None else str(activations),
-                max_rows=max_rows, out=out, summary=summary, device=device, block=block)
+    ``isae match A B`` (``isae.analysis.compare.compare_checkpoints``). ``out``/``summary``:
+    Parquet tables to write, as the flags."""
+    from isae.analysis.compare import compare_checkpoints
+
+    table, s = compare_checkpoints(_ckpt(a, device), _ckpt(b, device), activations,
+                                   max_rows=max_rows, device=device, block=block)
+    return _write(table, s, out, summary)
 
 
 def ric(sae: PathLike | SAE, activations: PathLike, *, pairs: int = 10000, seed: int = 0,
         max_rows: int = 50000, device: str = "cpu", out: PathLike | None = None,
         summary: PathLike | None = None) -> dict:
     """Restricted isometry δ_U on unions of observed supports with its calibrations: the
-    summary of ``isae ric``."""
-    return _run("ric", ckpt=_path(sae), activations=str(activations), pairs=pairs, seed=seed,
-                max_rows=max_rows, out=out, summary=summary, device=device)
+    summary of ``isae ric`` (``isae.analysis.isometry.ric_of_checkpoint``)."""
+    from isae.analysis.isometry import ric_of_checkpoint
+
+    table, s = ric_of_checkpoint(_ckpt(sae, device), activations, pairs=pairs, seed=seed,
+                                 max_rows=max_rows, device=device)
+    return _write(table, s, out, summary)
 
 
 def evaluate(sae: PathLike | SAE, activations: PathLike, *, device: str = "cpu",
-             batch_size: int = 4096, out: PathLike | None = None) -> dict:
+             batch_size: int = 4096) -> dict:
     """Held-out MSE per dimension, FVU, L0 and dead fraction: the row of ``isae eval``."""
-    return _run("eval", ckpt=_path(sae), activations=str(activations), device=device,
-                batch_size=batch_size, out=out)
+    from isae.analysis.reconstruction import describe, reconstruction_metrics
+    from isae.data.activations import ActivationSet
+
+    ckpt = _ckpt(sae, device)
+    return {**describe(ckpt), **reconstruction_metrics(ckpt, ActivationSet(activations), batch_size)}
 
 
 # ----------------------------------------------------------------------------- splicing

@@ -17,7 +17,7 @@ import sys
 import isae
 from isae.errors import UserError
 
-COMMANDS = ("extract", "train", "eval", "match", "ric", "export", "import", "browse")
+COMMANDS = ("extract", "train", "eval", "match", "ric", "fidelity", "export", "import", "browse")
 #: Subcommands whose module is not named after them (``import`` is a Python keyword).
 MODULES = {"import": "import_ckpt"}
 
