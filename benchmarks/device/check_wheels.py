@@ -56,14 +56,14 @@ def main(argv: list[str]) -> int:
     image = image_packages()
     meta = {w: wheel_metadata(w) for w in wheels}
     names: dict[str, list[str]] = {}
-    for w, (name, version, _) in meta.items():
+    for name, version, _ in meta.values():
         names.setdefault(norm(name), []).append(version)
     bad = 0
     for name, versions in names.items():
         if len(versions) > 1:
             print(f"TWO VERSIONS of {name}: {versions}")
             bad += 1
-    for w, (name, version, reqs) in meta.items():
+    for name, version, reqs in meta.values():
         gaps, skipped = [], []
         for line in reqs:
             req = Requirement(line)
