@@ -103,12 +103,14 @@ cmd_stage() {
 running() { [ -f "$RUN/pid" ] && kill -0 "$(cat "$RUN/pid")" 2>/dev/null; }
 
 commit_line() {
+  # The commit of the caller's tree; without .git, the stamp made here, checked against the
+  # run's own copy ($WORK) file by file.
   if git -C "$repo" rev-parse HEAD >/dev/null 2>&1; then
     local dirty
     dirty=$(git -C "$repo" status --porcelain --untracked-files=no | wc -l)
     echo "$(git -C "$repo" rev-parse HEAD) ($([ "$dirty" = 0 ] && echo clean || echo "$dirty tracked files modified"))"
   elif [ -f "$repo/.gpu/STAMP" ]; then
-    "$PY" "$here/tree_stamp.py" check "$repo" "$repo/.gpu/STAMP"
+    "$PY" "$here/tree_stamp.py" check "$WORK" "$repo/.gpu/STAMP"
   else
     echo "unknown: no .git and no .gpu/STAMP (run 'run_study.sh stamp' here and carry .gpu/STAMP)"
   fi
@@ -254,6 +256,7 @@ cmd_cpu_smoke() {
   say "smoke: wheels for Python $pyver"
   PYTHON=$base bash "$here/fetch_wheels.sh" --python "$pyver" --dest "$scratch/repo/.whl" | tail -1
   (cd "$scratch/repo" && PYTHON=$base bash benchmarks/device/pack_model.sh)
+  "$base" "$here/tree_stamp.py" make "$repo" "$scratch/repo/.gpu/STAMP"
   local py=$base pp=""
   if [ "$plain" = 0 ]; then
     "$base" -m venv "$scratch/venv"
@@ -283,6 +286,7 @@ cmd_cpu_smoke() {
   listing=$(tar -tzf "$scratch/out/results.tar.gz")
   grep -qx RUN.md <<< "$listing" || die "smoke: no RUN.md in the archive"
   grep -q "tables/T1.md" <<< "$listing" || die "smoke: no T1.md in the archive"
+  grep -q "matches the stamp" "$scratch/out/RUN.md" || die "smoke: RUN.md does not tie the run to the stamp"
   [ "$(cat "$dev/run/rc")" = 0 ] || die "smoke: the study failed (see $dev/run/snakemake.log)"
   say "smoke passed: $scratch/out"
 }
