@@ -6,10 +6,11 @@ Writes into ``--out`` at most 8 files of at most 16 MiB each (the limits of what
 call brings back):
 
 * ``results.tar.gz``: the tables (Markdown, Parquet, LaTeX), the figures as PNG, the
-  per-run tables that the tables are made from (``results/runs/``), each activation set's
-  ``meta.json`` (and its text-source file list), each checkpoint's ``cfg.json`` and
-  ``train_log.parquet`` (not the weights, not the activation shards), the rules' benchmark
-  files (``benchmarks/rules/``), the config files the run used, and RUN.md;
+  feature-browser pages (HTML), the per-run tables that the tables are made from
+  (``results/runs/``), each activation set's ``meta.json`` (and its text-source file list),
+  each checkpoint's ``cfg.json`` and ``train_log.parquet`` (not the weights, not the
+  activation shards), the rules' benchmark files (``benchmarks/rules/``), the config files
+  the run used, and RUN.md;
 * ``logs.tar.gz``: the Snakemake log and the logs of the jobs that failed (all job logs when
   they are small);
 * ``RUN.md`` again, readable without unpacking.
@@ -227,7 +228,7 @@ def _results_files(repo: Path, results: str) -> list[Path]:
     root = repo / results
     pats = ["tables/*", "figures/*.png", "runs/*.parquet", "activations/*/meta.json",
             "activations/*/text_files.json", "checkpoints/**/cfg.json",
-            "checkpoints/**/train_log.parquet", "*.html"]
+            "checkpoints/**/train_log.parquet", "browser/**/*.html", "*.html"]
     out = {p for pat in pats for p in root.glob(pat) if p.is_file()}
     out |= {p for p in (repo / "benchmarks" / "rules").rglob("*.tsv")}
     return sorted(p.relative_to(repo) for p in out)
