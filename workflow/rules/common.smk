@@ -25,6 +25,8 @@ from snakemake.utils import validate
 
 from isae.models.config import parse_arch
 from isae.errors import UserError
+
+
 def _retype(value):
     """A --config string such as "5", "0.1", "true" or "null" -> its YAML value."""
     if isinstance(value, str):
@@ -221,6 +223,16 @@ def match_flags(wildcards) -> str:
 
 def ric_flags(wildcards) -> str:
     return cli_flags({"pairs": config["ric"]["pairs"], "device": config["device"]})
+
+
+def fidelity_flags(wildcards) -> str:
+    return cli_flags(
+        {
+            "max_tokens": config["fidelity"]["max_tokens"],
+            "batch_size": config["fidelity"]["batch_size"],
+            "device": config["device"],
+        }
+    )
 
 
 def run_keys(runs) -> list:

@@ -17,7 +17,7 @@ import sys
 import isae
 from isae.errors import UserError
 
-COMMANDS = ("extract", "train", "eval", "match", "ric", "export", "browse")
+COMMANDS = ("extract", "train", "eval", "match", "ric", "fidelity", "export", "browse")
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from isae.data.activations import Normalizer
 from isae.data.atomic import writable_parent, write_json_atomic
 from isae.errors import UserError
+from isae.models.compute import select_ops
 from isae.models.config import SAEConfig
 from isae.models.sparse_coder import Codes, SparseCoder
 
@@ -140,8 +141,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpo
         fields.update(kind="dl", signed=True, tied=True, bias="none", encoder_steps=0)
     if (fields["d_sae"], fields["d_in"]) != (n, d):
         raise UserError(f"{path}: cfg.json says {fields['d_sae']}x{fields['d_in']}, tensors {n}x{d}")
+    if "k" not in fields:  # no default here: a checkpoint says what it was trained with
+        raise UserError(f"{path / CFG} has no k")
     sae_cfg = SAEConfig.from_dict(fields)
-    model = SparseCoder(sae_cfg, device=device)
+    model = SparseCoder(sae_cfg, device=device, ops=select_ops(device))
     zeros = {"W_enc": tensors["W_dec"].T, "b_enc": torch.zeros(n), "b_dec": torch.zeros(d)}
     model.load_exported({k: tensors.get(k, zeros.get(k)) for k in ("W_dec", "W_enc", "b_enc", "b_dec")})
     model.eval()
