@@ -25,6 +25,7 @@ include: "workflow/rules/measure.smk"
 include: "workflow/rules/fidelity.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/browser.smk"
 
 
 rule all:
@@ -40,4 +41,5 @@ rule all:
         rules.f6_fidelity.output,
         rules.f7_budget.output,
         rules.f8_iter.output,
+        BROWSER_PAGES,
         run_artifacts,

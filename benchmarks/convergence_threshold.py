@@ -69,7 +69,7 @@ def main() -> None:
             tcfg = TrainConfig(tokens=budget, batch_size=args.batch_size, seed=0,
                                log_every=max(1, budget // args.batch_size // 200))
             lr = args.lr_factor * tcfg.learning_rate(width)
-            cfgs = [SAEConfig(d_in=shape["d"], d_sae=width, k=k, arch=a, seed=0, **parse_arch(a))
+            cfgs = [SAEConfig(d_in=shape["d"], d_sae=width, k=k, arch=a, seed=0, **parse_arch(a).fields)
                     for a in archs]
             outs = [out / "ckpt" / regime / str(budget) / a for a in archs]
             t0 = time.process_time()

@@ -19,7 +19,7 @@ from isae.data.activations import ActivationSet
 from isae.data.checkpoints import INIT_FILE, load_decoder
 from isae.models.config import SAEConfig, TrainConfig
 from isae.models.sparse_coder import SparseCoder
-from isae.training import lr_sweep as sweep
+from isae.study import lr_sweep as sweep
 from isae.training.trainer import train_many
 
 SHAPE = ["--k", "3", "--width", "48", "--batch-size", "256", "--tokens", "6000"]

@@ -31,7 +31,7 @@ from typing import NamedTuple
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from isae.models.config import parse_arch, preset_of, thresholding_steps
+from isae.models.config import parse_arch, thresholding_steps
 from isae.errors import UserError
 
 
@@ -70,6 +70,8 @@ wildcard_constraints:
     group=r"k\d+-w\d+-r\d+(-[a-z]+)?",
     arch=r"[a-z][a-z0-9+\-]*",
     seed=r"\d+",
+    seed_a=r"\d+",
+    seed_b=r"\d+",
 
 
 #: The software of all jobs (the `conda` directive): the project's one environment, the
@@ -136,7 +138,7 @@ def _check_config() -> None:
                     f"({', '.join(DATASETS)})"
                 )
     for base in config["iter"]["bases"]:
-        if parse_arch(base)["encoder_steps"]:
+        if parse_arch(base).fields["encoder_steps"]:
             raise WorkflowError(
                 f"config: iter.bases: {base!r} already has thresholding steps"
             )
@@ -335,8 +337,12 @@ def log_every(rows: int, batch_size: int) -> int:
 def sweep_archs(name: str) -> list:
     """Every arch of a dataset with a learning rate of its own (dl has none; variants take
     their preset's)."""
-    archs = {preset_of(r.arch) for r in RUNS if r.dataset == name}
-    return [a for a in sorted(archs, key=_arch_order) if parse_arch(a)["kind"] != "dl"]
+    archs = {parse_arch(r.arch).preset for r in RUNS if r.dataset == name}
+    return [
+        a
+        for a in sorted(archs, key=_arch_order)
+        if parse_arch(a).fields["kind"] != "dl"
+    ]
 
 
 def has_lr_sweep(name: str) -> bool:
@@ -406,6 +412,38 @@ def measure_flags(wildcards) -> str:
             "device": config["device"],
         }
     )
+
+
+def fidelity_flags(wildcards) -> str:
+    return cli_flags(
+        {
+            "max_tokens": config["fidelity"]["max_tokens"],
+            "batch_size": config["fidelity"]["batch_size"],
+            "device": config["device"],
+        }
+    )
+
+
+def browser_pairs() -> list:
+    """Wildcards of the feature-browser pages: per language-model dataset and architecture of
+    the main grid, its two lowest seeds."""
+    out = []
+    for (dataset, arch), seeds in sorted(_main_seeds().items()):
+        if DATASETS[dataset]["source"] == "lm" and len(seeds) >= 2:
+            run = next(r for r in RUNS if "main" in RUNS[r] and r.dataset == dataset)
+            a, b = sorted(seeds)[:2]
+            out.append(
+                dict(dataset=dataset, group=run.group, arch=arch, seed_a=a, seed_b=b)
+            )
+    return out
+
+
+def _main_seeds() -> dict:
+    seeds = defaultdict(set)
+    for run, grids in RUNS.items():
+        if "main" in grids:
+            seeds[(run.dataset, run.arch)].add(run.seed)
+    return seeds
 
 
 def has_truth(dataset: str) -> bool:

@@ -18,8 +18,9 @@ rule fidelity:
     params:
         torch_threads=res("fidelity", "threads"),
         ckpt=lambda wc, input: f"{input.ckpts}/{wc.arch}/seed{wc.seed}",
-        max_tokens=config["fidelity"]["max_tokens"],
-        batch_size=config["fidelity"]["batch_size"],
-        device=config["device"],
-    script:
-        "../../scripts/fidelity.py"
+        flags=fidelity_flags,
+    shell:
+        # Model, hook, text, context and the held-out split come from the activation set's
+        # meta.json, so the splice uses exactly the setting the SAE was trained on.
+        "isae --threads {params.torch_threads} fidelity {params.ckpt} --activations {input.acts}"
+        " {params.flags} --out {output.table} > {log} 2>&1"

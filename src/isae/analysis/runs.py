@@ -34,13 +34,12 @@ from isae.analysis.convergence import fvu_trend, init_abs_cos, is_converged
 from isae.analysis.isometry import ric_report, row_supports
 from isae.analysis.matching import match_dictionaries
 from isae.analysis.reconstruction import describe, encode_flops, reconstruction_metrics
+from isae.analysis.truth import TRUE_CODE_COLUMNS, check_activations, has_true_codes
 from isae.data.activations import ActivationSet
 from isae.data.checkpoints import CFG, INIT_FILE, TENSORS, TRAIN_LOG, Checkpoint, load, load_decoder
 from isae.errors import UserError
 
 log = logging.getLogger(__name__)
-
-TRUE_CODES = ["z_idx", "z_val"]
 
 
 @dataclass
@@ -122,8 +121,8 @@ def measure_group(
     """
     ckpt_paths = find_checkpoints(paths)
     acts = ActivationSet(activations)
-    truth = acts.has_truth and set(TRUE_CODES) <= set(acts.columns())
-    data = acts.load("heldout", columns=TRUE_CODES if truth else [], max_rows=max_rows)
+    truth = has_true_codes(acts)
+    data = acts.load("heldout", columns=list(TRUE_CODE_COLUMNS) if truth else [], max_rows=max_rows)
     W_true = load_decoder(acts.path / "truth") if truth else None
     if ric_pairs and len(data["x"]) < 2:
         raise UserError(f"{acts.path}: fewer than 2 held-out rows for the restricted isometry")
@@ -131,8 +130,7 @@ def measure_group(
     runs, codes, decoders, keys = [], {}, {}, []
     for path in ckpt_paths:
         ckpt = load(path, device=device)
-        if ckpt.d_in != acts.d:
-            raise UserError(f"{path} has d_in={ckpt.d_in}, activation set {acts.path} has d={acts.d}")
+        check_activations(acts, ckpt)
         row = _identity(ckpt)
         key = (row["arch"], row["seed"])
         if key in codes:

@@ -20,9 +20,9 @@ def add_parser(sub) -> None:
     p.add_argument("--draws", type=int, default=3, help="independent draws of each kind")
     p.add_argument("--max-rows", type=int, default=100000,
                    help="training rows read for the covariance and the row draws")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random dictionaries")
     p.add_argument("--out", required=True, help="Parquet table, one row per width x kind x target x draw")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.set_defaults(func=run)
 
 

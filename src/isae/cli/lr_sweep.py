@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
                    help="the rate the factors multiply (default: train's width-scaled rate)")
     p.add_argument("--data-seed", type=int, default=None, help="seed of the data order (default: --seed)")
     p.add_argument("--log-every", type=int, default=None, help="steps between log rows")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--out", required=True, help="folder: ckpt/, sweep.parquet, lr.json")
     p.set_defaults(func=run)
 
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from isae.errors import UserError
     from isae.models.config import TrainConfig
-    from isae.training.lr_sweep import lr_sweep
+    from isae.study.lr_sweep import lr_sweep
 
     try:
         factors = [float(f) for f in args.factors.split(",") if f]

@@ -2,7 +2,8 @@
 
 Each subcommand module in ``isae.cli`` has ``add_parser(subparsers)`` that registers
 its parser with ``func=run``; ``run(args)`` returns the one-line JSON summary as a dict.
-A ``UserError`` becomes one line on stderr and exit code 2.
+A ``UserError`` becomes one line on stderr and exit code 2. Every ``--help`` shows each
+option's default (``Parser`` passes its formatter on to the subcommands' parsers).
 """
 
 from __future__ import annotations
@@ -13,15 +14,42 @@ import json
 import logging
 import sys
 
+import isae
 from isae.errors import UserError
 
-COMMANDS = ("extract", "train", "lr-sweep", "eval", "match", "ric", "measure", "chance", "export")
+COMMANDS = ("extract", "train", "lr-sweep", "eval", "match", "ric", "measure", "chance", "fidelity",
+            "export", "import", "browse")
+#: Subcommands whose module is not named after them (``import`` is a Python keyword, a
+#: module name has no hyphen).
+MODULES = {"import": "import_ckpt", "lr-sweep": "lr_sweep"}
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help, except where there is nothing to show:
+    no default (None: the help says what happens), or an on/off flag (off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or isinstance(
+            action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._VersionAction)
+        ):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help shows defaults. ``add_subparsers`` builds the
+    subcommands' parsers with the parent's class, so every level gets the formatter."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="isae", description="Identifiable sparse autoencoders: the study's command line."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {isae.__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads of torch's operations (default: OMP_NUM_THREADS, else "
@@ -29,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "reproduce a result bit for bit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        modname = f"isae.cli.{name.replace('-', '_')}"
+        modname = f"isae.cli.{MODULES.get(name, name)}"
         try:
             module = importlib.import_module(modname)
         except ModuleNotFoundError as e:

@@ -25,14 +25,14 @@ def add_parser(sub) -> None:
                    help="held-out rows for codes (pairs, truth, restricted isometry)")
     p.add_argument("--ric-pairs", type=int, default=0,
                    help="pairs of held-out rows for the restricted isometry (0: skip it)")
-    p.add_argument("--cross-archs", default="",
+    p.add_argument("--cross-archs", default=None,
                    help="comma-separated archs compared with each other at equal seeds")
     p.add_argument("--tail", type=float, default=0.2,
                    help="fraction of the last steps the FVU trend is measured over")
     p.add_argument("--converged-below", type=float, default=0.01,
                    help="a run has converged when its smoothed training FVU fell by less than "
                         "this (relative) over the tail")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.set_defaults(func=run)
 
 
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError("--tail must be in (0, 1]")
     tables = measure_group(
         args.ckpts, args.activations, max_rows=args.max_rows, ric_pairs=args.ric_pairs,
-        cross_archs=[a for a in args.cross_archs.split(",") if a], tail=args.tail,
+        cross_archs=[a for a in (args.cross_archs or "").split(",") if a], tail=args.tail,
         threshold=args.converged_below, device=args.device,
     )
     out = Path(args.out)

@@ -1,14 +1,33 @@
 """Activation sets on disk: a folder with ``meta.json`` and ``part-NNNNN.parquet`` shards.
 
-The format is the contract between the extract stage and everything after it (DESIGN.md,
-"Activation set"):
+The format is the contract between the extract stage and everything after it:
 
 * ``meta.json``: ``d``, ``rows``, ``source``, ``dtype``, provenance, ``mean`` (d floats) and
   ``scale`` (float) such that ``(x - mean) / scale`` has E||.||^2 = d over the training rows,
   and ``heldout`` describing the split.
+* files a text source writes beside meta.json when its provenance is too long for it, named
+  in ``meta["text_source"]["file_list"]``: the ``stdlib`` corpus writes ``text_files.json``
+  (``python``, ``implementation``, ``stdlib`` folder, ``files``: one ``{path, bytes, sha256}``
+  per document in document-id order, ``skipped``: ``{path, reason}`` for files not used).
 * shards: column ``x`` = ``fixed_size_list<float32|float16>[d]``, column ``heldout`` (bool,
   the one split every stage uses), provenance columns (``doc``/``pos``/``token_id``,
   ``image``/``patch``) and, for synthetic sets, ``z_idx`` / ``z_val``.
+
+The minimal set the readers accept (for a set written by other code; ``isae extract
+array`` makes one from a .npy, a .safetensors tensor or a Parquet column, and is the safer
+way):
+
+* ``meta.json`` with ``d`` (int) and ``rows`` (int). Without ``mean`` and ``scale`` the
+  rows are used as they are (mean 0, scale 1), so every model then works on unnormalised
+  activations; ``train_rows`` and ``heldout_rows`` are optional (row counts for buffer
+  sizes and progress bars).
+* one or more ``part-*.parquet`` files (read in name order), each with the columns ``x``, a
+  ``fixed_size_list`` of float32 or float16 of length d (a variable-length ``list`` is not
+  read), and ``heldout`` (bool). Other columns are optional: ``doc``, ``pos``, ``token_id``
+  with the meta keys ``model`` and ``text`` let the feature browser show text; ``z_idx``,
+  ``z_val`` and a ``truth/`` checkpoint make a synthetic set.
+
+A shard without ``x`` or ``heldout`` is refused with one line naming the column and the file.
 
 Writers stage everything under a temporary folder and rename it into place on success, so a
 crash never leaves a set that looks complete. Readers stream shard by shard.
@@ -303,7 +322,7 @@ class ActivationSet:
             try:
                 table = pq.read_table(path, columns=want, memory_map=True)
             except (pa.ArrowInvalid, OSError, KeyError) as e:
-                raise UserError(f"cannot read shard {path}: {e}") from None
+                raise _shard_error(path, want, e) from None
             xcol = table.column("x")
             if not pa.types.is_fixed_size_list(xcol.type) or xcol.type.list_size != self.d:
                 raise UserError(
@@ -367,6 +386,26 @@ class ActivationSet:
         if max_rows is not None:
             out = {k: v[:max_rows] for k, v in out.items()}
         return out
+
+
+def _shard_error(path: Path, want: list[str], err: Exception) -> UserError:
+    """One line for a shard that cannot be read: the missing column by name where that is
+    the cause (Arrow's own message is a multi-line schema dump)."""
+    try:
+        names = pq.read_schema(path).names
+    except (pa.ArrowInvalid, OSError):
+        names = None
+    if names is not None:
+        missing = [c for c in want if c not in names]
+        if missing:
+            hint = ""
+            if missing[0] in ("x", "heldout"):
+                hint = (" (every shard needs x and heldout; `isae extract array` makes a set "
+                        "from other files)")
+            return UserError(f"shard {path} has no column {missing[0]!r}{hint}")
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    return UserError(f"cannot read shard {path}: {first}")
 
 
 def _finite_rows(x: np.ndarray) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Checkpoint folders: ``sae.safetensors`` (SAELens tensor layout) + ``cfg.json``.
 
-A finished checkpoint is staged under a temporary name and renamed into place, so a folder
+``load`` also reads SAELens's and sparsify's own folders (``isae.data.foreign``), so every
+command that takes a checkpoint takes theirs. A finished checkpoint is staged under a temporary name and renamed into place, so a folder
 named like a checkpoint is always complete. Resume state lives elsewhere (isae.training.trainer).
 """
 
@@ -14,12 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from isae.data import foreign
 from isae.data.activations import Normalizer
 from isae.data.atomic import writable_parent, write_json_atomic
 from isae.errors import UserError
+from isae.models.compute import select_ops
 from isae.models.config import SAEConfig
+from isae.models.foreign import ForeignCoder
 from isae.models.sparse_coder import Codes, SparseCoder
 
 FORMAT_VERSION = 1
@@ -33,9 +38,10 @@ INIT_FILE = "init.safetensors"
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: the model, its normalisation and its cfg.json."""
+    """A loaded checkpoint: the model, its normalisation and its cfg.json (for a SAELens or
+    sparsify folder: a ForeignCoder, the identity normalisation and a cfg made from theirs)."""
 
-    model: SparseCoder
+    model: SparseCoder | ForeignCoder
     norm: Normalizer
     cfg: dict
     path: Path
@@ -61,6 +67,11 @@ class Checkpoint:
             c = self.model.encode(self.normalize(xb))
             vals.append(c.val)
             idxs.append(c.idx)
+        # A foreign ReLU / JumpReLU coder's width is each batch's largest L0: pad with
+        # value-0 slots, which every reader of codes treats as inactive.
+        width = max((v.shape[1] for v in vals), default=0)
+        vals = [F.pad(v, (0, width - v.shape[1])) for v in vals]
+        idxs = [F.pad(i, (0, width - i.shape[1])) for i in idxs]
         return Codes(torch.cat(vals), torch.cat(idxs))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,8 +141,11 @@ def read_cfg(path: str | os.PathLike) -> dict:
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load a checkpoint folder (also a synthetic set's ``truth/``, encoded by OMP)."""
+    """Load a checkpoint folder (also a synthetic set's ``truth/``, encoded by OMP), or a
+    SAELens or sparsify folder."""
     path = Path(path)
+    if foreign.detect(path) != "isae":
+        return load_foreign(path, device)
     cfg = read_cfg(path)
     tensors = load_file(str(path / TENSORS))
     if "W_dec" not in tensors:
@@ -144,8 +158,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpo
         fields.update(kind="dl", signed=True, tied=True, bias="none", encoder_steps=0)
     if (fields["d_sae"], fields["d_in"]) != (n, d):
         raise UserError(f"{path}: cfg.json says {fields['d_sae']}x{fields['d_in']}, tensors {n}x{d}")
+    if "k" not in fields:  # no default here: a checkpoint says what it was trained with
+        raise UserError(f"{path / CFG} has no k")
     sae_cfg = SAEConfig.from_dict(fields)
-    model = SparseCoder(sae_cfg, device=device)
+    model = SparseCoder(sae_cfg, device=device, ops=select_ops(device))
     zeros = {"W_enc": tensors["W_dec"].T, "b_enc": torch.zeros(n), "b_dec": torch.zeros(d)}
     model.load_exported({k: tensors.get(k, zeros.get(k)) for k in ("W_dec", "W_enc", "b_enc", "b_dec")})
     model.eval()
@@ -156,9 +172,19 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpo
     return Checkpoint(model=model, norm=norm, cfg=cfg, path=path)
 
 
+def load_foreign(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
+    """A SAELens or sparsify folder as a Checkpoint with the identity normalisation."""
+    model, cfg = foreign.read(path)
+    d = model.cfg.d_in
+    norm = Normalizer(mean=np.zeros(d, np.float32), scale=1.0)
+    return Checkpoint(model=model.to(device).eval(), norm=norm, cfg=cfg, path=Path(path))
+
+
 def load_decoder(path: str | os.PathLike) -> torch.Tensor:
-    """Just W_dec [N, D] (float32, CPU): what matching needs."""
+    """Just W_dec [N, D] (float32, CPU, unit rows): what matching needs."""
     path = Path(path)
+    if foreign.detect(path) != "isae":
+        return foreign.read(path)[0].W_dec
     read_cfg(path)
     tensors = load_file(str(path / TENSORS))
     return tensors["W_dec"].float()

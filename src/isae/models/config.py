@@ -1,9 +1,14 @@
-"""Configuration of the SAE family and of training, and the presets.
+"""Configuration of the SAE family and of training, and the presets: the one source of
+their names and defaults.
 
 A preset is data: a dict of switches. An architecture name is a preset followed by switches
 added (``+name``) or removed (``-name``), e.g. ``topk+signed`` or ``isae-tied`` — which is
-how the ablation names its variants. ``+iterN`` adds N hard-thresholding steps (``+iter``
-alone adds 3), e.g. ``topk+iter10`` or ``isae+iter1``.
+how the ablation names its variants; ``parse_arch`` is the one reader of such names.
+``+iterN`` adds N hard-thresholding steps (``+iter`` alone adds 3), e.g. ``topk+iter10`` or
+``isae+iter1``.
+
+Every field carries its docstring (the string under it); ``isae train`` makes its flags
+from the fields, their defaults and those docstrings (isae.cli.fields).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ SWITCHES: dict[str, tuple[str, object, object]] = {
     "iter": ("encoder_steps", 3, 0),
 }
 
-#: Presets: one dict of fields each. ``dl`` is the classical reference, not an SAE.
+#: Presets: one dict of fields each, in the order tables list them. ``dl`` is the classical
+#: reference, not an SAE.
 PRESETS: dict[str, dict] = {
     "topk": dict(kind="topk", signed=False, tied=False, bias="learned", encoder_steps=0),
     "relu": dict(kind="relu", signed=False, tied=False, bias="learned", encoder_steps=0),
@@ -34,8 +40,23 @@ PRESETS: dict[str, dict] = {
 _TOKEN = re.compile(r"([+-])([a-z]+)(\d*)")
 
 
-def parse_arch(name: str) -> dict:
-    """``"isae-tied"`` -> the field dict of that variant. Raises UserError on unknown parts."""
+@dataclass(frozen=True)
+class Arch:
+    """An architecture name, read."""
+
+    name: str
+    preset: str
+    """The preset it starts from."""
+    changes: str
+    """The switches added (+name) or removed (-name) after the preset, as written; "" for
+    a preset itself."""
+    fields: dict
+    """The SAEConfig fields of this variant (kind and switches)."""
+
+
+def parse_arch(name: str) -> Arch:
+    """``"isae-tied"`` -> Arch("isae-tied", "isae", "-tied", fields). Raises UserError on
+    unknown parts."""
     base = max((p for p in PRESETS if name == p or name.startswith(p + "+") or name.startswith(p + "-")),
                key=len, default=None)
     if base is None:
@@ -65,15 +86,14 @@ def parse_arch(name: str) -> dict:
         pos = m.end()
     if pos != len(rest):
         raise UserError(f"cannot parse arch {name!r} after {name[:len(base) + pos]!r}")
-    return spec
+    return Arch(name, base, rest, spec)
 
 
-def preset_of(name: str) -> str:
-    """The preset an architecture name starts from: ``topk+signed`` -> ``topk``,
-    ``isae-iter+iter10`` -> ``isae-iter``. UserError for a name that parse_arch rejects."""
-    parse_arch(name)
-    return max((p for p in PRESETS if name == p or name.startswith(p + "+") or name.startswith(p + "-")),
-               key=len)
+def arch_help() -> str:
+    """What an architecture name may be, in one line (for help texts)."""
+    return (f"a preset ({', '.join(PRESETS)}) with optional +switch/-switch "
+            f"({', '.join(SWITCHES)}; +iterN for N thresholding steps), e.g. topk+signed, "
+            "isae-tied or isae+iter10")
 
 
 def thresholding_steps(name: str) -> tuple[str, int] | None:
@@ -81,20 +101,19 @@ def thresholding_steps(name: str) -> tuple[str, int] | None:
     ``topk+iter10`` -> ("topk", 10), ``topk+iter`` -> ("topk", 3), ``topk`` -> ("topk", 0);
     None for anything else (other switches, unknown names)."""
     try:
-        spec = parse_arch(name)
+        arch = parse_arch(name)
     except UserError:
         return None
-    n = int(spec["encoder_steps"])
-    if spec["kind"] != "topk":
+    n = int(arch.fields["encoder_steps"])
+    if arch.fields["kind"] != "topk":
         return None
     if name == "isae-iter":
         return "isae", n
     if name in PRESETS:
         return (name, 0) if n == 0 else None
-    base = preset_of(name)
-    if base == "isae-iter" or not re.fullmatch(r"\+iter\d*", name[len(base):]):
+    if arch.preset == "isae-iter" or not re.fullmatch(r"\+iter\d*", arch.changes):
         return None
-    return base, n
+    return arch.preset, n
 
 
 @dataclass
@@ -105,17 +124,17 @@ class SAEConfig:
     """Dimension of the activations."""
     d_sae: int
     """Number of latents (dictionary atoms), the width."""
-    k: int
+    k: int = 32
     """Active latents per row (TopK family, dl); for relu only a label of the sweep."""
     arch: str = "topk"
     """Architecture name: preset plus switches (see parse_arch)."""
-    kind: str = "topk"
+    kind: str = field(default="topk", metadata={"choices": ("topk", "relu", "dl")})
     """topk | relu | dl: how codes are computed."""
     signed: bool = False
     """Keep the k largest |pre-activations| with their signs instead of ReLU then TopK."""
     tied: bool = False
     """W_enc is W_dec transposed: one parameter."""
-    bias: str = "learned"
+    bias: str = field(default="learned", metadata={"choices": ("learned", "none")})
     """learned: b_dec and b_enc are trained; none: both fixed at zero (data is centred)."""
     encoder_steps: int = 0
     """Iterative hard-thresholding steps with the decoder after the amortised TopK."""
@@ -127,7 +146,7 @@ class SAEConfig:
     """Initialisation seed."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("topk", "relu", "dl"):
+        if self.kind not in choices(SAEConfig, "kind"):
             raise UserError(f"unknown kind {self.kind!r}")
         if self.d_in < 1 or self.d_sae < 1:
             raise UserError("d_in and the width must be positive")
@@ -135,14 +154,14 @@ class SAEConfig:
             raise UserError(f"k must satisfy 1 <= k < width; got k={self.k}, width={self.d_sae}")
         if self.kind == "topk" and self.k > self.d_in and self.tied and self.signed:
             pass  # allowed: overcomplete codes; identifiability analysis will say what it costs
-        if self.bias not in ("learned", "none"):
+        if self.bias not in choices(SAEConfig, "bias"):
             raise UserError(f"bias must be 'learned' or 'none', not {self.bias!r}")
         if self.encoder_steps < 0:
             raise UserError("encoder_steps must be >= 0")
 
     @classmethod
     def from_arch(cls, arch: str, **kw) -> SAEConfig:
-        return cls(arch=arch, **parse_arch(arch), **kw)
+        return cls(arch=arch, **parse_arch(arch).fields, **kw)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -165,7 +184,7 @@ class TrainConfig:
     """Adam learning rate; None = 2e-4 / sqrt(width / 16384) as in Gao et al. / sparsify."""
     warmup_frac: float = 0.02
     """Fraction of steps with a linear learning-rate warmup."""
-    decay: str = "linear"
+    decay: str = field(default="linear", metadata={"choices": ("linear", "cosine", "constant")})
     """Decay after warmup: linear (to 0 over the last 20%), cosine, or constant."""
     auxk_alpha: float = 1 / 32
     """Weight of the AuxK loss on dead latents (topk kind)."""
@@ -179,6 +198,14 @@ class TrainConfig:
     """Optimiser steps between resume-state saves."""
     device: str = "cpu"
     """cpu | cuda | cuda:N."""
+    data_on_device: str = field(default="auto", metadata={"choices": ("auto", "always", "never")})
+    """Where batches come from. auto: the training split is copied once onto a CUDA device,
+    in its stored dtype, when it fits in data_memory_fraction of the device's free memory,
+    and streamed from disk otherwise (always on the CPU); always: copied, on any device;
+    never: streamed through the shuffle buffer. The two sources order the rows differently."""
+    data_memory_fraction: float = 0.5
+    """auto only: the largest share of the device's free memory the training split may take
+    (the rest stays for the models, their steps and their CUDA graphs)."""
     seed: int = 0
     """Seed of the data order (shuffle) and of dead-atom resampling."""
     extra: dict = field(default_factory=dict)
@@ -187,8 +214,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.tokens < 1 or self.batch_size < 1:
             raise UserError("tokens and batch size must be positive")
-        if self.decay not in ("linear", "cosine", "constant"):
+        if self.decay not in choices(TrainConfig, "decay"):
             raise UserError(f"decay must be linear, cosine or constant, not {self.decay!r}")
+        if self.data_on_device not in choices(TrainConfig, "data_on_device"):
+            raise UserError(f"data_on_device must be auto, always or never, not {self.data_on_device!r}")
+        if not 0 < self.data_memory_fraction <= 1:
+            raise UserError(f"data_memory_fraction must be in (0, 1], not {self.data_memory_fraction}")
 
     def learning_rate(self, d_sae: int) -> float:
         return self.lr if self.lr is not None else 2e-4 / (d_sae / 2**14) ** 0.5
+
+
+def choices(cls: type, name: str) -> tuple:
+    """The values field ``name`` of dataclass ``cls`` allows (its ``choices`` metadata)."""
+    return next(f.metadata["choices"] for f in fields(cls) if f.name == name)

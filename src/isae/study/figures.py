@@ -36,7 +36,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from isae.models.config import PRESETS, preset_of, thresholding_steps
+from isae.errors import UserError
+from isae.models.config import parse_arch, thresholding_steps
 from isae.study.tables import arch_sort_key, seed_pairs
 
 DELTA_THRESHOLDS = {"δ = 1/3": 1.0 / 3.0, "δ = √2−1": math.sqrt(2.0) - 1.0}
@@ -372,14 +373,12 @@ def f3_ric(runs: pd.DataFrame) -> Figure:
 
 def ablation_base(variant: str) -> tuple[str, str] | None:
     """``topk+signed`` -> ("topk", "+signed"); ``isae-tied`` -> ("isae", "-tied"); a preset
-    (or anything else) -> None."""
-    if variant in PRESETS:
-        return None
+    (or a name that is no architecture) -> None."""
     try:
-        base = preset_of(variant)
-    except Exception:
+        arch = parse_arch(variant)
+    except UserError:
         return None
-    return base, variant[len(base):]
+    return (arch.preset, arch.changes) if arch.changes else None
 
 
 #: F4's metrics: (name, source table, column, per seed (True) or per seed pair (False)).

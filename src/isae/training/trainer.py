@@ -3,19 +3,24 @@
 Several seeds of one configuration can share the loop (``train_many``): one pass over the
 data feeds every model, which is how a multi-seed study spends its GPU time well.
 
-One loop serves every kind: a *stepper* (SAEStepper here, dl.DLStepper for dictionary
+One loop serves every kind: a *stepper* (SAEStepper here, DLStepper for dictionary
 learning) does one optimisation step on a batch; the loop owns the data stream, the
 learning-rate schedule, dead-latent bookkeeping, logging, resume state and the final
 checkpoint.
 
+Batches come from the training split held in device memory, or streamed from disk
+(training/batches.py chooses; ``TrainConfig.data_on_device``).
+
 Resume: every ``checkpoint_every`` steps the full state (parameters, optimiser, dead-latent
-counters, RNG, log) is written atomically to ``<out>.resume/`` beside the checkpoint. A
-restarted run replays the data stream up to the saved step (cheap: no model work) and
-continues; on CPU with the same thread count it ends bitwise equal to an uninterrupted run.
+counters, RNG, log, the batch source) is written atomically to ``<out>.resume/`` beside the
+checkpoint. A restarted run starts its batches at the saved step (the device copy jumps
+there; the stream is replayed, cheap: no model work) and continues; on CPU with the same
+thread count it ends bitwise equal to an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -32,23 +37,44 @@ from safetensors.torch import save as safetensors_bytes
 from isae.data import checkpoints as checkpoint
 from isae.data.activations import ActivationSet
 from isae.data.atomic import writable_parent
-from isae.data.stream import shuffled_batches
 from isae.errors import UserError
 from isae.gpu import cuda_graphs as graphs
 from isae.gpu import ops as fast
+from isae.models.compute import Ops, select_ops
 from isae.models.config import SAEConfig, TrainConfig
 from isae.models.dictionary_learning import DLStepper
 from isae.models.sparse_coder import Codes, SparseCoder
 from isae.progress import progress
+from isae.training.batches import STREAM, training_batches
 
 log = logging.getLogger(__name__)
+
+#: Seeds sharing a pass on CUDA run their steps and bookkeeping on one stream each, so one
+#: model's small kernels can overlap another's. Opt-in (ISAE_SEED_STREAMS=1) until the GPU
+#: benchmark (gpu_bench.py, seeds) has measured what it buys.
+SEED_STREAMS = os.environ.get("ISAE_SEED_STREAMS", "0") == "1"
+
+
+@contextlib.contextmanager
+def _on_stream(stream: torch.cuda.Stream | None, *inputs: torch.Tensor):
+    """Run the block on ``stream`` once the current stream's work is done, keeping
+    ``inputs`` (made on the current stream) alive until the stream has read them; with
+    None, run it as it is."""
+    if stream is None:
+        yield
+        return
+    stream.wait_stream(torch.cuda.current_stream(stream.device))
+    for t in inputs:
+        t.record_stream(stream)
+    with torch.cuda.stream(stream):
+        yield
 
 
 class SAEStepper:
     """Adam on the SAE loss with the unit-norm decoder constraint.
 
-    On CUDA the TopK family's step is replayed as a CUDA graph (cuda_cuda_graphs.py); elsewhere it
-    runs eagerly, the CPU with the reference implementation.
+    On CUDA the TopK family's step is replayed as a CUDA graph (isae.gpu.cuda_graphs) when the
+    model's op set asks for it (the fast path); elsewhere it runs eagerly.
     """
 
     def __init__(self, model: SparseCoder, tcfg: TrainConfig) -> None:
@@ -58,7 +84,7 @@ class SAEStepper:
         cuda = model.W_dec.is_cuda
         self.graphs = None
         lr: float | torch.Tensor = self.base_lr
-        if cuda and graphs.ENABLED and fast.ENABLED and model.cfg.kind == "topk":
+        if cuda and model.ops.cuda_graphs and model.cfg.kind == "topk":
             # A recorded step reads the learning rate from a tensor, so the schedule can
             # change it between replays.
             lr = torch.tensor(self.base_lr, device=model.device)
@@ -68,7 +94,10 @@ class SAEStepper:
         self.opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
                                     fused=cuda, capturable=self.graphs is not None)
 
-    def step(self, x: torch.Tensor, lr_scale: float, dead: torch.Tensor | None) -> dict:
+    def step(self, x: torch.Tensor, lr_scale: float, dead: torch.Tensor | None,
+             n_dead: int | None = None) -> dict:
+        """One optimisation step. ``n_dead``: ``dead.sum()`` when the caller already read it
+        (it picks the CUDA graph; reading it is a host sync)."""
         if self.graphs is None:
             for g in self.opt.param_groups:
                 g["lr"] = self.base_lr * lr_scale
@@ -77,7 +106,9 @@ class SAEStepper:
             g["lr"].fill_(self.base_lr * lr_scale)
         if dead is None:
             dead = torch.zeros(self.model.cfg.d_sae, dtype=torch.bool, device=x.device)
-        width = graphs.aux_bucket(int(dead.sum()), self.model.cfg.d_sae)  # the one host sync
+        if n_dead is None:
+            n_dead = int(dead.sum())  # the one host sync
+        width = graphs.aux_bucket(n_dead, self.model.cfg.d_sae)
         return self.graphs(x, dead, width)
 
     def _body(self, x: torch.Tensor, dead: torch.Tensor | None, aux_width: int | None) -> dict:
@@ -149,11 +180,11 @@ def _check_out(out: Path) -> None:
 class _Run:
     """One model being trained: its stepper, dead-latent counters, log and destination."""
 
-    def __init__(self, sae_cfg: SAEConfig, tcfg: TrainConfig, out: Path, device) -> None:
+    def __init__(self, sae_cfg: SAEConfig, tcfg: TrainConfig, out: Path, device, ops: Ops) -> None:
         self.cfg = sae_cfg
         self.tcfg = tcfg
         self.out = out
-        self.model = SparseCoder(sae_cfg, device=device)
+        self.model = SparseCoder(sae_cfg, device=device, ops=ops)
         self.stepper = (DLStepper(self.model, seed=sae_cfg.seed) if sae_cfg.kind == "dl"
                         else SAEStepper(self.model, tcfg))
         self.since_fired = torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device)
@@ -227,10 +258,12 @@ def train_many(
 
     norm = acts.normalizer()
     mean = torch.as_tensor(norm.mean, device=device)
-    runs = [_Run(c, t, o, device) for c, t, o in zip(sae_cfgs, tcfgs, outs)]
+    ops = select_ops(device)
+    runs = [_Run(c, t, o, device, ops) for c, t, o in zip(sae_cfgs, tcfgs, outs)]
     total_steps = max(math.ceil(tcfg.tokens / tcfg.batch_size), 1)
     start_step = 0
     wall0 = 0.0
+    saved_source = None
 
     rdir = resume_dir(outs[0])
     fingerprint = {"sae": [c.to_dict() for c in sae_cfgs],
@@ -249,11 +282,15 @@ def train_many(
             run.restore(s)
         start_step = state["step"]
         wall0 = state["wall"]
+        saved_source = state.get("batches", STREAM)  # states from before the key streamed
         log.info("resuming %s from step %d of %d", outs[0], start_step, total_steps)
 
-    batches = shuffled_batches(acts, tcfg.batch_size, tcfg.shuffle_buffer, tcfg.seed, device)
-    for _ in range(start_step):  # replay the stream: same order as an uninterrupted run
-        next(batches)
+    batches, source = training_batches(acts, tcfg, device, start_step, saved_source)
+    # With several graphed models, their dead counts are read in one host sync per step
+    # (one per model would idle the GPU after each model's step while the host waits).
+    one_sync = len(runs) > 1 and all(getattr(r.stepper, "graphs", None) is not None for r in runs)
+    streams = ([torch.cuda.Stream(device) for _ in runs] if one_sync and SEED_STREAMS
+               else [None] * len(runs))
 
     archs = set(c.arch for c in sae_cfgs)
     name = f"{len(runs)} models" if len(archs) > 1 else sae_cfgs[0].arch + (
@@ -266,39 +303,47 @@ def train_many(
             x = (next(batches) - mean) / norm.scale
             lr_scale = lr_multiplier(step, total_steps, tcfg)
             logging_step = step % tcfg.log_every == 0 or step == total_steps - 1
-            for run in runs:
+            deads = [run.since_fired >= tcfg.dead_tokens for run in runs]
+            n_deads = (torch.stack([d.sum() for d in deads]).tolist() if one_sync
+                       else [None] * len(runs))
+            for run, dead, n_dead, stream in zip(runs, deads, n_deads, streams):
                 if run.diverged:
                     continue
-                dead = run.since_fired >= tcfg.dead_tokens
-                m = run.stepper.step(x, lr_scale, dead)
-                codes = m["codes"]
-                with torch.no_grad():  # no boolean indexing: it would wait for the GPU
-                    if run.cfg.kind == "relu":  # dense codes
-                        fires = (codes.val != 0).sum(0)
-                    else:
-                        fires = torch.zeros(run.cfg.d_sae, dtype=torch.long, device=device)
-                        fires.scatter_add_(0, codes.idx.reshape(-1), (codes.val != 0).reshape(-1).long())
-                    run.since_fired = torch.where(fires > 0, 0, run.since_fired + x.shape[0])
-                if logging_step:
-                    row = {
-                        "step": step,
-                        "tokens": (step + 1) * tcfg.batch_size,
-                        "loss": float(m["loss"]),
-                        "fvu": float(m["fvu"]),
-                        "auxk": float(m["auxk"]),
-                        "l0": int((codes.val != 0).sum()) / codes.val.shape[0],
-                        "dead_frac": int(dead.sum()) / dead.numel(),
-                        "lr": getattr(run.stepper, "base_lr", 0.0) * lr_scale,
-                        "wall_s": wall0 + time.perf_counter() - t0,
-                    }
-                    if not math.isfinite(row["loss"]):
-                        if not drop_diverged:
-                            raise UserError(f"training diverged at step {step} (loss {row['loss']}); lower --lr")
-                        log.warning("%s seed %d diverged at step %d (lr %.3g); dropped",
-                                    run.cfg.arch, run.cfg.seed, step, row["lr"] / max(lr_scale, 1e-30))
-                        run.diverged = True
-                        continue
-                    run.rows.append(row)
+                with _on_stream(stream, x, dead):
+                    m = (run.stepper.step(x, lr_scale, dead) if n_dead is None
+                         else run.stepper.step(x, lr_scale, dead, n_dead))
+                    codes = m["codes"]
+                    with torch.no_grad():  # no boolean indexing: it would wait for the GPU
+                        if run.cfg.kind == "relu":  # dense codes
+                            fires = (codes.val != 0).sum(0)
+                        else:
+                            fires = torch.zeros(run.cfg.d_sae, dtype=torch.long, device=device)
+                            fires.scatter_add_(0, codes.idx.reshape(-1), (codes.val != 0).reshape(-1).long())
+                        run.since_fired = torch.where(fires > 0, 0, run.since_fired + x.shape[0])
+                    if logging_step:
+                        row = {
+                            "step": step,
+                            "tokens": (step + 1) * tcfg.batch_size,
+                            "loss": float(m["loss"]),
+                            "fvu": float(m["fvu"]),
+                            "auxk": float(m["auxk"]),
+                            "l0": int((codes.val != 0).sum()) / codes.val.shape[0],
+                            "dead_frac": int(dead.sum()) / dead.numel(),
+                            "lr": getattr(run.stepper, "base_lr", 0.0) * lr_scale,
+                            "wall_s": wall0 + time.perf_counter() - t0,
+                        }
+                        if not math.isfinite(row["loss"]):
+                            if not drop_diverged:
+                                raise UserError(f"training diverged at step {step} (loss {row['loss']}); lower --lr")
+                            log.warning("%s seed %d diverged at step %d (lr %.3g); dropped",
+                                        run.cfg.arch, run.cfg.seed, step,
+                                        row["lr"] / max(lr_scale, 1e-30))
+                            run.diverged = True
+                            continue
+                        run.rows.append(row)
+            for stream in streams:  # the next step's dead counts read every model's counters
+                if stream is not None:
+                    torch.cuda.current_stream(device).wait_stream(stream)
             bar.update(x.shape[0])
             if logging_step and runs[0].rows:
                 r = runs[0].rows[-1]
@@ -309,6 +354,7 @@ def train_many(
                     "runs": [run.state() for run in runs],
                     "step": step + 1,
                     "wall": wall0 + time.perf_counter() - t0,
+                    "batches": source,
                 })
     finally:
         bar.close()
@@ -327,7 +373,7 @@ def train_many(
         pd.DataFrame(run.rows).to_parquet(log_bytes, index=False)
         extra = {
             "tokens_seen": tokens_seen,
-            "train": _train_fingerprint(run.tcfg),
+            "train": {**_train_fingerprint(run.tcfg), "batches": source},
             "lr": getattr(run.stepper, "base_lr", None),
             "activations": {
                 "path": str(Path(activations)),
@@ -354,6 +400,7 @@ def train_many(
             "dead_frac": last["dead_frac"],
             "tokens_per_s": rate,
             "wall_s": elapsed,
+            "batches": source,
         })
     shutil.rmtree(rdir, ignore_errors=True)
     return summaries

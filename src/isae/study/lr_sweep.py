@@ -63,13 +63,13 @@ def lr_sweep(
     if not factors or any(not f > 0 for f in factors) or len(set(factors)) != len(factors):
         raise UserError(f"lr sweep factors must be distinct positive numbers, not {factors}")
     acts = ActivationSet(activations)
-    archs = [a for a in archs if parse_arch(a)["kind"] != "dl"]
+    archs = [a for a in archs if parse_arch(a).fields["kind"] != "dl"]
     if not archs:
         raise UserError("lr sweep: no architecture with a learning rate (dl has none)")
     out = Path(out)
     default = tcfg.learning_rate(width)
     cands = [(a, f) for a in archs for f in factors]
-    cfgs = [SAEConfig(d_in=acts.d, d_sae=width, k=k, arch=a, seed=seed, **parse_arch(a))
+    cfgs = [SAEConfig(d_in=acts.d, d_sae=width, k=k, arch=a, seed=seed, **parse_arch(a).fields)
             for a, _ in cands]
     outs = [out / "ckpt" / a / factor_name(f) for a, f in cands]
     done = train_many(activations, cfgs, tcfg, outs, lrs=[f * default for _, f in cands],
