@@ -5,6 +5,8 @@ rule activations:
         "logs/activations/{dataset}.log",
     benchmark:
         "benchmarks/rules/activations/{dataset}.tsv"
+    # First: every other job waits for an activation set (the language model's is the longest).
+    priority: 3
     conda:
         ENV
     threads: res("extract", "threads")

@@ -9,6 +9,8 @@ rule lr_sweep:
         "logs/lr_sweep/{dataset}.log",
     benchmark:
         "benchmarks/rules/lr_sweep/{dataset}.tsv"
+    # Before the rest: every training job of the dataset waits for its learning rates.
+    priority: 2
     conda:
         ENV
     threads: res("train", "threads")
@@ -35,6 +37,8 @@ rule train:
         "logs/train/{dataset}/{group}.log",
     benchmark:
         "benchmarks/rules/train/{dataset}/{group}.tsv"
+    # Training before measuring: the long jobs start while there is work to overlap them.
+    priority: 1
     conda:
         ENV
     threads: res("train", "threads")
