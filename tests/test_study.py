@@ -352,7 +352,7 @@ def test_figures_have_labelled_axes(frames, tmp_path):
         figures.f3_ric(f["runs"]),
         figures.f4_ablation(f["runs"], f["pairs"]),
         figures.f5_fvu_l0(f["runs"]),
-        figures.f6_fidelity(f["fid"]),
+        figures.f6_fidelity(f["fid"], f["runs"]),
         figures.f7_budget(f["runs"], f["pairs"], f["chance"]),
         figures.f8_iter(f["runs"], f["pairs"]),
     ]
@@ -396,3 +396,13 @@ def test_figures_with_no_data_still_labelled():
                 figures.f5_fvu_l0(empty), figures.f6_fidelity(empty),
                 figures.f7_budget(empty, empty), figures.f8_iter(empty, empty)]:
         _labelled(fig)
+
+
+def test_with_convergence_joins_the_runs_flag():
+    runs = pd.DataFrame(dict(dataset="lm", arch=["topk", "isae"], k=8, width=64, rows=100, seed=0,
+                             converged=[False, True]))
+    fid = pd.DataFrame(dict(dataset="lm", arch=["isae", "topk", "relu"], k=8, width=64, rows=100,
+                            seed=0, frac_recovered_zero=0.5))
+    out = figures.with_convergence(fid, runs)
+    assert out["converged"].tolist() == [True, False, True]  # relu: no flag, not marked
+    assert out["frac_recovered_zero"].tolist() == [0.5] * 3

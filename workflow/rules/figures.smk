@@ -120,6 +120,7 @@ rule f5_fvu_l0:
 rule f6_fidelity:
     input:
         fidelity=rules.collect_fidelity.output.table,
+        runs=rules.collect_runs.output.table,
     output:
         png=report(
             "results/figures/F6.png", caption="../report/F6.rst", category="Figures"

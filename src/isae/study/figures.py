@@ -436,11 +436,11 @@ def ablation_deltas(runs: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
-def _f4_label(variant: str, row: pd.Series) -> str:
+def _f4_label(variant: str, row: pd.Series, not_converged: bool) -> str:
     if not isinstance(row["base"], str):
         return variant
     name = f"{variant} vs topk (all switches)" if "combined" in row["change"] else variant
-    return f"{name} (n={int(row['n_variant'])})"
+    return f"{name}{' †' if not_converged else ''} (n={int(row['n_variant'])})"
 
 
 def f4_ablation(runs: pd.DataFrame, pairs: pd.DataFrame) -> Figure:
@@ -455,6 +455,11 @@ def f4_ablation(runs: pd.DataFrame, pairs: pd.DataFrame) -> Figure:
     datasets = _datasets(d)
     metrics = [m for m, *_ in F4_METRICS if m in set(d["metric"])]
     n_var = d.groupby("dataset")["variant"].nunique().max()
+    abl = _rows(runs, "ablation")
+    unconverged = set()
+    if "converged" in abl.columns:
+        flags = abl.groupby(["dataset", "arch"])["converged"].agg(lambda v: bool(v.all()))
+        unconverged = {key for key, ok in flags.items() if not ok}
     fig, axes = _grid(len(datasets), len(metrics), width=4.3, height=0.9 + 0.36 * n_var)
     for r, ds in enumerate(datasets):
         sub = d[d["dataset"] == ds]
@@ -478,7 +483,8 @@ def f4_ablation(runs: pd.DataFrame, pairs: pd.DataFrame) -> Figure:
                 vals = np.asarray(row["values"], np.float64)
                 ax.scatter(vals, np.full(len(vals), yi), color="k", s=9, zorder=3)
             ax.axvline(0, color="k", lw=0.8)
-            labels = [_f4_label(v, m.loc[v]) for v in variants]
+            labels = [_f4_label(v, m.loc[v], (ds, v) in unconverged or
+                                (ds, m.loc[v, "base"]) in unconverged) for v in variants]
             ax.set_yticks(y, labels, fontsize=8)
             ax.invert_yaxis()
             ax.set_xlabel(_F4_LABELS[metric], fontsize=9)
@@ -490,6 +496,9 @@ def f4_ablation(runs: pd.DataFrame, pairs: pd.DataFrame) -> Figure:
                Line2D([], [], color="k", marker="o", ls="none", ms=3,
                       label="one seed (FVU, truth) or seed pair (seed |cos|)"),
                Line2D([], [], color="k", marker="|", ls="-", label="± standard error (seeds only)")]
+    if unconverged:
+        handles.append(Line2D([], [], ls="none",
+                              label="† the variant or its base has a run that did not converge"))
     return _finish(fig, title, handles, ncol=2)
 
 
@@ -530,11 +539,24 @@ def f5_fvu_l0(runs: pd.DataFrame) -> Figure:
 # ----------------------------------------------------------------------------- F6
 
 
-def f6_fidelity(fidelity: pd.DataFrame) -> Figure:
+def with_convergence(df: pd.DataFrame, runs: pd.DataFrame | None) -> pd.DataFrame:
+    """``df`` (rows of runs: dataset, arch, k, width, rows, seed) with the runs' ``converged``
+    flag joined on (True where ``runs`` does not say)."""
+    keys = [c for c in ("dataset", "arch", "k", "width", "rows", "seed") if c in df.columns]
+    if runs is None or runs.empty or "converged" not in runs.columns or df.empty:
+        return df.assign(converged=True) if "converged" not in df.columns else df
+    flags = runs[[*keys, "converged"]].drop_duplicates(keys)
+    out = df.drop(columns=["converged"], errors="ignore").merge(flags, on=keys, how="left")
+    out["converged"] = out["converged"].fillna(True).astype(bool)
+    return out
+
+
+def f6_fidelity(fidelity: pd.DataFrame, runs: pd.DataFrame | None = None) -> Figure:
     """Downstream fidelity against L0: the fraction of the clean model's behaviour that the
-    SAE reconstruction spliced in at the hook recovers, relative to zero ablation (solid) and
-    mean ablation (dashed); cross-entropy for a causal LM, sentence-embedding similarity for
-    an encoder (the ``kind`` column says which). The k sweep's runs: one seed per point."""
+    SAE reconstruction spliced in at the hook recovers, relative to zero ablation (circles)
+    and mean ablation (squares, dashed); cross-entropy for a causal LM, sentence-embedding
+    similarity for an encoder (the ``kind`` column says which). The k sweep's runs: one seed
+    per point; hollow where the run (``runs``' flag) has not converged."""
     title = "F6 · downstream fidelity with the reconstruction spliced in at the hook"
     xlabel = "mean L0 (active latents per token)"
     ylabel = "fraction recovered (1 = clean model)"
@@ -542,17 +564,23 @@ def f6_fidelity(fidelity: pd.DataFrame) -> Figure:
     if fidelity.empty or "kind" not in fidelity.columns:
         return _empty_figure(title, xlabel, ylabel,
                              "no dataset with fidelity: true in the config")
+    fidelity = with_convergence(fidelity, runs)
     datasets = _datasets(fidelity)
     archs = _archs(fidelity)
     fig, axes = _grid(1, len(datasets), width=5.6, height=3.8)
     for ax, ds in zip(axes[0], datasets):
         sub = fidelity[fidelity["dataset"] == ds]
         for i, a in enumerate(archs):
-            s = sub[sub["arch"] == a].groupby("k").mean(numeric_only=True).reset_index()
-            s = s.sort_values("k")
+            s = sub[sub["arch"] == a].sort_values("k")
+            if s.empty:
+                continue
             c = arch_color(a, i)
-            ax.plot(s["l0"], s["frac_recovered_zero"], marker="o", color=c)
-            ax.plot(s["l0"], s["frac_recovered_mean"], marker="s", ls="--", color=c)
+            for col, marker, ls in (("frac_recovered_zero", "o", "-"),
+                                    ("frac_recovered_mean", "s", "--")):
+                ax.plot(s["l0"], s[col], color=c, ls=ls)
+                for _, r in s.iterrows():
+                    ax.plot(r["l0"], r[col], marker, color=c,
+                            mfc=c if bool(r["converged"]) else "white")
         ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
         kinds = ", ".join(FIDELITY_KINDS.get(k, k) for k in sorted(set(sub["kind"].astype(str))))
         ax.set_xscale("log", base=2)
@@ -562,7 +590,8 @@ def f6_fidelity(fidelity: pd.DataFrame) -> Figure:
         ax.set_title(f"{ds}, seed {seed}\n({kinds})", fontsize=9)
     handles = [*_arch_handles(archs),
                Line2D([], [], color="0.3", marker="o", label="against zero ablation"),
-               Line2D([], [], color="0.3", marker="s", ls="--", label="against mean ablation")]
+               Line2D([], [], color="0.3", marker="s", ls="--", label="against mean ablation"),
+               _hollow_handle()]
     return _finish(fig, title, handles, ncol=3)
 
 
