@@ -57,3 +57,52 @@ def test_init_abs_cos_is_one_for_unmoved_atoms_and_sign_blind():
     assert c[[0, 1, 3, 4]] == pytest.approx(1.0)
     ref = abs(W[2] @ W0[2]) / np.linalg.norm(W[2]) / np.linalg.norm(W0[2])
     assert c[2] == pytest.approx(ref)
+
+
+def test_window_ending_before_the_end():
+    # fvu = 1 - 0.001 i over 201 rows; the window [0.6, 0.8] of the steps runs from row 120
+    # (0.88) to row 160 (0.84), both far from the edges where smoothing would shrink.
+    f = 1 - 0.001 * np.arange(201)
+    t = fvu_trend(_log(f), tail=0.2, end=0.8, smooth_frac=0.05)
+    assert t == pytest.approx((0.88 - 0.84) / 0.84, rel=1e-9)
+    with pytest.raises(ValueError):
+        fvu_trend(_log(f), tail=0.3, end=0.2)
+
+
+def _scheduled(total: int = 1000, every: int = 5) -> pd.DataFrame:
+    """A run that has stopped learning by mid-way: FVU flat at 0.3 (plus noise) while the
+    rate is constant; the linear decay over the last 20 % then lowers it to 0.27."""
+    from isae.models.config import TrainConfig
+    from isae.training.trainer import lr_multiplier
+
+    steps = np.arange(0, total, every)
+    lr = np.array([lr_multiplier(int(s), total, TrainConfig(warmup_frac=0.02)) for s in steps])
+    rng = np.random.default_rng(3)
+    fvu = 0.3 - 0.03 * (1 - lr) * (steps >= 0.8 * total) + 0.002 * rng.standard_normal(len(steps))
+    return pd.DataFrame({"step": steps, "fvu": fvu, "lr": 1e-3 * lr})
+
+
+def test_decay_start_is_read_from_the_logged_rate():
+    from isae.analysis.convergence import decay_start
+
+    log = _scheduled()
+    # The last logged step at full rate is 800 of 0..995.
+    assert decay_start(log) == pytest.approx(800 / 995)
+    assert decay_start(log.assign(lr=1.0)) == 1.0  # constant: the whole run
+    assert decay_start(log.drop(columns="lr")) == 1.0
+
+
+def test_the_decay_alone_is_not_read_as_learning():
+    """Over the last 20 % the decay lowers the FVU by ~10 %: the plain trend calls the run
+    unconverged; the window before the decay sees it flat."""
+    from isae.analysis.convergence import plateau_trend
+
+    log = _scheduled()
+    assert fvu_trend(log) > 0.05
+    trend, end = plateau_trend(log)
+    assert end == pytest.approx(800 / 995)
+    assert abs(trend) < 0.01 and is_converged(trend, 0.02)
+    # A run still learning on the plateau is caught: the factor 1.5 - step/2000 goes from
+    # 1.2 to 1.1 over the window (steps 600 to 800), a fall of 1.2 / 1.1 - 1 = 9.1 %.
+    learning = log.assign(fvu=log["fvu"] * (1.5 - 0.5 * log["step"] / 1000))
+    assert plateau_trend(learning)[0] == pytest.approx(1.2 / 1.1 - 1, abs=0.01)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from safetensors.torch import save_file
 
-from isae.analysis.convergence import fvu_trend, is_converged
+from isae.analysis.convergence import is_converged, plateau_trend
 from isae.analysis.isometry import ric_report, row_supports
 from isae.analysis.matching import match_dictionaries
 from isae.analysis.reconstruction import encode_flops, reconstruction_metrics
@@ -51,8 +51,10 @@ def test_runs_table_equals_the_single_purpose_functions(group, measured, synthet
         rec = reconstruction_metrics(ck, acts)
         assert r["fvu"] == rec["fvu"] and r["dead_frac"] == rec["dead_frac"]
         log = pd.read_parquet(path / TRAIN_LOG)
-        assert r["fvu_trend"] == fvu_trend(log) and r["log_rows"] == len(log)
-        assert r["converged"] == is_converged(fvu_trend(log), 0.05)
+        trend, end = plateau_trend(log)
+        assert r["fvu_trend"] == trend and r["trend_end"] == end and r["log_rows"] == len(log)
+        assert end == pytest.approx(32 / 39)  # the linear decay starts at step 32 of 0..39
+        assert r["converged"] == is_converged(trend, 0.05)
         assert r["steps"] == 40  # 20000 rows at 512 a step, rounded up
         assert r["truth_abs_cos"] == match_dictionaries(ck.W_dec, truth).summary()["mean_abs_cos"]
         c = ck.model.cfg

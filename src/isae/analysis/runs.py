@@ -30,7 +30,7 @@ import pandas as pd
 from safetensors.torch import load_file
 
 from isae.analysis.consistency import code_consistency
-from isae.analysis.convergence import fvu_trend, init_abs_cos, is_converged
+from isae.analysis.convergence import init_abs_cos, is_converged, plateau_trend
 from isae.analysis.isometry import ric_report, row_supports
 from isae.analysis.matching import match_dictionaries
 from isae.analysis.reconstruction import describe, encode_flops, reconstruction_metrics
@@ -68,11 +68,12 @@ def find_checkpoints(paths: list[str | os.PathLike]) -> list[Path]:
 def convergence(ckpt: Checkpoint, tail: float, threshold: float) -> dict:
     """The run's convergence controls from its train log and initial decoder:
     ``fvu_trend`` (relative fall of the smoothed training FVU over the last ``tail`` of the
-    steps), ``converged`` (that fall below ``threshold``), ``steps`` and ``log_rows``, and
-    ``init_abs_cos`` (mean |cos| of each atom with its own initial atom; NaN without
-    init.safetensors)."""
-    out = {"fvu_trend": np.nan, "converged": False, "steps": np.nan, "log_rows": 0,
-           "init_abs_cos": np.nan}
+    steps before the learning rate decays: convergence.plateau_trend), ``trend_end`` (where
+    that window ends, a fraction of the steps), ``converged`` (that fall below
+    ``threshold``), ``steps`` and ``log_rows``, and ``init_abs_cos`` (mean |cos| of each atom
+    with its own initial atom; NaN without init.safetensors)."""
+    out = {"fvu_trend": np.nan, "trend_end": np.nan, "converged": False, "steps": np.nan,
+           "log_rows": 0, "init_abs_cos": np.nan}
     train = ckpt.cfg.get("train") or {}
     if train.get("batch_size"):
         out["steps"] = int(ckpt.cfg.get("tokens_seen", 0)) // int(train["batch_size"])
@@ -81,7 +82,7 @@ def convergence(ckpt: Checkpoint, tail: float, threshold: float) -> dict:
         tl = pd.read_parquet(log_path)
         out["log_rows"] = len(tl)
         if len(tl):
-            out["fvu_trend"] = fvu_trend(tl, tail=tail)
+            out["fvu_trend"], out["trend_end"] = plateau_trend(tl, tail=tail)
             out["converged"] = is_converged(out["fvu_trend"], threshold)
     init_path = ckpt.path / INIT_FILE
     if init_path.is_file():

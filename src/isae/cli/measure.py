@@ -28,10 +28,11 @@ def add_parser(sub) -> None:
     p.add_argument("--cross-archs", default=None,
                    help="comma-separated archs compared with each other at equal seeds")
     p.add_argument("--tail", type=float, default=0.2,
-                   help="fraction of the last steps the FVU trend is measured over")
-    p.add_argument("--converged-below", type=float, default=0.01,
+                   help="fraction of the steps the FVU trend is measured over: the last ones "
+                        "before the learning rate starts to decay")
+    p.add_argument("--converged-below", type=float, default=0.02,
                    help="a run has converged when its smoothed training FVU fell by less than "
-                        "this (relative) over the tail")
+                        "this (relative) over that window")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.set_defaults(func=run)
 
