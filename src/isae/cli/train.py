@@ -37,7 +37,10 @@ def add_parser(sub) -> None:
     p.add_argument("--log-every", type=int, default=20, help="steps between log rows")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing resume state")
-    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--out", required=True, help="checkpoint folder to write (an existing "
+                   "checkpoint is replaced; anything else needs --force)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out even if it is not a checkpoint")
     p.set_defaults(func=run)
 
 
@@ -45,7 +48,8 @@ def run(args: argparse.Namespace) -> dict:
     from isae.training.trainer import train, train_many
 
     acts = ActivationSet(args.activations)
-    width = args.width or 8 * acts.d
+    # Only an absent --width takes the default: --width 0 is refused, not replaced.
+    width = 8 * acts.d if args.width is None else args.width
     spec = {**parse_arch(args.arch), "l1_coeff": args.l1_coeff}
     if args.encoder_steps is not None:
         spec["encoder_steps"] = args.encoder_steps
@@ -55,6 +59,8 @@ def run(args: argparse.Namespace) -> dict:
             seeds = [int(s) for s in args.seeds.split(",")]
         except ValueError:
             raise UserError(f"--seeds must be comma-separated integers, not {args.seeds!r}") from None
+        if len(set(seeds)) != len(seeds):
+            raise UserError(f"--seeds {args.seeds} names a seed twice")
         if "{seed}" not in args.out:
             raise UserError("with --seeds, --out must contain {seed} (one checkpoint per seed)")
     cfgs = [SAEConfig(d_in=acts.d, d_sae=width, k=args.k, arch=args.arch, seed=s, **spec) for s in seeds]
@@ -73,7 +79,9 @@ def run(args: argparse.Namespace) -> dict:
         seed=seeds[0],
     )
     if not args.seeds:
-        return train(args.activations, cfgs[0], tcfg, args.out, resume=not args.no_resume)
+        return train(args.activations, cfgs[0], tcfg, args.out, resume=not args.no_resume,
+                     force=args.force)
     outs = [args.out.replace("{seed}", str(s)) for s in seeds]
-    runs = train_many(args.activations, cfgs, tcfg, outs, resume=not args.no_resume)
+    runs = train_many(args.activations, cfgs, tcfg, outs, resume=not args.no_resume,
+                      force=args.force)
     return {"runs": runs, "tokens_per_s": runs[0]["tokens_per_s"]}

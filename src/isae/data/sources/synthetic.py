@@ -45,7 +45,7 @@ import torch
 
 from isae.data import checkpoints as checkpoint
 from isae.data.activations import ActivationWriter, Normalizer, heldout_mask
-from isae.data.sources import check_layout, package_versions
+from isae.data.sources import check_extract_out, check_layout, package_versions
 from isae.errors import UserError
 from isae.models.config import SAEConfig
 from isae.models.sparse_coder import SparseCoder
@@ -277,10 +277,13 @@ def extract(
     zipf: float = 1.0,
     coherence: float | None = None,
     correlation: float = 0.0,
+    force: bool = False,
 ) -> dict:
-    """Write a synthetic activation set with its ``truth/`` checkpoint; return the summary."""
+    """Write a synthetic activation set with its ``truth/`` checkpoint; return the summary.
+    An existing ``out`` is replaced only if it is an activation set, or with ``force``."""
     _validate(d, atoms, k, rows, noise, zipf, coherence, correlation, heldout_fraction,
               rows_per_shard)
+    check_extract_out(out, [], force)
     t0 = time.perf_counter()
     dict_rng = np.random.default_rng([seed, 0])
     D, dict_info = make_dictionary(d, atoms, dict_rng, coherence)
@@ -309,7 +312,7 @@ def extract(
     writer = ActivationWriter(
         out, d, dtype=dtype, rows_per_shard=rows_per_shard, source="synthetic", meta=meta,
         heldout=heldout_info,
-        on_close=lambda stage, m: _write_truth(stage, m, D32, k, seed, gen),
+        on_close=lambda stage, m: _write_truth(stage, m, D32, k, seed, gen), force=force,
     )
     with writer, progress(total=rows, desc="synthetic", unit="row") as bar:
         for b, start in enumerate(range(0, rows, n_block)):
