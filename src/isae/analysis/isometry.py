@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from isae.errors import UserError
+from isae.models.config import MAX_SEED, check_int
 
 THRESHOLDS = {"1/3": 1.0 / 3.0, "sqrt2-1": math.sqrt(2.0) - 1.0}
 
@@ -264,6 +265,7 @@ def ric_report(
     -> (per-pair table: pair, kind observed | random_support | gaussian | truth, size, delta,
     mp = Marchenko–Pastur at that size; one-row summary dict).
     """
+    seed = check_int("--seed", seed, 0, MAX_SEED)
     W = torch.as_tensor(W_dec).detach().cpu()
     N, D = W.shape
     supports = np.asarray(supports, np.int64)

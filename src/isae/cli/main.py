@@ -24,8 +24,15 @@ from isae.errors import UserError
 COMMANDS = ("extract", "train", "eval", "match", "ric", "export")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block): exit 2, as every bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="isae", description="Identifiable sparse autoencoders: the study's command line."
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
@@ -85,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    from isae import progress
+
+    progress.ENABLED = not args.quiet
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:

@@ -46,6 +46,9 @@ def run(args: argparse.Namespace) -> dict:
     from isae.data.checkpoints import load, load_decoder
     from isae.errors import UserError
 
+    from isae.models.config import MAX_SEED, check_int
+
+    check_int("--seed", args.seed, 0, MAX_SEED)  # before the (long) encoding
     ckpt = load(args.ckpt, device=args.device)
     acts = ActivationSet(args.activations)
     check_activations(acts, ckpt)

@@ -26,8 +26,11 @@ def package_versions(*names: str) -> dict[str, str]:
     return out
 
 
-def check_layout(heldout_fraction: float, rows_per_shard: int) -> None:
-    """The options every source shares: the held-out fraction and the shard size."""
+def check_layout(heldout_fraction: float, rows_per_shard: int, seed: int = 0) -> None:
+    """The options every source shares: the held-out fraction, the shard size, the seed."""
+    from isae.models.config import MAX_SEED, check_int
+
+    check_int("--seed", seed, 0, MAX_SEED)
     if not 0.0 <= heldout_fraction < 1.0:
         raise UserError(f"--heldout-fraction must be in [0, 1), got {heldout_fraction}")
     if rows_per_shard < 1:

@@ -52,7 +52,7 @@ def extract(
         raise UserError(f"--batch-size must be positive, not {batch_size}")
     if max_tokens is not None and max_tokens < 1:
         raise UserError(f"--max-tokens must be positive, not {max_tokens}")
-    check_layout(heldout_fraction, rows_per_shard)
+    check_layout(heldout_fraction, rows_per_shard, seed)
     inputs = local_inputs(text, model)
     check_extract_out(out, inputs, force)
 

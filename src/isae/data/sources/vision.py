@@ -263,7 +263,7 @@ def extract(
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     if max_images is not None and max_images < 1:
         raise UserError(f"--max-images must be >= 1, got {max_images}")
-    check_layout(heldout_fraction, rows_per_shard)
+    check_layout(heldout_fraction, rows_per_shard, seed)
     inputs = local_inputs(images, model)
     check_extract_out(out, inputs, force)
     t0 = time.perf_counter()
