@@ -322,3 +322,282 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, base, tmp_path):
     assert not leftovers(tmp_path, base)
     assert tree(base) == before
     assert {p.name: tree(p) for p in tmp_path.iterdir() if p.name in inputs} == inputs
+
+
+# ----------------------------------------------------------------------------- data loss
+
+
+def test_out_never_the_current_folder_or_above(base, tmp_path):
+    (tmp_path / "precious.txt").write_text("keep")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    for cwd, out in ((tmp_path, "."), (sub, "..")):
+        proc = isae("export", str(base / "ck"), "--format", "saelens", "--out", out, "--force",
+                    cwd=cwd)
+        one_line(proc, f"--out {out} is the current folder or a folder above it")
+    assert (tmp_path / "precious.txt").read_text() == "keep" and sub.is_dir()
+
+
+def test_out_never_the_input_even_with_force(base, tmp_path):
+    s = copy(base, "set", tmp_path)
+    before = tree(s)
+    for out in (s, tmp_path, s / "truth"):  # the set, a folder holding it, a folder in it
+        proc = isae(*train_args(str(s), str(out), "--force"))
+        one_line(proc, "overlaps the input")
+    assert tree(s) == before
+    ck = copy(base, "ck", tmp_path)
+    proc = isae("export", str(ck), "--format", "saelens", "--out", str(ck), "--force")
+    one_line(proc, "overlaps the input")
+    assert tree(ck) == tree(base / "ck")  # same names and bytes as the original
+
+
+@pytest.mark.parametrize("cmd", ["extract", "train", "export"])
+def test_existing_folder_of_another_kind_needs_force(cmd, base, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    args = {
+        "extract": ["extract", "synthetic", "--d", "4", "--atoms", "8", "--k", "2", "--rows", "200",
+                    "--out", str(out)],
+        "train": train_args(str(base / "set"), str(out)),
+        "export": ["export", str(base / "ck"), "--format", "sparsify", "--out", str(out)],
+    }[cmd]
+    one_line(isae(*args), "already exists and is a folder of other files")
+    assert (out / "precious.txt").read_text() == "keep"
+    proc = isae(*args, "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert not (out / "precious.txt").exists() and not leftovers(tmp_path)
+
+
+def test_same_kind_is_replaced_and_kinds_are_told_apart(base, tmp_path, capsys):
+    from isae.data.atomic import layout_kind
+
+    out = str(tmp_path / "set")
+    args = ["-q", "extract", "synthetic", "--d", "4", "--atoms", "8", "--k", "2", "--rows", "200"]
+    assert main([*args, "--out", out]) == 0
+    assert main([*args, "--seed", "3", "--out", out]) == 0  # an activation set: replaced
+    assert json.loads((tmp_path / "set" / "meta.json").read_text())["seed"] == 3
+    assert layout_kind(tmp_path / "set") == "activations"
+    assert layout_kind(base / "ck") == "checkpoint"
+    # A folder of checkpoints (one per seed) is not a sparsify export, so exporting over it
+    # is refused; a real sparsify export is recognised.
+    seeds = tmp_path / "seeds"
+    for s in ("seed0", "seed1"):
+        shutil.copytree(base / "ck", seeds / s)
+    assert layout_kind(seeds) is None
+    assert main(["-q", "export", str(base / "ck"), "--format", "sparsify", "--out", str(seeds)]) == 2
+    assert "a folder of other files" in capsys.readouterr().err
+    assert main(["-q", "export", str(base / "ck"), "--format", "sparsify", "--out", str(tmp_path / "sp")]) == 0
+    assert layout_kind(tmp_path / "sp") == "sparsify"
+    assert main(["-q", "export", str(base / "ck"), "--format", "saelens", "--out", str(tmp_path / "sl")]) == 0
+    assert layout_kind(tmp_path / "sl") == "saelens"
+
+
+# ----------------------------------------------------------------------------- security
+
+
+class _Evil:
+    """A pickle that runs a command when it is loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_planted_resume_pickle_never_runs(base, tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    rdir = tmp_path / "out.resume"
+    rdir.mkdir()
+    (rdir / "state.pt").write_bytes(pickle.dumps(_Evil(marker)))
+    line = one_line(isae(*train_args(str(base / "set"), str(tmp_path / "out"))), "state.pt")
+    assert "pass --no-resume" in line and "pickle" in line
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    # The work-around the message names: a fresh run, which also removes the planted file.
+    proc = isae(*train_args(str(base / "set"), str(tmp_path / "out"), "--no-resume"))
+    assert proc.returncode == 0, proc.stderr
+    assert not marker.exists() and not rdir.exists()
+    assert (tmp_path / "out" / "sae.safetensors").is_file()
+
+
+@pytest.mark.parametrize("hook", ["../../escaped", "ABS", "..", "a/b"])
+def test_export_hook_name_cannot_escape_out(hook, base, tmp_path):
+    if hook == "ABS":
+        hook = str(tmp_path / "abs_escaped")
+    ck = copy(base, "ck", tmp_path)
+    edit_json(ck / "cfg.json", lambda c: c["activations"].update(hook=hook))
+    out = tmp_path / "exp" / "out"
+    one_line(isae("export", str(ck), "--format", "sparsify", "--out", str(out)),
+             "cannot name a folder inside --out")
+    assert not out.exists() and not leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "exp"]
+    assert not list((tmp_path / "exp").iterdir())
+    assert not any("escaped" in p.name for p in tmp_path.parent.rglob("*escaped*"))
+
+
+def _crash_after_saves(monkeypatch, n: int) -> None:
+    """Make training stop (as a kill would) right after its n-th resume save."""
+    from isae.training import trainer
+
+    real = trainer._save_state
+    count = {"n": 0}
+
+    def save_then_crash(rdir, state):
+        real(rdir, state)
+        count["n"] += 1
+        if count["n"] == n:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(trainer, "_save_state", save_then_crash)
+
+
+def test_resume_refuses_other_data(base, tmp_path, monkeypatch):
+    from isae.models.config import TrainConfig
+    from isae.training.trainer import train
+
+    s = tmp_path / "set"
+    synthetic.extract(out=str(s), d=D, atoms=ATOMS, k=K, rows=1200, rows_per_shard=400, seed=0)
+    cfg = SAEConfig.from_arch("topk", d_in=D, d_sae=ATOMS, k=K)
+    tcfg = TrainConfig(tokens=4000, batch_size=200, checkpoint_every=5, lr=1e-2)
+    _crash_after_saves(monkeypatch, 1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(s, cfg, tcfg, tmp_path / "out")
+    monkeypatch.undo()
+    state = tmp_path / "out.resume" / "state.safetensors"
+    assert state.is_file()
+    # The same path, regenerated from another seed: same shape, other rows.
+    synthetic.extract(out=str(s), d=D, atoms=ATOMS, k=K, rows=1200, rows_per_shard=400, seed=1)
+    args = ["train", "--activations", str(s), "--arch", "topk", "--k", str(K), "--width", str(ATOMS),
+            "--tokens", "4000", "--batch-size", "200", "--checkpoint-every", "5", "--lr", "1e-2",
+            "--out", str(tmp_path / "out")]
+    line = one_line(isae(*args), "was made on other data")
+    assert "pass --no-resume" in line and state.is_file()
+
+
+@pytest.mark.parametrize("arch", ["dl", "topk"])
+def test_resume_round_trip_is_bit_exact(arch, base, tmp_path, monkeypatch):
+    """Both steppers (Adam on an SAE, online dictionary learning with its generator) come
+    back from the pickle-free state exactly: a crashed-and-resumed run equals an
+    uninterrupted one bit for bit."""
+    import pandas as pd
+
+    from isae.models.config import TrainConfig
+    from isae.training.trainer import train
+
+    cfg = SAEConfig.from_arch(arch, d_in=D, d_sae=ATOMS, k=K, seed=2)
+    tcfg = TrainConfig(tokens=6000, batch_size=200, checkpoint_every=7, log_every=3, lr=1e-2,
+                       dead_tokens=400)
+    train(base / "set", cfg, tcfg, tmp_path / "ref")
+    _crash_after_saves(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(base / "set", cfg, tcfg, tmp_path / "b")
+    monkeypatch.undo()
+    assert not (tmp_path / "b").exists()
+    summary = train(base / "set", cfg, tcfg, tmp_path / "b")
+    assert summary["tokens"] == 6000
+    for name in ("ref", "b"):
+        assert not (tmp_path / f"{name}.resume").exists()
+    assert (tmp_path / "b" / "sae.safetensors").read_bytes() == (tmp_path / "ref" / "sae.safetensors").read_bytes()
+    la = pd.read_parquet(tmp_path / "b" / "train_log.parquet").drop(columns="wall_s")
+    lb = pd.read_parquet(tmp_path / "ref" / "train_log.parquet").drop(columns="wall_s")
+    pd.testing.assert_frame_equal(la, lb, check_exact=True)
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+def test_sigterm_during_extract_cleans_up(tmp_path):
+    out = tmp_path / "big"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(
+        [sys.executable, "-m", "isae", "-q", "extract", "synthetic", "--d", "32", "--atoms", "64",
+         "--k", "2", "--rows", "20000000", "--rows-per-shard", "500", "--out", str(out)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".big.tmp-*/part-00002.parquet")) and time.time() < deadline:
+        time.sleep(0.05)
+        assert p.poll() is None, p.communicate()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143, err
+    assert err.strip().splitlines() == ["isae extract: terminated (SIGTERM)"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def _enospc(path=None):
+    return OSError(errno.ENOSPC, "No space left on device", path)
+
+
+def _fail_on_call(n: int, real=None, partial: bool = False):
+    """A stand-in for a write function that fails as a full disk does on its n-th call
+    (after writing part of the file when ``partial``)."""
+    count = {"n": 0}
+
+    def write(*args, **kw):
+        count["n"] += 1
+        if count["n"] == n:
+            target = next((a for a in args if isinstance(a, (str, Path))), None)
+            if partial and target is not None:
+                Path(target).write_bytes(b"\0" * 100)
+            raise _enospc(target)
+        return real(*args, **kw)
+
+    return write
+
+
+def _disk_full_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "disk full" in err[0], err
+    return err[0]
+
+
+def test_disk_full_during_extract(tmp_path, monkeypatch, capsys):
+    from isae.data import activations
+
+    monkeypatch.setattr(activations.pq, "write_table", _fail_on_call(3, pq.write_table, partial=True))
+    rc = main(["-q", "extract", "synthetic", "--d", "4", "--atoms", "8", "--k", "2", "--rows", "1000",
+               "--rows-per-shard", "100", "--out", str(tmp_path / "set")])
+    assert rc == 2
+    _disk_full_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_full_during_final_and_resume_saves(base, tmp_path, monkeypatch, capsys):
+    from isae.data import checkpoints
+    from isae.training import resume
+
+    args = ["-q", *train_args(str(base / "set"), str(tmp_path / "out"), "--checkpoint-every", "3")]
+    monkeypatch.setattr(resume, "save_file", _fail_on_call(2, resume.save_file, partial=True))
+    assert main(args) == 2
+    _disk_full_line(capsys)
+    # The first save is intact and the failed one left no temporary file behind.
+    assert sorted(p.name for p in (tmp_path / "out.resume").iterdir()) == ["state.safetensors"]
+    monkeypatch.undo()
+    monkeypatch.setattr(checkpoints, "save_file", _fail_on_call(1, checkpoints.save_file, partial=True))
+    assert main(args) == 2  # resumes, then the final save fails
+    _disk_full_line(capsys)
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_disk_full_during_export_keeps_the_old_export(base, tmp_path, monkeypatch, capsys):
+    from isae.data import export
+
+    out = tmp_path / "exp"
+    assert main(["-q", "export", str(base / "ck"), "--format", "saelens", "--out", str(out)]) == 0
+    capsys.readouterr()
+    before = tree(out)
+    monkeypatch.setattr(export, "save_file", _fail_on_call(1, export.save_file, partial=True))
+    assert main(["-q", "export", str(base / "ck"), "--format", "saelens", "--out", str(out)]) == 2
+    _disk_full_line(capsys)
+    assert tree(out) == before and not leftovers(tmp_path)
+
+
+def test_nan_metrics_are_null_in_the_json_summary(capsys):
+    from isae.cli.main import json_safe
+
+    out = json.dumps(json_safe({"a": float("nan"), "b": [np.float32("inf"), 1.5], "c": np.int64(3)}),
+                     allow_nan=False)
+    assert json.loads(out) == {"a": None, "b": [None, 1.5], "c": 3}
