@@ -222,6 +222,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpo
         fields.update(kind="dl", signed=True, tied=True, bias="none", encoder_steps=0)
     if "k" not in fields:
         raise UserError(f"{cfg_path} lacks the required key 'k'")
+    version = cfg.get("version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise UserError(f"{cfg_path}: format version {version!r} is not one this isae reads "
+                        f"(1 to {FORMAT_VERSION})")
     try:
         sae_cfg = SAEConfig.from_dict(fields)
     except UserError as e:
