@@ -304,6 +304,14 @@ CASES = [
     Case("extract-seed", cli("extract", "synthetic", "--d", "4", "--atoms", "6", "--k", "2",
                              "--rows", "100", "--seed", "-1", "--out", "{out}"), "--seed must be in [0,"),
     Case("argparse", cli("train", "--k", "x"), "invalid int value: 'x'"),
+    # a table --out that would replace an input's file, or a file that is not a table
+    Case("table-out-input", lambda b, t: ["eval", str(copy(b, "ck", t)), "--activations", str(b / "set"),
+                                          "--out", str(t / "ck" / "cfg.json")],
+         "would replace the input"),
+    Case("table-out-other-file", lambda b, t: [(t / "notes.txt").write_text("keep") and "eval",
+                                               str(b / "ck"), "--activations", str(b / "set"),
+                                               "--out", str(t / "notes.txt")],
+         "exists and is not a Parquet table"),
     # resume state (item 12)
     Case("state-bytes", garbage_state("bytes"), "pass --no-resume to start afresh"),
     Case("state-empty", garbage_state("empty"), "pass --no-resume to start afresh"),

@@ -75,9 +75,13 @@ def run(args: argparse.Namespace) -> dict:
     from isae.analysis.consistency import code_consistency
     from isae.analysis.matching import chance_mean_abs_cos, match_dictionaries
     from isae.data.activations import ActivationSet
-    from isae.data.atomic import write_table
+    from isae.data.atomic import check_table_out, write_table
     from isae.data.checkpoints import load
     from isae.errors import UserError
+
+    inputs = [args.ckpt_a, args.ckpt_b] + ([args.activations] if args.activations else [])
+    check_table_out(args.out, inputs, "--out")
+    check_table_out(args.summary, inputs, "--summary")
 
     A = load(args.ckpt_a, device=args.device)
     B = load(args.ckpt_b, device=args.device)

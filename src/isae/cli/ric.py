@@ -42,13 +42,16 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> dict:
     from isae.analysis.isometry import n_possible_pairs, ric_report, row_supports
     from isae.data.activations import ActivationSet
-    from isae.data.atomic import write_table
+    from isae.data.atomic import check_table_out, write_table
     from isae.data.checkpoints import load, load_decoder
     from isae.errors import UserError
-
     from isae.models.config import MAX_SEED, check_int
 
-    check_int("--seed", args.seed, 0, MAX_SEED)  # before the (long) encoding
+    # Refuse what would fail or destroy something before the (long) encoding.
+    inputs = [args.ckpt, args.activations]
+    check_table_out(args.out, inputs, "--out")
+    check_table_out(args.summary, inputs, "--summary")
+    check_int("--seed", args.seed, 0, MAX_SEED)
     ckpt = load(args.ckpt, device=args.device)
     acts = ActivationSet(args.activations)
     check_activations(acts, ckpt)

@@ -169,9 +169,31 @@ def check_out(
         )
     if force:
         return out
+    what = "a symbolic link" if out.is_symlink() else "not a folder"
     raise UserError(
-        f"--out {out} already exists and is not a folder: choose another, or pass --force to replace it"
+        f"--out {out} already exists and is {what}: choose another, or pass --force to replace it"
     )
+
+
+def check_table_out(path: str | os.PathLike | None, inputs: Iterable[str | os.PathLike],
+                    flag: str = "--out") -> None:
+    """A Parquet table may replace an existing Parquet file, but never a folder, another
+    kind of file, an input, or a file inside an input (a checkpoint's own files, say)."""
+    if path is None:
+        return
+    p = Path(path)
+    real = Path(os.path.realpath(p))
+    for item in inputs:
+        src = Path(os.path.realpath(item))
+        if real == src or src in real.parents and p.exists() or real in src.parents:
+            raise UserError(f"{flag} {path} would replace the input {item} or a file of it")
+    if p.is_dir():
+        raise UserError(f"{flag} {path} is a folder; name a .parquet file")
+    if p.exists():
+        with open(p, "rb") as f:
+            magic = f.read(4)
+        if magic != b"PAR1":
+            raise UserError(f"{flag} {path} exists and is not a Parquet table: choose another name")
 
 
 def publish(stage: Path, out: Path) -> None:

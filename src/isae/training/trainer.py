@@ -397,7 +397,12 @@ def _load_resume(rdir: Path, fingerprint: dict, activations, n_runs: int,
             f"resume state {rdir} was made on data of dimension {fp.get('d')}, but "
             f"{activations} has d={fingerprint['d']}; pass --no-resume to start afresh"
         )
-    if fp.get("data") != fingerprint["data"] or fp.get("activations") != fingerprint["activations"]:
+    if fp.get("activations") != fingerprint["activations"]:
+        raise UserError(
+            f"resume state {rdir} was made on the activation set {fp.get('activations')}, not "
+            f"{activations}; pass --no-resume to start afresh"
+        )
+    if fp.get("data") != fingerprint["data"]:
         raise UserError(
             f"resume state {rdir} was made on other data than {activations} (meta.json or the "
             "shards differ: the set was changed or regenerated); pass --no-resume to start afresh"
