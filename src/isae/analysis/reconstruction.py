@@ -11,6 +11,7 @@ import torch
 from isae.data.activations import ActivationSet
 from isae.data.checkpoints import Checkpoint
 from isae.errors import UserError
+from isae.progress import progress
 
 
 @torch.no_grad()
@@ -28,19 +29,21 @@ def reconstruction_metrics(ckpt: Checkpoint, acts: ActivationSet, batch_size: in
     s2 = 0.0
     nnz = 0
     fired = torch.zeros(ckpt.d_sae, dtype=torch.bool, device=dev)
-    for part in acts.iter_shards("heldout"):
-        for i in range(0, len(part["x"]), batch_size):
-            x = ckpt.normalize(torch.from_numpy(part["x"][i : i + batch_size]).to(dev))
-            codes = model.encode(x)
-            x_hat = model.decode(codes)
-            sse += float((x - x_hat).double().pow(2).sum())
-            xd = x.double()
-            s1 += xd.sum(0)
-            s2 += float(xd.pow(2).sum())
-            active = codes.val != 0
-            nnz += int(active.sum())
-            fired[codes.idx[active]] = True
-            n += x.shape[0]
+    with progress(acts.meta.get("heldout_rows"), desc="eval held-out rows", unit="row") as bar:
+        for part in acts.iter_shards("heldout"):
+            for i in range(0, len(part["x"]), batch_size):
+                x = ckpt.normalize(torch.from_numpy(part["x"][i : i + batch_size]).to(dev))
+                codes = model.encode(x)
+                x_hat = model.decode(codes)
+                sse += float((x - x_hat).double().pow(2).sum())
+                xd = x.double()
+                s1 += xd.sum(0)
+                s2 += float(xd.pow(2).sum())
+                active = codes.val != 0
+                nnz += int(active.sum())
+                fired[codes.idx[active]] = True
+                n += x.shape[0]
+            bar.update(len(part["x"]))
     if n == 0:
         raise UserError(f"activation set {acts.path} has no held-out rows")
     total_var = s2 - float(s1 @ s1) / n

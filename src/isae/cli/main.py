@@ -2,9 +2,11 @@
 
 Each subcommand module in ``isae.cli`` has ``add_parser(subparsers)`` that registers
 its parser with ``func=run``; ``run(args)`` returns the one-line JSON summary as a dict.
-A ``UserError`` becomes one line on stderr and exit code 2, and so does a full disk.
-SIGTERM (what Slurm and ``kill`` send first) is handled like Ctrl-C: the command unwinds,
-every writer removes its temporary files, and the exit code is 143.
+A ``UserError`` becomes one line on stderr and exit code 2, and so do a full disk and a
+command-line error. SIGTERM (what Slurm and ``kill`` send first) is handled like Ctrl-C:
+the command unwinds, every writer removes its temporary files, and the exit code is 143.
+Every ``--help`` shows each option's default (``Parser`` passes its formatter on to the
+subcommands' parsers).
 """
 
 from __future__ import annotations
@@ -19,22 +21,43 @@ import signal
 import sys
 import threading
 
+import isae
 from isae.errors import UserError
 
-COMMANDS = ("extract", "train", "eval", "match", "ric", "export")
+COMMANDS = ("extract", "train", "eval", "match", "ric", "export", "browse")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with its errors on one line (no usage block): exit 2, as every bad input."""
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help, except where there is nothing to show:
+    no default (None: the help says what happens), or an on/off flag (off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or isinstance(
+            action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._VersionAction)
+        ):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help shows defaults and whose errors are one line.
+    ``add_subparsers`` builds the subcommands' parsers with the parent's class, so every
+    level gets both."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
+        """One line (no usage block) and exit 2, as for every bad input."""
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="isae", description="Identifiable sparse autoencoders: the study's command line."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {isae.__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:

@@ -24,8 +24,10 @@ def add_parser(sub) -> None:
     p.add_argument("--tokens", type=int, default=2_000_000, help="training rows to consume")
     p.add_argument("--batch-size", type=int, default=4096, help="rows per step")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default scales with width)")
-    p.add_argument("--decay", choices=["linear", "cosine", "constant"], default="linear")
-    p.add_argument("--warmup-frac", type=float, default=0.02)
+    p.add_argument("--decay", choices=["linear", "cosine", "constant"], default="linear",
+                   help="learning-rate decay after the warm-up")
+    p.add_argument("--warmup-frac", type=float, default=0.02,
+                   help="fraction of the steps spent warming the learning rate up")
     p.add_argument("--auxk-alpha", type=float, default=1 / 32, help="AuxK loss weight")
     p.add_argument("--dead-tokens", type=int, default=200_000,
                    help="rows without firing after which a latent counts as dead")

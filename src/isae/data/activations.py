@@ -1,7 +1,6 @@
 """Activation sets on disk: a folder with ``meta.json`` and ``part-NNNNN.parquet`` shards.
 
-The format is the contract between the extract stage and everything after it (DESIGN.md,
-"Activation set"):
+The format is the contract between the extract stage and everything after it:
 
 * ``meta.json``: ``d``, ``rows``, ``source``, ``dtype``, provenance, ``mean`` (d floats) and
   ``scale`` (float) such that ``(x - mean) / scale`` has E||.||^2 = d over the training rows,
@@ -9,6 +8,22 @@ The format is the contract between the extract stage and everything after it (DE
 * shards: column ``x`` = ``fixed_size_list<float32|float16>[d]``, column ``heldout`` (bool,
   the one split every stage uses), provenance columns (``doc``/``pos``/``token_id``,
   ``image``/``patch``) and, for synthetic sets, ``z_idx`` / ``z_val``.
+
+The minimal set the readers accept (for a set written by other code; ``isae extract
+array`` makes one from a .npy, a .safetensors tensor or a Parquet column, and is the safer
+way):
+
+* ``meta.json`` with ``d`` (int) and ``rows`` (int). Without ``mean`` and ``scale`` the
+  rows are used as they are (mean 0, scale 1), so every model then works on unnormalised
+  activations; ``train_rows`` and ``heldout_rows`` are optional (row counts for buffer
+  sizes and progress bars).
+* one or more ``part-*.parquet`` files (read in name order), each with the columns ``x``, a
+  ``fixed_size_list`` of float32 or float16 of length d (a variable-length ``list`` is not
+  read), and ``heldout`` (bool). Other columns are optional: ``doc``, ``pos``, ``token_id``
+  with the meta keys ``model`` and ``text`` let the feature browser show text; ``z_idx``,
+  ``z_val`` and a ``truth/`` checkpoint make a synthetic set.
+
+A shard without ``x`` or ``heldout`` is refused with one line naming the column and the file.
 
 Writers stage everything under a temporary folder and rename it into place on success, so a
 crash never leaves a set that looks complete. Readers stream shard by shard.
@@ -296,7 +311,7 @@ class ActivationSet:
         """Column x: fixed_size_list<float32|float16>[d]; column heldout: bool."""
         for name in ("x", "heldout"):
             if schema.get_field_index(name) < 0:
-                raise UserError(f"shard {path} has no column {name!r}")
+                raise _missing_column(path, name)
         xtype = schema.field("x").type
         if not (pa.types.is_fixed_size_list(xtype) and xtype.list_size == self.d
                 and xtype.value_type in X_TYPES):
@@ -348,11 +363,11 @@ class ActivationSet:
             self._check_schema(path, schema)
             for name in want[2:]:
                 if schema.get_field_index(name) < 0:
-                    raise UserError(f"shard {path} has no column {name!r}")
+                    raise _missing_column(path, name)
             try:
                 table = pq.read_table(path, columns=want, memory_map=True)
             except (pa.ArrowException, OSError, KeyError) as e:
-                raise UserError(f"cannot read shard {path}: {_first_line(e)}") from None
+                raise _shard_error(path, want, e) from None
             xcol = table.column("x")
             if xcol.null_count or table.column("heldout").null_count:
                 raise UserError(f"shard {path}: missing values (nulls) in column x or heldout")
@@ -477,6 +492,26 @@ def check_meta(meta, where: Path, n_shards: int | None = None) -> None:
             ok = False
         if not ok:
             raise UserError(f"{where}: scale must be a positive finite number, not {scale!r}")
+
+def _shard_error(path: Path, want: list[str], err: Exception) -> UserError:
+    """One line for a shard that cannot be read: the missing column by name where that is
+    the cause (Arrow's own message is a multi-line schema dump)."""
+    try:
+        names = pq.read_schema(path).names
+    except (pa.ArrowException, OSError):
+        names = None
+    if names is not None:
+        missing = [c for c in want if c not in names]
+        if missing:
+            return _missing_column(path, missing[0])
+    return UserError(f"cannot read shard {path}: {_first_line(err)}")
+
+
+def _missing_column(path: Path, name: str) -> UserError:
+    hint = ""
+    if name in ("x", "heldout"):
+        hint = " (every shard needs x and heldout; `isae extract array` makes a set from other files)"
+    return UserError(f"shard {path} has no column {name!r}{hint}")
 
 
 def _finite_rows(x: np.ndarray) -> np.ndarray:

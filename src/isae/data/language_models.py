@@ -188,6 +188,19 @@ def boot(name: str, device: str = "cpu", cache_dir: str | os.PathLike | None = N
     return LoadedModel(bridge=bridge, name=name, path=path)
 
 
+def load_tokenizer(name: str, cache_dir: str | os.PathLike | None = None):
+    """The tokenizer of a model, resolved like ``boot`` but without loading its weights:
+    what decoding stored ``token_id`` rows needs."""
+    path = resolve_model(name, cache_dir=cache_dir)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load the tokenizer of model {name!r}: {first}") from None
+
+
 def _check_device(device: str) -> None:
     try:
         dev = torch.device(device)
