@@ -38,6 +38,11 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between resume saves")
     p.add_argument("--log-every", type=int, default=20, help="steps between log rows")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--data-on-device", choices=["auto", "always", "never"], default="auto",
+                   help="auto: hold the training split in CUDA memory when it fits, else stream "
+                        "it from disk (streams on the CPU); always: hold it on any device; never: stream")
+    p.add_argument("--data-memory-fraction", type=float, default=0.5,
+                   help="auto only: largest share of the device's free memory the split may take")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing resume state")
     p.add_argument("--out", required=True, help="checkpoint folder to write (an existing "
                    "checkpoint is replaced; anything else needs --force)")
@@ -78,6 +83,8 @@ def run(args: argparse.Namespace) -> dict:
         log_every=args.log_every,
         checkpoint_every=args.checkpoint_every,
         device=args.device,
+        data_on_device=args.data_on_device,
+        data_memory_fraction=args.data_memory_fraction,
         seed=seeds[0],
     )
     if not args.seeds:

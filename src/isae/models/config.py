@@ -209,6 +209,14 @@ class TrainConfig:
     """Optimiser steps between resume-state saves."""
     device: str = "cpu"
     """cpu | cuda | cuda:N."""
+    data_on_device: str = "auto"
+    """Where batches come from. auto: the training split is copied once onto a CUDA device,
+    in its stored dtype, when it fits in data_memory_fraction of the device's free memory,
+    and streamed from disk otherwise (always on the CPU); always: copied, on any device;
+    never: streamed through the shuffle buffer. The two sources order the rows differently."""
+    data_memory_fraction: float = 0.5
+    """auto only: the largest share of the device's free memory the training split may take
+    (the rest stays for the models, their steps and their CUDA graphs)."""
     seed: int = 0
     """Seed of the data order (shuffle) and of dead-atom resampling."""
     extra: dict = field(default_factory=dict)
@@ -229,6 +237,10 @@ class TrainConfig:
         self.checkpoint_every = check_int("--checkpoint-every", self.checkpoint_every, 1)
         self.device = check_device(self.device)
         self.seed = check_int("--seed", self.seed, 0, MAX_SEED)
+        if self.data_on_device not in ("auto", "always", "never"):
+            raise UserError(f"data_on_device must be auto, always or never, not {self.data_on_device!r}")
+        self.data_memory_fraction = check_float("--data-memory-fraction", self.data_memory_fraction,
+                                                0.0, 1.0, lo_open=True)
 
     def learning_rate(self, d_sae: int) -> float:
         return self.lr if self.lr is not None else 2e-4 / (d_sae / 2**14) ** 0.5

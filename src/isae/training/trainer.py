@@ -8,17 +8,22 @@ learning) does one optimisation step on a batch; the loop owns the data stream, 
 learning-rate schedule, dead-latent bookkeeping, logging, resume state and the final
 checkpoint.
 
+Batches come from the training split held in device memory, or streamed from disk
+(training/batches.py chooses; ``TrainConfig.data_on_device``).
+
 Resume: every ``checkpoint_every`` steps the full state (parameters, optimiser, dead-latent
-counters, RNG, log) is written atomically to ``<out>.resume/`` beside the checkpoint, as
-safetensors plus JSON (training/resume.py: no pickle, so loading it runs no code). A
-restarted run replays the data stream up to the saved step (cheap: no model work) and
-continues; on CPU with the same thread count it ends bitwise equal to an uninterrupted run.
-The state records a fingerprint of the configuration and of the data (meta.json and the
-shards' names and sizes): a state made for anything else is refused, never mixed in.
+counters, RNG, log, the batch source) is written atomically to ``<out>.resume/`` beside the
+checkpoint, as safetensors plus JSON (training/resume.py: no pickle, so loading it runs no
+code). A restarted run starts its batches at the saved step (the device copy jumps there;
+the stream is replayed, cheap: no model work) and continues; on CPU with the same thread
+count it ends bitwise equal to an uninterrupted run. The state records a fingerprint of the
+configuration and of the data (meta.json and the shards' names and sizes): a state made
+for anything else is refused, never mixed in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -33,7 +38,6 @@ import torch
 from isae.data import checkpoints as checkpoint
 from isae.data.activations import ActivationSet
 from isae.data.atomic import check_out, overlaps_input
-from isae.data.stream import shuffled_batches
 from isae.errors import UserError
 from isae.gpu import cuda_graphs as graphs
 from isae.gpu import ops as fast
@@ -41,9 +45,30 @@ from isae.models.config import SAEConfig, TrainConfig
 from isae.models.dictionary_learning import DLStepper
 from isae.models.sparse_coder import Codes, SparseCoder
 from isae.progress import progress
+from isae.training.batches import DEVICE, STREAM, training_batches
 from isae.training.resume import LEGACY_FILE, STATE_FILE, StateError, load_state, save_state
 
 log = logging.getLogger(__name__)
+
+#: Seeds sharing a pass on CUDA run their steps and bookkeeping on one stream each, so one
+#: model's small kernels can overlap another's. Opt-in (ISAE_SEED_STREAMS=1) until the GPU
+#: benchmark (gpu_bench.py, seeds) has measured what it buys.
+SEED_STREAMS = os.environ.get("ISAE_SEED_STREAMS", "0") == "1"
+
+
+@contextlib.contextmanager
+def _on_stream(stream: torch.cuda.Stream | None, *inputs: torch.Tensor):
+    """Run the block on ``stream`` once the current stream's work is done, keeping
+    ``inputs`` (made on the current stream) alive until the stream has read them; with
+    None, run it as it is."""
+    if stream is None:
+        yield
+        return
+    stream.wait_stream(torch.cuda.current_stream(stream.device))
+    for t in inputs:
+        t.record_stream(stream)
+    with torch.cuda.stream(stream):
+        yield
 
 
 class SAEStepper:
@@ -70,7 +95,10 @@ class SAEStepper:
         self.opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
                                     fused=cuda, capturable=self.graphs is not None)
 
-    def step(self, x: torch.Tensor, lr_scale: float, dead: torch.Tensor | None) -> dict:
+    def step(self, x: torch.Tensor, lr_scale: float, dead: torch.Tensor | None,
+             n_dead: int | None = None) -> dict:
+        """One optimisation step. ``n_dead``: ``dead.sum()`` when the caller already read it
+        (it picks the CUDA graph; reading it is a host sync)."""
         if self.graphs is None:
             for g in self.opt.param_groups:
                 g["lr"] = self.base_lr * lr_scale
@@ -79,7 +107,9 @@ class SAEStepper:
             g["lr"].fill_(self.base_lr * lr_scale)
         if dead is None:
             dead = torch.zeros(self.model.cfg.d_sae, dtype=torch.bool, device=x.device)
-        width = graphs.aux_bucket(int(dead.sum()), self.model.cfg.d_sae)  # the one host sync
+        if n_dead is None:
+            n_dead = int(dead.sum())  # the one host sync
+        width = graphs.aux_bucket(n_dead, self.model.cfg.d_sae)
         return self.graphs(x, dead, width)
 
     def _body(self, x: torch.Tensor, dead: torch.Tensor | None, aux_width: int | None) -> dict:
@@ -253,6 +283,7 @@ def train_many(
     total_steps = max(math.ceil(tcfg.tokens / tcfg.batch_size), 1)
     start_step = 0
     wall0 = 0.0
+    saved_source = None
 
     fingerprint = {"sae": [c.to_dict() for c in sae_cfgs], "train": _train_fingerprint(tcfg),
                    "d": acts.d, "activations": str(Path(activations).resolve()),
@@ -268,11 +299,15 @@ def train_many(
                                 "pass --no-resume to start afresh") from None
             start_step = state["step"]
             wall0 = float(state["wall"])
+            saved_source = state.get("batches", STREAM)  # states from before the key streamed
             log.info("resuming %s from step %d of %d", outs[0], start_step, total_steps)
 
-    batches = shuffled_batches(acts, tcfg.batch_size, tcfg.shuffle_buffer, tcfg.seed, device)
-    for _ in range(start_step):  # replay the stream: same order as an uninterrupted run
-        next(batches)
+    batches, source = training_batches(acts, tcfg, device, start_step, saved_source)
+    # With several graphed models, their dead counts are read in one host sync per step
+    # (one per model would idle the GPU after each model's step while the host waits).
+    one_sync = len(runs) > 1 and all(getattr(r.stepper, "graphs", None) is not None for r in runs)
+    streams = ([torch.cuda.Stream(device) for _ in runs] if one_sync and SEED_STREAMS
+               else [None] * len(runs))
 
     name = sae_cfgs[0].arch + (f" x{len(runs)} seeds" if len(runs) > 1 else "")
     t0 = time.perf_counter()
@@ -283,32 +318,39 @@ def train_many(
             x = (next(batches) - mean) / norm.scale
             lr_scale = lr_multiplier(step, total_steps, tcfg)
             logging_step = step % tcfg.log_every == 0 or step == total_steps - 1
-            for run in runs:
-                dead = run.since_fired >= tcfg.dead_tokens
-                m = run.stepper.step(x, lr_scale, dead)
-                codes = m["codes"]
-                with torch.no_grad():  # no boolean indexing: it would wait for the GPU
-                    if run.cfg.kind == "relu":  # dense codes
-                        fires = (codes.val != 0).sum(0)
-                    else:
-                        fires = torch.zeros(run.cfg.d_sae, dtype=torch.long, device=device)
-                        fires.scatter_add_(0, codes.idx.reshape(-1), (codes.val != 0).reshape(-1).long())
-                    run.since_fired = torch.where(fires > 0, 0, run.since_fired + x.shape[0])
-                if logging_step:
-                    row = {
-                        "step": step,
-                        "tokens": (step + 1) * tcfg.batch_size,
-                        "loss": float(m["loss"]),
-                        "fvu": float(m["fvu"]),
-                        "auxk": float(m["auxk"]),
-                        "l0": int((codes.val != 0).sum()) / codes.val.shape[0],
-                        "dead_frac": int(dead.sum()) / dead.numel(),
-                        "lr": getattr(run.stepper, "base_lr", 0.0) * lr_scale,
-                        "wall_s": wall0 + time.perf_counter() - t0,
-                    }
-                    if not math.isfinite(row["loss"]):
-                        raise UserError(f"training diverged at step {step} (loss {row['loss']}); lower --lr")
-                    run.rows.append(row)
+            deads = [run.since_fired >= tcfg.dead_tokens for run in runs]
+            n_deads = (torch.stack([d.sum() for d in deads]).tolist() if one_sync
+                       else [None] * len(runs))
+            for run, dead, n_dead, stream in zip(runs, deads, n_deads, streams):
+                with _on_stream(stream, x, dead):
+                    m = (run.stepper.step(x, lr_scale, dead) if n_dead is None
+                         else run.stepper.step(x, lr_scale, dead, n_dead))
+                    codes = m["codes"]
+                    with torch.no_grad():  # no boolean indexing: it would wait for the GPU
+                        if run.cfg.kind == "relu":  # dense codes
+                            fires = (codes.val != 0).sum(0)
+                        else:
+                            fires = torch.zeros(run.cfg.d_sae, dtype=torch.long, device=device)
+                            fires.scatter_add_(0, codes.idx.reshape(-1), (codes.val != 0).reshape(-1).long())
+                        run.since_fired = torch.where(fires > 0, 0, run.since_fired + x.shape[0])
+                    if logging_step:
+                        row = {
+                            "step": step,
+                            "tokens": (step + 1) * tcfg.batch_size,
+                            "loss": float(m["loss"]),
+                            "fvu": float(m["fvu"]),
+                            "auxk": float(m["auxk"]),
+                            "l0": int((codes.val != 0).sum()) / codes.val.shape[0],
+                            "dead_frac": int(dead.sum()) / dead.numel(),
+                            "lr": getattr(run.stepper, "base_lr", 0.0) * lr_scale,
+                            "wall_s": wall0 + time.perf_counter() - t0,
+                        }
+                        if not math.isfinite(row["loss"]):
+                            raise UserError(f"training diverged at step {step} (loss {row['loss']}); lower --lr")
+                        run.rows.append(row)
+            for stream in streams:  # the next step's dead counts read every model's counters
+                if stream is not None:
+                    torch.cuda.current_stream(device).wait_stream(stream)
             bar.update(x.shape[0])
             if logging_step:
                 r = runs[0].rows[-1]
@@ -319,6 +361,7 @@ def train_many(
                     "runs": [run.state() for run in runs],
                     "step": step + 1,
                     "wall": wall0 + time.perf_counter() - t0,
+                    "batches": source,
                 })
     finally:
         bar.close()
@@ -332,7 +375,7 @@ def train_many(
         pd.DataFrame(run.rows).to_parquet(log_bytes, index=False)
         extra = {
             "tokens_seen": tokens_seen,
-            "train": _train_fingerprint(tcfg),
+            "train": {**_train_fingerprint(tcfg), "batches": source},
             "lr": getattr(run.stepper, "base_lr", None),
             "activations": {
                 "path": str(Path(activations)),
@@ -357,6 +400,7 @@ def train_many(
             "dead_frac": last["dead_frac"],
             "tokens_per_s": rate,
             "wall_s": elapsed,
+            "batches": source,
         })
     shutil.rmtree(rdir, ignore_errors=True)
     return summaries
@@ -387,7 +431,8 @@ def _load_resume(rdir: Path, fingerprint: dict, activations, n_runs: int,
         fp, runs, step = state["fingerprint"], state["runs"], state["step"]
         if not (isinstance(fp, dict) and isinstance(runs, list) and len(runs) == n_runs
                 and isinstance(step, int) and not isinstance(step, bool)
-                and 0 <= step <= total_steps and isinstance(state["wall"], (int, float))):
+                and 0 <= step <= total_steps and isinstance(state["wall"], (int, float))
+                and state.get("batches", STREAM) in (DEVICE, STREAM)):
             raise StateError("its contents are not a resume state of this shape")
     except (StateError, KeyError, TypeError) as e:
         raise UserError(f"resume state {path} is unreadable or corrupt ({e}); "
