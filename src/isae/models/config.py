@@ -239,8 +239,8 @@ class TrainConfig:
         self.seed = check_int("--seed", self.seed, 0, MAX_SEED)
         if self.data_on_device not in ("auto", "always", "never"):
             raise UserError(f"data_on_device must be auto, always or never, not {self.data_on_device!r}")
-        self.data_memory_fraction = check_float("--data-memory-fraction", self.data_memory_fraction,
-                                                0.0, 1.0, lo_open=True)
+        if not 0 < self.data_memory_fraction <= 1:
+            raise UserError(f"data_memory_fraction must be in (0, 1], not {self.data_memory_fraction}")
 
     def learning_rate(self, d_sae: int) -> float:
         return self.lr if self.lr is not None else 2e-4 / (d_sae / 2**14) ** 0.5
