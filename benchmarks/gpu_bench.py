@@ -31,8 +31,10 @@ import numpy as np
 import torch
 
 from isae.gpu import cuda_graphs as graphs
-from isae.gpu import ops as fast
+from isae.gpu.ops import FastOps
+from isae.models.compute import select_ops
 from isae.models.config import SAEConfig, TrainConfig
+from isae.models.reference import REFERENCE
 from isae.models.sparse_coder import SparseCoder
 from isae.training.trainer import SAEStepper
 
@@ -226,8 +228,10 @@ def sparsify_step():
     return ms
 
 
-def our_stepper(arch: str, seed: int = 0):
-    m = SparseCoder(SAEConfig.from_arch(arch, d_in=D, d_sae=N, k=K, seed=seed), device=DEV)
+def our_stepper(arch: str, seed: int = 0, ops=None):
+    """A model and its stepper on DEV, on ``ops`` (default: what training would choose)."""
+    m = SparseCoder(SAEConfig.from_arch(arch, d_in=D, d_sae=N, k=K, seed=seed), device=DEV,
+                    ops=ops or select_ops(DEV))
     return m, SAEStepper(m, TrainConfig(lr=2e-4))  # fused Adam on CUDA, as in training
 
 
@@ -238,24 +242,16 @@ def our_steps():
     out = {}
     for arch in ("topk", "isae", "isae-iter"):
         for use_graphs in (True, False):
-            graphs.ENABLED = use_graphs
-            try:
-                m, st = our_stepper(arch)
-                ms = per_step(lambda st=st: st.step(x, 1.0, dead))
-            finally:
-                graphs.ENABLED = True
+            m, st = our_stepper(arch, ops=FastOps(cuda_graphs=use_graphs))
+            ms = per_step(lambda st=st: st.step(x, 1.0, dead))
             how = "CUDA graph" if use_graphs else "eager launches"
             if use_graphs:
                 out[arch] = ms
             row(f"ours {arch} step (fast path, {how})", ms, f"{B / ms / 1e3:.2f} M tok/s")
             del m, st
-    fast.ENABLED = False
-    try:
-        m, st = our_stepper("topk")
-        ms = per_step(lambda: st.step(x, 1.0, dead), warmup=2, reps=5)
-        row("ours topk step, float32 reference path", ms, f"{B / ms / 1e3:.2f} M tok/s")
-    finally:
-        fast.ENABLED = True
+    m, st = our_stepper("topk", ops=REFERENCE)
+    ms = per_step(lambda: st.step(x, 1.0, dead), warmup=2, reps=5)
+    row("ours topk step, float32 reference path", ms, f"{B / ms / 1e3:.2f} M tok/s")
     return out
 
 
@@ -264,8 +260,7 @@ def equivalence(steps: int):
     for arch in ("topk", "isae", "isae-iter"):
         fvus = {}
         for flag in (True, False):
-            fast.ENABLED = flag
-            m, st = our_stepper(arch, seed=0)
+            m, st = our_stepper(arch, seed=0, ops=FastOps() if flag else REFERENCE)
             data = synthetic_batches(D, 4 * N, 16, seed=1)
             dead_since = torch.zeros(N, device="cuda", dtype=torch.long)
             for s in range(steps):
@@ -276,12 +271,11 @@ def equivalence(steps: int):
                 dead_since += B
                 dead_since[fired] = 0
             with torch.no_grad():  # held-out FVU on fresh rows, reference encoder for both
-                fast.ENABLED = False
+                m.ops = REFERENCE
                 xs = torch.cat([next(data) for _ in range(2)])
                 fv = float(m(xs).fvu)
             norms = m.W_dec.norm(dim=1)
             fvus[flag] = (fv, float((norms - 1).abs().max()))
-        fast.ENABLED = True
         rel = abs(fvus[True][0] - fvus[False][0]) / fvus[False][0]
         row(f"equivalence {arch}: FVU fast / reference after {steps * B / 1e6:.1f}M tok",
             note=f"{fvus[True][0]:.4f} / {fvus[False][0]:.4f} (rel diff {rel:.2%}, target < 1%); "
@@ -384,11 +378,8 @@ def iter_breakdown(arch: str = "isae-iter"):
         how = "CUDA graph" if st.graphs is not None else "eager"
         row(f"{a} step ({how})", ms, f"{B / ms / 1e3:.2f} M tok/s", key=f"step_{a}", tok_s=B / ms * 1e3)
         del m, st
-    graphs.ENABLED = False
-    try:
-        m, st = our_stepper(arch)
-    finally:
-        graphs.ENABLED = True
+    # eager: the phases are timed one by one (the CPU's op set never replays graphs)
+    m, st = our_stepper(arch, ops=FastOps(cuda_graphs=False) if DEV == "cuda" else None)
     reps = 20 if DEV == "cuda" else 3
 
     def phases(steps: int) -> dict[str, float]:
@@ -523,10 +514,10 @@ def profile_steps(trace_dir: str | None = None):
 
     x = torch.randn(B, D, device="cuda")
     dead = torch.rand(N, device="cuda") < 0.05
-    graphs.ENABLED = False  # the profiler sees kernels launched one by one
     width = graphs.aux_bucket(int(dead.sum()), N)  # AuxK's width as a graph has it
     for arch in ("topk", "isae", "isae-iter"):
-        m, st = our_stepper(arch)
+        # no graph replay: the profiler sees kernels launched one by one
+        m, st = our_stepper(arch, ops=FastOps(cuda_graphs=False))
         for _ in range(3):
             st._body(x, dead, width)
         torch.cuda.synchronize()
@@ -539,7 +530,6 @@ def profile_steps(trace_dir: str | None = None):
                                         max_name_column_width=110))
         if trace_dir:  # kernels linked to the ops that launched them, for a closer look
             prof.export_chrome_trace(str(Path(trace_dir) / f"profile_{arch}.json"))
-    graphs.ENABLED = True
 
 
 def main() -> None:

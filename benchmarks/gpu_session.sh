@@ -66,14 +66,13 @@ run pytest 180 python3 -m pytest -q -p no:cacheprovider tests/test_fast_gpu.py t
   tests/test_resident.py
 run loop_after 120 python3 benchmarks/loop_bench.py "${SHAPE[@]}" "${LOOP[@]}" --set "$SET" \
   --data-on-device $AFTER --json "$OUT/loop_after.json"
-run loop_before 120 python3 benchmarks/loop_bench.py "${SHAPE[@]}" "${LOOP[@]}" --set "$SET" \
-  --data-on-device never --json "$OUT/loop_before.json"
 run seeds_after 120 python3 benchmarks/gpu_bench.py --only seeds "${SHAPE[@]}" "${SEEDS[@]}" \
   --set "$SET" --data-on-device $AFTER --out "$OUT/seeds_after.json"
+run iter 90 python3 benchmarks/gpu_bench.py --only iter "${SHAPE[@]}" --out "$OUT/iter.json"
+run loop_before 120 python3 benchmarks/loop_bench.py "${SHAPE[@]}" "${LOOP[@]}" --set "$SET" \
+  --data-on-device never --json "$OUT/loop_before.json"
 run seeds_before 120 python3 benchmarks/gpu_bench.py --only seeds "${SHAPE[@]}" "${SEEDS[@]}" \
   --set "$SET" --data-on-device never --out "$OUT/seeds_before.json"
-run iter 90 python3 benchmarks/gpu_bench.py --only iter "${SHAPE[@]}" --out "$OUT/iter.json"
-
 echo
 echo "pytest: $(grep -E 'passed|failed|error' "$OUT/pytest.log" | tail -n 1)"
 echo "session: $(($(date +%s) - START)) s; logs and JSON in $OUT"

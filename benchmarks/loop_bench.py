@@ -35,6 +35,7 @@ from read_waits import ReadWaits
 
 from isae.data import resident, stream
 from isae.gpu import cuda_graphs as graphs
+from isae.models.compute import select_ops
 from isae.models.config import SAEConfig, TrainConfig
 from isae.models.sparse_coder import SparseCoder
 from isae.training import trainer
@@ -111,7 +112,7 @@ def main() -> None:
     widths_note()
 
     def step_alone():
-        model = SparseCoder(cfg, device=dev)
+        model = SparseCoder(cfg, device=dev, ops=select_ops(dev))
         st = trainer.SAEStepper(model, tcfg())
         x = torch.randn(B, D, device=dev)
         dead = torch.zeros(N, dtype=torch.bool, device=dev)
@@ -201,7 +202,7 @@ def main() -> None:
     only = a.only.split(",") if a.only else list(pieces)
     if mode == "never":
         only = [p for p in only if p != "load"]
-    if dev != "cuda" or not graphs.ENABLED:  # elsewhere there is no per-step sync to remove
+    if not select_ops(dev).cuda_graphs:  # elsewhere there is no per-step sync to remove
         only = [p for p in only if p != "nosync"]
     for name in only:
         guarded(res, name, name, pieces[name])

@@ -304,9 +304,9 @@ def test_auto_on_cuda_holds_the_split_unless_the_budget_is_too_small(tmp_path):
 def test_seed_streams_train_like_one_stream(tmp_path, monkeypatch):
     """Each seed on its own CUDA stream (ISAE_SEED_STREAMS=1) against one stream: the same
     batches and steps, so the same losses up to the order of atomic sums."""
-    from isae.gpu import cuda_graphs as graphs
+    from isae.models.compute import select_ops
 
-    if not graphs.ENABLED:
+    if not select_ops("cuda").cuda_graphs:
         pytest.skip("CUDA graphs are off")
     from libdata import signed_sparse_set
 

@@ -232,6 +232,16 @@ def ric_flags(wildcards) -> str:
     return cli_flags({"pairs": config["ric"]["pairs"], "device": config["device"]})
 
 
+def fidelity_flags(wildcards) -> str:
+    return cli_flags(
+        {
+            "max_tokens": config["fidelity"]["max_tokens"],
+            "batch_size": config["fidelity"]["batch_size"],
+            "device": config["device"],
+        }
+    )
+
+
 def run_keys(runs) -> list:
     """Identity columns (and grid flags) of each run, in the order of its input files."""
     return [dict(r.wildcards(), **{g: g in RUNS[r] for g in GRIDS}) for r in runs]

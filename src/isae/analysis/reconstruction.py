@@ -1,4 +1,4 @@
-"""Held-out reconstruction metrics (DESIGN.md "Metrics", first bullet).
+"""Held-out reconstruction metrics.
 
 All in the checkpoint's normalised space: MSE per dimension, FVU (against the held-out
 mean), mean L0, and the fraction of latents never active on the held-out rows.

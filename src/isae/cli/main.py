@@ -24,7 +24,7 @@ import threading
 import isae
 from isae.errors import UserError
 
-COMMANDS = ("extract", "train", "eval", "match", "ric", "export", "browse")
+COMMANDS = ("extract", "train", "eval", "match", "ric", "fidelity", "export", "browse")
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from isae.data.activations import Normalizer
 from isae.data.atomic import check_out, publish, staging_folder, write_json_atomic
 from isae.errors import UserError
+from isae.models.compute import select_ops
 from isae.models.config import SAEConfig
 from isae.models.sparse_coder import Codes, SparseCoder
 
@@ -220,7 +221,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpo
     fields.setdefault("d_sae", n)
     if fields.get("arch") == "truth":
         fields.update(kind="dl", signed=True, tied=True, bias="none", encoder_steps=0)
-    if "k" not in fields:
+    if "k" not in fields:  # no default here: a checkpoint says what it was trained with
         raise UserError(f"{cfg_path} lacks the required key 'k'")
     version = cfg.get("version", FORMAT_VERSION)
     if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
@@ -236,7 +237,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpo
     if "activations" in cfg and not isinstance(cfg["activations"], dict):
         raise UserError(f"{cfg_path}: activations must be an object")
     norm = read_normalizer(cfg, d, cfg_path)
-    model = SparseCoder(sae_cfg, device=device)
+    model = SparseCoder(sae_cfg, device=device, ops=select_ops(device))
     zeros = {"W_enc": tensors["W_dec"].T, "b_enc": torch.zeros(n), "b_dec": torch.zeros(d)}
     model.load_exported({k: tensors.get(k, zeros.get(k)) for k in ("W_dec", "W_enc", "b_enc", "b_dec")})
     model.eval()

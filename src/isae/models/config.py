@@ -1,8 +1,12 @@
-"""Configuration of the SAE family and of training, and the presets.
+"""Configuration of the SAE family and of training, and the presets: the one source of
+their names and defaults.
 
 A preset is data: a dict of switches. An architecture name is a preset followed by switches
 added (``+name``) or removed (``-name``), e.g. ``topk+signed`` or ``isae-tied`` — which is
-how the ablation names its variants.
+how the ablation names its variants; ``parse_arch`` is the one reader of such names.
+
+Every field carries its docstring (the string under it); ``isae train`` makes its flags
+from the fields, their defaults and those docstrings (isae.cli.fields).
 """
 
 from __future__ import annotations
@@ -79,7 +83,8 @@ SWITCHES: dict[str, tuple[str, object, object]] = {
     "iter": ("encoder_steps", 3, 0),
 }
 
-#: Presets: one dict of fields each. ``dl`` is the classical reference, not an SAE.
+#: Presets: one dict of fields each, in the order tables list them. ``dl`` is the classical
+#: reference, not an SAE.
 PRESETS: dict[str, dict] = {
     "topk": dict(kind="topk", signed=False, tied=False, bias="learned", encoder_steps=0),
     "relu": dict(kind="relu", signed=False, tied=False, bias="learned", encoder_steps=0),
@@ -91,8 +96,23 @@ PRESETS: dict[str, dict] = {
 _TOKEN = re.compile(r"([+-])([a-z]+)")
 
 
-def parse_arch(name: str) -> dict:
-    """``"isae-tied"`` -> the field dict of that variant. Raises UserError on unknown parts."""
+@dataclass(frozen=True)
+class Arch:
+    """An architecture name, read."""
+
+    name: str
+    preset: str
+    """The preset it starts from."""
+    changes: str
+    """The switches added (+name) or removed (-name) after the preset, as written; "" for
+    a preset itself."""
+    fields: dict
+    """The SAEConfig fields of this variant (kind and switches)."""
+
+
+def parse_arch(name: str) -> Arch:
+    """``"isae-tied"`` -> Arch("isae-tied", "isae", "-tied", fields). Raises UserError on
+    unknown parts."""
     base = max((p for p in PRESETS if name == p or name.startswith(p + "+") or name.startswith(p + "-")),
                key=len, default=None)
     if base is None:
@@ -116,7 +136,13 @@ def parse_arch(name: str) -> dict:
         pos = m.end()
     if pos != len(rest):
         raise UserError(f"cannot parse arch {name!r} after {name[:len(base) + pos]!r}")
-    return spec
+    return Arch(name, base, rest, spec)
+
+
+def arch_help() -> str:
+    """What an architecture name may be, in one line (for help texts)."""
+    return (f"a preset ({', '.join(PRESETS)}) with optional +switch/-switch "
+            f"({', '.join(SWITCHES)}), e.g. topk+signed or isae-tied")
 
 
 @dataclass
@@ -127,17 +153,17 @@ class SAEConfig:
     """Dimension of the activations."""
     d_sae: int
     """Number of latents (dictionary atoms), the width."""
-    k: int
+    k: int = 32
     """Active latents per row (TopK family, dl); for relu only a label of the sweep."""
     arch: str = "topk"
     """Architecture name: preset plus switches (see parse_arch)."""
-    kind: str = "topk"
+    kind: str = field(default="topk", metadata={"choices": ("topk", "relu", "dl")})
     """topk | relu | dl: how codes are computed."""
     signed: bool = False
     """Keep the k largest |pre-activations| with their signs instead of ReLU then TopK."""
     tied: bool = False
     """W_enc is W_dec transposed: one parameter."""
-    bias: str = "learned"
+    bias: str = field(default="learned", metadata={"choices": ("learned", "none")})
     """learned: b_dec and b_enc are trained; none: both fixed at zero (data is centred)."""
     encoder_steps: int = 0
     """Iterative hard-thresholding steps with the decoder after the amortised TopK."""
@@ -156,14 +182,14 @@ class SAEConfig:
         for name in ("signed", "tied"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name} must be true or false, not {getattr(self, name)!r}")
-        if self.kind not in ("topk", "relu", "dl"):
+        if self.kind not in choices(SAEConfig, "kind"):
             raise UserError(f"unknown kind {self.kind!r}")
         self.d_in = check_int("d_in", self.d_in, 1, MAX_D_IN)
         self.d_sae = check_int("the width (d_sae)", self.d_sae, 1, MAX_WIDTH)
         self.k = check_int("k", self.k, 1)
         if not 1 <= self.k < self.d_sae:
             raise UserError(f"k must satisfy 1 <= k < width; got k={self.k}, width={self.d_sae}")
-        if self.bias not in ("learned", "none"):
+        if self.bias not in choices(SAEConfig, "bias"):
             raise UserError(f"bias must be 'learned' or 'none', not {self.bias!r}")
         self.encoder_steps = check_int("encoder_steps", self.encoder_steps, 0, MAX_ENCODER_STEPS)
         self.iht_step = check_float("iht_step", self.iht_step, 0.0, lo_open=True)
@@ -172,7 +198,7 @@ class SAEConfig:
 
     @classmethod
     def from_arch(cls, arch: str, **kw) -> SAEConfig:
-        return cls(arch=arch, **parse_arch(arch), **kw)
+        return cls(arch=arch, **parse_arch(arch).fields, **kw)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -195,7 +221,7 @@ class TrainConfig:
     """Adam learning rate; None = 2e-4 / sqrt(width / 16384) as in Gao et al. / sparsify."""
     warmup_frac: float = 0.02
     """Fraction of steps with a linear learning-rate warmup."""
-    decay: str = "linear"
+    decay: str = field(default="linear", metadata={"choices": ("linear", "cosine", "constant")})
     """Decay after warmup: linear (to 0 over the last 20%), cosine, or constant."""
     auxk_alpha: float = 1 / 32
     """Weight of the AuxK loss on dead latents (topk kind)."""
@@ -209,7 +235,7 @@ class TrainConfig:
     """Optimiser steps between resume-state saves."""
     device: str = "cpu"
     """cpu | cuda | cuda:N."""
-    data_on_device: str = "auto"
+    data_on_device: str = field(default="auto", metadata={"choices": ("auto", "always", "never")})
     """Where batches come from. auto: the training split is copied once onto a CUDA device,
     in its stored dtype, when it fits in data_memory_fraction of the device's free memory,
     and streamed from disk otherwise (always on the CPU); always: copied, on any device;
@@ -228,7 +254,7 @@ class TrainConfig:
         if self.lr is not None:
             self.lr = check_float("--lr", self.lr, 0.0, lo_open=True)
         self.warmup_frac = check_float("--warmup-frac", self.warmup_frac, 0.0, 1.0)
-        if self.decay not in ("linear", "cosine", "constant"):
+        if self.decay not in choices(TrainConfig, "decay"):
             raise UserError(f"decay must be linear, cosine or constant, not {self.decay!r}")
         self.auxk_alpha = check_float("--auxk-alpha", self.auxk_alpha, 0.0)
         self.dead_tokens = check_int("--dead-tokens", self.dead_tokens, 1)
@@ -237,10 +263,15 @@ class TrainConfig:
         self.checkpoint_every = check_int("--checkpoint-every", self.checkpoint_every, 1)
         self.device = check_device(self.device)
         self.seed = check_int("--seed", self.seed, 0, MAX_SEED)
-        if self.data_on_device not in ("auto", "always", "never"):
+        if self.data_on_device not in choices(TrainConfig, "data_on_device"):
             raise UserError(f"data_on_device must be auto, always or never, not {self.data_on_device!r}")
         if not 0 < self.data_memory_fraction <= 1:
             raise UserError(f"data_memory_fraction must be in (0, 1], not {self.data_memory_fraction}")
 
     def learning_rate(self, d_sae: int) -> float:
         return self.lr if self.lr is not None else 2e-4 / (d_sae / 2**14) ** 0.5
+
+
+def choices(cls: type, name: str) -> tuple:
+    """The values field ``name`` of dataclass ``cls`` allows (its ``choices`` metadata)."""
+    return next(f.metadata["choices"] for f in fields(cls) if f.name == name)

@@ -3,7 +3,7 @@
 Several seeds of one configuration can share the loop (``train_many``): one pass over the
 data feeds every model, which is how a multi-seed study spends its GPU time well.
 
-One loop serves every kind: a *stepper* (SAEStepper here, dl.DLStepper for dictionary
+One loop serves every kind: a *stepper* (SAEStepper here, DLStepper for dictionary
 learning) does one optimisation step on a batch; the loop owns the data stream, the
 learning-rate schedule, dead-latent bookkeeping, logging, resume state and the final
 checkpoint.
@@ -41,6 +41,7 @@ from isae.data.atomic import check_out, overlaps_input
 from isae.errors import UserError
 from isae.gpu import cuda_graphs as graphs
 from isae.gpu import ops as fast
+from isae.models.compute import Ops, select_ops
 from isae.models.config import SAEConfig, TrainConfig
 from isae.models.dictionary_learning import DLStepper
 from isae.models.sparse_coder import Codes, SparseCoder
@@ -74,8 +75,8 @@ def _on_stream(stream: torch.cuda.Stream | None, *inputs: torch.Tensor):
 class SAEStepper:
     """Adam on the SAE loss with the unit-norm decoder constraint.
 
-    On CUDA the TopK family's step is replayed as a CUDA graph (cuda_cuda_graphs.py); elsewhere it
-    runs eagerly, the CPU with the reference implementation.
+    On CUDA the TopK family's step is replayed as a CUDA graph (isae.gpu.cuda_graphs) when the
+    model's op set asks for it (the fast path); elsewhere it runs eagerly.
     """
 
     def __init__(self, model: SparseCoder, tcfg: TrainConfig) -> None:
@@ -85,7 +86,7 @@ class SAEStepper:
         cuda = model.W_dec.is_cuda
         self.graphs = None
         lr: float | torch.Tensor = self.base_lr
-        if cuda and graphs.ENABLED and fast.ENABLED and model.cfg.kind == "topk":
+        if cuda and model.ops.cuda_graphs and model.cfg.kind == "topk":
             # A recorded step reads the learning rate from a tensor, so the schedule can
             # change it between replays.
             lr = torch.tensor(self.base_lr, device=model.device)
@@ -204,10 +205,10 @@ def _check_resume_dir(rdir: Path, inputs: list, force: bool) -> None:
 class _Run:
     """One model being trained: its stepper, dead-latent counters, log and destination."""
 
-    def __init__(self, sae_cfg: SAEConfig, tcfg: TrainConfig, out: Path, device) -> None:
+    def __init__(self, sae_cfg: SAEConfig, tcfg: TrainConfig, out: Path, device, ops: Ops) -> None:
         self.cfg = sae_cfg
         self.out = out
-        self.model = SparseCoder(sae_cfg, device=device)
+        self.model = SparseCoder(sae_cfg, device=device, ops=ops)
         self.stepper = (DLStepper(self.model, seed=sae_cfg.seed) if sae_cfg.kind == "dl"
                         else SAEStepper(self.model, tcfg))
         self.since_fired = torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device)
@@ -279,7 +280,8 @@ def train_many(
 
     norm = acts.normalizer()
     mean = torch.as_tensor(norm.mean, device=device)
-    runs = [_Run(c, tcfg, o, device) for c, o in zip(sae_cfgs, outs)]
+    ops = select_ops(device)
+    runs = [_Run(c, tcfg, o, device, ops) for c, o in zip(sae_cfgs, outs)]
     total_steps = max(math.ceil(tcfg.tokens / tcfg.batch_size), 1)
     start_step = 0
     wall0 = 0.0

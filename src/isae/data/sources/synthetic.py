@@ -1,5 +1,5 @@
 """Synthetic activations with a known answer: a unit-norm dictionary, signed k-sparse codes
-with Zipf-skewed atom frequencies, Gaussian noise (DESIGN.md "Activation set", issue 3).
+with Zipf-skewed atom frequencies, Gaussian noise.
 
 The generative model, row by row:
 
