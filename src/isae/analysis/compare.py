@@ -3,8 +3,9 @@ held-out rows, code consistency.
 
 Either side may be a synthetic set's ``truth/`` checkpoint: then the comparison is
 ground-truth recovery, and with an activation set the truth's codes are the set's own true
-codes, divided by the model's normalisation scale because model codes live in the
-normalised space (x - mean) / scale.
+codes. Codes are compared in the units of the raw activations: a model's codes live in its
+normalised space (x - mean) / scale and are multiplied by its scale. Either side may also be
+a SAELens or sparsify folder (``isae.data.checkpoints.load`` reads them).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def compare_checkpoints(
     if acts is not None:
         data = acts.load("heldout", columns=cols, max_rows=max_rows)
         log.info("codes on %d held-out rows of %s", len(data["x"]), acts.path)
-        codes = [_codes(c, other, data) for c, other in ((A, B), (B, A))]
+        codes = [_codes(c, data) for c in (A, B)]
         cons = code_consistency(codes[0], codes[1], m)
         summary.update({f"code_{k}": v for k, v in cons.summary().items()})
         per_pair = pd.DataFrame(
@@ -93,11 +94,13 @@ def _describe(ckpt: Checkpoint, side: str) -> dict:
     }
 
 
-def _codes(ckpt: Checkpoint, other: Checkpoint, data: dict):
-    """(val, idx) codes of ``ckpt`` on the loaded rows: the true codes for a truth checkpoint
-    (in the other model's normalised units), the encoder's otherwise."""
+def _codes(ckpt: Checkpoint, data: dict):
+    """(val, idx) codes of ``ckpt`` on the loaded rows, in the units of the raw activations:
+    the true codes for a truth checkpoint, the encoder's (which live in the checkpoint's
+    normalised space) times its scale otherwise. Two checkpoints with different
+    normalisations (an isae checkpoint and a SAELens SAE, whose normalisation is the
+    identity) are then compared in the same units; for equal scales nothing changes."""
     if is_truth(ckpt):
-        scale = 1.0 if is_truth(other) else float(other.norm.scale)
-        return np.asarray(data["z_val"], np.float64) / scale, np.asarray(data["z_idx"], np.int64)
+        return np.asarray(data["z_val"], np.float64), np.asarray(data["z_idx"], np.int64)
     c = ckpt.encode_raw(data["x"])
-    return c.val, c.idx
+    return c.val.double() * float(ckpt.norm.scale), c.idx

@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
     lm = src.add_parser("lm", help="residual-stream (or any hook) activations of a language model")
     lm.add_argument("--model", required=True, help="all-MiniLM-L6-v2, a local path, or a HF name")
     lm.add_argument("--hook", required=True, help="e.g. blocks.3.hook_resid_post")
-    lm.add_argument("--text", default="pydoc", help="pydoc | a text file or folder | a HF dataset name")
+    lm.add_argument("--text", default="pydoc", help="pydoc | stdlib | a text file or folder | a HF dataset name")
     lm.add_argument("--context", type=int, default=128, help="tokens per context")
     lm.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
     lm.add_argument("--batch-size", type=int, default=32, help="contexts per forward pass")

@@ -24,7 +24,9 @@ import threading
 import isae
 from isae.errors import UserError
 
-COMMANDS = ("extract", "train", "eval", "match", "ric", "fidelity", "export", "browse")
+COMMANDS = ("extract", "train", "eval", "match", "ric", "fidelity", "export", "import", "browse")
+#: Subcommands whose module is not named after them (``import`` is a Python keyword).
+MODULES = {"import": "import_ckpt"}
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -62,9 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"isae.cli.{name}")
+            module = importlib.import_module(f"isae.cli.{MODULES.get(name, name)}")
         except ModuleNotFoundError as e:
-            if e.name != f"isae.cli.{name}":
+            if e.name != f"isae.cli.{MODULES.get(name, name)}":
                 raise
             continue  # a stage not installed in this build
         module.add_parser(sub)

@@ -5,6 +5,10 @@ The format is the contract between the extract stage and everything after it:
 * ``meta.json``: ``d``, ``rows``, ``source``, ``dtype``, provenance, ``mean`` (d floats) and
   ``scale`` (float) such that ``(x - mean) / scale`` has E||.||^2 = d over the training rows,
   and ``heldout`` describing the split.
+* files a text source writes beside meta.json when its provenance is too long for it, named
+  in ``meta["text_source"]["file_list"]``: the ``stdlib`` corpus writes ``text_files.json``
+  (``python``, ``implementation``, ``stdlib`` folder, ``files``: one ``{path, bytes, sha256}``
+  per document in document-id order, ``skipped``: ``{path, reason}`` for files not used).
 * shards: column ``x`` = ``fixed_size_list<float32|float16>[d]``, column ``heldout`` (bool,
   the one split every stage uses), provenance columns (``doc``/``pos``/``token_id``,
   ``image``/``patch``) and, for synthetic sets, ``z_idx`` / ``z_val``.

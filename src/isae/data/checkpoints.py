@@ -1,6 +1,7 @@
 """Checkpoint folders: ``sae.safetensors`` (SAELens tensor layout) + ``cfg.json``.
 
-A finished checkpoint is staged under a temporary name and renamed into place, so a folder
+``load`` also reads SAELens's and sparsify's own folders (``isae.data.foreign``), so every
+command that takes a checkpoint takes theirs. A finished checkpoint is staged under a temporary name and renamed into place, so a folder
 named like a checkpoint is always complete. Resume state lives elsewhere (isae.training.trainer).
 """
 
@@ -17,14 +18,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from isae.data import foreign
 from isae.data.activations import Normalizer
 from isae.data.atomic import check_out, publish, staging_folder, write_json_atomic
 from isae.errors import UserError
 from isae.models.compute import select_ops
 from isae.models.config import SAEConfig
+from isae.models.foreign import ForeignCoder
 from isae.models.sparse_coder import Codes, SparseCoder
 
 FORMAT_VERSION = 1
@@ -34,9 +38,10 @@ CFG = "cfg.json"
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: the model, its normalisation and its cfg.json."""
+    """A loaded checkpoint: the model, its normalisation and its cfg.json (for a SAELens or
+    sparsify folder: a ForeignCoder, the identity normalisation and a cfg made from theirs)."""
 
-    model: SparseCoder
+    model: SparseCoder | ForeignCoder
     norm: Normalizer
     cfg: dict
     path: Path
@@ -62,6 +67,11 @@ class Checkpoint:
             c = self.model.encode(self.normalize(xb))
             vals.append(c.val)
             idxs.append(c.idx)
+        # A foreign ReLU / JumpReLU coder's width is each batch's largest L0: pad with
+        # value-0 slots, which every reader of codes treats as inactive.
+        width = max((v.shape[1] for v in vals), default=0)
+        vals = [F.pad(v, (0, width - v.shape[1])) for v in vals]
+        idxs = [F.pad(i, (0, width - i.shape[1])) for i in idxs]
         return Codes(torch.cat(vals), torch.cat(idxs))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,7 +211,8 @@ def read_normalizer(cfg: dict, d: int, where: Path) -> Normalizer:
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load a checkpoint folder (also a synthetic set's ``truth/``, encoded by OMP).
+    """Load a checkpoint folder (also a synthetic set's ``truth/``, encoded by OMP), or a
+    SAELens or sparsify folder.
 
     Everything read is checked (cfg fields' types and bounds, tensor shapes, finite values,
     the normalisation), so a corrupt or hand-edited checkpoint fails with one UserError
@@ -212,6 +223,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpo
     path = Path(path)
     if not isinstance(device, torch.device):
         check_device(device)
+    if foreign.detect(path) != "isae":
+        return load_foreign(path, device)
     cfg = read_cfg(path)
     tensors = read_tensors(path)
     n, d = tensors["W_dec"].shape
@@ -244,8 +257,18 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpo
     return Checkpoint(model=model, norm=norm, cfg=cfg, path=path)
 
 
+def load_foreign(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
+    """A SAELens or sparsify folder as a Checkpoint with the identity normalisation."""
+    model, cfg = foreign.read(path)
+    d = model.cfg.d_in
+    norm = Normalizer(mean=np.zeros(d, np.float32), scale=1.0)
+    return Checkpoint(model=model.to(device).eval(), norm=norm, cfg=cfg, path=Path(path))
+
+
 def load_decoder(path: str | os.PathLike) -> torch.Tensor:
-    """Just W_dec [N, D] (float32, CPU): what matching needs."""
+    """Just W_dec [N, D] (float32, CPU, unit rows): what matching needs."""
     path = Path(path)
+    if foreign.detect(path) != "isae":
+        return foreign.read(path)[0].W_dec
     read_cfg(path)
     return read_tensors(path)["W_dec"].float()

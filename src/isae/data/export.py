@@ -4,9 +4,20 @@ Both libraries feed *raw* activations to the SAE, so the normalisation stored in
 (x_n = (x - mean) / scale) is folded into the weights:
     W_enc' = W_enc / scale,  W_dec' = scale * W_dec,  b_dec' = scale * b_dec + mean,
 which gives the same codes and raw reconstructions. The decoder rows then have norm
-``scale`` instead of 1; both formats allow it. Signed TopK (iSAE) codes have no counterpart
-activation in either library: the files load, but their libraries apply ReLU-TopK, so
-``cfg.json`` records ``isae_signed`` to warn a reader.
+``scale`` instead of 1; both formats allow it.
+
+What each library computes from the files it loads:
+
+* SAELens: ``standard`` (ReLU), ``topk`` (ReLU-TopK) and ``abstopk`` (the k largest |pre|
+  with their signs), so a ``relu``, ``topk`` or signed TopK (``isae``) checkpoint is exact;
+* sparsify: ReLU-TopK only, so only ``topk`` is exact;
+* neither runs iterative-thresholding steps after the encoder (``encoder_steps`` > 0, e.g.
+  ``isae-iter``) or orthogonal matching pursuit (``dl``).
+
+An export that a library would compute differently is refused (``unrepresentable`` says
+why) unless asked for as lossy; ``target_coder`` is the library's forward pass on the
+exported tensors in plain torch, so the loss can be measured. ``cfg.json`` carries the
+checkpoint's whole cfg under ``isae`` and what the export lost under ``isae_export``.
 """
 
 from __future__ import annotations
@@ -23,6 +34,73 @@ from safetensors.torch import save_file
 from isae.data.atomic import check_out, publish, staging_folder
 from isae.data.checkpoints import Checkpoint
 from isae.errors import UserError
+from isae.models.foreign import ForeignCoder, ForeignConfig
+from isae.models.sparse_coder import SparseCoder
+
+FORMATS = ("saelens", "sparsify")
+LIBRARY = {"saelens": "SAELens", "sparsify": "sparsify"}
+
+
+# ----------------------------------------------------------------------------- what survives
+
+
+def saelens_architecture(ckpt: Checkpoint) -> str:
+    """The SAELens architecture whose forward pass is this checkpoint's amortised encoder."""
+    c = ckpt.model.cfg
+    if c.kind == "relu":
+        return "standard"
+    return "abstopk" if c.signed else "topk"
+
+
+def unrepresentable(ckpt: Checkpoint, fmt: str) -> list[str]:
+    """Why ``fmt``'s library would not compute what this checkpoint computes: one reason per
+    lost feature, empty when the export is exact."""
+    c = ckpt.model.cfg
+    lib = LIBRARY[fmt]
+    why = []
+    if c.kind == "dl":
+        why.append(f"dl codes come from orthogonal matching pursuit, which {lib} does not run "
+                   "(its encoder would be W_dec transposed)")
+    if c.encoder_steps > 0:
+        why.append(f"the encoder refines its TopK codes with {c.encoder_steps} "
+                   f"iterative-thresholding steps, which {lib} does not run")
+    if fmt == "sparsify" and c.signed:
+        why.append("the codes are signed; sparsify applies ReLU before TopK, so every negative "
+                   "code would become 0 (SAELens's abstopk keeps them: --format saelens)")
+    return why
+
+
+def check_exportable(ckpt: Checkpoint, fmt: str) -> None:
+    """UserError for what no export can do, lossy or not."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if not isinstance(ckpt.model, SparseCoder):
+        raise UserError(f"{ckpt.path} is already a {ckpt.cfg['source']['format']} folder; "
+                        "isae export takes an isae checkpoint")
+    if fmt == "sparsify" and ckpt.model.cfg.kind == "relu":
+        raise UserError("sparsify has no relu architecture (a ReLU SAE has no k for its TopK); "
+                        "export it with --format saelens")
+
+
+def target_coder(ckpt: Checkpoint, fmt: str) -> ForeignCoder:
+    """What ``fmt``'s library computes from the exported tensors, as a ForeignCoder on raw
+    activations."""
+    check_exportable(ckpt, fmt)
+    t = raw_space_tensors(ckpt)
+    act = "topk"
+    if fmt == "saelens":
+        act = {"standard": "relu", "topk": "topk", "abstopk": "abstopk"}[saelens_architecture(ckpt)]
+    c = ckpt.model.cfg
+    fc = ForeignConfig(d_in=c.d_in, d_sae=c.d_sae, activation=act,
+                       k=None if act == "relu" else c.k)
+    return ForeignCoder(fc, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"])
+
+
+def export_record(ckpt: Checkpoint, fmt: str) -> dict:
+    """The cfg.json entries that keep every isae setting: ``isae`` (the checkpoint's cfg)
+    and ``isae_export`` (what the target computes differently, empty when exact)."""
+    lost = unrepresentable(ckpt, fmt)
+    return {"isae": ckpt.cfg, "isae_export": {"format": fmt, "exact": not lost, "lost": lost}}
 
 
 def raw_space_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
@@ -64,15 +142,27 @@ def folder_name(name, what: str) -> str:
     return name
 
 
-def export_saelens(ckpt: Checkpoint, out: str | os.PathLike, force: bool = False) -> Path:
-    """SAELens layout: ``sae_weights.safetensors`` + ``cfg.json``. An existing ``out`` is
-    replaced only when it is a SAELens export already, or with ``force``."""
+def _refuse_lossy(ckpt: Checkpoint, fmt: str, lossy: bool) -> None:
+    check_exportable(ckpt, fmt)
+    lost = unrepresentable(ckpt, fmt)
+    if lost and not lossy:
+        raise UserError(f"{LIBRARY[fmt]} cannot represent {ckpt.path}: {'; '.join(lost)} "
+                        "(--lossy exports anyway)")
+
+
+def export_saelens(ckpt: Checkpoint, out: str | os.PathLike, lossy: bool = False,
+                   force: bool = False) -> Path:
+    """SAELens layout: ``sae_weights.safetensors`` + ``cfg.json``. ``architecture`` and
+    ``activation_fn_str`` agree, because SAELens turns a config without a version-6 stamp
+    whose activation is ``topk`` into a ``topk`` SAE whatever its architecture says. An
+    existing ``out`` is replaced only when it is a SAELens export already, or with ``force``."""
+    _refuse_lossy(ckpt, "saelens", lossy)
     out = Path(out)
     c = ckpt.cfg
     t = raw_space_tensors(ckpt)
     m = ckpt.model.cfg  # validated at load; the raw cfg.json may lack defaulted fields
     act = c.get("activations") if isinstance(c.get("activations"), dict) else {}
-    arch = "standard" if m.kind == "relu" else "topk"
+    arch = saelens_architecture(ckpt)
     cfg = {
         "architecture": arch,
         "d_in": ckpt.d_in,
@@ -81,15 +171,17 @@ def export_saelens(ckpt: Checkpoint, out: str | os.PathLike, force: bool = False
         "device": "cpu",
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
-        "activation_fn_str": "relu" if arch == "standard" else "topk",
+        "activation_fn_str": "relu" if arch == "standard" else arch,
         "activation_fn_kwargs": {} if arch == "standard" else {"k": m.k},
         "k": None if arch == "standard" else m.k,
-        "model_name": act.get("model"),
-        "hook_name": act.get("hook"),
-        "metadata": {"model_name": act.get("model"), "hook_name": act.get("hook"),
-                     "isae_arch": m.arch, "isae_signed": m.signed},
-        "isae_signed": m.signed,
+        "reshape_activations": "none",
+        **export_record(ckpt, "saelens"),
     }
+    # Names only when known: SAELens's reading of a config without a version stamp fails on
+    # a null hook_name.
+    names = {k: v for k, v in (("model_name", act.get("model")), ("hook_name", act.get("hook")))
+             if v is not None}
+    cfg.update(names, metadata=names)
 
     def fill(stage: Path) -> None:
         save_file(t, str(stage / "sae_weights.safetensors"))
@@ -98,16 +190,16 @@ def export_saelens(ckpt: Checkpoint, out: str | os.PathLike, force: bool = False
     return _write(ckpt, out, "saelens", force, fill)
 
 
-def export_sparsify(ckpt: Checkpoint, out: str | os.PathLike, force: bool = False) -> Path:
+def export_sparsify(ckpt: Checkpoint, out: str | os.PathLike, lossy: bool = False,
+                    force: bool = False) -> Path:
     """sparsify layout: ``<out>/<hookpoint>/cfg.json`` + ``sae.safetensors`` with
     ``encoder.weight`` [N, D], ``encoder.bias`` [N], ``W_dec`` [N, D], ``b_dec`` [D].
     The hookpoint is the hook recorded in the checkpoint's cfg.json, refused unless it is one
     plain folder name."""
+    _refuse_lossy(ckpt, "sparsify", lossy)
     out = Path(out)
     c = ckpt.cfg
     m = ckpt.model.cfg
-    if m.kind not in ("topk", "dl"):
-        raise UserError(f"sparsify has no {m.kind} architecture; export it with --format saelens")
     t = raw_space_tensors(ckpt)
     act = c.get("activations")
     hook = (act.get("hook") if isinstance(act, dict) else None) or "layer"
@@ -122,7 +214,7 @@ def export_sparsify(ckpt: Checkpoint, out: str | os.PathLike, force: bool = Fals
         "skip_connection": False,
         "transcode": False,
         "d_in": ckpt.d_in,
-        "isae_signed": m.signed,
+        **export_record(ckpt, "sparsify"),
     }
 
     def fill(stage: Path) -> None:

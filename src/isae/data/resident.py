@@ -45,10 +45,12 @@ log = logging.getLogger(__name__)
 
 #: Threads decoding shards during the one-off load (Arrow and NumPy release the GIL).
 LOAD_WORKERS = max(2, min(8, (os.cpu_count() or 2) // 2))
-#: Stage decoded shards in pinned host memory on their way to a CUDA device, so the copy is
-#: an asynchronous DMA that overlaps the next shards' decoding (the decode threads pay the
-#: copy into pinned memory, in parallel).
-PIN_MEMORY = True
+#: Stage decoded shards in pinned host memory on their way to a CUDA device (an
+#: asynchronous copy). Off: on an H200 host, loading a 1.62 GB split took 2.82 s through
+#: pinned staging and 0.93 s through pageable memory, one run each, pinned first
+#: (benchmarks/RESULTS.md, fifth GPU session): pinning cost more than the asynchronous
+#: copy saved.
+PIN_MEMORY = False
 
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
