@@ -177,6 +177,34 @@ def truncated(size):
     return make
 
 
+def bad_export(fmt: str, fn: Callable[[Path], None]):
+    """A SAELens or sparsify export of the checkpoint, broken by ``fn``, read by eval."""
+    def make(b, t):
+        from isae.data.export import export_saelens, export_sparsify
+
+        write = export_saelens if fmt == "saelens" else export_sparsify
+        out = write(checkpoint.load(b / "ck"), t / fmt)
+        fn(out)
+        return ["eval", str(out), "--activations", str(b / "set")]
+    return make
+
+
+def truncate_file(name: str, size: int) -> Callable[[Path], None]:
+    def fn(folder: Path) -> None:
+        f = next(folder.rglob(name))
+        f.write_bytes(f.read_bytes()[:size])
+    return fn
+
+
+def nan_in_file(name: str, key: str) -> Callable[[Path], None]:
+    def fn(folder: Path) -> None:
+        f = next(folder.rglob(name))
+        t = load_file(str(f))
+        t[key][0, 0] = float("nan")
+        save_file(t, str(f))
+    return fn
+
+
 def bad_meta(fn, cmd="train"):
     def make(b, t):
         s = copy(b, "set", t)
@@ -268,6 +296,11 @@ CASES = [
     Case("nan-ric", bad_tensors(nan_in_wdec, "ric"), "tensor W_dec holds NaN or Inf"),
     Case("wenc-shape", bad_tensors(lambda t: t.update(W_enc=torch.zeros(D, 5))),
          "W_enc has shape [8, 5], expected [8, 24]"),
+    # the same through the SAELens and sparsify readers
+    Case("saelens-truncated", bad_export("saelens", truncate_file("sae_weights.safetensors", 100)),
+         "is not a readable SAELens or sparsify checkpoint"),
+    Case("sparsify-nan", bad_export("sparsify", nan_in_file("sae.safetensors", "W_dec")),
+         "tensor W_dec holds NaN or Inf"),
     # meta.json (items 10, 15)
     Case("meta-d-string", bad_meta(lambda m: m.update(d="sixteen")), "d must be an integer"),
     Case("meta-d-huge", bad_meta(lambda m: m.update(d=10**12)), "d must be an integer in [1,"),

@@ -259,16 +259,33 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpo
 
 def load_foreign(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
     """A SAELens or sparsify folder as a Checkpoint with the identity normalisation."""
-    model, cfg = foreign.read(path)
+    model, cfg = _read_foreign(Path(path))
     d = model.cfg.d_in
     norm = Normalizer(mean=np.zeros(d, np.float32), scale=1.0)
     return Checkpoint(model=model.to(device).eval(), norm=norm, cfg=cfg, path=Path(path))
+
+
+def _read_foreign(path: Path):
+    """foreign.read, with what its parsers raise on a corrupt file (a truncated safetensors,
+    a cfg field of the wrong type) and non-finite weights turned into one UserError."""
+    try:
+        model, cfg = foreign.read(path)
+    except UserError:
+        raise
+    except (SafetensorError, OSError, ValueError, TypeError, KeyError, AttributeError,
+            RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path} is not a readable SAELens or sparsify checkpoint ({first})") from None
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserError(f"{path}: tensor {name} holds NaN or Inf values")
+    return model, cfg
 
 
 def load_decoder(path: str | os.PathLike) -> torch.Tensor:
     """Just W_dec [N, D] (float32, CPU, unit rows): what matching needs."""
     path = Path(path)
     if foreign.detect(path) != "isae":
-        return foreign.read(path)[0].W_dec
+        return _read_foreign(path)[0].W_dec
     read_cfg(path)
     return read_tensors(path)["W_dec"].float()
