@@ -24,7 +24,7 @@ TRAIN_DEFAULTS = {"k": 32, "d_sae": None, "seed": 0, "l1_coeff": 1e-3, "encoder_
                   "warmup_frac": 0.02, "auxk_alpha": 1 / 32, "dead_tokens": 200_000,
                   "shuffle_buffer": 65536, "checkpoint_every": 200, "log_every": 20,
                   "device": "cpu", "data_on_device": "auto", "data_memory_fraction": 0.5,
-                  "seeds": None, "no_resume": False,
+                  "seeds": None, "no_resume": False, "force": False,
                   # the flags of several runs on one pass (no config field of their own)
                   "data_seed": None, "lr_from": None}
 

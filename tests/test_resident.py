@@ -107,6 +107,7 @@ def test_a_split_too_large_for_the_device_is_one_line(tmp_path):
     acts = _set(tmp_path / "s")
     meta = json.loads((acts.path / "meta.json").read_text())
     meta["train_rows"] = 10**13  # 480 TB in float32: no machine allocates it
+    meta["rows"] = meta["train_rows"] + meta["heldout_rows"]  # counts must add up to load
     (acts.path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="does not fit in cpu's memory"):
         resident.load_training_rows(ActivationSet(acts.path))

@@ -157,7 +157,7 @@ def test_resume_after_sigkill_equals_uninterrupted(data, tmp_path):
     ref = _cli(*args, "--out", str(tmp_path / "ref"))
     assert ref.wait(timeout=300) == 0
     out = tmp_path / "killed"
-    state = tmp_path / "killed.resume" / "state.pt"
+    state = tmp_path / "killed.resume" / "state.safetensors"
     p = _cli(*args, "--out", str(out))
     deadline = time.time() + 120
     while not state.exists() and time.time() < deadline and p.poll() is None:
@@ -222,7 +222,7 @@ def test_resume_with_other_dimension(capsys, tmp_path, data):
     out = tmp_path / "o"
     p = _cli("train", "--activations", str(data[0]), "--arch", "topk", *FAST, "--tokens", "100000000",
              "--checkpoint-every", "2", "--out", str(out))
-    state = tmp_path / "o.resume" / "state.pt"
+    state = tmp_path / "o.resume" / "state.safetensors"
     deadline = time.time() + 60
     while not state.exists() and time.time() < deadline:
         time.sleep(0.05)

@@ -150,6 +150,13 @@ def _check_config() -> None:
                     raise WorkflowError(
                         f"config: datasets.{name}.train: k={k} must be smaller than width={w}"
                     )
+        if ds["source"] == "synthetic":
+            ex = ds["extract"]
+            if ex["k"] >= ex["atoms"]:
+                raise WorkflowError(
+                    f"config: datasets.{name}.extract: k={ex['k']} must be smaller than "
+                    f"atoms={ex['atoms']} (each row draws k distinct atoms)"
+                )
         if ds["fidelity"] and ds["source"] != "lm":
             raise WorkflowError(
                 f"config: datasets.{name}.fidelity is for language models (source lm) only"

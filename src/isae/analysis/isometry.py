@@ -51,6 +51,7 @@ from isae.analysis.truth import (
 from isae.data.activations import ActivationSet
 from isae.data.checkpoints import Checkpoint, load, load_decoder
 from isae.errors import UserError
+from isae.models.config import MAX_SEED, check_int
 
 log = logging.getLogger(__name__)
 
@@ -380,6 +381,7 @@ def ric_report(
     dict: ``summarize`` of each kind, and ``dict_coherence`` / ``dict_dup_frac`` of the
     dictionary (``truth_coherence`` / ``truth_dup_frac`` of the true one)).
     """
+    seed = check_int("--seed", seed, 0, MAX_SEED)
     W = torch.as_tensor(W_dec).detach().cpu()
     N, D = W.shape
     supports = np.asarray(supports, np.int64)
@@ -463,6 +465,7 @@ def ric_of_checkpoint(
     true supports of the same sampled pairs is one more calibration (kind ``truth``).
     -> (per-pair table, one-row summary).
     """
+    check_int("--seed", seed, 0, MAX_SEED)  # before the (long) encoding
     ckpt = ckpt if isinstance(ckpt, Checkpoint) else load(ckpt, device=device)
     acts = activations if isinstance(activations, ActivationSet) else ActivationSet(activations)
     check_activations(acts, ckpt)

@@ -120,6 +120,8 @@ def abs_cos_cost(
 
     (W_a: [N_a, D], W_b: [N_b, D]) -> (cost [N_a, N_b] = -|cos|, best_ab [N_a], best_ba [N_b]).
     """
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise UserError(f"--block must be a positive integer, not {block!r}")
     A = _unit_rows(torch.as_tensor(W_a).detach().to(device=device, dtype=torch.float32))
     B = _unit_rows(torch.as_tensor(W_b).detach().to(device=device, dtype=torch.float32))
     if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[1]:

@@ -17,6 +17,8 @@ from isae.progress import progress
 @torch.no_grad()
 def reconstruction_metrics(ckpt: Checkpoint, acts: ActivationSet, batch_size: int = 4096) -> dict:
     """-> dict(rows, mse_per_dim, fvu, l0, dead_frac), streamed over held-out shards."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"--batch-size must be a positive integer, not {batch_size!r}")
     if acts.d != ckpt.d_in:
         raise UserError(f"activation set has d={acts.d}, checkpoint {ckpt.path} has d_in={ckpt.d_in}")
     model = ckpt.model

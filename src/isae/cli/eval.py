@@ -24,8 +24,11 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> dict:
     from isae.analysis.reconstruction import describe, reconstruction_metrics
     from isae.data.activations import ActivationSet
-    from isae.data.atomic import write_table
+    from isae.data.atomic import check_table_out, write_table
     from isae.data.checkpoints import load
+
+    inputs = [args.ckpt, args.activations]
+    check_table_out(args.out, inputs, "--out")
 
     acts = ActivationSet(args.activations)
     ckpt = load(args.ckpt, device=args.device)

@@ -18,7 +18,10 @@ def add_parser(sub) -> None:
     p.add_argument("ckpt", help="checkpoint folder")
     p.add_argument("--format", required=True, choices=["saelens", "sparsify"],
                    help="the library whose folder layout to write")
-    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--out", required=True, help="folder to write (an existing export of the "
+                   "same format is replaced; anything else needs --force)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out even if it is not an export of this format")
     p.add_argument("--lossy", action="store_true",
                    help="export even what the target library computes differently (warns)")
     p.add_argument("--activations", default=None,
@@ -30,6 +33,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from isae.data.atomic import check_out
     from isae.data.checkpoints import load
     from isae.data.export import (
         LIBRARY,
@@ -40,6 +44,8 @@ def run(args: argparse.Namespace) -> dict:
     )
     from isae.errors import UserError
 
+    # Refuse a destructive --out before reading anything.
+    check_out(args.out, args.format, inputs=[args.ckpt], force=args.force)
     if args.max_rows < 1:
         raise UserError("--max-rows must be at least 1")
     ckpt = load(args.ckpt)
@@ -56,7 +62,7 @@ def run(args: argparse.Namespace) -> dict:
         summary.update({"fvu_isae": change["fvu"], "fvu_exported": change["fvu_other"],
                         "same_support": change["same_support"], "rows": change["rows"]})
     fn = export_saelens if args.format == "saelens" else export_sparsify
-    path = fn(ckpt, args.out, lossy=args.lossy)
+    path = fn(ckpt, args.out, lossy=args.lossy, force=args.force)
     log.info("wrote %s", path)
     if lost:
         if change is None:

@@ -6,7 +6,10 @@ import argparse
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output activation-set folder")
+    p.add_argument("--out", required=True, help="output activation-set folder (an existing "
+                   "activation set is replaced; anything else needs --force)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out even if it is not an activation set")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of the split")
     p.add_argument("--heldout-fraction", type=float, default=0.1,
                    help="fraction of documents / images / rows held out for evaluation")

@@ -29,6 +29,12 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> dict:
     from isae.analysis.compare import compare_checkpoints
     from isae.cli.output import write_outputs
+    from isae.data.atomic import check_table_out
+
+    # Refuse a table --out that would replace an input before the (long) work.
+    inputs = [args.ckpt_a, args.ckpt_b] + ([args.activations] if args.activations else [])
+    check_table_out(args.out, inputs, "--out")
+    check_table_out(args.summary, inputs, "--summary")
 
     table, summary = compare_checkpoints(args.ckpt_a, args.ckpt_b, args.activations or None,
                                          max_rows=args.max_rows, device=args.device,

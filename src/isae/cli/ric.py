@@ -33,6 +33,12 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> dict:
     from isae.analysis.isometry import ric_of_checkpoint
     from isae.cli.output import write_outputs
+    from isae.data.atomic import check_table_out
+
+    # Refuse a table --out that would replace an input before the (long) work.
+    inputs = [args.ckpt, args.activations]
+    check_table_out(args.out, inputs, "--out")
+    check_table_out(args.summary, inputs, "--summary")
 
     table, summary = ric_of_checkpoint(args.ckpt, args.activations, pairs=args.pairs,
                                        seed=args.seed, max_rows=args.max_rows, device=args.device)

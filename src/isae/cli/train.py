@@ -50,7 +50,10 @@ def add_parser(sub) -> None:
                         "written by isae lr-sweep); a variant such as topk+signed takes its "
                         "preset's rate when it has none of its own")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing resume state")
-    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--out", required=True, help="checkpoint folder to write (an existing "
+                   "checkpoint is replaced; anything else needs --force)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out even if it is not a checkpoint")
     p.set_defaults(func=run)
 
 
@@ -58,7 +61,8 @@ def run(args: argparse.Namespace) -> dict:
     from isae.training.trainer import train, train_many
 
     acts = ActivationSet(args.activations)
-    width = args.d_sae or WIDTH_PER_DIM * acts.d
+    # Only an absent --width takes the default: --width 0 is refused, not replaced.
+    width = WIDTH_PER_DIM * acts.d if args.d_sae is None else args.d_sae
     archs = [a for a in args.arch.split(",") if a]
     if len(archs) != len(set(archs)) or not archs:
         raise UserError(f"--arch must name distinct architectures, not {args.arch!r}")
@@ -75,6 +79,8 @@ def run(args: argparse.Namespace) -> dict:
             seeds = [int(s) for s in args.seeds.split(",")]
         except ValueError:
             raise UserError(f"--seeds must be comma-separated integers, not {args.seeds!r}") from None
+        if len(set(seeds)) != len(seeds):
+            raise UserError(f"--seeds {args.seeds} names a seed twice")
         if "{seed}" not in args.out:
             raise UserError("with --seeds, --out must contain {seed} (one checkpoint per seed)")
     if args.lr is not None and args.lr_from:
@@ -88,8 +94,10 @@ def run(args: argparse.Namespace) -> dict:
     lrs = [rates.get(a) for a, _ in runs]
     if len(runs) == 1:
         one = replace(tcfg, lr=lrs[0]) if lrs[0] is not None else tcfg
-        return train(args.activations, cfgs[0], one, outs[0], resume=not args.no_resume)
-    done = train_many(args.activations, cfgs, tcfg, outs, resume=not args.no_resume, lrs=lrs)
+        return train(args.activations, cfgs[0], one, outs[0], resume=not args.no_resume,
+                     force=args.force)
+    done = train_many(args.activations, cfgs, tcfg, outs, resume=not args.no_resume, lrs=lrs,
+                      force=args.force)
     return {"runs": done, "tokens_per_s": done[0]["tokens_per_s"]}
 
 

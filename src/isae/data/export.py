@@ -25,12 +25,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from isae.data.atomic import writable_parent
+from isae.data.atomic import check_out, publish, staging_folder
 from isae.data.checkpoints import Checkpoint
 from isae.errors import UserError
 from isae.models.foreign import ForeignCoder, ForeignConfig
@@ -115,18 +116,30 @@ def raw_space_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     }
 
 
-def _stage(out: Path) -> Path:
-    writable_parent(out)
-    stage = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    return stage
+def _write(ckpt: Checkpoint, out: Path, kind: str, force: bool, fill: Callable[[Path], None]) -> Path:
+    """Check ``out`` (isae.data.atomic.check_out), let ``fill`` write the staged folder, then
+    publish it; the staged folder is removed on any failure."""
+    check_out(out, kind, inputs=[ckpt.path], force=force)
+    stage = staging_folder(out)
+    try:
+        fill(stage)
+        publish(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return out
 
 
-def _publish(stage: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(stage, out)
+def folder_name(name, what: str) -> str:
+    """``name`` (read from a file) as one folder name inside the output, or a UserError: no
+    separators, no ``..``, nothing absolute, so that nothing is written outside ``--out``."""
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(f"{what} {name!r} cannot name a folder")
+    if (name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+            or os.path.isabs(name) or name != name.strip()):
+        raise UserError(f"{what} {name!r} cannot name a folder inside --out (it must be one "
+                        "plain name: no '/', '\\' or '..')")
+    return name
 
 
 def _refuse_lossy(ckpt: Checkpoint, fmt: str, lossy: bool) -> None:
@@ -137,15 +150,18 @@ def _refuse_lossy(ckpt: Checkpoint, fmt: str, lossy: bool) -> None:
                         "(--lossy exports anyway)")
 
 
-def export_saelens(ckpt: Checkpoint, out: str | os.PathLike, lossy: bool = False) -> Path:
+def export_saelens(ckpt: Checkpoint, out: str | os.PathLike, lossy: bool = False,
+                   force: bool = False) -> Path:
     """SAELens layout: ``sae_weights.safetensors`` + ``cfg.json``. ``architecture`` and
     ``activation_fn_str`` agree, because SAELens turns a config without a version-6 stamp
-    whose activation is ``topk`` into a ``topk`` SAE whatever its architecture says."""
+    whose activation is ``topk`` into a ``topk`` SAE whatever its architecture says. An
+    existing ``out`` is replaced only when it is a SAELens export already, or with ``force``."""
     _refuse_lossy(ckpt, "saelens", lossy)
     out = Path(out)
     c = ckpt.cfg
     t = raw_space_tensors(ckpt)
-    act = c.get("activations", {})
+    m = ckpt.model.cfg  # validated at load; the raw cfg.json may lack defaulted fields
+    act = c.get("activations") if isinstance(c.get("activations"), dict) else {}
     arch = saelens_architecture(ckpt)
     cfg = {
         "architecture": arch,
@@ -156,8 +172,8 @@ def export_saelens(ckpt: Checkpoint, out: str | os.PathLike, lossy: bool = False
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "activation_fn_str": "relu" if arch == "standard" else arch,
-        "activation_fn_kwargs": {} if arch == "standard" else {"k": c.get("k")},
-        "k": None if arch == "standard" else c.get("k"),
+        "activation_fn_kwargs": {} if arch == "standard" else {"k": m.k},
+        "k": None if arch == "standard" else m.k,
         "reshape_activations": "none",
         **export_record(ckpt, "saelens"),
     }
@@ -166,44 +182,52 @@ def export_saelens(ckpt: Checkpoint, out: str | os.PathLike, lossy: bool = False
     names = {k: v for k, v in (("model_name", act.get("model")), ("hook_name", act.get("hook")))
              if v is not None}
     cfg.update(names, metadata=names)
-    stage = _stage(out)
-    save_file(t, str(stage / "sae_weights.safetensors"))
-    (stage / "cfg.json").write_text(json.dumps(cfg, indent=1) + "\n")
-    _publish(stage, out)
-    return out
+
+    def fill(stage: Path) -> None:
+        save_file(t, str(stage / "sae_weights.safetensors"))
+        (stage / "cfg.json").write_text(json.dumps(cfg, indent=1) + "\n")
+
+    return _write(ckpt, out, "saelens", force, fill)
 
 
-def export_sparsify(ckpt: Checkpoint, out: str | os.PathLike, lossy: bool = False) -> Path:
+def export_sparsify(ckpt: Checkpoint, out: str | os.PathLike, lossy: bool = False,
+                    force: bool = False) -> Path:
     """sparsify layout: ``<out>/<hookpoint>/cfg.json`` + ``sae.safetensors`` with
-    ``encoder.weight`` [N, D], ``encoder.bias`` [N], ``W_dec`` [N, D], ``b_dec`` [D]."""
+    ``encoder.weight`` [N, D], ``encoder.bias`` [N], ``W_dec`` [N, D], ``b_dec`` [D].
+    The hookpoint is the hook recorded in the checkpoint's cfg.json, refused unless it is one
+    plain folder name."""
     _refuse_lossy(ckpt, "sparsify", lossy)
     out = Path(out)
     c = ckpt.cfg
+    m = ckpt.model.cfg
     t = raw_space_tensors(ckpt)
-    hook = (c.get("activations", {}) or {}).get("hook") or "layer"
+    act = c.get("activations")
+    hook = (act.get("hook") if isinstance(act, dict) else None) or "layer"
+    hook = folder_name(hook, f"hook name in {ckpt.path / 'cfg.json'}")
     cfg = {
         "activation": "topk",
         "expansion_factor": max(ckpt.d_sae // ckpt.d_in, 1),
         "normalize_decoder": False,
         "num_latents": ckpt.d_sae,
-        "k": c.get("k"),
+        "k": m.k,
         "multi_topk": False,
         "skip_connection": False,
         "transcode": False,
         "d_in": ckpt.d_in,
         **export_record(ckpt, "sparsify"),
     }
-    stage = _stage(out)
-    (stage / hook).mkdir()
-    save_file(
-        {
-            "encoder.weight": t["W_enc"].T.contiguous(),
-            "encoder.bias": t["b_enc"],
-            "W_dec": t["W_dec"],
-            "b_dec": t["b_dec"],
-        },
-        str(stage / hook / "sae.safetensors"),
-    )
-    (stage / hook / "cfg.json").write_text(json.dumps(cfg, indent=1) + "\n")
-    _publish(stage, out)
-    return out
+
+    def fill(stage: Path) -> None:
+        (stage / hook).mkdir()
+        save_file(
+            {
+                "encoder.weight": t["W_enc"].T.contiguous(),
+                "encoder.bias": t["b_enc"],
+                "W_dec": t["W_dec"],
+                "b_dec": t["b_dec"],
+            },
+            str(stage / hook / "sae.safetensors"),
+        )
+        (stage / hook / "cfg.json").write_text(json.dumps(cfg, indent=1) + "\n")
+
+    return _write(ckpt, out, "sparsify", force, fill)

@@ -13,10 +13,68 @@ from the fields, their defaults and those docstrings (isae.cli.fields).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
+from numbers import Integral, Real
 
 from isae.errors import UserError
+
+#: Sanity bounds, far beyond any model in the study (the largest hidden size of today's
+#: language models is ~2^14, the largest published SAEs have ~2^25 latents): what lies
+#: outside comes from a corrupt file or a typo, and would otherwise allocate terabytes
+#: or run for ever.
+MAX_D_IN = 1 << 17
+MAX_WIDTH = 1 << 26
+MAX_ENCODER_STEPS = 1000
+MAX_SEED = (1 << 63) - 1
+
+
+def check_int(name: str, value, lo: int, hi: int | None = None) -> int:
+    """``value`` as an int in [lo, hi], or a UserError naming ``name`` (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise UserError(f"{name} must be an integer, not {value!r}")
+    value = int(value)
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise UserError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def check_float(name: str, value, lo: float, hi: float = math.inf, lo_open: bool = False) -> float:
+    """``value`` as a finite float in [lo, hi] (or (lo, hi]), or a UserError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise UserError(f"{name} must be a number, not {value!r}")
+    try:
+        value = float(value)
+    except OverflowError:
+        raise UserError(f"{name} is too large: {value!r}") from None
+    ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok:
+        bound = ("> " if lo_open else ">= ") + f"{lo:g}" + ("" if hi == math.inf else f" and <= {hi:g}")
+        raise UserError(f"{name} must be a finite number {bound}, got {value}")
+    return value
+
+
+def check_device(device) -> str:
+    """A device name torch understands and this machine has; UserError otherwise."""
+    import torch
+
+    if not isinstance(device, str):
+        raise UserError(f"device must be a string such as cpu or cuda, not {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device!r} asked for, but torch sees no CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} "
+                            "CUDA device(s)")
+    elif dev.type != "cpu":
+        raise UserError(f"device {device!r} is not supported (use cpu, cuda or cuda:N)")
+    return device
 
 #: The switches, each independent. Values are what ``+name`` sets; ``-name`` sets the default.
 SWITCHES: dict[str, tuple[str, object, object]] = {
@@ -146,18 +204,26 @@ class SAEConfig:
     """Initialisation seed."""
 
     def __post_init__(self) -> None:
+        # Types first: a checkpoint's cfg.json reaches here as parsed JSON.
+        for name in ("arch", "kind", "bias"):
+            if not isinstance(getattr(self, name), str):
+                raise UserError(f"{name} must be a string, not {getattr(self, name)!r}")
+        for name in ("signed", "tied"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name} must be true or false, not {getattr(self, name)!r}")
         if self.kind not in choices(SAEConfig, "kind"):
             raise UserError(f"unknown kind {self.kind!r}")
-        if self.d_in < 1 or self.d_sae < 1:
-            raise UserError("d_in and the width must be positive")
+        self.d_in = check_int("d_in", self.d_in, 1, MAX_D_IN)
+        self.d_sae = check_int("the width (d_sae)", self.d_sae, 1, MAX_WIDTH)
+        self.k = check_int("k", self.k, 1)
         if not 1 <= self.k < self.d_sae:
             raise UserError(f"k must satisfy 1 <= k < width; got k={self.k}, width={self.d_sae}")
-        if self.kind == "topk" and self.k > self.d_in and self.tied and self.signed:
-            pass  # allowed: overcomplete codes; identifiability analysis will say what it costs
         if self.bias not in choices(SAEConfig, "bias"):
             raise UserError(f"bias must be 'learned' or 'none', not {self.bias!r}")
-        if self.encoder_steps < 0:
-            raise UserError("encoder_steps must be >= 0")
+        self.encoder_steps = check_int("encoder_steps", self.encoder_steps, 0, MAX_ENCODER_STEPS)
+        self.iht_step = check_float("iht_step", self.iht_step, 0.0, lo_open=True)
+        self.l1_coeff = check_float("l1_coeff", self.l1_coeff, 0.0)
+        self.seed = check_int("seed", self.seed, 0, MAX_SEED)
 
     @classmethod
     def from_arch(cls, arch: str, **kw) -> SAEConfig:
@@ -212,10 +278,20 @@ class TrainConfig:
     """Free-form provenance stored in cfg.json."""
 
     def __post_init__(self) -> None:
-        if self.tokens < 1 or self.batch_size < 1:
-            raise UserError("tokens and batch size must be positive")
+        self.tokens = check_int("--tokens", self.tokens, 1)
+        self.batch_size = check_int("--batch-size", self.batch_size, 1)
+        if self.lr is not None:
+            self.lr = check_float("--lr", self.lr, 0.0, lo_open=True)
+        self.warmup_frac = check_float("--warmup-frac", self.warmup_frac, 0.0, 1.0)
         if self.decay not in choices(TrainConfig, "decay"):
             raise UserError(f"decay must be linear, cosine or constant, not {self.decay!r}")
+        self.auxk_alpha = check_float("--auxk-alpha", self.auxk_alpha, 0.0)
+        self.dead_tokens = check_int("--dead-tokens", self.dead_tokens, 1)
+        self.shuffle_buffer = check_int("--shuffle-buffer", self.shuffle_buffer, 1)
+        self.log_every = check_int("--log-every", self.log_every, 1)
+        self.checkpoint_every = check_int("--checkpoint-every", self.checkpoint_every, 1)
+        self.device = check_device(self.device)
+        self.seed = check_int("--seed", self.seed, 0, MAX_SEED)
         if self.data_on_device not in choices(TrainConfig, "data_on_device"):
             raise UserError(f"data_on_device must be auto, always or never, not {self.data_on_device!r}")
         if not 0 < self.data_memory_fraction <= 1:

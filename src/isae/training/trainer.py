@@ -13,9 +13,12 @@ Batches come from the training split held in device memory, or streamed from dis
 
 Resume: every ``checkpoint_every`` steps the full state (parameters, optimiser, dead-latent
 counters, RNG, log, the batch source) is written atomically to ``<out>.resume/`` beside the
-checkpoint. A restarted run starts its batches at the saved step (the device copy jumps
-there; the stream is replayed, cheap: no model work) and continues; on CPU with the same
-thread count it ends bitwise equal to an uninterrupted run.
+checkpoint, as safetensors plus JSON (training/resume.py: no pickle, so loading it runs no
+code). A restarted run starts its batches at the saved step (the device copy jumps there;
+the stream is replayed, cheap: no model work) and continues; on CPU with the same thread
+count it ends bitwise equal to an uninterrupted run. The state records a fingerprint of the
+configuration and of the data (meta.json and the shards' names and sizes): a state made
+for anything else is refused, never mixed in.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from isae.data import checkpoints as checkpoint
 from isae.data.activations import ActivationSet
-from isae.data.atomic import writable_parent
+from isae.data.atomic import check_out, overlaps_input
 from isae.errors import UserError
 from isae.gpu import cuda_graphs as graphs
 from isae.gpu import ops as fast
@@ -45,7 +48,8 @@ from isae.models.config import SAEConfig, TrainConfig
 from isae.models.dictionary_learning import DLStepper
 from isae.models.sparse_coder import Codes, SparseCoder
 from isae.progress import progress
-from isae.training.batches import STREAM, training_batches
+from isae.training.batches import DEVICE, STREAM, training_batches
+from isae.training.resume import LEGACY_FILE, STATE_FILE, StateError, load_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +146,17 @@ class SAEStepper:
 
     def load_state_dict(self, s: dict) -> None:
         self.model.load_state_dict(s["model"])
+        # Adam does not check the shapes of its moments; a wrong one would broadcast.
+        params = [p for g in s["opt"]["param_groups"] for p in g["params"]]
+        mine = list(self.model.parameters())
+        if len(params) != len(mine):
+            raise ValueError("optimiser state for another set of parameters")
+        for i, p in zip(params, mine):
+            for key in ("exp_avg", "exp_avg_sq"):
+                t = s["opt"]["state"].get(i, {}).get(key)
+                if t is not None and tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(f"optimiser {key} of shape {list(t.shape)} for a parameter "
+                                     f"of shape {list(p.shape)}")
         self.opt.load_state_dict(s["opt"])
         if self.graphs is not None:  # the optimiser's state tensors were replaced
             for g in self.opt.param_groups:  # a state saved by an eager run has a float lr
@@ -171,10 +186,22 @@ def resume_dir(out: str | os.PathLike) -> Path:
     return out.parent / f"{out.name}.resume"
 
 
-def _check_out(out: Path) -> None:
-    writable_parent(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
+#: What a resume folder may hold: the state, an older version's state, temporary files.
+_RESUME_FILES = (STATE_FILE, LEGACY_FILE)
+
+
+def _check_resume_dir(rdir: Path, inputs: list, force: bool) -> None:
+    """The resume folder is deleted when training ends: it must hold nothing but resume
+    state, and never be (or hold) an input."""
+    overlaps_input(rdir, inputs, f"the resume folder {rdir}")
+    if rdir.is_symlink() or (rdir.exists() and not rdir.is_dir()):
+        raise UserError(f"{rdir} (where the resume state of --out goes) is not a folder: move it")
+    if rdir.is_dir() and not force:
+        other = [p.name for p in rdir.iterdir()
+                 if p.name not in _RESUME_FILES and not p.name.startswith(f".{STATE_FILE}.tmp-")]
+        if other:
+            raise UserError(f"{rdir} (where the resume state of --out goes) holds other files "
+                            f"({other[0]}, ...): move them, or pass --force")
 
 
 class _Run:
@@ -204,7 +231,15 @@ class _Run:
 
     def restore(self, s: dict) -> None:
         self.stepper.load_state_dict(s["stepper"])
-        self.since_fired = s["since_fired"].to(self.since_fired.device)
+        if not all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values()):
+            raise ValueError("the saved parameters hold NaN or Inf")
+        since = s["since_fired"]
+        if (not isinstance(since, torch.Tensor) or since.shape != self.since_fired.shape
+                or since.dtype != self.since_fired.dtype):
+            raise ValueError("dead-latent counters of the wrong shape or type")
+        self.since_fired = since.to(self.since_fired.device)
+        if not isinstance(s["log"], list) or not all(isinstance(r, dict) for r in s["log"]):
+            raise ValueError("the log is not a list of rows")
         self.rows = s["log"]
         if s.get("W_init") is not None:
             self.W_init = s["W_init"].cpu()
@@ -217,9 +252,10 @@ def train(
     tcfg: TrainConfig,
     out: str | os.PathLike,
     resume: bool = True,
+    force: bool = False,
 ) -> dict:
     """Train one sparse coder; returns the summary printed by ``isae train``."""
-    return train_many(activations, [sae_cfg], tcfg, [out], resume)[0]
+    return train_many(activations, [sae_cfg], tcfg, [out], resume, force=force)[0]
 
 
 def train_many(
@@ -230,6 +266,7 @@ def train_many(
     resume: bool = True,
     lrs: list[float | None] | None = None,
     drop_diverged: bool = False,
+    force: bool = False,
 ) -> list[dict]:
     """Train several sparse coders (e.g. seeds, or architectures) on one shared stream of
     batches.
@@ -240,18 +277,27 @@ def train_many(
     apart can share the pass. ``drop_diverged``: a model whose loss turns non-finite stops
     training and is not saved (its summary says ``diverged``) while the others go on, as a
     learning-rate sweep needs; otherwise divergence is a UserError.
+    An existing out is replaced only if it is a checkpoint, or with ``force``; never the
+    activation set or a folder holding it (isae.data.atomic.check_out).
     """
     if lrs is not None and len(lrs) != len(sae_cfgs):
         raise ValueError(f"{len(lrs)} learning rates for {len(sae_cfgs)} models")
     tcfgs = [tcfg if lr is None else replace(tcfg, lr=lr) for lr in (lrs or [None] * len(sae_cfgs))]
     outs = [Path(o) for o in outs]
+    if len({os.path.realpath(o) for o in outs}) != len(outs):
+        raise UserError("two runs would write the same --out (a seed given twice?)")
+    inputs = [activations]
     for o in outs:
-        _check_out(o)
+        check_out(o, "checkpoint", inputs=inputs, force=force)
+    rdir = resume_dir(outs[0])
+    _check_resume_dir(rdir, inputs, force)
     acts = ActivationSet(activations)
     for c in sae_cfgs:
         if acts.d != c.d_in:
             raise UserError(f"activation set has d={acts.d}, model expects d_in={c.d_in}")
     train_rows = int(acts.meta.get("train_rows", acts.rows))
+    if train_rows == 0:
+        raise UserError(f"activation set {activations} has no training rows (all held out, or none)")
     device = torch.device(tcfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but torch sees no CUDA device")
@@ -265,25 +311,23 @@ def train_many(
     wall0 = 0.0
     saved_source = None
 
-    rdir = resume_dir(outs[0])
     fingerprint = {"sae": [c.to_dict() for c in sae_cfgs],
                    "train": [_train_fingerprint(t) for t in tcfgs],
-                   "d": acts.d, "activations": str(Path(activations).resolve())}
-    if resume and (rdir / "state.pt").is_file():
-        state = torch.load(rdir / "state.pt", map_location=device, weights_only=False)
-        if state["fingerprint"]["d"] != acts.d:
-            raise UserError(
-                f"resume state {rdir} was made on data of dimension {state['fingerprint']['d']}, "
-                f"but {activations} has d={acts.d}; delete {rdir} to start afresh"
-            )
-        if state["fingerprint"] != fingerprint:
-            raise UserError(f"resume state {rdir} belongs to a different configuration; delete it to start afresh")
-        for run, s in zip(runs, state["runs"]):
-            run.restore(s)
-        start_step = state["step"]
-        wall0 = state["wall"]
-        saved_source = state.get("batches", STREAM)  # states from before the key streamed
-        log.info("resuming %s from step %d of %d", outs[0], start_step, total_steps)
+                   "d": acts.d, "activations": str(Path(activations).resolve()),
+                   "data": acts.fingerprint()}
+    if resume:
+        state = _load_resume(rdir, fingerprint, activations, len(runs), total_steps)
+        if state is not None:
+            try:
+                for run, s in zip(runs, state["runs"]):
+                    run.restore(s)
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+                raise UserError(f"resume state {rdir / STATE_FILE} does not fit this run ({e}); "
+                                "pass --no-resume to start afresh") from None
+            start_step = state["step"]
+            wall0 = float(state["wall"])
+            saved_source = state.get("batches", STREAM)  # states from before the key streamed
+            log.info("resuming %s from step %d of %d", outs[0], start_step, total_steps)
 
     batches, source = training_batches(acts, tcfg, device, start_step, saved_source)
     # With several graphed models, their dead counts are read in one host sync per step
@@ -386,7 +430,8 @@ def train_many(
         W_init = run.initial_decoder()
         if W_init is not None:
             files[checkpoint.INIT_FILE] = safetensors_bytes({"W_dec": W_init.float().contiguous()})
-        checkpoint.save(run.model, run.out, norm, extra=extra, files=files)
+        checkpoint.save(run.model, run.out, norm, extra=extra, files=files, inputs=inputs,
+                        force=force)
         last = run.rows[-1]
         summaries.append({
             "out": str(run.out),
@@ -413,9 +458,53 @@ def _train_fingerprint(tcfg: TrainConfig) -> dict:
     return {k: getattr(tcfg, k) for k in keep}
 
 
+def _load_resume(rdir: Path, fingerprint: dict, activations, n_runs: int,
+                 total_steps: int) -> dict | None:
+    """The saved state in ``rdir`` if there is one and it belongs to this run; UserError
+    (saying that --no-resume starts afresh) for one that does not, or cannot be read."""
+    legacy = rdir / LEGACY_FILE
+    path = rdir / STATE_FILE
+    if not path.is_file():
+        if legacy.exists():
+            raise UserError(
+                f"{legacy} is a resume state in the old pickle format, which is never loaded "
+                "(a pickle can run code); pass --no-resume to start afresh"
+            )
+        return None
+    try:
+        state = load_state(path)
+        fp, runs, step = state["fingerprint"], state["runs"], state["step"]
+        if not (isinstance(fp, dict) and isinstance(runs, list) and len(runs) == n_runs
+                and isinstance(step, int) and not isinstance(step, bool)
+                and 0 <= step <= total_steps and isinstance(state["wall"], (int, float))
+                and state.get("batches", STREAM) in (DEVICE, STREAM)):
+            raise StateError("its contents are not a resume state of this shape")
+    except (StateError, KeyError, TypeError) as e:
+        raise UserError(f"resume state {path} is unreadable or corrupt ({e}); "
+                        "pass --no-resume to start afresh") from None
+    if fp.get("d") != fingerprint["d"]:
+        raise UserError(
+            f"resume state {rdir} was made on data of dimension {fp.get('d')}, but "
+            f"{activations} has d={fingerprint['d']}; pass --no-resume to start afresh"
+        )
+    if fp.get("activations") != fingerprint["activations"]:
+        raise UserError(
+            f"resume state {rdir} was made on the activation set {fp.get('activations')}, not "
+            f"{activations}; pass --no-resume to start afresh"
+        )
+    if fp.get("data") != fingerprint["data"]:
+        raise UserError(
+            f"resume state {rdir} was made on other data than {activations} (meta.json or the "
+            "shards differ: the set was changed or regenerated); pass --no-resume to start afresh"
+        )
+    if fp != fingerprint:
+        raise UserError(f"resume state {rdir} belongs to a different configuration; "
+                        "pass --no-resume to start afresh")
+    return state
+
+
 def _save_state(rdir: Path, state: dict) -> None:
     rdir.mkdir(parents=True, exist_ok=True)
-    tmp = rdir / f".state.pt.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, rdir / "state.pt")
-
+    save_state(rdir / STATE_FILE, state)
+    # A state of the old format must not outlive a newer one.
+    (rdir / LEGACY_FILE).unlink(missing_ok=True)

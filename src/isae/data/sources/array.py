@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from isae.data.activations import ActivationWriter, heldout_mask
-from isae.data.sources import check_layout, package_versions
+from isae.data.sources import check_extract_out, check_layout, local_inputs, package_versions
 from isae.errors import UserError
 from isae.progress import progress
 
@@ -342,13 +342,18 @@ def extract(
     heldout_fraction: float = 0.1,
     rows_per_shard: int = 16384,
     dtype: str = "float32",
+    force: bool = False,
 ) -> dict:
-    """Write the activation set of the rows in ``input`` to ``out``; returns the summary."""
-    check_layout(heldout_fraction, rows_per_shard)
+    """Write the activation set of the rows in ``input`` to ``out``; returns the summary.
+    An existing ``out`` is replaced only if it is an activation set, or with ``force``;
+    never the input file or a folder holding it."""
+    check_layout(heldout_fraction, rows_per_shard, seed)
     if block_rows < 1:
         raise UserError(f"--block-rows must be >= 1, got {block_rows}")
     if chunk_rows is not None and chunk_rows < 1:
         raise UserError(f"--chunk-rows must be >= 1, got {chunk_rows}")
+    inputs = local_inputs(input)
+    check_extract_out(out, inputs, force)
     src = open_input(input, column=column, tensor=tensor, group_column=group_column)
     if chunk_rows is None:
         chunk_rows = max(1, CHUNK_BYTES // (src.d * 8))
@@ -364,7 +369,7 @@ def extract(
     t0 = time.perf_counter()
     with progress(src.rows, desc=f"import {src.path.name}", unit="row") as bar, ActivationWriter(
         out, src.d, dtype=dtype, rows_per_shard=rows_per_shard, source="array", meta=meta,
-        heldout=split,
+        heldout=split, inputs=inputs, force=force,
     ) as writer:
         seen = 0
         for chunk in src.chunks(chunk_rows):

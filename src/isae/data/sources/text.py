@@ -19,7 +19,7 @@ import numpy as np
 from isae.data import language_models as lm
 from isae.data.activations import ActivationWriter, heldout_mask
 from isae.data.atomic import write_json_atomic
-from isae.data.sources import check_layout, package_versions
+from isae.data.sources import check_extract_out, check_layout, local_inputs, package_versions
 from isae.errors import UserError
 from isae.progress import progress
 
@@ -41,10 +41,13 @@ def extract(
     heldout_fraction: float = 0.1,
     rows_per_shard: int = 16384,
     dtype: str = "float32",
+    force: bool = False,
 ) -> dict:
     """Write the activation set of ``model`` at ``hook`` over ``text`` to ``out``.
 
-    Returns the one-line summary (rows, tokens, documents, d, seconds, tokens/s).
+    An existing ``out`` is replaced only if it is an activation set, or with ``force``;
+    never the text or model folder. Returns the one-line summary (rows, tokens, documents,
+    d, seconds, tokens/s).
     """
     if context < 2:
         raise UserError(f"--context must be at least 2, not {context}")
@@ -52,7 +55,9 @@ def extract(
         raise UserError(f"--batch-size must be positive, not {batch_size}")
     if max_tokens is not None and max_tokens < 1:
         raise UserError(f"--max-tokens must be positive, not {max_tokens}")
-    check_layout(heldout_fraction, rows_per_shard)
+    check_layout(heldout_fraction, rows_per_shard, seed)
+    inputs = local_inputs(text, model)
+    check_extract_out(out, inputs, force)
 
     source = lm.open_text(text)  # before booting: a bad text source fails in milliseconds
     if source.local and not source.documents:
@@ -105,7 +110,7 @@ def extract(
                 writer = stack.enter_context(ActivationWriter(
                     out, rows.shape[1], dtype=dtype, rows_per_shard=rows_per_shard,
                     source="lm", meta=meta, heldout=heldout,
-                    on_close=_write_source_files(source.files),
+                    on_close=_write_source_files(source.files), inputs=inputs, force=force,
                 ))
             held = heldout_mask(batch.doc, heldout_fraction, seed)
             writer.add(rows, held, doc=batch.doc, pos=batch.pos, token_id=batch.token_id)
