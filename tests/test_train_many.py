@@ -168,3 +168,35 @@ def test_lr_sweep_writes_the_choice_train_reads(data, tmp_path, capsys):
         choice["lr"]["isae"])
     assert main(["-q", "lr-sweep", "--activations", str(data), "--arch", "topk", "--factors",
                  "1,x", "--k", "3", "--width", "48", "--tokens", "100", "--out", str(out)]) == 2
+
+
+def test_reuse_copies_exactly_what_training_would_give(data, tmp_path, capsys):
+    """The lr sweep's run at the chosen rate is bit for bit the group's run of that seed:
+    --reuse copies it (and only it), and training it again gives the same tensors."""
+    lr = tmp_path / "lr"
+    common = ["--k", "3", "--width", "48", "--tokens", "6000", "--batch-size", "256",
+              "--data-seed", "0"]
+    assert main(["-q", "lr-sweep", "--activations", str(data), "--arch", "topk", "--factors",
+                 "1,4", "--seed", "0", *common, "--out", str(lr)]) == 0
+    chosen = json.loads((lr / "lr.json").read_text())["lr"]["topk"]
+    capsys.readouterr()
+    group = tmp_path / "g" / "{arch}" / "seed{seed}"
+    base = ["-q", "train", "--activations", str(data), "--arch", "topk", "--seeds", "0,1",
+            *common, "--lr-from", str(lr / "lr.json")]
+    assert main([*base, "--reuse", str(lr / "ckpt"), "--out", str(group)]) == 0
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    assert [r.get("reused") is not None for r in runs] == [True, False]
+    factor = "x4" if chosen > TrainConfig().learning_rate(48) * 2 else "x1"
+    assert runs[0]["reused"].endswith(f"ckpt/topk/{factor}")
+    assert _same(tmp_path / "g" / "topk" / "seed0", lr / "ckpt" / "topk" / factor)
+    assert (tmp_path / "g" / "topk" / "seed0" / INIT_FILE).is_file()
+    again = tmp_path / "again" / "{arch}" / "seed{seed}"
+    assert main([*base, "--out", str(again)]) == 0
+    assert _same(tmp_path / "again" / "topk" / "seed0", tmp_path / "g" / "topk" / "seed0")
+    assert _same(tmp_path / "again" / "topk" / "seed1", tmp_path / "g" / "topk" / "seed1")
+    # Another setting (here the batch size) finds nothing to reuse.
+    other = tmp_path / "other" / "{arch}" / "seed{seed}"
+    capsys.readouterr()
+    assert main([*base[:-2], "--batch-size", "128", "--lr-from", str(lr / "lr.json"),
+                 "--reuse", str(lr / "ckpt"), "--out", str(other)]) == 0
+    assert all(r.get("reused") is None for r in json.loads(capsys.readouterr().out)["runs"])

@@ -394,6 +394,13 @@ def train_flags(wildcards) -> str:
     return cli_flags(flags)
 
 
+def lr_runs(wildcards) -> list:
+    """The lr sweep's checkpoints of the group's dataset, which the main group reuses."""
+    if not has_lr_sweep(wildcards.dataset):
+        return []
+    return [rules.lr_sweep.output.ckpts.format(dataset=wildcards.dataset)]
+
+
 def lr_choice(wildcards) -> list:
     """The lr sweep's choice file of the group's dataset (none without a sweep)."""
     if not has_lr_sweep(wildcards.dataset):

@@ -31,6 +31,7 @@ rule train:
     input:
         acts=rules.activations.output.acts,
         lr=lr_choice,
+        reuse=lr_runs,
     output:
         ckpts=directory("results/checkpoints/{dataset}/{group}"),
     log:
@@ -50,6 +51,10 @@ rule train:
         torch_threads=res("train", "threads"),
         flags=train_flags,
         lr=lambda wc, input: f"--lr-from {input.lr}" if input.lr else "",
+        # The lr sweep's run at the chosen rate is the group's seed at that rate: copied,
+        # not trained again (isae train --reuse checks that every setting is the same).
+        reuse=lambda wc, input: f"--reuse {input.reuse}" if input.reuse else "",
     shell:
-        "isae --threads {params.torch_threads} train --activations {input.acts} {params.flags} {params.lr}"
+        "isae --threads {params.torch_threads} train --activations {input.acts} {params.flags}"
+        " {params.lr} {params.reuse}"
         " --out '{output.ckpts}/{{arch}}/seed{{seed}}' > {log} 2>&1"

@@ -49,6 +49,10 @@ def add_parser(sub) -> None:
                    help="learning rates by arch from a JSON file {\"lr\": {arch: lr}} (as "
                         "written by isae lr-sweep); a variant such as topk+signed takes its "
                         "preset's rate when it has none of its own")
+    p.add_argument("--reuse", default=None, metavar="DIR",
+                   help="copy, instead of training, any run that a checkpoint under DIR already "
+                        "is: the same arch, shape, seed, training settings, learning rate, data "
+                        "seed and activation set (CPU training is deterministic)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing resume state")
     p.add_argument("--out", required=True, help="checkpoint folder to write (an existing "
                    "checkpoint is replaced; anything else needs --force)")
@@ -92,13 +96,31 @@ def run(args: argparse.Namespace) -> dict:
                        seed=seeds[0] if args.data_seed is None else args.data_seed)
     outs = [args.out.replace("{seed}", str(s)).replace("{arch}", a) for a, s in runs]
     lrs = [rates.get(a) for a, _ in runs]
-    if len(runs) == 1:
+    reused = []
+    if args.reuse:
+        from isae.data import checkpoints
+        from isae.training.trainer import identical_checkpoint
+
+        keep = []
+        for i, (cfg, out, lr) in enumerate(zip(cfgs, outs, lrs)):
+            one = replace(tcfg, lr=lr) if lr is not None else tcfg
+            found = identical_checkpoint(args.reuse, cfg, one, args.activations)
+            if found is None:
+                keep.append(i)
+                continue
+            checkpoints.copy(found, out, inputs=[args.activations], force=args.force)
+            reused.append({"out": out, "arch": cfg.arch, "seed": cfg.seed, "reused": str(found)})
+        cfgs, outs, lrs = [cfgs[i] for i in keep], [outs[i] for i in keep], [lrs[i] for i in keep]
+        runs = [runs[i] for i in keep]
+        if not runs:
+            return {"runs": reused, "tokens_per_s": None}
+    if len(runs) == 1 and not reused:
         one = replace(tcfg, lr=lrs[0]) if lrs[0] is not None else tcfg
         return train(args.activations, cfgs[0], one, outs[0], resume=not args.no_resume,
                      force=args.force)
     done = train_many(args.activations, cfgs, tcfg, outs, resume=not args.no_resume, lrs=lrs,
                       force=args.force)
-    return {"runs": done, "tokens_per_s": done[0]["tokens_per_s"]}
+    return {"runs": reused + done, "tokens_per_s": done[0]["tokens_per_s"]}
 
 
 def read_lr_file(path: str, archs: list[str]) -> dict[str, float]:

@@ -135,6 +135,25 @@ def save(
     return out
 
 
+def copy(src: str | os.PathLike, out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (),
+         force: bool = False) -> Path:
+    """Copy the checkpoint folder ``src`` (with its train log and initial decoder) to ``out``,
+    atomically, under the same rules as ``save``."""
+    src, out = Path(src), Path(out)
+    read_cfg(src)
+    check_out(out, "checkpoint", inputs=[*inputs, src], force=force)
+    stage = staging_folder(out)
+    try:
+        for f in sorted(src.iterdir()):
+            if f.is_file():
+                shutil.copy2(f, stage / f.name)
+        publish(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return out
+
+
 def read_cfg(path: str | os.PathLike) -> dict:
     """A checkpoint's cfg.json as a dict; UserError when it is missing or not a JSON object."""
     path = Path(path)

@@ -451,6 +451,35 @@ def train_many(
     return summaries
 
 
+def identical_checkpoint(
+    search: str | os.PathLike,
+    sae_cfg: SAEConfig,
+    tcfg: TrainConfig,
+    activations: str | os.PathLike,
+) -> Path | None:
+    """A checkpoint under ``search`` that this run would reproduce: the same architecture,
+    shape and seed, the same training settings (learning rate, tokens, batch size, schedule,
+    data seed and batch source) on the same activation set. Training is deterministic on the
+    CPU for a fixed thread count and a run does not depend on the others of its pass, so such
+    a checkpoint is the run's result (the study reuses the lr sweep's runs this way). None
+    when there is none."""
+    from isae.training.batches import choose_source
+
+    acts = ActivationSet(activations)
+    want_train = {**_train_fingerprint(tcfg), "batches": choose_source(tcfg, tcfg.device, acts, None)}
+    want_sae = sae_cfg.to_dict()
+    for cfg_path in sorted(Path(search).rglob(checkpoint.CFG)):
+        try:
+            cfg = checkpoint.read_cfg(cfg_path.parent)
+        except UserError:
+            continue
+        same_sae = all(cfg.get(k) == v for k, v in want_sae.items())
+        same_data = (cfg.get("activations") or {}).get("path") == str(Path(activations))
+        if same_sae and same_data and cfg.get("train") == want_train:
+            return cfg_path.parent
+    return None
+
+
 def _train_fingerprint(tcfg: TrainConfig) -> dict:
     """The training settings that change the result (not the device or logging cadence)."""
     keep = ("tokens", "batch_size", "lr", "warmup_frac", "decay", "auxk_alpha", "dead_tokens",
