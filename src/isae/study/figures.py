@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from isae.errors import UserError
 from isae.models.config import parse_arch, thresholding_steps
@@ -108,7 +109,8 @@ def _empty_figure(title: str, xlabel: str, ylabel: str, why: str) -> Figure:
 def _finish(fig: Figure, title: str, handles: list, ncol: int | None = None) -> Figure:
     """Suptitle, and one legend below the panels (off the data)."""
     fig.suptitle(title)
-    fig.tight_layout()
+    # Room at the top for the title, above the panels' own titles and axis labels.
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / fig.get_figheight()))
     if handles:
         # Below the figure's bottom edge; saving with bbox_inches="tight" takes it in.
         fig.legend(handles=handles, loc="upper center", ncol=ncol or min(len(handles), 4),
@@ -460,7 +462,7 @@ def f4_ablation(runs: pd.DataFrame, pairs: pd.DataFrame) -> Figure:
     if "converged" in abl.columns:
         flags = abl.groupby(["dataset", "arch"])["converged"].agg(lambda v: bool(v.all()))
         unconverged = {key for key, ok in flags.items() if not ok}
-    fig, axes = _grid(len(datasets), len(metrics), width=4.3, height=0.9 + 0.36 * n_var)
+    fig, axes = _grid(len(datasets), len(metrics), width=3.6, height=0.9 + 0.36 * n_var)
     for r, ds in enumerate(datasets):
         sub = d[d["dataset"] == ds]
         variants = sorted(set(sub["variant"]),
@@ -483,12 +485,15 @@ def f4_ablation(runs: pd.DataFrame, pairs: pd.DataFrame) -> Figure:
                 vals = np.asarray(row["values"], np.float64)
                 ax.scatter(vals, np.full(len(vals), yi), color="k", s=9, zorder=3)
             ax.axvline(0, color="k", lw=0.8)
+            ax.xaxis.set_major_locator(MaxNLocator(4))  # no colliding tick labels
             labels = [_f4_label(v, m.loc[v], (ds, v) in unconverged or
                                 (ds, m.loc[v, "base"]) in unconverged) for v in variants]
-            ax.set_yticks(y, labels, fontsize=8)
+            # The variants' names once, on the left; the other panels share its rows.
+            ax.set_yticks(y, labels if c == 0 else [""] * len(y), fontsize=8)
             ax.invert_yaxis()
             ax.set_xlabel(_F4_LABELS[metric], fontsize=9)
-            ax.set_ylabel("variant (against its base)", fontsize=8)
+            ax.set_ylabel("variant (against its base)" if c == 0 else "same rows as left",
+                          fontsize=8)
             k, w = int(sub["k"].iloc[0]), int(sub["width"].iloc[0])
             ax.set_title(f"{ds}, k={k}, width={w}", fontsize=9)
     handles = [Line2D([], [], color=arch_color("topk"), lw=6, alpha=0.55, label="against topk"),
