@@ -462,7 +462,7 @@ def f4_ablation(runs: pd.DataFrame, pairs: pd.DataFrame) -> Figure:
     if "converged" in abl.columns:
         flags = abl.groupby(["dataset", "arch"])["converged"].agg(lambda v: bool(v.all()))
         unconverged = {key for key, ok in flags.items() if not ok}
-    fig, axes = _grid(len(datasets), len(metrics), width=3.6, height=0.9 + 0.36 * n_var)
+    fig, axes = _grid(len(datasets), len(metrics), width=3.6, height=1.6 + 0.36 * n_var)
     for r, ds in enumerate(datasets):
         sub = d[d["dataset"] == ds]
         variants = sorted(set(sub["variant"]),
