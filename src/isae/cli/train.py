@@ -21,21 +21,32 @@ def add_parser(sub) -> None:
     p.add_argument("--seeds", default=None,
                    help="comma-separated seeds trained together on one pass over the data "
                         "(--out must contain {seed}; the data order comes from the first seed)")
-    p.add_argument("--tokens", type=int, default=2_000_000, help="training rows to consume")
-    p.add_argument("--batch-size", type=int, default=4096, help="rows per step")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default scales with width)")
-    p.add_argument("--decay", choices=["linear", "cosine", "constant"], default="linear")
-    p.add_argument("--warmup-frac", type=float, default=0.02)
-    p.add_argument("--auxk-alpha", type=float, default=1 / 32, help="AuxK loss weight")
-    p.add_argument("--dead-tokens", type=int, default=200_000,
+    # Defaults are TrainConfig's (its field docs say why each was chosen).
+    T = TrainConfig
+    p.add_argument("--tokens", type=int, default=T.tokens, help="training rows to consume")
+    p.add_argument("--batch-size", type=int, default=T.batch_size, help="rows per step")
+    p.add_argument("--lr", type=float, default=T.lr,
+                   help="Adam learning rate (default scales with width; see TrainConfig.lr)")
+    p.add_argument("--decay", choices=["linear", "cosine", "constant"], default=T.decay,
+                   help="learning-rate decay after warmup")
+    p.add_argument("--warmup-frac", type=float, default=T.warmup_frac,
+                   help="fraction of steps with a linear warmup")
+    p.add_argument("--auxk-alpha", type=float, default=T.auxk_alpha, help="AuxK loss weight")
+    p.add_argument("--dead-tokens", type=int, default=T.dead_tokens,
                    help="rows without firing after which a latent counts as dead")
     p.add_argument("--l1-coeff", type=float, default=1e-3, help="relu only: L1 penalty weight")
     p.add_argument("--encoder-steps", type=int, default=None,
                    help="override the arch's iterative-hard-thresholding steps")
-    p.add_argument("--shuffle-buffer", type=int, default=65536, help="rows in the shuffle buffer")
-    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between resume saves")
-    p.add_argument("--log-every", type=int, default=20, help="steps between log rows")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--shuffle-buffer", type=int, default=T.shuffle_buffer,
+                   help="rows in the shuffle buffer")
+    p.add_argument("--checkpoint-every", type=int, default=T.checkpoint_every,
+                   help="steps between resume saves")
+    p.add_argument("--log-every", type=int, default=T.log_every,
+                   help="steps between log rows (default: about 200 rows per run)")
+    p.add_argument("--converged-below", type=float, default=T.converged_below,
+                   help="convergence threshold: relative fall of the smoothed training FVU "
+                        "over the last 20%% of steps")
+    p.add_argument("--device", default=T.device, help="cpu | cuda | cuda:N")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing resume state")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.set_defaults(func=run)
@@ -68,6 +79,7 @@ def run(args: argparse.Namespace) -> dict:
         dead_tokens=args.dead_tokens,
         shuffle_buffer=args.shuffle_buffer,
         log_every=args.log_every,
+        converged_below=args.converged_below,
         checkpoint_every=args.checkpoint_every,
         device=args.device,
         seed=seeds[0],

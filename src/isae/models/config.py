@@ -117,6 +117,10 @@ class SAEConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+LOG_ROWS = 200
+"""Rows of train_log.parquet a run writes when log_every is left at None."""
+
+
 @dataclass
 class TrainConfig:
     """How one sparse coder is trained."""
@@ -137,8 +141,14 @@ class TrainConfig:
     """A latent that has not fired for this many training rows counts as dead."""
     shuffle_buffer: int = 65536
     """Rows held in the shuffle buffer; memory does not grow with the set."""
-    log_every: int = 20
-    """Optimiser steps between rows of train_log.parquet."""
+    log_every: int | None = None
+    """Optimiser steps between rows of train_log.parquet; None = total steps // LOG_ROWS
+    (at least 1), so that every run, short or long, logs about LOG_ROWS rows: enough for
+    the convergence control, which smooths the last 20 % of them."""
+    converged_below: float = 0.02
+    """The convergence control's threshold: a run has converged when its smoothed training
+    FVU fell by less than this fraction (relative) over its last 20 % of steps. A run above
+    it gets a warning on stderr and ``converged: false`` in cfg.json and its summary."""
     checkpoint_every: int = 200
     """Optimiser steps between resume-state saves."""
     device: str = "cpu"
@@ -153,6 +163,16 @@ class TrainConfig:
             raise UserError("tokens and batch size must be positive")
         if self.decay not in ("linear", "cosine", "constant"):
             raise UserError(f"decay must be linear, cosine or constant, not {self.decay!r}")
+        if not self.converged_below > 0:
+            raise UserError(f"converged_below must be positive, not {self.converged_below}")
+        if self.log_every is not None and self.log_every < 1:
+            raise UserError(f"log_every must be at least 1, not {self.log_every}")
+
+    def log_interval(self, total_steps: int) -> int:
+        """Steps between log rows for a run of ``total_steps`` steps."""
+        if self.log_every is not None:
+            return self.log_every
+        return max(total_steps // LOG_ROWS, 1)
 
     def learning_rate(self, d_sae: int) -> float:
         return self.lr if self.lr is not None else 2e-4 / (d_sae / 2**14) ** 0.5

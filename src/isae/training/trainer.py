@@ -27,6 +27,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+# The convergence control is a pure function of the run's own log (it imports nothing from
+# isae), so the trainer can state it in cfg.json as the run ends.
+from isae.analysis.convergence import fvu_trend, is_converged
 from isae.data import checkpoints as checkpoint
 from isae.data.activations import ActivationSet
 from isae.data.atomic import writable_parent
@@ -40,6 +43,9 @@ from isae.models.sparse_coder import Codes, SparseCoder
 from isae.progress import progress
 
 log = logging.getLogger(__name__)
+
+CONVERGENCE_TAIL = 0.2
+"""Fraction of the steps over which the convergence control measures the FVU's fall."""
 
 
 class SAEStepper:
@@ -127,10 +133,15 @@ def lr_multiplier(step: int, total: int, tcfg: TrainConfig) -> float:
     if tcfg.decay == "cosine":
         p = (step - warm) / max(total - warm, 1)
         return 0.5 * (1 + math.cos(math.pi * p))
-    decay_start = int(0.8 * total)
+    decay_start = _decay_start(total)
     if step < decay_start:
         return 1.0
     return max(total - step, 0) / max(total - decay_start, 1)
+
+
+def _decay_start(total: int) -> int:
+    """First step of the linear decay: the last 20 % of the steps."""
+    return int(0.8 * total)
 
 
 def resume_dir(out: str | os.PathLike) -> Path:
@@ -205,6 +216,7 @@ def train_many(
     mean = torch.as_tensor(norm.mean, device=device)
     runs = [_Run(c, tcfg, o, device) for c, o in zip(sae_cfgs, outs)]
     total_steps = max(math.ceil(tcfg.tokens / tcfg.batch_size), 1)
+    log_every = tcfg.log_interval(total_steps)
     start_step = 0
     wall0 = 0.0
 
@@ -238,7 +250,7 @@ def train_many(
         for step in range(start_step, total_steps):
             x = (next(batches) - mean) / norm.scale
             lr_scale = lr_multiplier(step, total_steps, tcfg)
-            logging_step = step % tcfg.log_every == 0 or step == total_steps - 1
+            logging_step = step % log_every == 0 or step == total_steps - 1
             for run in runs:
                 dead = run.since_fired >= tcfg.dead_tokens
                 m = run.stepper.step(x, lr_scale, dead)
@@ -285,9 +297,12 @@ def train_many(
     summaries = []
     for run in runs:
         log_bytes = io.BytesIO()
-        pd.DataFrame(run.rows).to_parquet(log_bytes, index=False)
+        table = pd.DataFrame(run.rows)
+        table.to_parquet(log_bytes, index=False)
+        conv = convergence(table, tcfg, run.out, total_steps)
         extra = {
             "tokens_seen": tokens_seen,
+            **conv,
             "train": _train_fingerprint(tcfg),
             "lr": getattr(run.stepper, "base_lr", None),
             "activations": {
@@ -310,11 +325,45 @@ def train_many(
             "fvu": last["fvu"],
             "l0": last["l0"],
             "dead_frac": last["dead_frac"],
+            **conv,
             "tokens_per_s": rate,
             "wall_s": elapsed,
         })
     shutil.rmtree(rdir, ignore_errors=True)
     return summaries
+
+
+def convergence_window(total_steps: int, tcfg: TrainConfig) -> tuple[int, int]:
+    """[start, end) steps over which the convergence control measures the FVU's fall: the
+    last CONVERGENCE_TAIL of the steps before the final linear decay begins (that decay
+    lowers the FVU by itself, converged or not), or of all steps for the other schedules."""
+    end = _decay_start(total_steps) if tcfg.decay == "linear" else total_steps
+    return max(end - round(CONVERGENCE_TAIL * total_steps), 0), end
+
+
+def convergence(log_table: pd.DataFrame, tcfg: TrainConfig, out: Path, total_steps: int) -> dict:
+    """The convergence control of a finished run, from its own log: the relative fall of the
+    smoothed training FVU over ``convergence_window`` (``fvu_trend``; None when the log is
+    too short to say) and ``converged`` (below ``tcfg.converged_below``). Warns on stderr
+    when the run has not converged."""
+    start, end = convergence_window(total_steps, tcfg)
+    part = log_table[log_table["step"] < end]
+    span = float(part["step"].max() - part["step"].min()) if len(part) else 0.0
+    # fvu_trend measures over the last `tail` of the log it is given, smoothed over all of it
+    trend = fvu_trend(part, tail=min((end - start) / span, 1.0)) if span > 0 else math.nan
+    converged = is_converged(trend, tcfg.converged_below)
+    if not converged:
+        if math.isfinite(trend):
+            why = (f"its smoothed training FVU still fell by {100 * trend:.1f} % over steps "
+                   f"{start}-{end} of {total_steps} (converged: under "
+                   f"{100 * tcfg.converged_below:.1f} %)")
+        else:
+            why = f"its log ({len(log_table)} rows over {total_steps} steps) is too short to tell"
+        log.warning("%s has not converged: %s; train on more tokens (--tokens, now %d)",
+                    out, why, tcfg.tokens)
+    return {"fvu_trend": trend if math.isfinite(trend) else None,
+            "fvu_trend_steps": [start, end], "converged": converged,
+            "converged_below": tcfg.converged_below}
 
 
 def _train_fingerprint(tcfg: TrainConfig) -> dict:
