@@ -11,14 +11,20 @@ with width = atoms and k = the true k, all at the same token budget (``--tokens`
 decoder with the true dictionary), optimiser steps, wall time and the convergence control
 (relative fall of the smoothed training FVU over the last 20 % of steps).
 
-Three stages, each a grid; finished runs are kept in ``<out>/runs.parquet`` and not rerun,
+Four stages, each a grid; finished runs are kept in ``<out>/runs.parquet`` and not rerun,
 so an interrupted sweep resumes and a later stage reuses earlier runs:
 
-* ``coarse``: batch size x learning rate (the width-scaled formula x 0.25, 1, 4, and
-  absolute values), linear decay, ``isae`` and ``topk``, one seed, every shape;
-* ``refine``: the batch sizes and learning rates that did best in the coarse stage,
-  x schedule (linear decay over the last 20 %, cosine, constant), every arch, two seeds;
-* ``long``: the chosen default trained 10x longer, for the convergence threshold.
+* ``coarse``: batch size x learning rate (xF = F x the width-scaled formula
+  2e-4 / sqrt(width / 2^14) of Gao et al.), linear decay, ``isae`` and ``topk``, seed 0, on
+  the coherent and the well-posed shape. It picks the cell whose worst (shape, arch) truth
+  recovery is best, ties (within ``--tol``) going to the larger batch;
+* ``refine``: that cell x schedule (linear decay over the last 20 %, cosine, constant),
+  ``topk`` and ``isae``, two seeds, every shape; picks the schedule with the best mean
+  truth recovery, ties (within ``--tol``) going to the lower held-out FVU;
+* ``compare``: the old default (batch 4096, lr x1), batch 1024 at lr x1, and the chosen
+  default, ``topk``, ``isae`` and ``isae-iter``, two seeds, every shape;
+* ``long``: the chosen default at the budget and at 10x it, to calibrate the convergence
+  threshold (the runs at 10x are the reference for "has stopped moving").
 
 Prints a table per stage (means over shapes, seeds and archs) and writes
 ``<out>/runs.parquet``. One process, one thread: the machine is shared.
@@ -109,15 +115,19 @@ def run_one(set_path: Path, shape: Shape, arch: str, batch: int, lr_spec: str, d
     truth = checkpoint.load_decoder(set_path / "truth")
     m = match_dictionaries(ck.W_dec, truth)
     train_log = pd.read_parquet(out / "train_log.parquet")
-    trend = fvu_trend(train_log)
     # kept, so that any convergence control can be recomputed later without training again
     (tmp.parent / "logs").mkdir(exist_ok=True)
     train_log.to_parquet(tmp.parent / "logs" / f"{out.name}.parquet", index=False)
+    cfg = checkpoint.read_cfg(out)
     row = {"shape": shape.name, "arch": arch, "batch": batch, "lr_spec": lr_spec, "decay": decay,
            "seed": seed, "tokens": tokens, "lr": lr, "steps": steps,
            "tokens_seen": summary["tokens"], "fvu_heldout": rec["fvu"],
            "dead_frac": rec["dead_frac"], "truth_cos": float(m.abs_cos.mean()),
-           "truth_gt_0.9": float((m.abs_cos > 0.9).mean()), "trend": trend,
+           "truth_gt_0.9": float((m.abs_cos > 0.9).mean()),
+           # the trainer's convergence control, and the plain fall over the last 20 % of steps
+           # (which includes what the final linear decay itself takes off the FVU)
+           "fvu_trend": cfg["fvu_trend"] if cfg["fvu_trend"] is not None else math.nan,
+           "converged": cfg["converged"], "trend_last20": fvu_trend(train_log),
            "train_fvu_last": summary["fvu"], "wall_s": wall}
     for f in out.iterdir():
         f.unlink()
@@ -148,7 +158,8 @@ class Store:
 
 
 def run_grid(store: Store, sets: dict[str, Path], shapes: list[Shape], grid: list[tuple],
-             tmp: Path, stage: str) -> None:
+             tmp: Path, stage: str) -> pd.DataFrame:
+    """Train every cell of ``grid`` not yet in the store; return the grid's rows."""
     todo = [g for g in grid if not store.has(g)]
     print(f"[{stage}] {len(grid)} runs, {len(grid) - len(todo)} already done", flush=True)
     by_name = {s.name: s for s in shapes}
@@ -159,110 +170,160 @@ def run_grid(store: Store, sets: dict[str, Path], shapes: list[Shape], grid: lis
         row["stage"] = stage
         store.add(row)
         print(f"[{stage} {i + 1}/{len(todo)} {time.perf_counter() - t0:.0f}s] {shape} {arch} "
-              f"b{batch} lr {lr_spec} {decay} s{seed}: steps {row['steps']}, truth "
-              f"{row['truth_cos']:.3f}, fvu {row['fvu_heldout']:.3f}, trend {row['trend']:.3f}, "
+              f"b{batch} lr {lr_spec} {decay} s{seed} {tokens} tok: {row['steps']} steps, truth "
+              f"{row['truth_cos']:.3f}, fvu {row['fvu_heldout']:.3f}, trend {row['fvu_trend']:.3f}, "
               f"{row['wall_s']:.1f}s", flush=True)
+    keys = pd.DataFrame(grid, columns=KEY)
+    return keys.merge(store.df.drop_duplicates(KEY, keep="last"), on=KEY, how="left")
 
 
-def table(df: pd.DataFrame, by: list[str], title: str) -> pd.DataFrame:
-    """Means over the other keys, plus the worst shape's truth recovery (must do well on all)."""
-    per_shape = df.groupby(by + ["shape"], dropna=False)["truth_cos"].mean()
+def show(t: pd.DataFrame, title: str) -> None:
+    print(f"\n{title}\n{t.to_string(float_format=lambda v: f'{v:.3f}')}\n", flush=True)
+
+
+def summarise(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Means over shapes, archs and seeds; the worst (shape, arch) cell's truth recovery,
+    since a default must do well on every shape, not on average."""
+    cell = df.groupby(by + ["shape", "arch"], dropna=False)["truth_cos"].mean()
     t = df.groupby(by, dropna=False).agg(
         runs=("truth_cos", "size"), steps=("steps", "mean"), truth_cos=("truth_cos", "mean"),
-        fvu_heldout=("fvu_heldout", "mean"), trend=("trend", "mean"), wall_s=("wall_s", "mean"))
-    t["truth_worst_shape"] = per_shape.groupby(level=list(range(len(by)))).min()
-    t = t.sort_values("truth_cos", ascending=False)
-    print(f"\n{title}\n{t.to_string(float_format=lambda v: f'{v:.3f}')}\n", flush=True)
+        fvu_heldout=("fvu_heldout", "mean"), fvu_trend=("fvu_trend", "mean"),
+        wall_s=("wall_s", "mean"))
+    t["truth_worst"] = cell.groupby(level=list(range(len(by)))).min()
     return t
 
 
-def per_shape_table(df: pd.DataFrame, by: list[str], title: str) -> None:
-    t = df.pivot_table(index=by, columns="shape", values="truth_cos", aggfunc="mean")
-    print(f"{title}\n{t.to_string(float_format=lambda v: f'{v:.3f}')}\n", flush=True)
+def per_cell(df: pd.DataFrame, by: list[str], value: str = "truth_cos") -> pd.DataFrame:
+    return df.pivot_table(index=by, columns=["shape", "arch"], values=value, aggfunc="mean")
+
+
+def choose_cell(t: pd.DataFrame, tol: float) -> tuple[int, str]:
+    """Robust first: the cells whose worst (shape, arch) truth recovery is within ``tol`` of
+    the best worst case; of those the largest batch (fewest steps, cheapest on a GPU); then
+    that batch's learning rate with the best mean."""
+    good = t[t["truth_worst"] >= t["truth_worst"].max() - tol]
+    batch = max(b for b, _ in good.index)
+    lr = good.loc[batch]["truth_cos"].idxmax()
+    return int(batch), str(lr)
+
+
+OLD_DEFAULT = (4096, "x1", "linear")
+"""TrainConfig's defaults before this sweep: batch 4096, Gao et al.'s width-scaled lr, linear decay."""
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="results/defaults_sweep", help="folder for sets and runs.parquet")
-    p.add_argument("--stage", choices=["coarse", "refine", "long", "all"], default="all")
+    p.add_argument("--stage", choices=["coarse", "refine", "compare", "long", "all"], default="all")
     p.add_argument("--tokens", type=int, default=1_500_000, help="training rows per run")
     p.add_argument("--rows", type=int, default=100_000, help="rows per synthetic set")
     p.add_argument("--shapes", default=",".join(s.name for s in SHAPES),
-                   help="comma-separated shape names")
-    p.add_argument("--batches", default="256,512,1024,2048,4096", help="coarse batch sizes")
-    p.add_argument("--lrs", default="x0.25,x1,x4,3e-3,1e-2",
+                   help="shapes of the refine and compare stages")
+    p.add_argument("--coarse-shapes", default="d64-a256-k8,d128-a512-k4",
+                   help="shapes of the coarse stage (the coherent and the well-posed one)")
+    p.add_argument("--batches", default="512,1024,2048,4096", help="coarse batch sizes")
+    p.add_argument("--lrs", default="x1,x4,x16",
                    help="coarse learning rates: xF = F x the width-scaled formula, or absolute")
-    p.add_argument("--archs", default="topk,isae,isae-iter", help="archs of the refine stage")
-    p.add_argument("--seeds", default="0,1", help="seeds of the refine stage")
-    p.add_argument("--keep", type=int, default=2, help="best batch sizes / lrs kept for refine")
-    p.add_argument("--default", default=None,
-                   help="batch,lr_spec,decay of the long stage (default: best of refine)")
+    p.add_argument("--tol", type=float, default=0.01,
+                   help="worst-case truth recovery within this of the best counts as a tie "
+                        "(seed noise); ties go to the larger batch")
+    p.add_argument("--cell", default=None, help="batch,lr_spec for refine (default: from coarse)")
+    p.add_argument("--decay", default=None, help="schedule for compare/long (default: from refine)")
+    p.add_argument("--seeds", default="0,1", help="seeds of the refine and compare stages")
+    p.add_argument("--long-shapes", default="d32-a128-k3,d64-a256-k8,d128-a512-k4",
+                   help="shapes trained 10x longer to calibrate the convergence threshold")
     p.add_argument("--quick", action="store_true", help="a tiny sweep that checks the script")
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.ERROR)  # the runs' own convergence warnings are in the table
     if args.quick:
         args.tokens, args.rows = 60_000, 20_000
-        args.shapes, args.batches, args.lrs = "d32-a128-k3", "512,1024", "x1,x4"
-        args.archs, args.seeds = "isae", "0"
-    shapes = [s for s in SHAPES if s.name in args.shapes.split(",")]
-    if not shapes:
-        print(f"defaults_sweep: no known shape in {args.shapes!r}", file=sys.stderr)
+        args.shapes = args.coarse_shapes = args.long_shapes = "d32-a128-k3"
+        args.batches, args.lrs, args.seeds = "512,1024", "x1,x4", "0"
+    names = args.shapes.split(",")
+    coarse_names = args.coarse_shapes.split(",")
+    long_names = args.long_shapes.split(",")
+    known = {s.name: s for s in SHAPES}
+    unknown = [n for n in {*names, *coarse_names, *long_names} if n not in known]
+    if unknown:
+        print(f"defaults_sweep: unknown shape(s) {', '.join(unknown)}; known: {', '.join(known)}",
+              file=sys.stderr)
         return 2
+    shapes = [known[n] for n in dict.fromkeys([*names, *coarse_names, *long_names])]
     out = Path(args.out)
     tmp = out / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     sets = make_sets(out, shapes, args.rows)
     store = Store(out / "runs.parquet")
-    names = [s.name for s in shapes]
     batches = [int(b) for b in args.batches.split(",")]
     lrs = args.lrs.split(",")
-    archs = args.archs.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     T = args.tokens
+    every = args.stage == "all"
     t0 = time.perf_counter()
 
-    if args.stage in ("coarse", "refine", "all"):
-        grid = [(s, a, b, lr, "linear", 0, T)
-                for s, a, b, lr in itertools.product(names, ["isae", "topk"], batches, lrs)]
-        run_grid(store, sets, shapes, grid, tmp, "coarse")
-        df = store.df[store.df["tokens"] == T]
-        df = df[df["shape"].isin(names) & df["decay"].eq("linear") & df["batch"].isin(batches)
-                & df["lr_spec"].isin(lrs) & df["seed"].eq(0) & df["arch"].isin(["isae", "topk"])]
-        coarse = table(df, ["batch", "lr_spec"], "coarse: batch x lr (linear decay, isae + topk, seed 0)")
-        per_shape_table(df, ["batch", "lr_spec"], "coarse: truth recovery per shape")
-    if args.stage in ("refine", "all"):
-        best = coarse.head(args.keep)
-        # keep the best cells' batch sizes and learning rates, crossed
-        kb = sorted({int(b) for b, _ in best.index})
-        kl = sorted({str(lr) for _, lr in best.index})
-        grid = [(s, a, b, lr, dec, sd, T) for s, a, b, lr, dec, sd in
-                itertools.product(names, archs, kb, kl, ["linear", "cosine", "constant"], seeds)]
-        run_grid(store, sets, shapes, grid, tmp, "refine")
-        df = store.df[store.df["tokens"] == T]
-        df = df[df["shape"].isin(names) & df["batch"].isin(kb) & df["lr_spec"].isin(kl)
-                & df["seed"].isin(seeds) & df["arch"].isin(archs)]
-        refine = table(df, ["batch", "lr_spec", "decay"], "refine: every arch, seeds " + args.seeds)
-        table(df, ["batch", "lr_spec", "decay", "arch"], "refine: per arch")
-        per_shape_table(df, ["batch", "lr_spec", "decay"], "refine: truth recovery per shape")
-    if args.stage in ("long", "all"):
-        if args.default:
-            b, lr, dec = args.default.split(",")
-            chosen = (int(b), lr, dec)
-        else:
-            chosen = refine.index[0]
-        b, lr, dec = int(chosen[0]), str(chosen[1]), str(chosen[2])
+    cell = None
+    if args.cell:
+        b, lr = args.cell.split(",")
+        cell = (int(b), lr)
+    if every or args.stage == "coarse" or (cell is None and args.stage == "refine"):
+        grid = [(s, a, b, lr, "linear", 0, T) for s, a, b, lr in
+                itertools.product(coarse_names, ["isae", "topk"], batches, lrs)]
+        df = run_grid(store, sets, shapes, grid, tmp, "coarse")
+        t = summarise(df, ["batch", "lr_spec"])
+        show(t, f"coarse: batch x lr, linear decay, isae and topk, seed 0, {T} tokens "
+                f"(lr xF = F x 2e-4 / sqrt(width / 2^14))")
+        show(per_cell(df, ["batch", "lr_spec"]), "coarse: truth recovery per shape and arch")
+        if cell is None:
+            cell = choose_cell(t, args.tol)
+        print(f"coarse: chosen batch {cell[0]}, lr {cell[1]}")
+
+    decay = args.decay
+    archs2 = ["topk", "isae"]
+    if every or args.stage == "refine" or (decay is None and args.stage in ("compare", "long")):
+        if cell is None:
+            print("defaults_sweep: --cell batch,lr is needed without the coarse stage", file=sys.stderr)
+            return 2
+        b, lr = cell
+        grid = [(s, a, b, lr, dec, sd, T) for s, a, dec, sd in
+                itertools.product(names, archs2, ["linear", "cosine", "constant"], seeds)]
+        df = run_grid(store, sets, shapes, grid, tmp, "refine")
+        t = summarise(df, ["decay"])
+        show(t, f"refine: schedule at batch {b}, lr {lr}; topk and isae, seeds {args.seeds}")
+        show(per_cell(df, ["decay"]), "refine: truth recovery per shape and arch")
+        if decay is None:  # best truth recovery; within --tol of it, the lowest held-out FVU
+            decay = str(t[t["truth_cos"] >= t["truth_cos"].max() - args.tol]["fvu_heldout"].idxmin())
+        print(f"refine: chosen schedule {decay}")
+
+    if every or args.stage in ("compare", "long"):
+        if cell is None or decay is None:
+            print("defaults_sweep: --cell and --decay are needed without the earlier stages",
+                  file=sys.stderr)
+            return 2
+    chosen = (cell[0], cell[1], decay) if cell and decay else None
+    if every or args.stage == "compare":
+        configs = [OLD_DEFAULT, (1024, "x1", "linear"), chosen]
+        grid = [(s, a, b, lr, dec, sd, T) for (b, lr, dec), s, a, sd in
+                itertools.product(dict.fromkeys(configs), names, ["topk", "isae", "isae-iter"], seeds)]
+        df = run_grid(store, sets, shapes, grid, tmp, "compare")
+        by = ["batch", "lr_spec", "decay"]
+        show(summarise(df, by), f"compare: old default (batch 4096, lr x1), batch 1024 at lr x1, "
+                                f"and the chosen default; every shape, arch and seed {args.seeds}")
+        show(summarise(df, by + ["arch"]), "compare: per arch")
+        show(per_cell(df, by), "compare: truth recovery per shape and arch")
+        show(per_cell(df, by, "fvu_heldout"), "compare: held-out FVU per shape and arch")
+
+    if every or args.stage == "long":
+        b, lr, dec = chosen
         grid = [(s, a, b, lr, dec, 0, t) for s, a, t in
-                itertools.product(names, archs, [T, 10 * T])]
-        run_grid(store, sets, shapes, grid, tmp, "long")
-        df = store.df
-        df = df[df["shape"].isin(names) & df["batch"].eq(b) & df["lr_spec"].eq(lr)
-                & df["decay"].eq(dec) & df["seed"].eq(0) & df["arch"].isin(archs)
-                & df["tokens"].isin([T, 10 * T])]
-        cols = ["shape", "arch", "tokens", "steps", "truth_cos", "fvu_heldout", "trend", "wall_s"]
-        print(f"long: batch {b}, lr {lr}, {dec}: each run at {T} and {10 * T} tokens\n"
-              f"{df[cols].sort_values(['shape', 'arch', 'tokens']).to_string(index=False)}\n")
+                itertools.product(long_names, archs2, [T, 10 * T])]
+        df = run_grid(store, sets, shapes, grid, tmp, "long")
+        cols = ["shape", "arch", "tokens", "steps", "truth_cos", "fvu_heldout", "fvu_trend",
+                "trend_last20", "converged", "wall_s"]
+        show(df[cols].sort_values(["shape", "arch", "tokens"]).set_index(["shape", "arch", "tokens"]),
+             f"long: batch {b}, lr {lr}, {dec}, at {T} and {10 * T} tokens (fvu_trend: the "
+             f"trainer's control, before the final decay; trend_last20: over the last 20 %)")
     print(f"defaults_sweep: {time.perf_counter() - t0:.0f} s; runs in {out / 'runs.parquet'}")
     return 0
 
