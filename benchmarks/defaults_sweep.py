@@ -182,13 +182,15 @@ def show(t: pd.DataFrame, title: str) -> None:
 
 
 def summarise(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """Means over shapes, archs and seeds; the worst (shape, arch) cell's truth recovery,
-    since a default must do well on every shape, not on average."""
+    """Means over shapes, archs and seeds (abs_trend: of |fvu_trend|; converged: the
+    fraction converged); the worst (shape, arch) cell's truth recovery, since a default
+    must do well on every shape, not on average."""
     cell = df.groupby(by + ["shape", "arch"], dropna=False)["truth_cos"].mean()
+    df = df.assign(abs_trend=df["fvu_trend"].abs(), converged=df["converged"].astype(float))
     t = df.groupby(by, dropna=False).agg(
         runs=("truth_cos", "size"), steps=("steps", "mean"), truth_cos=("truth_cos", "mean"),
-        fvu_heldout=("fvu_heldout", "mean"), fvu_trend=("fvu_trend", "mean"),
-        wall_s=("wall_s", "mean"))
+        fvu_heldout=("fvu_heldout", "mean"), abs_trend=("abs_trend", "mean"),
+        converged=("converged", "mean"), wall_s=("wall_s", "mean"))
     t["truth_worst"] = cell.groupby(level=list(range(len(by)))).min()
     return t
 

@@ -158,7 +158,7 @@ class TrainConfig:
     """Optimiser steps between rows of train_log.parquet; None = total steps // LOG_ROWS
     (at least 1), so that every run, short or long, logs about LOG_ROWS rows: enough for
     the convergence control, which smooths the last 20 % of them."""
-    converged_below: float = 0.02
+    converged_below: float = 0.03
     """The convergence control's threshold: a run has converged when its smoothed training
     FVU moved by less than this fraction (relative, either way) over the 20 % of steps
     before the final linear decay (the last 20 % for the other schedules). A run above it
