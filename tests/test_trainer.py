@@ -2,11 +2,13 @@
 resume after SIGKILL, and bad input."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,12 +17,13 @@ import torch
 from libdata import matched_abs_cos, signed_sparse_set
 from safetensors.torch import load_file
 
+from isae.analysis.convergence import fvu_trend
 from isae.cli.main import main
 from isae.data import checkpoints as checkpoint
 from isae.data.activations import ActivationSet
 from isae.models.config import SAEConfig, TrainConfig
 from isae.models.sparse_coder import SparseCoder
-from isae.training.trainer import SAEStepper, lr_multiplier
+from isae.training.trainer import SAEStepper, convergence, lr_multiplier
 
 FAST = ["--k", "3", "--width", "128", "--batch-size", "512", "--lr", "1e-2"]
 CONVERGED_TOKENS = "1000000"  # FAST on this set: recovers the truth (>= 0.95) and has converged
@@ -174,6 +177,36 @@ def test_converged_run_does_not_warn(isae_run):
     assert summary["converged"] is True and cfg["converged"] is True
     assert summary["fvu_trend"] < TrainConfig.converged_below
     assert "has not converged" not in err
+
+
+def _log(fvu_of_step, steps):
+    return pd.DataFrame({"step": np.arange(steps), "fvu": [fvu_of_step(s) for s in range(steps)]})
+
+
+def test_convergence_window_leaves_out_the_final_decay(caplog):
+    # Flat at 0.3 until the decay starts at step 800, then 20 % lower by the end: the decay
+    # alone, on a run that has stopped moving. Over the last 20 % it would read 0.25.
+    tcfg = TrainConfig(tokens=1000 * 64, batch_size=64, decay="linear")
+    log = _log(lambda s: 0.3 if s < 800 else 0.3 * (1 - 0.2 * (s - 800) / 199), 1000)
+    c = convergence(log, tcfg, Path("run"), 1000)
+    assert c["fvu_trend_steps"] == [600, 800]
+    assert c["fvu_trend"] == pytest.approx(0.0, abs=1e-12) and c["converged"] is True
+    assert fvu_trend(log) > 0.2
+    assert "has not converged" not in caplog.text
+    # With a constant rate the window is the last 20 %.
+    const = convergence(log, TrainConfig(tokens=64000, batch_size=64, decay="constant"),
+                        Path("run"), 1000)
+    assert const["fvu_trend_steps"] == [800, 1000] and const["converged"] is False
+
+
+def test_a_rising_fvu_has_not_converged(caplog):
+    # Rises linearly by 10 % over steps 600-800: the trend is negative, its size is not small.
+    tcfg = TrainConfig(tokens=1000 * 64, batch_size=64)
+    log = _log(lambda s: 0.3 * (1 + 0.1 * min(max(s - 600, 0), 200) / 200), 1000)
+    with caplog.at_level(logging.WARNING):
+        c = convergence(log, tcfg, Path("run"), 1000)
+    assert c["fvu_trend"] < -0.05 and c["converged"] is False
+    assert "rose by" in caplog.text and "--tokens" in caplog.text
 
 
 def test_default_log_cadence_gives_enough_rows(data, tmp_path):
