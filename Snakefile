@@ -27,6 +27,7 @@ include: "workflow/rules/ric.smk"
 include: "workflow/rules/fidelity.smk"
 include: "workflow/rules/tables.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/browser.smk"
 
 
 rule all:
@@ -40,4 +41,5 @@ rule all:
         rules.f4_ablation.output,
         rules.f5_fvu_l0.output,
         rules.f6_fidelity.output,
+        BROWSER_PAGES,
         run_artifacts,

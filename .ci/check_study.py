@@ -17,6 +17,14 @@ for t in ("T1", "T2"):
         p = root / "tables" / f"{t}.{ext}"
         if not p.is_file() or p.stat().st_size == 0:
             bad.append(f"{p} missing or empty")
+# The feature browser: one page per arch of the main grid on the language-model set.
+pages = sorted((root / "browser").rglob("*.html"))
+if not pages:
+    bad.append(f"no feature-browser page under {root / 'browser'}")
+for p in pages:
+    text = p.read_text()
+    if text.count('<section class="pair"') < 10 or "<mark>" not in text:
+        bad.append(f"{p}: fewer than 10 pairs or no highlighted token")
 if not bad:
     t1 = pd.read_parquet(root / "tables" / "T1.parquet")
     t2 = pd.read_parquet(root / "tables" / "T2.parquet")
@@ -31,4 +39,4 @@ if not bad:
 if bad:
     print("study artifacts: FAILED\n  " + "\n  ".join(bad))
     sys.exit(1)
-print("study artifacts: all F1-F6 and T1-T2 present")
+print(f"study artifacts: all F1-F6 and T1-T2 present, {len(pages)} browser pages")

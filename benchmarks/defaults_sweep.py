@@ -39,8 +39,6 @@ import math
 import os
 import sys
 import time
-
-os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: it reads this once
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +46,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from isae.analysis.convergence import fvu_trend
+from isae import progress
+from isae.analysis.convergence import fvu_trend, run_convergence
 from isae.analysis.matching import match_dictionaries
 from isae.analysis.reconstruction import reconstruction_metrics
 from isae.data import checkpoints as checkpoint
@@ -118,7 +117,7 @@ def run_one(set_path: Path, shape: Shape, arch: str, batch: int, lr_spec: str, d
     # kept, so that any convergence control can be recomputed later without training again
     (tmp.parent / "logs").mkdir(exist_ok=True)
     train_log.to_parquet(tmp.parent / "logs" / f"{out.name}.parquet", index=False)
-    cfg = checkpoint.read_cfg(out)
+    conv = run_convergence(train_log, tcfg, steps)
     row = {"shape": shape.name, "arch": arch, "batch": batch, "lr_spec": lr_spec, "decay": decay,
            "seed": seed, "tokens": tokens, "lr": lr, "steps": steps,
            "tokens_seen": summary["tokens"], "fvu_heldout": rec["fvu"],
@@ -126,8 +125,8 @@ def run_one(set_path: Path, shape: Shape, arch: str, batch: int, lr_spec: str, d
            "truth_gt_0.9": float((m.abs_cos > 0.9).mean()),
            # the trainer's convergence control, and the plain fall over the last 20 % of steps
            # (which includes what the final linear decay itself takes off the FVU)
-           "fvu_trend": cfg["fvu_trend"] if cfg["fvu_trend"] is not None else math.nan,
-           "converged": cfg["converged"], "trend_last20": fvu_trend(train_log),
+           "fvu_trend": conv["fvu_trend"] if conv["fvu_trend"] is not None else math.nan,
+           "converged": conv["converged"], "trend_last20": fvu_trend(train_log),
            "train_fvu_last": summary["fvu"], "wall_s": wall}
     for f in out.iterdir():
         f.unlink()
@@ -238,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)
+    progress.ENABLED = False  # one line per run instead
     logging.basicConfig(level=logging.ERROR)  # the runs' own convergence warnings are in the table
     if args.quick:
         args.tokens, args.rows = 60_000, 20_000

@@ -70,7 +70,8 @@ def test_saelens_export_reproduces_raw_reconstruction(acts_and_ckpts, arch):
     assert main(["export", str(ck[arch]), "--format", "saelens", "--out", str(out)]) == 0
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["d_in"] == 16 and cfg["d_sae"] == 48 and cfg["apply_b_dec_to_input"] is True
-    assert cfg["isae_signed"] == (arch == "isae")
+    assert cfg["isae"]["signed"] == (arch == "isae")
+    assert cfg["architecture"] == cfg["activation_fn_str"] == ("abstopk" if arch == "isae" else "topk")
     t = {k: v.astype(np.float64) for k, v in load_file(str(out / "sae_weights.safetensors")).items()}
     x = acts.load("heldout")["x"].astype(np.float64)
     x_hat, _ = _ref_forward(x, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], 3, signed=arch == "isae")

@@ -4,19 +4,25 @@ with plain transformers modules and PyTorch forward hooks (no transformer-lens).
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
 from isae.analysis import fidelity as fid
+from isae.cli.main import main
 from isae.data import checkpoints as checkpoint
 from isae.data import language_models as lm
 from isae.data.activations import ActivationSet, Normalizer
 from isae.models.config import SAEConfig
 from isae.models.sparse_coder import SparseCoder
+
+# Also run in CI's second environment (transformer-lens 3.x beside sae-lens).
+pytestmark = pytest.mark.ecosystem
 
 TEXT = (
     "def add(a, b):\n    return a + b\n\n"
@@ -179,7 +185,7 @@ def test_lm_values_match_direct_computation(neox, tiny_neox):
     assert m["tokens"] == sum(b.tokens for b in batches)
 
 
-def test_lm_fidelity_row_with_a_checkpoint(neox, tiny_neox, tmp_path):
+def test_lm_fidelity_row_with_a_checkpoint(neox, tiny_neox, tmp_path, capsys):
     loaded, batches = neox
     hook = "blocks.0.hook_resid_post"
     rows = torch.cat([lm.capture(loaded.bridge, b, hook) for b in batches]).numpy()
@@ -204,6 +210,21 @@ def test_lm_fidelity_row_with_a_checkpoint(neox, tiny_neox, tmp_path):
     m = fid.measure(loaded.bridge, hook, batches, {"x": ckpt.reconstruct_raw}, "lm")
     assert row["ce_spliced"] == pytest.approx(m["ce_x"], rel=1e-9)
     assert row["ce_clean"] == pytest.approx(m["ce_clean"], rel=1e-12)
+
+    # The same row through the command line: its table, and its JSON line (NaN as null).
+    argv = ["fidelity", str(ck), "--model", str(tiny_neox), "--hook", hook, "--text",
+            str(tiny_neox / "text.txt"), "--context", "16", "--batch-size", "8", "--split", "all",
+            "--max-tokens", str(10**6), "--out", str(tmp_path / "f.parquet")]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    table = pd.read_parquet(tmp_path / "f.parquet")
+    assert len(table) == 1 and out["sim_spliced"] is None
+    for key in ("ce_clean", "ce_spliced", "frac_recovered_zero", "l0", "tokens"):
+        assert table[key].iloc[0] == pytest.approx(row[key], rel=1e-9) == out[key]
+    assert main(argv[:-2] + ["--batch-size", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "isae fidelity: error: batch_size and max_tokens must be positive"
+    assert not any("Traceback" in line for line in err)
 
 
 # ----------------------------------------------------------------------------- encoder

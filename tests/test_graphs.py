@@ -1,9 +1,5 @@
-"""What the CUDA-graph machinery decides on the host (cuda_cuda_graphs.py); the recordings themselves
-are checked against eager steps in tests/test_fast_gpu.py."""
-
-import os
-import subprocess
-import sys
+"""What the CUDA-graph machinery decides on the host (isae.gpu.cuda_graphs); the recordings
+themselves are checked against eager steps in tests/test_fast_gpu.py."""
 
 from isae.gpu.cuda_graphs import aux_bucket
 
@@ -20,12 +16,22 @@ def test_aux_widths_cover_the_dead_with_little_padding_and_few_graphs():
     assert aux_bucket(1229, 24576) == 1536 and aux_bucket(24576, 24576) == 24576
 
 
-def test_environment_switches_graphs_off():
-    code = "from isae.gpu import cuda_graphs; print(cuda_graphs.ENABLED)"
-    for value, want in (("0", "False"), ("1", "True")):
-        env = {**os.environ, "ISAE_CUDA_GRAPHS": value}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-        assert out.stdout.strip() == want, out.stderr
+def test_environment_switches_graphs_off(monkeypatch):
+    """Graph replay is an option of the fast op set, read from ISAE_CUDA_GRAPHS when the op
+    set is chosen; the reference never replays."""
+    import pytest
+
+    from isae.errors import UserError
+    from isae.models.compute import select_ops
+
+    monkeypatch.delenv("ISAE_REFERENCE_OPS", raising=False)
+    for value, want in (("0", False), ("1", True), ("", True)):
+        monkeypatch.setenv("ISAE_CUDA_GRAPHS", value)
+        assert select_ops("cuda").cuda_graphs is want
+        assert select_ops("cpu").cuda_graphs is False
+    monkeypatch.setenv("ISAE_CUDA_GRAPHS", "off")
+    with pytest.raises(UserError, match="ISAE_CUDA_GRAPHS must be 0 or 1"):
+        select_ops("cuda")
 
 
 def test_a_failed_recording_stops_with_one_line_and_leaves_the_collector_on(monkeypatch):

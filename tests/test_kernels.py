@@ -1,5 +1,6 @@
-"""The Triton kernels of kernels.py against stock torch, run by Triton's interpreter on the
-CPU (a subprocess, since TRITON_INTERPRET must be set before Triton compiles anything).
+"""The Triton kernels of kernels.py against stock torch, and both op sets against float64
+with the kernels in place, run by Triton's interpreter on the CPU (a subprocess, since
+TRITON_INTERPRET must be set before Triton compiles anything).
 
 Skipped where Triton is not installed (it comes with the ``dev`` extra); on a GPU the same
 kernels are compiled and checked by tests/test_fast_gpu.py.
@@ -118,12 +119,26 @@ CHECKS = textwrap.dedent('''
     assert (W.double() - Wn).abs().max() < 1e-6
     # within one bfloat16 step (the interpreter truncates; the GPU test checks rounding)
     assert ((low.float() - W).abs() <= W.abs() * 2.0**-7).all()
+
+    # Whole models: here the fast op set runs the interpreted kernels (few rows: it is slow).
+    from opsets import OP_SETS, check_against_float64
+    from isae.models.config import SAEConfig
+    from isae.models.sparse_coder import SparseCoder
+
+    torch.manual_seed(0)
+    x, dead = torch.randn(48, 16), torch.rand(130) < 0.3
+    for name, ops in OP_SETS.items():
+        for arch in ("topk", "isae-iter"):
+            cfg = SAEConfig.from_arch(arch, d_in=16, d_sae=130, k=4, seed=1)
+            check_against_float64(SparseCoder(cfg, ops=ops()), name, x, dead)
     print("kernels ok")
 ''')
 
 
 def test_triton_kernels_in_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    tests = os.path.dirname(os.path.abspath(__file__))  # for the opsets helper
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)}
     r = subprocess.run([sys.executable, "-c", CHECKS], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

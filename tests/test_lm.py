@@ -19,6 +19,10 @@ from isae.data import language_models as lm
 from isae.data.activations import ActivationSet, heldout_mask
 from isae.errors import UserError
 
+# Also run in CI's second environment (transformer-lens 3.x beside sae-lens): extraction must
+# give the same activations under both majors.
+pytestmark = pytest.mark.ecosystem
+
 HOOK = "blocks.3.hook_resid_post"
 CONTEXT = 32
 # Short pydoc topics (a few dozen tokens each) and one text that spells special tokens.
@@ -300,3 +304,36 @@ def test_chunks_frames_and_max_tokens():
 def test_framing_of_the_minilm_tokenizer(tokenizer):
     fr = lm.framing(tokenizer)
     assert (fr.prefix, fr.suffix, fr.pad_id) == ((101,), (102,), 0)
+
+
+# ----------------------------------------------------------------------------- hook names
+
+
+class _Bridge:
+    """Only what resolve_hook / check_hook read: the hook names."""
+
+    def __init__(self, *names: str) -> None:
+        self.hook_dict = dict.fromkeys(names)
+
+
+def test_residual_hook_names_map_both_ways():
+    b = _Bridge("blocks.0.hook_out", "blocks.1.hook_resid_post", "blocks.1.hook_out")
+    assert lm.resolve_hook(b, "blocks.0.hook_resid_post") == "blocks.0.hook_out"
+    assert lm.check_hook(b, "blocks.0.hook_resid_post") == "blocks.0.hook_out"
+    assert lm.resolve_hook(b, "blocks.1.hook_resid_post") == "blocks.1.hook_resid_post"
+    assert lm.check_hook(b, "blocks.1.hook_out") == "blocks.1.hook_out"
+    with pytest.raises(UserError, match="no hook 'blocks.2.hook_resid_post'"):
+        lm.check_hook(b, "blocks.2.hook_resid_post")
+
+
+def test_hook_out_is_the_residual_stream(tokenizer):
+    """The mapping is sound on the installed transformer-lens: both names fire the same tensor."""
+    loaded = lm.boot("all-MiniLM-L6-v2")
+    fr = lm.framing(loaded.tokenizer)
+    docs = [("a", "The residual stream of block three."), ("b", "Another short text, longer.")]
+    chunks = list(lm.chunk_documents(lm.tokenize_documents(loaded.tokenizer, docs), CONTEXT - 2))
+    batch = next(lm.batches(chunks, fr, CONTEXT, 4))
+    a = lm.capture(loaded.bridge, batch, "blocks.3.hook_resid_post")
+    b = lm.capture(loaded.bridge, batch, "blocks.3.hook_out")
+    assert a.shape == (batch.tokens, 384) and torch.equal(a, b)
+    assert lm.model_kind(loaded.bridge) == "encoder"

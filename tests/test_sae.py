@@ -110,7 +110,18 @@ def test_omp_recovers_exact_sparse_combination():
      ("topk+iter", "encoder_steps", 3), ("isae-iter", "encoder_steps", 3), ("isae-nobias", "bias", "learned")],
 )
 def test_arch_names_set_one_switch(arch, field, value):
-    assert parse_arch(arch)[field] == value
+    assert parse_arch(arch).fields[field] == value
+
+
+@pytest.mark.parametrize(
+    "name,preset,changes",
+    [("topk", "topk", ""), ("isae-iter", "isae-iter", ""), ("isae-iter-tied", "isae-iter", "-tied"),
+     ("isae-tied", "isae", "-tied"), ("topk+signed+iter", "topk", "+signed+iter")],
+)
+def test_arch_names_split_into_preset_and_changes(name, preset, changes):
+    """The longest preset wins: isae-iter is a preset, not isae without iter."""
+    arch = parse_arch(name)
+    assert (arch.name, arch.preset, arch.changes) == (name, preset, changes)
 
 
 @pytest.mark.parametrize("bad", ["topkk", "topk+sined", "isae+", "relu+signed", "topk signed"])

@@ -153,3 +153,12 @@ def test_paper_dry_run_needs_no_weights(workdir):
     assert "EleutherAI/pythia-160m" in proc.stdout
     assert "minilm" not in proc.stdout
     assert counts["fidelity"] > 0 and counts["train"] > 100
+
+
+def test_synthetic_k_not_below_atoms_fails_at_plan_time(workdir):
+    # Each row draws k distinct atoms: k >= atoms would fail only inside the extract job.
+    proc, *_ = snakemake(workdir, "--config", "datasets={synthetic: {extract: {k: 256}}}")
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "datasets.synthetic.extract: k=256 must be smaller than atoms=256" in out
+    assert "Building DAG" not in out

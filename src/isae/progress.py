@@ -6,6 +6,10 @@ import sys
 
 from tqdm import tqdm
 
+#: False under ``isae -q``: quiet means warnings and errors only, so that a failure is the
+#: one line on stderr.
+ENABLED = True
+
 
 def progress(total: int | None = None, desc: str = "", unit: str = "it", **kw) -> tqdm:
     """A progress bar on stderr; in logs (not a terminal) it updates every 10 s."""
@@ -18,5 +22,6 @@ def progress(total: int | None = None, desc: str = "", unit: str = "it", **kw) -
         file=sys.stderr,
         mininterval=0.5 if tty else 10.0,
         dynamic_ncols=tty,
+        disable=not ENABLED,
         **kw,
     )

@@ -25,6 +25,8 @@ from snakemake.utils import validate
 
 from isae.models.config import parse_arch
 from isae.errors import UserError
+
+
 def _retype(value):
     """A --config string such as "5", "0.1", "true" or "null" -> its YAML value."""
     if isinstance(value, str):
@@ -114,6 +116,13 @@ def _check_config() -> None:
                     raise WorkflowError(
                         f"config: datasets.{name}: k={k} must be smaller than width={w}"
                     )
+        if ds["source"] == "synthetic":
+            ex = ds["extract"]
+            if ex["k"] >= ex["atoms"]:
+                raise WorkflowError(
+                    f"config: datasets.{name}.extract: k={ex['k']} must be smaller than "
+                    f"atoms={ex['atoms']} (each row draws k distinct atoms)"
+                )
         if ds["fidelity"] and ds["source"] != "lm":
             raise WorkflowError(
                 f"config: datasets.{name}.fidelity is for language models (source lm) only"
@@ -221,6 +230,16 @@ def match_flags(wildcards) -> str:
 
 def ric_flags(wildcards) -> str:
     return cli_flags({"pairs": config["ric"]["pairs"], "device": config["device"]})
+
+
+def fidelity_flags(wildcards) -> str:
+    return cli_flags(
+        {
+            "max_tokens": config["fidelity"]["max_tokens"],
+            "batch_size": config["fidelity"]["batch_size"],
+            "device": config["device"],
+        }
+    )
 
 
 def run_keys(runs) -> list:

@@ -16,8 +16,9 @@ rule fidelity:
         runtime=res("fidelity", "runtime"),
         gpu=gpu_count(),
     params:
-        max_tokens=config["fidelity"]["max_tokens"],
-        batch_size=config["fidelity"]["batch_size"],
-        device=config["device"],
-    script:
-        "../../scripts/fidelity.py"
+        flags=fidelity_flags,
+    shell:
+        # Model, hook, text, context and the held-out split come from the activation set's
+        # meta.json, so the splice uses exactly the setting the SAE was trained on.
+        "isae fidelity {input.ckpt} --activations {input.acts} {params.flags}"
+        " --out {output.table} > {log} 2>&1"

@@ -1,6 +1,6 @@
 """Code consistency between two sparse coders (or a coder and the true codes) on the same rows.
 
-DESIGN.md, "Metrics": after mapping B's latents onto A's by the matching and its signs,
+After mapping B's latents onto A's by the matching and its signs:
 the mean per-latent Pearson correlation of the codes, the support agreement (Jaccard of the
 mapped supports) and the relative code distance ||z_A - P S z_B|| / ||z_A||.
 
@@ -120,7 +120,7 @@ def code_consistency(
     codes_b: tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray],
     matching: Matching,
 ) -> Consistency:
-    """Consistency of A's codes and B's codes mapped onto A by ``matching`` (DESIGN.md).
+    """Consistency of A's codes and B's codes mapped onto A by ``matching``.
 
     codes_a: (val [R, K_a], idx [R, K_a]) on the same R rows as codes_b (val [R, K_b],
     idx [R, K_b]); an ``isae.models.sparse_coder.Codes`` works as is. Latent indices must be < N_a, N_b.

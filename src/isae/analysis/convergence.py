@@ -11,6 +11,9 @@ architecture. Three controls, each a pure function:
 * ``is_converged``: that change below a threshold (the study's config sets it).
 * ``init_abs_cos``: each atom's |cos| with its own initial atom; near 1 means the atom has
   barely moved from where the seed put it.
+
+``run_convergence`` is the control ``isae train`` states at the end of each run: the trend
+over the 20 % of steps before the final learning-rate decay, whose size must be small.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import math
 
 import numpy as np
 import pandas as pd
+
+from isae.models.config import TrainConfig
 
 
 def smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -77,3 +82,37 @@ def init_abs_cos(W: np.ndarray, W_init: np.ndarray) -> np.ndarray:
     num = np.abs((W * W0).sum(1))
     den = np.linalg.norm(W, axis=1) * np.linalg.norm(W0, axis=1)
     return num / np.maximum(den, 1e-300)
+
+
+#: Fraction of a run's steps over which ``run_convergence`` measures the FVU's change.
+CONVERGENCE_TAIL = 0.2
+
+
+def convergence_window(total_steps: int, tcfg: TrainConfig) -> tuple[int, int]:
+    """[start, end) steps over which ``run_convergence`` measures: the last
+    CONVERGENCE_TAIL of the steps before the final linear decay begins, or of all steps for
+    the other schedules. The decay lowers the FVU by itself, converged or not: over the last
+    20 % of steps, runs trained 10x longer than needed still fell by 1.6-6.5 %
+    (benchmarks/RESULTS.md, the defaults sweep)."""
+    end = tcfg.decay_start(total_steps) if tcfg.decay == "linear" else total_steps
+    return max(end - round(CONVERGENCE_TAIL * total_steps), 0), end
+
+
+def run_convergence(log: pd.DataFrame, tcfg: TrainConfig, total_steps: int) -> dict:
+    """The convergence control of one finished training run, from its own log:
+    ``fvu_trend`` (``fvu_trend`` over ``convergence_window``, positive while the FVU falls;
+    None when the log is too short to say), ``fvu_trend_steps`` (the window), ``converged``
+    (|trend| under ``tcfg.converged_below``: an FVU that rises at a constant learning rate
+    has not settled either) and ``converged_below``.
+
+    (log: a train_log table with columns ``step`` and ``fvu``; smoothed within the window's
+    part of the log only, so no row of the decay leaks into it.)
+    """
+    start, end = convergence_window(total_steps, tcfg)
+    part = log[log["step"] < end]
+    span = float(part["step"].max() - part["step"].min()) if len(part) else 0.0
+    trend = fvu_trend(part, tail=min((end - start) / span, 1.0)) if span > 0 else math.nan
+    return {"fvu_trend": trend if math.isfinite(trend) else None,
+            "fvu_trend_steps": [start, end],
+            "converged": is_converged(abs(trend), tcfg.converged_below),
+            "converged_below": tcfg.converged_below}

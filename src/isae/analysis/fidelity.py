@@ -101,13 +101,18 @@ class _Stop(Exception):
     (MiniLM's is random) need not run."""
 
 
-def _splice_hook(content: torch.Tensor, replace: Replace):
+def splice_hook(replace: Replace, content: torch.Tensor | None = None):
+    """A transformer-lens forward hook that replaces the activation rows at the positions
+    ``content`` ([B, T] bool; None: every position) by ``replace(rows)``. Per-head hooks
+    ([B, T, H, d_head]) are replaced as flattened rows."""
     def fn(act: torch.Tensor, hook) -> torch.Tensor:
-        B, T = content.shape
+        B, T = act.shape[:2]
+        mask = content if content is not None else torch.ones(B, T, dtype=torch.bool)
+        mask = mask.to(act.device)
         flat = act.reshape(B, T, -1)
-        rows = flat[content]
+        rows = flat[mask]
         new = flat.clone()
-        new[content] = replace(rows).to(dtype=act.dtype, device=act.device).reshape(rows.shape)
+        new[mask] = replace(rows).to(dtype=act.dtype, device=act.device).reshape(rows.shape)
         return new.reshape(act.shape)
 
     return fn
@@ -120,7 +125,7 @@ def run_variant(loaded_bridge, hook: str, batch: lm.Batch, kind: str, replace: R
     Returns logits [B, T, V] for an LM, final-block states [B, T, D] for an encoder.
     """
     bridge = loaded_bridge
-    hooks = [] if replace is None else [(hook, _splice_hook(batch.content, replace))]
+    hooks = [] if replace is None else [(hook, splice_hook(replace, batch.content))]
     if kind == "lm":
         return bridge.run_with_hooks(
             batch.input_ids, attention_mask=batch.attention_mask, fwd_hooks=hooks
@@ -252,7 +257,7 @@ def fidelity(
     mean_vec = np.asarray(meta["mean"], np.float32) if "mean" in meta else ckpt.norm.mean
     source = lm.open_text(text)
     loaded = lm.boot(model, device=device)
-    lm.check_hook(loaded.bridge, hook, model=f"model {model!r}")
+    native = lm.check_hook(loaded.bridge, hook, model=f"model {model!r}")
     fr = lm.framing(loaded.tokenizer)
     content_len = lm.check_context(context, fr, loaded.n_ctx)
 
@@ -285,7 +290,7 @@ def fidelity(
         "mean": lambda rows: mean_t.to(rows.dtype).expand_as(rows),
     }
     kind = loaded.kind
-    metrics = measure(loaded.bridge, hook, batches, reps, kind)
+    metrics = measure(loaded.bridge, native, batches, reps, kind)
     nan = float("nan")
     row = {
         "ckpt": str(Path(checkpoint)),

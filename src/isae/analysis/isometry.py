@@ -1,4 +1,4 @@
-"""Restricted isometry on observed supports (DESIGN.md, "Metrics").
+"""Restricted isometry on observed supports.
 
 For sampled pairs of held-out rows i, j with encoder supports S_i, S_j, U = S_i ∪ S_j and
 D_U the unit-norm decoder rows in U (a |U| x d matrix):
@@ -15,20 +15,35 @@ Marchenko–Pastur, δ ≈ max((1+√(s/d))² − 1, 1 − (1−√(s/d))²) = 2
 The largest δ sampled at |U| = 2k is reported as what it is: a lower bound on the restricted
 isometry constant δ_2k, a maximum over all C(N, 2k) supports (NP-hard to compute exactly).
 
-Pure functions; no I/O. ``delta_of_supports`` is the kernel another engineer can accelerate
-(GPU issue): same signature, same float64 answer.
+Pure functions on arrays (``delta_of_supports`` is the kernel: float64 eigenvalues on the
+CPU, repeated squaring in float32 on a GPU), and one entrance that reads:
+``ric_of_checkpoint``, the study of a checkpoint on an activation set's held-out rows.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
+from isae.analysis.truth import (
+    TRUE_CODE_COLUMNS,
+    check_activations,
+    has_true_codes,
+    is_truth,
+    true_codes_columns,
+)
+from isae.data.activations import ActivationSet
+from isae.data.checkpoints import Checkpoint, load, load_decoder
 from isae.errors import UserError
+from isae.models.config import MAX_SEED, check_int
+
+log = logging.getLogger(__name__)
 
 THRESHOLDS = {"1/3": 1.0 / 3.0, "sqrt2-1": math.sqrt(2.0) - 1.0}
 
@@ -46,7 +61,7 @@ def delta_of_supports(
 ) -> torch.Tensor:
     """δ_U for a batch of supports, in float64 on the CPU (on CUDA: float32, delta_by_squaring).
 
-    (W_dec: [N, D]) rows are normalised here (DESIGN: unit decoder rows);
+    (W_dec: [N, D]) rows are normalised here (the decoder's rows are unit vectors);
     (supports: [P, S_max] int) row p lists its atoms in the first ``sizes[p]`` entries, the
     rest is padding and never read; (sizes: [P] int). -> [P] float64 δ (0 for |U| ≤ 1 by
     construction: a single unit row is an isometry; 0 for an empty support).
@@ -264,6 +279,7 @@ def ric_report(
     -> (per-pair table: pair, kind observed | random_support | gaussian | truth, size, delta,
     mp = Marchenko–Pastur at that size; one-row summary dict).
     """
+    seed = check_int("--seed", seed, 0, MAX_SEED)
     W = torch.as_tensor(W_dec).detach().cpu()
     N, D = W.shape
     supports = np.asarray(supports, np.int64)
@@ -316,4 +332,71 @@ def ric_report(
         summary["n_pairs_size_2k"] = int(at.sum())
         # Not δ_2k itself: the max over the supports we happened to sample.
         summary["delta_2k_lower_bound"] = float(obs[at].max()) if at.any() else float("nan")
+    return table, summary
+
+
+# ----------------------------------------------------------------------------- a checkpoint
+
+
+def ric_of_checkpoint(
+    ckpt: Checkpoint | str | os.PathLike,
+    activations: ActivationSet | str | os.PathLike,
+    pairs: int = 10000,
+    seed: int = 0,
+    max_rows: int = 50000,
+    device: str = "cpu",
+) -> tuple[pd.DataFrame, dict]:
+    """ric_report of a checkpoint's dictionary on the supports of its own codes on the first
+    ``max_rows`` held-out rows of ``activations`` (a synthetic set's truth: its true codes).
+
+    When the set has a truth and the checkpoint is a model, the true dictionary on its own
+    true supports of the same sampled pairs is one more calibration (kind ``truth``).
+    -> (per-pair table, one-row summary).
+    """
+    check_int("--seed", seed, 0, MAX_SEED)  # before the (long) encoding
+    ckpt = ckpt if isinstance(ckpt, Checkpoint) else load(ckpt, device=device)
+    acts = activations if isinstance(activations, ActivationSet) else ActivationSet(activations)
+    check_activations(acts, ckpt)
+    if max_rows < 2:
+        raise UserError("--max-rows must be at least 2")
+    truth_here = not is_truth(ckpt) and has_true_codes(acts)
+    cols = true_codes_columns(acts, ckpt) if is_truth(ckpt) else (list(TRUE_CODE_COLUMNS) if truth_here else [])
+
+    # Count the rows before encoding anything, so an impossible number of pairs fails at once.
+    rows = min(max_rows, acts.meta.get("heldout_rows", max_rows))
+    if "heldout_rows" in acts.meta and pairs > n_possible_pairs(rows):
+        raise UserError(
+            f"--pairs {pairs} is more than the {n_possible_pairs(rows)} distinct pairs of "
+            f"the {rows} held-out rows of {acts.path}"
+        )
+    data = acts.load("heldout", columns=cols, max_rows=max_rows)
+    x = data["x"]
+    if is_truth(ckpt):
+        S = row_supports(data["z_val"], data["z_idx"], ckpt.d_sae)
+        source = "true codes"
+    else:
+        log.info("encoding %d held-out rows", len(x))
+        c = ckpt.encode_raw(x)
+        S = row_supports(c.val, c.idx, ckpt.d_sae)
+        source = "encoder"
+    truth = None
+    if truth_here:
+        W_t = load_decoder(acts.path / "truth")
+        truth = (W_t, row_supports(data["z_val"], data["z_idx"], W_t.shape[0]))
+
+    table, summary = ric_report(ckpt.W_dec, S, pairs, seed, k=ckpt.cfg.get("k"), truth=truth,
+                                device=device)
+    summary = {
+        "ckpt": str(ckpt.path),
+        "arch": ckpt.cfg.get("arch"),
+        "width": ckpt.d_sae,
+        "ckpt_seed": ckpt.cfg.get("seed"),
+        "support_source": source,
+        **summary,
+    }
+    log.info(
+        "δ_U median %.3f (random supports %.3f, Gaussian %.3f, MP %.3f)",
+        summary["observed_q50"], summary["random_support_q50"], summary["gaussian_q50"],
+        summary["mp_q50"],
+    )
     return table, summary

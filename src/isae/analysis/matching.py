@@ -1,6 +1,6 @@
 """Dictionary matching: which atom of one dictionary is which atom of another.
 
-DESIGN.md, "Metrics": the |cosine| matrix of decoder rows, a Hungarian assignment on it (a
+The |cosine| matrix of decoder rows, a Hungarian assignment on it (a
 signed permutation: the sign of each matched pair's cosine), mean matched |cos|, the fraction
 of matched pairs above 0.9 and 0.7, and MMCS (mean over the rows of one dictionary of the
 best |cos| in the other, no bijection) in both directions.
@@ -52,7 +52,7 @@ class Matching:
         return len(self.best_ba)
 
     def summary(self) -> dict:
-        """The stability numbers of DESIGN.md (fractions are over the matched pairs)."""
+        """The stability numbers (fractions are over the matched pairs)."""
         c = self.abs_cos
         return {
             "n_a": self.n_a,
@@ -120,6 +120,8 @@ def abs_cos_cost(
 
     (W_a: [N_a, D], W_b: [N_b, D]) -> (cost [N_a, N_b] = -|cos|, best_ab [N_a], best_ba [N_b]).
     """
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise UserError(f"--block must be a positive integer, not {block!r}")
     A = _unit_rows(torch.as_tensor(W_a).detach().to(device=device, dtype=torch.float32))
     B = _unit_rows(torch.as_tensor(W_b).detach().to(device=device, dtype=torch.float32))
     if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[1]:
@@ -146,7 +148,7 @@ def match_dictionaries(
     device: str | torch.device = "cpu",
     block: int = 4096,
 ) -> Matching:
-    """Hungarian matching of decoder rows by |cos| (DESIGN.md "Metrics").
+    """Hungarian matching of decoder rows by |cos|.
 
     (W_a: [N_a, D], W_b: [N_b, D]) -> Matching. Rows need not be unit norm (cosines are
     taken); the matched |cos| and signs are recomputed in float64 from the rows.
@@ -175,7 +177,7 @@ def chance_mean_abs_cos(n_a: int, n_b: int, d: int, seed: int = 0, device: str |
     """Mean matched |cos| of two independent random Gaussian dictionaries of these shapes.
 
     The floor a stability number has to clear before it says anything: two unrelated
-    dictionaries of 1536 atoms in d = 384 already match at about 0.17 (DESIGN.md).
+    dictionaries of 1536 atoms in d = 384 already match at about 0.17.
     """
     g = torch.Generator().manual_seed(seed)
     A = torch.randn(n_a, d, generator=g)

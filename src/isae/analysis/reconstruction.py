@@ -1,4 +1,4 @@
-"""Held-out reconstruction metrics (DESIGN.md "Metrics", first bullet).
+"""Held-out reconstruction metrics.
 
 All in the checkpoint's normalised space: MSE per dimension, FVU (against the held-out
 mean), mean L0, and the fraction of latents never active on the held-out rows.
@@ -11,11 +11,14 @@ import torch
 from isae.data.activations import ActivationSet
 from isae.data.checkpoints import Checkpoint
 from isae.errors import UserError
+from isae.progress import progress
 
 
 @torch.no_grad()
 def reconstruction_metrics(ckpt: Checkpoint, acts: ActivationSet, batch_size: int = 4096) -> dict:
     """-> dict(rows, mse_per_dim, fvu, l0, dead_frac), streamed over held-out shards."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"--batch-size must be a positive integer, not {batch_size!r}")
     if acts.d != ckpt.d_in:
         raise UserError(f"activation set has d={acts.d}, checkpoint {ckpt.path} has d_in={ckpt.d_in}")
     model = ckpt.model
@@ -26,19 +29,21 @@ def reconstruction_metrics(ckpt: Checkpoint, acts: ActivationSet, batch_size: in
     s2 = 0.0
     nnz = 0
     fired = torch.zeros(ckpt.d_sae, dtype=torch.bool, device=dev)
-    for part in acts.iter_shards("heldout"):
-        for i in range(0, len(part["x"]), batch_size):
-            x = ckpt.normalize(torch.from_numpy(part["x"][i : i + batch_size]).to(dev))
-            codes = model.encode(x)
-            x_hat = model.decode(codes)
-            sse += float((x - x_hat).double().pow(2).sum())
-            xd = x.double()
-            s1 += xd.sum(0)
-            s2 += float(xd.pow(2).sum())
-            active = codes.val != 0
-            nnz += int(active.sum())
-            fired[codes.idx[active]] = True
-            n += x.shape[0]
+    with progress(acts.meta.get("heldout_rows"), desc="eval held-out rows", unit="row") as bar:
+        for part in acts.iter_shards("heldout"):
+            for i in range(0, len(part["x"]), batch_size):
+                x = ckpt.normalize(torch.from_numpy(part["x"][i : i + batch_size]).to(dev))
+                codes = model.encode(x)
+                x_hat = model.decode(codes)
+                sse += float((x - x_hat).double().pow(2).sum())
+                xd = x.double()
+                s1 += xd.sum(0)
+                s2 += float(xd.pow(2).sum())
+                active = codes.val != 0
+                nnz += int(active.sum())
+                fired[codes.idx[active]] = True
+                n += x.shape[0]
+            bar.update(len(part["x"]))
     if n == 0:
         raise UserError(f"activation set {acts.path} has no held-out rows")
     total_var = s2 - float(s1 @ s1) / n
@@ -49,6 +54,66 @@ def reconstruction_metrics(ckpt: Checkpoint, acts: ActivationSet, batch_size: in
         "l0": nnz / n,
         # counted, not averaged in float32: a fraction like 1/48 must be exact
         "dead_frac": 1.0 - int(fired.sum()) / fired.numel(),
+    }
+
+
+def same_supports(a, b, n_atoms: int) -> torch.Tensor:
+    """(Codes [B, K_a], Codes [B, K_b]) -> [B] bool: the rows whose nonzero latents are the
+    same set in both."""
+    def sorted_support(c) -> torch.Tensor:
+        return torch.where(c.val != 0, c.idx, n_atoms).sort(-1).values
+
+    sa, sb = sorted_support(a), sorted_support(b)
+    width = max(sa.shape[1], sb.shape[1])
+    sa = torch.nn.functional.pad(sa, (0, width - sa.shape[1]), value=n_atoms)
+    sb = torch.nn.functional.pad(sb, (0, width - sb.shape[1]), value=n_atoms)
+    return (sa == sb).all(-1)
+
+
+@torch.no_grad()
+def compare_with(ckpt: Checkpoint, other, acts: ActivationSet, max_rows: int | None = None,
+                 batch_size: int = 4096) -> dict:
+    """The checkpoint against another coder on raw activations (e.g. what a library computes
+    from its export, ``isae.data.export.target_coder``), on held-out rows.
+
+    ``other``: anything with ``encode(x) -> Codes`` and ``decode(Codes) -> x_hat`` on raw
+    rows. -> dict(rows, fvu, fvu_other, same_support: fraction of rows whose active latents
+    are the same set in both).
+    """
+    if acts.d != ckpt.d_in:
+        raise UserError(f"activation set has d={acts.d}, checkpoint {ckpt.path} has d_in={ckpt.d_in}")
+    dev = ckpt.model.device
+    other = other.to(dev)
+    n, sse, sse_o, same = 0, 0.0, 0.0, 0
+    s1 = torch.zeros(acts.d, dtype=torch.float64, device=dev)
+    s2 = 0.0
+    for part in acts.iter_shards("heldout"):
+        if max_rows is not None and n >= max_rows:
+            break
+        for i in range(0, len(part["x"]), batch_size):
+            x = torch.from_numpy(part["x"][i : i + batch_size]).to(dev, torch.float32)
+            if max_rows is not None:
+                x = x[: max_rows - n]
+            if not len(x):
+                break
+            c = ckpt.encode_raw(x)
+            c_o = other.encode(x)
+            sse += float((x - ckpt.reconstruct_raw(x)).double().pow(2).sum())
+            sse_o += float((x - other.decode(c_o)).double().pow(2).sum())
+            same += int(same_supports(c, c_o, ckpt.d_sae).sum())
+            xd = x.double()
+            s1 += xd.sum(0)
+            s2 += float(xd.pow(2).sum())
+            n += x.shape[0]
+    if n == 0:
+        raise UserError(f"activation set {acts.path} has no held-out rows")
+    total_var = s2 - float(s1 @ s1) / n
+    nan = float("nan")
+    return {
+        "rows": n,
+        "fvu": sse / total_var if total_var > 0 else nan,
+        "fvu_other": sse_o / total_var if total_var > 0 else nan,
+        "same_support": same / n,
     }
 
 

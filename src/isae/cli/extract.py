@@ -1,4 +1,4 @@
-"""``isae extract synthetic|lm|vision``: write an activation set (see isae.data.activations)."""
+"""``isae extract synthetic|lm|vision|array``: write an activation set (see isae.data.activations)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import argparse
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output activation-set folder")
+    p.add_argument("--out", required=True, help="output activation-set folder (an existing "
+                   "activation set is replaced; anything else needs --force)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out even if it is not an activation set")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of the split")
     p.add_argument("--heldout-fraction", type=float, default=0.1,
                    help="fraction of documents / images / rows held out for evaluation")
@@ -36,11 +39,11 @@ def add_parser(sub) -> None:
     lm = src.add_parser("lm", help="residual-stream (or any hook) activations of a language model")
     lm.add_argument("--model", required=True, help="all-MiniLM-L6-v2, a local path, or a HF name")
     lm.add_argument("--hook", required=True, help="e.g. blocks.3.hook_resid_post")
-    lm.add_argument("--text", default="pydoc", help="pydoc | a text file or folder | a HF dataset name")
+    lm.add_argument("--text", default="pydoc", help="pydoc | stdlib | a text file or folder | a HF dataset name")
     lm.add_argument("--context", type=int, default=128, help="tokens per context")
     lm.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
     lm.add_argument("--batch-size", type=int, default=32, help="contexts per forward pass")
-    lm.add_argument("--device", default="cpu")
+    lm.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     _common(lm)
     lm.set_defaults(func=_run_lm)
 
@@ -50,9 +53,28 @@ def add_parser(sub) -> None:
     v.add_argument("--layer", type=int, default=-1, help="hidden-state index (-1 = last layer)")
     v.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     v.add_argument("--max-images", type=int, default=None, help="stop after this many images")
-    v.add_argument("--device", default="cpu")
+    v.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     _common(v)
     v.set_defaults(func=_run_vision)
+
+    a = src.add_parser(
+        "array", help="your own activations: a .npy, a .safetensors tensor or a Parquet column",
+        description="Make an activation set (held-out split, normalisation constants) from "
+        "activations computed elsewhere, streamed in chunks of rows.",
+    )
+    a.add_argument("--input", required=True, help="FILE.npy | FILE.safetensors | FILE.parquet")
+    a.add_argument("--column", default=None,
+                   help="Parquet: the list<float> column of activations (default: x, or the only one)")
+    a.add_argument("--tensor", default=None,
+                   help="safetensors: the [rows, d] tensor (default: the file's only tensor)")
+    a.add_argument("--group-column", default=None,
+                   help="Parquet: hold out by the values of this column (e.g. doc), not by row blocks")
+    a.add_argument("--block-rows", type=int, default=128,
+                   help="without --group-column: consecutive rows held out together")
+    a.add_argument("--chunk-rows", type=int, default=None,
+                   help="rows read at a time (default: about 64 MB of input)")
+    _common(a)
+    a.set_defaults(func=_run_array)
 
 
 def _kwargs(args: argparse.Namespace) -> dict:
@@ -76,3 +98,9 @@ def _run_vision(args: argparse.Namespace) -> dict:
     from isae.data.sources import vision
 
     return vision.extract(**_kwargs(args))
+
+
+def _run_array(args: argparse.Namespace) -> dict:
+    from isae.data.sources import array
+
+    return array.extract(**_kwargs(args))

@@ -1,22 +1,13 @@
 """``isae ric CKPT --activations DIR``: restricted isometry of a dictionary on its observed
-supports, with its calibrations (see isae.analysis.isometry).
+supports, with its calibrations, by isae.analysis.isometry.ric_of_checkpoint.
 
 The supports are the checkpoint's own encoder supports on held-out rows; for a synthetic
-set's ``truth/`` checkpoint they are the true supports (``z_idx``). When the set has a truth
-and CKPT is a model, the true dictionary on its own true supports of the same sampled pairs
-is reported as one more calibration (kind ``truth``).
+set's ``truth/`` checkpoint they are the true supports (``z_idx``).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-
-import pandas as pd
-
-from isae.cli.match import check_activations, is_truth, json_safe, true_codes_columns
-
-log = logging.getLogger(__name__)
 
 
 def add_parser(sub) -> None:
@@ -40,62 +31,15 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from isae.analysis.isometry import n_possible_pairs, ric_report, row_supports
-    from isae.data.activations import ActivationSet
-    from isae.data.atomic import write_table
-    from isae.data.checkpoints import load, load_decoder
-    from isae.errors import UserError
+    from isae.analysis.isometry import ric_of_checkpoint
+    from isae.cli.output import write_outputs
+    from isae.data.atomic import check_table_out
 
-    ckpt = load(args.ckpt, device=args.device)
-    acts = ActivationSet(args.activations)
-    check_activations(acts, ckpt)
-    if args.max_rows < 2:
-        raise UserError("--max-rows must be at least 2")
-    truth_here = (
-        not is_truth(ckpt) and acts.has_truth and {"z_idx", "z_val"} <= set(acts.columns())
-    )
-    cols = true_codes_columns(acts, ckpt) if is_truth(ckpt) else (["z_idx", "z_val"] if truth_here else [])
+    # Refuse a table --out that would replace an input before the (long) work.
+    inputs = [args.ckpt, args.activations]
+    check_table_out(args.out, inputs, "--out")
+    check_table_out(args.summary, inputs, "--summary")
 
-    # Count the rows before encoding anything, so an impossible --pairs fails at once.
-    rows = min(args.max_rows, acts.meta.get("heldout_rows", args.max_rows))
-    if "heldout_rows" in acts.meta and args.pairs > n_possible_pairs(rows):
-        raise UserError(
-            f"--pairs {args.pairs} is more than the {n_possible_pairs(rows)} distinct pairs of "
-            f"the {rows} held-out rows of {acts.path}"
-        )
-    data = acts.load("heldout", columns=cols, max_rows=args.max_rows)
-    x = data["x"]
-    if is_truth(ckpt):
-        S = row_supports(data["z_val"], data["z_idx"], ckpt.d_sae)
-        source = "true codes"
-    else:
-        log.info("encoding %d held-out rows", len(x))
-        c = ckpt.encode_raw(x)
-        S = row_supports(c.val, c.idx, ckpt.d_sae)
-        source = "encoder"
-    truth = None
-    if truth_here:
-        W_t = load_decoder(acts.path / "truth")
-        truth = (W_t, row_supports(data["z_val"], data["z_idx"], W_t.shape[0]))
-
-    k = ckpt.cfg.get("k")
-    table, summary = ric_report(ckpt.W_dec, S, args.pairs, args.seed, k=k, truth=truth,
-                                device=args.device)
-    summary = {
-        "ckpt": str(ckpt.path),
-        "arch": ckpt.cfg.get("arch"),
-        "width": ckpt.d_sae,
-        "ckpt_seed": ckpt.cfg.get("seed"),
-        "support_source": source,
-        **summary,
-    }
-    log.info(
-        "δ_U median %.3f (random supports %.3f, Gaussian %.3f, MP %.3f)",
-        summary["observed_q50"], summary["random_support_q50"], summary["gaussian_q50"],
-        summary["mp_q50"],
-    )
-    if args.out:
-        write_table(table, args.out)
-    if args.summary:
-        write_table(pd.DataFrame([summary]), args.summary)
-    return json_safe(summary)
+    table, summary = ric_of_checkpoint(args.ckpt, args.activations, pairs=args.pairs,
+                                       seed=args.seed, max_rows=args.max_rows, device=args.device)
+    return write_outputs(table, summary, args.out, args.summary)

@@ -1,14 +1,33 @@
 """Activation sets on disk: a folder with ``meta.json`` and ``part-NNNNN.parquet`` shards.
 
-The format is the contract between the extract stage and everything after it (DESIGN.md,
-"Activation set"):
+The format is the contract between the extract stage and everything after it:
 
 * ``meta.json``: ``d``, ``rows``, ``source``, ``dtype``, provenance, ``mean`` (d floats) and
   ``scale`` (float) such that ``(x - mean) / scale`` has E||.||^2 = d over the training rows,
   and ``heldout`` describing the split.
+* files a text source writes beside meta.json when its provenance is too long for it, named
+  in ``meta["text_source"]["file_list"]``: the ``stdlib`` corpus writes ``text_files.json``
+  (``python``, ``implementation``, ``stdlib`` folder, ``files``: one ``{path, bytes, sha256}``
+  per document in document-id order, ``skipped``: ``{path, reason}`` for files not used).
 * shards: column ``x`` = ``fixed_size_list<float32|float16>[d]``, column ``heldout`` (bool,
   the one split every stage uses), provenance columns (``doc``/``pos``/``token_id``,
   ``image``/``patch``) and, for synthetic sets, ``z_idx`` / ``z_val``.
+
+The minimal set the readers accept (for a set written by other code; ``isae extract
+array`` makes one from a .npy, a .safetensors tensor or a Parquet column, and is the safer
+way):
+
+* ``meta.json`` with ``d`` (int) and ``rows`` (int). Without ``mean`` and ``scale`` the
+  rows are used as they are (mean 0, scale 1), so every model then works on unnormalised
+  activations; ``train_rows`` and ``heldout_rows`` are optional (row counts for buffer
+  sizes and progress bars).
+* one or more ``part-*.parquet`` files (read in name order), each with the columns ``x``, a
+  ``fixed_size_list`` of float32 or float16 of length d (a variable-length ``list`` is not
+  read), and ``heldout`` (bool). Other columns are optional: ``doc``, ``pos``, ``token_id``
+  with the meta keys ``model`` and ``text`` let the feature browser show text; ``z_idx``,
+  ``z_val`` and a ``truth/`` checkpoint make a synthetic set.
+
+A shard without ``x`` or ``heldout`` is refused with one line naming the column and the file.
 
 Writers stage everything under a temporary folder and rename it into place on success, so a
 crash never leaves a set that looks complete. Readers stream shard by shard.
@@ -20,21 +39,27 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from isae.data.atomic import writable_parent, write_json_atomic
+from isae.data.atomic import check_out, publish, staging_folder, write_json_atomic
 from isae.errors import UserError
+from isae.models.config import MAX_D_IN
 
 FORMAT_VERSION = 1
 SHARD_GLOB = "part-*.parquet"
 #: Rows per Parquet row group in a shard (the unit Arrow decodes in parallel).
 ROW_GROUP = 8192
+#: Storage types of column x's elements.
+X_TYPES = (pa.float32(), pa.float16())
+#: More rows than any set can hold (a corrupt meta.json otherwise sizes arrays by it).
+MAX_ROWS = 1 << 48
 
 
 # ----------------------------------------------------------------------------- the split
@@ -93,9 +118,14 @@ class ActivationWriter:
         meta: Mapping | None = None,
         heldout: Mapping | None = None,
         on_close: Callable[[Path, dict], None] | None = None,
+        inputs: Iterable[str | os.PathLike] = (),
+        force: bool = False,
     ) -> None:
         if dtype not in ("float32", "float16"):
             raise UserError(f"dtype must be float32 or float16, not {dtype!r}")
+        # An existing out is replaced only if it is an activation set (or with force), never
+        # when it is or holds one of the inputs (see isae.data.atomic.check_out).
+        check_out(out, "activations", inputs=inputs, force=force)
         self.out = Path(out)
         self.d = int(d)
         self.dtype = np.dtype(dtype)
@@ -107,10 +137,7 @@ class ActivationWriter:
         # staged set before the rename, so they appear atomically with the shards; it may add
         # keys to meta, which is written after it.
         self.on_close = on_close
-        parent = writable_parent(self.out)
-        self.stage = parent / f".{self.out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(self.stage, ignore_errors=True)
-        self.stage.mkdir()
+        self.stage = staging_folder(self.out)
         self._pending: list[dict[str, np.ndarray | pa.Array]] = []
         self._pending_rows = 0
         self._shards = 0
@@ -195,12 +222,19 @@ class ActivationWriter:
         self._pending, self._pending_rows = [], 0
 
     def close(self) -> Path:
+        """Write meta.json and publish the set at ``out``; on any failure (a full disk, say)
+        the staged folder is removed and the old ``out``, if any, stays as it was."""
+        try:
+            return self._close()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _close(self) -> Path:
         self._flush()
         if self.rows == 0:
-            self.abort()
             raise UserError(f"no activations were produced for {self.out}")
         if self._n == 0:
-            self.abort()
             raise UserError(f"every row of {self.out} is held out: no training rows")
         mean = self._sum / self._n
         var = max(self._sumsq / self._n - float(mean @ mean), 0.0)
@@ -219,16 +253,10 @@ class ActivationWriter:
             "mean": [float(v) for v in mean],
             "scale": scale,
         }
-        try:
-            if self.on_close is not None:
-                self.on_close(self.stage, meta)
-            write_json_atomic(self.stage / "meta.json", meta)
-        except BaseException:
-            self.abort()
-            raise
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        os.replace(self.stage, self.out)
+        if self.on_close is not None:
+            self.on_close(self.stage, meta)
+        write_json_atomic(self.stage / "meta.json", meta)
+        publish(self.stage, self.out)
         return self.out
 
     def abort(self) -> None:
@@ -266,14 +294,38 @@ class ActivationSet:
             self.meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as e:
             raise UserError(f"{meta_path} is not valid JSON: {e.msg}") from None
-        for key in ("d", "rows"):
-            if key not in self.meta:
-                raise UserError(f"{meta_path} lacks the required key {key!r}")
-        self.d = int(self.meta["d"])
-        self.rows = int(self.meta["rows"])
+        except (UnicodeDecodeError, OSError) as e:
+            raise UserError(f"cannot read {meta_path}: {e}") from None
         self.shards = sorted(self.path.glob(SHARD_GLOB))
+        check_meta(self.meta, meta_path, len(self.shards))
+        self.d = self.meta["d"]
+        self.rows = self.meta["rows"]
         if not self.shards:
             raise UserError(f"activation set {self.path} has no {SHARD_GLOB} shards")
+        # The first shard's schema now (cheap: the footer); every shard's as it is read.
+        self._check_schema(self.shards[0], self._schema(self.shards[0]))
+
+    def _schema(self, path: Path) -> pa.Schema:
+        try:
+            return pq.read_schema(path)
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"cannot read shard {path}: {_first_line(e)}") from None
+
+    def _check_schema(self, path: Path, schema: pa.Schema) -> None:
+        """Column x: fixed_size_list<float32|float16>[d]; column heldout: bool."""
+        for name in ("x", "heldout"):
+            if schema.get_field_index(name) < 0:
+                raise _missing_column(path, name)
+        xtype = schema.field("x").type
+        if not (pa.types.is_fixed_size_list(xtype) and xtype.list_size == self.d
+                and xtype.value_type in X_TYPES):
+            raise UserError(
+                f"shard {path}: column x is {xtype}, expected fixed_size_list<float32 or "
+                f"float16>[{self.d}] (d in meta.json)"
+            )
+        htype = schema.field("heldout").type
+        if not pa.types.is_boolean(htype):
+            raise UserError(f"shard {path}: column heldout is {htype}, expected bool")
 
     @property
     def has_truth(self) -> bool:
@@ -284,7 +336,18 @@ class ActivationSet:
         return Normalizer(mean=mean, scale=float(self.meta.get("scale", 1.0)))
 
     def columns(self) -> list[str]:
-        return pq.read_schema(self.shards[0]).names
+        return self._schema(self.shards[0]).names
+
+    def fingerprint(self) -> dict:
+        """What identifies the set's content without reading it: meta.json's digest (its
+        seed, constants and counts) and every shard's name and size."""
+        import hashlib
+
+        meta = hashlib.sha256((self.path / "meta.json").read_bytes()).hexdigest()
+        h = hashlib.sha256()
+        for p in self.shards:
+            h.update(f"{p.name}:{p.stat().st_size};".encode())
+        return {"meta_sha256": meta, "shards": len(self.shards), "shards_sha256": h.hexdigest()}
 
     def iter_shards(
         self, split: str = "train", columns: list[str] | None = None, shards=None,
@@ -300,15 +363,18 @@ class ActivationSet:
             raise ValueError(f"split must be train, heldout or all, not {split!r}")
         want = ["x", "heldout"] + [c for c in (columns or []) if c not in ("x", "heldout")]
         for path in shards if shards is not None else self.shards:
+            schema = self._schema(path)
+            self._check_schema(path, schema)
+            for name in want[2:]:
+                if schema.get_field_index(name) < 0:
+                    raise _missing_column(path, name)
             try:
                 table = pq.read_table(path, columns=want, memory_map=True)
-            except (pa.ArrowInvalid, OSError, KeyError) as e:
-                raise UserError(f"cannot read shard {path}: {e}") from None
+            except (pa.ArrowException, OSError, KeyError) as e:
+                raise _shard_error(path, want, e) from None
             xcol = table.column("x")
-            if not pa.types.is_fixed_size_list(xcol.type) or xcol.type.list_size != self.d:
-                raise UserError(
-                    f"{path}: column x is {xcol.type}, expected fixed_size_list[{self.d}]"
-                )
+            if xcol.null_count or table.column("heldout").null_count:
+                raise UserError(f"shard {path}: missing values (nulls) in column x or heldout")
             held = table.column("heldout").to_numpy(zero_copy_only=False).astype(bool)
             keep = None if split == "all" else (held if split == "heldout" else ~held)
             x = self._x_rows(path, xcol, keep)
@@ -367,6 +433,89 @@ class ActivationSet:
         if max_rows is not None:
             out = {k: v[:max_rows] for k, v in out.items()}
         return out
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, Integral) and not isinstance(v, bool)
+
+
+def check_meta(meta, where: Path, n_shards: int | None = None) -> None:
+    """A UserError naming ``where`` and the key unless ``meta`` is a valid meta.json:
+    d an integer in [1, MAX_D_IN]; rows, train_rows, heldout_rows integers that add up;
+    mean d finite numbers; scale finite and positive; dtype float32 or float16; shards the
+    number of shard files present (``n_shards``)."""
+    if not isinstance(meta, dict):
+        raise UserError(f"{where} is not a JSON object")
+    for key in ("d", "rows"):
+        if key not in meta:
+            raise UserError(f"{where} lacks the required key {key!r}")
+    d, rows = meta["d"], meta["rows"]
+    if not _is_int(d) or not 1 <= d <= MAX_D_IN:
+        raise UserError(f"{where}: d must be an integer in [1, {MAX_D_IN}], not {d!r}")
+    if not _is_int(rows) or not 0 <= rows <= MAX_ROWS:
+        raise UserError(f"{where}: rows must be a non-negative integer, not {rows!r}")
+    for key in ("train_rows", "heldout_rows"):
+        v = meta.get(key)
+        if v is not None and (not _is_int(v) or not 0 <= v <= rows):
+            raise UserError(f"{where}: {key} must be an integer in [0, rows={rows}], not {v!r}")
+    if _is_int(meta.get("train_rows")) and _is_int(meta.get("heldout_rows")):
+        if meta["train_rows"] + meta["heldout_rows"] != rows:
+            raise UserError(f"{where}: train_rows + heldout_rows must equal rows={rows}")
+    if "shards" in meta and n_shards is not None and meta["shards"] != n_shards:
+        raise UserError(
+            f"{where} lists {meta['shards']!r} shards but the folder holds {n_shards}: "
+            "the set is incomplete or was changed"
+        )
+    version = meta.get("version", FORMAT_VERSION)
+    if not _is_int(version) or not 1 <= version <= FORMAT_VERSION:
+        raise UserError(f"{where}: format version {version!r} is not one this isae reads "
+                        f"(1 to {FORMAT_VERSION})")
+    if "dtype" in meta and meta["dtype"] not in ("float32", "float16"):
+        raise UserError(f"{where}: dtype must be float32 or float16, not {meta['dtype']!r}")
+    if "mean" in meta:
+        mean = meta["mean"]
+        if (not isinstance(mean, list) or len(mean) != d
+                or not all(isinstance(v, Real) and not isinstance(v, bool) for v in mean)):
+            raise UserError(f"{where}: mean must be a list of d={d} numbers")
+        try:
+            ok = bool(np.isfinite(np.asarray(mean, np.float64)).all())
+        except OverflowError:
+            ok = False
+        if not ok or max((abs(v) for v in mean), default=0) > 1e30:
+            raise UserError(f"{where}: mean holds non-finite or huge values")
+    if "scale" in meta:
+        scale = meta["scale"]
+        ok = isinstance(scale, Real) and not isinstance(scale, bool)
+        try:
+            ok = ok and 1e-30 < float(scale) < 1e30
+        except OverflowError:
+            ok = False
+        if not ok:
+            raise UserError(f"{where}: scale must be a positive finite number, not {scale!r}")
+
+def _shard_error(path: Path, want: list[str], err: Exception) -> UserError:
+    """One line for a shard that cannot be read: the missing column by name where that is
+    the cause (Arrow's own message is a multi-line schema dump)."""
+    try:
+        names = pq.read_schema(path).names
+    except (pa.ArrowException, OSError):
+        names = None
+    if names is not None:
+        missing = [c for c in want if c not in names]
+        if missing:
+            return _missing_column(path, missing[0])
+    return UserError(f"cannot read shard {path}: {_first_line(err)}")
+
+
+def _missing_column(path: Path, name: str) -> UserError:
+    hint = ""
+    if name in ("x", "heldout"):
+        hint = " (every shard needs x and heldout; `isae extract array` makes a set from other files)"
+    return UserError(f"shard {path} has no column {name!r}{hint}")
 
 
 def _finite_rows(x: np.ndarray) -> np.ndarray:

@@ -4,9 +4,20 @@ Both libraries feed *raw* activations to the SAE, so the normalisation stored in
 (x_n = (x - mean) / scale) is folded into the weights:
     W_enc' = W_enc / scale,  W_dec' = scale * W_dec,  b_dec' = scale * b_dec + mean,
 which gives the same codes and raw reconstructions. The decoder rows then have norm
-``scale`` instead of 1; both formats allow it. Signed TopK (iSAE) codes have no counterpart
-activation in either library: the files load, but their libraries apply ReLU-TopK, so
-``cfg.json`` records ``isae_signed`` to warn a reader.
+``scale`` instead of 1; both formats allow it.
+
+What each library computes from the files it loads:
+
+* SAELens: ``standard`` (ReLU), ``topk`` (ReLU-TopK) and ``abstopk`` (the k largest |pre|
+  with their signs), so a ``relu``, ``topk`` or signed TopK (``isae``) checkpoint is exact;
+* sparsify: ReLU-TopK only, so only ``topk`` is exact;
+* neither runs iterative-thresholding steps after the encoder (``encoder_steps`` > 0, e.g.
+  ``isae-iter``) or orthogonal matching pursuit (``dl``).
+
+An export that a library would compute differently is refused (``unrepresentable`` says
+why) unless asked for as lossy; ``target_coder`` is the library's forward pass on the
+exported tensors in plain torch, so the loss can be measured. ``cfg.json`` carries the
+checkpoint's whole cfg under ``isae`` and what the export lost under ``isae_export``.
 """
 
 from __future__ import annotations
@@ -14,14 +25,82 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from isae.data.atomic import writable_parent
+from isae.data.atomic import check_out, publish, staging_folder
 from isae.data.checkpoints import Checkpoint
 from isae.errors import UserError
+from isae.models.foreign import ForeignCoder, ForeignConfig
+from isae.models.sparse_coder import SparseCoder
+
+FORMATS = ("saelens", "sparsify")
+LIBRARY = {"saelens": "SAELens", "sparsify": "sparsify"}
+
+
+# ----------------------------------------------------------------------------- what survives
+
+
+def saelens_architecture(ckpt: Checkpoint) -> str:
+    """The SAELens architecture whose forward pass is this checkpoint's amortised encoder."""
+    c = ckpt.model.cfg
+    if c.kind == "relu":
+        return "standard"
+    return "abstopk" if c.signed else "topk"
+
+
+def unrepresentable(ckpt: Checkpoint, fmt: str) -> list[str]:
+    """Why ``fmt``'s library would not compute what this checkpoint computes: one reason per
+    lost feature, empty when the export is exact."""
+    c = ckpt.model.cfg
+    lib = LIBRARY[fmt]
+    why = []
+    if c.kind == "dl":
+        why.append(f"dl codes come from orthogonal matching pursuit, which {lib} does not run "
+                   "(its encoder would be W_dec transposed)")
+    if c.encoder_steps > 0:
+        why.append(f"the encoder refines its TopK codes with {c.encoder_steps} "
+                   f"iterative-thresholding steps, which {lib} does not run")
+    if fmt == "sparsify" and c.signed:
+        why.append("the codes are signed; sparsify applies ReLU before TopK, so every negative "
+                   "code would become 0 (SAELens's abstopk keeps them: --format saelens)")
+    return why
+
+
+def check_exportable(ckpt: Checkpoint, fmt: str) -> None:
+    """UserError for what no export can do, lossy or not."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if not isinstance(ckpt.model, SparseCoder):
+        raise UserError(f"{ckpt.path} is already a {ckpt.cfg['source']['format']} folder; "
+                        "isae export takes an isae checkpoint")
+    if fmt == "sparsify" and ckpt.model.cfg.kind == "relu":
+        raise UserError("sparsify has no relu architecture (a ReLU SAE has no k for its TopK); "
+                        "export it with --format saelens")
+
+
+def target_coder(ckpt: Checkpoint, fmt: str) -> ForeignCoder:
+    """What ``fmt``'s library computes from the exported tensors, as a ForeignCoder on raw
+    activations."""
+    check_exportable(ckpt, fmt)
+    t = raw_space_tensors(ckpt)
+    act = "topk"
+    if fmt == "saelens":
+        act = {"standard": "relu", "topk": "topk", "abstopk": "abstopk"}[saelens_architecture(ckpt)]
+    c = ckpt.model.cfg
+    fc = ForeignConfig(d_in=c.d_in, d_sae=c.d_sae, activation=act,
+                       k=None if act == "relu" else c.k)
+    return ForeignCoder(fc, t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"])
+
+
+def export_record(ckpt: Checkpoint, fmt: str) -> dict:
+    """The cfg.json entries that keep every isae setting: ``isae`` (the checkpoint's cfg)
+    and ``isae_export`` (what the target computes differently, empty when exact)."""
+    lost = unrepresentable(ckpt, fmt)
+    return {"isae": ckpt.cfg, "isae_export": {"format": fmt, "exact": not lost, "lost": lost}}
 
 
 def raw_space_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
@@ -37,27 +116,53 @@ def raw_space_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     }
 
 
-def _stage(out: Path) -> Path:
-    writable_parent(out)
-    stage = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    return stage
+def _write(ckpt: Checkpoint, out: Path, kind: str, force: bool, fill: Callable[[Path], None]) -> Path:
+    """Check ``out`` (isae.data.atomic.check_out), let ``fill`` write the staged folder, then
+    publish it; the staged folder is removed on any failure."""
+    check_out(out, kind, inputs=[ckpt.path], force=force)
+    stage = staging_folder(out)
+    try:
+        fill(stage)
+        publish(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return out
 
 
-def _publish(stage: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(stage, out)
+def folder_name(name, what: str) -> str:
+    """``name`` (read from a file) as one folder name inside the output, or a UserError: no
+    separators, no ``..``, nothing absolute, so that nothing is written outside ``--out``."""
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(f"{what} {name!r} cannot name a folder")
+    if (name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+            or os.path.isabs(name) or name != name.strip()):
+        raise UserError(f"{what} {name!r} cannot name a folder inside --out (it must be one "
+                        "plain name: no '/', '\\' or '..')")
+    return name
 
 
-def export_saelens(ckpt: Checkpoint, out: str | os.PathLike) -> Path:
-    """SAELens layout: ``sae_weights.safetensors`` + ``cfg.json``."""
+def _refuse_lossy(ckpt: Checkpoint, fmt: str, lossy: bool) -> None:
+    check_exportable(ckpt, fmt)
+    lost = unrepresentable(ckpt, fmt)
+    if lost and not lossy:
+        raise UserError(f"{LIBRARY[fmt]} cannot represent {ckpt.path}: {'; '.join(lost)} "
+                        "(--lossy exports anyway)")
+
+
+def export_saelens(ckpt: Checkpoint, out: str | os.PathLike, lossy: bool = False,
+                   force: bool = False) -> Path:
+    """SAELens layout: ``sae_weights.safetensors`` + ``cfg.json``. ``architecture`` and
+    ``activation_fn_str`` agree, because SAELens turns a config without a version-6 stamp
+    whose activation is ``topk`` into a ``topk`` SAE whatever its architecture says. An
+    existing ``out`` is replaced only when it is a SAELens export already, or with ``force``."""
+    _refuse_lossy(ckpt, "saelens", lossy)
     out = Path(out)
     c = ckpt.cfg
     t = raw_space_tensors(ckpt)
-    act = c.get("activations", {})
-    arch = "standard" if c.get("kind") == "relu" else "topk"
+    m = ckpt.model.cfg  # validated at load; the raw cfg.json may lack defaulted fields
+    act = c.get("activations") if isinstance(c.get("activations"), dict) else {}
+    arch = saelens_architecture(ckpt)
     cfg = {
         "architecture": arch,
         "d_in": ckpt.d_in,
@@ -66,54 +171,63 @@ def export_saelens(ckpt: Checkpoint, out: str | os.PathLike) -> Path:
         "device": "cpu",
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
-        "activation_fn_str": "relu" if arch == "standard" else "topk",
-        "activation_fn_kwargs": {} if arch == "standard" else {"k": c.get("k")},
-        "k": None if arch == "standard" else c.get("k"),
-        "model_name": act.get("model"),
-        "hook_name": act.get("hook"),
-        "metadata": {"model_name": act.get("model"), "hook_name": act.get("hook"),
-                     "isae_arch": c.get("arch"), "isae_signed": bool(c.get("signed"))},
-        "isae_signed": bool(c.get("signed")),
+        "activation_fn_str": "relu" if arch == "standard" else arch,
+        "activation_fn_kwargs": {} if arch == "standard" else {"k": m.k},
+        "k": None if arch == "standard" else m.k,
+        "reshape_activations": "none",
+        **export_record(ckpt, "saelens"),
     }
-    stage = _stage(out)
-    save_file(t, str(stage / "sae_weights.safetensors"))
-    (stage / "cfg.json").write_text(json.dumps(cfg, indent=1) + "\n")
-    _publish(stage, out)
-    return out
+    # Names only when known: SAELens's reading of a config without a version stamp fails on
+    # a null hook_name.
+    names = {k: v for k, v in (("model_name", act.get("model")), ("hook_name", act.get("hook")))
+             if v is not None}
+    cfg.update(names, metadata=names)
+
+    def fill(stage: Path) -> None:
+        save_file(t, str(stage / "sae_weights.safetensors"))
+        (stage / "cfg.json").write_text(json.dumps(cfg, indent=1) + "\n")
+
+    return _write(ckpt, out, "saelens", force, fill)
 
 
-def export_sparsify(ckpt: Checkpoint, out: str | os.PathLike) -> Path:
+def export_sparsify(ckpt: Checkpoint, out: str | os.PathLike, lossy: bool = False,
+                    force: bool = False) -> Path:
     """sparsify layout: ``<out>/<hookpoint>/cfg.json`` + ``sae.safetensors`` with
-    ``encoder.weight`` [N, D], ``encoder.bias`` [N], ``W_dec`` [N, D], ``b_dec`` [D]."""
+    ``encoder.weight`` [N, D], ``encoder.bias`` [N], ``W_dec`` [N, D], ``b_dec`` [D].
+    The hookpoint is the hook recorded in the checkpoint's cfg.json, refused unless it is one
+    plain folder name."""
+    _refuse_lossy(ckpt, "sparsify", lossy)
     out = Path(out)
     c = ckpt.cfg
-    if c.get("kind") != "topk" and c.get("kind") != "dl":
-        raise UserError(f"sparsify has no {c.get('kind')} architecture; export it with --format saelens")
+    m = ckpt.model.cfg
     t = raw_space_tensors(ckpt)
-    hook = (c.get("activations", {}) or {}).get("hook") or "layer"
+    act = c.get("activations")
+    hook = (act.get("hook") if isinstance(act, dict) else None) or "layer"
+    hook = folder_name(hook, f"hook name in {ckpt.path / 'cfg.json'}")
     cfg = {
         "activation": "topk",
         "expansion_factor": max(ckpt.d_sae // ckpt.d_in, 1),
         "normalize_decoder": False,
         "num_latents": ckpt.d_sae,
-        "k": c.get("k"),
+        "k": m.k,
         "multi_topk": False,
         "skip_connection": False,
         "transcode": False,
         "d_in": ckpt.d_in,
-        "isae_signed": bool(c.get("signed")),
+        **export_record(ckpt, "sparsify"),
     }
-    stage = _stage(out)
-    (stage / hook).mkdir()
-    save_file(
-        {
-            "encoder.weight": t["W_enc"].T.contiguous(),
-            "encoder.bias": t["b_enc"],
-            "W_dec": t["W_dec"],
-            "b_dec": t["b_dec"],
-        },
-        str(stage / hook / "sae.safetensors"),
-    )
-    (stage / hook / "cfg.json").write_text(json.dumps(cfg, indent=1) + "\n")
-    _publish(stage, out)
-    return out
+
+    def fill(stage: Path) -> None:
+        (stage / hook).mkdir()
+        save_file(
+            {
+                "encoder.weight": t["W_enc"].T.contiguous(),
+                "encoder.bias": t["b_enc"],
+                "W_dec": t["W_dec"],
+                "b_dec": t["b_dec"],
+            },
+            str(stage / hook / "sae.safetensors"),
+        )
+        (stage / hook / "cfg.json").write_text(json.dumps(cfg, indent=1) + "\n")
+
+    return _write(ckpt, out, "sparsify", force, fill)

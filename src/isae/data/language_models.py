@@ -10,10 +10,12 @@ Four jobs, each a small function:
   attention), which also builds the tokenizer from the same folder.
 * **hooks** — the names a booted bridge exposes, and a check that names the closest ones.
 * **text sources** — ``pydoc`` (CPython's ``pydoc_data.topics``, one document per topic, in
-  sorted topic order), a text file (documents separated by blank lines), a folder (one file
-  per document, sorted by relative path), or a Hugging Face dataset in the local cache
-  (``NAME``, ``NAME:SPLIT`` or ``NAME:CONFIG:SPLIT``; one row of column ``text`` per
-  document, streamed). A document's id is its index in that order.
+  sorted topic order), ``stdlib`` (the running interpreter's standard-library ``.py`` files,
+  tests excluded, one document per file, sorted by relative path; see ``stdlib_files``), a
+  text file (documents separated by blank lines), a folder (one file per document, sorted by
+  relative path), or a Hugging Face dataset in the local cache (``NAME``, ``NAME:SPLIT`` or
+  ``NAME:CONFIG:SPLIT``; one row of column ``text`` per document, streamed). A document's id
+  is its index in that order.
 * **contexts** — every document is tokenised without special tokens (literal strings such as
   ``[SEP]`` in the text are split into ordinary tokens, so text never produces a special
   token) and cut into chunks of ``context - len(prefix) - len(suffix)`` tokens; each chunk is
@@ -28,10 +30,12 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import logging
 import os
 import platform
 import re
+import sysconfig
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +192,19 @@ def boot(name: str, device: str = "cpu", cache_dir: str | os.PathLike | None = N
     return LoadedModel(bridge=bridge, name=name, path=path)
 
 
+def load_tokenizer(name: str, cache_dir: str | os.PathLike | None = None):
+    """The tokenizer of a model, resolved like ``boot`` but without loading its weights:
+    what decoding stored ``token_id`` rows needs."""
+    path = resolve_model(name, cache_dir=cache_dir)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load the tokenizer of model {name!r}: {first}") from None
+
+
 def _check_device(device: str) -> None:
     try:
         dev = torch.device(device)
@@ -202,18 +219,34 @@ def model_kind(bridge) -> str:
 
     Having an unembedding is not the test: the embedded MiniLM boots as ``BertForMaskedLM``
     whose MLM head is not in the sentence-transformers weights (randomly initialised, and
-    a masked-token objective besides). A model counts as a causal LM when its attention is
-    causal and transformer-lens's adapter supports the shifted next-token loss.
+    a masked-token objective besides). Nor is the bridge's ``attention_dir``: transformer-lens
+    3.9 reports BERT's attention as causal. A model counts as a causal LM when the Hugging
+    Face class it was booted as is one of transformers' causal-LM classes (falling back to
+    ``attention_dir`` when the bridge does not expose it), transformer-lens's adapter
+    supports the shifted next-token loss, and it has an unembedding.
     """
-    causal = getattr(bridge.cfg, "attention_dir", "causal") == "causal"
+    hf = getattr(bridge, "original_model", None)
+    if hf is not None:
+        causal = type(hf).__name__ in _causal_lm_classes()
+    else:
+        causal = getattr(bridge.cfg, "attention_dir", "causal") == "causal"
     shifted = bool(getattr(getattr(bridge, "adapter", None), "supports_causal_loss", False))
     has_unembed = "hook_unembed" in bridge.hook_dict or "unembed.hook_out" in bridge.hook_dict
     return "lm" if causal and shifted and has_unembed else "encoder"
 
 
+def _causal_lm_classes() -> set[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names: set[str] = set()
+    for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update([v] if isinstance(v, str) else v)
+    return names
+
+
 def final_hook(bridge) -> str:
     """Hook of the last block's output (BERT: the post-LayerNorm last_hidden_state)."""
-    return f"blocks.{bridge.cfg.n_layers - 1}.hook_resid_post"
+    return resolve_hook(bridge, f"blocks.{bridge.cfg.n_layers - 1}.hook_resid_post")
 
 
 def hook_names(bridge) -> list[str]:
@@ -221,11 +254,33 @@ def hook_names(bridge) -> list[str]:
     return sorted(bridge.hook_dict)
 
 
-def check_hook(bridge, hook: str, model: str = "the model") -> None:
-    """UserError naming the closest valid hooks when ``hook`` does not exist."""
-    names = hook_names(bridge)
+def resolve_hook(bridge, hook: str) -> str:
+    """The name under which this bridge fires ``hook``.
+
+    A block's residual output is ``blocks.L.hook_resid_post`` in transformer-lens's legacy
+    naming and ``blocks.L.hook_out`` in the bridge's own; transformer-lens 4.x and 3.9
+    expose both, a bridge without the legacy aliases only the second. Either name given,
+    the one the bridge has is used, so activation sets and splices do not depend on the
+    transformer-lens version (the set records the name the user gave).
+    """
+    names = bridge.hook_dict
     if hook in names:
-        return
+        return hook
+    m = re.fullmatch(r"(blocks\.\d+\.)(hook_resid_post|hook_out)", hook)
+    if m:
+        other = m.group(1) + ("hook_out" if m.group(2) == "hook_resid_post" else "hook_resid_post")
+        if other in names:
+            return other
+    return hook
+
+
+def check_hook(bridge, hook: str, model: str = "the model") -> str:
+    """The bridge's name for ``hook`` (``resolve_hook``); UserError naming the closest valid
+    hooks when it has none."""
+    native = resolve_hook(bridge, hook)
+    names = hook_names(bridge)
+    if native in names:
+        return native
     close = difflib.get_close_matches(hook, names, n=6, cutoff=0.5)
     if not close:
         # Fall back to the hooks of the same block, or the residual-stream ones.
@@ -249,11 +304,14 @@ class TextSource:
     spec: str
     """What the user gave (``pydoc``, a path, a dataset name)."""
     kind: str
-    """pydoc | file | folder | hf-dataset."""
+    """pydoc | stdlib | file | folder | hf-dataset."""
     documents: Iterable[tuple[str, str]]
     """The documents, in id order (a list for local sources, a lazy iterator otherwise)."""
     meta: dict = field(default_factory=dict)
     """Provenance for meta.json."""
+    files: dict[str, Any] = field(default_factory=dict)
+    """Provenance too long for meta.json: file name -> JSON content, written beside it in
+    the activation set (meta names the file)."""
 
     @property
     def local(self) -> bool:
@@ -261,7 +319,10 @@ class TextSource:
 
 
 def open_text(spec: str, cache_dir: str | os.PathLike | None = None) -> TextSource:
-    """``pydoc`` | a text file | a folder | a cached Hugging Face dataset -> TextSource."""
+    """``pydoc`` | ``stdlib`` | a text file | a folder | a cached Hugging Face dataset ->
+    TextSource."""
+    if spec == "stdlib":
+        return open_stdlib()
     if spec == "pydoc":
         from pydoc_data.topics import topics
 
@@ -287,6 +348,93 @@ def open_text(spec: str, cache_dir: str | os.PathLike | None = None) -> TextSour
         meta = {"kind": "folder", "path": str(path.resolve()), "files": len(files)}
         return TextSource(spec, "folder", docs, meta)
     return _open_hf_dataset(spec, cache_dir)
+
+
+#: Folders of the standard library that are not library source: the test suites (``test``
+#: and the per-package ``tests``/``idle_test`` folders of older releases), the frozen-module
+#: test fixture ``__phello__``, and installed third-party packages.
+STDLIB_SKIP_DIRS = frozenset(
+    {"test", "tests", "idle_test", "__phello__", "__pycache__", "site-packages", "dist-packages"}
+)
+STDLIB_FILE_LIST = "text_files.json"
+"""The file, beside meta.json in an activation set, that lists a ``stdlib`` corpus's files."""
+
+
+def stdlib_root() -> Path:
+    """The running interpreter's standard-library folder."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files(root: str | os.PathLike | None = None) -> list[str]:
+    """Relative POSIX paths of the ``.py`` files under ``root`` (default: the running
+    interpreter's standard library), sorted as strings, without test folders, installed
+    packages and the top-level ``config-*`` folder (the build's python-config script).
+
+    Symbolic links to folders are not followed, so the list is finite and each file appears
+    once.
+    """
+    root = Path(root) if root is not None else stdlib_root()
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        dirnames[:] = [
+            d for d in dirnames
+            if d not in STDLIB_SKIP_DIRS and not (rel == Path(".") and d.startswith("config-"))
+        ]
+        out += [(rel / f).as_posix() for f in filenames if f.endswith(".py")]
+    return sorted(out)
+
+
+def open_stdlib(root: str | os.PathLike | None = None) -> TextSource:
+    """The standard library's sources as a text corpus: one document per file of
+    ``stdlib_files``, decoded as UTF-8 with newlines as stored.
+
+    A file that is not UTF-8 (or cannot be read) is skipped and logged. Provenance: the
+    interpreter's version and implementation in meta, and in ``STDLIB_FILE_LIST`` every file
+    used (document id = its index) with its size and the SHA-256 of the bytes that were
+    decoded, plus the skipped ones with the reason. ``corpus_sha256`` hashes that list, one
+    value to compare two corpora by.
+    """
+    root = Path(root) if root is not None else stdlib_root()
+    if not root.is_dir():
+        raise UserError(f"the standard library folder {root} does not exist")
+    docs: list[tuple[str, str]] = []
+    used: list[dict] = []
+    skipped: list[dict] = []
+    for rel in stdlib_files(root):
+        try:
+            raw = (root / rel).read_bytes()
+            text = raw.decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            why = "not UTF-8" if isinstance(e, UnicodeDecodeError) else (e.strerror or str(e))
+            log.warning("stdlib corpus: skipping %s (%s)", rel, why)
+            skipped.append({"path": rel, "reason": why})
+            continue
+        docs.append((rel, text))
+        used.append({"path": rel, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()})
+    if not docs:
+        raise UserError(f"the standard library folder {root} holds no readable .py files")
+    listing = {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "stdlib": str(root),
+        "files": used,
+        "skipped": skipped,
+    }
+    digest = hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()
+    meta = {
+        "kind": "stdlib",
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "stdlib": str(root),
+        "files": len(used),
+        "bytes": sum(f["bytes"] for f in used),
+        "skipped": len(skipped),
+        "excluded_dirs": sorted(STDLIB_SKIP_DIRS) + ["config-* (top level)"],
+        "file_list": STDLIB_FILE_LIST,
+        "corpus_sha256": digest,
+    }
+    return TextSource("stdlib", "stdlib", docs, meta, files={STDLIB_FILE_LIST: listing})
 
 
 def _read_text(path: Path) -> str:
@@ -316,7 +464,7 @@ def _open_hf_dataset(spec: str, cache_dir: str | os.PathLike | None) -> TextSour
     config = parts[1] if len(parts) == 3 else None
     split = parts[-1] if len(parts) > 1 and parts[-1] else "train"
     not_found = UserError(
-        f"text source {spec!r} is not 'pydoc', an existing file or folder, nor a dataset in "
+        f"text source {spec!r} is not 'pydoc', 'stdlib', an existing file or folder, nor a dataset in "
         f"the local Hugging Face cache (on a machine with network: `hf download {name} "
         "--repo-type dataset`, then copy the cache)"
     )

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from isae.data.activations import ActivationSet
+from isae.errors import UserError
 
 #: Shards decoded ahead of the one being consumed, each by its own thread (more on hosts
 #: with many cores: one shard takes a core for ~0.1-0.3 s).
@@ -55,6 +56,8 @@ def shuffled_batches(
     rng = np.random.default_rng(perm_seed)
     cap = max(buffer_rows, 2 * batch_size)
     train_rows = int(acts.meta.get("train_rows", acts.rows))
+    if train_rows == 0:
+        raise UserError(f"activation set {acts.path} has no training rows (all held out, or none)")
     cache: dict[int, torch.Tensor] | None = {} if train_rows <= cap else None
 
     pin = PIN_MEMORY and torch.device(device).type == "cuda"
@@ -96,6 +99,7 @@ def shuffled_batches(
                 queue.append((s, last, fut))
 
         top_up()
+        epoch_rows = 0  # an epoch without a training row would otherwise loop for ever
         while True:
             s, last, fut = queue.popleft()
             top_up()  # the next read starts before this one is waited for
@@ -111,6 +115,12 @@ def shuffled_batches(
                 buf = grown
             buf[n : n + len(new)] = new  # converts float16 to float32
             n += len(new)
+            epoch_rows += len(new)
+            if last:
+                if epoch_rows == 0:
+                    raise UserError(f"activation set {acts.path} has no training rows "
+                                    "(every row is held out)")
+                epoch_rows = 0
             if n >= cap or last:
                 # index_select, not buf[perm]: on the CPU the latter's advanced indexing is
                 # ~5x slower for the same rows.

@@ -14,22 +14,20 @@ The one host sync left per step is the dead count that picks the graph.
 
 The graphs of one stepper share a memory pool. That is safe because they never run at the
 same time and the caller reads a step's outputs before the next step replays any graph.
+
+Graph replay is an option of the fast op set (``FastOps.cuda_graphs``); ISAE_CUDA_GRAPHS=0
+in the environment switches it off (isae.models.compute.select_ops).
 """
 
 from __future__ import annotations
 
 import gc
-import os
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from isae.errors import UserError
-
-#: False runs every CUDA step eagerly (benchmarks, equivalence checks, and the way out if a
-#: recording ever fails: ISAE_CUDA_GRAPHS=0 in the environment).
-ENABLED = os.environ.get("ISAE_CUDA_GRAPHS", "1") != "0"
 
 
 def aux_bucket(n_dead: int, n: int) -> int:

@@ -16,11 +16,12 @@ Small kernels, each replacing a stock op that dominated the training step on an 
 * One-pass elementwise work of a step: ``fvu_parts``, ``scale``, ``sub_cast``,
   ``keep_where``, and the decoder's row constraint (``project_rows_``, ``normalize_rows_``).
 
-The wrappers accept CUDA tensors; with ``TRITON_INTERPRET=1`` set before import they also
-run on CPU tensors, which is how tests/test_kernels.py checks them without a GPU.
-Where a kernel cannot run (no Triton, or a CPU tensor outside interpret mode) each wrapper
-computes the same thing with stock torch ops, so ops.py's autograd functions stay testable
-on any machine (tests/test_fast_cpu.py).
+The wrappers accept CUDA tensors; with ``TRITON_INTERPRET=1`` set before import (Triton's
+own switch) they also run on CPU tensors, which is how tests/test_kernels.py checks them
+without a GPU. Where a kernel cannot run (no Triton, or a CPU tensor outside interpret mode)
+each wrapper computes the same thing with stock torch ops, the reference maths of
+isae.models.reference where there is one, so ops.py's autograd functions stay testable on
+any machine (tests/test_fast_cpu.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import warnings
 
 import torch
 from torch import Tensor
+
+from isae.models import reference
 
 try:
     import triton
@@ -233,10 +236,8 @@ def topk_rows(pre: Tensor, k: int, signed: bool) -> tuple[Tensor, Tensor]:
     if not 0 < k <= N:
         raise ValueError(f"k={k} outside 1..{N} columns")
     if not usable(pre) or k > MAX_K:
-        score = pre.abs() if signed else pre.relu()
-        idx = score.topk(k, dim=-1, sorted=False).indices
-        val = pre.float().gather(1, idx)
-        return (val if signed else val.relu()), idx
+        codes = reference.topk_select(pre, k, signed)
+        return codes.val.float(), codes.idx
     if pre.stride(1) != 1:
         pre = pre.contiguous()
     G = triton.cdiv(N, GROUP)
@@ -261,8 +262,7 @@ def gather_decode(val: Tensor, idx: Tensor, W: Tensor, bias: Tensor | None = Non
     B, K = idx.shape
     D = W.shape[1]
     if not usable(W):
-        out = torch.nn.functional.embedding_bag(idx, W.float(), per_sample_weights=val.float(),
-                                                mode="sum")
+        out = reference.sparse_decode(reference.Codes(val.float(), idx), W.float())
         return out if bias is None else out + bias
     out = torch.empty(B, D, device=W.device, dtype=torch.float32)
     # A whole row of up to 1024 columns per pass, over 8 warps: at D 768 on an H200 that
@@ -320,7 +320,7 @@ def _rowwise(*ts: Tensor) -> bool:
 def project_rows_(G: Tensor, W: Tensor) -> None:
     """G[i] -= <G[i], W[i]> W[i] in place, for [N, D] float32 (one read of each, one write)."""
     if not _rowwise(G, W) or not G.shape[0]:
-        G -= (G * W).sum(-1, keepdim=True) * W
+        reference.project_rows_(G, W)
         return
     _project_rows_kernel[(G.shape[0],)](G, W, G.shape[1], BLOCK=_pow2(G.shape[1]), num_warps=4)
 
@@ -329,7 +329,7 @@ def normalize_rows_(W: Tensor, low: Tensor) -> None:
     """W[i] /= max(||W[i]||, 1e-12) in place, and the result cast into ``low`` (same shape):
     one pass where the stock ops take four."""
     if not _rowwise(W) or not (usable(low) and low.is_contiguous()) or not W.shape[0]:
-        W /= W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        reference.normalize_rows_(W)
         low.copy_(W)
         return
     _normalize_rows_kernel[(W.shape[0],)](W, low, W.shape[1], BLOCK=_pow2(W.shape[1]),
@@ -497,16 +497,14 @@ def topk_mask_rows(src: Tensor, k: int, signed: bool, valid: Tensor) -> Tensor:
 
     Scores as in ``topk_rows`` (|x| signed, ReLU unsigned), over the columns where ``valid``
     [C] is true; ties go to the lower index. AuxK's selection among the dead latents, as a
-    dense matrix that its decode multiplies directly. Needs k <= valid.sum().
+    dense matrix that its decode multiplies directly. With fewer than k valid columns, all
+    of them are kept.
     """
     B, C = src.shape
     if not usable(src):
-        score = src.float().abs() if signed else src.float().relu()
-        score = torch.where(valid, score, -1.0)
-        keep = torch.zeros_like(score, dtype=torch.bool).scatter_(
-            1, score.topk(k, dim=-1, sorted=False).indices, True)
-        v = src if signed else src.relu()
-        return torch.where(keep, v, 0).to(src.dtype)
+        kept = reference.auxk_select(src.float(), valid, k, signed).dense(C)
+        # with fewer than k valid columns the selection reaches invalid ones: drop them
+        return torch.where(valid, kept, 0.0).to(src.dtype)
     if src.stride(1) != 1:
         src = src.contiguous()
     out = torch.empty(B, C, device=src.device, dtype=src.dtype)
@@ -523,8 +521,7 @@ def fvu_parts(x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     over both (where torch's column variance alone took 65 us at B 8192, D 768 on an H200)."""
     B, D = x.shape
     if not (usable(x) and x.dtype == x_hat.dtype == torch.float32 and B):
-        err = x - x_hat
-        return err, err.pow(2).sum(), (x - x.mean(0)).pow(2).sum()
+        return reference.fvu_parts(x, x_hat)
     x, x_hat = x.contiguous(), x_hat.contiguous()
     rows = 32
     P = triton.cdiv(B, rows)  # 256 programs at B 8192

@@ -1,9 +1,10 @@
-"""CUDA fast paths of the TopK family's hot loop, behind the same API as the reference.
+"""The fast op set (``FastOps``): the TopK family's hot loop for CUDA tensors, computing what
+the reference op set (isae.models.reference.ReferenceOps) computes.
 
-The reference path (models/sparse_coder.py on the CPU) lets autograd differentiate ``topk`` + ``gather`` and
-``embedding_bag``; on a GPU that costs a dense [B, N] float32 gradient, an ``index_add_`` for
-the encoder weight and a float32 matmul. Here the sparse maps get their own backward, built
-on the Triton kernels of kernels.py:
+isae.models.compute.select_ops hands it to models on CUDA. The reference lets autograd
+differentiate ``topk`` + ``gather`` and ``embedding_bag``; on a GPU that costs a dense
+[B, N] float32 gradient, an ``index_add_`` for the encoder weight and a float32 matmul.
+Here the sparse maps get their own backward, built on the Triton kernels of kernels.py:
 
 * encoder: pre = (x - b_dec) W_enc + b_enc in bfloat16 (float32 accumulation), then a
   Triton top-k. Backward: dW_enc is a segmented reduction of the k code gradients over the
@@ -22,31 +23,24 @@ on the Triton kernels of kernels.py:
 * IHT (isae-iter) selects each new support from a dense bfloat16 correlation computed
   without gradient, and differentiates only the correlations it keeps (gathered dots).
 
-Parameters, optimiser state, the loss and the reconstruction stay float32. The checks that
-these paths match the float32 reference are tests/test_fast_cpu.py (the same functions on
-stock ops), tests/test_kernels.py (Triton in interpret mode), tests/test_fast_gpu.py (GPU
-only) and benchmarks/gpu_bench.py.
+Parameters, optimiser state, the loss and the reconstruction stay float32. On CPU tensors
+the kernels fall back to stock torch, so the same functions run anywhere. The checks that
+these paths match the float32 reference are tests/test_fast_cpu.py (the op set on stock
+ops), tests/test_kernels.py (Triton in interpret mode), tests/test_fast_gpu.py (GPU only)
+and benchmarks/gpu_bench.py.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
 from isae.gpu import kernels
+from isae.models.reference import AuxLatents, Codes, Weights, iht_eta, keep_better
 
 LOW = torch.bfloat16
-
-#: Switch for benchmarks and equivalence checks: False sends CUDA tensors down the reference path.
-ENABLED = True
-#: Tests set this to run the fast path's autograd functions on CPU tensors (stock-op kernels).
-FORCE = False
-
-
-def enabled(x: Tensor) -> bool:
-    """The fast paths serve CUDA tensors; everything else takes the reference path."""
-    return ENABLED and (x.is_cuda or FORCE)
 
 
 def low(W: Tensor) -> Tensor:
@@ -56,7 +50,7 @@ def low(W: Tensor) -> Tensor:
 
     A view of the parameter (``collect``'s, or its transpose) gets the same view of the
     parameter's copy. The copy keeps its buffer: it is refreshed in place, so a recorded
-    CUDA graph that reads it (cuda_cuda_graphs.py) always finds the current one there.
+    CUDA graph that reads it (cuda_graphs.py) always finds the current one there.
     """
     owner = W if W._base is None else W._base
     cached = getattr(owner, "_isae_low", None)
@@ -375,3 +369,87 @@ def gather_dot(r: Tensor, idx: Tensor, W_dec: Tensor, grads: DecoderGrads | None
 def select_topk(score_src: Tensor, k: int, signed: bool) -> Tensor:
     """Indices [B, k] of the top-k of a (bfloat16) matrix, no gradient."""
     return kernels.topk_rows(score_src, k, signed)[1]
+
+
+class FastOps:
+    """The fast op set (see the module docstring); the same methods as
+    isae.models.reference.ReferenceOps.
+
+    cuda_graphs: whether the trainer replays a step as a CUDA graph (CUDA tensors only).
+    """
+
+    name = "fast"
+
+    def __init__(self, cuda_graphs: bool = True) -> None:
+        self.cuda_graphs = cuda_graphs
+
+    def __repr__(self) -> str:
+        return f"FastOps(cuda_graphs={self.cuda_graphs})"
+
+    def weights(self, W_dec: Tensor, W_enc: Tensor | None, b_dec: Tensor, b_enc: Tensor) -> Weights:
+        """W_dec through ``collect``, so that its readers' gradients meet in one buffer."""
+        dec, grads = collect(W_dec)
+        tied = W_enc is None
+        return Weights(dec, dec.T if tied else W_enc, b_dec, b_enc, tied, grads)
+
+    def aux_latents(self, dead: Tensor, width: int | None) -> AuxLatents | None:
+        """``width`` columns, the dead ones first; None reads exactly the dead ones (one host
+        sync). None when the width is 0."""
+        if width is None:
+            width = int(dead.sum())  # the step's one host sync
+        if not width:
+            return None
+        cols, valid = aux_columns(dead, width)
+        return AuxLatents(cols, valid, cols.numel())
+
+    def topk_encode(self, x: Tensor, w: Weights, k: int, signed: bool,
+                    aux: AuxLatents | None, k_aux: int) -> tuple[Codes, Tensor, Tensor | None]:
+        """(codes, bfloat16 pre-activations, AuxK's dense bfloat16 codes on aux.cols)."""
+        val, idx, pre, z_aux = topk_encode(
+            x, w.b_dec, w.enc, w.b_enc, k, signed,
+            (aux.cols, aux.dead) if aux is not None else None, k_aux,
+            w.grads if w.tied else None,
+        )
+        return Codes(val, idx), pre, z_aux
+
+    def decode(self, codes: Codes, w: Weights) -> Tensor:
+        return sparse_decode(codes.val, codes.idx, w.dec, w.grads, w.b_dec)
+
+    def iht_step(self, x: Tensor, x_hat: Tensor, codes: Codes, w: Weights, k: int, signed: bool,
+                 scale: float) -> tuple[Codes, Tensor]:
+        """The reference's step, taking and returning the reconstruction: the new support is
+        chosen from a bfloat16 correlation computed without gradient; only the correlations
+        kept are differentiated."""
+        r = x - x_hat
+        g_S = gather_dot(r, codes.idx, w.dec, w.grads)
+        Dg = sparse_decode(g_S, codes.idx, w.dec, w.grads)
+        step = iht_eta(g_S, Dg, scale)
+        with torch.no_grad():
+            # (step r) W^T: the step scales the small [B, D] side, not the [B, N] product
+            u = (r * step).to(LOW) @ low(w.dec).T  # [B, N] bf16
+            u = u.scatter_add_(-1, codes.idx, codes.val.to(u.dtype))
+            idx = select_topk(u, k, signed)
+        # New value = the old code value (where the atom was already in the support) plus the
+        # step along the float32 correlation.
+        same = (idx.unsqueeze(-1) == codes.idx.unsqueeze(-2)).to(codes.val.dtype)
+        val = (same @ codes.val.unsqueeze(-1)).squeeze(-1) + step * gather_dot(r, idx, w.dec, w.grads)
+        if not signed:
+            val = F.relu(val)
+        new = Codes(val, idx)
+        return keep_better(x, x_hat, codes, new, self.decode(new, w))
+
+    def fvu(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
+        return fvu(x, x_hat)
+
+    def auxk_loss(self, err: Tensor, pre: Tensor, aux_codes: Tensor | None, aux: AuxLatents,
+                  w: Weights, signed: bool, k_aux: int) -> Tensor:
+        """The FVU of the residual by the decode of the AuxK codes the encoder selected.
+        (The reference's scale min(n_dead / k_aux, 1) is always 1, since k_aux <= n_dead.)"""
+        e_hat = aux_decode(aux_codes, aux.cols, w.dec, w.grads)
+        return fvu(err, e_hat)[0]
+
+    def project_rows_(self, G: Tensor, W: Tensor) -> None:
+        kernels.project_rows_(G, W)
+
+    def normalize_rows_(self, W: Tensor) -> None:
+        normalize_rows_(W)

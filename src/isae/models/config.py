@@ -1,16 +1,78 @@
-"""Configuration of the SAE family and of training, and the presets.
+"""Configuration of the SAE family and of training, and the presets: the one source of
+their names and defaults.
 
 A preset is data: a dict of switches. An architecture name is a preset followed by switches
 added (``+name``) or removed (``-name``), e.g. ``topk+signed`` or ``isae-tied`` — which is
-how the ablation names its variants.
+how the ablation names its variants; ``parse_arch`` is the one reader of such names.
+
+Every field carries its docstring (the string under it); ``isae train`` makes its flags
+from the fields, their defaults and those docstrings (isae.cli.fields).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
+from numbers import Integral, Real
 
 from isae.errors import UserError
+
+#: Sanity bounds, far beyond any model in the study (the largest hidden size of today's
+#: language models is ~2^14, the largest published SAEs have ~2^25 latents): what lies
+#: outside comes from a corrupt file or a typo, and would otherwise allocate terabytes
+#: or run for ever.
+MAX_D_IN = 1 << 17
+MAX_WIDTH = 1 << 26
+MAX_ENCODER_STEPS = 1000
+MAX_SEED = (1 << 63) - 1
+
+
+def check_int(name: str, value, lo: int, hi: int | None = None) -> int:
+    """``value`` as an int in [lo, hi], or a UserError naming ``name`` (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise UserError(f"{name} must be an integer, not {value!r}")
+    value = int(value)
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise UserError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def check_float(name: str, value, lo: float, hi: float = math.inf, lo_open: bool = False) -> float:
+    """``value`` as a finite float in [lo, hi] (or (lo, hi]), or a UserError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise UserError(f"{name} must be a number, not {value!r}")
+    try:
+        value = float(value)
+    except OverflowError:
+        raise UserError(f"{name} is too large: {value!r}") from None
+    ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok:
+        bound = ("> " if lo_open else ">= ") + f"{lo:g}" + ("" if hi == math.inf else f" and <= {hi:g}")
+        raise UserError(f"{name} must be a finite number {bound}, got {value}")
+    return value
+
+
+def check_device(device) -> str:
+    """A device name torch understands and this machine has; UserError otherwise."""
+    import torch
+
+    if not isinstance(device, str):
+        raise UserError(f"device must be a string such as cpu or cuda, not {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device!r} asked for, but torch sees no CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} "
+                            "CUDA device(s)")
+    elif dev.type != "cpu":
+        raise UserError(f"device {device!r} is not supported (use cpu, cuda or cuda:N)")
+    return device
 
 #: The switches, each independent. Values are what ``+name`` sets; ``-name`` sets the default.
 SWITCHES: dict[str, tuple[str, object, object]] = {
@@ -21,7 +83,8 @@ SWITCHES: dict[str, tuple[str, object, object]] = {
     "iter": ("encoder_steps", 3, 0),
 }
 
-#: Presets: one dict of fields each. ``dl`` is the classical reference, not an SAE.
+#: Presets: one dict of fields each, in the order tables list them. ``dl`` is the classical
+#: reference, not an SAE.
 PRESETS: dict[str, dict] = {
     "topk": dict(kind="topk", signed=False, tied=False, bias="learned", encoder_steps=0),
     "relu": dict(kind="relu", signed=False, tied=False, bias="learned", encoder_steps=0),
@@ -33,8 +96,23 @@ PRESETS: dict[str, dict] = {
 _TOKEN = re.compile(r"([+-])([a-z]+)")
 
 
-def parse_arch(name: str) -> dict:
-    """``"isae-tied"`` -> the field dict of that variant. Raises UserError on unknown parts."""
+@dataclass(frozen=True)
+class Arch:
+    """An architecture name, read."""
+
+    name: str
+    preset: str
+    """The preset it starts from."""
+    changes: str
+    """The switches added (+name) or removed (-name) after the preset, as written; "" for
+    a preset itself."""
+    fields: dict
+    """The SAEConfig fields of this variant (kind and switches)."""
+
+
+def parse_arch(name: str) -> Arch:
+    """``"isae-tied"`` -> Arch("isae-tied", "isae", "-tied", fields). Raises UserError on
+    unknown parts."""
     base = max((p for p in PRESETS if name == p or name.startswith(p + "+") or name.startswith(p + "-")),
                key=len, default=None)
     if base is None:
@@ -58,7 +136,13 @@ def parse_arch(name: str) -> dict:
         pos = m.end()
     if pos != len(rest):
         raise UserError(f"cannot parse arch {name!r} after {name[:len(base) + pos]!r}")
-    return spec
+    return Arch(name, base, rest, spec)
+
+
+def arch_help() -> str:
+    """What an architecture name may be, in one line (for help texts)."""
+    return (f"a preset ({', '.join(PRESETS)}) with optional +switch/-switch "
+            f"({', '.join(SWITCHES)}), e.g. topk+signed or isae-tied")
 
 
 @dataclass
@@ -69,17 +153,17 @@ class SAEConfig:
     """Dimension of the activations."""
     d_sae: int
     """Number of latents (dictionary atoms), the width."""
-    k: int
+    k: int = 32
     """Active latents per row (TopK family, dl); for relu only a label of the sweep."""
     arch: str = "topk"
     """Architecture name: preset plus switches (see parse_arch)."""
-    kind: str = "topk"
+    kind: str = field(default="topk", metadata={"choices": ("topk", "relu", "dl")})
     """topk | relu | dl: how codes are computed."""
     signed: bool = False
     """Keep the k largest |pre-activations| with their signs instead of ReLU then TopK."""
     tied: bool = False
     """W_enc is W_dec transposed: one parameter."""
-    bias: str = "learned"
+    bias: str = field(default="learned", metadata={"choices": ("learned", "none")})
     """learned: b_dec and b_enc are trained; none: both fixed at zero (data is centred)."""
     encoder_steps: int = 0
     """Iterative hard-thresholding steps with the decoder after the amortised TopK."""
@@ -91,22 +175,30 @@ class SAEConfig:
     """Initialisation seed."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("topk", "relu", "dl"):
+        # Types first: a checkpoint's cfg.json reaches here as parsed JSON.
+        for name in ("arch", "kind", "bias"):
+            if not isinstance(getattr(self, name), str):
+                raise UserError(f"{name} must be a string, not {getattr(self, name)!r}")
+        for name in ("signed", "tied"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name} must be true or false, not {getattr(self, name)!r}")
+        if self.kind not in choices(SAEConfig, "kind"):
             raise UserError(f"unknown kind {self.kind!r}")
-        if self.d_in < 1 or self.d_sae < 1:
-            raise UserError("d_in and the width must be positive")
+        self.d_in = check_int("d_in", self.d_in, 1, MAX_D_IN)
+        self.d_sae = check_int("the width (d_sae)", self.d_sae, 1, MAX_WIDTH)
+        self.k = check_int("k", self.k, 1)
         if not 1 <= self.k < self.d_sae:
             raise UserError(f"k must satisfy 1 <= k < width; got k={self.k}, width={self.d_sae}")
-        if self.kind == "topk" and self.k > self.d_in and self.tied and self.signed:
-            pass  # allowed: overcomplete codes; identifiability analysis will say what it costs
-        if self.bias not in ("learned", "none"):
+        if self.bias not in choices(SAEConfig, "bias"):
             raise UserError(f"bias must be 'learned' or 'none', not {self.bias!r}")
-        if self.encoder_steps < 0:
-            raise UserError("encoder_steps must be >= 0")
+        self.encoder_steps = check_int("encoder_steps", self.encoder_steps, 0, MAX_ENCODER_STEPS)
+        self.iht_step = check_float("iht_step", self.iht_step, 0.0, lo_open=True)
+        self.l1_coeff = check_float("l1_coeff", self.l1_coeff, 0.0)
+        self.seed = check_int("seed", self.seed, 0, MAX_SEED)
 
     @classmethod
     def from_arch(cls, arch: str, **kw) -> SAEConfig:
-        return cls(arch=arch, **parse_arch(arch), **kw)
+        return cls(arch=arch, **parse_arch(arch).fields, **kw)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,24 +222,20 @@ class TrainConfig:
     tokens: int = 2_000_000
     """Training rows to consume (epochs over the set repeat with a new shuffle)."""
     batch_size: int = 1024
-    """Rows per optimiser step. At a fixed token budget a run's length in steps matters as
-    much as its tokens: on the synthetic sets of benchmarks/defaults_sweep.py (1.5 M rows),
-    batch 1024 (1465 steps) recovered the true dictionary better than 2048 or 4096 (733 or
-    367 steps) at the same learning rate (tied with 2048 at 16 x), about as well as 512 at
-    half its steps, and had the second-best worst case over shapes and archs. On a GPU at a
-    large budget a bigger batch uses the device better; it wants a higher lr (in the sweep,
-    batch 4096 did best at 16 x, not 4 x). paper.yaml sets its own."""
+    """Rows per optimiser step. At a fixed token budget the number of steps matters as much
+    as the tokens: in benchmarks/defaults_sweep.py (1.5 M rows), batch 1024 recovered the
+    true dictionary better than 2048 or 4096 at the same lr and as well as 512 at half the
+    steps. A larger batch wants a higher lr."""
     lr: float | None = None
-    """Adam learning rate; None = 8e-4 / sqrt(width / 16384): 4 x the width-scaled rate of
-    Gao et al. / sparsify (``BASE_LR``). In the defaults sweep 4 x beat 1 x on every shape
-    and arch and was the most robust of 1, 4, 8 and 16 x at batch 1024; higher rates helped
-    the well-posed shape and hurt the coherent one."""
+    """Adam learning rate; None = 8e-4 / sqrt(width / 16384), 4 x the width-scaled rate of
+    Gao et al. / sparsify: in benchmarks/defaults_sweep.py 4 x beat 1 x on every shape and
+    arch, and was the most robust of 1, 4, 8 and 16 x."""
     warmup_frac: float = 0.02
     """Fraction of steps with a linear learning-rate warmup."""
-    decay: str = "linear"
-    """Decay after warmup: linear (to 0 over the last 20%), cosine, or constant. In the
-    defaults sweep linear and constant recovered the truth equally and linear gave the
-    lower held-out FVU; cosine was worse on both."""
+    decay: str = field(default="linear", metadata={"choices": ("linear", "cosine", "constant")})
+    """Decay after warmup: linear (to 0 over the last 20%), cosine, or constant. Linear:
+    in benchmarks/defaults_sweep.py it recovered the truth as well as constant with a lower
+    held-out FVU; cosine was worse on both."""
     auxk_alpha: float = 1 / 32
     """Weight of the AuxK loss on dead latents (topk kind)."""
     dead_tokens: int = 200_000
@@ -155,9 +243,8 @@ class TrainConfig:
     shuffle_buffer: int = 65536
     """Rows held in the shuffle buffer; memory does not grow with the set."""
     log_every: int | None = None
-    """Optimiser steps between rows of train_log.parquet; None = total steps // LOG_ROWS
-    (at least 1), so that every run, short or long, logs about LOG_ROWS rows: enough for
-    the convergence control, which smooths the last 20 % of them."""
+    """Optimiser steps between rows of train_log.parquet. Unset: about 200 rows per run,
+    short or long, enough for the convergence control to smooth."""
     converged_below: float = 0.03
     """The convergence control's threshold: a run has converged when its smoothed training
     FVU moved by less than this fraction (relative, either way) over the 20 % of steps
@@ -167,20 +254,41 @@ class TrainConfig:
     """Optimiser steps between resume-state saves."""
     device: str = "cpu"
     """cpu | cuda | cuda:N."""
+    data_on_device: str = field(default="auto", metadata={"choices": ("auto", "always", "never")})
+    """Where batches come from. auto: the training split is copied once onto a CUDA device,
+    in its stored dtype, when it fits in data_memory_fraction of the device's free memory,
+    and streamed from disk otherwise (always on the CPU); always: copied, on any device;
+    never: streamed through the shuffle buffer. The two sources order the rows differently."""
+    data_memory_fraction: float = 0.5
+    """auto only: the largest share of the device's free memory the training split may take
+    (the rest stays for the models, their steps and their CUDA graphs)."""
     seed: int = 0
     """Seed of the data order (shuffle) and of dead-atom resampling."""
     extra: dict = field(default_factory=dict)
     """Free-form provenance stored in cfg.json."""
 
     def __post_init__(self) -> None:
-        if self.tokens < 1 or self.batch_size < 1:
-            raise UserError("tokens and batch size must be positive")
-        if self.decay not in ("linear", "cosine", "constant"):
+        self.tokens = check_int("--tokens", self.tokens, 1)
+        self.batch_size = check_int("--batch-size", self.batch_size, 1)
+        if self.lr is not None:
+            self.lr = check_float("--lr", self.lr, 0.0, lo_open=True)
+        self.warmup_frac = check_float("--warmup-frac", self.warmup_frac, 0.0, 1.0)
+        if self.decay not in choices(TrainConfig, "decay"):
             raise UserError(f"decay must be linear, cosine or constant, not {self.decay!r}")
-        if not self.converged_below > 0:
-            raise UserError(f"converged_below must be positive, not {self.converged_below}")
-        if self.log_every is not None and self.log_every < 1:
-            raise UserError(f"log_every must be at least 1, not {self.log_every}")
+        self.auxk_alpha = check_float("--auxk-alpha", self.auxk_alpha, 0.0)
+        self.dead_tokens = check_int("--dead-tokens", self.dead_tokens, 1)
+        self.shuffle_buffer = check_int("--shuffle-buffer", self.shuffle_buffer, 1)
+        if self.log_every is not None:  # None: about LOG_ROWS rows, whatever the length
+            self.log_every = check_int("--log-every", self.log_every, 1)
+        self.converged_below = check_float("--converged-below", self.converged_below, 0.0,
+                                           lo_open=True)
+        self.checkpoint_every = check_int("--checkpoint-every", self.checkpoint_every, 1)
+        self.device = check_device(self.device)
+        self.seed = check_int("--seed", self.seed, 0, MAX_SEED)
+        if self.data_on_device not in choices(TrainConfig, "data_on_device"):
+            raise UserError(f"data_on_device must be auto, always or never, not {self.data_on_device!r}")
+        if not 0 < self.data_memory_fraction <= 1:
+            raise UserError(f"data_memory_fraction must be in (0, 1], not {self.data_memory_fraction}")
 
     def log_interval(self, total_steps: int) -> int:
         """Steps between log rows for a run of ``total_steps`` steps."""
@@ -188,6 +296,15 @@ class TrainConfig:
             return self.log_every
         return max(total_steps // LOG_ROWS, 1)
 
+    def decay_start(self, total_steps: int) -> int:
+        """First step of the linear decay, which takes the last 20 % of the steps."""
+        return int(0.8 * total_steps)
+
     def learning_rate(self, d_sae: int) -> float:
         """The Adam learning rate for a coder of ``d_sae`` latents (see ``lr``)."""
         return self.lr if self.lr is not None else BASE_LR / (d_sae / 2**14) ** 0.5
+
+
+def choices(cls: type, name: str) -> tuple:
+    """The values field ``name`` of dataclass ``cls`` allows (its ``choices`` metadata)."""
+    return next(f.metadata["choices"] for f in fields(cls) if f.name == name)

@@ -74,6 +74,13 @@ class DLStepper:
         }
 
     def load_state_dict(self, s: dict) -> None:
+        # copy_ would broadcast a tensor of the wrong shape: check exactly.
+        for name, mine in (("W_dec", self.model.W_dec), ("A", self.A), ("B", self.B)):
+            t = s[name]
+            if not isinstance(t, Tensor) or t.shape != mine.shape or not t.is_floating_point():
+                raise ValueError(f"dictionary-learning state {name} does not fit this model")
+        if not isinstance(s["initialised"], bool):
+            raise ValueError("dictionary-learning state: initialised must be true or false")
         with torch.no_grad():
             self.model.W_dec.copy_(s["W_dec"])
         self.A.copy_(s["A"])

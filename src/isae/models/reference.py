@@ -1,8 +1,10 @@
-"""The plain-torch maths of the SAE family: the code type, the top-k selection, the FVU, the
-sparse decode and orthogonal matching pursuit.
+"""The plain-torch maths of the SAE family, and the reference op set built on it.
 
-These are the reference operations: every faster implementation (isae.gpu.ops) is checked
-against them, and the CPU trains with them. Pure functions on tensors; no I/O.
+Pure functions on tensors, no I/O: the code type, the top-k selection, the FVU, the sparse
+decode, one iterative-hard-thresholding step, AuxK's selection, the decoder's row
+constraint and orthogonal matching pursuit. ``ReferenceOps`` hands them to a SparseCoder
+(isae.models.compute.select_ops chooses it on every device but CUDA); the fast op set
+(isae.gpu.ops.FastOps) is checked against them, and its kernels fall back to them.
 
 Shapes: B rows, D = d_in, N = d_sae (width), K = k.
 """
@@ -56,17 +58,157 @@ def topk_select(pre: Tensor, k: int, signed: bool) -> Codes:
     return Codes(val, idx)
 
 
-def fvu(x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
-    """(||x - x_hat||^2 / ||x - mean(x)||^2, the residual x - x_hat): the reference of
-    fast.fvu, also AuxK's loss (the FVU of the residual by the dead latents' decode)."""
+def fvu_parts(x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(x - x_hat, ||x - x_hat||^2, ||x - mean_rows(x)||^2) for [B, D] x and x_hat."""
     err = x - x_hat
-    total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-    return err.pow(2).sum() / total_var, err
+    return err, err.pow(2).sum(), (x - x.mean(0)).pow(2).sum()
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
+    """(||x - x_hat||^2 / ||x - mean(x)||^2, the residual x - x_hat), also AuxK's loss (the
+    FVU of the residual by the dead latents' decode)."""
+    err, sse, total_var = fvu_parts(x, x_hat)
+    return sse / total_var.clamp_min(1e-12), err
 
 
 def sparse_decode(codes: Codes, W_dec: Tensor) -> Tensor:
     """sum_j val_j W_dec[idx_j] without a dense [B, N] scatter. -> [B, D]."""
     return F.embedding_bag(codes.idx, W_dec, per_sample_weights=codes.val, mode="sum")
+
+
+def auxk_select(pre: Tensor, dead: Tensor, k: int, signed: bool) -> Codes:
+    """AuxK's codes (Gao et al.): each row's k largest scores among the latents where ``dead``
+    [N] is true, scored as in topk_select. (pre: [B, N]) -> Codes [B, k]. Needs k <= dead.sum()."""
+    score = pre.abs() if signed else F.relu(pre)
+    score = torch.where(dead, score, torch.full_like(score, -1.0))
+    idx = score.topk(k, dim=-1, sorted=False).indices
+    val = pre.gather(-1, idx)
+    if not signed:
+        val = F.relu(val)
+    return Codes(val, idx)
+
+
+def iht_eta(g_S: Tensor, Dg: Tensor, scale: float) -> Tensor:
+    """The step size of an IHT step, [B, 1]: ||g_S||^2 / ||g_S D_S||^2 on the current support
+    (Blumensath & Davies 2010), times ``scale``."""
+    eta = g_S.pow(2).sum(-1, keepdim=True) / Dg.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
+    return eta * scale
+
+
+def keep_better(x: Tensor, x_hat: Tensor, codes: Codes, new: Codes, x_new: Tensor
+                ) -> tuple[Codes, Tensor]:
+    """Per row, the ``new`` codes (reconstruction ``x_new``) where they reconstruct x no worse
+    than ``codes`` (``x_hat``), else the old ones; with the reconstruction of the codes kept."""
+    better = ((x - x_new).pow(2).sum(-1) <= (x - x_hat).pow(2).sum(-1)).unsqueeze(-1)
+    kept = Codes(torch.where(better, new.val, codes.val), torch.where(better, new.idx, codes.idx))
+    return kept, torch.where(better, x_new, x_hat)
+
+
+def project_rows_(G: Tensor, W: Tensor) -> None:
+    """G[i] -= <G[i], W[i]> W[i] in place: a gradient step along G then keeps each row's norm
+    to first order."""
+    G -= (G * W).sum(-1, keepdim=True) * W
+
+
+def normalize_rows_(W: Tensor) -> None:
+    """W[i] /= max(||W[i]||, 1e-12) in place."""
+    W /= W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+# ----------------------------------------------------------------------------- the op set
+
+
+class Weights(NamedTuple):
+    """The parameters one forward pass reads, as its op set hands them out."""
+
+    dec: Tensor
+    """[N, D] decoder (the fast path's: a view whose readers pool their gradient in grads)."""
+    enc: Tensor
+    """[D, N] encoder weight: W_enc, or dec transposed for a tied model."""
+    b_dec: Tensor
+    """[D]."""
+    b_enc: Tensor
+    """[N]."""
+    tied: bool
+    """Whether enc is dec transposed."""
+    grads: object = None
+    """The fast path's pooled decoder gradient (isae.gpu.ops.DecoderGrads); None here."""
+
+
+class AuxLatents(NamedTuple):
+    """The latents AuxK reads in one step."""
+
+    cols: Tensor | None
+    """[C] latent indices (the fast path's fixed-width columns); None: all N latents."""
+    dead: Tensor
+    """[C] (or [N]) bool: which of them are dead."""
+    n: int
+    """How many latents AuxK reads: C, or here the number of dead ones."""
+
+
+class ReferenceOps:
+    """The reference op set: the plain-torch maths above, on any device.
+
+    Each method is one operation of SparseCoder's maths that the fast op set
+    (isae.gpu.ops.FastOps) computes differently (bfloat16 products, fused kernels,
+    hand-written backward passes) but to the same result.
+    """
+
+    name = "reference"
+    #: Whether the trainer may replay a step as a CUDA graph (the fast path only).
+    cuda_graphs = False
+
+    def weights(self, W_dec: Tensor, W_enc: Tensor | None, b_dec: Tensor, b_enc: Tensor) -> Weights:
+        tied = W_enc is None
+        return Weights(W_dec, W_dec.T if tied else W_enc, b_dec, b_enc, tied)
+
+    def aux_latents(self, dead: Tensor, width: int | None) -> AuxLatents | None:
+        """The dead latents themselves (``width`` is the fast path's); None when none is dead."""
+        n_dead = int(dead.sum())
+        return AuxLatents(None, dead, n_dead) if n_dead else None
+
+    def topk_encode(self, x: Tensor, w: Weights, k: int, signed: bool,
+                    aux: AuxLatents | None, k_aux: int) -> tuple[Codes, Tensor, Tensor | None]:
+        """(codes, pre-activations [B, N], None): this path selects AuxK's codes in auxk_loss."""
+        pre = (x - w.b_dec) @ w.enc + w.b_enc
+        return topk_select(pre, k, signed), pre, None
+
+    def decode(self, codes: Codes, w: Weights) -> Tensor:
+        return sparse_decode(codes, w.dec) + w.b_dec
+
+    def iht_step(self, x: Tensor, x_hat: Tensor, codes: Codes, w: Weights, k: int, signed: bool,
+                 scale: float) -> tuple[Codes, Tensor | None]:
+        """z <- H_k(z + eta (x - x_hat) W_dec^T), kept per row where it reconstructs no worse.
+
+        Returns no reconstruction: the caller decodes the kept codes afresh, so autograd sees
+        one decode of them rather than a choice between two.
+        """
+        r = x - x_hat
+        g = r @ w.dec.T  # [B, N]
+        g_S = g.gather(-1, codes.idx)
+        Dg = sparse_decode(Codes(g_S, codes.idx), w.dec)
+        step = iht_eta(g_S, Dg, scale)
+        u = (g * step).scatter_add(-1, codes.idx, codes.val)
+        new = topk_select(u, k, signed)
+        return keep_better(x, x_hat, codes, new, self.decode(new, w))[0], None
+
+    def fvu(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
+        return fvu(x, x_hat)
+
+    def auxk_loss(self, err: Tensor, pre: Tensor, aux_codes: Tensor | None, aux: AuxLatents,
+                  w: Weights, signed: bool, k_aux: int) -> Tensor:
+        """The FVU of the residual ``err`` by the top ``k_aux`` dead latents' decode."""
+        e_hat = sparse_decode(auxk_select(pre, aux.dead, k_aux, signed), w.dec)
+        return min(aux.n / k_aux, 1.0) * fvu(err, e_hat)[0]
+
+    def project_rows_(self, G: Tensor, W: Tensor) -> None:
+        project_rows_(G, W)
+
+    def normalize_rows_(self, W: Tensor) -> None:
+        normalize_rows_(W)
+
+
+REFERENCE = ReferenceOps()
 
 
 @torch.no_grad()

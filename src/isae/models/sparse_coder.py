@@ -1,8 +1,13 @@
 """The SAE family in one module: TopK baseline, the iSAE switches, the ReLU SAE, and the
 classical dictionary-learning reference behind the same interface.
 
-All models work in *normalised* activation space (see ``isae.data.activations.Normalizer``); a checkpoint
-stores the constants, so ``checkpoint.load`` gives raw-in/raw-out reconstructions.
+The maths reads the same on every device: the operations whose fast GPU versions differ in
+code (the encoder's top-k, the sparse decode, an IHT step, the FVU, AuxK, the decoder's row
+constraint) come from the model's op set, chosen once by whoever creates the model
+(isae.models.compute.select_ops); the default is the plain-torch reference.
+
+All models work in *normalised* activation space (see ``isae.data.activations.Normalizer``);
+a checkpoint stores the constants, so ``checkpoint.load`` gives raw-in/raw-out reconstructions.
 
 Shapes are written as suffixes or ``[batch, d_in]`` in docstrings: B rows, D = d_in,
 N = d_sae (width), K = k.
@@ -10,35 +15,54 @@ N = d_sae (width), K = k.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from isae.gpu import ops as fast
 from isae.models.config import SAEConfig
-from isae.models.reference import Codes, ForwardOutput, fvu, omp, sparse_decode, topk_select
+from isae.models.reference import (
+    REFERENCE,
+    AuxLatents,
+    Codes,
+    ForwardOutput,
+    Weights,
+    omp,
+    sparse_decode,
+    topk_select,
+)
+
+if TYPE_CHECKING:
+    from isae.models.compute import Ops
+
+__all__ = ["Codes", "ForwardOutput", "SparseCoder", "sparse_decode", "topk_select"]
 
 
-class _FastWeights(NamedTuple):
-    """The weights one fast-path forward reads: W_dec through ``fast.collect`` (so its
-    readers' gradients meet in one buffer) and the encoder weight."""
+class _Encoding(NamedTuple):
+    """What the encoder computed on the way to the codes."""
 
-    dec: Tensor
-    """[N, D], collect's view of W_dec."""
-    enc: Tensor
-    """[D, N]: the view transposed for a tied model, else W_enc."""
-    grads: fast.DecoderGrads
-    tied: bool
+    codes: Codes
+    pre: Tensor | None
+    """[B, N] pre-activations (TopK family), for AuxK."""
+    x_hat: Tensor | None
+    """The reconstruction of ``codes`` where IHT steps carried it along (the fast path)."""
+    aux_codes: Tensor | None
+    """AuxK's codes where the encoder selected them (the fast path)."""
 
 
 class SparseCoder(nn.Module):
-    """One sparse coder. ``encode`` / ``decode`` / ``forward`` as in sparsify."""
+    """One sparse coder. ``encode`` / ``decode`` / ``forward`` as in sparsify.
 
-    def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu") -> None:
+    ``ops``: the op set its maths runs on (isae.models.compute.select_ops); the reference
+    by default.
+    """
+
+    def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu",
+                 ops: Ops = REFERENCE) -> None:
         super().__init__()
         self.cfg = cfg
+        self.ops = ops
         D, N = cfg.d_in, cfg.d_sae
         gen = torch.Generator().manual_seed(cfg.seed)
         W = torch.randn(N, D, generator=gen, dtype=torch.float32)
@@ -74,6 +98,9 @@ class SparseCoder(nn.Module):
     def device(self) -> torch.device:
         return self.W_dec.device
 
+    def _weights(self) -> Weights:
+        return self.ops.weights(self.W_dec, self.W_enc, self.b_dec, self.b_enc)
+
     # ------------------------------------------------------------------ the maps
 
     def pre_acts(self, x: Tensor) -> Tensor:
@@ -82,61 +109,35 @@ class SparseCoder(nn.Module):
 
     def encode(self, x: Tensor) -> Codes:
         """(x: [B, D]) normalised activations -> Codes."""
-        return self._encode(x)[0]
-
-    def _encode(self, x: Tensor) -> tuple[Codes, Tensor | None]:
-        """Codes and the dense pre-activations when they were computed (for AuxK)."""
-        codes, pre, _, _ = self._encode_and_decode(x)
-        return codes, pre
-
-    def _fast_weights(self) -> _FastWeights:
-        dec, grads = fast.collect(self.W_dec)
-        tied = self.W_enc is None
-        return _FastWeights(dec, dec.T if tied else self.W_enc, grads, tied)
-
-    def _encode_and_decode(self, x: Tensor, aux: tuple[Tensor, Tensor] | None = None,
-                           w: _FastWeights | None = None
-                           ) -> tuple[Codes, Tensor | None, Tensor | None, Tensor | None]:
-        """Codes, pre-activations, the reconstruction where the encoder made it anyway (the
-        GPU's IHT steps carry it along instead of decoding each support twice), and on the
-        fast path AuxK's codes on the columns ``aux`` (see fast.topk_encode)."""
-        assert x.shape[-1] == self.cfg.d_in, f"expected [B, {self.cfg.d_in}], got {tuple(x.shape)}"
-        if self.cfg.kind == "dl":
-            return omp(x - self.b_dec, self.W_dec, self.cfg.k), None, None, None
-        if self.cfg.kind == "relu":
-            z = F.relu(self.pre_acts(x))
-            idx = torch.arange(z.shape[1], device=z.device).expand_as(z)
-            return Codes(z, idx), None, None, None
-        if fast.enabled(x):
-            w = w or self._fast_weights()
-            val, idx, pre, z_aux = fast.topk_encode(
-                x, self.b_dec, w.enc, self.b_enc, self.cfg.k, self.cfg.signed,
-                aux, self._k_aux(aux[0].numel()) if aux is not None else 0,
-                w.grads if w.tied else None,
-            )
-            codes = Codes(val, idx)
-            x_hat = None
-            for _ in range(self.cfg.encoder_steps):
-                if x_hat is None:
-                    x_hat = self._decode_fast(codes, w)
-                codes, x_hat = self._iht_step_fast(x, x_hat, codes, w)
-            return codes, pre, x_hat, z_aux
-        pre = self.pre_acts(x)
-        codes = topk_select(pre, self.cfg.k, self.cfg.signed)
-        for _ in range(self.cfg.encoder_steps):
-            codes = self.iht_step(x, codes)
-        return codes, pre, None, None
+        return self._encode(x, self._weights()).codes
 
     def decode(self, codes: Codes) -> Tensor:
         """Codes -> [B, D] reconstruction (normalised space)."""
+        return self._decode(codes, self._weights())
+
+    def _decode(self, codes: Codes, w: Weights) -> Tensor:
         if self.cfg.kind == "relu":
             return codes.val @ self.W_dec + self.b_dec
-        if fast.enabled(codes.val):
-            return fast.sparse_decode(codes.val, codes.idx, self.W_dec, bias=self.b_dec)
-        return sparse_decode(codes, self.W_dec) + self.b_dec
+        return self.ops.decode(codes, w)
 
-    def _decode_fast(self, codes: Codes, w: _FastWeights) -> Tensor:
-        return fast.sparse_decode(codes.val, codes.idx, w.dec, w.grads, self.b_dec)
+    def _encode(self, x: Tensor, w: Weights, aux: AuxLatents | None = None) -> _Encoding:
+        """The codes: OMP (dl), ReLU (relu), or TopK then ``encoder_steps`` IHT steps."""
+        assert x.shape[-1] == self.cfg.d_in, f"expected [B, {self.cfg.d_in}], got {tuple(x.shape)}"
+        if self.cfg.kind == "dl":
+            return _Encoding(omp(x - self.b_dec, self.W_dec, self.cfg.k), None, None, None)
+        if self.cfg.kind == "relu":
+            z = F.relu(self.pre_acts(x))
+            idx = torch.arange(z.shape[1], device=z.device).expand_as(z)
+            return _Encoding(Codes(z, idx), None, None, None)
+        k_aux = self._k_aux(aux.n) if aux is not None else 0
+        codes, pre, aux_codes = self.ops.topk_encode(x, w, self.cfg.k, self.cfg.signed, aux, k_aux)
+        x_hat = None
+        for _ in range(self.cfg.encoder_steps):
+            if x_hat is None:
+                x_hat = self._decode(codes, w)
+            codes, x_hat = self.ops.iht_step(x, x_hat, codes, w, self.cfg.k, self.cfg.signed,
+                                             self.cfg.iht_step)
+        return _Encoding(codes, pre, x_hat, aux_codes)
 
     def iht_step(self, x: Tensor, codes: Codes) -> Codes:
         """One normalised iterative-hard-thresholding step with the decoder.
@@ -145,107 +146,38 @@ class SparseCoder(nn.Module):
         support S (Blumensath & Davies 2010), times ``cfg.iht_step``. A row keeps its old code
         where the step would raise its error, so the steps never make reconstruction worse.
         """
-        if fast.enabled(x):
-            w = self._fast_weights()
-            return self._iht_step_fast(x, self._decode_fast(codes, w), codes, w)[0]
-        x_hat = self.decode(codes)
-        r = x - x_hat
-        g = r @ self.W_dec.T  # [B, N]
-        g_S = g.gather(-1, codes.idx)
-        Dg = sparse_decode(Codes(g_S, codes.idx), self.W_dec)
-        step = self._iht_eta(g_S, Dg)
-        u = (g * step).scatter_add(-1, codes.idx, codes.val)
-        new = topk_select(u, self.cfg.k, self.cfg.signed)
-        return self._keep_better(x, x_hat, codes, new)[0]
-
-    def _iht_eta(self, g_S: Tensor, Dg: Tensor) -> Tensor:
-        eta = g_S.pow(2).sum(-1, keepdim=True) / Dg.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
-        return eta * self.cfg.iht_step
-
-    def _iht_step_fast(self, x: Tensor, x_hat: Tensor, codes: Codes, w: _FastWeights
-                       ) -> tuple[Codes, Tensor]:
-        """The same step on the GPU, taking and returning the reconstruction: the new support
-        is chosen from a bfloat16 correlation computed without gradient; only the
-        correlations kept are differentiated."""
-        r = x - x_hat
-        g_S = fast.gather_dot(r, codes.idx, w.dec, w.grads)
-        Dg = fast.sparse_decode(g_S, codes.idx, w.dec, w.grads)
-        step = self._iht_eta(g_S, Dg)
-        with torch.no_grad():
-            # (step r) W^T: the step scales the small [B, D] side, not the [B, N] product
-            u = (r * step).to(fast.LOW) @ fast.low(w.dec).T  # [B, N] bf16
-            u = u.scatter_add_(-1, codes.idx, codes.val.to(u.dtype))
-            idx = fast.select_topk(u, self.cfg.k, self.cfg.signed)
-        # New value = the old code value (where the atom was already in the support) plus the
-        # step along the float32 correlation.
-        same = (idx.unsqueeze(-1) == codes.idx.unsqueeze(-2)).to(codes.val.dtype)
-        val = (same @ codes.val.unsqueeze(-1)).squeeze(-1) + step * fast.gather_dot(r, idx, w.dec, w.grads)
-        if not self.cfg.signed:
-            val = F.relu(val)
-        return self._keep_better(x, x_hat, codes, Codes(val, idx), w)
-
-    def _keep_better(self, x: Tensor, x_hat: Tensor, codes: Codes, new: Codes,
-                     w: _FastWeights | None = None) -> tuple[Codes, Tensor]:
-        """Per row, the new codes where they reconstruct no worse, else the old ones; with the
-        reconstruction of the codes kept."""
-        x_new = self.decode(new) if w is None else self._decode_fast(new, w)
-        better = ((x - x_new).pow(2).sum(-1) <= (x - x_hat).pow(2).sum(-1)).unsqueeze(-1)
-        kept = Codes(torch.where(better, new.val, codes.val), torch.where(better, new.idx, codes.idx))
-        return kept, torch.where(better, x_new, x_hat)
+        w = self._weights()
+        return self.ops.iht_step(x, self._decode(codes, w), codes, w, self.cfg.k,
+                                 self.cfg.signed, self.cfg.iht_step)[0]
 
     def forward(self, x: Tensor, dead: Tensor | None = None, aux_width: int | None = None
                 ) -> ForwardOutput:
         """(x: [B, D]) -> ForwardOutput. ``dead``: [N] bool mask of dead latents for AuxK.
 
         aux_width (fast path only): how many latent columns AuxK reads, the dead ones first
-        and the rest masked out, so the step's shapes stay fixed (cuda_cuda_graphs.py). It must be at
-        least the number of dead latents; None reads exactly those (one host sync).
+        and the rest masked out, so the step's shapes stay fixed (isae.gpu.cuda_graphs). It
+        must be at least the number of dead latents; None reads exactly those (one host sync).
         """
-        use_fast = fast.enabled(x)
-        aux_k = self.cfg.kind == "topk" and dead is not None
-        aux = w = None
-        if use_fast and self.cfg.kind == "topk":
-            w = self._fast_weights()
-        if aux_k and use_fast:
-            if aux_width is None:
-                aux_width = int(dead.sum())  # the step's one host sync
-            if aux_width:
-                aux = fast.aux_columns(dead, aux_width)
-        codes, pre, x_hat, z_aux = self._encode_and_decode(x, aux, w)
-        if x_hat is None:
-            x_hat = self.decode(codes) if w is None else self._decode_fast(codes, w)
-        fvu_, err = (fast.fvu if use_fast else fvu)(x, x_hat)
+        w = self._weights()
+        aux = None
+        if self.cfg.kind == "topk" and dead is not None:
+            aux = self.ops.aux_latents(dead, aux_width)
+        enc = self._encode(x, w, aux)
+        codes = enc.codes
+        x_hat = enc.x_hat if enc.x_hat is not None else self._decode(codes, w)
+        fvu_, err = self.ops.fvu(x, x_hat)
         zero = x.new_zeros(())
         auxk, l1 = zero, zero
         if self.cfg.kind == "relu":
             l1 = (codes.val * self.W_dec.norm(dim=1)).sum(-1).mean()
         elif aux is not None:
-            # Reference AuxK's scale min(n_dead / k_aux, 1) is always 1, since k_aux <= n_dead.
-            e_hat = fast.aux_decode(z_aux, aux[0], w.dec, w.grads)
-            auxk = fast.fvu(err.detach(), e_hat)[0]
-        elif aux_k and not use_fast:
-            n_dead = int(dead.sum())
-            if n_dead:
-                auxk = self._auxk_loss(x, err.detach(), dead, n_dead, pre)
+            auxk = self.ops.auxk_loss(err.detach(), enc.pre, enc.aux_codes, aux, w,
+                                      self.cfg.signed, self._k_aux(aux.n))
         return ForwardOutput(x_hat, codes, fvu_, auxk, l1)
 
-    def _k_aux(self, n_dead: int) -> int:
-        return min(max(self.cfg.d_in // 2, 1), n_dead)
-
-    def _auxk_loss(self, x: Tensor, e: Tensor, dead: Tensor, n_dead: int,
-                   pre: Tensor | None) -> Tensor:
-        """Gao et al.'s AuxK: the top dead latents (mask ``dead``) reconstruct the residual e."""
-        k_aux = self._k_aux(n_dead)
-        if pre is None:
-            pre = self.pre_acts(x)
-        score = pre.abs() if self.cfg.signed else F.relu(pre)
-        score = torch.where(dead, score, torch.full_like(score, -1.0))
-        idx = score.topk(k_aux, dim=-1, sorted=False).indices
-        val = pre.gather(-1, idx)
-        if not self.cfg.signed:
-            val = F.relu(val)
-        e_hat = sparse_decode(Codes(val, idx), self.W_dec)
-        return min(n_dead / k_aux, 1.0) * fvu(e, e_hat)[0]
+    def _k_aux(self, n: int) -> int:
+        """AuxK's k: d_in / 2 (Gao et al.), at most the n latents it reads."""
+        return min(max(self.cfg.d_in // 2, 1), n)
 
     # ------------------------------------------------------------------ the constraint
 
@@ -258,20 +190,13 @@ class SparseCoder(nn.Module):
         """Remove the gradient component parallel to each decoder row (norm-preserving step)."""
         if not self.unit_norm_decoder or self.W_dec.grad is None:
             return
-        W, G = self.W_dec, self.W_dec.grad
-        if fast.enabled(W):
-            fast.kernels.project_rows_(G, W)
-        else:
-            G -= (G * W).sum(-1, keepdim=True) * W
+        self.ops.project_rows_(self.W_dec.grad, self.W_dec)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         if not self.unit_norm_decoder:
             return
-        if fast.enabled(self.W_dec):
-            fast.normalize_rows_(self.W_dec)
-        else:
-            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.ops.normalize_rows_(self.W_dec)
 
     # ------------------------------------------------------------------ the SAELens layout
 

