@@ -228,8 +228,8 @@ class TrainConfig:
     steps. A larger batch wants a higher lr."""
     lr: float | None = None
     """Adam learning rate; None = 8e-4 / sqrt(width / 16384), 4 x the width-scaled rate of
-    Gao et al. / sparsify: in benchmarks/defaults_sweep.py 4 x beat 1 x on every shape and
-    arch, and was the most robust of 1, 4, 8 and 16 x."""
+    Gao et al. / sparsify: in benchmarks/defaults_sweep.py 4 x beat 1 x for topk and isae
+    on every shape, and was the most robust of 1, 4, 8 and 16 x."""
     warmup_frac: float = 0.02
     """Fraction of steps with a linear learning-rate warmup."""
     decay: str = field(default="linear", metadata={"choices": ("linear", "cosine", "constant")})
