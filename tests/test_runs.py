@@ -11,13 +11,14 @@ import pandas as pd
 import pytest
 from safetensors.torch import save_file
 
-from isae.analysis.convergence import is_converged, plateau_trend
+from isae.analysis.convergence import run_convergence
 from isae.analysis.isometry import ric_report, row_supports
 from isae.analysis.matching import match_dictionaries
 from isae.analysis.reconstruction import encode_flops, reconstruction_metrics
 from isae.cli.main import main
 from isae.data.activations import ActivationSet
 from isae.data.checkpoints import INIT_FILE, TRAIN_LOG, load, load_decoder
+from isae.models.config import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +52,11 @@ def test_runs_table_equals_the_single_purpose_functions(group, measured, synthet
         rec = reconstruction_metrics(ck, acts)
         assert r["fvu"] == rec["fvu"] and r["dead_frac"] == rec["dead_frac"]
         log = pd.read_parquet(path / TRAIN_LOG)
-        trend, end = plateau_trend(log)
-        assert r["fvu_trend"] == trend and r["trend_end"] == end and r["log_rows"] == len(log)
-        assert end == pytest.approx(32 / 39)  # the linear decay starts at step 32 of 0..39
-        assert r["converged"] == is_converged(trend, 0.05)
+        c = run_convergence(log, TrainConfig(tokens=20000, batch_size=512,
+                                             converged_below=0.05), 40)
+        assert r["fvu_trend"] == c["fvu_trend"] and r["log_rows"] == len(log)
+        assert [r["trend_start"], r["trend_end"]] == c["fvu_trend_steps"] == [24, 32]
+        assert r["converged"] == c["converged"]
         assert r["steps"] == 40  # 20000 rows at 512 a step, rounded up
         assert r["truth_abs_cos"] == match_dictionaries(ck.W_dec, truth).summary()["mean_abs_cos"]
         c = ck.model.cfg
@@ -106,8 +108,8 @@ def test_measure_bad_input_is_one_line(group, synthetic_set, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "neither a checkpoint" in err[0]
     assert main(["-q", "measure", str(group), "--activations", str(synthetic_set),
-                 "--out", str(tmp_path / "o"), "--tail", "0"]) == 2
-    assert "--tail" in capsys.readouterr().err
+                 "--out", str(tmp_path / "o"), "--converged-below", "0"]) == 2
+    assert "--converged-below" in capsys.readouterr().err
 
 
 def test_chance_cli(synthetic_set, tmp_path, capsys):

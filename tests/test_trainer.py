@@ -2,11 +2,13 @@
 resume after SIGKILL, and bad input."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,7 +17,9 @@ import torch
 from libdata import matched_abs_cos, signed_sparse_set
 from safetensors.torch import load_file
 
+from isae.analysis.convergence import fvu_trend, run_convergence
 from isae.cli.main import main
+from isae.cli.train import convergence_report
 from isae.data import checkpoints as checkpoint
 from isae.data.activations import ActivationSet
 from isae.models.config import SAEConfig, TrainConfig
@@ -23,6 +27,7 @@ from isae.models.sparse_coder import SparseCoder
 from isae.training.trainer import SAEStepper, lr_multiplier
 
 FAST = ["--k", "3", "--width", "128", "--batch-size", "512", "--lr", "1e-2"]
+CONVERGED_TOKENS = "1000000"  # FAST on this set: recovers the truth (>= 0.95) and has converged
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +47,16 @@ def _train(data, tmp, arch, tokens="1000000", extra=()):
 
 
 @pytest.fixture(scope="module")
-def isae_ckpt(data, tmp_path_factory):
-    return _train(data, tmp_path_factory.mktemp("ck"), "isae")
+def isae_run(data, tmp_path_factory):
+    """The 1 M-token isae run, through the console script: (checkpoint, summary, stderr)."""
+    out = tmp_path_factory.mktemp("ck") / "isae"
+    summary, err = _train_cli(data, out, CONVERGED_TOKENS)
+    return out, summary, err
+
+
+@pytest.fixture(scope="module")
+def isae_ckpt(isae_run):
+    return isae_run[0]
 
 
 def test_isae_recovers_true_dictionary(data, isae_ckpt):
@@ -136,6 +149,73 @@ def test_dl_reference_trains(data, tmp_path):
     out = _train(data, tmp_path, "dl", tokens="200000")
     W = checkpoint.load_decoder(out).numpy()
     assert matched_abs_cos(W, data[1]) > 0.9
+
+
+def _train_cli(data, out, tokens, *extra):
+    p = _cli("train", "--activations", str(data[0]), "--arch", "isae", *FAST, "--decay", "linear",
+             "--tokens", tokens, "--out", str(out), *extra)
+    stdout, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr.decode()
+    return json.loads(stdout), stderr.decode()
+
+
+def test_too_short_a_run_warns_on_stderr(data, tmp_path):
+    # 196 steps: the FVU is still falling fast at the start of the lr decay (step 156).
+    summary, err = _train_cli(data, tmp_path / "short", "100000")
+    cfg = json.loads((tmp_path / "short" / "cfg.json").read_text())
+    assert summary["converged"] is False and cfg["converged"] is False
+    assert summary["fvu_trend"] == pytest.approx(cfg["fvu_trend"])
+    assert summary["fvu_trend"] > 3 * TrainConfig.converged_below
+    assert summary["fvu_trend_steps"] == [117, 156]  # the 20 % of steps before the decay
+    warning = [ln for ln in err.splitlines() if "has not converged" in ln]
+    assert len(warning) == 1, err
+    assert f"{100 * summary['fvu_trend']:.1f} %" in warning[0] and "--tokens" in warning[0]
+
+
+def test_converged_run_does_not_warn(isae_run):
+    out, summary, err = isae_run
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert summary["converged"] is True and cfg["converged"] is True
+    assert summary["fvu_trend"] < TrainConfig.converged_below
+    assert "has not converged" not in err
+
+
+def _log(fvu_of_step, steps):
+    return pd.DataFrame({"step": np.arange(steps), "fvu": [fvu_of_step(s) for s in range(steps)]})
+
+
+def test_convergence_window_leaves_out_the_final_decay():
+    # Flat at 0.3 until the decay starts at step 800, then 20 % lower by the end: the decay
+    # alone, on a run that has stopped moving. Over the last 20 % it would read 0.25.
+    tcfg = TrainConfig(tokens=1000 * 64, batch_size=64, decay="linear")
+    log = _log(lambda s: 0.3 if s < 800 else 0.3 * (1 - 0.2 * (s - 800) / 199), 1000)
+    c = run_convergence(log, tcfg, 1000)
+    assert c["fvu_trend_steps"] == [600, 800]
+    assert c["fvu_trend"] == pytest.approx(0.0, abs=1e-12) and c["converged"] is True
+    assert fvu_trend(log) > 0.2
+    # With a constant rate the window is the last 20 %.
+    const = run_convergence(log, TrainConfig(tokens=64000, batch_size=64, decay="constant"), 1000)
+    assert const["fvu_trend_steps"] == [800, 1000] and const["converged"] is False
+
+
+def test_a_rising_fvu_has_not_converged(caplog):
+    # Rises linearly by 10 % over steps 600-800: the trend is negative, its size is not small.
+    tcfg = TrainConfig(tokens=1000 * 64, batch_size=64)
+    log = _log(lambda s: 0.3 * (1 + 0.1 * min(max(s - 600, 0), 200) / 200), 1000)
+    with caplog.at_level(logging.WARNING):
+        c = convergence_report(tcfg, log, 1000, Path("run"))
+    assert c["fvu_trend"] < -0.05 and c["converged"] is False
+    assert "rose by" in caplog.text and "--tokens" in caplog.text
+
+
+def test_default_log_cadence_gives_enough_rows(data, tmp_path):
+    # 586 steps: every 2nd step logged, plus the last; 40 steps: every step.
+    long_log = pd.read_parquet(_train(data, tmp_path / "a", "isae", tokens="300000")
+                               / "train_log.parquet")
+    assert len(long_log) == 294 and long_log["step"].iloc[-1] == 585
+    short_log = pd.read_parquet(_train(data, tmp_path / "b", "isae", tokens="20000")
+                                / "train_log.parquet")
+    assert list(short_log["step"]) == list(range(40))
 
 
 def test_lr_schedule_shape():

@@ -335,12 +335,6 @@ def extract_flags(wildcards) -> str:
     return flags
 
 
-def log_every(rows: int, batch_size: int) -> int:
-    """Steps between log rows: about 200 rows per run, enough for the convergence control."""
-    steps = -(-rows // batch_size)
-    return max(1, steps // 200)
-
-
 def sweep_archs(name: str) -> list:
     """Every arch of a dataset with a learning rate of its own (dl has none; variants take
     their preset's)."""
@@ -369,7 +363,6 @@ def lr_sweep_flags(wildcards) -> str:
             "tokens": tr["rows"],
             "batch_size": tr["batch_size"],
             "lr": tr["lr"],
-            "log_every": log_every(tr["rows"], tr["batch_size"]),
             "device": config["device"],
         }
     )
@@ -386,7 +379,6 @@ def train_flags(wildcards) -> str:
         "width": g.width,
         "tokens": g.rows,
         "batch_size": tr["batch_size"],
-        "log_every": log_every(g.rows, tr["batch_size"]),
         "device": config["device"],
     }
     if not has_lr_sweep(wildcards.dataset):
@@ -421,7 +413,6 @@ def measure_flags(wildcards) -> str:
             "max_rows": config["match"]["max_rows"],
             "ric_pairs": config["ric"]["pairs"] if ric else 0,
             "cross_archs": ",".join(a for a in main_archs(g.dataset) if a in g.archs),
-            "tail": config["convergence"]["tail"],
             "converged_below": config["convergence"]["threshold"],
             "device": config["device"],
         }

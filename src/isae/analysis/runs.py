@@ -19,8 +19,10 @@ Three tables come out (``GroupTables``):
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ import pandas as pd
 from safetensors.torch import load_file
 
 from isae.analysis.consistency import code_consistency
-from isae.analysis.convergence import init_abs_cos, is_converged, plateau_trend
+from isae.analysis.convergence import init_abs_cos, run_convergence
 from isae.analysis.isometry import ric_report, row_supports
 from isae.analysis.matching import match_dictionaries
 from isae.analysis.reconstruction import describe, encode_flops, reconstruction_metrics
@@ -38,6 +40,7 @@ from isae.analysis.truth import TRUE_CODE_COLUMNS, check_activations, has_true_c
 from isae.data.activations import ActivationSet
 from isae.data.checkpoints import CFG, INIT_FILE, TENSORS, TRAIN_LOG, Checkpoint, load, load_decoder
 from isae.errors import UserError
+from isae.models.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +68,32 @@ def find_checkpoints(paths: list[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def convergence(ckpt: Checkpoint, tail: float, threshold: float) -> dict:
-    """The run's convergence controls from its train log and initial decoder:
-    ``fvu_trend`` (relative fall of the smoothed training FVU over the last ``tail`` of the
-    steps before the learning rate decays: convergence.plateau_trend), ``trend_end`` (where
-    that window ends, a fraction of the steps), ``converged`` (that fall below
-    ``threshold``), ``steps`` and ``log_rows``, and ``init_abs_cos`` (mean |cos| of each atom
-    with its own initial atom; NaN without init.safetensors)."""
-    out = {"fvu_trend": np.nan, "trend_end": np.nan, "converged": False, "steps": np.nan,
-           "log_rows": 0, "init_abs_cos": np.nan}
-    train = ckpt.cfg.get("train") or {}
-    if train.get("batch_size"):
-        out["steps"] = int(ckpt.cfg.get("tokens_seen", 0)) // int(train["batch_size"])
+def convergence(ckpt: Checkpoint, threshold: float | None = None) -> dict:
+    """The run's convergence controls from its train log and initial decoder: the control
+    ``isae train`` states (isae.analysis.convergence.run_convergence: ``fvu_trend``, the
+    relative fall of the smoothed training FVU over the 20 % of steps before the final
+    learning-rate decay, ``trend_start`` / ``trend_end`` its window in steps, and
+    ``converged``, |trend| under ``threshold``, the run's own ``converged_below`` when None),
+    ``steps``, ``log_rows``, and ``init_abs_cos`` (mean |cos| of each atom with its own
+    initial atom; NaN without init.safetensors)."""
+    out = {"fvu_trend": np.nan, "trend_start": np.nan, "trend_end": np.nan, "converged": False,
+           "steps": np.nan, "log_rows": 0, "init_abs_cos": np.nan}
+    train = dict(ckpt.cfg.get("train") or {})
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    tcfg = TrainConfig(**{k: v for k, v in train.items() if k in names})
+    if threshold is not None:
+        tcfg = dataclasses.replace(tcfg, converged_below=threshold)
+    total_steps = max(math.ceil(tcfg.tokens / tcfg.batch_size), 1)
+    out["steps"] = total_steps
     log_path = ckpt.path / TRAIN_LOG
-    if log_path.is_file():
+    if log_path.is_file() and train:
         tl = pd.read_parquet(log_path)
         out["log_rows"] = len(tl)
         if len(tl):
-            out["fvu_trend"], out["trend_end"] = plateau_trend(tl, tail=tail)
-            out["converged"] = is_converged(out["fvu_trend"], threshold)
+            c = run_convergence(tl, tcfg, total_steps)
+            out["fvu_trend"] = np.nan if c["fvu_trend"] is None else c["fvu_trend"]
+            out["trend_start"], out["trend_end"] = c["fvu_trend_steps"]
+            out["converged"] = c["converged"]
     init_path = ckpt.path / INIT_FILE
     if init_path.is_file():
         W0 = load_file(str(init_path))["W_dec"]
@@ -106,8 +116,7 @@ def measure_group(
     ric_pairs: int = 0,
     ric_seed: int = 0,
     cross_archs: list[str] | None = None,
-    tail: float = 0.2,
-    threshold: float = 0.01,
+    threshold: float | None = None,
     latents: bool = True,
     device: str = "cpu",
     batch_size: int = 4096,
@@ -118,7 +127,7 @@ def measure_group(
     reconstruction always streams every held-out row. ``ric_pairs``: sampled pairs of rows
     for the restricted isometry (0 = skip it). ``cross_archs``: the architectures compared
     at equal seeds (dl is never among them: its first atoms come from the data, not from
-    the seed). ``tail``, ``threshold``: the convergence control.
+    the seed). ``threshold``: the convergence control's (None: each run's own).
     """
     ckpt_paths = find_checkpoints(paths)
     acts = ActivationSet(activations)
@@ -138,7 +147,7 @@ def measure_group(
             raise UserError(f"two checkpoints of arch {key[0]} seed {key[1]} under the inputs")
         log.info("measuring %s", path)
         row.update(reconstruction_metrics(ckpt, acts, batch_size))
-        row.update(convergence(ckpt, tail, threshold))
+        row.update(convergence(ckpt, threshold))
         c = ckpt.model.cfg
         row["encode_flops"] = encode_flops(c.kind, c.d_in, c.d_sae, c.k, c.encoder_steps)
         z = ckpt.encode_raw(data["x"])

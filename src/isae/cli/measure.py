@@ -27,12 +27,10 @@ def add_parser(sub) -> None:
                    help="pairs of held-out rows for the restricted isometry (0: skip it)")
     p.add_argument("--cross-archs", default=None,
                    help="comma-separated archs compared with each other at equal seeds")
-    p.add_argument("--tail", type=float, default=0.2,
-                   help="fraction of the steps the FVU trend is measured over: the last ones "
-                        "before the learning rate starts to decay")
-    p.add_argument("--converged-below", type=float, default=0.02,
-                   help="a run has converged when its smoothed training FVU fell by less than "
-                        "this (relative) over that window")
+    p.add_argument("--converged-below", type=float, default=None,
+                   help="a run has converged when its smoothed training FVU moved by less than "
+                        "this (relative) over the 20 %% of steps before the learning-rate decay "
+                        "(default: the threshold each run was trained with)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.set_defaults(func=run)
 
@@ -48,11 +46,11 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError("--max-rows must be at least 2")
     if args.ric_pairs < 0:
         raise UserError("--ric-pairs must be >= 0")
-    if not 0 < args.tail <= 1:
-        raise UserError("--tail must be in (0, 1]")
+    if args.converged_below is not None and not args.converged_below > 0:
+        raise UserError("--converged-below must be positive")
     tables = measure_group(
         args.ckpts, args.activations, max_rows=args.max_rows, ric_pairs=args.ric_pairs,
-        cross_archs=[a for a in (args.cross_archs or "").split(",") if a], tail=args.tail,
+        cross_archs=[a for a in (args.cross_archs or "").split(",") if a],
         threshold=args.converged_below, device=args.device,
     )
     out = Path(args.out)

@@ -9,21 +9,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from isae.cli.fields import add_field_flags, field_values
 from isae.data.activations import ActivationSet
 from isae.errors import UserError
 from isae.models.config import SAEConfig, TrainConfig, arch_help, parse_arch
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 #: SAEConfig fields with a flag. The width's default is known once the data is; the IHT
 #: steps default to the architecture's.
 SAE_FLAGS = ("k", "d_sae", "seed", "l1_coeff", "encoder_steps")
 #: TrainConfig fields with a flag (its seed, of the data order, is the first model seed).
 TRAIN_FLAGS = ("tokens", "batch_size", "lr", "decay", "warmup_frac", "auxk_alpha", "dead_tokens",
-               "shuffle_buffer", "checkpoint_every", "log_every", "device", "data_on_device",
-               "data_memory_fraction")
+               "shuffle_buffer", "checkpoint_every", "log_every", "converged_below", "device",
+               "data_on_device", "data_memory_fraction")
+log = logging.getLogger(__name__)
+
 #: Times d, the width when --width is not given.
 WIDTH_PER_DIM = 8
 
@@ -44,7 +52,8 @@ def add_parser(sub) -> None:
     p.add_argument("--data-seed", type=int, default=None,
                    help="seed of the data order, the first seed's when not given; fixing it "
                         "makes a run's result independent of which runs share its pass")
-    add_field_flags(p, TrainConfig, TRAIN_FLAGS)
+    add_field_flags(p, TrainConfig, TRAIN_FLAGS,
+                    defaults={"log_every": (None, "total steps // 200, at least 1")})
     p.add_argument("--lr-from", default=None, metavar="FILE",
                    help="learning rates by arch from a JSON file {\"lr\": {arch: lr}} (as "
                         "written by isae lr-sweep); a variant such as topk+signed takes its "
@@ -96,6 +105,7 @@ def run(args: argparse.Namespace) -> dict:
                        seed=seeds[0] if args.data_seed is None else args.data_seed)
     outs = [args.out.replace("{seed}", str(s)).replace("{arch}", a) for a, s in runs]
     lrs = [rates.get(a) for a, _ in runs]
+    report = partial(convergence_report, tcfg)
     reused = []
     if args.reuse:
         from isae.data import checkpoints
@@ -117,10 +127,31 @@ def run(args: argparse.Namespace) -> dict:
     if len(runs) == 1 and not reused:
         one = replace(tcfg, lr=lrs[0]) if lrs[0] is not None else tcfg
         return train(args.activations, cfgs[0], one, outs[0], resume=not args.no_resume,
-                     force=args.force)
+                     force=args.force, report=report)
     done = train_many(args.activations, cfgs, tcfg, outs, resume=not args.no_resume, lrs=lrs,
-                      force=args.force)
+                      force=args.force, report=report)
     return {"runs": reused + done, "tokens_per_s": done[0]["tokens_per_s"]}
+
+
+def convergence_report(tcfg: TrainConfig, log_table: pd.DataFrame, total_steps: int,
+                       out: Path) -> dict:
+    """The trainer's end-of-run hook: the convergence control (into cfg.json and the
+    summary), and one warning line on stderr when the run has not converged."""
+    from isae.analysis.convergence import run_convergence
+
+    c = run_convergence(log_table, tcfg, total_steps)
+    if not c["converged"]:
+        start, end = c["fvu_trend_steps"]
+        trend = c["fvu_trend"]
+        if trend is None:
+            why = f"its log ({len(log_table)} rows over {total_steps} steps) is too short to tell"
+        else:
+            why = (f"its smoothed training FVU still {'fell' if trend > 0 else 'rose'} by "
+                   f"{100 * abs(trend):.1f} % over steps {start}-{end} of {total_steps} "
+                   f"(converged: under {100 * tcfg.converged_below:.1f} %)")
+        log.warning("%s has not converged: %s; train on more tokens (--tokens, now %d)",
+                    out, why, tcfg.tokens)
+    return c
 
 
 def read_lr_file(path: str, archs: list[str]) -> dict[str, float]:

@@ -8,6 +8,10 @@ learning) does one optimisation step on a batch; the loop owns the data stream, 
 learning-rate schedule, dead-latent bookkeeping, logging, resume state and the final
 checkpoint.
 
+Logging: about 200 rows per run whatever its length (TrainConfig.log_every), enough for
+the convergence control that ``isae train`` computes from the log as each run ends (the
+``report`` hook; isae.analysis.convergence.run_convergence) and writes into cfg.json.
+
 Batches come from the training split held in device memory, or streamed from disk
 (training/batches.py chooses; ``TrainConfig.data_on_device``).
 
@@ -30,6 +34,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -52,6 +57,9 @@ from isae.training.batches import DEVICE, STREAM, training_batches
 from isae.training.resume import LEGACY_FILE, STATE_FILE, StateError, load_state, save_state
 
 log = logging.getLogger(__name__)
+
+Report = Callable[[pd.DataFrame, int, Path], dict]
+"""What ``train_many`` calls as a run ends: (train log, total steps, out) -> cfg.json fields."""
 
 #: Seeds sharing a pass on CUDA run their steps and bookkeeping on one stream each, so one
 #: model's small kernels can overlap another's. Opt-in (ISAE_SEED_STREAMS=1) until the GPU
@@ -175,7 +183,7 @@ def lr_multiplier(step: int, total: int, tcfg: TrainConfig) -> float:
     if tcfg.decay == "cosine":
         p = (step - warm) / max(total - warm, 1)
         return 0.5 * (1 + math.cos(math.pi * p))
-    decay_start = int(0.8 * total)
+    decay_start = tcfg.decay_start(total)
     if step < decay_start:
         return 1.0
     return max(total - step, 0) / max(total - decay_start, 1)
@@ -253,9 +261,10 @@ def train(
     out: str | os.PathLike,
     resume: bool = True,
     force: bool = False,
+    report: Report | None = None,
 ) -> dict:
     """Train one sparse coder; returns the summary printed by ``isae train``."""
-    return train_many(activations, [sae_cfg], tcfg, [out], resume, force=force)[0]
+    return train_many(activations, [sae_cfg], tcfg, [out], resume, force=force, report=report)[0]
 
 
 def train_many(
@@ -267,9 +276,14 @@ def train_many(
     lrs: list[float | None] | None = None,
     drop_diverged: bool = False,
     force: bool = False,
+    report: Report | None = None,
 ) -> list[dict]:
     """Train several sparse coders (e.g. seeds, or architectures) on one shared stream of
     batches.
+
+    ``report(log, total_steps, out)`` is called for each run as it ends, with its train log;
+    the dict it returns goes into the run's cfg.json and summary (``isae train`` passes the
+    convergence control, isae.analysis.convergence, which this layer may not import).
 
     The data order comes from ``tcfg.seed``; with one model this is the model's own seed,
     so a single run and a run of several seeds differ only in that the latter share one order.
@@ -307,6 +321,7 @@ def train_many(
     ops = select_ops(device)
     runs = [_Run(c, t, o, device, ops) for c, t, o in zip(sae_cfgs, tcfgs, outs)]
     total_steps = max(math.ceil(tcfg.tokens / tcfg.batch_size), 1)
+    log_every = tcfg.log_interval(total_steps)
     start_step = 0
     wall0 = 0.0
     saved_source = None
@@ -346,7 +361,7 @@ def train_many(
         for step in range(start_step, total_steps):
             x = (next(batches) - mean) / norm.scale
             lr_scale = lr_multiplier(step, total_steps, tcfg)
-            logging_step = step % tcfg.log_every == 0 or step == total_steps - 1
+            logging_step = step % log_every == 0 or step == total_steps - 1
             deads = [run.since_fired >= tcfg.dead_tokens for run in runs]
             n_deads = (torch.stack([d.sum() for d in deads]).tolist() if one_sync
                        else [None] * len(runs))
@@ -414,9 +429,12 @@ def train_many(
                               "lr": getattr(run.stepper, "base_lr", None)})
             continue
         log_bytes = io.BytesIO()
-        pd.DataFrame(run.rows).to_parquet(log_bytes, index=False)
+        table = pd.DataFrame(run.rows)
+        table.to_parquet(log_bytes, index=False)
+        conv = report(table, total_steps, run.out) if report is not None else {}
         extra = {
             "tokens_seen": tokens_seen,
+            **conv,
             "train": {**_train_fingerprint(run.tcfg), "batches": source},
             "lr": getattr(run.stepper, "base_lr", None),
             "activations": {
@@ -443,6 +461,7 @@ def train_many(
             "fvu": last["fvu"],
             "l0": last["l0"],
             "dead_frac": last["dead_frac"],
+            **conv,
             "tokens_per_s": rate,
             "wall_s": elapsed,
             "batches": source,
