@@ -460,9 +460,9 @@ T2_METRICS = [*T2_MATCH, *T2_RIC]
 T1_CAPTION = (
     "T1. Per dataset x arch at the main k, width and training rows: the learning rate the lr "
     "sweep chose; held-out reconstruction (normalised activations), mean ± sd over seeds; "
-    "convergence (runs whose smoothed training FVU fell less than the threshold over the "
-    "last steps before the learning-rate decay, that fall in %, each atom's |cos| with its "
-    "own initial atom); stability: "
+    "convergence (runs whose smoothed training FVU moved by less than the threshold over the "
+    "20 % of steps before the learning-rate decay, that fall in %, each atom's |cos| with "
+    "its own initial atom); stability: "
     "matched |cos| between seeds and fraction above 0.9, mean [min, max] over the seed "
     "pairs (they share seeds, so no sd), matched |cos| with the other architectures trained "
     "from the same seed, and chance levels of two random dictionaries drawn from the "
