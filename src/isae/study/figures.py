@@ -151,6 +151,12 @@ def _errbar(ax, x, mean, err, color, converged: bool, **kw) -> None:
                 mfc=color if converged else "white", capsize=3, ls="none", **kw)
 
 
+def _integer_ticks(ax, values) -> None:
+    """Ticks at ``values`` labelled as plain integers (not 2^3) on a log axis."""
+    ax.set_xticks(values, [str(int(v)) for v in values])
+    ax.minorticks_off()
+
+
 def _count_label(n: pd.Series, metric: str) -> str:
     """'3 seeds', '1 seed', '1–3 pairs': how many values each point of a panel averages."""
     unit = "pair" if metric == "seed_abs_cos" else "seed"
@@ -472,6 +478,11 @@ def f4_ablation(runs: pd.DataFrame, pairs: pd.DataFrame) -> Figure:
         y = np.arange(len(variants))
         for c, metric in enumerate(metrics):
             ax = axes[r][c]
+            if sub[sub["metric"] == metric].empty:
+                _placeholder(ax, _F4_LABELS[metric], "same rows as left",
+                             "no truth for this dataset")
+                ax.set_title(f"{ds}", fontsize=9)
+                continue
             m = sub[sub["metric"] == metric].set_index("variant").reindex(variants)
             for yi, v in zip(y, variants):
                 row = m.loc[v]
@@ -514,7 +525,7 @@ def f5_fvu_l0(runs: pd.DataFrame) -> Figure:
     """Held-out FVU against mean L0 over the k sweep (one seed), per arch, one panel per
     dataset; each point annotated with its k."""
     title = "F5 · reconstruction–sparsity trade-off: FVU against L0 over the k sweep"
-    xlabel, ylabel = "mean L0 (active latents per held-out row)", "held-out FVU"
+    xlabel, ylabel = "mean L0 (active latents per held-out row; = k here)", "held-out FVU"
     runs = _rows(runs, "sweep")
     if runs.empty:
         return _empty_figure(title, xlabel, ylabel, "no k sweep in the config")
@@ -532,9 +543,8 @@ def f5_fvu_l0(runs: pd.DataFrame) -> Figure:
             for _, r in s.iterrows():
                 conv = bool(r.get("converged", True))
                 ax.plot(r["l0"], r["fvu"], "o", color=color, mfc=color if conv else "white")
-                ax.annotate(f"k={int(r['k'])}", (r["l0"], r["fvu"]), fontsize=6,
-                            textcoords="offset points", xytext=(3, 3))
         ax.set_xscale("log", base=2)
+        _integer_ticks(ax, sorted(set(sub["k"])))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(f"{ds} (seed {int(sub['seed'].min())})")
@@ -563,7 +573,7 @@ def f6_fidelity(fidelity: pd.DataFrame, runs: pd.DataFrame | None = None) -> Fig
     similarity for an encoder (the ``kind`` column says which). The k sweep's runs: one seed
     per point; hollow where the run (``runs``' flag) has not converged."""
     title = "F6 · downstream fidelity with the reconstruction spliced in at the hook"
-    xlabel = "mean L0 (active latents per token)"
+    xlabel = "mean L0 (active latents per token; = k here)"
     ylabel = "fraction recovered (1 = clean model)"
     fidelity = _rows(fidelity, "sweep")
     if fidelity.empty or "kind" not in fidelity.columns:
@@ -589,6 +599,7 @@ def f6_fidelity(fidelity: pd.DataFrame, runs: pd.DataFrame | None = None) -> Fig
         ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
         kinds = ", ".join(FIDELITY_KINDS.get(k, k) for k in sorted(set(sub["kind"].astype(str))))
         ax.set_xscale("log", base=2)
+        _integer_ticks(ax, sorted(set(sub["k"])))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         seed = int(sub["seed"].min()) if "seed" in sub.columns else 0
@@ -724,7 +735,7 @@ _F8_METRICS = [
     ("fvu", "held-out FVU (mean ± sd)"),
     ("seed_abs_cos", "matched |cos| between seeds\n(mean, range over pairs)"),
     ("truth_abs_cos", "matched |cos| to the truth (mean ± sd)"),
-    ("encode_flops", "encode cost per row (FLOPs)"),
+    ("encode_flops", "encode cost per row (thousand FLOPs)"),
 ]
 
 
@@ -750,18 +761,19 @@ def f8_iter(runs: pd.DataFrame, pairs: pd.DataFrame) -> Figure:
                 continue
             steps = sorted(set(d[d["dataset"] == ds]["steps"]))
             pos = {s: i for i, s in enumerate(steps)}
+            scale = 1e-3 if metric == "encode_flops" else 1.0  # FLOPs shown in thousands
             for i, b in enumerate(bases):
                 s = sub[sub["base"] == b].sort_values("steps")
                 if s.empty:
                     continue
                 color = arch_color(b, i)
-                ax.plot([pos[x] for x in s["steps"]], s["mean"], color=color, lw=1.3)
+                ax.plot([pos[x] for x in s["steps"]], scale * s["mean"], color=color, lw=1.3)
                 for _, row in s.iterrows():
-                    err = (row["lo"], row["hi"]) if metric == "seed_abs_cos" else row["sd"]
-                    _errbar(ax, pos[row["steps"]], row["mean"], err, color, bool(row["converged"]))
+                    err = ((row["lo"], row["hi"]) if metric == "seed_abs_cos"
+                           else scale * row["sd"])
+                    _errbar(ax, pos[row["steps"]], scale * row["mean"], err, color,
+                            bool(row["converged"]))
             ax.set_xticks(range(len(steps)), [str(s) for s in steps])
-            if metric == "encode_flops":
-                ax.set_yscale("log")
             ax.set_xlabel(xlabel)
             ax.set_ylabel(label, fontsize=8)
             ax.set_title(f"{ds} ({_count_label(sub['n'], metric)} per point)", fontsize=9)
