@@ -386,5 +386,8 @@ def test_workflow_plans_one_page_per_language_model_arch(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     pages = sorted(set(re.findall(r"results/browser/\S+\.html", r.stdout)))
     # the synthetic set has no text: pages for minilm only, each arch's two lowest seeds
-    assert pages == ["results/browser/minilm/k16-w1536-r120000/isae/seed0-seed1.html",
-                     "results/browser/minilm/k16-w1536-r120000/topk/seed0-seed1.html"]
+    import yaml
+    train = yaml.safe_load((root / "config" / "config.yaml").read_text())["datasets"]["minilm"]["train"]
+    shape = f"k{train['k']}-w{train['width']}-r{train['rows']}"
+    assert pages == [f"results/browser/minilm/{shape}/isae/seed0-seed1.html",
+                     f"results/browser/minilm/{shape}/topk/seed0-seed1.html"]
