@@ -194,6 +194,12 @@ def test_reuse_copies_exactly_what_training_would_give(data, tmp_path, capsys):
     assert main([*base, "--out", str(again)]) == 0
     assert _same(tmp_path / "again" / "topk" / "seed0", tmp_path / "g" / "topk" / "seed0")
     assert _same(tmp_path / "again" / "topk" / "seed1", tmp_path / "g" / "topk" / "seed1")
+    # The reused run carries the convergence control that training it writes.
+    conv = ("fvu_trend", "fvu_trend_steps", "converged", "converged_below")
+    reused_cfg = json.loads((tmp_path / "g" / "topk" / "seed0" / "cfg.json").read_text())
+    trained_cfg = json.loads((tmp_path / "again" / "topk" / "seed0" / "cfg.json").read_text())
+    assert all(k in trained_cfg for k in conv)
+    assert {k: reused_cfg.get(k) for k in conv} == {k: trained_cfg[k] for k in conv}
     # Another setting (here the batch size) finds nothing to reuse.
     other = tmp_path / "other" / "{arch}" / "seed{seed}"
     capsys.readouterr()

@@ -228,7 +228,11 @@ def _results_files(repo: Path, results: str) -> list[Path]:
     root = repo / results
     pats = ["tables/*", "figures/*.png", "runs/*.parquet", "activations/*/meta.json",
             "activations/*/text_files.json", "checkpoints/**/cfg.json",
-            "checkpoints/**/train_log.parquet", "browser/**/*.html", "*.html"]
+            "checkpoints/**/train_log.parquet", "browser/**/*.html", "*.html",
+            # the per-group measurements and fidelity: a run cut short still brings back
+            # everything it measured, and the tables can be rebuilt from them elsewhere
+            "measure/**/*.parquet", "fidelity/**/*.parquet", "lr/**/*.parquet",
+            "lr/**/cfg.json", "chance/**/*.parquet"]
     out = {p for pat in pats for p in root.glob(pat) if p.is_file()}
     out |= {p for p in (repo / "benchmarks" / "rules").rglob("*.tsv")}
     return sorted(p.relative_to(repo) for p in out)

@@ -103,14 +103,16 @@ cmd_stage() {
 running() { [ -f "$RUN/pid" ] && kill -0 "$(cat "$RUN/pid")" 2>/dev/null; }
 
 commit_line() {
-  # The commit of the caller's tree; without .git, the stamp made here, checked against the
-  # run's own copy ($WORK) file by file.
-  if git -C "$repo" rev-parse HEAD >/dev/null 2>&1; then
+  # The stamp made here (run_study.sh stamp), checked against the run's own copy ($WORK)
+  # file by file; without one, the commit of the caller's tree. The stamp comes first: the
+  # device tool's copy may hold a stale .git of an earlier session (seen: a commit with
+  # "103 tracked files modified").
+  if [ -f "$repo/.gpu/STAMP" ]; then
+    "$PY" "$here/tree_stamp.py" check "$WORK" "$repo/.gpu/STAMP"
+  elif git -C "$repo" rev-parse HEAD >/dev/null 2>&1; then
     local dirty
     dirty=$(git -C "$repo" status --porcelain --untracked-files=no | wc -l)
     echo "$(git -C "$repo" rev-parse HEAD) ($([ "$dirty" = 0 ] && echo clean || echo "$dirty tracked files modified"))"
-  elif [ -f "$repo/.gpu/STAMP" ]; then
-    "$PY" "$here/tree_stamp.py" check "$WORK" "$repo/.gpu/STAMP"
   else
     echo "unknown: no .git and no .gpu/STAMP (run 'run_study.sh stamp' here and carry .gpu/STAMP)"
   fi

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from isae.analysis.convergence import run_convergence
 from isae.analysis.reconstruction import reconstruction_metrics
 from isae.data.activations import ActivationSet
 from isae.data.atomic import write_json_atomic, write_table
@@ -72,8 +73,11 @@ def lr_sweep(
     cfgs = [SAEConfig(d_in=acts.d, d_sae=width, k=k, arch=a, seed=seed, **parse_arch(a).fields)
             for a, _ in cands]
     outs = [out / "ckpt" / a / factor_name(f) for a, f in cands]
+    # The convergence control into each candidate's cfg.json, as isae train writes it: the
+    # main grid reuses the chosen candidate as its first seed.
     done = train_many(activations, cfgs, tcfg, outs, lrs=[f * default for _, f in cands],
-                      drop_diverged=True)
+                      drop_diverged=True,
+                      report=lambda log, steps, _out: run_convergence(log, tcfg, steps))
     rows = []
     for (arch, f), summary, path in zip(cands, done, outs):
         fvu = math.inf
