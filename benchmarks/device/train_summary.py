@@ -2,6 +2,8 @@
 train_log.parquet that collect_run.py brings back (no weights): one row per run with its
 final training FVU, the convergence control and the learning rate.
 
+Where a cfg.json lacks the convergence control (the learning-rate sweep's runs did not write
+it before), it is computed from the run's log as `isae train` computes it.
 A run cut short before its measurements still leaves this: it shows whether the SAEs had
 converged at that budget, which is what a config for the next run needs to know.
 
@@ -18,6 +20,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from isae.analysis.convergence import run_convergence
+from isae.models.config import TrainConfig
+
 
 def summarise(results: Path) -> pd.DataFrame:
     rows = []
@@ -27,13 +32,20 @@ def summarise(results: Path) -> pd.DataFrame:
         dataset, group = run.relative_to(results / "checkpoints").parts[:2]
         log = pd.read_parquet(run / "train_log.parquet") if (run / "train_log.parquet").is_file() else None
         train = cfg.get("train", {})
+        conv = {k: cfg.get(k) for k in ("fvu_trend", "converged")}
+        if conv["converged"] is None and log is not None:
+            # A run that training did not stamp (the lr sweep's, before it did): the same
+            # control, from its own log and settings.
+            tcfg = TrainConfig(**{k: v for k, v in train.items() if k != "batches"})
+            steps = -(-tcfg.tokens // tcfg.batch_size)
+            conv = run_convergence(log, tcfg, steps)
         rows.append({
             "dataset": dataset, "group": group, "arch": cfg["arch"], "seed": cfg["seed"],
             "k": cfg["k"], "width": cfg["d_sae"], "tokens": cfg.get("tokens_seen"),
             "batch_size": train.get("batch_size"), "lr": cfg.get("lr"),
             "steps": None if log is None else int(log["step"].iloc[-1]) + 1,
             "train_fvu": None if log is None else float(log["fvu"].iloc[-1]),
-            "fvu_trend": cfg.get("fvu_trend"), "converged": cfg.get("converged"),
+            "fvu_trend": conv["fvu_trend"], "converged": conv["converged"],
             "wall_s": None if log is None else float(log["wall_s"].iloc[-1]),
         })
     return pd.DataFrame(rows)

@@ -1,0 +1,98 @@
+"""What config/paper.yaml's training would cost on H200s, from the training tokens its DAG
+plans per architecture and the training rates measured on one H200
+(benchmarks/RESULTS.md, "GPU, fifth session": d 768, width 24 576, k 32, batch 8 192,
+the paper's Pythia and DINOv2 shape; the synthetic set's d 512 / width 8 192 is costed at
+the same rate, which overstates it).
+
+    python3 benchmarks/paper_cost.py [--config config/paper.yaml]
+
+Measured: the TopK family's graphed step from device-resident data (3.20 M tok/s) and
+isae-iter's 3 thresholding steps (0.76 M tok/s). The rate at 1 and 10 steps is a straight
+line through those two points in the time per token (each thresholding step costs the same),
+an interpolation, not a measurement. relu and dl have no H200 measurement at this shape:
+their tokens are listed apart, not costed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "slurm"))
+import compute_plan  # noqa: E402  (the DAG reader of the compute plan)
+
+TOPK_RATE = 3.20e6  # tok/s, topk family, from disk via the device-resident split
+ITER3_RATE = 0.76e6  # tok/s, isae-iter (3 thresholding steps), CUDA graph
+
+
+def iter_rate(steps: int) -> float:
+    """Tokens/s with ``steps`` thresholding steps: time per token linear in the steps,
+    through the two measured points (0 and 3 steps)."""
+    per_step = (1 / ITER3_RATE - 1 / TOPK_RATE) / 3
+    return 1 / (1 / TOPK_RATE + steps * per_step)
+
+
+def encoder_steps(arch: str) -> int:
+    """Thresholding steps of an arch name (isae-iter: 3, +iterN: N, +iter: 3)."""
+    if arch == "isae-iter":
+        return 3
+    m = re.search(r"\+iter(\d*)", arch)
+    return (int(m.group(1)) if m.group(1) else 3) if m else 0
+
+
+def planned_tokens(config: Path) -> dict[str, int]:
+    """Training tokens per arch over every train and lr_sweep job of the plan."""
+    tokens: dict[str, int] = defaultdict(int)
+    for rule, _wc, _gpus, shell in compute_plan.dry_run_jobs(config):
+        if rule not in ("train", "lr_sweep"):
+            continue
+        t = int(compute_plan.flag(shell, "tokens"))
+        archs = (compute_plan.flag(shell, "arch") or "").split(",")
+        if rule == "train":
+            n = len((compute_plan.flag(shell, "seeds") or "0").split(","))
+        else:
+            n = len((compute_plan.flag(shell, "factors") or "1").split(","))
+            archs = [a for a in archs if a != "dl"]  # the sweep skips it: dl has no rate
+        for a in archs:
+            tokens[a] += n * t
+    return dict(tokens)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, default=REPO / "config" / "paper.yaml")
+    a = p.parse_args()
+    tokens = planned_tokens(a.config)
+    classes: dict[str, list] = defaultdict(lambda: [0, 0.0, ""])
+    for arch, t in tokens.items():
+        if arch in ("relu", "dl"):
+            key, rate, how = f"{arch} (not measured on a GPU)", None, "n/a"
+        else:
+            s = encoder_steps(arch)
+            rate = iter_rate(s)
+            key = ("TopK family, no thresholding step" if s == 0
+                   else f"{s} thresholding step{'s' if s > 1 else ''}")
+            how = ("measured" if s in (0, 3) else "interpolated") + f", {rate / 1e6:.2f} M tok/s"
+        c = classes[key]
+        c[0] += t
+        c[2] = how
+        if rate is not None:
+            c[1] += t / rate / 3600
+    print("| SAEs | training tokens | rate on one H200 | GPU-hours |")
+    print("| --- | ---: | --- | ---: |")
+    total = 0.0
+    for key in sorted(classes, key=lambda k: (k.endswith("GPU)"), -classes[k][0])):
+        t, h, how = classes[key]
+        costed = not key.endswith("GPU)")
+        total += h
+        print(f"| {key} | {t / 1e9:.2f} B | {how} | {f'{h:.2f}' if costed else 'n/a'} |")
+    print(f"| **all costed** | {sum(c[0] for k, c in classes.items() if not k.endswith('GPU)')) / 1e9:.2f} B"
+          f" | | **{total:.1f}** |")
+
+
+if __name__ == "__main__":
+    main()
