@@ -252,6 +252,13 @@ def zero_rows(b, t):
     return train_args(str(s), str(t / "out"))
 
 
+def truncated_shard(b, t):
+    """A shard cut short after extraction: meta.json's rows no longer match the shards."""
+    s = copy(b, "set", t)
+    edit_shards(s, lambda tb: tb.slice(0, tb.num_rows - 7))
+    return train_args(str(s), str(t / "out"))
+
+
 def missing_heldout(b, t):
     s = copy(b, "set", t)
     edit_shards(s, lambda tb: tb.drop_columns(["heldout"]))
@@ -310,6 +317,9 @@ CASES = [
     Case("meta-scale-zero", bad_meta(lambda m: m.update(scale=0)), "scale must be a positive finite"),
     Case("meta-list", bad_meta(lambda m: [], "eval"), "is not a JSON object"),
     Case("meta-shards", bad_meta(lambda m: m.update(shards=4)), "lists 4 shards but the folder holds 3"),
+    Case("shard-truncated", truncated_shard, "shards hold"),
+    Case("meta-rows-more", bad_meta(lambda m: m.update(rows=m["rows"] + 5, train_rows=None,
+                                                       heldout_rows=None)), "meta.json says"),
     # shards (items 15, 16)
     Case("x-int32", bad_shards(x_as(np.int32)), "column x is fixed_size_list<element: int32>"),
     Case("x-float64", bad_shards(x_as(np.float64), "eval"), "column x is fixed_size_list<element: double>"),

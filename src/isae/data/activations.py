@@ -304,6 +304,19 @@ class ActivationSet:
             raise UserError(f"activation set {self.path} has no {SHARD_GLOB} shards")
         # The first shard's schema now (cheap: the footer); every shard's as it is read.
         self._check_schema(self.shards[0], self._schema(self.shards[0]))
+        # The shards' row counts (footers only) against meta.json: a shard lost, truncated or
+        # left from another extraction would otherwise shift the held-out split silently.
+        found = sum(self._footer(p).num_rows for p in self.shards)
+        if found != self.rows:
+            raise UserError(f"activation set {self.path}: its {len(self.shards)} shards hold "
+                            f"{found} rows, meta.json says {self.rows} (a shard missing, "
+                            "truncated or from another extraction?): extract it again")
+
+    def _footer(self, path: Path) -> pq.FileMetaData:
+        try:
+            return pq.read_metadata(path)
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"cannot read shard {path}: {_first_line(e)}") from None
 
     def _schema(self, path: Path) -> pa.Schema:
         try:
