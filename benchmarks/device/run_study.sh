@@ -11,6 +11,8 @@
 #                                          ARGS go to snakemake. Returns at once.
 #   run_study.sh status                    jobs done / total, elapsed time, the log's tail
 #   run_study.sh wait [SECONDS]            return when the run ends or after SECONDS (540)
+#   run_study.sh watch [SECONDS]           wait, collecting into $OUT every minute, so that a
+#                                          call cut short still brings the latest results back
 #   run_study.sh collect [DIR]             results, benchmark files, logs and RUN.md into DIR
 #                                          (default $OUT): at most 8 files of <= 16 MiB
 #   run_study.sh stop                      stop the run this script started
@@ -217,6 +219,32 @@ cmd_wait() {
   cmd_status
 }
 
+cmd_watch() {
+  # wait, but bring back what the run has made every minute or so: each round collects into
+  # a scratch folder and renames the files into $OUT, so a call cut short (the session's
+  # device time spent) still returns the latest complete archives.
+  local limit=${1:-540} t0=$SECONDS out=${OUT:-}
+  [ -n "$out" ] || die "watch needs \$OUT (the device tool's output folder)"
+  [ -f "$RUN/started" ] || die "no run started in $DEV"
+  while :; do
+    cmd_wait "${WATCH_EVERY:-60}" > /dev/null
+    echo "[$(date +%H:%M:%S)] $(grep -E '^[0-9]+ of [0-9]+ steps' "$RUN/snakemake.log" 2>/dev/null | tail -1 || echo 'starting'); collected into $out"
+    local tmp
+    tmp=$(mktemp -d)
+    if cmd_collect "$tmp" > /dev/null 2>&1; then
+      for f in "$tmp"/*; do
+        cp "$f" "$out/.$(basename "$f").tmp" && mv "$out/.$(basename "$f").tmp" "$out/$(basename "$f")"
+      done
+    fi
+    rm -rf "$tmp"
+    [ -f "$RUN/rc" ] && break
+    running || break
+    # leave room for one more round (wait + collect) inside the limit
+    [ $((SECONDS - t0 + ${WATCH_EVERY:-60} + 30)) -lt "$limit" ] || break
+  done
+  cmd_status
+}
+
 cmd_stop() {
   running || { say "no run is going"; return 0; }
   # setsid made the run's shell a process-group leader: end that group, nothing else.
@@ -302,6 +330,7 @@ case "$mode" in
   start) cmd_start "$@" ;;
   status) cmd_status ;;
   wait) cmd_wait "$@" ;;
+  watch) cmd_watch "$@" ;;
   stop) cmd_stop ;;
   collect) cmd_collect "$@" ;;
   stamp) cmd_stamp ;;
