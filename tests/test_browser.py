@@ -266,6 +266,30 @@ def test_browse_refuses_sets_it_cannot_show(lm_set, synthetic_set, tmp_path, cap
     assert not (tmp_path / "p.html").exists()
 
 
+def test_browse_never_writes_over_a_folder_an_input_or_another_file(lm_set, tmp_path, capsys):
+    tmp, acts, cks = lm_set
+    meta = (acts.path / "meta.json").read_bytes()
+    cfg = (cks[0] / "cfg.json").read_bytes()
+    common = [str(cks[0]), str(cks[1]), "--activations", str(acts.path), "--out"]
+    _fail(["browse", *common, str(acts.path)], capsys, "would replace the input")
+    _fail(["browse", *common, str(cks[0])], capsys, "would replace the input")
+    _fail(["browse", *common, str(cks[0] / "cfg.json")], capsys, "would replace the input")
+    (tmp_path / "folder").mkdir()
+    _fail(["browse", *common, str(tmp_path / "folder")], capsys, "is a folder")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    _fail(["browse", *common, str(notes)], capsys, "is not an HTML page")
+    assert notes.read_text() == "mine\n"
+    assert (acts.path / "meta.json").read_bytes() == meta
+    assert (cks[0] / "cfg.json").read_bytes() == cfg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "notes.txt"]
+    # a page it wrote before is replaced
+    page = tmp_path / "page.html"
+    assert main(["browse", *common, str(page)]) == 0
+    assert main(["browse", *common, str(page)]) == 0
+    assert page.read_text().startswith("<!DOCTYPE html>")
+
+
 # ----------------------------------------------------------------------------- a real browser
 
 

@@ -9,8 +9,8 @@ study is `benchmarks/device/run_study.sh --cpu-smoke` (minutes; run by hand).
 from __future__ import annotations
 
 import hashlib
-import os
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys

@@ -39,12 +39,15 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> dict:
     from isae.analysis.browser import browse, check_activations, tokenizer_for
     from isae.data.activations import ActivationSet
-    from isae.data.atomic import writable_parent, write_text_atomic
+    from isae.data.atomic import check_file_out, writable_parent, write_text_atomic
     from isae.data.checkpoints import load
     from isae.study.browser_html import render
 
     t0 = time.perf_counter()
-    writable_parent(args.out)  # fail before the work, not after it
+    # fail before the work, not after it: never a folder, an input or another kind of file
+    check_file_out(args.out, [args.activations, args.ckpt_a, args.ckpt_b], "--out",
+                   kind="an HTML page", magic=b"<!DOCTYPE html", example=".html")
+    writable_parent(args.out)
     acts = ActivationSet(args.activations)
     a = load(args.ckpt_a, device=args.device)
     b = load(args.ckpt_b, device=args.device)

@@ -33,12 +33,13 @@ def run(args: argparse.Namespace) -> dict:
 
     from isae.analysis.matching import chance_levels
     from isae.data.activations import ActivationSet
-    from isae.data.atomic import write_table
+    from isae.data.atomic import check_table_out, write_table
     from isae.data.checkpoints import load_decoder
     from isae.errors import UserError
 
     if args.draws < 1 or args.max_rows < 2 or min(args.width) < 1:
         raise UserError("--draws and --width must be positive and --max-rows at least 2")
+    check_table_out(args.out, [args.activations], "--out")
     acts = ActivationSet(args.activations)
     x = acts.load("train", max_rows=args.max_rows)["x"]
     norm = acts.normalizer()

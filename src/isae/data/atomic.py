@@ -179,6 +179,14 @@ def check_table_out(path: str | os.PathLike | None, inputs: Iterable[str | os.Pa
                     flag: str = "--out") -> None:
     """A Parquet table may replace an existing Parquet file, but never a folder, another
     kind of file, an input, or a file inside an input (a checkpoint's own files, say)."""
+    check_file_out(path, inputs, flag, kind="a Parquet table", magic=b"PAR1", example=".parquet")
+
+
+def check_file_out(path: str | os.PathLike | None, inputs: Iterable[str | os.PathLike],
+                   flag: str, *, kind: str, magic: bytes, example: str) -> None:
+    """An output file may replace an existing file of its own ``kind`` (e.g. "an HTML page":
+    one that starts with ``magic``), but never a folder, another kind of file, an input, or
+    a file inside an input; ``example`` is the suffix the message suggests."""
     if path is None:
         return
     p = Path(path)
@@ -188,12 +196,12 @@ def check_table_out(path: str | os.PathLike | None, inputs: Iterable[str | os.Pa
         if real == src or src in real.parents and p.exists() or real in src.parents:
             raise UserError(f"{flag} {path} would replace the input {item} or a file of it")
     if p.is_dir():
-        raise UserError(f"{flag} {path} is a folder; name a .parquet file")
+        raise UserError(f"{flag} {path} is a folder; name a {example} file")
     if p.exists():
         with open(p, "rb") as f:
-            magic = f.read(4)
-        if magic != b"PAR1":
-            raise UserError(f"{flag} {path} exists and is not a Parquet table: choose another name")
+            head = f.read(len(magic))
+        if head.lower() != magic.lower():
+            raise UserError(f"{flag} {path} exists and is not {kind}: choose another name")
 
 
 def publish(stage: Path, out: Path) -> None:
