@@ -105,12 +105,20 @@ def test_a_split_too_large_for_the_device_is_one_line(tmp_path):
     import json
 
     acts = _set(tmp_path / "s")
-    meta = json.loads((acts.path / "meta.json").read_text())
-    meta["train_rows"] = 10**13  # 480 TB in float32: no machine allocates it
-    meta["rows"] = meta["train_rows"] + meta["heldout_rows"]  # counts must add up to load
-    (acts.path / "meta.json").write_text(json.dumps(meta))
+    # A set on disk must hold the rows its meta.json counts (ActivationSet checks the shards'
+    # footers), so the impossible size is given to the loaded set, as a huge real set's
+    # meta would give it.
+    acts = ActivationSet(acts.path)
+    acts.meta["train_rows"] = 10**13  # 480 TB in float32: no machine allocates it
+    acts.meta["rows"] = acts.rows = acts.meta["train_rows"] + acts.meta["heldout_rows"]
     with pytest.raises(UserError, match="does not fit in cpu's memory"):
-        resident.load_training_rows(ActivationSet(acts.path))
+        resident.load_training_rows(acts)
+    # and on disk, the same meta.json is refused before anything is allocated
+    meta = json.loads((acts.path / "meta.json").read_text())
+    meta.update(train_rows=acts.meta["train_rows"], rows=acts.rows)
+    (acts.path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="meta.json says"):
+        ActivationSet(acts.path)
 
 
 def test_auto_falls_back_to_streaming_when_the_split_does_not_fit(tmp_path, monkeypatch):
