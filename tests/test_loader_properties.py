@@ -22,8 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+
+# In the dev extra; the ecosystem venv (make ecosystem) has only pytest and collects this file
+pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from isae.data import checkpoints as checkpoint
 from isae.data.activations import ActivationSet
