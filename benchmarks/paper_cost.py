@@ -48,50 +48,45 @@ def planned_tokens(config: Path) -> dict[str, int]:
     """Training tokens per arch over every train and lr_sweep job of the plan."""
     tokens: dict[str, int] = defaultdict(int)
     for rule, _wc, _gpus, shell in compute_plan.dry_run_jobs(config):
-        if rule not in ("train", "lr_sweep"):
-            continue
-        t = int(compute_plan.flag(shell, "tokens"))
-        archs = (compute_plan.flag(shell, "arch") or "").split(",")
-        if rule == "train":
-            n = len((compute_plan.flag(shell, "seeds") or "0").split(","))
-        else:
-            n = len((compute_plan.flag(shell, "factors") or "1").split(","))
-            archs = [a for a in archs if a != "dl"]  # the sweep skips it: dl has no rate
-        for a in archs:
-            tokens[a] += n * t
+        runs = compute_plan.trained_runs(rule, shell)
+        for arch, n in runs or []:
+            tokens[arch] += n * int(compute_plan.flag(shell, "tokens"))
     return dict(tokens)
+
+
+def costed(tokens: dict[str, int]) -> list[dict]:
+    """One row per class of SAE: its tokens, its rate (None: never measured on a GPU, not
+    costed) and GPU-hours, largest costed class first."""
+    classes: dict[str, dict] = {}
+    for arch, t in tokens.items():
+        if arch in ("relu", "dl"):
+            name, rate, how = f"{arch} (not measured on a GPU)", None, "n/a"
+        else:
+            s = encoder_steps(arch)
+            rate = iter_rate(s)
+            name = ("TopK family, no thresholding step" if s == 0
+                    else f"{s} thresholding step{'s' if s > 1 else ''}")
+            how = ("measured" if s in (0, 3) else "interpolated") + f", {rate / 1e6:.2f} M tok/s"
+        c = classes.setdefault(name, {"name": name, "tokens": 0, "rate": rate, "how": how})
+        c["tokens"] += t
+    for c in classes.values():
+        c["hours"] = None if c["rate"] is None else c["tokens"] / c["rate"] / 3600
+    return sorted(classes.values(), key=lambda c: (c["hours"] is None, -c["tokens"]))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=REPO / "config" / "paper.yaml")
     a = p.parse_args()
-    tokens = planned_tokens(a.config)
-    classes: dict[str, list] = defaultdict(lambda: [0, 0.0, ""])
-    for arch, t in tokens.items():
-        if arch in ("relu", "dl"):
-            key, rate, how = f"{arch} (not measured on a GPU)", None, "n/a"
-        else:
-            s = encoder_steps(arch)
-            rate = iter_rate(s)
-            key = ("TopK family, no thresholding step" if s == 0
-                   else f"{s} thresholding step{'s' if s > 1 else ''}")
-            how = ("measured" if s in (0, 3) else "interpolated") + f", {rate / 1e6:.2f} M tok/s"
-        c = classes[key]
-        c[0] += t
-        c[2] = how
-        if rate is not None:
-            c[1] += t / rate / 3600
+    rows = costed(planned_tokens(a.config))
     print("| SAEs | training tokens | rate on one H200 | GPU-hours |")
     print("| --- | ---: | --- | ---: |")
-    total = 0.0
-    for key in sorted(classes, key=lambda k: (k.endswith("GPU)"), -classes[k][0])):
-        t, h, how = classes[key]
-        costed = not key.endswith("GPU)")
-        total += h
-        print(f"| {key} | {t / 1e9:.2f} B | {how} | {f'{h:.2f}' if costed else 'n/a'} |")
-    print(f"| **all costed** | {sum(c[0] for k, c in classes.items() if not k.endswith('GPU)')) / 1e9:.2f} B"
-          f" | | **{total:.1f}** |")
+    for c in rows:
+        hours = "n/a" if c["hours"] is None else f"{c['hours']:.2f}"
+        print(f"| {c['name']} | {c['tokens'] / 1e9:.2f} B | {c['how']} | {hours} |")
+    done = [c for c in rows if c["hours"] is not None]
+    print(f"| **all costed** | {sum(c['tokens'] for c in done) / 1e9:.2f} B | | "
+          f"**{sum(c['hours'] for c in done):.1f}** |")
 
 
 if __name__ == "__main__":

@@ -206,13 +206,17 @@ cmd_status() {
   tail -n "${TAIL:-15}" "$RUN/snakemake.log" 2>/dev/null || true
 }
 
+progress_line() {
+  echo "[$(date +%H:%M:%S)] $(grep -E '^[0-9]+ of [0-9]+ steps' "$RUN/snakemake.log" 2>/dev/null | tail -1 || echo 'starting')$*"
+}
+
 cmd_wait() {
   local limit=${1:-540} t0=$SECONDS last=-60
   [ -f "$RUN/started" ] || die "no run started in $DEV"
   while [ ! -f "$RUN/rc" ] && running && [ $((SECONDS - t0)) -lt "$limit" ]; do
     if [ $((SECONDS - last)) -ge 60 ]; then
       last=$SECONDS
-      echo "[$(date +%H:%M:%S)] $(grep -E '^[0-9]+ of [0-9]+ steps' "$RUN/snakemake.log" 2>/dev/null | tail -1 || echo 'starting')"
+      progress_line
     fi
     sleep 5
   done
@@ -228,7 +232,7 @@ cmd_watch() {
   [ -f "$RUN/started" ] || die "no run started in $DEV"
   while :; do
     cmd_wait "${WATCH_EVERY:-60}" > /dev/null
-    echo "[$(date +%H:%M:%S)] $(grep -E '^[0-9]+ of [0-9]+ steps' "$RUN/snakemake.log" 2>/dev/null | tail -1 || echo 'starting'); collected into $out"
+    progress_line "; collected into $out"
     local tmp
     tmp=$(mktemp -d)
     if cmd_collect "$tmp" > /dev/null 2>&1; then

@@ -75,18 +75,26 @@ def flag(shell: str, name: str) -> str | None:
     return m.group(1) if m else None
 
 
-def trained_models(rule: str, shell: str) -> tuple[int, int, int] | None:
-    """(SAEs, width, training rows of each) of a training job, from its command line:
-    `isae train` trains --arch x --seeds, `isae lr-sweep` --arch x --factors (dl skipped)."""
+def trained_runs(rule: str, shell: str) -> list[tuple[str, int]] | None:
+    """(arch, SAEs of that arch) of a training job, from its command line: `isae train`
+    trains --arch x --seeds, `isae lr-sweep` --arch x --factors (dl skipped: no rate)."""
     if rule not in ("train", "lr_sweep"):
         return None
-    archs = [a for a in (flag(shell, "arch") or "").split(",") if a and a != "dl"]
+    archs = [a for a in (flag(shell, "arch") or "").split(",") if a]
     if rule == "train":
-        archs = [a for a in (flag(shell, "arch") or "").split(",") if a]
-        n = len(archs) * len((flag(shell, "seeds") or "0").split(","))
+        per_arch = len((flag(shell, "seeds") or "0").split(","))
     else:
-        n = len(archs) * len((flag(shell, "factors") or "1").split(","))
-    return n, int(flag(shell, "width")), int(flag(shell, "tokens"))
+        archs = [a for a in archs if a != "dl"]
+        per_arch = len((flag(shell, "factors") or "1").split(","))
+    return [(a, per_arch) for a in archs]
+
+
+def trained_models(rule: str, shell: str) -> tuple[int, int, int] | None:
+    """(SAEs, width, training rows of each) of a training job (trained_runs)."""
+    runs = trained_runs(rule, shell)
+    if runs is None:
+        return None
+    return sum(n for _, n in runs), int(flag(shell, "width")), int(flag(shell, "tokens"))
 
 
 def dataset_d(name: str, ds: dict, results: Path) -> int | None:

@@ -302,11 +302,12 @@ class ActivationSet:
         self.rows = self.meta["rows"]
         if not self.shards:
             raise UserError(f"activation set {self.path} has no {SHARD_GLOB} shards")
-        # The first shard's schema now (cheap: the footer); every shard's as it is read.
-        self._check_schema(self.shards[0], self._schema(self.shards[0]))
-        # The shards' row counts (footers only) against meta.json: a shard lost, truncated or
-        # left from another extraction would otherwise shift the held-out split silently.
-        found = sum(self._footer(p).num_rows for p in self.shards)
+        # The first shard's schema now; every shard's as it is read. The shards' row counts
+        # against meta.json: a shard lost, truncated or left from another extraction would
+        # otherwise shift the held-out split silently. Both from the footers only.
+        footers = [self._footer(p) for p in self.shards]
+        self._check_schema(self.shards[0], footers[0].schema.to_arrow_schema())
+        found = sum(f.num_rows for f in footers)
         if found != self.rows:
             raise UserError(f"activation set {self.path}: its {len(self.shards)} shards hold "
                             f"{found} rows, meta.json says {self.rows} (a shard missing, "
@@ -319,10 +320,7 @@ class ActivationSet:
             raise UserError(f"cannot read shard {path}: {_first_line(e)}") from None
 
     def _schema(self, path: Path) -> pa.Schema:
-        try:
-            return pq.read_schema(path)
-        except (pa.ArrowException, OSError) as e:
-            raise UserError(f"cannot read shard {path}: {_first_line(e)}") from None
+        return self._footer(path).schema.to_arrow_schema()
 
     def _check_schema(self, path: Path, schema: pa.Schema) -> None:
         """Column x: fixed_size_list<float32|float16>[d]; column heldout: bool."""

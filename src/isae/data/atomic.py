@@ -200,7 +200,7 @@ def check_file_out(path: str | os.PathLike | None, inputs: Iterable[str | os.Pat
     if p.exists():
         with open(p, "rb") as f:
             head = f.read(len(magic))
-        if head.lower() != magic.lower():
+        if head != magic:
             raise UserError(f"{flag} {path} exists and is not {kind}: choose another name")
 
 
