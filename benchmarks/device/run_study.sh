@@ -20,7 +20,8 @@
 #   run_study.sh --cpu-smoke [--plain]     here, on the CPU: all of the above on a tiny config
 #
 # Environment: PYTHON (default python3), ISAE_DEVICE (state folder, default /tmp/isae-device),
-# CORES (default: all), RESULTS (results folder of the config, default results).
+# CORES (default: all), RESULTS (results folder of the config, default results), MODEL=none
+# (start without the language model, for targets on the synthetic sets only).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -134,7 +135,9 @@ cmd_start() {
   done
   local model=0
   cmd_stage || model=$?
-  [ "$model" = 0 ] || die "the model is not complete yet: carry the missing .gpu/model-* piece"
+  # MODEL=none: targets that need no language model (the synthetic sets) start without it.
+  [ "$model" = 0 ] || [ "${MODEL:-}" = none ] \
+    || die "the model is not complete yet: carry the missing .gpu/model-* piece (or MODEL=none)"
   # The run works in its own copy: later calls re-copy the caller's tree over $repo, and the
   # run must not see that.
   rm -rf "$WORK.tmp" && mkdir -p "$WORK.tmp"
