@@ -93,7 +93,7 @@ cmd_stage() {
   mkdir -p "$SITE" "$BIN" "$RUN"
   install_wheels
   local model=0
-  unpack_model || model=$?
+  if [ "${MODEL:-}" = none ]; then model=3; else unpack_model || model=$?; fi
   # `isae` on PATH for Snakemake's shell rules: the interpreter that holds torch.
   printf '#!/bin/sh\nexec "%s" -m isae "$@"\n' "$(command -v "$PY")" > "$BIN/isae"
   chmod +x "$BIN/isae"
