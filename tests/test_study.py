@@ -373,11 +373,29 @@ def test_figures_have_labelled_axes(frames, tmp_path):
     assert len(made[3].axes) == 3
     # F7: datasets x (seed |cos|, truth, FVU); F8: one dataset x four metrics.
     assert len(made[6].axes) == 6 and len(made[7].axes) == 4
+    # F7: one tick per budget of the panel, labelled in words, and no minor labels (the log
+    # axis's own ones overlapped on the H200 run's 2.5 M-40 M range).
+    for ax in made[6].axes:
+        if not ax.lines:
+            continue
+        xs = sorted({float(x) for line in ax.lines for x in line.get_xdata()
+                     if len(set(line.get_ydata())) > 1 or len(line.get_xdata()) == 1})
+        ticks = sorted(float(t) for t in ax.get_xticks())
+        assert set(ticks) >= set(xs) - {0.0}
+        assert [t.get_text() for t in ax.get_xticklabels()] == [figures.budget_label(t) for t in ticks]
+        assert not [t for t in ax.xaxis.get_minorticklabels() if t.get_text()]
     png, pdf = tmp_path / "f.png", tmp_path / "f.pdf"
     figures.save_figure(made[4], [png, pdf])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert pdf.read_bytes()[:5] == b"%PDF-"
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+@pytest.mark.parametrize("rows, label", [
+    (500_736, "500k"), (1_500_160, "1.5M"), (2_502_656, "2.5M"), (10_002_432, "10M"),
+    (40_001_536, "40M"), (120_000, "120k"), (96, "96"), (0, "0")])
+def test_budget_label(rows, label):
+    assert figures.budget_label(rows) == label
 
 
 def test_no_whisker_from_a_missing_value():

@@ -651,6 +651,18 @@ _F7_METRICS = [
 ]
 
 
+def budget_label(rows: float) -> str:
+    """A training budget to two significant figures: 500_736 -> "500k", 2_502_656 -> "2.5M"."""
+    if not rows > 0:
+        return str(rows)
+    r = float(f"{rows:.2g}")
+    if r >= 1e6:
+        return f"{r / 1e6:g}M"
+    if r >= 1e3:
+        return f"{r / 1e3:g}k"
+    return f"{r:g}"
+
+
 def f7_budget(runs: pd.DataFrame, pairs: pd.DataFrame, chance: pd.DataFrame | None = None) -> Figure:
     """Seed stability, truth recovery and held-out FVU against the training rows (log x),
     per arch, one row of panels per dataset (the budget grid)."""
@@ -685,6 +697,11 @@ def f7_budget(runs: pd.DataFrame, pairs: pd.DataFrame, chance: pd.DataFrame | No
                 if np.isfinite(ch):
                     ax.axhline(ch, color="0.15", lw=1)
             ax.set_xscale("log")
+            # A tick at each budget, labelled in words: the log axis's own minor labels
+            # (3×10⁶, 4×10⁶, ...) overlap at these ranges.
+            budgets = sorted(set(sub["rows"]))
+            ax.set_xticks(budgets, [budget_label(v) for v in budgets])
+            ax.minorticks_off()
             ax.set_xlabel(xlabel)
             ax.set_ylabel(label, fontsize=8)
             ax.set_title(f"{ds} ({_count_label(sub['n'], metric)} per point)", fontsize=9)
