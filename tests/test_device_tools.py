@@ -335,3 +335,47 @@ def test_watch_brings_results_back_while_the_run_goes_on(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["RUN.md", "logs.tar.gz", "results.tar.gz"]
     with tarfile.open(out / "results.tar.gz") as tar:
         assert "results/tables/T1.md" in tar.getnames()
+
+
+def test_publish_keeps_tables_figures_and_runs_not_weights(tmp_path):
+    """publish_run.py: what a reader needs from a collected run is copied (tables, figures,
+    per-run tables, sweeps, provenance, benchmark files, RUN.md, a training summary), and
+    no weights; a folder that is not a collected run is refused in one line."""
+    sys.path.insert(0, str(DEVICE))
+    try:
+        publish_run = _load("publish_run")
+    finally:
+        sys.path.remove(str(DEVICE))
+    src = tmp_path / "collected"
+    res = src / "results"
+    files = {
+        "tables/T1.md": "| a |\n", "figures/F1.png": "png", "figures/F1.pdf": "pdf",
+        "runs/runs.parquet": "x", "lr/minilm/sweep.parquet": "x",
+        "activations/minilm/meta.json": "{}", "activations/minilm/text_files.json": "[]",
+        "activations/minilm/shard-00000.parquet": "big", "measure/minilm/g/runs.parquet": "x",
+        "browser/minilm/g/topk/seed0-seed1.html": "<html>",
+    }
+    for rel, text in files.items():
+        (res / rel).parent.mkdir(parents=True, exist_ok=True)
+        (res / rel).write_text(text)
+    ckpt = res / "checkpoints" / "minilm" / "k16-w64-r1000" / "topk" / "seed0"
+    ckpt.mkdir(parents=True)
+    (ckpt / "sae.safetensors").write_bytes(b"weights")
+    (src / "benchmarks" / "rules" / "train").mkdir(parents=True)
+    (src / "benchmarks" / "rules" / "train" / "g.tsv").write_text("s\n1.0\n")
+    (src / "RUN.md").write_text("# RUN\n")
+    dest = tmp_path / "results-gpu"
+    written = publish_run.publish(src, dest, [])
+    got = {p.relative_to(dest).as_posix() for p in written}
+    assert {"RUN.md", "tables/T1.md", "figures/F1.png", "runs/runs.parquet",
+            "lr/minilm/sweep.parquet", "activations/minilm/meta.json",
+            "activations/minilm/text_files.json", "browser/minilm/g/topk/seed0-seed1.html",
+            "benchmarks/train/g.tsv"} <= got
+    # runs/ already collects every group's measurements; shards, PDFs and weights stay out.
+    assert not any(s.endswith((".safetensors", ".pdf")) or "shard" in s or s.startswith("measure/")
+                   for s in got)
+    assert {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()} == got
+    with pytest.raises(SystemExit, match="not a collected run"):
+        publish_run.publish(tmp_path / "nothing", tmp_path / "out", [])
+    with pytest.raises(SystemExit, match="cannot redraw F9"):
+        publish_run.publish(src, dest, ["F9"])

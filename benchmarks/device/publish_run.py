@@ -18,7 +18,6 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
-
 from train_summary import markdown, summarise
 
 # runs/ holds every group's measurements (measure/**) and chance draws, collected.
@@ -55,8 +54,8 @@ def publish(src: Path, dest: Path, redraw: list[str]) -> list[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(f, out)
         written.append(out)
-    if (results / "checkpoints").is_dir():
-        df = summarise(results)
+    df = summarise(results) if (results / "checkpoints").is_dir() else pd.DataFrame()
+    if not df.empty:
         df.to_parquet(dest / "train_runs.parquet", index=False)
         (dest / "train_runs.md").write_text(markdown(df))
         written += [dest / "train_runs.parquet", dest / "train_runs.md"]
