@@ -16,7 +16,6 @@ their tokens are listed apart, not costed.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -24,6 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "slurm"))
 import compute_plan  # noqa: E402  (the DAG reader of the compute plan)
+
+from isae.models.config import parse_arch  # noqa: E402
 
 TOPK_RATE = 3.20e6  # tok/s, topk family, from disk via the device-resident split
 ITER3_RATE = 0.76e6  # tok/s, isae-iter (3 thresholding steps), CUDA graph
@@ -37,11 +38,9 @@ def iter_rate(steps: int) -> float:
 
 
 def encoder_steps(arch: str) -> int:
-    """Thresholding steps of an arch name (isae-iter: 3, +iterN: N, +iter: 3)."""
-    if arch == "isae-iter":
-        return 3
-    m = re.search(r"\+iter(\d*)", arch)
-    return (int(m.group(1)) if m.group(1) else 3) if m else 0
+    """Thresholding steps of an arch name, as the SAE family reads it (isae-iter: 3,
+    +iterN: N, +iter: 3)."""
+    return int(parse_arch(arch).fields["encoder_steps"])
 
 
 def planned_tokens(config: Path) -> dict[str, int]:

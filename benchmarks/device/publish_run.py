@@ -32,28 +32,25 @@ def publish(src: Path, dest: Path, redraw: list[str]) -> list[Path]:
     results = src / "results"
     if not (results.is_dir() and (src / "RUN.md").is_file()):
         raise SystemExit(f"publish_run.py: error: no results/ and RUN.md under {src}: not a collected run")
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src / "RUN.md", dest / "RUN.md")
-    written = [dest / "RUN.md"]
-    for pat in KEEP:
-        for f in sorted(results.glob(pat)):
-            if f.is_file():
-                out = dest / f.relative_to(results)
-                out.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(f, out)
-                written.append(out)
-    if not (results / "runs" / "runs.parquet").is_file():
-        # A run of single targets (no collect rules): its groups' own measurements.
-        for f in sorted(results.glob("measure/**/*.parquet")):
-            out = dest / f.relative_to(results)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, out)
-            written.append(out)
-    for f in sorted((src / "benchmarks" / "rules").rglob("*.tsv")):
-        out = dest / "benchmarks" / f.relative_to(src / "benchmarks" / "rules")
+    written: list[Path] = []
+
+    def keep(f: Path, out: Path) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(f, out)
         written.append(out)
+
+    keep(src / "RUN.md", dest / "RUN.md")
+    patterns = list(KEEP)
+    if not (results / "runs" / "runs.parquet").is_file():
+        # A run of single targets (no collect rules): its groups' own measurements.
+        patterns.append("measure/**/*.parquet")
+    for pat in patterns:
+        for f in sorted(results.glob(pat)):
+            if f.is_file():
+                keep(f, dest / f.relative_to(results))
+    rules = src / "benchmarks" / "rules"
+    for f in sorted(rules.rglob("*.tsv")):
+        keep(f, dest / "benchmarks" / f.relative_to(rules))
     df = summarise(results) if (results / "checkpoints").is_dir() else pd.DataFrame()
     if not df.empty:
         df.to_parquet(dest / "train_runs.parquet", index=False)

@@ -36,9 +36,8 @@ def summarise(results: Path) -> pd.DataFrame:
         if conv["converged"] is None and log is not None:
             # A run that training did not stamp (the lr sweep's, before it did): the same
             # control, from its own log and settings.
-            tcfg = TrainConfig(**{k: v for k, v in train.items() if k != "batches"})
-            steps = -(-tcfg.tokens // tcfg.batch_size)
-            conv = run_convergence(log, tcfg, steps)
+            tcfg = TrainConfig.from_dict(train)
+            conv = run_convergence(log, tcfg, tcfg.total_steps())
         rows.append({
             "dataset": dataset, "group": group, "arch": cfg["arch"], "seed": cfg["seed"],
             "k": cfg["k"], "width": cfg["d_sae"], "tokens": cfg.get("tokens_seen"),

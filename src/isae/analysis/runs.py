@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,11 +78,10 @@ def convergence(ckpt: Checkpoint, threshold: float | None = None) -> dict:
     out = {"fvu_trend": np.nan, "trend_start": np.nan, "trend_end": np.nan, "converged": False,
            "steps": np.nan, "log_rows": 0, "init_abs_cos": np.nan}
     train = dict(ckpt.cfg.get("train") or {})
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    tcfg = TrainConfig(**{k: v for k, v in train.items() if k in names})
+    tcfg = TrainConfig.from_dict(train)
     if threshold is not None:
         tcfg = dataclasses.replace(tcfg, converged_below=threshold)
-    total_steps = max(math.ceil(tcfg.tokens / tcfg.batch_size), 1)
+    total_steps = tcfg.total_steps()
     out["steps"] = total_steps
     log_path = ckpt.path / TRAIN_LOG
     if log_path.is_file() and train:

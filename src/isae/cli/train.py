@@ -109,12 +109,13 @@ def run(args: argparse.Namespace) -> dict:
     reused = []
     if args.reuse:
         from isae.data import checkpoints
-        from isae.training.trainer import identical_checkpoint
+        from isae.training.trainer import identical_checkpoints
 
+        wanted = [(cfg, replace(tcfg, lr=lr) if lr is not None else tcfg)
+                  for cfg, lr in zip(cfgs, lrs)]
         keep = []
-        for i, (cfg, out, lr) in enumerate(zip(cfgs, outs, lrs)):
-            one = replace(tcfg, lr=lr) if lr is not None else tcfg
-            found = identical_checkpoint(args.reuse, cfg, one, args.activations)
+        for i, (cfg, out, found) in enumerate(
+                zip(cfgs, outs, identical_checkpoints(args.reuse, wanted, args.activations))):
             if found is None:
                 keep.append(i)
                 continue

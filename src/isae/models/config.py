@@ -319,6 +319,17 @@ class TrainConfig:
         if not 0 < self.data_memory_fraction <= 1:
             raise UserError(f"data_memory_fraction must be in (0, 1], not {self.data_memory_fraction}")
 
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """From a checkpoint's recorded ``train`` settings (other keys, such as the batch
+        source, are not fields and are left out)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def total_steps(self) -> int:
+        """Optimiser steps of a run: the tokens in whole batches, at least one."""
+        return max(math.ceil(self.tokens / self.batch_size), 1)
+
     def log_interval(self, total_steps: int) -> int:
         """Steps between log rows for a run of ``total_steps`` steps."""
         if self.log_every is not None:

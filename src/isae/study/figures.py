@@ -151,9 +151,10 @@ def _errbar(ax, x, mean, err, color, converged: bool, **kw) -> None:
                 mfc=color if converged else "white", capsize=3, ls="none", **kw)
 
 
-def _integer_ticks(ax, values) -> None:
-    """Ticks at ``values`` labelled as plain integers (not 2^3) on a log axis."""
-    ax.set_xticks(values, [str(int(v)) for v in values])
+def _ticks_at(ax, values, label=lambda v: str(int(v))) -> None:
+    """x ticks at ``values`` only, each labelled by ``label`` (plain integers by default, not
+    2^3), and no minor ticks: a log axis's own labels collide or say 10^6.6."""
+    ax.set_xticks(values, [label(v) for v in values])
     ax.minorticks_off()
 
 
@@ -544,7 +545,7 @@ def f5_fvu_l0(runs: pd.DataFrame) -> Figure:
                 conv = bool(r.get("converged", True))
                 ax.plot(r["l0"], r["fvu"], "o", color=color, mfc=color if conv else "white")
         ax.set_xscale("log", base=2)
-        _integer_ticks(ax, sorted(set(sub["k"])))
+        _ticks_at(ax, sorted(set(sub["k"])))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(f"{ds} (seed {int(sub['seed'].min())})")
@@ -599,7 +600,7 @@ def f6_fidelity(fidelity: pd.DataFrame, runs: pd.DataFrame | None = None) -> Fig
         ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
         kinds = ", ".join(FIDELITY_KINDS.get(k, k) for k in sorted(set(sub["kind"].astype(str))))
         ax.set_xscale("log", base=2)
-        _integer_ticks(ax, sorted(set(sub["k"])))
+        _ticks_at(ax, sorted(set(sub["k"])))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         seed = int(sub["seed"].min()) if "seed" in sub.columns else 0
@@ -699,9 +700,7 @@ def f7_budget(runs: pd.DataFrame, pairs: pd.DataFrame, chance: pd.DataFrame | No
             ax.set_xscale("log")
             # A tick at each budget, labelled in words: the log axis's own minor labels
             # (3×10⁶, 4×10⁶, ...) overlap at these ranges.
-            budgets = sorted(set(sub["rows"]))
-            ax.set_xticks(budgets, [budget_label(v) for v in budgets])
-            ax.minorticks_off()
+            _ticks_at(ax, sorted(set(sub["rows"])), budget_label)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(label, fontsize=8)
             ax.set_title(f"{ds} ({_count_label(sub['n'], metric)} per point)", fontsize=9)

@@ -320,7 +320,7 @@ def train_many(
     mean = torch.as_tensor(norm.mean, device=device)
     ops = select_ops(device)
     runs = [_Run(c, t, o, device, ops) for c, t, o in zip(sae_cfgs, tcfgs, outs)]
-    total_steps = max(math.ceil(tcfg.tokens / tcfg.batch_size), 1)
+    total_steps = tcfg.total_steps()
     log_every = tcfg.log_interval(total_steps)
     start_step = 0
     wall0 = 0.0
@@ -470,33 +470,39 @@ def train_many(
     return summaries
 
 
-def identical_checkpoint(
+def identical_checkpoints(
     search: str | os.PathLike,
-    sae_cfg: SAEConfig,
-    tcfg: TrainConfig,
+    runs: list[tuple[SAEConfig, TrainConfig]],
     activations: str | os.PathLike,
-) -> Path | None:
-    """A checkpoint under ``search`` that this run would reproduce: the same architecture,
-    shape and seed, the same training settings (learning rate, tokens, batch size, schedule,
-    data seed and batch source) on the same activation set. Training is deterministic on the
-    CPU for a fixed thread count and a run does not depend on the others of its pass, so such
-    a checkpoint is the run's result (the study reuses the lr sweep's runs this way). None
-    when there is none."""
+) -> list[Path | None]:
+    """For each run (its model and training settings), a checkpoint under ``search`` that
+    the run would reproduce: the same architecture, shape and seed, the same training
+    settings (learning rate, tokens, batch size, schedule, data seed and batch source) on
+    the same activation set; None where there is none. Training is deterministic on the CPU
+    for a fixed thread count and a run does not depend on the others of its pass, so such a
+    checkpoint is the run's result (the study reuses the lr sweep's runs this way). The set
+    and the checkpoints' cfg.json are read once for all the runs."""
     from isae.training.batches import choose_source
 
     acts = ActivationSet(activations)
-    want_train = {**_train_fingerprint(tcfg), "batches": choose_source(tcfg, tcfg.device, acts, None)}
-    want_sae = sae_cfg.to_dict()
+    found = []
     for cfg_path in sorted(Path(search).rglob(checkpoint.CFG)):
         try:
-            cfg = checkpoint.read_cfg(cfg_path.parent)
+            found.append((cfg_path.parent, checkpoint.read_cfg(cfg_path.parent)))
         except UserError:
             continue
-        same_sae = all(cfg.get(k) == v for k, v in want_sae.items())
-        same_data = (cfg.get("activations") or {}).get("path") == str(Path(activations))
-        if same_sae and same_data and cfg.get("train") == want_train:
-            return cfg_path.parent
-    return None
+    data_path = str(Path(activations))
+    out: list[Path | None] = []
+    for sae_cfg, tcfg in runs:
+        want_train = {**_train_fingerprint(tcfg), "batches": choose_source(tcfg, tcfg.device, acts, None)}
+        want_sae = sae_cfg.to_dict()
+        out.append(next(
+            (path for path, cfg in found
+             if all(cfg.get(k) == v for k, v in want_sae.items())
+             and (cfg.get("activations") or {}).get("path") == data_path
+             and cfg.get("train") == want_train),
+            None))
+    return out
 
 
 def _train_fingerprint(tcfg: TrainConfig) -> dict:
