@@ -83,11 +83,11 @@ def main() -> None:
                 log = pd.read_parquet(o / TRAIN_LOG)
                 W0 = load_file(str(o / INIT_FILE))["W_dec"]
                 rows.append({
-                    "regime": regime, "arch": a, "rows": budget, "steps": -(-budget // args.batch_size),
+                    "regime": regime, "arch": a, "rows": budget, "steps": tcfg.total_steps(),
                     # over the last 20 % of the steps (the decay included) ...
                     "fall_last20": fvu_trend(log),
                     # ... and over the 20 % before the decay: the study's control
-                    "fall_before_decay": run_convergence(log, tcfg, -(-budget // args.batch_size))["fvu_trend"],
+                    "fall_before_decay": run_convergence(log, tcfg, tcfg.total_steps())["fvu_trend"],
                     "heldout_fvu": reconstruction_metrics(ck, acts)["fvu"],
                     "truth_abs_cos": match_dictionaries(ck.W_dec, truth).summary()["mean_abs_cos"],
                     "init_abs_cos": float(init_abs_cos(ck.W_dec.numpy(), W0.numpy()).mean()),
