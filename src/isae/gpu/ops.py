@@ -123,10 +123,13 @@ def _segments(ctx, idx: Tensor, n: int) -> kernels.Segments:
 
 
 def _holder(idx: Tensor) -> dict:
-    h = getattr(idx, "_isae_holder", None)
+    # On the tensor that owns the memory: the views of one index tensor (a stacked group
+    # flattens its [M, B, K] codes) share one sort.
+    owner = idx if idx._base is None else idx._base
+    h = getattr(owner, "_isae_holder", None)
     if h is None:
         h = {}
-        idx._isae_holder = h
+        owner._isae_holder = h
     return h
 
 

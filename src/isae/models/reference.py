@@ -115,6 +115,31 @@ def normalize_rows_(W: Tensor) -> None:
     W /= W.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+def adam_scalars(step: Tensor, lr: Tensor, betas: tuple[float, float]) -> tuple[Tensor, Tensor]:
+    """Adam's per-model step size lr / (1 - beta1^t) and sqrt(1 - beta2^t), each [M] float32,
+    computed in float64 as torch's Adam does (in float32, 1 - 0.999^t loses ~1e-5 of itself
+    at small t)."""
+    t = step.double()
+    b1, b2 = betas
+    return (lr.double() / (1 - b1 ** t)).float(), (1 - b2 ** t).sqrt().float()
+
+
+def adam_rows_(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor,
+               lr: Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    """One Adam step in place (torch.optim.Adam's formula) on a tensor that stacks M models'
+    parameters along its first axis, each model with its own learning rate ``lr`` [M] and
+    step count ``step`` [M] (float, already counting this step). p, g, exp_avg, exp_avg_sq:
+    one shape, contiguous, first axis a multiple of M (each model's rows contiguous)."""
+    b1, b2 = betas
+    M = lr.shape[0]
+    P, G, m, v = (t.view(M, -1) for t in (p, g, exp_avg, exp_avg_sq))
+    m.lerp_(G, 1 - b1)
+    v.mul_(b2).addcmul_(G, G, value=1 - b2)
+    step_size, bc2_sqrt = adam_scalars(step, lr, betas)
+    denom = (v.sqrt() / bc2_sqrt[:, None]).add_(eps)
+    P.sub_(step_size[:, None] * (m / denom))
+
+
 # ----------------------------------------------------------------------------- the op set
 
 

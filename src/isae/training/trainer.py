@@ -54,6 +54,7 @@ from isae.models.dictionary_learning import DLStepper
 from isae.models.sparse_coder import Codes, SparseCoder
 from isae.progress import progress
 from isae.training.batches import DEVICE, STREAM, training_batches
+from isae.training.group import group_runs
 from isae.training.resume import LEGACY_FILE, STATE_FILE, StateError, load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -277,6 +278,7 @@ def train_many(
     drop_diverged: bool = False,
     force: bool = False,
     report: Report | None = None,
+    grouped: bool | None = None,
 ) -> list[dict]:
     """Train several sparse coders (e.g. seeds, or architectures) on one shared stream of
     batches.
@@ -293,6 +295,8 @@ def train_many(
     learning-rate sweep needs; otherwise divergence is a UserError.
     An existing out is replaced only if it is a checkpoint, or with ``force``; never the
     activation set or a folder holding it (isae.data.atomic.check_out).
+    ``grouped``: whether the TopK-family runs train as one stacked model (isae.training.group;
+    None: isae.models.compute.grouped_training, on by default on the GPU's fast path).
     """
     if lrs is not None and len(lrs) != len(sae_cfgs):
         raise ValueError(f"{len(lrs)} learning rates for {len(sae_cfgs)} models")
@@ -345,11 +349,13 @@ def train_many(
             log.info("resuming %s from step %d of %d", outs[0], start_step, total_steps)
 
     batches, source = training_batches(acts, tcfg, device, start_step, saved_source)
+    group = group_runs(runs, tcfg, device, grouped)  # steps its runs itself, all at once
+    solo = [r for r in runs if group is None or r not in group]
     # With several graphed models, their dead counts are read in one host sync per step
     # (one per model would idle the GPU after each model's step while the host waits).
-    one_sync = len(runs) > 1 and all(getattr(r.stepper, "graphs", None) is not None for r in runs)
-    streams = ([torch.cuda.Stream(device) for _ in runs] if one_sync and SEED_STREAMS
-               else [None] * len(runs))
+    one_sync = len(solo) > 1 and all(getattr(r.stepper, "graphs", None) is not None for r in solo)
+    streams = ([torch.cuda.Stream(device) for _ in solo] if one_sync and SEED_STREAMS
+               else [None] * len(solo))
 
     archs = set(c.arch for c in sae_cfgs)
     name = f"{len(runs)} models" if len(archs) > 1 else sae_cfgs[0].arch + (
@@ -362,10 +368,13 @@ def train_many(
             x = (next(batches) - mean) / norm.scale
             lr_scale = lr_multiplier(step, total_steps, tcfg)
             logging_step = step % log_every == 0 or step == total_steps - 1
-            deads = [run.since_fired >= tcfg.dead_tokens for run in runs]
+            if group is not None:
+                group.step(x, lr_scale, step, logging_step,
+                           lambda: wall0 + time.perf_counter() - t0, drop_diverged)
+            deads = [run.since_fired >= tcfg.dead_tokens for run in solo]
             n_deads = (torch.stack([d.sum() for d in deads]).tolist() if one_sync
-                       else [None] * len(runs))
-            for run, dead, n_dead, stream in zip(runs, deads, n_deads, streams):
+                       else [None] * len(solo))
+            for run, dead, n_dead, stream in zip(solo, deads, n_deads, streams):
                 if run.diverged:
                     continue
                 with _on_stream(stream, x, dead):
