@@ -41,11 +41,12 @@ ARCHS = ["topk", "topk+signed", "topk+tied", "topk+nobias", "topk+iter", "isae",
          "isae-tied", "isae-nobias", "isae-iter"]
 
 #: Grouped vs one-by-one training on the CPU (float32 reference maths, tens of steps): the
-#: final FVU of each run within FVU_REL (relative), and at least ROWS_SAME of its decoder
-#: rows within ROW_ATOL. Stacked products round like single ones but not always identically
-#: (batched matmuls, summation order), so a near-tie in a top-k can go the other way and move
-#: an atom's trajectory; everything else agrees to float32 rounding.
-TOLERANCE = {"fvu_rel": 5e-3, "rows_same": 0.9, "row_atol": 1e-3}
+#: FVU of each log row within FVU_REL (relative), and the decoder rows of each run at cosine
+#: COS_MEAN on average, COS_MIN at worst, with the one-by-one run's. Stacked products round
+#: like single ones but not always identically (batched matmuls, summation order), so a
+#: near-tie in a top-k can go the other way and nudge the atoms (measured: isae-iter once
+#: to mean 0.9997, min 0.991 after 45 steps; the other runs agree to 1 - 3e-7).
+TOLERANCE = {"fvu_rel": 5e-3, "cos_mean": 0.999, "cos_min": 0.98}
 
 
 def _coders(arch: str, d: int, n: int, k: int, seeds, dtype=torch.float32, ops=REFERENCE):
@@ -196,7 +197,7 @@ def _train(acts, archs, seeds, out, grouped, lrs=None, **kw):
 
 
 @pytest.mark.slow
-def test_grouped_training_follows_one_by_one_training(synthetic_set, tmp_path):
+def test_grouped_training_follows_one_by_one_training(synthetic_set, tmp_path, monkeypatch):
     """The grouped path (here the stacked reference maths on the CPU) against the same runs
     trained one by one on the same batches: every file in the same format, every run's
     training within TOLERANCE; and a diverging run is dropped without touching the others."""
@@ -216,19 +217,31 @@ def test_grouped_training_follows_one_by_one_training(synthetic_set, tmp_path):
             == {k: v for k, v in cb.items() if k not in ("converged", "fvu_trend", "init_abs_cos")}
         ta, tb = load_file(str(a / "sae.safetensors")), load_file(str(b / "sae.safetensors"))
         assert ta.keys() == tb.keys()
-        same = ((ta["W_dec"] - tb["W_dec"]).abs().amax(1) < TOLERANCE["row_atol"]).float().mean()
-        assert same >= TOLERANCE["rows_same"], (c.arch, c.seed, float(same))
+        cos = (ta["W_dec"] * tb["W_dec"]).sum(1)  # unit rows
+        assert cos.mean() >= TOLERANCE["cos_mean"] and cos.min() >= TOLERANCE["cos_min"], (
+            c.arch, c.seed, float(cos.mean()), float(cos.min()))
         assert (load_file(str(a / "init.safetensors"))["W_dec"]
                 == load_file(str(b / "init.safetensors"))["W_dec"]).all()
-    # a run that diverges is dropped; the others train on as before
-    lrs = [1e4 if (a, s) == ("topk", 1) else lr for (a, s), lr in
-           zip([(a, s) for a in archs for s in seeds], lrs)]
+    # a run whose weights turn NaN is dropped; the others train on as before
+    from isae.training import group as grouping
+
+    real, calls = grouping._Part.train_step, {"n": 0}
+
+    def poisoned(self, *a, **k):
+        calls["n"] += self.coder.cfg.arch == "topk"
+        if calls["n"] == 3 and self.coder.cfg.arch == "topk":  # topk seed 1 at step 2
+            assert [r.cfg.seed for r in self.runs] == [0, 1]
+            with torch.no_grad():
+                self.coder.W_enc[96:192] = float("nan")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(grouping._Part, "train_step", poisoned)
     _, outs, blown = _train(synthetic_set, archs, seeds, tmp_path / "blown", True, lrs)
     assert [s.get("diverged", False) for s in blown] == [False, True] + [False] * 6
     assert not outs[1].exists()
     for s, ref in zip(blown, grouped):
         if not s.get("diverged"):
-            assert s["fvu"] == pytest.approx(ref["fvu"], rel=TOLERANCE["fvu_rel"])
+            assert s["fvu"] == pytest.approx(ref["fvu"], rel=1e-5)
 
 
 class _Stop(Exception):
