@@ -29,7 +29,7 @@ from isae.gpu.ops import FastOps
 from isae.gpu.stacked_ops import StackedFastOps
 from isae.models import compute
 from isae.models.config import SAEConfig, TrainConfig
-from isae.models.reference import REFERENCE, adam_rows_
+from isae.models.reference import REFERENCE, adam_rows_, adam_scalars
 from isae.models.sparse_coder import SparseCoder
 from isae.models.stacked import STACKED_REFERENCE, StackedCoder, local
 from isae.training import trainer
@@ -154,7 +154,7 @@ def test_adam_with_a_rate_per_model_equals_torch_adam():
     for _ in range(6):
         G = torch.randn(M * rows, cols)
         step += 1
-        adam_rows_(P, G, exp_avg, exp_avg_sq, step, lrs)
+        adam_rows_(P, G, exp_avg, exp_avg_sq, *adam_scalars(step, lrs))
         for m, (p, opt) in enumerate(zip(singles, opts)):
             p.grad = G[m * rows:(m + 1) * rows].clone()
             opt.step()

@@ -641,19 +641,19 @@ if AVAILABLE:
         tl.store(p + o, pv - a * (mv / denom), mask=msk)
 
 
-def adam_rows_(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor,
-               lr: Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-    """reference.adam_rows_ (Adam on M stacked models, each its own lr [M] and step [M]) in
-    one pass over the four tensors, where stock ops take about ten."""
+def adam_rows_(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step_size: Tensor,
+               bc2_sqrt: Tensor, betas: tuple[float, float] = reference.ADAM_BETAS,
+               eps: float = 1e-8) -> None:
+    """reference.adam_rows_ (Adam on M stacked models, each its own step size and bias
+    correction [M]) in one pass over the four tensors, where stock ops take about ten."""
     ts = (p, g, exp_avg, exp_avg_sq)
     if not all(usable(t) and t.is_contiguous() and t.dtype == torch.float32 for t in ts):
-        reference.adam_rows_(p, g, exp_avg, exp_avg_sq, step, lr, betas, eps)
+        reference.adam_rows_(p, g, exp_avg, exp_avg_sq, step_size, bc2_sqrt, betas, eps)
         return
     n = p.numel()
-    M = lr.numel()
+    M = step_size.numel()
     if n % M:
         raise ValueError(f"{n} elements do not split into {M} models")
-    step_size, bc2_sqrt = reference.adam_scalars(step, lr, betas)
     if n:
         _adam_rows_kernel[(triton.cdiv(n, 4096),)](
             p, g, exp_avg, exp_avg_sq, step_size, bc2_sqrt, n, n // M, betas[0], betas[1], eps,

@@ -39,7 +39,7 @@ from isae.gpu.ops import (
     normalize_rows_,
     select_topk,
 )
-from isae.models.reference import AuxLatents, Codes, Weights, iht_eta, keep_better
+from isae.models.reference import AuxLatents, Codes, Weights, adam_scalars, iht_eta, keep_better
 
 
 def _offsets(M: int, N: int, device) -> Tensor:
@@ -340,9 +340,10 @@ class StackedFastOps:
     def normalize_rows_(self, W: Tensor) -> None:
         normalize_rows_(W)
 
-    def adam_(self, p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor,
-              lr: Tensor) -> None:
-        kernels.adam_rows_(p, g, exp_avg, exp_avg_sq, step, lr)
+    def adam_(self, tensors, step: Tensor, lr: Tensor) -> None:
+        scalars = adam_scalars(step, lr)
+        for p, g, m, v in tensors:
+            kernels.adam_rows_(p, g, m, v, *scalars)
 
     def aux_width(self, n_dead: int, n: int) -> int | None:
         return cuda_graphs.aux_bucket(n_dead, n)

@@ -115,7 +115,12 @@ def normalize_rows_(W: Tensor) -> None:
     W /= W.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def adam_scalars(step: Tensor, lr: Tensor, betas: tuple[float, float]) -> tuple[Tensor, Tensor]:
+#: Adam's betas (eps 1e-8): torch.optim.Adam's defaults, which SAEStepper uses.
+ADAM_BETAS = (0.9, 0.999)
+
+
+def adam_scalars(step: Tensor, lr: Tensor, betas: tuple[float, float] = ADAM_BETAS
+                 ) -> tuple[Tensor, Tensor]:
     """Adam's per-model step size lr / (1 - beta1^t) and sqrt(1 - beta2^t), each [M] float32,
     computed in float64 as torch's Adam does (in float32, 1 - 0.999^t loses ~1e-5 of itself
     at small t)."""
@@ -124,18 +129,19 @@ def adam_scalars(step: Tensor, lr: Tensor, betas: tuple[float, float]) -> tuple[
     return (lr.double() / (1 - b1 ** t)).float(), (1 - b2 ** t).sqrt().float()
 
 
-def adam_rows_(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor,
-               lr: Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+def adam_rows_(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step_size: Tensor,
+               bc2_sqrt: Tensor, betas: tuple[float, float] = ADAM_BETAS, eps: float = 1e-8
+               ) -> None:
     """One Adam step in place (torch.optim.Adam's formula) on a tensor that stacks M models'
-    parameters along its first axis, each model with its own learning rate ``lr`` [M] and
-    step count ``step`` [M] (float, already counting this step). p, g, exp_avg, exp_avg_sq:
-    one shape, contiguous, first axis a multiple of M (each model's rows contiguous)."""
+    parameters along its first axis, each model with its own step size and bias correction
+    (``adam_scalars``: its own learning rate and step count), each [M]. p, g, exp_avg,
+    exp_avg_sq: one shape, contiguous, first axis a multiple of M (each model's rows
+    contiguous)."""
     b1, b2 = betas
-    M = lr.shape[0]
+    M = step_size.shape[0]
     P, G, m, v = (t.view(M, -1) for t in (p, g, exp_avg, exp_avg_sq))
     m.lerp_(G, 1 - b1)
     v.mul_(b2).addcmul_(G, G, value=1 - b2)
-    step_size, bc2_sqrt = adam_scalars(step, lr, betas)
     denom = (v.sqrt() / bc2_sqrt[:, None]).add_(eps)
     P.sub_(step_size[:, None] * (m / denom))
 

@@ -41,6 +41,7 @@ from isae.models.reference import (
     Codes,
     Weights,
     adam_rows_,
+    adam_scalars,
     iht_eta,
     keep_better,
     normalize_rows_,
@@ -113,7 +114,7 @@ class StackedOps(Protocol):
 
     def normalize_rows_(self, W: Tensor) -> None: ...
 
-    def adam_(self, p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor,
+    def adam_(self, tensors: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]], step: Tensor,
               lr: Tensor) -> None: ...
 
     def aux_width(self, n_dead: int, n: int) -> int | None: ...
@@ -231,9 +232,13 @@ class StackedReference:
     def normalize_rows_(self, W: Tensor) -> None:
         normalize_rows_(W)
 
-    def adam_(self, p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor,
+    def adam_(self, tensors: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]], step: Tensor,
               lr: Tensor) -> None:
-        adam_rows_(p, g, exp_avg, exp_avg_sq, step, lr)
+        """One Adam step on each (parameter, gradient, exp_avg, exp_avg_sq) of stacked
+        models, model m at rate lr[m] and step count step[m] (this step counted)."""
+        scalars = adam_scalars(step, lr)
+        for p, g, m, v in tensors:
+            adam_rows_(p, g, m, v, *scalars)
 
     def aux_width(self, n_dead: int, n: int) -> int | None:
         """None: this op set reads exactly the dead latents."""

@@ -106,9 +106,8 @@ class _Part:
         coder.project_decoder_grad()
         with torch.no_grad():
             self.step += 1
-            for name, (P, _) in self.params.items():
-                exp_avg, exp_avg_sq = self.moments[name]
-                ops.adam_(P, P.grad, exp_avg, exp_avg_sq, self.step, self.lr)
+            ops.adam_([(P, P.grad, *self.moments[name]) for name, (P, _) in self.params.items()],
+                      self.step, self.lr)
         coder.normalize_decoder()
         with torch.no_grad():  # no boolean indexing: it would wait for the GPU
             nonzero = out.codes.val != 0
