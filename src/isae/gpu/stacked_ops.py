@@ -277,7 +277,13 @@ class StackedFastOps:
             width = int(dead.sum(1).max())
         if not width:
             return None
-        cols = torch.argsort(dead.logical_not().to(torch.uint8), dim=1, stable=True)[:, :width]
+        M, N = dead.shape
+        # One flat stable sort by (model, live), as ops.aux_columns sorts one model's: model
+        # m's latents stay in its row of N, its dead ones first.
+        key = dead.logical_not().to(torch.int32) + 2 * torch.arange(M, device=dead.device,
+                                                                    dtype=torch.int32)[:, None]
+        order = torch.argsort(key.reshape(-1), stable=True).view(M, N)[:, :width]
+        cols = order - _offsets(M, N, dead.device).view(M, 1)
         return AuxLatents(cols, dead.gather(1, cols), width)
 
     def topk_encode(self, x: Tensor, w: Weights, k: int, signed: bool, aux: AuxLatents | None,
