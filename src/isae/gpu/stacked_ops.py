@@ -41,9 +41,19 @@ from isae.gpu.ops import (
 )
 from isae.models.reference import AuxLatents, Codes, Weights, adam_scalars, iht_eta, keep_better
 
+_OFFSETS: dict[tuple, Tensor] = {}
+
 
 def _offsets(M: int, N: int, device) -> Tensor:
-    return (torch.arange(M, device=device) * N).view(M, 1, 1)
+    """[M, 1, 1]: m * N, model m's first global latent index. Kept once made outside a
+    CUDA-graph recording (a tensor made inside one holds its values only in replays)."""
+    key = (M, N, str(device))
+    t = _OFFSETS.get(key)
+    if t is None:
+        t = (torch.arange(M, device=device) * N).view(M, 1, 1)
+        if not (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _OFFSETS[key] = t
+    return t
 
 
 def bmm32(a: Tensor, b: Tensor) -> Tensor:
