@@ -15,6 +15,10 @@ Small kernels, each replacing a stock op that dominated the training step on an 
   instead of a dense [B, N] scatter and a B x N x D matmul; ``reduce_into`` accumulates.
 * One-pass elementwise work of a step: ``fvu_parts``, ``scale``, ``sub_cast``,
   ``keep_where``, and the decoder's row constraint (``project_rows_``, ``normalize_rows_``).
+* ``adam_rows_``: Adam over M stacked models, each with its own learning rate (a group
+  trained as one model, isae.gpu.stacked_ops); ``gather_decode``, ``topk_mask_rows`` and
+  ``Segments`` also take such a group's rows: a bias and an AuxK mask per model, source
+  rows shared by the models.
 
 The wrappers accept CUDA tensors; with ``TRITON_INTERPRET=1`` set before import (Triton's
 own switch) they also run on CPU tensors, which is how tests/test_kernels.py checks them

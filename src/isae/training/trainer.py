@@ -1,7 +1,9 @@
 """The trainer: stream an activation set, optimise one sparse coder, write a checkpoint.
 
 Several seeds of one configuration can share the loop (``train_many``): one pass over the
-data feeds every model, which is how a multi-seed study spends its GPU time well.
+data feeds every model, which is how a multi-seed study spends its GPU time well. On the
+GPU's fast path the TopK-family runs of a pass step together as one stacked model
+(training/group.py; ``grouped``), each still its own run here.
 
 One loop serves every kind: a *stepper* (SAEStepper here, DLStepper for dictionary
 learning) does one optimisation step on a batch; the loop owns the data stream, the
