@@ -408,3 +408,26 @@ def test_every_switch_combination_runs_on_the_fast_path_on_cuda(arch):
     for _ in range(2):  # recorded, replayed
         out = st.step(x, 1.0, dead)
     assert len(st.graphs.graphs) == 1 and torch.isfinite(out["fvu"])
+
+
+def test_a_group_step_runs_on_the_fast_kernels_on_cuda():
+    """A group of every switch combination (each its own stacked part, two seeds each):
+    the eager first step of a width launches the fast kernels, none falls back to stock
+    torch; the recorded and replayed steps then run (finite losses)."""
+    from isae.gpu import kernel_trace
+    from isae.models.config import TrainConfig
+    from isae.training.group import RunGroup
+
+    tcfg = TrainConfig(lr=1e-3, batch_size=4096, dead_tokens=4096)
+    runs = _group_runs(SWITCH_ARCHS, (0, 1), 384, 1536, 16, tcfg)
+    group = RunGroup(runs, tcfg, torch.device("cuda"))
+    assert len(group.parts) == 16 and group.graphs is not None
+    x = torch.randn(4096, 384, device="cuda")
+    group.step(x, 1.0, 0, True, lambda: 0.0, False)  # no dead latent: width 0, eager
+    with kernel_trace.trace() as t:
+        group.step(x, 1.0, 1, True, lambda: 0.0, False)  # dead latents now: a new width, eager
+    assert not t.fallbacks(), t.fallbacks()
+    assert {"_adam_rows_kernel", "_topk_mask_kernel", "_select_kernel", kernel_trace.CSR} <= set(t.kernels())
+    for s in range(2, 5):  # recorded, replayed
+        group.step(x, 1.0, s, True, lambda: 0.0, False)
+    assert all(np.isfinite(r.rows[-1]["loss"]) for r in runs) and len(group.graphs.graphs) >= 1

@@ -317,3 +317,20 @@ def test_a_group_steps_its_runs_and_only_them(tmp_path):
         assert r.state()["stepper"]["opt"]["state"][0]["step"] == 2
         with pytest.raises(RuntimeError, match="stepped by its group"):
             r.stepper.step(x, 1.0, None)
+
+
+def test_runs_outside_the_group_train_beside_it_as_before(synthetic_set, tmp_path):
+    """Dictionary learning and a ReLU SAE do not stack: they step one by one beside the
+    group, on the same batches, bit for bit as without grouping."""
+    cfgs = [SAEConfig.from_arch(a, d_in=32, d_sae=64, k=3, seed=0) for a in ("topk", "dl", "isae", "relu")]
+    tcfg = TrainConfig(tokens=12 * 128, batch_size=128, log_every=4)
+    done = {}
+    for grouped in (False, True):
+        outs = [tmp_path / str(grouped) / c.arch for c in cfgs]
+        done[grouped] = train_many(synthetic_set, cfgs, tcfg, outs, resume=False, grouped=grouped)
+        for o in outs:
+            assert (o / "sae.safetensors").is_file() and (o / "train_log.parquet").is_file()
+    for arch in ("dl", "relu"):
+        a = load_file(str(tmp_path / "False" / arch / "sae.safetensors"))
+        b = load_file(str(tmp_path / "True" / arch / "sae.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), arch
