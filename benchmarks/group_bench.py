@@ -37,6 +37,7 @@ switches ~60 s, user ~60 s).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -237,6 +238,9 @@ def switches_section(a) -> None:
             key="switch", arch=name, tok_s=a.batch / ms * 1e3, fallbacks=fallbacks,
             graphs=st.graphs is not None, first_s=first, second_s=second)
         del m, st
+        gc.collect()  # a stepper and its graphs form a cycle: free them before the next
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
     base = results["topk"]
     slowest = max(results, key=results.get)
     row(f"slowest switch combination {slowest}: {100 * base / results[slowest]:.0f} % of topk",
@@ -252,8 +256,7 @@ def switches_section(a) -> None:
 
 @section("every switch combination trained from scratch, as isae train would")
 def user_section(a, tmp: Path) -> None:
-    acts = ensure_set(tmp / "acts-wide", max(a.rows, a.user_steps * a.batch // 4), a.d, 4 * a.wide,
-                      a.batch, DEV)
+    acts = ensure_set(tmp / "acts", a.rows, a.d, 4 * a.width, a.batch, DEV)  # the group's set
     tcfg = TrainConfig(tokens=a.user_steps * a.batch, batch_size=a.batch, device=DEV,
                        checkpoint_every=10**9, dead_tokens=a.user_dead_tokens)
     rates = {}
@@ -263,6 +266,7 @@ def user_section(a, tmp: Path) -> None:
         s = train(acts.path, cfg, tcfg, tmp / "user" / name, resume=False)
         wall = time.perf_counter() - t0
         rates[name] = s["tokens_per_s"]
+        gc.collect()
         row(f"{name} from scratch", wall * 1e3, f"{s['tokens_per_s'] / 1e6:.2f} M tok/s (loop)",
             f"dead at the end {s['dead_frac']:.1%}", key="user", arch=name, tok_s=s["tokens_per_s"])
     slowest = min(rates, key=rates.get)
