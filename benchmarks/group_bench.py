@@ -28,7 +28,8 @@ Sections (``--only`` takes a comma list; the table is printed last):
   "slowest switch combination <name>: N % of topk" (target >= 70 %).
 * ``user``: each combination trained from scratch for ``--user-steps`` steps at the wide
   shape as ``isae train`` would (its loop rate, early training included: dead latents as
-  they come, a graph per AuxK width).
+  they come, and for each new AuxK width an eager step and a graph recording, counted and
+  timed).
 
 Expected on an H100 at the defaults: about 4 minutes in all (set ~20 s, group ~90 s,
 switches ~60 s, user ~60 s).
@@ -37,6 +38,7 @@ switches ~60 s, user ~60 s).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
@@ -254,21 +256,53 @@ def switches_section(a) -> None:
         pct=100 * base / no_iter[slow2])
 
 
+@contextlib.contextmanager
+def _graph_costs(cls):
+    """While active: how many times, and for how long, ``cls`` ran an eager first step of a
+    width and recorded a graph (each new AuxK width costs one of each)."""
+    costs = {"_eager": [0, 0.0], "_record": [0, 0.0]}
+    real = {k: getattr(cls, k) for k in costs}
+
+    def timed(key):
+        def run(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return real[key](self, *args, **kwargs)
+            finally:
+                dsync()
+                costs[key][0] += 1
+                costs[key][1] += time.perf_counter() - t0
+        return run
+    for k in costs:
+        setattr(cls, k, timed(k))
+    try:
+        yield costs
+    finally:
+        for k, f in real.items():
+            setattr(cls, k, f)
+
+
 @section("every switch combination trained from scratch, as isae train would")
 def user_section(a, tmp: Path) -> None:
     acts = ensure_set(tmp / "acts", a.rows, a.d, 4 * a.width, a.batch, DEV)  # the group's set
     tcfg = TrainConfig(tokens=a.user_steps * a.batch, batch_size=a.batch, device=DEV,
                        checkpoint_every=10**9, dead_tokens=a.user_dead_tokens)
+    from isae.gpu import cuda_graphs
+
     rates = {}
     for name in combination_names():
         cfg = SAEConfig.from_arch(name, d_in=a.d, d_sae=a.wide, k=a.k, seed=0)
-        t0 = time.perf_counter()
-        s = train(acts.path, cfg, tcfg, tmp / "user" / name, resume=False)
-        wall = time.perf_counter() - t0
+        with _graph_costs(cuda_graphs.StepGraphs) as costs:
+            t0 = time.perf_counter()
+            s = train(acts.path, cfg, tcfg, tmp / "user" / name, resume=False)
+            wall = time.perf_counter() - t0
         rates[name] = s["tokens_per_s"]
         gc.collect()
         row(f"{name} from scratch", wall * 1e3, f"{s['tokens_per_s'] / 1e6:.2f} M tok/s (loop)",
-            f"dead at the end {s['dead_frac']:.1%}", key="user", arch=name, tok_s=s["tokens_per_s"])
+            f"dead at the end {s['dead_frac']:.1%}; AuxK widths {costs['_eager'][0]}: eager first "
+            f"steps {costs['_eager'][1]:.2f} s, recordings {costs['_record'][1]:.2f} s",
+            key="user", arch=name, tok_s=s["tokens_per_s"], widths=costs["_eager"][0],
+            eager_s=costs["_eager"][1], record_s=costs["_record"][1])
     slowest = min(rates, key=rates.get)
     row(f"from scratch: slowest combination {slowest}: {100 * rates[slowest] / rates['topk']:.0f} % "
         f"of topk's loop rate", key="user_slowest", arch=slowest)
