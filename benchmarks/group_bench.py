@@ -324,7 +324,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--archs", default="topk,isae,isae-iter", help="the group's architectures")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per architecture in the group")
-    ap.add_argument("--steps", type=int, default=1000, help="steps of each group run")
+    ap.add_argument("--steps", type=int, default=2442,
+                    help="steps of each group run (2 442: the GPU study's 10 M tokens at batch 4 096)")
     ap.add_argument("--rows", type=int, default=262144, help="rows of the on-disk set")
     ap.add_argument("--tolerance", type=float, default=0.02, help="check: relative FVU difference")
     ap.add_argument("--dead-frac", type=float, default=0.05, help="switches: dead latents")
