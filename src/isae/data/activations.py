@@ -555,3 +555,79 @@ def _list_to_numpy(col: pa.ListArray) -> np.ndarray:
     if len(lengths) and (lengths == lengths[0]).all():
         return values[offsets[0] : offsets[-1]].reshape(len(lengths), int(lengths[0]))
     raise UserError("list column with rows of different lengths is not supported")
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def split_counts(acts: ActivationSet, split: str = "train") -> np.ndarray:
+    """[shards] int64: the rows of ``split`` (train | heldout | all) in each shard, from
+    the ``heldout`` column alone (one bool per row read, no activations)."""
+    if split not in ("train", "heldout", "all"):
+        raise ValueError(f"split must be train, heldout or all, not {split!r}")
+    counts = np.zeros(len(acts.shards), np.int64)
+    for i, path in enumerate(acts.shards):
+        try:
+            held = pq.read_table(path, columns=["heldout"]).column("heldout")
+        except (pa.ArrowException, OSError, KeyError) as e:
+            raise _shard_error(path, ["heldout"], e) from None
+        h = held.to_numpy(zero_copy_only=False).astype(bool)
+        counts[i] = len(h) if split == "all" else int(h.sum() if split == "heldout" else (~h).sum())
+    return counts
+
+
+def sample_rows(
+    acts: ActivationSet, n: int, seed: int, split: str = "train",
+    columns: list[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """``n`` rows of ``split`` drawn uniformly without replacement from the whole split
+    (every row when it has no more than ``n``), read shard by shard, so that memory holds
+    the sample and one shard, never the set.
+
+    The draw: ``numpy.random.default_rng(seed).choice(N, n, replace=False)`` over the
+    split's N rows numbered in shard order; the rows come back in that order (x: [n, d]
+    float32, other columns as ``iter_shards`` gives them). A function of the set and the
+    seed alone: neither the shard size nor the caller's order of reading changes it.
+    """
+    if n < 1:
+        raise ValueError(f"sample of {n} rows")
+    counts = split_counts(acts, split)
+    total = int(counts.sum())
+    if total == 0:
+        raise UserError(f"activation set {acts.path} has no {split} rows")
+    if n >= total:
+        pick = np.arange(total, dtype=np.int64)
+    else:
+        pick = np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    parts: list[dict[str, np.ndarray]] = []
+    for i, path in enumerate(acts.shards):
+        lo, hi = np.searchsorted(pick, [starts[i], starts[i + 1]])
+        if lo == hi:
+            continue  # no sampled row here: the shard is not read
+        local = pick[lo:hi] - starts[i]
+        for part in acts.iter_shards(split, columns, shards=[path]):
+            parts.append({k: v[local] for k, v in part.items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def split_moments(acts: ActivationSet, split: str = "train") -> tuple[np.ndarray, np.ndarray, int]:
+    """The mean [d] and covariance [d, d] (float64, divisor N − 1) of every row of
+    ``split``, streamed shard by shard; -> (mean, cov, N).
+
+    Sums are taken about meta.json's mean (the training rows' own), so that a large common
+    offset, as in a residual stream, costs no precision."""
+    shift = np.asarray(acts.meta.get("mean", np.zeros(acts.d)), np.float64)
+    s = np.zeros(acts.d, np.float64)
+    ss = np.zeros((acts.d, acts.d), np.float64)
+    n = 0
+    for part in acts.iter_shards(split):
+        x = part["x"].astype(np.float64) - shift
+        s += x.sum(0)
+        ss += x.T @ x
+        n += len(x)
+    if n < 2:
+        raise UserError(f"activation set {acts.path} has {n} {split} rows: a covariance needs 2")
+    m = s / n
+    cov = (ss - n * np.outer(m, m)) / (n - 1)
+    return shift + m, (cov + cov.T) / 2, n
