@@ -97,3 +97,134 @@ def test_chance_gives_the_level_of_the_whole_split_when_the_first_rows_are_unlik
         # The test could fail: the head's level is far from the whole split's.
         assert abs(head[kind] - whole[kind]) > 0.1
         assert got[kind] == pytest.approx(whole[kind], abs=0.03)
+
+
+# ----------------------------------------------------------------------------- the trained null
+
+
+def test_gaussian_set_has_the_sources_moments_within_sampling_error(tmp_path, capsys):
+    x, held = _skewed_set(tmp_path / "s")
+    out = tmp_path / "g"
+    assert main(["-q", "extract", "gaussian", "--like", str(tmp_path / "s"), "--seed", "4",
+                 "--rows-per-shard", "3000", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    g = ActivationSet(out)
+    src = ActivationSet(tmp_path / "s")
+    assert (g.d, g.rows, g.meta["heldout_rows"]) == (src.d, src.rows, src.meta["heldout_rows"])
+    assert summary["covariance_rank"] == 16
+    assert g.meta["source"] == "gaussian" and g.meta["like"]["train_rows"] == (~held).sum()
+    gx = g.load("all", columns=["row"])
+    # The same held-out rows as the source, row for row.
+    np.testing.assert_array_equal(gx["heldout"], held)
+    # Mean and covariance of its training rows against the source's (float64 reference):
+    # each entry within 5 standard errors of the sample covariance of n Gaussian rows,
+    # Var(S_ij) = (Σ_ii Σ_jj + Σ_ij²) / n, and of the sample mean, Var = Σ_ii / n.
+    t = x[~held].astype(np.float64)
+    mu, sigma = t.mean(0), np.cov(t, rowvar=False)
+    gt = gx["x"][~gx["heldout"]].astype(np.float64)
+    n = len(gt)
+    se_cov = np.sqrt((np.outer(np.diag(sigma), np.diag(sigma)) + sigma**2) / n)
+    se_mean = np.sqrt(np.diag(sigma) / n)
+    assert np.abs(np.cov(gt, rowvar=False) - sigma).max() / se_cov.max() < 5
+    assert (np.abs(gt.mean(0) - mu) / se_mean).max() < 5
+    # ... and not merely any covariance: the source's is far from the identity's scale.
+    assert np.abs(np.cov(gt, rowvar=False) - np.eye(16)).max() > 1
+    # Reproducible from the seed, independent of the shard size; another seed differs.
+    again = tmp_path / "g2"
+    assert main(["-q", "extract", "gaussian", "--like", str(tmp_path / "s"), "--seed", "4",
+                 "--out", str(again)]) == 0
+    np.testing.assert_array_equal(ActivationSet(again).load("all")["x"], gx["x"])
+    assert main(["-q", "extract", "gaussian", "--like", str(tmp_path / "s"), "--seed", "5",
+                 "--rows", "500", "--out", str(again)]) == 0
+    other = ActivationSet(again).load("all")
+    assert len(other["x"]) == 500 and not np.allclose(other["x"], gx["x"][:500])
+    np.testing.assert_array_equal(other["heldout"], held[:500])
+
+
+def test_gaussian_refuses_bad_input_in_one_line(tmp_path, capsys):
+    _skewed_set(tmp_path / "s", rows=2000, head=200)
+    cases = [(["--like", str(tmp_path / "nothing")], "does not exist"),
+             (["--like", str(tmp_path / "s"), "--rows", "0"], "--rows"),
+             (["--like", str(tmp_path / "s"), "--seed", "-1"], "--seed")]
+    for args, word in cases:
+        capsys.readouterr()
+        assert main(["-q", "extract", "gaussian", *args, "--out", str(tmp_path / "g")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and word in err[0], err
+    # --out never the source (nor a folder holding it).
+    assert main(["-q", "extract", "gaussian", "--like", str(tmp_path / "s"), "--out",
+                 str(tmp_path / "s"), "--force"]) == 2
+    assert ActivationSet(tmp_path / "s").rows == 2000
+    assert not (tmp_path / "g").exists()
+    # A Gaussian set has no documents: split --by doc is refused, auto splits by row.
+    assert main(["-q", "extract", "gaussian", "--like", str(tmp_path / "s"), "--out",
+                 str(tmp_path / "g")]) == 0
+    capsys.readouterr()
+    assert main(["-q", "split", str(tmp_path / "g"), "--half", "0", "--by", "doc", "--out",
+                 str(tmp_path / "h")]) == 2
+    assert "no doc column" in capsys.readouterr().err
+    assert main(["-q", "split", str(tmp_path / "g"), "--half", "0", "--out",
+                 str(tmp_path / "h")]) == 0
+    assert json.loads(capsys.readouterr().out)["by"] == "row"
+
+
+# ----------------------------------------------------------------------------- split halves
+
+
+def test_assign_halves_balances_rows_and_ignores_the_order_of_groups():
+    from isae.data.halves import assign_halves
+
+    rng = np.random.default_rng(0)
+    groups = rng.choice(10**6, 300, replace=False)
+    counts = rng.integers(1, 200, 300)
+    h = assign_halves(groups, counts, seed=2)
+    # Balanced to within one group's rows.
+    assert abs(counts[h == 0].sum() - counts[h == 1].sum()) <= counts.max()
+    perm = rng.permutation(300)
+    np.testing.assert_array_equal(assign_halves(groups[perm], counts[perm], seed=2), h[perm])
+    assert not np.array_equal(assign_halves(groups, counts, seed=3), h)
+
+
+@pytest.mark.parametrize("by", ["doc", "row"])
+def test_halves_are_disjoint_by_document_and_cover_the_training_split(tmp_path, capsys, by):
+    x, held = _skewed_set(tmp_path / "s", rows=6000, head=600, rows_per_shard=700)
+    doc = np.arange(len(x)) // 100
+    parts = []
+    for h in (0, 1):
+        out = tmp_path / f"h{h}"
+        assert main(["-q", "split", str(tmp_path / "s"), "--half", str(h), "--by", by,
+                     "--seed", "1", "--rows-per-shard", "500", "--out", str(out)]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        a = ActivationSet(out)  # a valid set: meta and shards agree
+        assert a.meta["split"]["half"] == h and a.meta["split"]["by"] == by
+        assert summary["rows"] == a.rows
+        parts.append(a.load("all", columns=["doc", "pos"]))
+    p0, p1 = parts
+    # Held-out rows: all of them, the same in both halves.
+    for p in parts:
+        np.testing.assert_array_equal(p["x"][p["heldout"]], x[held])
+    t0, t1 = (p["heldout"] == 0 for p in parts)
+    # The training rows: disjoint by document (or by row), together the whole split.
+    if by == "doc":
+        assert not set(p0["doc"][t0]) & set(p1["doc"][t1])
+        assert len(set(p0["doc"][t0])) > 5 and len(set(p1["doc"][t1])) > 5
+    key = lambda p, t: set(zip(p["doc"][t].tolist(), p["pos"][t].tolist()))  # noqa: E731
+    k0, k1 = key(p0, t0), key(p1, t1)
+    assert not k0 & k1
+    assert k0 | k1 == set(zip(doc[~held].tolist(), (np.arange(len(x)) % 100)[~held].tolist()))
+    # Rows are carried unchanged, and the halves are balanced to within one document.
+    full = {(d, q): r for d, q, r in zip(doc, np.arange(len(x)) % 100, x)}
+    for (d, q), r in zip(zip(p0["doc"][t0], p0["pos"][t0]), p0["x"][t0]):
+        np.testing.assert_array_equal(r, full[(int(d), int(q))])
+    assert abs(t0.sum() - t1.sum()) <= 100
+
+
+def test_split_of_a_synthetic_set_keeps_its_truth_and_columns(synthetic_set, tmp_path, capsys):
+    assert main(["-q", "split", str(synthetic_set), "--half", "1", "--out",
+                 str(tmp_path / "h")]) == 0
+    a = ActivationSet(tmp_path / "h")
+    assert a.has_truth and a.meta["split"]["by"] == "doc"
+    assert set(ActivationSet(synthetic_set).columns()) == set(a.columns())
+    assert main(["-q", "split", str(synthetic_set), "--half", "1", "--out",
+                 str(synthetic_set / "inside")]) == 2
+    assert "input" in capsys.readouterr().err

@@ -25,7 +25,7 @@ import isae
 from isae.errors import UserError
 
 COMMANDS = ("extract", "train", "lr-sweep", "eval", "match", "ric", "measure", "chance", "fidelity",
-            "export", "import", "browse")
+            "export", "import", "browse", "split")
 #: Subcommands whose module is not named after them (``import`` is a Python keyword, a
 #: module name has no hyphen).
 MODULES = {"import": "import_ckpt", "lr-sweep": "lr_sweep"}
