@@ -122,6 +122,61 @@ def test_t1_uses_main_grid_only_and_reads_pairs_and_chance():
     assert "| 0.004 |" in md  # the learning rate, 2 significant digits
 
 
+def test_t1_trained_references_beside_chance_and_hidden_when_absent():
+    runs = _group_runs({("syn", "topk"): [0.2, 0.4, 0.3], ("syn", "isae"): [0.1, 0.1, 0.1]},
+                       mse_per_dim=lambda s, v: v, fvu=lambda s, v: v, l0=lambda s, v: 8.0,
+                       dead_frac=lambda s, v: 0.0, lr=lambda s, v: 4e-3,
+                       converged=lambda s, v: True, fvu_trend=lambda s, v: 0.0,
+                       init_abs_cos=lambda s, v: 0.5)
+    seed = dict(kind="seed", k=8, width=64, rows=1000, main=True)
+    pairs = pd.DataFrame([dict(dataset="syn", arch_a="topk", arch_b="topk", seed_a=0, seed_b=1,
+                               mean_abs_cos=0.8, **{"frac_gt_0.9": 0.1}, **seed)])
+    # The null dataset's seed pairs (and a same-seed arch pair, which is no reference) ...
+    null_pairs = pd.DataFrame([
+        dict(dataset="syn-null", arch_a="topk", arch_b="topk", seed_a=a, seed_b=b,
+             mean_abs_cos=v, **seed) for a, b, v in [(0, 1, 0.2), (0, 2, 0.3), (1, 2, 0.4)]]
+        + [dict(dataset="syn-null", arch_a="topk", arch_b="isae", seed_a=0, seed_b=0,
+                mean_abs_cos=0.9, **dict(seed, kind="arch"))])
+    # ... and the halves' same-seed matches, one table of its own.
+    split_pairs = pd.DataFrame(dict(dataset="syn-halves", arch="isae", k=8, width=64,
+                                    mean_abs_cos=[0.6, 0.7]))
+    refs = pd.concat([tables.reference_rows(null_pairs, {"syn-null": ("syn", "null")}),
+                      tables.reference_rows(split_pairs, {"syn-halves": ("syn", "split")})])
+    t = tables.table_t1(runs, pairs, refs=refs).set_index("arch")
+    assert t.loc["topk", "null_abs_cos_mean"] == pytest.approx(0.3)
+    assert (t.loc["topk", "null_abs_cos_min"], t.loc["topk", "null_abs_cos_max"]) == (0.2, 0.4)
+    assert t.loc["isae", "split_abs_cos_mean"] == pytest.approx(0.65)
+    assert t.loc["topk", "split_abs_cos_n"] == 0 and t.loc["isae", "null_abs_cos_n"] == 0
+    labels = [m.label for m in tables.shown_metrics(t.reset_index(), tables.T1_METRICS)]
+    assert labels.index("trained null |cos|") == labels.index("chance iso") + 1
+    assert "split-data |cos|" in labels
+    # Without references the two columns are not rendered at all.
+    bare = tables.table_t1(runs, pairs)
+    assert "trained null |cos|" not in tables.to_markdown(
+        bare, tables.shown_metrics(bare, tables.T1_METRICS))
+    with pytest.raises(UserError, match="reference kind"):
+        tables.reference_rows(null_pairs, {"syn-null": ("syn", "nul")})
+
+
+def test_t2_shows_the_largest_delta_beside_the_median():
+    runs = _group_runs({("syn", "isae"): [0.3, 0.5]}, **{
+        c: (lambda s, v: v) for c in ("ric_observed_q50", "ric_observed_q90",
+                                       "ric_observed_lower_q50", "ric_observed_upper_q50",
+                                       "ric_observed_frac_singular", "ric_observed_frac_lt_1/3",
+                                       "ric_observed_frac_lt_sqrt2-1", "ric_random_support_q50",
+                                       "ric_gaussian_q50", "ric_dict_dup_frac")},
+        ric_observed_max=lambda s, v: [0.9, 1.3][s])
+    pairs = pd.DataFrame([dict(dataset="syn", kind="seed", arch_a="isae", arch_b="isae",
+                               seed_a=0, seed_b=1, k=8, width=64, main=True, code_pearson_all=0.5,
+                               code_jaccard=0.5, code_rel_dist=0.5)])
+    t = tables.table_t2(runs, pairs)
+    assert t["ric_observed_max_mean"][0] == pytest.approx(1.1)
+    header = tables.to_markdown(t, tables.T2_METRICS).splitlines()[0]
+    cols = [c.strip() for c in header.split("|")]
+    assert cols.index("δ max (≤ δ_2k)") == cols.index("δ median") + 1
+    assert cols.index("frac δ<1/3") == cols.index("δ median") + 2
+
+
 def test_collect_groups_tags_grids_and_pairs_need_both_runs(tmp_path):
     runs = pd.DataFrame(dict(arch=["topk", "topk", "isae"], seed=[0, 1, 0], fvu=[0.1, 0.2, 0.3]))
     pairs = pd.DataFrame(dict(kind=["seed", "arch"], arch_a=["topk", "topk"],

@@ -57,6 +57,9 @@ class Metric:
     boolean column as "true count/n"), or ``none`` (the mean alone)."""
     fmt: str = "f"
     """Number format: ``f`` (``digits`` decimals) or ``g`` (``digits`` significant digits)."""
+    hide_when_empty: bool = False
+    """Leave the column out of the renderings when no row has a value (a reference the
+    config did not ask for)."""
 
     @property
     def key(self) -> str:
@@ -256,6 +259,16 @@ T1_MATCH = [
     Metric("chance_data_cov", "chance cov", r"chance cov.", optional=True),
     Metric("chance_gaussian", "chance iso", r"chance iso.", optional=True),
 ]
+#: ... the trained references, per pair (``reference_rows``): the same recipe on Gaussian
+#: data with the activations' moments, and on two disjoint halves of the data by document.
+T1_REFS = [
+    Metric("null_abs_cos", "trained null |cos|", r"null $|\cos|$", spread="range",
+           optional=True, hide_when_empty=True),
+    Metric("split_abs_cos", "split-data |cos|", r"split $|\cos|$", spread="range",
+           optional=True, hide_when_empty=True),
+]
+#: The kinds of trained reference, and the T1 column each fills.
+REFERENCES = {"null": "null_abs_cos", "split": "split_abs_cos"}
 #: ... and ground-truth recovery where there is a truth (per seed).
 T1_TRUTH = [
     Metric("truth_abs_cos", "truth |cos|", r"truth $|\cos|$", optional=True),
@@ -272,13 +285,16 @@ T2_MATCH = [
 #: the dictionary's own geometry (per seed).
 T2_RIC = [
     Metric("ric_observed_q50", "δ median", r"$\delta$ med."),
+    # The largest δ over the sampled unions: a lower bound on δ_2k, the constant recovery
+    # theory needs under its threshold on every support (the median says nothing of that).
+    Metric("ric_observed_max", "δ max (≤ δ_2k)", r"$\delta$ max ($\le\delta_{2k}$)"),
+    Metric("ric_observed_frac_lt_1/3", "frac δ<1/3", r"frac.\ $\delta<1/3$"),
+    Metric("ric_observed_frac_lt_sqrt2-1", "frac δ<√2−1", r"frac.\ $\delta<\sqrt2-1$"),
     Metric("ric_observed_q90", "δ q90", r"$\delta$ q90"),
     Metric("ric_observed_lower_q50", "lower side med.", r"lower med."),
     Metric("ric_observed_upper_q50", "upper side med.", r"upper med."),
     Metric("ric_observed_frac_singular", "near-singular %", r"near-sing.\ \%", digits=1,
            scale=100.0),
-    Metric("ric_observed_frac_lt_1/3", "frac δ<1/3", r"frac.\ $\delta<1/3$"),
-    Metric("ric_observed_frac_lt_sqrt2-1", "frac δ<√2−1", r"frac.\ $\delta<\sqrt2-1$"),
     Metric("ric_random_support_q50", "δ med. random supp.", r"$\delta$ med.\ rand.\ supp."),
     Metric("ric_gaussian_q50", "δ med. Gaussian dict.", r"$\delta$ med.\ Gauss.\ dict."),
     Metric("ric_dict_dup_frac", "near-dup. atoms %", r"near-dup.\ \%", digits=1, scale=100.0),
@@ -286,6 +302,7 @@ T2_RIC = [
     Metric("ric_truth_coherence", "true dict. coherence", r"true coh.", optional=True,
            spread="none"),
     Metric("ric_truth_q50", "true δ med.", r"true $\delta$ med.", optional=True, spread="none"),
+    Metric("ric_truth_max", "true δ max", r"true $\delta$ max", optional=True, spread="none"),
     Metric("ric_truth_frac_lt_sqrt2-1", "true frac δ<√2−1", r"true frac.\ $\delta<\sqrt2-1$",
            optional=True, spread="none"),
 ]
@@ -346,16 +363,53 @@ def converged_marks(runs: pd.DataFrame) -> dict:
     return {tuple(k): bool(v) for k, v in g.items()}
 
 
+def reference_rows(pairs: pd.DataFrame, datasets: dict[str, tuple[str, str]]) -> pd.DataFrame:
+    """The trained references' pairs, as ``table_t1``'s ``refs`` reads them.
+
+    ``pairs``: ``isae measure``'s pairs (or any table with dataset, arch, k, width and
+    mean_abs_cos, one row per compared pair); ``datasets``: {dataset of the reference runs:
+    (dataset it is a reference for, kind)}, kind ``null`` (seeds of the same recipe on
+    ``isae extract gaussian --like`` data) or ``split`` (an SAE on one half of ``isae
+    split`` against the same arch on the other half). The seed pairs of a ``null``
+    dataset are taken as they are; a ``split`` table is taken whole.
+
+    -> one row per pair: dataset (the one referred to), arch, k, width, reference,
+    mean_abs_cos."""
+    cols = [*ROW_KEYS, "reference", "mean_abs_cos"]
+    out = []
+    for src, (target, kind) in datasets.items():
+        if kind not in REFERENCES:
+            raise UserError(f"reference kind {kind!r}: known are {', '.join(REFERENCES)}")
+        p = pairs[pairs["dataset"] == src]
+        if kind == "null":
+            p = seed_pairs(p)
+        elif "arch" not in p.columns and "arch_a" in p.columns:
+            p = p.assign(arch=p["arch_a"])
+        out.append(p.assign(dataset=target, reference=kind)[cols])
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=cols)
+
+
+def _reference_sources(refs: pd.DataFrame | None) -> list:
+    """(table, [metric]) per kind of trained reference in ``refs`` (``reference_rows``)."""
+    if refs is None or refs.empty:
+        return [(pd.DataFrame(columns=ROW_KEYS), T1_REFS)]  # the columns, empty
+    by_col = {m.column: m for m in T1_REFS}
+    return [(refs[refs["reference"] == kind].assign(**{col: lambda d: d["mean_abs_cos"]}),
+             [by_col[col]]) for kind, col in REFERENCES.items()]
+
+
 def table_t1(runs: pd.DataFrame, pairs: pd.DataFrame, chance: pd.DataFrame | None = None,
-             lr: pd.DataFrame | None = None) -> pd.DataFrame:
+             lr: pd.DataFrame | None = None, refs: pd.DataFrame | None = None) -> pd.DataFrame:
     """T1: reconstruction, convergence and stability per dataset x arch on the main grid,
     with a ``not_converged`` column (some seed's run has not converged). ``lr`` (the lr
-    sweep's table) is not needed: the chosen rate is in ``runs``."""
+    sweep's table) is not needed: the chosen rate is in ``runs``. ``refs``: the trained
+    references' pairs (``reference_rows``), shown beside the chance levels."""
     r = main_rows(runs)
     sources = [(r, [*T1_EVAL, *T1_CONVERGENCE]),
                (main_rows(seed_pairs(pairs)), T1_MATCH[:2]),
                (arch_pairs(pairs), T1_MATCH[2:3]),
                (chance_columns(r, chance if chance is not None else pd.DataFrame()), T1_MATCH[3:]),
+               *_reference_sources(refs),
                (r, T1_TRUTH[:2]),
                (chance_columns(r, chance if chance is not None else pd.DataFrame()), T1_TRUTH[2:])]
     table = summarize(sources)
@@ -457,7 +511,7 @@ def to_latex(table: pd.DataFrame, metrics: Sequence[Metric], caption: str = "",
 
 
 #: Columns of T1 and T2, in display order.
-T1_METRICS = [*T1_EVAL, *T1_CONVERGENCE, *T1_MATCH, *T1_TRUTH]
+T1_METRICS = [*T1_EVAL, *T1_CONVERGENCE, *T1_MATCH, *T1_REFS, *T1_TRUTH]
 T2_METRICS = [*T2_MATCH, *T2_RIC]
 T1_CAPTION = (
     "T1. Per dataset x arch at the main k, width and training rows: the learning rate the lr "
@@ -468,7 +522,11 @@ T1_CAPTION = (
     "matched |cos| between seeds and fraction above 0.9, mean [min, max] over the seed "
     "pairs (they share seeds, so no sd), matched |cos| with the other architectures trained "
     "from the same seed, and chance levels of two random dictionaries drawn from the "
-    "training rows (rows), with the data's covariance (cov) and isotropic (iso); truth: "
+    "training rows (rows, a uniform sample of the whole training split), with the data's "
+    "covariance (cov) and isotropic (iso); where the config trains them, the trained "
+    "references: seeds of the same recipe on Gaussian data with the activations' mean and "
+    "covariance (trained null) and the same seed on two disjoint halves of the data by "
+    "document (split-data), mean [min, max] over pairs; truth: "
     "matched |cos| to the true dictionary (synthetic), and that of random training rows. "
     "† marks a row with a run that has not converged: its stability still measures its "
     "initialisation."
@@ -476,12 +534,20 @@ T1_CAPTION = (
 T2_CAPTION = (
     "T2. Code consistency between seeds after signed-permutation matching (mean [min, max] "
     "over seed pairs) and restricted isometry on unions of observed supports, mean ± sd over "
-    "seeds: δ = max(lower, upper), the lower side 1 − σ_min² (1 = singular) and the upper "
+    "seeds: δ = max(lower, upper), its median and its largest value over the sampled unions "
+    "(a lower bound on δ_2k, which recovery guarantees need under the threshold on every "
+    "support), the lower side 1 − σ_min² (1 = singular) and the upper "
     "side σ_max² − 1 (coherent atoms), the unions with σ_min < 0.1, the fractions under 1/3 "
     "and √2−1, the calibrations (random supports, a Gaussian dictionary), the atoms with a "
     "near-duplicate (|cos| > 0.95), and, on a synthetic set, the true dictionary's coherence "
-    "and δ on its true supports. † as in T1."
+    "and δ on its true supports (median and largest). † as in T1."
 )
+
+
+def shown_metrics(table: pd.DataFrame, metrics: Sequence[Metric]) -> list[Metric]:
+    """``metrics`` less those marked ``hide_when_empty`` that have no value in ``table``."""
+    return [m for m in metrics if not (m.hide_when_empty and
+                                       int(table.get(f"{m.key}_n", pd.Series([0])).sum()) == 0)]
 
 
 def write_renderings(table: pd.DataFrame, metrics: Sequence[Metric], caption: str, label: str,
@@ -489,6 +555,7 @@ def write_renderings(table: pd.DataFrame, metrics: Sequence[Metric], caption: st
     """One summary table as Parquet, Markdown and LaTeX, each written atomically."""
     from isae.data.atomic import write_table, write_text_atomic
 
+    metrics = shown_metrics(table, metrics)
     write_table(table, parquet)
     write_text_atomic(to_markdown(table, metrics, caption), md)
     write_text_atomic(to_latex(table, metrics, caption, label=label), tex)
