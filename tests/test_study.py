@@ -177,6 +177,56 @@ def test_t2_shows_the_largest_delta_beside_the_median():
     assert cols.index("frac δ<1/3") == cols.index("δ median") + 2
 
 
+def test_sensitivity_gives_neighbours_and_marks_the_edge():
+    table = pd.DataFrame({
+        "arch": ["a"] * 3 + ["b"] * 3,
+        "factor": [4.0, 0.25, 1.0] * 2,  # unsorted on purpose
+        "lr": [4.0, 0.25, 1.0] * 2,
+        "heldout_fvu": [0.10, 0.30, 0.20, 0.30, 0.10, 0.20],
+        "seed_abs_cos": [0.7, 0.5, 0.6, 0.4, 0.9, 0.8],
+    })
+    table["within_tolerance"] = table["heldout_fvu"] < 0.15
+    table["chosen"] = table["within_tolerance"]
+    s = tables.lr_sensitivity(table).set_index("arch")
+    # a: 4x, the grid's top: no factor above, the neighbour below is 1x.
+    assert s.loc["a", "factor"] == 4.0 and s.loc["a", "at_edge"]
+    assert (s.loc["a", "factor_below"], s.loc["a", "heldout_fvu_below"],
+            s.loc["a", "seed_abs_cos_below"]) == (1.0, 0.20, 0.6)
+    assert math.isnan(s.loc["a", "factor_above"]) and math.isnan(s.loc["a", "heldout_fvu_above"])
+    # b: 0.25x, the bottom edge.
+    assert s.loc["b", "at_edge"] and s.loc["b", "heldout_fvu_above"] == 0.20
+    assert s.loc["b", "seed_abs_cos"] == 0.9 and s.loc["b", "tied"] == "0.25"
+    inner = table.assign(chosen=table["factor"] == 1.0, within_tolerance=table["factor"] == 1.0)
+    s = tables.lr_sensitivity(inner).set_index("arch")
+    assert not s["at_edge"].any()
+    assert (s.loc["a", "heldout_fvu_below"], s.loc["a", "heldout_fvu_above"]) == (0.30, 0.10)
+
+
+def test_lr_table_renders_every_choice_with_its_neighbours():
+    lr = pd.DataFrame({
+        "dataset": ["syn"] * 6 + ["lm"] * 3,
+        "arch": ["isae-iter"] * 3 + ["topk"] * 3 + ["topk"] * 3,
+        "factor": [1.0, 4.0, 16.0] * 3,
+        "lr": [1e-3, 4e-3, 1.6e-2] * 3,
+        "heldout_fvu": [0.09, 0.08, 0.07, 0.2, 0.1, 0.3, 0.11, 0.1, math.inf],
+    })
+    lr["chosen"] = [False, False, True, False, True, False, False, True, False]
+    lr["within_tolerance"] = lr["chosen"]
+    t = tables.table_lr(lr)
+    # Datasets in order of appearance, presets in ARCH_ORDER within each.
+    assert list(zip(t["dataset"], t["arch"])) == [("syn", "topk"), ("syn", "isae-iter"),
+                                                  ("lm", "topk")]
+    md = tables.lr_markdown(t, tables.LR_CAPTION)
+    rows = [line for line in md.splitlines() if line.startswith("| syn") or line.startswith("| lm")]
+    assert rows[0] == ("| syn | topk | 4× (0.004) | 0.1000 | 0.2000 (1×) | 0.3000 (16×) | — | "
+                       "— (1×) | — (16×) | 4 | no |")
+    # At the top edge: nothing above, marked.
+    assert "| 0.0700 | 0.0800 (4×) | — (edge) |" in rows[1] and rows[1].endswith("| **yes** |")
+    # A diverged neighbour shows no number.
+    assert "| — (16×) |" in rows[2]
+    assert "closest to 1×" in md
+
+
 def test_collect_groups_tags_grids_and_pairs_need_both_runs(tmp_path):
     runs = pd.DataFrame(dict(arch=["topk", "topk", "isae"], seed=[0, 1, 0], fvu=[0.1, 0.2, 0.3]))
     pairs = pd.DataFrame(dict(kind=["seed", "arch"], arch_a=["topk", "topk"],
@@ -479,3 +529,77 @@ def test_with_convergence_joins_the_runs_flag():
     out = figures.with_convergence(fid, runs)
     assert out["converged"].tolist() == [True, False, True]  # relu: no flag, not marked
     assert out["frac_recovered_zero"].tolist() == [0.5] * 3
+
+
+def test_iter_curves_keep_one_footing_and_mark_a_preset_at_its_own_rate():
+    assert figures.own_rate("isae-iter", "isae") and not figures.own_rate("isae+iter", "isae")
+    assert not figures.own_rate("isae+iter10", "isae") and not figures.own_rate("topk", "topk")
+    runs = pd.DataFrame(dict(dataset="syn", arch=["isae", "isae-iter", "isae+iter", "isae+iter10"],
+                             seed=0, fvu=[0.4, 0.3, 0.35, 0.25], converged=True, iter=True))
+    d = figures.iter_curves(runs, pd.DataFrame()).set_index(["steps", "metric"])
+    # Both isae-iter (its own rate) and isae+iter (isae's rate) have 3 steps: the second stays.
+    assert d.loc[(3, "fvu"), "arch"] == "isae+iter" and d.loc[(3, "fvu"), "mean"] == 0.35
+    assert not d["own_rate"].any()
+    alone = figures.iter_curves(runs[runs["arch"] != "isae+iter"], pd.DataFrame())
+    assert alone.set_index("steps").loc[3, "own_rate"]
+
+
+def _markers(ax) -> list[tuple[float, float, str]]:
+    """(x, y, marker) of every single-point line of a panel (error-bar points included)."""
+    out = []
+    for line in ax.lines:
+        x, y = line.get_xdata(), line.get_ydata()
+        if len(x) == 1 and line.get_marker() not in (None, "None", "", "_"):
+            out.append((float(x[0]), float(y[0]), line.get_marker()))
+    return out
+
+
+def test_f8_steps_on_a_numeric_axis_and_the_own_rate_marked():
+    runs = pd.DataFrame(dict(dataset="syn", arch=["isae", "isae+iter1", "isae-iter", "isae+iter10"],
+                             seed=0, fvu=[0.4, 0.3, 0.35, 0.25], converged=True, iter=True))
+    fig = figures.f8_iter(runs, pd.DataFrame())
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "symlog"
+    assert [float(t) for t in ax.get_xticks()] == [0.0, 1.0, 3.0, 10.0]
+    pts = sorted(_markers(ax))
+    # At their step counts (one base: no sideways shift), the 3-step point a diamond.
+    assert [(round(x, 6), y) for x, y, _ in pts] == [(0, 0.4), (1, 0.3), (3, 0.35), (10, 0.25)]
+    assert [m for *_, m in pts] == ["o", "o", "D", "o"]
+    assert any("own tuned rate" in t.get_text() for t in fig.legends[0].get_texts())
+
+
+def test_f2_and_f3_markers_of_different_archs_do_not_coincide(frames):
+    f2 = figures.f2_truth_recovery(frames["runs"], {"syn": 8})
+    xs = {}
+    for x, _, m in _markers(f2.axes[0]):
+        xs.setdefault(round(x, 9), []).append(m)
+    # Three archs at each k: three distinct x positions around it, no two equal.
+    assert len({round(x, 9) for x in xs}) >= 9
+
+
+def test_f3_and_f6_use_every_seed_with_its_spread():
+    """The main k has three seeds: F3 and F6 show their mean and sd there, one seed
+    elsewhere, and say how many."""
+    rows = []
+    for k in (4, 8, 16):
+        for seed in ((0, 1, 2) if k == 8 else (0,)):
+            v = {0: 0.5, 1: 0.6, 2: 0.7}[seed] if k == 8 else 0.4
+            rows.append(dict(dataset="lm", arch="isae", k=k, width=64, rows=100, seed=seed,
+                             main=k == 8, sweep=seed == 0, converged=True,
+                             **{f"ric_{kind}_{side}_q50": v for kind in
+                                ("observed", "random_support", "gaussian", "mp")
+                                for side in ("lower", "upper")},
+                             l0=float(k), frac_recovered_zero=v, frac_recovered_mean=v - 0.1,
+                             kind="encoder"))
+    runs = pd.DataFrame(rows)
+    from matplotlib.container import ErrorbarContainer
+    for fig in (figures.f3_ric(runs), figures.f6_fidelity(runs, runs)):
+        ax = fig.axes[0]
+        pts = [y for x, y, _ in _markers(ax) if abs(x - 8) < 1]
+        # At k 8 (or L0 8): the mean of the three seeds.
+        assert pytest.approx(0.6) in pts
+        bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer) and c.has_yerr]
+        segs = [seg for c in bars for seg in c[2][0].get_segments()]
+        assert any(abs((s[1][1] - s[0][1]) / 2 - statistics.stdev([0.5, 0.6, 0.7])) < 1e-9
+                   for s in segs)
+        assert "1–3 seeds per point" in ax.get_title()

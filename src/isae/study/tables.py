@@ -428,6 +428,95 @@ def table_t2(runs: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+# ----------------------------------------------------------------------------- the lr choice
+
+
+def lr_sensitivity(table: pd.DataFrame) -> pd.DataFrame:
+    """Each arch's choice and its neighbours on the grid, from a sweep table with arch,
+    factor, lr, heldout_fvu, chosen (and seed_abs_cos where a second seed was trained).
+
+    -> one row per arch: factor, lr, heldout_fvu, seed_abs_cos of the choice; factor_below /
+    factor_above (the grid's next smaller / larger factor, NaN past an edge) with their
+    heldout_fvu_* and seed_abs_cos_*; at_edge (the choice is the grid's smallest or largest
+    factor); tied (the factors within the tolerance, comma-separated)."""
+    rows = []
+    for arch, g in table.groupby("arch", sort=False):
+        g = g.sort_values("factor").reset_index(drop=True)
+        at = g.index[g["chosen"].astype(bool)]
+        if len(at) != 1:
+            raise UserError(f"lr sweep table: {len(at)} chosen rates for {arch}")
+        i = int(at[0])
+        row = {"arch": arch, "factor": g["factor"][i], "lr": g["lr"][i],
+               "heldout_fvu": g["heldout_fvu"][i],
+               "seed_abs_cos": g["seed_abs_cos"][i] if "seed_abs_cos" in g else math.nan,
+               "at_edge": i in (0, len(g) - 1)}
+        for side, j in (("below", i - 1), ("above", i + 1)):
+            inside = 0 <= j < len(g)
+            row[f"factor_{side}"] = g["factor"][j] if inside else math.nan
+            row[f"heldout_fvu_{side}"] = g["heldout_fvu"][j] if inside else math.nan
+            row[f"seed_abs_cos_{side}"] = (g["seed_abs_cos"][j] if inside and "seed_abs_cos" in g
+                                           else math.nan)
+        tied = g["within_tolerance"] if "within_tolerance" in g else g["chosen"]
+        row["tied"] = ",".join(f"{f:g}" for f in g["factor"][tied.astype(bool)])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def table_lr(lr: pd.DataFrame) -> pd.DataFrame:
+    """The lr table: ``lr_sensitivity`` per dataset of the collected sweeps (``lr``: the
+    sweep tables with a dataset column), rows in dataset order and ARCH_ORDER."""
+    if lr.empty:
+        return pd.DataFrame(columns=["dataset", "arch"])
+    parts = [lr_sensitivity(g).assign(dataset=ds) for ds, g in lr.groupby("dataset", sort=False)]
+    out = pd.concat(parts, ignore_index=True)
+    out = out[["dataset", *[c for c in out.columns if c != "dataset"]]]
+    order = sorted(range(len(out)), key=lambda i: (list(dict.fromkeys(out["dataset"])).index(
+        out["dataset"][i]), arch_sort_key(str(out["arch"][i]))))
+    return out.iloc[order].reset_index(drop=True)
+
+
+def _factor_cell(factor: float, value: float, digits: int = 4) -> str:
+    if factor is None or (isinstance(factor, float) and math.isnan(factor)):
+        return "— (edge)"
+    v = "—" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+    return f"{v} ({factor:g}×)"
+
+
+def lr_markdown(table: pd.DataFrame, caption: str = "") -> str:
+    """The lr table in Markdown: per dataset x arch the chosen factor and rate, its held-out
+    FVU and seed stability, the same at the grid's neighbouring factors, the tied factors,
+    and whether the choice sits at the grid's edge."""
+    header = ["dataset", "arch", "chosen (lr)", "FVU", "FVU below", "FVU above", "seed |cos|",
+              "seed |cos| below", "seed |cos| above", "tied", "at edge"]
+    lines = [f"{caption}\n"] if caption else []
+    lines.append("| " + " | ".join(h.replace("|", r"\|") for h in header) + " |")
+    lines.append("|:---|:---|:---|" + "|".join(["---:"] * 6) + "|:---|:---|")
+    for _, r in table.iterrows():
+        cos = r.get("seed_abs_cos", math.nan)
+        cells = [str(r["dataset"]), str(r["arch"]), f"{r['factor']:g}× ({r['lr']:.2g})",
+                 f"{r['heldout_fvu']:.4f}",
+                 _factor_cell(r["factor_below"], r["heldout_fvu_below"]),
+                 _factor_cell(r["factor_above"], r["heldout_fvu_above"]),
+                 "—" if not math.isfinite(cos) else f"{cos:.3f}",
+                 _factor_cell(r["factor_below"], r.get("seed_abs_cos_below", math.nan), 3),
+                 _factor_cell(r["factor_above"], r.get("seed_abs_cos_above", math.nan), 3),
+                 str(r["tied"]).replace(",", ", "), "**yes**" if r["at_edge"] else "no"]
+        lines.append("| " + " | ".join(c.replace("|", r"\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+LR_CAPTION = (
+    "Learning rates. Each architecture was trained at each factor × its default rate (one "
+    "seed, the main budget). Rule: the lowest held-out FVU; the factors within the tie "
+    "tolerance of it (relative; 1 % by default, as GPU reruns of one sweep move the FVU by "
+    "0.5–1 %) are tied (column tied), and of those the factor closest to 1× in log scale is "
+    "chosen. Beside each choice: the FVU and, where the sweep trained a second seed, the "
+    "matched |cos| between the two seeds at the neighbouring factors of the grid. At edge: "
+    "the choice is the grid's smallest or largest factor, so the best rate may lie beyond "
+    "it; extend the grid there."
+)
+
+
 # ----------------------------------------------------------------------------- rendering
 
 
