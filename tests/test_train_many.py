@@ -151,6 +151,7 @@ def test_best_rates_by_heldout_fvu_with_a_tie_rule():
         sweep.best_rates(table.assign(heldout_fvu=math.inf))
 
 
+@pytest.mark.slow
 def test_lr_sweep_writes_the_choice_train_reads(data, tmp_path, capsys):
     out = tmp_path / "lr"
     assert main(["-q", "lr-sweep", "--activations", str(data), "--arch", "topk,isae,dl",
