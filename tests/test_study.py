@@ -120,6 +120,14 @@ def test_t1_uses_main_grid_only_and_reads_pairs_and_chance():
     md = tables.to_markdown(t, tables.T1_METRICS)
     assert "| syn | topk † |" in md and "| 2/3 |" in md and "0.600 [0.500, 0.700]" in md
     assert "| 0.004 |" in md  # the learning rate, 2 significant digits
+    # A rate the sweep chose at its grid's edge is marked; one inside it is not.
+    sweep = pd.DataFrame(dict(dataset="syn", arch="topk", factor=[0.25, 1.0, 4.0],
+                              chosen=[False, False, True]))
+    t = tables.table_t1(runs, pairs, chance, lr=sweep)
+    assert t["lr_at_edge"].tolist() == [True, False]
+    assert "| 0.004 ‡ |" in tables.to_markdown(t, tables.T1_METRICS)
+    inside = tables.table_t1(runs, pairs, chance, lr=sweep.assign(chosen=[False, True, False]))
+    assert "‡" not in tables.to_markdown(inside, tables.T1_METRICS).split("\n", 2)[2]
 
 
 def test_t1_trained_references_beside_chance_and_hidden_when_absent():

@@ -416,7 +416,31 @@ def table_t1(runs: pd.DataFrame, pairs: pd.DataFrame, chance: pd.DataFrame | Non
     marks = converged_marks(runs)
     table["not_converged"] = [marks.get((d, a, int(k), int(w)), False) for d, a, k, w in
                               zip(table["dataset"], table["arch"], table["k"], table["width"])]
+    edges = lr_edge_marks(lr if lr is not None else pd.DataFrame())
+    table["lr_at_edge"] = [edges.get((d, _preset(a)), False)
+                           for d, a in zip(table["dataset"], table["arch"])]
     return table
+
+
+def _preset(arch: str) -> str:
+    try:
+        return parse_arch(arch).preset
+    except UserError:
+        return arch
+
+
+def lr_edge_marks(lr: pd.DataFrame) -> dict:
+    """(dataset, arch) -> True where the lr sweep's choice is its grid's smallest or largest
+    factor (from the collected sweep tables: dataset, arch, factor, chosen)."""
+    need = {"dataset", "arch", "factor", "chosen"}
+    if lr.empty or not need <= set(lr.columns):
+        return {}
+    out = {}
+    for (ds, arch), g in lr.groupby(["dataset", "arch"]):
+        chosen = g.loc[g["chosen"].astype(bool), "factor"]
+        lo, hi = lr.loc[lr["dataset"] == ds, "factor"].agg(["min", "max"])
+        out[(ds, arch)] = bool(len(chosen) == 1 and chosen.iloc[0] in (lo, hi))
+    return out
 
 
 def table_t2(runs: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
@@ -544,6 +568,8 @@ def format_cell(mean: float, sd: float, digits: int, pm: str = " ± ", dash: str
 
 #: Appended to the arch of a row with a run that has not converged.
 NOT_CONVERGED = " †"
+#: Appended to a learning rate that the lr sweep chose at its grid's edge.
+LR_AT_EDGE = " ‡"
 
 
 def _cells(table: pd.DataFrame, metrics: Sequence[Metric], pm: str, dash: str) -> list[list[str]]:
@@ -556,6 +582,8 @@ def _cells(table: pd.DataFrame, metrics: Sequence[Metric], pm: str, dash: str) -
                                      spread=m.spread, lo=r.get(f"{m.key}_min", math.nan),
                                      hi=r.get(f"{m.key}_max", math.nan),
                                      n=int(r.get(f"{m.key}_n", 0)), fmt=m.fmt))
+            if m.key == "lr" and bool(r.get("lr_at_edge", False)):
+                cells[-1] += LR_AT_EDGE
         rows.append(cells)
     return rows
 
@@ -618,7 +646,8 @@ T1_CAPTION = (
     "document (split-data), mean [min, max] over pairs; truth: "
     "matched |cos| to the true dictionary (synthetic), and that of random training rows. "
     "† marks a row with a run that has not converged: its stability still measures its "
-    "initialisation."
+    "initialisation; ‡ a learning rate the sweep chose at its grid's smallest or largest "
+    "factor (the best rate may lie beyond it)."
 )
 T2_CAPTION = (
     "T2. Code consistency between seeds after signed-permutation matching (mean [min, max] "
