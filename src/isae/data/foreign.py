@@ -344,6 +344,36 @@ def _foreign_cfg(fmt: str, arch: str, fc: ForeignConfig, raw: dict, hook, model)
     }
 
 
+def library_of(obj) -> str | None:
+    """``saelens`` for a ``sae_lens`` SAE object, ``sparsify`` for a sparsify SparseCoder,
+    None for anything else (told apart by module and save method: neither library is
+    imported here)."""
+    module = type(obj).__module__.split(".")[0]
+    if module == "sae_lens" and callable(getattr(obj, "save_model", None)):
+        return "saelens"
+    if module == "sparsify" and callable(getattr(obj, "save_to_disk", None)):
+        return "sparsify"
+    return None
+
+
+def save_library_object(obj, folder: str | os.PathLike) -> str:
+    """Write a library's SAE object into ``folder`` with the library's own save function
+    (a SAELens training SAE through ``save_inference_model``, the SAE it runs as at
+    inference), so that ``read`` sees exactly what the library would write; -> the format.
+    UserError for an object of neither library."""
+    lib = library_of(obj)
+    if lib == "saelens":
+        save = getattr(obj, "save_inference_model", None) or obj.save_model
+        save(str(folder))
+    elif lib == "sparsify":
+        obj.save_to_disk(folder)
+    else:
+        raise UserError(f"{type(obj).__module__}.{type(obj).__qualname__} is not an SAE isae "
+                        "reads: pass an isae.SAE, a checkpoint folder, a sae_lens SAE or a "
+                        "sparsify SparseCoder")
+    return lib
+
+
 def read(path: str | os.PathLike) -> tuple[ForeignCoder, dict]:
     """A SAELens or sparsify folder -> (its forward pass, cfg)."""
     fmt = detect(path)
