@@ -316,7 +316,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpo
     cfg_path = path / CFG
     # A field the cfg leaves out is what its arch name says, not a class default.
     spec = arch_spec(cfg, cfg_path)
-    fields = {**spec, **cfg, **(spec if cfg.get("arch") == "truth" else {})}
+    fields = {**spec, **cfg}
+    if cfg.get("arch") == "truth":  # a true dictionary is always read by OMP
+        fields.update(spec)
     fields.setdefault("d_in", d)
     fields.setdefault("d_sae", n)
     if "k" not in fields:  # no default here: a checkpoint says what it was trained with

@@ -187,7 +187,7 @@ def saelens_metadata(ckpt: Checkpoint, set_meta: dict | None = None) -> dict:
     if isinstance(context, int) and not isinstance(context, bool) and context > 0:
         meta.update(context_size=context, prepend_bos=bool(lm.get("special_prefix")),
                     disable_concat_sequences=True)
-    elif "hook_name" in meta:
+    elif lm is None and "hook_name" in meta:  # a set without contexts (vision) has none
         log.warning("the export names no context_size or prepend_bos (SAELens's "
                     "ActivationsStore.from_sae needs both): pass --activations with the "
                     "language-model set the checkpoint was trained on")

@@ -182,10 +182,10 @@ def _only(tensors: dict, known: tuple[str, ...], where: Path, what: str) -> None
                         "ignoring them")
 
 
-def _integer_k(k, where: Path, key: str = "k") -> int:
+def _integer_k(k, where: Path) -> int:
     """``k`` read from a cfg.json: an integer (bools and 2.7 refused, not rounded)."""
     if isinstance(k, bool) or not isinstance(k, Integral):
-        raise UserError(f"{where}: {key} must be an integer, not {k!r}")
+        raise UserError(f"{where}: k must be an integer, not {k!r}")
     return int(k)
 
 
