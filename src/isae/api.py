@@ -2,6 +2,9 @@
 
 * ``load(path)`` — an isae checkpoint, a SAELens folder or a sparsify folder as an ``SAE``
   module with ``encode`` / ``decode`` on raw activations;
+* every function that takes a folder also takes an ``SAE``, a ``sae_lens`` SAE object or a
+  sparsify ``SparseCoder`` (written by the library's own save function to a temporary
+  folder and read from there, so it computes what that folder would);
 * ``match(a, b, activations=None)`` — dictionary stability and code consistency, the numbers
   of ``isae match``;
 * ``ric(sae, activations)`` — restricted isometry on observed supports, ``isae ric``;
@@ -107,18 +110,47 @@ class SAE(nn.Module):
         return x_hat.reshape(*lead, self.d_in).to(x.dtype)
 
 
-def load(path: PathLike, device: str = "cpu") -> SAE:
+#: What every function here takes for an SAE (``SAEArg``), in words.
+TAKES = "an isae.SAE, a checkpoint folder, a sae_lens SAE or a sparsify SparseCoder"
+SAEArg = PathLike | SAE | nn.Module
+
+
+def load(path: SAEArg, device: str = "cpu") -> SAE:
     """An isae checkpoint, a SAELens folder (cfg.json + sae_weights.safetensors) or a sparsify
-    folder (cfg.json + sae.safetensors; name the hookpoint's sub-folder when there are several)."""
+    folder (cfg.json + sae.safetensors; name the hookpoint's sub-folder when there are
+    several); or a ``sae_lens`` SAE / sparsify ``SparseCoder`` object."""
+    return SAE(_ckpt(path, device))
+
+
+def _ckpt(x: SAEArg, device: str):
+    """The Checkpoint behind any SAE argument; TypeError in one line for anything else."""
     from isae.data.checkpoints import load as load_checkpoint
 
-    return SAE(load_checkpoint(path, device=device))
+    if isinstance(x, SAE):
+        return x.ckpt
+    if isinstance(x, (str, os.PathLike)):
+        return load_checkpoint(x, device=device)
+    return _from_library(x, device)
 
 
-def _ckpt(x: PathLike | SAE, device: str):
+def _from_library(obj, device: str):
+    """A SAELens or sparsify SAE object as a Checkpoint: saved by the library into a
+    temporary folder, read from there (isae.data.foreign)."""
+    import tempfile
+
+    from isae.data import foreign
     from isae.data.checkpoints import load as load_checkpoint
 
-    return x.ckpt if isinstance(x, SAE) else load_checkpoint(x, device=device)
+    if foreign.library_of(obj) is None:
+        raise TypeError(f"expected {TAKES}, not {type(obj).__module__}.{type(obj).__qualname__}")
+    with tempfile.TemporaryDirectory(prefix="isae-") as tmp:
+        folder = Path(tmp) / "sae"
+        lib = foreign.save_library_object(obj, folder)
+        ckpt = load_checkpoint(folder, device=device)
+    ckpt.path = Path(f"<{type(obj).__name__} from {lib}>")
+    if lib == "sparsify":  # the hookpoint is the folder's name, which is ours here
+        ckpt.cfg["activations"] = {**ckpt.cfg["activations"], "hook": None}
+    return ckpt
 
 
 def _write(table, summary: dict, out: PathLike | None, summary_out: PathLike | None) -> dict:
@@ -135,7 +167,7 @@ def _write(table, summary: dict, out: PathLike | None, summary_out: PathLike | N
     return summary
 
 
-def match(a: PathLike | SAE, b: PathLike | SAE, activations: PathLike | None = None, *,
+def match(a: SAEArg, b: SAEArg, activations: PathLike | None = None, *,
           max_rows: int = 50000, device: str = "cpu", out: PathLike | None = None,
           summary: PathLike | None = None, block: int = 4096) -> dict:
     """Stability of two dictionaries (signed Hungarian matching on |cos|), and with
@@ -149,7 +181,7 @@ def match(a: PathLike | SAE, b: PathLike | SAE, activations: PathLike | None = N
     return _write(table, s, out, summary)
 
 
-def ric(sae: PathLike | SAE, activations: PathLike, *, pairs: int = 10000, seed: int = 0,
+def ric(sae: SAEArg, activations: PathLike, *, pairs: int = 10000, seed: int = 0,
         max_rows: int = 50000, device: str = "cpu", out: PathLike | None = None,
         summary: PathLike | None = None) -> dict:
     """Restricted isometry δ_U on unions of observed supports with its calibrations: the
@@ -161,7 +193,7 @@ def ric(sae: PathLike | SAE, activations: PathLike, *, pairs: int = 10000, seed:
     return _write(table, s, out, summary)
 
 
-def evaluate(sae: PathLike | SAE, activations: PathLike, *, device: str = "cpu",
+def evaluate(sae: SAEArg, activations: PathLike, *, device: str = "cpu",
              batch_size: int = 4096) -> dict:
     """Held-out MSE per dimension, FVU, L0 and dead fraction: the row of ``isae eval``."""
     from isae.analysis.reconstruction import describe, reconstruction_metrics
@@ -183,10 +215,11 @@ def load_model(name: str, device: str = "cpu"):
     return boot(name, device=device).bridge
 
 
-def splice(model, sae: SAE, hook: str | None = None,
+def splice(model, sae: SAEArg, hook: str | None = None,
            positions: torch.Tensor | None = None) -> list[tuple[str, Callable]]:
     """Forward hooks that replace the activation at ``hook`` (default: the SAE's own) by the
     SAE's reconstruction; pass them as ``model.run_with_hooks(tokens, fwd_hooks=...)``.
+    ``sae``: any SAE argument (a folder or a library object is loaded on its own device).
 
     ``positions``: optional [batch, position] bool mask of the positions to replace (the
     fidelity stage replaces content tokens only); default every position.
@@ -195,6 +228,9 @@ def splice(model, sae: SAE, hook: str | None = None,
     from isae.data import language_models as lm
     from isae.errors import UserError
 
+    if not isinstance(sae, SAE):
+        weights = next(sae.parameters(), None) if isinstance(sae, nn.Module) else None
+        sae = SAE(_ckpt(sae, str(weights.device) if weights is not None else "cpu"))
     hook = hook or sae.hook
     if hook is None:
         raise UserError(f"{sae.path} does not say which hook it was trained at; pass hook=")

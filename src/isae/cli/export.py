@@ -26,13 +26,16 @@ def add_parser(sub) -> None:
                    help="export even what the target library computes differently (warns)")
     p.add_argument("--activations", default=None,
                    help="activation set whose held-out rows measure the FVU of the export "
-                   "against the checkpoint's (the cost of --lossy)")
+                   "against the checkpoint's (the cost of --lossy); a SAELens export also "
+                   "records its context size and BOS (default: the set the checkpoint's "
+                   "cfg.json names, if it is still there)")
     p.add_argument("--max-rows", type=int, default=20000,
                    help="held-out rows used to measure the FVU change")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> dict:
+    from isae.data.activations import ActivationSet
     from isae.data.atomic import check_out
     from isae.data.checkpoints import load
     from isae.data.export import (
@@ -61,8 +64,11 @@ def run(args: argparse.Namespace) -> dict:
     if change is not None:
         summary.update({"fvu_isae": change["fvu"], "fvu_exported": change["fvu_other"],
                         "same_support": change["same_support"], "rows": change["rows"]})
-    fn = export_saelens if args.format == "saelens" else export_sparsify
-    path = fn(ckpt, args.out, lossy=args.lossy, force=args.force)
+    if args.format == "saelens":
+        set_meta = ActivationSet(args.activations).meta if args.activations else None
+        path = export_saelens(ckpt, args.out, lossy=args.lossy, force=args.force, set_meta=set_meta)
+    else:
+        path = export_sparsify(ckpt, args.out, lossy=args.lossy, force=args.force)
     log.info("wrote %s", path)
     if lost:
         if change is None:

@@ -38,6 +38,8 @@ CFG = "cfg.json"
 #: each atom moved from where the seed put it is a convergence control).
 TRAIN_LOG = "train_log.parquet"
 INIT_FILE = "init.safetensors"
+#: The tensors of sae.safetensors (SAELens's names and shapes).
+CHECKPOINT_TENSORS = ("W_dec", "W_enc", "b_enc", "b_dec")
 
 
 @dataclass
@@ -200,6 +202,66 @@ def _check_shapes(file: Path, tensors: dict[str, torch.Tensor], n: int, d: int) 
                             f"expected {list(shape)} for W_dec of shape [{n}, {d}]")
 
 
+def arch_spec(cfg: dict, where: Path) -> dict:
+    """What a cfg.json's ``arch`` name sets (kind and switches; ``truth``: an OMP encoder
+    over a synthetic set's true dictionary); UserError for a missing or unknown name."""
+    from isae.models.config import parse_arch
+
+    arch = cfg.get("arch")
+    if arch == "truth":
+        return dict(kind="dl", signed=True, tied=True, bias="none", encoder_steps=0)
+    if arch is None:
+        raise UserError(f"{where} lacks the required key 'arch'")
+    if not isinstance(arch, str):
+        raise UserError(f"{where}: arch must be a string, not {arch!r}")
+    try:
+        return parse_arch(arch).fields
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def check_arch_agrees(cfg: dict, sae_cfg: SAEConfig, where: Path) -> None:
+    """UserError when a field that cfg.json states contradicts its ``arch`` name: a cfg that
+    says ``arch: topk`` with ``kind: dl`` would compute OMP codes while every table calls
+    it topk."""
+    if cfg.get("arch") == "truth":
+        return
+    for name, value in arch_spec(cfg, where).items():
+        if name in cfg and getattr(sae_cfg, name) != value:
+            raise UserError(f"{where}: {name} is {cfg[name]!r} but arch {sae_cfg.arch!r} means "
+                            f"{name} {value!r}; the file contradicts itself")
+
+
+def check_tensors_match(cfg: SAEConfig, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """UserError where ``sae.safetensors`` holds what ``cfg`` says the model has not, or
+    lacks what it needs: a tensor isae does not know, a W_enc other than W_dec transposed
+    for a tied (or dl) model, non-zero biases for ``bias: none`` (or dl), a missing W_enc
+    or bias that the model learns. Loading would otherwise drop or invent weights silently."""
+    unknown = sorted(set(tensors) - set(CHECKPOINT_TENSORS))
+    if unknown:
+        raise UserError(f"{file} holds tensor(s) {', '.join(unknown)} that an isae checkpoint "
+                        f"does not have (only {', '.join(CHECKPOINT_TENSORS)})")
+    what = f"arch {cfg.arch!r} ({'dl' if cfg.kind == 'dl' else 'tied'})"
+    W_dec = tensors["W_dec"].float()
+    if cfg.tied or cfg.kind == "dl":
+        W_enc = tensors.get("W_enc")
+        if W_enc is not None and not torch.allclose(W_enc.float(), W_dec.T, rtol=1e-5, atol=1e-6):
+            diff = float((W_enc.float() - W_dec.T).abs().max())
+            raise UserError(f"{file}: W_enc is not W_dec transposed (largest difference {diff:.3g}) "
+                            f"but the cfg says {what}, whose encoder is W_dec transposed; "
+                            "loading it would drop W_enc")
+    elif "W_enc" not in tensors:
+        raise UserError(f"{file} has no W_enc, which the untied arch {cfg.arch!r} needs")
+    no_bias = cfg.bias == "none" or cfg.kind == "dl"
+    for name in ("b_enc", "b_dec"):
+        b = tensors.get(name)
+        if b is None and not no_bias:
+            raise UserError(f"{file} has no {name}, which arch {cfg.arch!r} (bias learned) needs")
+        if b is not None and no_bias and bool((b != 0).any()):
+            raise UserError(f"{file}: {name} is not zero (largest |value| "
+                            f"{float(b.abs().max()):.3g}) but the cfg says bias none")
+
+
 def read_normalizer(cfg: dict, d: int, where: Path) -> Normalizer:
     """The ``normalization`` entry of a cfg.json (mean: d finite numbers, scale: finite and
     positive); the identity when there is none."""
@@ -252,11 +314,13 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpo
     tensors = read_tensors(path)
     n, d = tensors["W_dec"].shape
     cfg_path = path / CFG
-    fields = dict(cfg)
+    # A field the cfg leaves out is what its arch name says, not a class default.
+    spec = arch_spec(cfg, cfg_path)
+    fields = {**spec, **cfg}
+    if cfg.get("arch") == "truth":  # a true dictionary is always read by OMP
+        fields.update(spec)
     fields.setdefault("d_in", d)
     fields.setdefault("d_sae", n)
-    if fields.get("arch") == "truth":
-        fields.update(kind="dl", signed=True, tied=True, bias="none", encoder_steps=0)
     if "k" not in fields:  # no default here: a checkpoint says what it was trained with
         raise UserError(f"{cfg_path} lacks the required key 'k'")
     version = cfg.get("version", FORMAT_VERSION)
@@ -267,15 +331,18 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpo
         sae_cfg = SAEConfig.from_dict(fields)
     except UserError as e:
         raise UserError(f"{cfg_path}: {e}") from None
+    check_arch_agrees(cfg, sae_cfg, cfg_path)
     if (sae_cfg.d_sae, sae_cfg.d_in) != (n, d):
         raise UserError(f"{path}: cfg.json says {sae_cfg.d_sae}x{sae_cfg.d_in}, tensors {n}x{d}")
     _check_shapes(path / TENSORS, tensors, n, d)
+    check_tensors_match(sae_cfg, tensors, path / TENSORS)
     if "activations" in cfg and not isinstance(cfg["activations"], dict):
         raise UserError(f"{cfg_path}: activations must be an object")
     norm = read_normalizer(cfg, d, cfg_path)
     model = SparseCoder(sae_cfg, device=device, ops=select_ops(device))
+    # What is absent is what the cfg says is absent (check_tensors_match).
     zeros = {"W_enc": tensors["W_dec"].T, "b_enc": torch.zeros(n), "b_dec": torch.zeros(d)}
-    model.load_exported({k: tensors.get(k, zeros.get(k)) for k in ("W_dec", "W_enc", "b_enc", "b_dec")})
+    model.load_exported({k: tensors.get(k, zeros.get(k)) for k in CHECKPOINT_TENSORS})
     model.eval()
     return Checkpoint(model=model, norm=norm, cfg=cfg, path=path)
 
