@@ -98,10 +98,9 @@ class SAE(nn.Module):
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(z: [..., d_sae]) codes -> [..., d_in] raw reconstruction."""
-        m, norm = self.ckpt.model, self.ckpt.norm
+        m = self.ckpt.model
         z = z.to(device=m.device, dtype=torch.float32)
-        x_hat = z @ m.W_dec + m.b_dec
-        return x_hat * norm.scale + torch.as_tensor(norm.mean, device=x_hat.device)
+        return self.ckpt.norm.inverse(z @ m.W_dec + m.b_dec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(x: [..., d_in]) raw activations -> raw reconstruction, same shape and dtype."""

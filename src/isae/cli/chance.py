@@ -51,9 +51,8 @@ def run(args: argparse.Namespace) -> dict:
     check_table_out(args.out, [args.activations], "--out")
     acts = ActivationSet(args.activations)
     x = sample_rows(acts, args.sample_rows, args.seed)["x"]
-    norm = acts.normalizer()
     # The models' space: centred and scaled as in training (directions only matter).
-    rows = torch.as_tensor((x - norm.mean) / norm.scale, dtype=torch.float64)
+    rows = torch.as_tensor(acts.normalizer().forward(x), dtype=torch.float64)
     if len(rows) < max(args.width):
         raise UserError(f"{acts.path} has {len(rows)} training rows sampled (--sample-rows "
                         f"{args.sample_rows}), fewer than the width {max(args.width)}")

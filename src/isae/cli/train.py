@@ -18,13 +18,20 @@ from typing import TYPE_CHECKING
 from isae.cli.fields import add_field_flags, field_values
 from isae.data.activations import ActivationSet
 from isae.errors import UserError
-from isae.models.config import SAEConfig, TrainConfig, arch_help, parse_arch
+from isae.models.config import (
+    SAEConfig,
+    TrainConfig,
+    arch_fields,
+    arch_help,
+    parse_arch,
+    steps_hint,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
 
 #: SAEConfig fields with a flag. The width's default is known once the data is; the IHT
-#: steps default to the architecture's.
+#: steps are the architecture's (the flag may only repeat them: +iterN asks for steps).
 SAE_FLAGS = ("k", "d_sae", "seed", "l1_coeff", "encoder_steps")
 #: TrainConfig fields with a flag (its seed, of the data order, is the first model seed).
 TRAIN_FLAGS = ("tokens", "batch_size", "lr", "decay", "warmup_frac", "auxk_alpha", "dead_tokens",
@@ -45,7 +52,9 @@ def add_parser(sub) -> None:
     add_field_flags(p, SAEConfig, SAE_FLAGS, flags={"d_sae": "--width"},
                     defaults={"d_sae": (None, f"{WIDTH_PER_DIM} x d"),
                               "encoder_steps": (None, "the arch's")},
-                    notes={"seed": "isae train also orders the data by it."})
+                    notes={"seed": "isae train also orders the data by it.",
+                           "encoder_steps": "The arch decides them (topk+iter3 asks for 3); a "
+                                            "value that contradicts it is refused."})
     p.add_argument("--seeds", default=None,
                    help="comma-separated seeds trained together on one pass over the data "
                         "(--out must contain {seed}; the data order comes from the first seed)")
@@ -81,11 +90,13 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError(f"--arch must name distinct architectures, not {args.arch!r}")
     if len(archs) > 1 and "{arch}" not in args.out:
         raise UserError("with several --arch, --out must contain {arch} (one checkpoint per arch)")
-    specs = {}
     for arch in archs:
-        specs[arch] = {**parse_arch(arch).fields, "l1_coeff": args.l1_coeff}
-        if args.encoder_steps is not None:
-            specs[arch]["encoder_steps"] = args.encoder_steps
+        parse_arch(arch)  # an unknown name or switch: one line
+        steps = arch_fields(arch)["encoder_steps"]
+        if args.encoder_steps is not None and args.encoder_steps != steps:
+            # The name decides: a checkpoint labelled topk never runs thresholding steps.
+            raise UserError(f"--encoder-steps {args.encoder_steps} contradicts --arch {arch}, "
+                            f"which runs {steps}; {steps_hint(arch, args.encoder_steps)}")
     seeds = [args.seed]
     if args.seeds:
         try:
@@ -100,7 +111,8 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError("give --lr or --lr-from, not both")
     rates = read_lr_file(args.lr_from, archs) if args.lr_from else {}
     runs = [(a, s) for a in archs for s in seeds]
-    cfgs = [SAEConfig(d_in=acts.d, d_sae=width, k=args.k, arch=a, seed=s, **specs[a]) for a, s in runs]
+    cfgs = [SAEConfig(d_in=acts.d, d_sae=width, k=args.k, arch=a, seed=s, l1_coeff=args.l1_coeff)
+            for a, s in runs]
     tcfg = TrainConfig(**field_values(args, TRAIN_FLAGS),
                        seed=seeds[0] if args.data_seed is None else args.data_seed)
     outs = [args.out.replace("{seed}", str(s)).replace("{arch}", a) for a, s in runs]

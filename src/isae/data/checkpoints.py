@@ -82,17 +82,15 @@ class Checkpoint:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Raw activations [B, D] (on the model's device) -> the model's normalised space."""
-        mean = torch.as_tensor(self.norm.mean, device=x.device)
-        return (x - mean) / self.norm.scale
+        return self.norm.forward(x)
 
     @torch.no_grad()
     def reconstruct_raw(self, x: np.ndarray | torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
         """Raw activations [B, D] -> raw reconstructions [B, D]."""
-        mean = torch.as_tensor(self.norm.mean, device=self.model.device)
         out = []
         for xb in _batches(x, batch_size, self.model.device):
             x_hat = self.model.decode(self.model.encode(self.normalize(xb)))
-            out.append(x_hat * self.norm.scale + mean)
+            out.append(self.norm.inverse(x_hat))
         return torch.cat(out)
 
 
