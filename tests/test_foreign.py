@@ -461,10 +461,10 @@ def _consistent(tied: bool) -> tuple[dict, dict]:
     # the case: tied arch on untied weights would drop W_enc
     (ISAE_FIELDS, (), {"W_enc": "untied"}, "W_enc is not W_dec transposed"),
     # dl would compute OMP codes on a folder every table calls topk
-    ({"arch": "topk", "kind": "dl"}, (), {}, "kind is 'dl' but arch 'topk' means kind 'topk'"),
-    ({**ISAE_FIELDS, "signed": False}, (), {}, "signed is False but arch 'isae' means signed True"),
+    ({"arch": "topk", "kind": "dl"}, (), {}, "arch 'topk' means kind='topk', not kind='dl'"),
+    ({**ISAE_FIELDS, "signed": False}, (), {}, "arch 'isae' means signed=True, not signed=False"),
     ({**ISAE_FIELDS, "arch": "isae-iter"}, (), {},
-     "encoder_steps is 0 but arch 'isae-iter' means encoder_steps 3"),
+     "arch 'isae-iter' means encoder_steps=3, not encoder_steps=0"),
     (ISAE_FIELDS, (), {"b_dec": "nonzero"}, "b_dec is not zero"),
     ({"arch": "topk"}, ("W_enc",), {}, "has no W_enc, which the untied arch 'topk' needs"),
     ({"arch": "topk"}, ("b_enc",), {}, "has no b_enc, which arch 'topk' (bias learned) needs"),

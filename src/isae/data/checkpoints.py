@@ -200,36 +200,6 @@ def _check_shapes(file: Path, tensors: dict[str, torch.Tensor], n: int, d: int) 
                             f"expected {list(shape)} for W_dec of shape [{n}, {d}]")
 
 
-def arch_spec(cfg: dict, where: Path) -> dict:
-    """What a cfg.json's ``arch`` name sets (kind and switches; ``truth``: an OMP encoder
-    over a synthetic set's true dictionary); UserError for a missing or unknown name."""
-    from isae.models.config import parse_arch
-
-    arch = cfg.get("arch")
-    if arch == "truth":
-        return dict(kind="dl", signed=True, tied=True, bias="none", encoder_steps=0)
-    if arch is None:
-        raise UserError(f"{where} lacks the required key 'arch'")
-    if not isinstance(arch, str):
-        raise UserError(f"{where}: arch must be a string, not {arch!r}")
-    try:
-        return parse_arch(arch).fields
-    except UserError as e:
-        raise UserError(f"{where}: {e}") from None
-
-
-def check_arch_agrees(cfg: dict, sae_cfg: SAEConfig, where: Path) -> None:
-    """UserError when a field that cfg.json states contradicts its ``arch`` name: a cfg that
-    says ``arch: topk`` with ``kind: dl`` would compute OMP codes while every table calls
-    it topk."""
-    if cfg.get("arch") == "truth":
-        return
-    for name, value in arch_spec(cfg, where).items():
-        if name in cfg and getattr(sae_cfg, name) != value:
-            raise UserError(f"{where}: {name} is {cfg[name]!r} but arch {sae_cfg.arch!r} means "
-                            f"{name} {value!r}; the file contradicts itself")
-
-
 def check_tensors_match(cfg: SAEConfig, tensors: dict[str, torch.Tensor], file: Path) -> None:
     """UserError where ``sae.safetensors`` holds what ``cfg`` says the model has not, or
     lacks what it needs: a tensor isae does not know, a W_enc other than W_dec transposed
@@ -312,11 +282,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpo
     tensors = read_tensors(path)
     n, d = tensors["W_dec"].shape
     cfg_path = path / CFG
-    # A field the cfg leaves out is what its arch name says, not a class default.
-    spec = arch_spec(cfg, cfg_path)
-    fields = {**spec, **cfg}
-    if cfg.get("arch") == "truth":  # a true dictionary is always read by OMP
-        fields.update(spec)
+    # The arch name decides the kind and switches (SAEConfig derives them and refuses a
+    # cfg.json whose fields contradict it).
+    fields = dict(cfg)
     fields.setdefault("d_in", d)
     fields.setdefault("d_sae", n)
     if "k" not in fields:  # no default here: a checkpoint says what it was trained with
@@ -329,7 +297,6 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpo
         sae_cfg = SAEConfig.from_dict(fields)
     except UserError as e:
         raise UserError(f"{cfg_path}: {e}") from None
-    check_arch_agrees(cfg, sae_cfg, cfg_path)
     if (sae_cfg.d_sae, sae_cfg.d_in) != (n, d):
         raise UserError(f"{path}: cfg.json says {sae_cfg.d_sae}x{sae_cfg.d_in}, tensors {n}x{d}")
     _check_shapes(path / TENSORS, tensors, n, d)
