@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> dict:
     from isae.errors import UserError
 
     # Refuse a destructive --out before reading anything.
-    check_out(args.out, args.format, inputs=[args.ckpt], force=args.force)
+    check_out(args.out, args.format, inputs=[args.ckpt, args.activations], force=args.force)
     if args.max_rows < 1:
         raise UserError("--max-rows must be at least 1")
     ckpt = load(args.ckpt)

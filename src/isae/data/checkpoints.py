@@ -7,7 +7,6 @@ named like a checkpoint is always complete. Resume state lives elsewhere (isae.t
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -25,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from isae.data import foreign
 from isae.data.activations import Normalizer
 from isae.data.atomic import check_out, publish, staging_folder, write_json_atomic
+from isae.data.json_files import read_json_object
 from isae.errors import UserError
 from isae.models.compute import select_ops
 from isae.models.config import SAEConfig
@@ -162,15 +162,7 @@ def read_cfg(path: str | os.PathLike) -> dict:
     cfg_path = path / CFG
     if not (path / TENSORS).is_file() or not cfg_path.is_file():
         raise UserError(f"{path} is not a checkpoint (needs {TENSORS} and {CFG})")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_path} is not valid JSON: {e.msg}") from None
-    except (UnicodeDecodeError, OSError) as e:
-        raise UserError(f"cannot read {cfg_path}: {e}") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{cfg_path} is not a JSON object")
-    return cfg
+    return read_json_object(cfg_path)
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -32,7 +32,6 @@ import io
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -44,7 +43,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from isae.data import checkpoints as checkpoint
 from isae.data.activations import ActivationSet
-from isae.data.atomic import check_out, overlaps_input
+from isae.data.atomic import check_out, check_resume_folder, remove_resume_folder
 from isae.errors import UserError
 from isae.gpu import cuda_graphs as graphs
 from isae.gpu import ops as fast
@@ -54,6 +53,7 @@ from isae.models.dictionary_learning import DLStepper
 from isae.models.sparse_coder import Codes, SparseCoder
 from isae.progress import progress
 from isae.training.batches import DEVICE, STREAM, training_batches
+from isae.training.footprint import check_training_fits
 from isae.training.resume import LEGACY_FILE, STATE_FILE, StateError, load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -194,24 +194,6 @@ def resume_dir(out: str | os.PathLike) -> Path:
     return out.parent / f"{out.name}.resume"
 
 
-#: What a resume folder may hold: the state, an older version's state, temporary files.
-_RESUME_FILES = (STATE_FILE, LEGACY_FILE)
-
-
-def _check_resume_dir(rdir: Path, inputs: list, force: bool) -> None:
-    """The resume folder is deleted when training ends: it must hold nothing but resume
-    state, and never be (or hold) an input."""
-    overlaps_input(rdir, inputs, f"the resume folder {rdir}")
-    if rdir.is_symlink() or (rdir.exists() and not rdir.is_dir()):
-        raise UserError(f"{rdir} (where the resume state of --out goes) is not a folder: move it")
-    if rdir.is_dir() and not force:
-        other = [p.name for p in rdir.iterdir()
-                 if p.name not in _RESUME_FILES and not p.name.startswith(f".{STATE_FILE}.tmp-")]
-        if other:
-            raise UserError(f"{rdir} (where the resume state of --out goes) holds other files "
-                            f"({other[0]}, ...): move them, or pass --force")
-
-
 class _Run:
     """One model being trained: its stepper, dead-latent counters, log and destination."""
 
@@ -304,7 +286,7 @@ def train_many(
     for o in outs:
         check_out(o, "checkpoint", inputs=inputs, force=force)
     rdir = resume_dir(outs[0])
-    _check_resume_dir(rdir, inputs, force)
+    check_resume_folder(rdir, inputs)
     acts = ActivationSet(activations)
     for c in sae_cfgs:
         if acts.d != c.d_in:
@@ -315,6 +297,7 @@ def train_many(
     device = torch.device(tcfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but torch sees no CUDA device")
+    check_training_fits(acts, sae_cfgs, tcfg, device)  # before a model is built
 
     norm = acts.normalizer()
     mean = torch.as_tensor(norm.mean, device=device)
@@ -466,7 +449,7 @@ def train_many(
             "wall_s": elapsed,
             "batches": source,
         })
-    shutil.rmtree(rdir, ignore_errors=True)
+    remove_resume_folder(rdir)
     return summaries
 
 
@@ -528,9 +511,9 @@ def _load_resume(rdir: Path, fingerprint: dict, activations, n_runs: int,
     try:
         state = load_state(path)
         fp, runs, step = state["fingerprint"], state["runs"], state["step"]
-        if not (isinstance(fp, dict) and isinstance(runs, list) and len(runs) == n_runs
+        if not (isinstance(fp, dict) and isinstance(runs, list)
                 and isinstance(step, int) and not isinstance(step, bool)
-                and 0 <= step <= total_steps and isinstance(state["wall"], (int, float))
+                and step >= 0 and isinstance(state["wall"], (int, float))
                 and state.get("batches", STREAM) in (DEVICE, STREAM)):
             raise StateError("its contents are not a resume state of this shape")
     except (StateError, KeyError, TypeError) as e:
@@ -552,9 +535,29 @@ def _load_resume(rdir: Path, fingerprint: dict, activations, n_runs: int,
             "shards differ: the set was changed or regenerated); pass --no-resume to start afresh"
         )
     if fp != fingerprint:
-        raise UserError(f"resume state {rdir} belongs to a different configuration; "
-                        "pass --no-resume to start afresh")
+        raise UserError(f"resume state {rdir} belongs to another configuration "
+                        f"({_settings_differ(fp, fingerprint)}); pass --no-resume to start afresh")
+    if len(runs) != n_runs or step > total_steps:
+        raise UserError(f"resume state {path} is unreadable or corrupt (its contents are not a "
+                        "resume state of this run's shape); pass --no-resume to start afresh")
     return state
+
+
+def _settings_differ(saved: dict, now: dict) -> str:
+    """The first setting in which a resume state's fingerprint differs from this run's, as
+    "tokens 2000 there, 4000 here"."""
+    for part, label in (("train", "training"), ("sae", "model")):
+        a, b = saved.get(part), now.get(part)
+        if not (isinstance(a, list) and len(a) == len(b)):
+            n = len(a) if isinstance(a, list) else "?"
+            return f"it trains {n} models together, this run {len(b)}"
+        for x, y in zip(a, b):
+            if not isinstance(x, dict):
+                return f"its {label} settings are unreadable"
+            for key in sorted(set(x) | set(y), key=str):
+                if x.get(key) != y.get(key):
+                    return f"{label} setting {key} is {x.get(key)!r} there, {y.get(key)!r} here"
+    return "a setting differs"
 
 
 def _save_state(rdir: Path, state: dict) -> None:
