@@ -553,6 +553,15 @@ def test_check_memory_refuses_what_is_not_available(monkeypatch):
     assert limits.host_available_bytes() == 10**9
 
 
+def test_check_memory_on_a_cuda_device_names_it(monkeypatch):
+    """The device branch, without a GPU: its free memory is what the device reports."""
+    from isae import limits
+
+    monkeypatch.setattr(limits, "device_available_bytes", lambda device: 2 * 10**9)
+    with pytest.raises(UserError, match=r"but cuda:0 has 2\.0 GB free: lower it"):
+        limits.check_memory({"models": 3 * 10**9}, "cuda:0", "lower it")
+
+
 def test_host_memory_is_read_from_the_kernel():
     from isae.limits import host_available_bytes
 

@@ -64,9 +64,10 @@ def add_parser(sub) -> None:
                         "seed and activation set (CPU training is deterministic)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing resume state")
     p.add_argument("--out", required=True, help="checkpoint folder to write (an existing "
-                   "checkpoint is replaced; anything else needs --force)")
+                   "checkpoint or empty folder is replaced; never a folder holding files isae "
+                   "did not write)")
     p.add_argument("--force", action="store_true",
-                   help="replace an existing --out even if it is not a checkpoint")
+                   help="also replace an isae output of another kind at --out")
     p.set_defaults(func=run)
 
 
