@@ -237,6 +237,11 @@ def output_lock(outs: Iterable[str | os.PathLike]):
     that a second isae process writing one of them is refused in one line instead of the
     two mixing or deleting each other's resume state. The lock goes with the process (an
     advisory ``flock``): a killed run leaves nothing that blocks the next."""
+    try:
+        import fcntl  # noqa: F401 (POSIX only; elsewhere runs are not locked)
+    except ImportError:
+        yield
+        return
     held = []
     try:
         for out in outs:
