@@ -174,7 +174,8 @@ def _check_tables(out: PathLike | None, summary: PathLike | None, inputs: list) 
     inside one (isae.data.atomic.check_table_out)."""
     from isae.data.atomic import check_table_out
 
-    paths = [x.path if isinstance(x, SAE) else x for x in inputs if x is not None]
+    paths = [x.path if isinstance(x, SAE) else x for x in inputs
+             if isinstance(x, (str, os.PathLike, SAE))]  # a library object is no folder
     check_table_out(out, paths, "out")
     check_table_out(summary, paths, "summary")
 
