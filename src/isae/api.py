@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
+from isae.errors import UserError
+
 if TYPE_CHECKING:
     from isae.data.checkpoints import Checkpoint
 
@@ -85,12 +87,24 @@ class SAE(nn.Module):
 
     # --------------------------------------------------------------- the maps
 
+    def _check(self, t, width: int, name: str, what: str, ndim: int | None = None) -> None:
+        """UserError unless ``t`` is an array of shape [..., width] (``ndim`` dimensions)."""
+        shape = getattr(t, "shape", None)
+        if shape is None:
+            raise UserError(f"{name} must be a tensor or an array, not {type(t).__name__}")
+        if len(shape) < 1 or shape[-1] != width or (ndim is not None and len(shape) != ndim):
+            want = "[rows, " if ndim == 2 else "[..., "
+            raise UserError(f"{name} has shape {list(shape)}; {self.path} takes {what} of "
+                            f"shape {want}{width}]")
+
     def encode_sparse(self, x: torch.Tensor):
         """(x: [B, d_in]) raw activations -> Codes(val [B, K], idx [B, K])."""
+        self._check(x, self.d_in, "x", "activations", ndim=2)
         return self.ckpt.encode_raw(x)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(x: [..., d_in]) raw activations -> [..., d_sae] dense codes."""
+        self._check(x, self.d_in, "x", "activations")
         lead = x.shape[:-1]
         codes = self.ckpt.encode_raw(x.reshape(-1, self.d_in))
         return codes.dense(self.d_sae).reshape(*lead, self.d_sae)
@@ -98,12 +112,14 @@ class SAE(nn.Module):
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(z: [..., d_sae]) codes -> [..., d_in] raw reconstruction."""
+        self._check(z, self.d_sae, "z", "codes")
         m = self.ckpt.model
         z = z.to(device=m.device, dtype=torch.float32)
         return self.ckpt.norm.inverse(z @ m.W_dec + m.b_dec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(x: [..., d_in]) raw activations -> raw reconstruction, same shape and dtype."""
+        self._check(x, self.d_in, "x", "activations")
         lead = x.shape[:-1]
         x_hat = self.ckpt.reconstruct_raw(x.reshape(-1, self.d_in))
         return x_hat.reshape(*lead, self.d_in).to(x.dtype)
@@ -152,6 +168,17 @@ def _from_library(obj, device: str):
     return ckpt
 
 
+def _check_tables(out: PathLike | None, summary: PathLike | None, inputs: list) -> None:
+    """Before the work, as the command line does: a table never replaces an input or goes
+    inside one (isae.data.atomic.check_table_out)."""
+    from isae.data.atomic import check_table_out
+
+    paths = [x.path if isinstance(x, SAE) else x for x in inputs
+             if isinstance(x, (str, os.PathLike, SAE))]  # a library object is no folder
+    check_table_out(out, paths, "out")
+    check_table_out(summary, paths, "summary")
+
+
 def _write(table, summary: dict, out: PathLike | None, summary_out: PathLike | None) -> dict:
     """Write the tables as the command line's flags do; -> the summary (NaN where a number is
     undefined; the command line prints those as null)."""
@@ -175,6 +202,7 @@ def match(a: SAEArg, b: SAEArg, activations: PathLike | None = None, *,
     Parquet tables to write, as the flags."""
     from isae.analysis.compare import compare_checkpoints
 
+    _check_tables(out, summary, [a, b, activations])
     table, s = compare_checkpoints(_ckpt(a, device), _ckpt(b, device), activations,
                                    max_rows=max_rows, device=device, block=block)
     return _write(table, s, out, summary)
@@ -187,6 +215,7 @@ def ric(sae: SAEArg, activations: PathLike, *, pairs: int = 10000, seed: int = 0
     summary of ``isae ric`` (``isae.analysis.isometry.ric_of_checkpoint``)."""
     from isae.analysis.isometry import ric_of_checkpoint
 
+    _check_tables(out, summary, [sae, activations])
     table, s = ric_of_checkpoint(_ckpt(sae, device), activations, pairs=pairs, seed=seed,
                                  max_rows=max_rows, device=device)
     return _write(table, s, out, summary)
@@ -225,7 +254,6 @@ def splice(model, sae: SAEArg, hook: str | None = None,
     """
     from isae.analysis.fidelity import splice_hook
     from isae.data import language_models as lm
-    from isae.errors import UserError
 
     if not isinstance(sae, SAE):
         weights = next(sae.parameters(), None) if isinstance(sae, nn.Module) else None
@@ -234,4 +262,38 @@ def splice(model, sae: SAEArg, hook: str | None = None,
     if hook is None:
         raise UserError(f"{sae.path} does not say which hook it was trained at; pass hook=")
     native = lm.check_hook(model, hook)
+    width = _hook_width(model, native)
+    if width is not None and width != sae.d_in:
+        raise UserError(f"hook {hook!r} carries rows of width {width}, but {sae.path} takes "
+                        f"d_in={sae.d_in}: an SAE trained at another hook or model")
     return [(native, splice_hook(sae, positions))]
+
+
+class _Seen(Exception):
+    """Ends the probe's forward pass once the hook has been reached."""
+
+
+def _hook_width(model, hook: str) -> int | None:
+    """The width of the rows the splice replaces at ``hook`` (a per-head hook's heads
+    flattened), from a forward pass over two tokens that stops at the hook; None when the
+    probe cannot run (the SAE's own shape check then refuses a wrong width at the first
+    forward pass)."""
+    import math
+
+    seen: dict[str, tuple] = {}
+
+    def grab(act: torch.Tensor, hook) -> None:
+        seen["shape"] = tuple(act.shape)
+        raise _Seen
+
+    try:
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            model.run_with_hooks(torch.zeros(1, 2, dtype=torch.long, device=device),
+                                 fwd_hooks=[(hook, grab)])
+    except _Seen:
+        pass
+    except Exception:  # a model the probe does not fit: leave it to the shape check
+        return None
+    shape = seen.get("shape")
+    return math.prod(shape[2:]) if shape is not None and len(shape) >= 3 else None

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from safetensors.torch import load_file
 
 from isae.analysis.consistency import code_consistency
 from isae.analysis.convergence import init_abs_cos, run_convergence
@@ -37,7 +36,17 @@ from isae.analysis.matching import match_dictionaries
 from isae.analysis.reconstruction import describe, encode_flops, reconstruction_metrics
 from isae.analysis.truth import TRUE_CODE_COLUMNS, check_activations, has_true_codes
 from isae.data.activations import ActivationSet
-from isae.data.checkpoints import CFG, INIT_FILE, TENSORS, TRAIN_LOG, Checkpoint, load, load_decoder
+from isae.data.checkpoints import (
+    CFG,
+    INIT_FILE,
+    TENSORS,
+    TRAIN_LOG,
+    Checkpoint,
+    load,
+    load_decoder,
+    read_initial_decoder,
+    read_train_log,
+)
 from isae.errors import UserError
 from isae.models.config import TrainConfig
 
@@ -85,7 +94,7 @@ def convergence(ckpt: Checkpoint, threshold: float | None = None) -> dict:
     out["steps"] = total_steps
     log_path = ckpt.path / TRAIN_LOG
     if log_path.is_file() and train:
-        tl = pd.read_parquet(log_path)
+        tl = read_train_log(ckpt.path)
         out["log_rows"] = len(tl)
         if len(tl):
             c = run_convergence(tl, tcfg, total_steps)
@@ -94,7 +103,10 @@ def convergence(ckpt: Checkpoint, threshold: float | None = None) -> dict:
             out["converged"] = c["converged"]
     init_path = ckpt.path / INIT_FILE
     if init_path.is_file():
-        W0 = load_file(str(init_path))["W_dec"]
+        W0 = read_initial_decoder(ckpt.path)
+        if tuple(W0.shape) != tuple(ckpt.W_dec.shape):
+            raise UserError(f"{init_path}: W_dec has shape {list(W0.shape)}, the checkpoint's "
+                            f"{list(ckpt.W_dec.shape)}")
         out["init_abs_cos"] = float(init_abs_cos(ckpt.W_dec.cpu().numpy(), W0.numpy()).mean())
     return out
 

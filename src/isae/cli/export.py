@@ -18,10 +18,11 @@ def add_parser(sub) -> None:
     p.add_argument("ckpt", help="checkpoint folder")
     p.add_argument("--format", required=True, choices=["saelens", "sparsify"],
                    help="the library whose folder layout to write")
-    p.add_argument("--out", required=True, help="folder to write (an existing export of the "
-                   "same format is replaced; anything else needs --force)")
+    p.add_argument("--out", required=True, help="folder to write (an isae export of the same "
+                   "format or an empty folder is replaced; never a folder holding files isae "
+                   "did not write)")
     p.add_argument("--force", action="store_true",
-                   help="replace an existing --out even if it is not an export of this format")
+                   help="also replace an isae output of another kind at --out")
     p.add_argument("--lossy", action="store_true",
                    help="export even what the target library computes differently (warns)")
     p.add_argument("--activations", default=None,
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> dict:
     from isae.errors import UserError
 
     # Refuse a destructive --out before reading anything.
-    check_out(args.out, args.format, inputs=[args.ckpt], force=args.force)
+    check_out(args.out, args.format, inputs=[args.ckpt, args.activations], force=args.force)
     if args.max_rows < 1:
         raise UserError("--max-rows must be at least 1")
     ckpt = load(args.ckpt)

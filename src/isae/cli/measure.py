@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
     p.add_argument("ckpts", nargs="+", metavar="CKPT",
                    help="checkpoint folders, or folders holding checkpoints")
     p.add_argument("--activations", required=True, help="the activation set they were trained on")
-    p.add_argument("--out", required=True, help="folder for the three tables")
+    p.add_argument("--out", required=True, help="folder for the three tables (an existing "
+                   "measure folder is replaced; never a folder of other files)")
     p.add_argument("--max-rows", type=int, default=10000,
                    help="held-out rows for codes (pairs, truth, restricted isometry)")
     p.add_argument("--ric-pairs", type=int, default=0,
@@ -36,10 +37,10 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from pathlib import Path
+    import shutil
 
     from isae.analysis.runs import measure_group
-    from isae.data.atomic import write_table
+    from isae.data.atomic import check_out, publish, staging_folder, write_table
     from isae.errors import UserError
 
     if args.max_rows < 2:
@@ -48,15 +49,21 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError("--ric-pairs must be >= 0")
     if args.converged_below is not None and not args.converged_below > 0:
         raise UserError("--converged-below must be positive")
+    # Before the work: never inside, holding or replacing an input, nor a folder of other files.
+    out = check_out(args.out, "measure", inputs=[*args.ckpts, args.activations], can_force=False)
     tables = measure_group(
         args.ckpts, args.activations, max_rows=args.max_rows, ric_pairs=args.ric_pairs,
         cross_archs=[a for a in (args.cross_archs or "").split(",") if a],
         threshold=args.converged_below, device=args.device,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in TABLES:
-        write_table(getattr(tables, name), out / f"{name}.parquet")
+    stage = staging_folder(out)  # the three tables appear together or not at all
+    try:
+        for name in TABLES:
+            write_table(getattr(tables, name), stage / f"{name}.parquet")
+        publish(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     runs = tables.runs
     return {"out": str(out), "runs": len(runs), "pairs": len(tables.pairs),
             "converged": int(runs["converged"].sum()), "mean_fvu": float(runs["fvu"].mean())}

@@ -35,7 +35,6 @@ crash never leaves a set that looks complete. Readers stream shard by shard.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -49,6 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from isae.data.atomic import check_out, publish, staging_folder, write_json_atomic
+from isae.data.json_files import read_json
 from isae.errors import UserError
 from isae.models.config import MAX_D_IN
 
@@ -309,12 +309,7 @@ class ActivationSet:
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
             raise UserError(f"activation set {self.path} has no meta.json (incomplete or not a set)")
-        try:
-            self.meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{meta_path} is not valid JSON: {e.msg}") from None
-        except (UnicodeDecodeError, OSError) as e:
-            raise UserError(f"cannot read {meta_path}: {e}") from None
+        self.meta = read_json(meta_path)
         self.shards = sorted(self.path.glob(SHARD_GLOB))
         check_meta(self.meta, meta_path, len(self.shards))
         self.d = self.meta["d"]

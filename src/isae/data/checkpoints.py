@@ -7,7 +7,6 @@ named like a checkpoint is always complete. Resume state lives elsewhere (isae.t
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -17,6 +16,8 @@ from numbers import Real
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from isae.data import foreign
 from isae.data.activations import Normalizer
 from isae.data.atomic import check_out, publish, staging_folder, write_json_atomic
+from isae.data.json_files import read_json_object
 from isae.errors import UserError
 from isae.models.compute import select_ops
 from isae.models.config import SAEConfig
@@ -160,15 +162,38 @@ def read_cfg(path: str | os.PathLike) -> dict:
     cfg_path = path / CFG
     if not (path / TENSORS).is_file() or not cfg_path.is_file():
         raise UserError(f"{path} is not a checkpoint (needs {TENSORS} and {CFG})")
+    return read_json_object(cfg_path)
+
+
+def read_train_log(path: str | os.PathLike) -> pd.DataFrame:
+    """A checkpoint's ``train_log.parquet`` with numeric ``step`` and ``fvu`` columns (what
+    the convergence control reads); UserError naming the file when it is corrupt or another
+    table."""
+    file = Path(path) / TRAIN_LOG
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_path} is not valid JSON: {e.msg}") from None
-    except (UnicodeDecodeError, OSError) as e:
-        raise UserError(f"cannot read {cfg_path}: {e}") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{cfg_path} is not a JSON object")
-    return cfg
+        table = pd.read_parquet(file)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{file} is not a readable Parquet table ({first})") from None
+    for col in ("step", "fvu"):
+        if (col not in table.columns or not pd.api.types.is_numeric_dtype(table[col])
+                or pd.api.types.is_bool_dtype(table[col])):
+            raise UserError(f"{file} has no numeric column {col!r}: not a train log isae wrote")
+    return table
+
+
+def read_initial_decoder(path: str | os.PathLike) -> torch.Tensor:
+    """``init.safetensors``'s W_dec (the decoder the seed drew); UserError when it is corrupt."""
+    file = Path(path) / INIT_FILE
+    try:
+        W = load_file(str(file))["W_dec"]
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{file} is not a readable initial decoder ({first})") from None
+    if W.ndim != 2 or not W.is_floating_point():
+        raise UserError(f"{file}: W_dec has shape {list(W.shape)} and dtype {W.dtype}, expected "
+                        "a float [d_sae, d_in] matrix")
+    return W
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -21,7 +21,6 @@ tensor this reader does not know: nothing is dropped silently.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from numbers import Integral
@@ -31,6 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from isae.data.json_files import read_json
 from isae.errors import UserError
 from isae.models.foreign import ForeignCoder, ForeignConfig
 
@@ -61,12 +61,7 @@ LAYOUTS = "an isae checkpoint (cfg.json + sae.safetensors), a SAELens folder (cf
 
 
 def _json(path: Path) -> dict:
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e.msg}") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    cfg = read_json(path)
     if not isinstance(cfg, dict):
         raise UserError(f"{path} does not hold a JSON object")
     return cfg

@@ -28,6 +28,8 @@ MAX_D_IN = 1 << 17
 MAX_WIDTH = 1 << 26
 MAX_ENCODER_STEPS = 1000
 MAX_SEED = (1 << 63) - 1
+#: Optimiser steps of one run: at ten thousand steps a second, three weeks.
+MAX_STEPS = 1 << 34
 
 
 def check_int(name: str, value, lo: int, hi: int | None = None) -> int:
@@ -357,6 +359,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.tokens = check_int("--tokens", self.tokens, 1)
         self.batch_size = check_int("--batch-size", self.batch_size, 1)
+        if self.total_steps() > MAX_STEPS:
+            raise UserError(f"--tokens {self.tokens} at --batch-size {self.batch_size} makes "
+                            f"{self.total_steps():.3g} optimiser steps, more than any run can "
+                            f"take (at most {MAX_STEPS:.3g}): lower --tokens or raise --batch-size")
         if self.lr is not None:
             self.lr = check_float("--lr", self.lr, 0.0, lo_open=True)
         self.warmup_frac = check_float("--warmup-frac", self.warmup_frac, 0.0, 1.0)

@@ -38,7 +38,6 @@ import io
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -50,12 +49,13 @@ from safetensors.torch import save as safetensors_bytes
 
 from isae.data import checkpoints as checkpoint
 from isae.data.activations import ActivationSet, Normalizer
-from isae.data.atomic import check_out, overlaps_input
+from isae.data.atomic import check_out, check_resume_folder, remove_resume_folder
 from isae.errors import UserError
 from isae.models.compute import select_ops
 from isae.models.config import SAEConfig, TrainConfig
 from isae.progress import progress
 from isae.training.batches import DEVICE, STREAM, training_batches
+from isae.training.footprint import check_training_fits
 from isae.training.resume import LEGACY_FILE, STATE_FILE, StateError, load_state, save_state
 from isae.training.steppers import EachRun, PassStepper, Run, SAEStepper
 
@@ -92,24 +92,6 @@ def lr_multiplier(step: int, total: int, tcfg: TrainConfig) -> float:
 def resume_dir(out: str | os.PathLike) -> Path:
     out = Path(out)
     return out.parent / f"{out.name}.resume"
-
-
-#: What a resume folder may hold: the state, an older version's state, temporary files.
-_RESUME_FILES = (STATE_FILE, LEGACY_FILE)
-
-
-def _check_resume_dir(rdir: Path, inputs: list, force: bool) -> None:
-    """The resume folder is deleted when training ends: it must hold nothing but resume
-    state, and never be (or hold) an input."""
-    overlaps_input(rdir, inputs, f"the resume folder {rdir}")
-    if rdir.is_symlink() or (rdir.exists() and not rdir.is_dir()):
-        raise UserError(f"{rdir} (where the resume state of --out goes) is not a folder: move it")
-    if rdir.is_dir() and not force:
-        other = [p.name for p in rdir.iterdir()
-                 if p.name not in _RESUME_FILES and not p.name.startswith(f".{STATE_FILE}.tmp-")]
-        if other:
-            raise UserError(f"{rdir} (where the resume state of --out goes) holds other files "
-                            f"({other[0]}, ...): move them, or pass --force")
 
 
 def pass_stepper(runs: list[Run], device: torch.device) -> PassStepper:
@@ -168,7 +150,7 @@ def train_many(
     timing = {"tokens_per_s": (tokens - start.step * tcfg.batch_size) * len(p.runs)
               / max(seconds, 1e-9), "wall_s": start.wall + seconds}
     summaries = [_save_run(p, run, source, timing, report) for run in p.runs]
-    shutil.rmtree(p.rdir, ignore_errors=True)
+    remove_resume_folder(p.rdir)
     return summaries
 
 
@@ -220,7 +202,7 @@ def _set_up(activations, sae_cfgs: list[SAEConfig], tcfg: TrainConfig, outs: lis
     for o in outs:
         check_out(o, "checkpoint", inputs=inputs, force=force)
     rdir = resume_dir(outs[0])
-    _check_resume_dir(rdir, inputs, force)
+    check_resume_folder(rdir, inputs)
     acts = ActivationSet(activations)
     for c in sae_cfgs:
         if acts.d != c.d_in:
@@ -231,6 +213,7 @@ def _set_up(activations, sae_cfgs: list[SAEConfig], tcfg: TrainConfig, outs: lis
     device = torch.device(tcfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but torch sees no CUDA device")
+    check_training_fits(acts, sae_cfgs, tcfg, device)  # before a model is built
     ops = select_ops(device)
     runs = [Run(c, t, o, device, ops) for c, t, o in zip(sae_cfgs, tcfgs, outs)]
     fingerprint = {"sae": [c.to_dict() for c in sae_cfgs],
@@ -444,9 +427,9 @@ def _load_resume(rdir: Path, fingerprint: dict, activations, n_runs: int,
     try:
         state = load_state(path)
         fp, runs, step = state["fingerprint"], state["runs"], state["step"]
-        if not (isinstance(fp, dict) and isinstance(runs, list) and len(runs) == n_runs
+        if not (isinstance(fp, dict) and isinstance(runs, list)
                 and isinstance(step, int) and not isinstance(step, bool)
-                and 0 <= step <= total_steps and isinstance(state["wall"], (int, float))
+                and step >= 0 and isinstance(state["wall"], (int, float))
                 and state.get("batches", STREAM) in (DEVICE, STREAM)):
             raise StateError("its contents are not a resume state of this shape")
     except (StateError, KeyError, TypeError) as e:
@@ -468,9 +451,29 @@ def _load_resume(rdir: Path, fingerprint: dict, activations, n_runs: int,
             "shards differ: the set was changed or regenerated); pass --no-resume to start afresh"
         )
     if fp != fingerprint:
-        raise UserError(f"resume state {rdir} belongs to a different configuration; "
-                        "pass --no-resume to start afresh")
+        raise UserError(f"resume state {rdir} belongs to another configuration "
+                        f"({_settings_differ(fp, fingerprint)}); pass --no-resume to start afresh")
+    if len(runs) != n_runs or step > total_steps:
+        raise UserError(f"resume state {path} is unreadable or corrupt (its contents are not a "
+                        "resume state of this run's shape); pass --no-resume to start afresh")
     return state
+
+
+def _settings_differ(saved: dict, now: dict) -> str:
+    """The first setting in which a resume state's fingerprint differs from this run's, as
+    "tokens 2000 there, 4000 here"."""
+    for part, label in (("train", "training"), ("sae", "model")):
+        a, b = saved.get(part), now.get(part)
+        if not (isinstance(a, list) and len(a) == len(b)):
+            n = len(a) if isinstance(a, list) else "?"
+            return f"it trains {n} models together, this run {len(b)}"
+        for x, y in zip(a, b):
+            if not isinstance(x, dict):
+                return f"its {label} settings are unreadable"
+            for key in sorted(set(x) | set(y), key=str):
+                if x.get(key) != y.get(key):
+                    return f"{label} setting {key} is {x.get(key)!r} there, {y.get(key)!r} here"
+    return "a setting differs"
 
 
 def _save_state(rdir: Path, state: dict) -> None:
