@@ -27,7 +27,18 @@ checkpoint does not depend on its group.
 
 Everything here is a pure function of the config dict (after the schema has filled in its
 defaults); the workflow (``workflow/rules/common.smk``) and the compute plan
-(``isae.study.jobs``) read the same grid.
+(``isae.study.plan``) read the same grid.
+
+Adding a grid: write a function ``(cfg, name, planned) -> list[Run]`` and register it in
+``GRIDS`` after the grids whose runs it reuses. Its name becomes a flag column of the
+collected tables, and its runs are trained and measured by the existing rules, in the
+groups their shapes give. A width axis returns main-shape runs at other widths (its run at
+the main width is the main grid's, reused). A reference trained on a derived activation
+set (a Gaussian set with the data's covariance, one half of a split by document) returns
+runs with ``role`` and ``data`` set, e.g. ``Run(..., role="null", data="null")``: they
+train in a group of their own (``k16-w768-r120000-null``), and the workflow maps
+``Group.data`` to that set's folder (a rule that makes the set, an input function that
+picks it).
 """
 
 from __future__ import annotations
