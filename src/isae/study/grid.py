@@ -151,6 +151,7 @@ GridFn = Callable[[dict, str, Mapping[Run, frozenset]], list[Run]]
 
 
 def main_grid(cfg: dict, name: str, planned: Mapping[Run, frozenset]) -> list[Run]:
+    """archs x seeds at the main k, width and rows (T1, T2, F1)."""
     main = _main_shape(cfg, name)
     return [
         Run(arch=arch, seed=seed, **main)
@@ -159,6 +160,8 @@ def main_grid(cfg: dict, name: str, planned: Mapping[Run, frozenset]) -> list[Ru
 
 
 def sweep_grid(cfg: dict, name: str, planned: Mapping[Run, frozenset]) -> list[Run]:
+    """sweep.archs x train.ks x train.widths x sweep.seeds at the main rows (F2, F3, F5,
+    F6)."""
     tr = cfg["datasets"][name]["train"]
     sweep = cfg["sweep"]
     return [
@@ -170,6 +173,7 @@ def sweep_grid(cfg: dict, name: str, planned: Mapping[Run, frozenset]) -> list[R
 
 
 def budget_grid(cfg: dict, name: str, planned: Mapping[Run, frozenset]) -> list[Run]:
+    """budgets.archs x budgets.seeds at every training budget and the main rows (F7)."""
     tr = cfg["datasets"][name]["train"]
     bud = cfg["budgets"]
     return [
@@ -181,6 +185,7 @@ def budget_grid(cfg: dict, name: str, planned: Mapping[Run, frozenset]) -> list[
 
 
 def ablation_grid(cfg: dict, name: str, planned: Mapping[Run, frozenset]) -> list[Run]:
+    """topk, isae and each switch variant x ablation.seeds at the main shape (F4)."""
     abl = cfg["ablation"]
     if name not in abl["datasets"]:
         return []
@@ -205,6 +210,7 @@ def ablation_grid(cfg: dict, name: str, planned: Mapping[Run, frozenset]) -> lis
 
 
 def iter_grid(cfg: dict, name: str, planned: Mapping[Run, frozenset]) -> list[Run]:
+    """Each base with N thresholding steps x iter.seeds at the main shape (F8)."""
     it = cfg["iter"]
     if name not in it["datasets"]:
         return []
