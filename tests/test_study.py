@@ -7,15 +7,19 @@ the code under test.
 from __future__ import annotations
 
 import math
+import runpy
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from isae.errors import UserError
-from isae.study import figures, tables
+from isae.study import figures, plan, tables
 from isae.study.tables import Metric
+
+ROOT = Path(__file__).resolve().parents[1]
 
 M = [Metric("x", "x", "$x$", digits=3)]
 
@@ -611,3 +615,37 @@ def test_f3_and_f6_use_every_seed_with_its_spread():
         assert any(abs((s[1][1] - s[0][1]) / 2 - statistics.stdev([0.5, 0.6, 0.7])) < 1e-9
                    for s in segs)
         assert "1–3 seeds per point" in ax.get_title()
+
+
+class _Fields(dict):
+    """A stand-in for Snakemake's named lists: items() and attribute access."""
+
+    __getattr__ = dict.__getitem__
+
+
+def test_one_entrance_draws_every_figure(frames, tmp_path):
+    """figures.draw and scripts/figure.py (the one rule script) give each figure exactly
+    what its function gets when called directly: same PNG bytes."""
+    assert list(figures.FIGURES) == list(plan.FIGURE_RULES)
+    assert {n: f.__name__ for n, f in figures.FIGURES.items()} == plan.FIGURE_RULES
+    with pytest.raises(UserError, match="unknown figure 'F9'"):
+        figures.draw("F9", {})
+    f = frames
+    paths = {}
+    for name, df in (("runs", f["runs"]), ("pairs", f["pairs"]), ("latents", f["latents"]),
+                     ("chance", f["chance"])):
+        paths[name] = tmp_path / f"{name}.parquet"
+        df.to_parquet(paths[name])
+    cases = [("F1", ["latents", "pairs", "runs", "chance"], {},
+              figures.f1_stability(f["latents"], f["pairs"], f["runs"], f["chance"])),
+             ("F2", ["runs"], {"true_k": {"syn": 8}}, figures.f2_truth_recovery(f["runs"], {"syn": 8}))]
+    for name, reads, params, direct in cases:
+        want = tmp_path / f"direct-{name}.png"
+        figures.save_figure(direct, [want])
+        out = _Fields(png=str(tmp_path / f"{name}.png"), pdf=str(tmp_path / f"{name}.pdf"))
+        smk = _Fields(input=_Fields({r: str(paths[r]) for r in reads}),
+                      params=_Fields(figure=name, **params), output=out,
+                      log=[str(tmp_path / f"{name}.log")])
+        runpy.run_path(str(ROOT / "scripts" / "figure.py"), init_globals={"snakemake": smk})
+        assert Path(out.png).read_bytes() == want.read_bytes()
+        assert Path(out.pdf).read_bytes()[:5] == b"%PDF-"

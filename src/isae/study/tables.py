@@ -24,11 +24,10 @@ import pandas as pd
 
 from isae.errors import UserError
 from isae.models.config import PRESETS, parse_arch
+from isae.study.grid import GRIDS
 
 #: Keys of one table row: a dataset and one SAE configuration.
 ROW_KEYS = ["dataset", "arch", "k", "width"]
-#: Grid flags stored by the workflow beside the identity columns.
-GRIDS = ["main", "sweep", "budget", "ablation", "iter"]
 #: Presets first, in the order the text discusses them; other archs (variants) after.
 ARCH_ORDER = list(PRESETS)
 
@@ -114,9 +113,9 @@ def collect_groups(
     runs belong to.
 
     ``ids[i]``: the dataset and group of ``paths[i]``. ``flags``: one dict per run with
-    dataset, group, arch, seed, k, width, rows and a boolean per grid (GRIDS). ``kind``:
-    ``runs`` (one row per run), ``pairs`` (arch_a, seed_a, arch_b, seed_b) or ``latents``
-    (arch, seed_a, seed_b); a pair belongs to a grid when both of its runs do. Every row
+    dataset, group, arch, seed, k, width, rows and a boolean per grid (the names of
+    isae.study.grid.GRIDS). ``kind``: ``runs`` (one row per run), ``pairs`` (arch_a,
+    seed_a, arch_b, seed_b) or ``latents`` (arch, seed_a, seed_b); a pair belongs to a grid when both of its runs do. Every row
     gets k, width and rows from the flags; runs missing from ``flags`` belong to no grid.
     """
     if kind not in ("runs", "pairs", "latents"):
