@@ -267,7 +267,7 @@ T1_LIVE = [
     Metric("live_n_matched", "live n", r"live $n$", digits=0, spread="range", optional=True,
            hide_when_empty=True),
     Metric("live_chance_data_rows", "live chance rows", r"live chance rows", optional=True,
-           hide_when_empty=True),
+           spread="none", hide_when_empty=True),
 ]
 #: ... the trained references, per pair (``reference_rows``): the same recipe on Gaussian
 #: data with the activations' moments, and on two disjoint halves of the data by document.
