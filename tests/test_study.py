@@ -649,3 +649,27 @@ def test_one_entrance_draws_every_figure(frames, tmp_path):
         runpy.run_path(str(ROOT / "scripts" / "figure.py"), init_globals={"snakemake": smk})
         assert Path(out.png).read_bytes() == want.read_bytes()
         assert Path(out.pdf).read_bytes()[:5] == b"%PDF-"
+
+
+def test_t1_live_columns_from_the_seed_pairs():
+    runs = _group_runs({("syn", "topk"): [0.2, 0.4, 0.3]}, mse_per_dim=lambda s, v: v,
+                       fvu=lambda s, v: v, l0=lambda s, v: 8.0, dead_frac=lambda s, v: 0.25,
+                       lr=lambda s, v: 4e-3, converged=lambda s, v: True,
+                       fvu_trend=lambda s, v: 0.0, init_abs_cos=lambda s, v: 0.5)
+    pairs = pd.DataFrame(dict(
+        dataset="syn", kind="seed", arch_a="topk", arch_b="topk", seed_a=[0, 0, 1],
+        seed_b=[1, 2, 2], k=8, width=64, rows=1000, mean_abs_cos=[0.5, 0.6, 0.7],
+        live_mean_abs_cos=[0.8, 0.9, 0.7], live_n_matched=[40, 44, 42],
+        live_chance_data_rows=[0.3, 0.31, 0.32], main=True, **{"frac_gt_0.9": 0.0}))
+    r = tables.table_t1(runs, pairs).iloc[0]
+    assert r["live_mean_abs_cos_mean"] == pytest.approx(0.8)
+    assert (r["live_n_matched_min"], r["live_n_matched_max"]) == (40, 44)
+    assert r["live_chance_data_rows_mean"] == pytest.approx(0.31)
+    md = tables.to_markdown(tables.table_t1(runs, pairs), tables.T1_METRICS)
+    assert "| live seed \\|cos\\| | live n | live chance rows |" in md
+    assert "| 0.800 [0.700, 0.900] | 42 [40, 44] | 0.310 |" in md
+    # Tables measured before the live columns existed leave them out of the renderings.
+    old = tables.table_t1(runs, pairs.drop(columns=["live_mean_abs_cos", "live_n_matched",
+                                                    "live_chance_data_rows"]))
+    shown = tables.shown_metrics(old, tables.T1_METRICS)
+    assert "live n" not in [m.label for m in shown] and "seed >0.9" in [m.label for m in shown]

@@ -15,7 +15,10 @@ def add_parser(sub) -> None:
              "restricted isometry, seed and same-seed architecture matchings",
         description="Writes OUT/runs.parquet (one row per checkpoint), OUT/pairs.parquet (seed "
         "pairs of one arch; same-seed pairs of two archs) and OUT/latents.parquet (matched "
-        "|cos| per latent of the seed pairs).",
+        "|cos| per latent of the seed pairs). A seed pair's stability is given over all "
+        "latents and, in the live_ columns, over the latents that fire on some held-out row "
+        "in both seeds (matched among themselves), beside the chance level of as many random "
+        "training rows.",
     )
     p.add_argument("ckpts", nargs="+", metavar="CKPT",
                    help="checkpoint folders, or folders holding checkpoints")
@@ -32,6 +35,9 @@ def add_parser(sub) -> None:
                    help="a run has converged when its smoothed training FVU moved by less than "
                         "this (relative) over the 20 %% of steps before the learning-rate decay "
                         "(default: the threshold each run was trained with)")
+    p.add_argument("--live-chance-rows", type=int, default=100000,
+                   help="training rows the chance level of live-latent stability draws its "
+                        "random rows from (0: skip that chance level)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.set_defaults(func=run)
 
@@ -47,6 +53,8 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError("--max-rows must be at least 2")
     if args.ric_pairs < 0:
         raise UserError("--ric-pairs must be >= 0")
+    if args.live_chance_rows < 0:
+        raise UserError("--live-chance-rows must be >= 0")
     if args.converged_below is not None and not args.converged_below > 0:
         raise UserError("--converged-below must be positive")
     # Before the work: never inside, holding or replacing an input, nor a folder of other files.
@@ -54,7 +62,8 @@ def run(args: argparse.Namespace) -> dict:
     tables = measure_group(
         args.ckpts, args.activations, max_rows=args.max_rows, ric_pairs=args.ric_pairs,
         cross_archs=[a for a in (args.cross_archs or "").split(",") if a],
-        threshold=args.converged_below, device=args.device,
+        threshold=args.converged_below, live_chance_rows=args.live_chance_rows,
+        device=args.device,
     )
     stage = staging_folder(out)  # the three tables appear together or not at all
     try:
