@@ -1,0 +1,475 @@
+"""The optimal assignment of two dictionaries by |cos|, solved on a sparse candidate graph and
+proved optimal on the full matrix by LP duality.
+
+The problem: W = |A Bᵀ| (float32, unit rows, [n, N]); find the matching of min(n, N) pairs
+with the largest total W. Hungarian on the dense matrix costs O(n³) time and a dense float64
+copy; trained dictionaries, full of near-ties, are its worst case. Here:
+
+1. **Candidates.** One pass over W in row blocks on the device keeps each row's ``m`` largest
+   entries, each column's ``m`` largest and the diagonal (so that a full matching exists),
+   and remembers θ_i and φ_j, the m-th largest entry of row i and of column j: every entry
+   left out of the graph is at most min(θ_i, φ_j).
+2. **Solve** the sparse graph exactly (LAPJVsp: ``scipy.sparse.csgraph.
+   min_weight_full_bipartite_matching``).
+3. **Duals.** Column prices v ≥ 0 as the least fixpoint of v_j = max(0, max_i w_ij − u_i) over
+   the graph's edges, u_i = w_iσ(i) − v_σ(i) (Bellman–Ford on the alternating graph; it
+   converges because σ is optimal on the graph).
+4. **Certificate.** With r_i = max over the FULL row of (w_ij − v_j), the dual solution
+   (u' = r, v) is feasible for the LP of the full matrix (rows ≥ 0 clamped where n > N), so
+   D = Σ u' + Σ v bounds every assignment from above, and gap = D − Σ w_iσ(i) ≥ 0 bounds the
+   distance of σ from the optimum. r_i comes from the graph alone where the bound
+   max_j (min(θ_i, φ_j) − v_j) shows that no left-out entry can beat it; the other rows are
+   scanned on the device. Entries that violate the duals (and near-violators) join the graph
+   and 2–4 repeat.
+5. **Fallback.** If that does not close within ``max_rounds`` rounds or the graph grows past
+   ``max_edges``, the dense Hungarian solver (scipy) solves the whole matrix, and the
+   certificate says so.
+
+Exactness: the certificate is computed in float64 on the float32 entries; a row's term is
+exactly 0 when no entry beats its matched one, so a proved gap is 0.0 or a few ulps of
+float64 per row. ``EXACT_TOL`` (1e-9, on the sum of |cos|, far below one float32 ulp of a
+single entry) is where we call the assignment exact: no other assignment has a total larger
+by more than that.
+
+Memory: the graph (about 2m(n + N) edges, 24 bytes each on the host), one block of W on the
+device, and W itself as float32 on the device when it fits ``cache_bytes`` (2.4 GB at
+24 576²) so that rounds after the first need no matrix product; without the cache, rows are
+recomputed in the same blocks, which reproduces them bitwise (checked).
+
+Pure functions on tensors and arrays; no I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+log = logging.getLogger(__name__)
+
+#: A certificate's gap at or under this (on the sum of matched |cos|) means exact.
+EXACT_TOL = 1e-9
+#: A reduced cost above this counts as a violation of the duals (its edge joins the graph).
+_VIOLATION_TOL = 1e-12
+#: Price increases at or under this stop the dual iteration (rounding around a zero cycle).
+_PRICE_TOL = 1e-13
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """How an assignment was found and what was proved about it."""
+
+    method: str
+    """``sparse``: candidate graph plus duality check; ``dense``: the dense Hungarian
+    solver (scipy), used when the sparse path could not prove optimality in its bounds."""
+    gap: float
+    """Proved bound: no assignment has a total |cos| larger by more than this. 0.0 for the
+    dense solver, whose optimality is that of its algorithm, not of a dual check."""
+    rounds: int
+    """Solve-and-check rounds of the sparse path (0: none ran)."""
+    edges: int
+    """Edges of the candidate graph in the last round."""
+    reason: str = ""
+    """Why the dense solver ran, empty otherwise."""
+
+    @property
+    def exact(self) -> bool:
+        return self.gap <= EXACT_TOL
+
+    def summary(self) -> dict:
+        return {"assignment_method": self.method, "assignment_gap": self.gap,
+                "assignment_exact": self.exact, "assignment_rounds": self.rounds,
+                "assignment_edges": self.edges}
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """An optimal assignment of rows of W to columns, with W's row and column maxima."""
+
+    rows: np.ndarray
+    """[M] int64 row indices (M = min(n, N)), ascending."""
+    cols: np.ndarray
+    """[M] int64 column indices: row rows[k] goes with column cols[k]."""
+    best_row: np.ndarray
+    """[n] float64: max of each row of W."""
+    best_col: np.ndarray
+    """[N] float64: max of each column of W."""
+    certificate: Certificate
+
+
+# ----------------------------------------------------------------------------- the matrix
+
+
+class AbsCos:
+    """W = |A Bᵀ| in fixed row blocks on A's device: ``block(k)`` always computes block k with
+    the same operation on the same shapes, so a recomputed entry equals the first one bitwise
+    (the check in ``certify`` verifies it); kept whole when it fits ``cache_bytes``.
+
+    (A: [n, D], B: [N, D] float32 unit rows on one device.)
+    """
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, block: int, cache_bytes: int):
+        self.A, self.B, self.bs = A, B, block
+        self.n, self.N = A.shape[0], B.shape[0]
+        self.nblocks = -(-self.n // block)
+        self.cache = (torch.empty(self.n, self.N, device=A.device)
+                      if self.n * self.N * 4 <= cache_bytes else None)
+        self._filled = 0
+
+    def block(self, k: int) -> torch.Tensor:
+        """[rows of block k, N] float32."""
+        i = k * self.bs
+        if self.cache is not None and k < self._filled:
+            return self.cache[i : i + self.bs]
+        c = (self.A[i : i + self.bs] @ self.B.T).abs_()
+        if self.cache is not None and k == self._filled:
+            self.cache[i : i + self.bs] = c
+            self._filled += 1
+        return c
+
+    def rows(self, idx: torch.Tensor, chunk: int):
+        """Yield (idx_part [r], W[idx_part] [r, N] float32) for sorted row indices ``idx``."""
+        if len(idx) == 0:
+            return
+        if self.cache is not None and self._filled == self.nblocks:
+            for s in range(0, len(idx), chunk):
+                part = idx[s : s + chunk]
+                yield part, self.cache[part]
+            return
+        which = idx // self.bs
+        for k in torch.unique(which).tolist():
+            part = idx[which == k]
+            c = self.block(k)
+            for s in range(0, len(part), chunk):
+                p = part[s : s + chunk]
+                yield p, c[p - k * self.bs]
+
+
+# ----------------------------------------------------------------------------- candidates
+
+
+@dataclass
+class Graph:
+    """The sparse candidate graph, edges sorted by (row, col), with the bounds on the rest."""
+
+    n: int
+    N: int
+    rows: np.ndarray
+    """[E] int64."""
+    cols: np.ndarray
+    """[E] int64."""
+    w: np.ndarray
+    """[E] float64 values of W (float32 entries, exactly)."""
+    theta: torch.Tensor
+    """[n] float64: every entry of row i outside the graph is <= theta[i] (-inf: none)."""
+    phi: torch.Tensor
+    """[N] float64: every entry of column j outside the graph is <= phi[j] (-inf: none)."""
+
+    def add(self, rows: np.ndarray, cols: np.ndarray, w: np.ndarray) -> int:
+        """Add edges (duplicates of existing ones are dropped); -> how many were new."""
+        before = len(self.rows)
+        r = np.concatenate([self.rows, rows])
+        c = np.concatenate([self.cols, cols])
+        x = np.concatenate([self.w, w])
+        _, first = np.unique(r * self.N + c, return_index=True)
+        self.rows, self.cols, self.w = r[first], c[first], x[first]
+        return len(self.rows) - before
+
+
+def _topk_dim0(c: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of each column of c [b, N] -> ([k, N] values, [k, N] row indices)."""
+    if c.device.type == "cpu":  # torch's CPU topk along a strided dim is several times slower
+        v, i = c.T.contiguous().topk(k, dim=1)
+        return v.T, i.T
+    return c.topk(k, dim=0)
+
+
+@torch.no_grad()
+def candidate_graph(W: AbsCos, m: int) -> tuple[Graph, torch.Tensor, torch.Tensor]:
+    """One pass over W: each row's and each column's m largest entries and the diagonal.
+
+    -> (graph, row maxima [n] float64, column maxima [N] float64), the maxima on W's device.
+    """
+    n, N, dev = W.n, W.N, W.A.device
+    mr, mc = min(m, N), min(m, n)
+    rv = torch.empty(n, mr, device=dev)
+    ri = torch.empty(n, mr, dtype=torch.int64, device=dev)
+    cv = ci = None
+    dg = torch.empty(min(n, N), device=dev)
+    for k in range(W.nblocks):
+        c = W.block(k)
+        i0, b = k * W.bs, c.shape[0]
+        rv[i0 : i0 + b], ri[i0 : i0 + b] = c.topk(mr, dim=1)
+        v, i = _topk_dim0(c, min(mc, b))
+        i = i + i0
+        if cv is not None:
+            v, pos = torch.cat([cv, v]).topk(min(mc, cv.shape[0] + v.shape[0]), dim=0)
+            i = torch.cat([ci, i]).gather(0, pos)
+        cv, ci = v, i
+        d = torch.arange(i0, min(i0 + b, N), device=dev)
+        dg[d] = c[d - i0, d]
+        del c
+    inf = torch.tensor(-float("inf"), dtype=torch.float64, device=dev)
+    theta = rv[:, -1].double() if mr < N else inf.expand(n).clone()
+    phi = cv[-1].double() if mc < n else inf.expand(N).clone()
+    rows = torch.cat([torch.arange(n, device=dev).repeat_interleave(mr), ci.T.reshape(-1),
+                      torch.arange(len(dg), device=dev)])
+    cols = torch.cat([ri.reshape(-1), torch.arange(N, device=dev).repeat_interleave(mc),
+                      torch.arange(len(dg), device=dev)])
+    w = torch.cat([rv.reshape(-1), cv.T.reshape(-1), dg]).double()
+    g = Graph(n, N, np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0), theta, phi)
+    g.add(rows.cpu().numpy(), cols.cpu().numpy(), w.cpu().numpy())
+    return g, rv[:, 0].double(), cv[0].double()
+
+
+# ----------------------------------------------------------------------------- solve, duals
+
+
+def solve_graph(g: Graph) -> np.ndarray:
+    """The maximum-weight full matching of the graph (LAPJVsp) -> sigma [n] int64: each row's
+    column, -1 for the rows left free (n > N)."""
+    indptr = np.searchsorted(g.rows, np.arange(g.n + 1))
+    # Costs 2 - w lie in [1, 2]: LAPJVsp reads a stored zero as a missing edge.
+    G = sp.csr_array((2.0 - g.w, g.cols, indptr), shape=(g.n, g.N))
+    r, c = min_weight_full_bipartite_matching(G)
+    sigma = np.full(g.n, -1, np.int64)
+    sigma[r] = c
+    return sigma
+
+
+class _NotConverged(Exception):
+    pass
+
+
+@torch.no_grad()
+def column_prices(g: Graph, sigma: np.ndarray, device: torch.device,
+                  max_iter: int = 100000) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The least prices v >= 0 that make the graph's duals feasible for ``sigma``:
+    v_j = max(0, max over edges (i, j) of w_ij - u_i), u_i = w_iσ(i) - v_σ(i) (0 for a free
+    row), by Bellman–Ford on the rows whose u changed. Finite when sigma is optimal on the
+    graph; ``max_iter`` guards against a sigma that is not.
+
+    -> (v [N], u [n], w_sigma [n]) float64 on ``device`` (w_sigma 0 for free rows).
+    """
+    rows = torch.as_tensor(g.rows, device=device)
+    cols = torch.as_tensor(g.cols, device=device)
+    w = torch.as_tensor(g.w, device=device)
+    indptr = torch.searchsorted(rows, torch.arange(g.n + 1, device=device))
+    sig = torch.as_tensor(sigma, device=device)
+    matched = sig >= 0
+    key = rows * g.N + cols
+    pos = torch.searchsorted(key, torch.arange(g.n, device=device) * g.N + sig.clamp_min(0))
+    w_sig = torch.where(matched, w[pos.clamp_max(len(w) - 1)], torch.zeros((), dtype=w.dtype,
+                                                                           device=device))
+    owner = torch.full((g.N,), -1, dtype=torch.int64, device=device)
+    owner[sig[matched]] = torch.nonzero(matched).squeeze(1)
+    sig0 = sig.clamp_min(0)
+    v = torch.zeros(g.N, dtype=torch.float64, device=device)
+    u = w_sig.clone()
+    front = torch.arange(g.n, device=device)
+    for _ in range(max_iter):
+        if len(front) == 0:
+            return v, torch.where(matched, w_sig - v[sig0], 0.0), w_sig
+        start, lens = indptr[front], indptr[front + 1] - indptr[front]
+        off = torch.cumsum(lens, 0) - lens
+        e = (torch.arange(int(lens.sum()), device=device)
+             - torch.repeat_interleave(off - start, lens))
+        c = cols[e]
+        new = v.scatter_reduce(0, c, w[e] - u[rows[e]], reduce="amax")
+        up = new > v + _PRICE_TOL
+        v = torch.where(up, new, v)
+        front = owner[up]
+        front = front[front >= 0]
+        u[front] = w_sig[front] - v[sig0[front]]
+    raise _NotConverged(f"column prices did not converge in {max_iter} iterations")
+
+
+def _row_bound(theta: torch.Tensor, phi: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """b_i = max_j min(theta_i, phi_j) - v_j: the most any entry left out of the graph can
+    reach in row i's reduced values. [n] float64."""
+    order = torch.argsort(phi)
+    ps, vs = phi[order], v[order]
+    pre = torch.cummax(ps - vs, 0).values  # best over columns with phi_j <= theta
+    suf = torch.flip(torch.cummin(torch.flip(vs, [0]), 0).values, [0])  # least v, phi_j >= theta
+    k = torch.searchsorted(ps, theta)  # columns [0, k) have phi_j < theta_i
+    N = len(ps)
+    lo = torch.where(k > 0, pre[(k - 1).clamp_min(0)], -torch.inf)
+    hi = torch.where(k < N, theta - suf[k.clamp_max(N - 1)], -torch.inf)
+    out = torch.maximum(lo, hi)
+    return torch.where(torch.isneginf(theta), -torch.inf, out)
+
+
+# ----------------------------------------------------------------------------- certificate
+
+
+@dataclass
+class Check:
+    gap: float
+    """Proved bound on the distance of sigma's total from the optimum."""
+    r: torch.Tensor
+    """[n] float64: max over each full row of w_ij - v_j."""
+    scanned: int
+    """Rows that had to be read in full."""
+    add: tuple[np.ndarray, np.ndarray, np.ndarray]
+    """Edges (rows, cols, w) that violate the duals or nearly do, to join the graph."""
+
+
+@torch.no_grad()
+def certify(W: AbsCos, sigma: np.ndarray, v: torch.Tensor, g: Graph | None = None,
+            near: float = 0.05, per_row: int = 64, chunk_bytes: int = 1 << 28) -> Check:
+    """The duality gap of the assignment ``sigma`` (row -> column, -1 free) under column
+    prices ``v`` >= 0 [N], any prices: D = Σ_i u'_i + Σ_j v_j with u'_i = max_j (w_ij - v_j)
+    over the full row (clamped at 0 where n > N) is an upper bound on every assignment's
+    total, so gap = D - Σ_i w_iσ(i) >= (optimum - sigma's total) >= 0.
+
+    With ``g`` (a graph containing every edge of sigma) a row is read in full only where
+    the graph's bounds leave its max open; without, every row is read. Rows with a
+    violation (or a reduced value within ``near`` of one) offer up to ``per_row`` of their
+    largest reduced entries as new edges.
+    """
+    n, N, dev = W.n, W.N, v.device
+    sig = torch.as_tensor(sigma, device=dev)
+    matched = sig >= 0
+    sig0 = sig.clamp_min(0)
+    r = torch.full((n,), -torch.inf, dtype=torch.float64, device=dev)
+    u = torch.zeros(n, dtype=torch.float64, device=dev)
+    if g is not None:
+        rows = torch.as_tensor(g.rows, device=dev)
+        cols = torch.as_tensor(g.cols, device=dev)
+        w = torch.as_tensor(g.w, device=dev)
+        r.scatter_reduce_(0, rows, w - v[cols], reduce="amax")
+        pos = torch.searchsorted(rows * N + cols, torch.arange(n, device=dev) * N + sig0)
+        w_sig = torch.where(matched, w[pos.clamp_max(len(w) - 1)], 0.0)
+        u = torch.where(matched, w_sig - v[sig0], 0.0)
+        scan = torch.nonzero(_row_bound(g.theta, g.phi, v) > r).squeeze(1)
+    else:
+        w_sig = torch.zeros(n, dtype=torch.float64, device=dev)
+        scan = torch.arange(n, device=dev)
+    add_r, add_c, add_w = [], [], []
+    chunk = max(1, chunk_bytes // (8 * max(N, 1)))
+    for idx, c in W.rows(scan, chunk):
+        x = c.double() - v
+        r[idx] = x.max(dim=1).values
+        got = torch.where(matched[idx], c.gather(1, sig0[idx, None]).squeeze(1).double(), 0.0)
+        if g is None:
+            w_sig[idx] = got
+            u[idx] = torch.where(matched[idx], got - v[sig0[idx]], 0.0)
+        elif not torch.equal(got, w_sig[idx]):
+            raise _NotConverged("a recomputed block of |cos| differs from the first pass")
+        x -= u[idx, None]
+        hot = x.max(dim=1).values > -near
+        if hot.any():
+            k = min(per_row, N)
+            val, col = x[hot].topk(k, dim=1)
+            keep = val > -near
+            rr = idx[hot][:, None].expand(-1, k)[keep]
+            cc = col[keep]
+            add_r.append(rr)
+            add_c.append(cc)
+            add_w.append(c[hot].gather(1, col)[keep].double())
+    up = r.clamp_min(0) if n > N else r  # where n > N every row's dual must be >= 0
+    term = torch.where(matched, up - u, up)
+    gap = float(term.sum())
+    if n < N:
+        free = torch.ones(N, dtype=torch.bool, device=dev)
+        free[sig[matched]] = False
+        gap += float(v[free].sum())
+    violated = bool(((r - u) > _VIOLATION_TOL).any())
+    if violated and add_r:
+        add = tuple(torch.cat(t).cpu().numpy() for t in (add_r, add_c, add_w))
+    else:
+        add = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0))
+    return Check(gap=max(gap, 0.0), r=r, scanned=len(scan), add=add)
+
+
+# ----------------------------------------------------------------------------- the solver
+
+
+def dense_assignment(W: AbsCos) -> np.ndarray:
+    """sigma [n] (-1 free) by scipy's dense Hungarian solver on W in float64."""
+    cost = np.empty((W.n, W.N), np.float64)
+    for k in range(W.nblocks):
+        c = W.block(k)
+        np.negative(c.cpu().numpy(), out=cost[k * W.bs : k * W.bs + c.shape[0]],
+                    dtype=np.float64)
+    r, c = linear_sum_assignment(cost)
+    del cost
+    sigma = np.full(W.n, -1, np.int64)
+    sigma[r] = c
+    return sigma
+
+
+def default_cache_bytes(device: torch.device) -> int:
+    """Keep W whole on the device up to: a quarter of the GPU's free memory, 1 GiB on CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 4
+    return 1 << 30
+
+
+@torch.no_grad()
+def assign_abs_cos(A: torch.Tensor, B: torch.Tensor, block: int = 4096, m: int = 16,
+                   max_rounds: int = 8, max_edges: int | None = None,
+                   cache_bytes: int | None = None, method: str = "sparse") -> Assignment:
+    """The maximum-|cos| assignment of the rows of A to the rows of B, with its certificate.
+
+    (A: [n, D], B: [N, D] float32 unit rows on one device) -> Assignment of min(n, N) pairs.
+    ``m``: candidates per row and per column; ``max_rounds``, ``max_edges`` (default
+    64 (n + N)): the sparse path's bounds before the dense fallback; ``cache_bytes``: keep W
+    on the device up to this size (default ``default_cache_bytes``); ``method``: ``sparse``
+    (certified, with the fallback) or ``dense`` (scipy alone).
+    """
+    if method not in ("sparse", "dense"):
+        raise ValueError(f"unknown assignment method {method!r}")
+    n, N, dev = A.shape[0], B.shape[0], A.device
+    if cache_bytes is None:
+        cache_bytes = default_cache_bytes(dev)
+    W = AbsCos(A, B, block, cache_bytes)
+    if n == 0 or N == 0:
+        z = np.empty(0, np.int64)
+        return Assignment(z, z, np.full(n, np.nan), np.full(N, np.nan),
+                          Certificate("sparse", 0.0, 0, 0))
+    g, best_row, best_col = candidate_graph(W, m)
+    best = (best_row.cpu().numpy(), best_col.cpu().numpy())
+    max_edges = 64 * (n + N) if max_edges is None else max_edges
+    reason, rounds, sigma, gap = "", 0, None, float("inf")
+    if method == "dense":
+        reason = "asked for"
+    while not reason:
+        if rounds == max_rounds:
+            reason = f"no proof after {rounds} rounds (gap {gap:.3g})"
+            break
+        if len(g.rows) > max_edges:
+            reason = f"candidate graph past {max_edges} edges"
+            break
+        rounds += 1
+        sigma = solve_graph(g)
+        try:
+            v, _, _ = column_prices(g, sigma, dev)
+            check = certify(W, sigma, v, g)
+        except _NotConverged as e:
+            reason = str(e)
+            break
+        gap = check.gap
+        log.debug("assignment round %d: %d edges, %d rows scanned, gap %.3g, %d to add",
+                  rounds, len(g.rows), check.scanned, gap, len(check.add[0]))
+        if gap <= EXACT_TOL:
+            break
+        if g.add(*check.add) == 0:
+            reason = f"gap {gap:.3g} and no violated edge left to add"
+    if reason:
+        if method != "dense":
+            log.warning("matching %d x %d: the sparse solver could not prove optimality (%s); "
+                        "solving the dense problem instead (%.1f GB float64 on the host)",
+                        n, N, reason, n * N * 8 / 1e9)
+        sigma = dense_assignment(W)
+        cert = Certificate("dense", 0.0, rounds, len(g.rows), reason)
+    else:
+        cert = Certificate("sparse", gap, rounds, len(g.rows))
+    rows = np.flatnonzero(sigma >= 0)
+    return Assignment(rows, sigma[rows], best[0], best[1], cert)
