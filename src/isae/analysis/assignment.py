@@ -47,7 +47,6 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 import torch
-from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 log = logging.getLogger(__name__)
@@ -58,6 +57,7 @@ EXACT_TOL = 1e-9
 _VIOLATION_TOL = 1e-12
 #: Price increases at or under this stop the dual iteration (rounding around a zero cycle).
 _PRICE_TOL = 1e-13
+_MC = None
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ def candidate_graph(W: AbsCos, m: int) -> tuple[Graph, torch.Tensor, torch.Tenso
     -> (graph, row maxima [n] float64, column maxima [N] float64), the maxima on W's device.
     """
     n, N, dev = W.n, W.N, W.A.device
-    mr, mc = min(m, N), min(m, n)
+    mr, mc = min(m, N), min(_MC if _MC is not None else m, n)
     rv = torch.empty(n, mr, device=dev)
     ri = torch.empty(n, mr, dtype=torch.int64, device=dev)
     cv = ci = None
@@ -246,44 +246,35 @@ class _NotConverged(Exception):
     pass
 
 
-@torch.no_grad()
-def column_prices(g: Graph, sigma: np.ndarray, device: torch.device,
-                  max_iter: int = 100000) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The least prices v >= 0 that make the graph's duals feasible for ``sigma``:
-    v_j = max(0, max over edges (i, j) of w_ij - u_i), u_i = w_iσ(i) - v_σ(i) (0 for a free
-    row), by Bellman–Ford on the rows whose u changed. Finite when sigma is optimal on the
-    graph; ``max_iter`` guards against a sigma that is not.
-
-    -> (v [N], u [n], w_sigma [n]) float64 on ``device`` (w_sigma 0 for free rows).
+def column_prices(g: Graph, sigma: np.ndarray, v0: np.ndarray | None = None,
+                  max_iter: int = 100000) -> np.ndarray:
+    """The least prices v >= v0 (default 0) [N] that make the graph's duals feasible for
+    ``sigma``: v_j = max(v_j, max over edges (i, j) of w_ij - u_i), u_i = w_iσ(i) - v_σ(i)
+    (0 for a free row), by Bellman–Ford, each round over the edges of the rows whose u
+    changed. Finite when sigma is optimal on the graph; ``max_iter`` guards against a sigma
+    that is not. float64 on the host.
     """
-    rows = torch.as_tensor(g.rows, device=device)
-    cols = torch.as_tensor(g.cols, device=device)
-    w = torch.as_tensor(g.w, device=device)
-    indptr = torch.searchsorted(rows, torch.arange(g.n + 1, device=device))
-    sig = torch.as_tensor(sigma, device=device)
-    matched = sig >= 0
-    key = rows * g.N + cols
-    pos = torch.searchsorted(key, torch.arange(g.n, device=device) * g.N + sig.clamp_min(0))
-    w_sig = torch.where(matched, w[pos.clamp_max(len(w) - 1)], torch.zeros((), dtype=w.dtype,
-                                                                           device=device))
-    owner = torch.full((g.N,), -1, dtype=torch.int64, device=device)
-    owner[sig[matched]] = torch.nonzero(matched).squeeze(1)
-    sig0 = sig.clamp_min(0)
-    v = torch.zeros(g.N, dtype=torch.float64, device=device)
-    u = w_sig.clone()
-    front = torch.arange(g.n, device=device)
+    indptr = np.searchsorted(g.rows, np.arange(g.n + 1))
+    matched = sigma >= 0
+    sig0 = np.where(matched, sigma, 0)
+    pos = np.searchsorted(g.rows * g.N + g.cols, np.arange(g.n) * g.N + sig0)
+    w_sig = np.where(matched, g.w[np.minimum(pos, len(g.w) - 1)], 0.0)
+    owner = np.full(g.N, -1, np.int64)
+    owner[sigma[matched]] = np.flatnonzero(matched)
+    v = np.zeros(g.N) if v0 is None else v0.astype(np.float64, copy=True)
+    u = np.where(matched, w_sig - v[sig0], 0.0)
+    front = np.arange(g.n)
     for _ in range(max_iter):
         if len(front) == 0:
-            return v, torch.where(matched, w_sig - v[sig0], 0.0), w_sig
+            return v
         start, lens = indptr[front], indptr[front + 1] - indptr[front]
-        off = torch.cumsum(lens, 0) - lens
-        e = (torch.arange(int(lens.sum()), device=device)
-             - torch.repeat_interleave(off - start, lens))
-        c = cols[e]
-        new = v.scatter_reduce(0, c, w[e] - u[rows[e]], reduce="amax")
-        up = new > v + _PRICE_TOL
-        v = torch.where(up, new, v)
-        front = owner[up]
+        e = np.arange(lens.sum()) + np.repeat(start - (np.cumsum(lens) - lens), lens)
+        c = g.cols[e]
+        t = g.w[e] - np.repeat(u[front], lens)
+        better = t > v[c] + _PRICE_TOL
+        c, t = c[better], t[better]
+        np.maximum.at(v, c, t)
+        front = owner[np.unique(c)]
         front = front[front >= 0]
         u[front] = w_sig[front] - v[sig0[front]]
     raise _NotConverged(f"column prices did not converge in {max_iter} iterations")
@@ -321,7 +312,7 @@ class Check:
 
 @torch.no_grad()
 def certify(W: AbsCos, sigma: np.ndarray, v: torch.Tensor, g: Graph | None = None,
-            near: float = 0.05, per_row: int = 64, chunk_bytes: int = 1 << 28) -> Check:
+            near: float = 0.05, per_row: int = 64, chunk_bytes: int | None = None) -> Check:
     """The duality gap of the assignment ``sigma`` (row -> column, -1 free) under column
     prices ``v`` >= 0 [N], any prices: D = Σ_i u'_i + Σ_j v_j with u'_i = max_j (w_ij - v_j)
     over the full row (clamped at 0 where n > N) is an upper bound on every assignment's
@@ -351,27 +342,42 @@ def certify(W: AbsCos, sigma: np.ndarray, v: torch.Tensor, g: Graph | None = Non
         w_sig = torch.zeros(n, dtype=torch.float64, device=dev)
         scan = torch.arange(n, device=dev)
     add_r, add_c, add_w = [], [], []
-    chunk = max(1, chunk_bytes // (8 * max(N, 1)))
+    if chunk_bytes is None:  # on the CPU, chunks that stay in cache between the passes
+        chunk_bytes = 1 << 29 if dev.type == "cuda" else 1 << 23
+    chunk = max(1, chunk_bytes // (4 * max(N, 1)))
+    # The scan runs in float32; an entry within ``slack`` of a row's float32 max may be its
+    # float64 max (each of the two roundings errs by at most 2^-24 of |x| <= 1 + max v), and
+    # only those entries are evaluated again in float64.
+    v32 = v.float()
+    slack = 4 * 2.0**-24 * (2.0 + float(v.abs().max()))
     for idx, c in W.rows(scan, chunk):
-        x = c.double() - v
-        r[idx] = x.max(dim=1).values
+        x = c - v32
+        top = x.max(dim=1).values
+        ri, cj = torch.nonzero(x >= (top - slack)[:, None], as_tuple=True)
+        exact = c[ri, cj].double() - v[cj]
+        r[idx] = torch.full((len(idx),), -torch.inf, dtype=torch.float64,
+                            device=dev).scatter_reduce_(0, ri, exact, reduce="amax")
         got = torch.where(matched[idx], c.gather(1, sig0[idx, None]).squeeze(1).double(), 0.0)
         if g is None:
             w_sig[idx] = got
             u[idx] = torch.where(matched[idx], got - v[sig0[idx]], 0.0)
         elif not torch.equal(got, w_sig[idx]):
             raise _NotConverged("a recomputed block of |cos| differs from the first pass")
-        x -= u[idx, None]
-        hot = x.max(dim=1).values > -near
-        if hot.any():
-            k = min(per_row, N)
-            val, col = x[hot].topk(k, dim=1)
-            keep = val > -near
-            rr = idx[hot][:, None].expand(-1, k)[keep]
-            cc = col[keep]
-            add_r.append(rr)
-            add_c.append(cc)
-            add_w.append(c[hot].gather(1, col)[keep].double())
+        # Near-violators (reduced value above -near): a heuristic, float32 is enough. Rows
+        # with more than per_row of them offer their per_row largest.
+        ri, cj = torch.nonzero(x > (u[idx].float() - near)[:, None], as_tuple=True)
+        many = torch.bincount(ri, minlength=len(idx)) > per_row
+        if many.any():
+            keep = ~many[ri]
+            hr = torch.nonzero(many).squeeze(1)
+            col = x[hr].topk(per_row, dim=1).indices
+            ri = torch.cat([ri[keep], hr.repeat_interleave(per_row)])
+            cj = torch.cat([cj[keep], col.reshape(-1)])
+        if len(ri):
+            add_r.append(idx[ri])
+            add_c.append(cj)
+            add_w.append(c[ri, cj].double())
+
     up = r.clamp_min(0) if n > N else r  # where n > N every row's dual must be >= 0
     term = torch.where(matched, up - u, up)
     gap = float(term.sum())
@@ -392,6 +398,8 @@ def certify(W: AbsCos, sigma: np.ndarray, v: torch.Tensor, g: Graph | None = Non
 
 def dense_assignment(W: AbsCos) -> np.ndarray:
     """sigma [n] (-1 free) by scipy's dense Hungarian solver on W in float64."""
+    from scipy.optimize import linear_sum_assignment  # 1-2 s to import: only when needed
+
     cost = np.empty((W.n, W.N), np.float64)
     for k in range(W.nblocks):
         c = W.block(k)
@@ -432,8 +440,7 @@ def assign_abs_cos(A: torch.Tensor, B: torch.Tensor, block: int = 4096, m: int =
     W = AbsCos(A, B, block, cache_bytes)
     if n == 0 or N == 0:
         z = np.empty(0, np.int64)
-        return Assignment(z, z, np.full(n, np.nan), np.full(N, np.nan),
-                          Certificate("sparse", 0.0, 0, 0))
+        return Assignment(z, z, np.zeros(n), np.zeros(N), Certificate("sparse", 0.0, 0, 0))
     g, best_row, best_col = candidate_graph(W, m)
     best = (best_row.cpu().numpy(), best_col.cpu().numpy())
     max_edges = 64 * (n + N) if max_edges is None else max_edges
@@ -450,7 +457,7 @@ def assign_abs_cos(A: torch.Tensor, B: torch.Tensor, block: int = 4096, m: int =
         rounds += 1
         sigma = solve_graph(g)
         try:
-            v, _, _ = column_prices(g, sigma, dev)
+            v = torch.as_tensor(column_prices(g, sigma), device=dev)
             check = certify(W, sigma, v, g)
         except _NotConverged as e:
             reason = str(e)
