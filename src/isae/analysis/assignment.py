@@ -57,7 +57,6 @@ EXACT_TOL = 1e-9
 _VIOLATION_TOL = 1e-12
 #: Price increases at or under this stop the dual iteration (rounding around a zero cycle).
 _PRICE_TOL = 1e-13
-_MC = None
 
 
 @dataclass(frozen=True)
@@ -120,17 +119,23 @@ class AbsCos:
         self.cache = (torch.empty(self.n, self.N, device=A.device)
                       if self.n * self.N * 4 <= cache_bytes else None)
         self._filled = 0
+        self._buf: torch.Tensor | None = None
 
     def block(self, k: int) -> torch.Tensor:
-        """[rows of block k, N] float32."""
+        """[rows of block k, N] float32, valid until the next call (blocks share a buffer)."""
         i = k * self.bs
         if self.cache is not None and k < self._filled:
             return self.cache[i : i + self.bs]
-        c = (self.A[i : i + self.bs] @ self.B.T).abs_()
+        b = min(self.bs, self.n - i)
         if self.cache is not None and k == self._filled:
-            self.cache[i : i + self.bs] = c
+            out = self.cache[i : i + b]
             self._filled += 1
-        return c
+        else:
+            # One buffer for every block: fresh large tensors cost page faults each time.
+            if self._buf is None or self._buf.shape[0] != b:
+                self._buf = torch.empty(b, self.N, device=self.A.device)
+            out = self._buf
+        return torch.matmul(self.A[i : i + b], self.B.T, out=out).abs_()
 
     def rows(self, idx: torch.Tensor, chunk: int):
         """Yield (idx_part [r], W[idx_part] [r, N] float32) for sorted row indices ``idx``."""
@@ -169,6 +174,14 @@ class Graph:
     """[n] float64: every entry of row i outside the graph is <= theta[i] (-inf: none)."""
     phi: torch.Tensor
     """[N] float64: every entry of column j outside the graph is <= phi[j] (-inf: none)."""
+    outside: torch.Tensor | None = None
+    """[n] float64: max over the entries of row i outside the graph of w_ij - v_j, at most,
+    for the prices of the last check (+inf: not known), from the rows that check read."""
+
+    def reprice(self, v_old: np.ndarray, v_new: np.ndarray) -> None:
+        """Keep ``outside`` an upper bound when the prices move from v_old to v_new."""
+        if self.outside is not None:
+            self.outside += max(0.0, float(np.max(v_old - v_new, initial=0.0)))
 
     def add(self, rows: np.ndarray, cols: np.ndarray, w: np.ndarray) -> int:
         """Add edges (duplicates of existing ones are dropped); -> how many were new."""
@@ -181,12 +194,17 @@ class Graph:
         return len(self.rows) - before
 
 
-def _topk_dim0(c: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest of each column of c [b, N] -> ([k, N] values, [k, N] row indices)."""
-    if c.device.type == "cpu":  # torch's CPU topk along a strided dim is several times slower
-        v, i = c.T.contiguous().topk(k, dim=1)
-        return v.T, i.T
-    return c.topk(k, dim=0)
+def _topk_dim0(c: torch.Tensor, k: int, buf: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of each column of c [b, N] -> ([k, N] values, [k, N] row indices).
+    ``buf``: a one-slot list holding the CPU transpose buffer between calls."""
+    if c.device.type != "cpu":
+        return c.topk(k, dim=0)
+    # torch's CPU topk along a strided dim is several times slower than transposing first,
+    # and a fresh transposed tensor costs as much again in page faults.
+    if buf[0] is None or buf[0].shape != (c.shape[1], c.shape[0]):
+        buf[0] = torch.empty(c.shape[1], c.shape[0])
+    v, i = buf[0].copy_(c.T).topk(k, dim=1)
+    return v.T, i.T
 
 
 @torch.no_grad()
@@ -196,16 +214,17 @@ def candidate_graph(W: AbsCos, m: int) -> tuple[Graph, torch.Tensor, torch.Tenso
     -> (graph, row maxima [n] float64, column maxima [N] float64), the maxima on W's device.
     """
     n, N, dev = W.n, W.N, W.A.device
-    mr, mc = min(m, N), min(_MC if _MC is not None else m, n)
+    mr, mc = min(m, N), min(m, n)
     rv = torch.empty(n, mr, device=dev)
     ri = torch.empty(n, mr, dtype=torch.int64, device=dev)
     cv = ci = None
     dg = torch.empty(min(n, N), device=dev)
+    buf = [None]
     for k in range(W.nblocks):
         c = W.block(k)
         i0, b = k * W.bs, c.shape[0]
         rv[i0 : i0 + b], ri[i0 : i0 + b] = c.topk(mr, dim=1)
-        v, i = _topk_dim0(c, min(mc, b))
+        v, i = _topk_dim0(c, min(mc, b), buf)
         i = i + i0
         if cv is not None:
             v, pos = torch.cat([cv, v]).topk(min(mc, cv.shape[0] + v.shape[0]), dim=0)
@@ -308,6 +327,9 @@ class Check:
     """Rows that had to be read in full."""
     add: tuple[np.ndarray, np.ndarray, np.ndarray]
     """Edges (rows, cols, w) that violate the duals or nearly do, to join the graph."""
+    outside: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(rows read, bound): with ``add`` in the graph, each read row's entries outside it
+    have w_ij - v_j at most bound (see ``Graph.outside``)."""
 
 
 @torch.no_grad()
@@ -337,11 +359,14 @@ def certify(W: AbsCos, sigma: np.ndarray, v: torch.Tensor, g: Graph | None = Non
         pos = torch.searchsorted(rows * N + cols, torch.arange(n, device=dev) * N + sig0)
         w_sig = torch.where(matched, w[pos.clamp_max(len(w) - 1)], 0.0)
         u = torch.where(matched, w_sig - v[sig0], 0.0)
-        scan = torch.nonzero(_row_bound(g.theta, g.phi, v) > r).squeeze(1)
+        bound = _row_bound(g.theta, g.phi, v)
+        if g.outside is not None:
+            bound = torch.minimum(bound, g.outside.to(dev))
+        scan = torch.nonzero(bound > r).squeeze(1)
     else:
         w_sig = torch.zeros(n, dtype=torch.float64, device=dev)
         scan = torch.arange(n, device=dev)
-    add_r, add_c, add_w = [], [], []
+    add_r, add_c, add_w, out_r, out_b = [], [], [], [], []
     if chunk_bytes is None:  # on the CPU, chunks that stay in cache between the passes
         chunk_bytes = 1 << 29 if dev.type == "cuda" else 1 << 23
     chunk = max(1, chunk_bytes // (4 * max(N, 1)))
@@ -365,14 +390,22 @@ def certify(W: AbsCos, sigma: np.ndarray, v: torch.Tensor, g: Graph | None = Non
             raise _NotConverged("a recomputed block of |cos| differs from the first pass")
         # Near-violators (reduced value above -near): a heuristic, float32 is enough. Rows
         # with more than per_row of them offer their per_row largest.
-        ri, cj = torch.nonzero(x > (u[idx].float() - near)[:, None], as_tuple=True)
+        # Entries left out: at most thr where every entry above it was added, else at most
+        # the (per_row + 1)-th largest; plus the float32 slack.
+        thr = u[idx].float() - near
+        ri, cj = torch.nonzero(x > thr[:, None], as_tuple=True)
+        left = thr.double()
         many = torch.bincount(ri, minlength=len(idx)) > per_row
         if many.any():
             keep = ~many[ri]
             hr = torch.nonzero(many).squeeze(1)
-            col = x[hr].topk(per_row, dim=1).indices
+            val, col = x[hr].topk(per_row + 1, dim=1)
+            left[hr] = val[:, -1].double()
+            col = col[:, :-1]
             ri = torch.cat([ri[keep], hr.repeat_interleave(per_row)])
             cj = torch.cat([cj[keep], col.reshape(-1)])
+        out_r.append(idx)
+        out_b.append(left + slack)
         if len(ri):
             add_r.append(idx[ri])
             add_c.append(cj)
@@ -390,7 +423,8 @@ def certify(W: AbsCos, sigma: np.ndarray, v: torch.Tensor, g: Graph | None = Non
         add = tuple(torch.cat(t).cpu().numpy() for t in (add_r, add_c, add_w))
     else:
         add = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0))
-    return Check(gap=max(gap, 0.0), r=r, scanned=len(scan), add=add)
+    outside = (torch.cat(out_r), torch.cat(out_b)) if out_r else None
+    return Check(gap=max(gap, 0.0), r=r, scanned=len(scan), add=add, outside=outside)
 
 
 # ----------------------------------------------------------------------------- the solver
@@ -444,9 +478,10 @@ def assign_abs_cos(A: torch.Tensor, B: torch.Tensor, block: int = 4096, m: int =
     g, best_row, best_col = candidate_graph(W, m)
     best = (best_row.cpu().numpy(), best_col.cpu().numpy())
     max_edges = 64 * (n + N) if max_edges is None else max_edges
-    reason, rounds, sigma, gap = "", 0, None, float("inf")
+    reason, rounds, sigma, gap, v_old = "", 0, None, float("inf"), None
     if method == "dense":
         reason = "asked for"
+    g.outside = torch.full((n,), torch.inf, dtype=torch.float64)
     while not reason:
         if rounds == max_rounds:
             reason = f"no proof after {rounds} rounds (gap {gap:.3g})"
@@ -457,8 +492,13 @@ def assign_abs_cos(A: torch.Tensor, B: torch.Tensor, block: int = 4096, m: int =
         rounds += 1
         sigma = solve_graph(g)
         try:
-            v = torch.as_tensor(column_prices(g, sigma), device=dev)
-            check = certify(W, sigma, v, g)
+            # Square: start from the last prices (they only rise, and the rows read last
+            # time keep their bounds); rectangular: from 0 (free columns must stay at 0).
+            v_new = column_prices(g, sigma, v_old if n == N else None)
+            if v_old is not None:
+                g.reprice(v_old, v_new)
+            v_old = v_new
+            check = certify(W, sigma, torch.as_tensor(v_new, device=dev), g)
         except _NotConverged as e:
             reason = str(e)
             break
@@ -469,6 +509,8 @@ def assign_abs_cos(A: torch.Tensor, B: torch.Tensor, block: int = 4096, m: int =
             break
         if g.add(*check.add) == 0:
             reason = f"gap {gap:.3g} and no violated edge left to add"
+        elif check.outside is not None:
+            g.outside[check.outside[0].cpu()] = check.outside[1].cpu()
     if reason:
         if method != "dense":
             log.warning("matching %d x %d: the sparse solver could not prove optimality (%s); "
