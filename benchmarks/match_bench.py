@@ -175,6 +175,8 @@ def run_worker(kind: str, args: list[str], timeout: float | None) -> dict | None
 def run_cli(a: Path, b: Path, device: str, tmp: Path) -> dict:
     out = tmp / "cli_table.parquet"
     cmd = ["isae", "-q", "match", str(a), str(b), "--device", device, "--out", str(out)]
+    if os.environ.get("MATCH_BENCH_THREADS"):
+        cmd[1:1] = ["--threads", os.environ["MATCH_BENCH_THREADS"]]
     t = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
     secs = time.perf_counter() - t

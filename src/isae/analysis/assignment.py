@@ -230,7 +230,7 @@ def candidate_graph(W: AbsCos, m: int) -> tuple[Graph, torch.Tensor, torch.Tenso
             v, pos = torch.cat([cv, v]).topk(min(mc, cv.shape[0] + v.shape[0]), dim=0)
             i = torch.cat([ci, i]).gather(0, pos)
         cv, ci = v, i
-        d = torch.arange(i0, min(i0 + b, N), device=dev)
+        d = torch.arange(i0, max(i0, min(i0 + b, N)), device=dev)
         dg[d] = c[d - i0, d]
         del c
     inf = torch.tensor(-float("inf"), dtype=torch.float64, device=dev)
