@@ -70,7 +70,10 @@ class Certificate:
     """Proved bound: no assignment has a total |cos| larger by more than this. 0.0 for the
     dense solver, whose optimality is that of its algorithm, not of a dual check."""
     rounds: int
-    """Solve-and-check rounds of the sparse path (0: none ran)."""
+    """Checks of the sparse path against the full matrix (0: none ran)."""
+    solves: int
+    """Exact solves of the candidate graph among them (a round after new edges first tries
+    the last assignment with new prices)."""
     edges: int
     """Edges of the candidate graph in the last round."""
     reason: str = ""
@@ -83,7 +86,7 @@ class Certificate:
     def summary(self) -> dict:
         return {"assignment_method": self.method, "assignment_gap": self.gap,
                 "assignment_exact": self.exact, "assignment_rounds": self.rounds,
-                "assignment_edges": self.edges}
+                "assignment_solves": self.solves, "assignment_edges": self.edges}
 
 
 @dataclass(frozen=True)
@@ -249,12 +252,24 @@ def candidate_graph(W: AbsCos, m: int) -> tuple[Graph, torch.Tensor, torch.Tenso
 # ----------------------------------------------------------------------------- solve, duals
 
 
-def solve_graph(g: Graph) -> np.ndarray:
+def solve_graph(g: Graph, u: np.ndarray | None = None, v: np.ndarray | None = None
+                ) -> np.ndarray:
     """The maximum-weight full matching of the graph (LAPJVsp) -> sigma [n] int64: each row's
-    column, -1 for the rows left free (n > N)."""
+    column, -1 for the rows left free (n > N).
+
+    ``u`` [n], ``v`` [N]: duals to solve on the reduced costs u_i + v_j - w_ij instead, the
+    same problem (every full matching has the same sum of the duals it may use: u where
+    every row is matched, v where every column is) that JV's greedy start mostly solves
+    at once where the duals are nearly optimal.
+    """
     indptr = np.searchsorted(g.rows, np.arange(g.n + 1))
-    # Costs 2 - w lie in [1, 2]: LAPJVsp reads a stored zero as a missing edge.
-    G = sp.csr_array((2.0 - g.w, g.cols, indptr), shape=(g.n, g.N))
+    cost = -g.w
+    if u is not None and g.n <= g.N:
+        cost = cost + u[g.rows]
+    if v is not None and g.n >= g.N:
+        cost = cost + v[g.cols]
+    # Shifted by a constant into [1, 4]: LAPJVsp reads a stored zero as a missing edge.
+    G = sp.csr_array((cost + (2.0 - cost.min()) , g.cols, indptr), shape=(g.n, g.N))
     r, c = min_weight_full_bipartite_matching(G)
     sigma = np.full(g.n, -1, np.int64)
     sigma[r] = c
@@ -266,12 +281,14 @@ class _NotConverged(Exception):
 
 
 def column_prices(g: Graph, sigma: np.ndarray, v0: np.ndarray | None = None,
-                  max_iter: int = 100000) -> np.ndarray:
+                  max_iter: int = 100000) -> tuple[np.ndarray, int]:
     """The least prices v >= v0 (default 0) [N] that make the graph's duals feasible for
     ``sigma``: v_j = max(v_j, max over edges (i, j) of w_ij - u_i), u_i = w_iσ(i) - v_σ(i)
     (0 for a free row), by Bellman–Ford, each round over the edges of the rows whose u
-    changed. Finite when sigma is optimal on the graph; ``max_iter`` guards against a sigma
-    that is not. float64 on the host.
+    changed. They exist when sigma is optimal on the graph; when it is not, an improving
+    alternating cycle raises them without end, and shows as a cycle among the columns that
+    last raised each price (checked every few rounds): _NotConverged.
+    -> (v float64 on the host, iterations).
     """
     indptr = np.searchsorted(g.rows, np.arange(g.n + 1))
     matched = sigma >= 0
@@ -280,23 +297,38 @@ def column_prices(g: Graph, sigma: np.ndarray, v0: np.ndarray | None = None,
     w_sig = np.where(matched, g.w[np.minimum(pos, len(g.w) - 1)], 0.0)
     owner = np.full(g.N, -1, np.int64)
     owner[sigma[matched]] = np.flatnonzero(matched)
+    # parent[j]: the column whose price last set v_j (through its owner), N for none.
+    parent = np.full(g.N + 1, g.N, np.int64)
+    via = np.where(matched, sig0, g.N)
     v = np.zeros(g.N) if v0 is None else v0.astype(np.float64, copy=True)
     u = np.where(matched, w_sig - v[sig0], 0.0)
     front = np.arange(g.n)
-    for _ in range(max_iter):
+    for it in range(max_iter):
         if len(front) == 0:
-            return v
+            return v, it
         start, lens = indptr[front], indptr[front + 1] - indptr[front]
         e = np.arange(lens.sum()) + np.repeat(start - (np.cumsum(lens) - lens), lens)
         c = g.cols[e]
         t = g.w[e] - np.repeat(u[front], lens)
         better = t > v[c] + _PRICE_TOL
-        c, t = c[better], t[better]
+        c, t, r = c[better], t[better], np.repeat(front, lens)[better]
         np.maximum.at(v, c, t)
+        hit = t == v[c]
+        parent[c[hit]] = via[r[hit]]
+        if it % 8 == 7 and _has_cycle(parent):
+            raise _NotConverged("the assignment is not optimal on the graph")
         front = owner[np.unique(c)]
         front = front[front >= 0]
         u[front] = w_sig[front] - v[sig0[front]]
     raise _NotConverged(f"column prices did not converge in {max_iter} iterations")
+
+
+def _has_cycle(parent: np.ndarray) -> bool:
+    """Whether following ``parent`` [N + 1] (N: the root, parent[N] = N) ever cycles."""
+    p = parent
+    for _ in range(int(len(p)).bit_length()):
+        p = p[p]
+    return bool((p != len(p) - 1).any())
 
 
 def _row_bound(theta: torch.Tensor, phi: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -474,7 +506,7 @@ def assign_abs_cos(A: torch.Tensor, B: torch.Tensor, block: int = 4096, m: int =
     W = AbsCos(A, B, block, cache_bytes)
     if n == 0 or N == 0:
         z = np.empty(0, np.int64)
-        return Assignment(z, z, np.zeros(n), np.zeros(N), Certificate("sparse", 0.0, 0, 0))
+        return Assignment(z, z, np.zeros(n), np.zeros(N), Certificate("sparse", 0.0, 0, 0, 0))
     g, best_row, best_col = candidate_graph(W, m)
     best = (best_row.cpu().numpy(), best_col.cpu().numpy())
     max_edges = 64 * (n + N) if max_edges is None else max_edges
@@ -482,6 +514,7 @@ def assign_abs_cos(A: torch.Tensor, B: torch.Tensor, block: int = 4096, m: int =
     if method == "dense":
         reason = "asked for"
     g.outside = torch.full((n,), torch.inf, dtype=torch.float64)
+    solve, solves, iters, duals = True, 0, 0, (None, None)
     while not reason:
         if rounds == max_rounds:
             reason = f"no proof after {rounds} rounds (gap {gap:.3g})"
@@ -489,36 +522,59 @@ def assign_abs_cos(A: torch.Tensor, B: torch.Tensor, block: int = 4096, m: int =
         if len(g.rows) > max_edges:
             reason = f"candidate graph past {max_edges} edges"
             break
-        rounds += 1
-        sigma = solve_graph(g)
+        if solve:
+            sigma = solve_graph(g, *duals)
+            solves += 1
         try:
             # Square: start from the last prices (they only rise, and the rows read last
             # time keep their bounds); rectangular: from 0 (free columns must stay at 0).
-            v_new = column_prices(g, sigma, v_old if n == N else None)
-            if v_old is not None:
-                g.reprice(v_old, v_new)
-            v_old = v_new
+            # After new edges, first try the old sigma: if the prices still converge it is
+            # still optimal on the graph, and the solve is saved (a sigma that is not
+            # optimal makes them rise without end: past a few times the first count of
+            # iterations, solve again).
+            v_new, it = column_prices(g, sigma, v_old if n == N else None,
+                                      max_iter=100000 if solve else 4 * iters + 64)
+        except _NotConverged as e:
+            if not solve:
+                solve = True
+                continue
+            reason = str(e)
+            break
+        iters = max(iters, it)
+        rounds += 1
+        if v_old is not None:
+            g.reprice(v_old, v_new)
+        v_old = v_new
+        try:
             check = certify(W, sigma, torch.as_tensor(v_new, device=dev), g)
         except _NotConverged as e:
             reason = str(e)
             break
         gap = check.gap
-        log.debug("assignment round %d: %d edges, %d rows scanned, gap %.3g, %d to add",
-                  rounds, len(g.rows), check.scanned, gap, len(check.add[0]))
+        duals = (check.r.cpu().numpy(), v_new)
+        log.debug("assignment round %d (%s): %d edges, %d rows scanned, gap %.3g, %d to add",
+                  rounds, "solved" if solve else "prices only", len(g.rows), check.scanned,
+                  gap, len(check.add[0]))
         if gap <= EXACT_TOL:
             break
         if g.add(*check.add) == 0:
-            reason = f"gap {gap:.3g} and no violated edge left to add"
-        elif check.outside is not None:
+            if solve:
+                reason = f"gap {gap:.3g} and no violated edge left to add"
+            # Else the old sigma is not optimal on the graph through a free row or column
+            # (no cycle shows it): solve.
+            solve = True
+            continue
+        if check.outside is not None:
             g.outside[check.outside[0].cpu()] = check.outside[1].cpu()
+        solve = False
     if reason:
         if method != "dense":
             log.warning("matching %d x %d: the sparse solver could not prove optimality (%s); "
                         "solving the dense problem instead (%.1f GB float64 on the host)",
                         n, N, reason, n * N * 8 / 1e9)
         sigma = dense_assignment(W)
-        cert = Certificate("dense", 0.0, rounds, len(g.rows), reason)
+        cert = Certificate("dense", 0.0, rounds, solves, len(g.rows), reason)
     else:
-        cert = Certificate("sparse", gap, rounds, len(g.rows))
+        cert = Certificate("sparse", gap, rounds, solves, len(g.rows))
     rows = np.flatnonzero(sigma >= 0)
     return Assignment(rows, sigma[rows], best[0], best[1], cert)
