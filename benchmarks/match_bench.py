@@ -1,8 +1,10 @@
 """Dictionary matching at width: the certified sparse matcher against scipy's dense Hungarian
 solver, on the same matrices, in one command.
 
-    # the 2-core CPU target (8 192 x 8 192, isae match end to end against scipy's assignment)
-    PYTHONPATH=src python benchmarks/match_bench.py --device cpu --sizes 2048,8192 --cli
+    # the 2-core CPU target (8 192 x 8 192, isae match end to end against scipy's assignment);
+    # MATCH_BENCH_THREADS sets torch's threads in every measurement (isae --threads)
+    MATCH_BENCH_THREADS=1 PYTHONPATH=src python benchmarks/match_bench.py --device cpu \
+        --sizes 2048,8192 --cli
     # the GPU target (24 576 x 24 576 on one H100 / H200)
     PYTHONPATH=src python benchmarks/match_bench.py --device cuda --sizes 24576 --d 768 \\
         --kinds trained,random --cli --scipy-timeout 420
@@ -126,8 +128,17 @@ def _sync(device: str) -> None:
 
 
 def worker_ours(a: str, b: str, device: str, out: str) -> dict:
+    import logging
+
     from isae.analysis.matching import match_dictionaries
     from isae.data.checkpoints import load_decoder
+
+    steps: list[str] = []  # the solver's own account of its rounds, with their times
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda rec: steps.append(rec.getMessage())
+    lg = logging.getLogger("isae.analysis.assignment")
+    lg.setLevel(logging.DEBUG)
+    lg.addHandler(handler)
 
     A, B = load_decoder(a).to(device), load_decoder(b).to(device)
     if device.startswith("cuda"):
@@ -141,7 +152,8 @@ def worker_ours(a: str, b: str, device: str, out: str) -> dict:
     np.save(out, np.stack([m.a, m.b]))
     c = m.certificate
     return {"secs": secs, "method": c.method, "gap": c.gap, "rounds": c.rounds,
-            "edges": c.edges, "reason": c.reason, **_peaks(device)}
+            "solves": c.solves, "edges": c.edges, "reason": c.reason, "steps": steps,
+            **_peaks(device)}
 
 
 def worker_scipy(a: str, b: str, device: str, ours: str) -> dict:
@@ -196,6 +208,8 @@ def measure(name: str, a: Path, b: Path, n: str, args, tmp: Path) -> dict:
     row.update({f"ours_{k}": v for k, v in ours.items()})
     print(f"  ours: {ours['secs']:.2f} s, {ours['method']}, gap {ours['gap']:.3g}, "
           f"{ours['rounds']} rounds", file=sys.stderr, flush=True)
+    for line in ours["steps"]:
+        print(f"    {line}", file=sys.stderr, flush=True)
     if args.cli:
         cli = run_cli(a, b, args.device, tmp)
         row.update({"cli_secs": cli["secs"], "cli_method": cli.get("assignment_method"),
@@ -224,7 +238,8 @@ def table(rows: list[dict], timeout: float | None) -> str:
     for r in rows:
         sc = r.get("scipy_secs")
         sc_txt = f"> {timeout:g}" if sc is None and "scipy_secs" in r else _fmt(sc)
-        cert = f"{r['ours_method']}, gap {r['ours_gap']:.3g}, {r['ours_rounds']} rounds"
+        cert = (f"{r['ours_method']}, gap {r['ours_gap']:.3g}, {r['ours_rounds']} rounds, "
+                f"{r['ours_solves']} solves")
         ratio = _fmt(r["ours_secs"] / sc, ".3f") if sc else "-"
         cli = r.get("cli_secs")
         cli_ratio = _fmt(cli / sc, ".3f") if (sc and cli) else "-"
@@ -281,8 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                                 f"{na}x{nb}", args, tmp))
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()
     load = os.getloadavg()
+    threads = os.environ.get("MATCH_BENCH_THREADS", torch.get_num_threads())
     print(f"\n{dev or platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads, load average "
+          f"{torch.__version__}, {threads} threads, load average "
           f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}, {time.strftime('%Y-%m-%d %H:%M')}")
     print(table(rows, args.scipy_timeout))
     if args.out:

@@ -42,6 +42,7 @@ Pure functions on tensors and arrays; no I/O.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -507,8 +508,12 @@ def assign_abs_cos(A: torch.Tensor, B: torch.Tensor, block: int = 4096, m: int =
     if n == 0 or N == 0:
         z = np.empty(0, np.int64)
         return Assignment(z, z, np.zeros(n), np.zeros(N), Certificate("sparse", 0.0, 0, 0, 0))
+    t = time.perf_counter()
     g, best_row, best_col = candidate_graph(W, m)
     best = (best_row.cpu().numpy(), best_col.cpu().numpy())
+    log.debug("assignment %d x %d: candidates %.2f s, %d edges, |cos| %s", n, N,
+              time.perf_counter() - t, len(g.rows),
+              "kept on the device" if W.cache is not None else "recomputed by blocks")
     max_edges = 64 * (n + N) if max_edges is None else max_edges
     reason, rounds, sigma, gap, v_old = "", 0, None, float("inf"), None
     if method == "dense":
@@ -522,9 +527,11 @@ def assign_abs_cos(A: torch.Tensor, B: torch.Tensor, block: int = 4096, m: int =
         if len(g.rows) > max_edges:
             reason = f"candidate graph past {max_edges} edges"
             break
+        t0 = time.perf_counter()
         if solve:
             sigma = solve_graph(g, *duals)
             solves += 1
+        t1 = time.perf_counter()
         try:
             # Square: start from the last prices (they only rise, and the rows read last
             # time keep their bounds); rectangular: from 0 (free columns must stay at 0).
@@ -545,6 +552,7 @@ def assign_abs_cos(A: torch.Tensor, B: torch.Tensor, block: int = 4096, m: int =
         if v_old is not None:
             g.reprice(v_old, v_new)
         v_old = v_new
+        t2 = time.perf_counter()
         try:
             check = certify(W, sigma, torch.as_tensor(v_new, device=dev), g)
         except _NotConverged as e:
@@ -552,9 +560,10 @@ def assign_abs_cos(A: torch.Tensor, B: torch.Tensor, block: int = 4096, m: int =
             break
         gap = check.gap
         duals = (check.r.cpu().numpy(), v_new)
-        log.debug("assignment round %d (%s): %d edges, %d rows scanned, gap %.3g, %d to add",
-                  rounds, "solved" if solve else "prices only", len(g.rows), check.scanned,
-                  gap, len(check.add[0]))
+        log.debug("assignment round %d: %s %.2f s, prices %.2f s (%d iterations), check %.2f s "
+                  "(%d rows read); %d edges, gap %.3g, %d to add", rounds,
+                  "solve" if solve else "no solve", t1 - t0, t2 - t1, it,
+                  time.perf_counter() - t2, check.scanned, len(g.rows), gap, len(check.add[0]))
         if gap <= EXACT_TOL:
             break
         if g.add(*check.add) == 0:
