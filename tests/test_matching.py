@@ -389,3 +389,34 @@ def test_trained_dictionaries_match_exactly(trained, synthetic_set, tmp_path, ca
     assert line["assignment_exact"] is True and line["assignment_rounds"] >= 1
     s = pd.read_parquet(out)
     assert s["assignment_method"][0] == "sparse" and s["assignment_gap"][0] == 0.0
+
+
+@pytest.mark.parametrize("name", ["trained-like 200x200", "random 97x60", "random 60x97"])
+def test_prices_refuse_a_non_optimal_assignment_and_agree_across_backends(name):
+    """The duals exist only for an assignment optimal on the graph: a planted cycle of
+    swaps must be refused. The torch rounds (the GPU's) give the numpy prices bit for bit."""
+    from isae.analysis.assignment import (
+        AbsCos,
+        _column_prices_torch,
+        _NotConverged,
+        candidate_graph,
+        column_prices,
+        solve_graph,
+    )
+
+    A, B = (_unit(x) for x in CASES[name])
+    g, _, _ = candidate_graph(AbsCos(A, B, 64, 1 << 30), 6)
+    sigma = solve_graph(g)
+    v, it = column_prices(g, sigma)
+    v_t, it_t = _column_prices_torch(g, sigma, None, 100000, torch.device("cpu"))
+    np.testing.assert_array_equal(v, v_t)
+    assert it == it_t and (v >= 0).all()
+
+    full, _, _ = candidate_graph(AbsCos(A, B, 64, 1 << 30), max(len(A), len(B)))
+    sigma = solve_graph(full)
+    bad = sigma.copy()
+    rows = np.flatnonzero(sigma >= 0)[:8]
+    bad[rows] = sigma[np.roll(rows, 1)]
+    for prices in (column_prices, lambda *a: _column_prices_torch(*a, None, 100000, "cpu")):
+        with pytest.raises(_NotConverged, match="not optimal"):
+            prices(full, bad)

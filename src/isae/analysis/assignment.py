@@ -282,15 +282,19 @@ class _NotConverged(Exception):
 
 
 def column_prices(g: Graph, sigma: np.ndarray, v0: np.ndarray | None = None,
-                  max_iter: int = 100000) -> tuple[np.ndarray, int]:
+                  max_iter: int = 100000, device: str | torch.device = "cpu"
+                  ) -> tuple[np.ndarray, int]:
     """The least prices v >= v0 (default 0) [N] that make the graph's duals feasible for
     ``sigma``: v_j = max(v_j, max over edges (i, j) of w_ij - u_i), u_i = w_iσ(i) - v_σ(i)
     (0 for a free row), by Bellman–Ford, each round over the edges of the rows whose u
     changed. They exist when sigma is optimal on the graph; when it is not, an improving
     alternating cycle raises them without end, and shows as a cycle among the columns that
     last raised each price (checked every few rounds): _NotConverged.
-    -> (v float64 on the host, iterations).
+    -> (v float64 on the host, iterations). On a GPU ``device`` the same rounds run there
+    (the same prices, bit for bit: maxima do not depend on the order).
     """
+    if torch.device(device).type != "cpu":
+        return _column_prices_torch(g, sigma, v0, max_iter, torch.device(device))
     indptr = np.searchsorted(g.rows, np.arange(g.n + 1))
     matched = sigma >= 0
     sig0 = np.where(matched, sigma, 0)
@@ -319,6 +323,54 @@ def column_prices(g: Graph, sigma: np.ndarray, v0: np.ndarray | None = None,
         if it % 8 == 7 and _has_cycle(parent):
             raise _NotConverged("the assignment is not optimal on the graph")
         front = owner[np.unique(c)]
+        front = front[front >= 0]
+        u[front] = w_sig[front] - v[sig0[front]]
+    raise _NotConverged(f"column prices did not converge in {max_iter} iterations")
+
+
+@torch.no_grad()
+def _column_prices_torch(g: Graph, sigma: np.ndarray, v0: np.ndarray | None, max_iter: int,
+                         device: torch.device) -> tuple[np.ndarray, int]:
+    """``column_prices`` in torch (for a GPU, where numpy's loop would wait on the host)."""
+    rows = torch.as_tensor(g.rows, device=device)
+    cols = torch.as_tensor(g.cols, device=device)
+    w = torch.as_tensor(g.w, device=device)
+    indptr = torch.searchsorted(rows, torch.arange(g.n + 1, device=device))
+    sig = torch.as_tensor(sigma, device=device)
+    matched = sig >= 0
+    sig0 = sig.clamp_min(0)
+    pos = torch.searchsorted(rows * g.N + cols, torch.arange(g.n, device=device) * g.N + sig0)
+    w_sig = torch.where(matched, w[pos.clamp_max(len(w) - 1)], 0.0)
+    owner = torch.full((g.N,), -1, dtype=torch.int64, device=device)
+    owner[sig[matched]] = torch.nonzero(matched).squeeze(1)
+    parent = torch.full((g.N + 1,), g.N, dtype=torch.int64, device=device)
+    via = torch.where(matched, sig0, g.N)
+    v = (torch.zeros(g.N, dtype=torch.float64, device=device) if v0 is None
+         else torch.as_tensor(v0, dtype=torch.float64, device=device).clone())
+    u = torch.where(matched, w_sig - v[sig0], 0.0)
+    front = torch.arange(g.n, device=device)
+    for it in range(max_iter):
+        if len(front) == 0:
+            return v.cpu().numpy(), it
+        start, lens = indptr[front], indptr[front + 1] - indptr[front]
+        total = int(lens.sum())
+        e = torch.arange(total, device=device) + torch.repeat_interleave(
+            start - (torch.cumsum(lens, 0) - lens), lens, output_size=total)
+        c = cols[e]
+        t = w[e] - torch.repeat_interleave(u[front], lens, output_size=total)
+        better = t > v[c] + _PRICE_TOL
+        r = torch.repeat_interleave(front, lens, output_size=total)[better]
+        c, t = c[better], t[better]
+        v.scatter_reduce_(0, c, t, reduce="amax")
+        hit = t == v[c]
+        parent[c[hit]] = via[r[hit]]
+        if it % 8 == 7:
+            p = parent
+            for _ in range(int(g.N + 1).bit_length()):
+                p = p[p]
+            if bool((p != g.N).any()):
+                raise _NotConverged("the assignment is not optimal on the graph")
+        front = owner[torch.unique(c)]
         front = front[front >= 0]
         u[front] = w_sig[front] - v[sig0[front]]
     raise _NotConverged(f"column prices did not converge in {max_iter} iterations")
@@ -540,7 +592,8 @@ def assign_abs_cos(A: torch.Tensor, B: torch.Tensor, block: int = 4096, m: int =
             # optimal makes them rise without end: past a few times the first count of
             # iterations, solve again).
             v_new, it = column_prices(g, sigma, v_old if n == N else None,
-                                      max_iter=100000 if solve else 4 * iters + 64)
+                                      max_iter=100000 if solve else 4 * iters + 64,
+                                      device=dev)
         except _NotConverged as e:
             if not solve:
                 solve = True
