@@ -186,9 +186,11 @@ def run_worker(kind: str, args: list[str], timeout: float | None) -> dict | None
 
 def run_cli(a: Path, b: Path, device: str, tmp: Path) -> dict:
     out = tmp / "cli_table.parquet"
-    cmd = ["isae", "-q", "match", str(a), str(b), "--device", device, "--out", str(out)]
+    # python -m isae is the isae console script, without needing it on PATH.
+    cmd = [sys.executable, "-m", "isae", "-q", "match", str(a), str(b), "--device", device,
+           "--out", str(out)]
     if os.environ.get("MATCH_BENCH_THREADS"):
-        cmd[1:1] = ["--threads", os.environ["MATCH_BENCH_THREADS"]]
+        cmd[3:3] = ["--threads", os.environ["MATCH_BENCH_THREADS"]]
     t = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
     secs = time.perf_counter() - t
