@@ -10,17 +10,20 @@ copy; trained dictionaries, full of near-ties, are its worst case. Here:
    and remembers θ_i and φ_j, the m-th largest entry of row i and of column j: every entry
    left out of the graph is at most min(θ_i, φ_j).
 2. **Solve** the sparse graph exactly (LAPJVsp: ``scipy.sparse.csgraph.
-   min_weight_full_bipartite_matching``).
+   min_weight_full_bipartite_matching``); after the first round on the reduced costs of the
+   last duals, the same problem, which JV's greedy start mostly settles at once.
 3. **Duals.** Column prices v ≥ 0 as the least fixpoint of v_j = max(0, max_i w_ij − u_i) over
    the graph's edges, u_i = w_iσ(i) − v_σ(i) (Bellman–Ford on the alternating graph; it
-   converges because σ is optimal on the graph).
+   converges because σ is optimal on the graph, and a cycle among the price setters shows
+   when it is not). On a square problem each round starts from the last prices.
 4. **Certificate.** With r_i = max over the FULL row of (w_ij − v_j), the dual solution
    (u' = r, v) is feasible for the LP of the full matrix (rows ≥ 0 clamped where n > N), so
    D = Σ u' + Σ v bounds every assignment from above, and gap = D − Σ w_iσ(i) ≥ 0 bounds the
-   distance of σ from the optimum. r_i comes from the graph alone where the bound
-   max_j (min(θ_i, φ_j) − v_j) shows that no left-out entry can beat it; the other rows are
-   scanned on the device. Entries that violate the duals (and near-violators) join the graph
-   and 2–4 repeat.
+   distance of σ from the optimum. r_i comes from the graph alone where a bound shows that
+   no left-out entry can beat it (max_j (min(θ_i, φ_j) − v_j), or what an earlier read of
+   the row left out); the other rows are read on the device. Entries that violate the
+   duals (and those within ``near`` of it) join the graph and 2–4 repeat, trying the last σ
+   with new prices before solving again.
 5. **Fallback.** If that does not close within ``max_rounds`` rounds or the graph grows past
    ``max_edges``, the dense Hungarian solver (scipy) solves the whole matrix, and the
    certificate says so.
