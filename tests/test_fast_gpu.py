@@ -321,9 +321,9 @@ def test_stacked_fast_ops_equal_single_models_on_cuda(arch, d, n, k):
 def _group_runs(archs, seeds, d, n, k, tcfg):
     from isae.models.compute import select_ops
     from isae.models.config import SAEConfig
-    from isae.training.trainer import _Run
+    from isae.training.steppers import Run
 
-    return [_Run(SAEConfig.from_arch(a, d_in=d, d_sae=n, k=k, seed=s), tcfg, None,
+    return [Run(SAEConfig.from_arch(a, d_in=d, d_sae=n, k=k, seed=s), tcfg, None,
                  torch.device("cuda"), select_ops("cuda")) for a in archs for s in seeds]
 
 
@@ -345,17 +345,20 @@ def test_graphed_group_steps_equal_eager_group_steps(streams):
         start = [[p.detach().clone() for p in r.model.parameters()] for r in runs]
         group = RunGroup(runs, tcfg, torch.device("cuda"), StackedFastOps(cuda_graphs=use, streams=streams))
         assert (group.graphs is not None) == use
+        logs = {id(r): [] for r in runs}
         for s in range(steps):
-            group.step(xs[s], (s + 1) / steps, s, True, lambda: 0.0, False)
-        res[use] = (runs, start, group)
-    (rg, p0, gg), (re_, _, _) = res[True], res[False]
+            deads = [(r.since_fired >= tcfg.dead_tokens).float().mean() for r in group.runs]
+            metrics = group.step(xs[s], (s + 1) / steps)
+            for j, r in enumerate(group.runs):
+                logs[id(r)].append((float(metrics[j]["fvu"]), float(deads[j])))
+        res[use] = (group.runs, start, group, logs)
+    (rg, p0, gg, lg), (re_, _, _, le) = res[True], res[False]
     assert len(gg.graphs.graphs) >= 2  # no dead latent, then some: two widths at least
     for a, b, s0 in zip(rg, re_, p0):
-        fa = np.array([r["fvu"] for r in a.rows])
-        fb = np.array([r["fvu"] for r in b.rows])
+        fa, da = np.array(lg[id(a)]).T
+        fb, db = np.array(le[id(b)]).T
         np.testing.assert_allclose(fa, fb, rtol=5e-3 if a.cfg.encoder_steps else 2e-3)
-        np.testing.assert_allclose([r["dead_frac"] for r in a.rows], [r["dead_frac"] for r in b.rows],
-                                   atol=0.01)
+        np.testing.assert_allclose(da, db, atol=0.01)
         tol = 0.15 if a.cfg.encoder_steps else 0.03
         for p, q, st in zip(a.model.parameters(), b.model.parameters(), s0):
             moved = float((q.detach() - st).norm())
@@ -423,11 +426,11 @@ def test_a_group_step_runs_on_the_fast_kernels_on_cuda():
     group = RunGroup(runs, tcfg, torch.device("cuda"))
     assert len(group.parts) == 16 and group.graphs is not None
     x = torch.randn(4096, 384, device="cuda")
-    group.step(x, 1.0, 0, True, lambda: 0.0, False)  # no dead latent: width 0, eager
+    group.step(x, 1.0)  # no dead latent: width 0, eager
     with kernel_trace.trace() as t:
-        group.step(x, 1.0, 1, True, lambda: 0.0, False)  # dead latents now: a new width, eager
+        group.step(x, 1.0)  # dead latents now: a new width, eager
     assert not t.fallbacks(), t.fallbacks()
     assert {"_adam_rows_kernel", "_topk_mask_kernel", "_select_kernel", kernel_trace.CSR} <= set(t.kernels())
-    for s in range(2, 5):  # recorded, replayed
-        group.step(x, 1.0, s, True, lambda: 0.0, False)
-    assert all(np.isfinite(r.rows[-1]["loss"]) for r in runs) and len(group.graphs.graphs) >= 1
+    for _ in range(3):  # recorded, replayed
+        metrics = group.step(x, 1.0)
+    assert all(np.isfinite(float(m["loss"])) for m in metrics.values()) and len(group.graphs.graphs) >= 1

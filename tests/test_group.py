@@ -34,6 +34,7 @@ from isae.models.sparse_coder import SparseCoder
 from isae.models.stacked import STACKED_REFERENCE, StackedCoder, local
 from isae.training import trainer
 from isae.training.group import RunGroup, group_runs
+from isae.training.steppers import Run
 from isae.training.trainer import train_many
 
 #: Every switch combination of the TopK family, by name.
@@ -293,30 +294,39 @@ def test_a_grouped_state_resumes_grouped_and_one_by_one(synthetic_set, tmp_path,
 
 def test_a_group_steps_its_runs_and_only_them(tmp_path):
     """RunGroup makes each run's coder and dead counters views of its part's (what the
-    checkpoint and resume code read), steps them all, and refuses a member's own step."""
+    trainer logs, checkpoints and resumes from), steps them all, returns each run's metrics
+    as its own stepper would, and refuses a member's own step."""
     tcfg = TrainConfig(batch_size=64, dead_tokens=64)
     archs = ["topk", "isae", "topk"]
-    runs = [trainer._Run(SAEConfig.from_arch(a, d_in=8, d_sae=40, k=3, seed=i), tcfg,
-                         tmp_path / str(i), torch.device("cpu"), REFERENCE)
-            for i, a in enumerate(archs)]
+    runs = [Run(SAEConfig.from_arch(a, d_in=8, d_sae=40, k=3, seed=i), tcfg, tmp_path / str(i),
+                torch.device("cpu"), REFERENCE) for i, a in enumerate(archs)]
     before = [r.model.W_dec.detach().clone() for r in runs]
     group = RunGroup(runs, tcfg, torch.device("cpu"))
     assert len(group.parts) == 2 and [r.cfg.arch for r in group.runs] == ["topk", "topk", "isae"]
     for r, w in zip(runs, before):
         assert torch.equal(r.model.W_dec, w)  # the initialisation, as built alone
     x = torch.randn(64, 8)
-    group.step(x, 1.0, 0, True, lambda: 0.0, drop_diverged=False)
-    group.step(x, 1.0, 1, False, lambda: 0.0, drop_diverged=False)
-    for r, w in zip(runs, before):
+    group.step(x, 1.0)
+    metrics = group.step(x, 1.0)
+    assert sorted(metrics) == [0, 1, 2]
+    for j, r in enumerate(group.runs):
         part = next(p for p in group.parts if any(r is q for q in p.runs))
-        assert r.model.W_dec.data_ptr() in range(part.coder.W_dec.data_ptr(),
-                                                 part.coder.W_dec.data_ptr() + part.coder.W_dec.nbytes)
-        assert not torch.equal(r.model.W_dec, w)  # trained, through the view
+        lo = part.coder.W_dec.data_ptr()
+        assert lo <= r.model.W_dec.data_ptr() < lo + part.coder.W_dec.nbytes
         assert r.since_fired._base is part.since
-        assert len(r.rows) == 1 and r.rows[0]["step"] == 0
+        m = metrics[j]
+        assert m["loss"].shape == () and m["codes"].val.shape == (64, 3)
+        assert ((m["codes"].idx >= 0) & (m["codes"].idx < 40)).all()  # its own latents
         assert r.state()["stepper"]["opt"]["state"][0]["step"] == 2
         with pytest.raises(RuntimeError, match="stepped by its group"):
             r.stepper.step(x, 1.0, None)
+    for r, w in zip(runs, before):
+        assert not torch.equal(r.model.W_dec, w)  # trained, through the view
+    runs[0].diverged = True  # as the trainer marks a run whose loss turned non-finite
+    assert sorted(group.step(x, 1.0)) == [1, 2]
+    assert group.parts[0].lr_base[0] == 0  # frozen
+
+
 
 
 def test_runs_outside_the_group_train_beside_it_as_before(synthetic_set, tmp_path):

@@ -233,7 +233,7 @@ SWITCH_CHECKS = textwrap.dedent('''
     from isae.models.config import SAEConfig, TrainConfig, parse_arch
     from isae.models.sparse_coder import SparseCoder
     from isae.training.group import RunGroup
-    from isae.training.trainer import SAEStepper, _Run
+    from isae.training.steppers import Run, SAEStepper
 
     assert K.usable(torch.zeros(1)), "interpret mode not active"
     torch.manual_seed(0)
@@ -262,13 +262,13 @@ SWITCH_CHECKS = textwrap.dedent('''
         steps = parse_arch(name).fields["encoder_steps"]
         assert t.kernels()["_select_kernel"] == 1 + steps, name  # each IHT step selects again
         print(name, dict(t.kernels()))
-        runs.append(_Run(cfg, tcfg, None, torch.device("cpu"), FastOps(cuda_graphs=False)))
+        runs.append(Run(cfg, tcfg, None, torch.device("cpu"), FastOps(cuda_graphs=False)))
     # every combination in one group, each its own part: the stacked kernels, no fallback
     group = RunGroup(runs, tcfg, torch.device("cpu"), StackedFastOps(cuda_graphs=False))
     assert len(group.parts) == 16
-    group.step(x, 1.0, 0, False, lambda: 0.0, False)  # no dead latent yet
+    group.step(x, 1.0)  # no dead latent yet
     with kernel_trace.trace() as t:
-        group.step(x, 1.0, 1, True, lambda: 0.0, False)  # every latent unused so far is dead
+        group.step(x, 1.0)  # every latent unused so far is dead
     assert not t.fallbacks(), t.fallbacks()
     assert {"_adam_rows_kernel", "_topk_mask_kernel", "_select_kernel"} <= set(t.kernels())
     print("switches ok")

@@ -7,15 +7,19 @@ the code under test.
 from __future__ import annotations
 
 import math
+import runpy
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from isae.errors import UserError
-from isae.study import figures, tables
+from isae.study import figures, plan, tables
 from isae.study.tables import Metric
+
+ROOT = Path(__file__).resolve().parents[1]
 
 M = [Metric("x", "x", "$x$", digits=3)]
 
@@ -120,6 +124,119 @@ def test_t1_uses_main_grid_only_and_reads_pairs_and_chance():
     md = tables.to_markdown(t, tables.T1_METRICS)
     assert "| syn | topk † |" in md and "| 2/3 |" in md and "0.600 [0.500, 0.700]" in md
     assert "| 0.004 |" in md  # the learning rate, 2 significant digits
+    # A rate the sweep chose at its grid's edge is marked; one inside it is not.
+    sweep = pd.DataFrame(dict(dataset="syn", arch="topk", factor=[0.25, 1.0, 4.0],
+                              chosen=[False, False, True]))
+    t = tables.table_t1(runs, pairs, chance, lr=sweep)
+    assert t["lr_at_edge"].tolist() == [True, False]
+    assert "| 0.004 ‡ |" in tables.to_markdown(t, tables.T1_METRICS)
+    inside = tables.table_t1(runs, pairs, chance, lr=sweep.assign(chosen=[False, True, False]))
+    assert "‡" not in tables.to_markdown(inside, tables.T1_METRICS).split("\n", 2)[2]
+
+
+def test_t1_trained_references_beside_chance_and_hidden_when_absent():
+    runs = _group_runs({("syn", "topk"): [0.2, 0.4, 0.3], ("syn", "isae"): [0.1, 0.1, 0.1]},
+                       mse_per_dim=lambda s, v: v, fvu=lambda s, v: v, l0=lambda s, v: 8.0,
+                       dead_frac=lambda s, v: 0.0, lr=lambda s, v: 4e-3,
+                       converged=lambda s, v: True, fvu_trend=lambda s, v: 0.0,
+                       init_abs_cos=lambda s, v: 0.5)
+    seed = dict(kind="seed", k=8, width=64, rows=1000, main=True)
+    pairs = pd.DataFrame([dict(dataset="syn", arch_a="topk", arch_b="topk", seed_a=0, seed_b=1,
+                               mean_abs_cos=0.8, **{"frac_gt_0.9": 0.1}, **seed)])
+    # The null dataset's seed pairs (and a same-seed arch pair, which is no reference) ...
+    null_pairs = pd.DataFrame([
+        dict(dataset="syn-null", arch_a="topk", arch_b="topk", seed_a=a, seed_b=b,
+             mean_abs_cos=v, **seed) for a, b, v in [(0, 1, 0.2), (0, 2, 0.3), (1, 2, 0.4)]]
+        + [dict(dataset="syn-null", arch_a="topk", arch_b="isae", seed_a=0, seed_b=0,
+                mean_abs_cos=0.9, **dict(seed, kind="arch"))])
+    # ... and the halves' same-seed matches, one table of its own.
+    split_pairs = pd.DataFrame(dict(dataset="syn-halves", arch="isae", k=8, width=64,
+                                    mean_abs_cos=[0.6, 0.7]))
+    refs = pd.concat([tables.reference_rows(null_pairs, {"syn-null": ("syn", "null")}),
+                      tables.reference_rows(split_pairs, {"syn-halves": ("syn", "split")})])
+    t = tables.table_t1(runs, pairs, refs=refs).set_index("arch")
+    assert t.loc["topk", "null_abs_cos_mean"] == pytest.approx(0.3)
+    assert (t.loc["topk", "null_abs_cos_min"], t.loc["topk", "null_abs_cos_max"]) == (0.2, 0.4)
+    assert t.loc["isae", "split_abs_cos_mean"] == pytest.approx(0.65)
+    assert t.loc["topk", "split_abs_cos_n"] == 0 and t.loc["isae", "null_abs_cos_n"] == 0
+    labels = [m.label for m in tables.shown_metrics(t.reset_index(), tables.T1_METRICS)]
+    assert labels.index("trained null |cos|") == labels.index("chance iso") + 1
+    assert "split-data |cos|" in labels
+    # Without references the two columns are not rendered at all.
+    bare = tables.table_t1(runs, pairs)
+    assert "trained null |cos|" not in tables.to_markdown(
+        bare, tables.shown_metrics(bare, tables.T1_METRICS))
+    with pytest.raises(UserError, match="reference kind"):
+        tables.reference_rows(null_pairs, {"syn-null": ("syn", "nul")})
+
+
+def test_t2_shows_the_largest_delta_beside_the_median():
+    runs = _group_runs({("syn", "isae"): [0.3, 0.5]}, **{
+        c: (lambda s, v: v) for c in ("ric_observed_q50", "ric_observed_q90",
+                                       "ric_observed_lower_q50", "ric_observed_upper_q50",
+                                       "ric_observed_frac_singular", "ric_observed_frac_lt_1/3",
+                                       "ric_observed_frac_lt_sqrt2-1", "ric_random_support_q50",
+                                       "ric_gaussian_q50", "ric_dict_dup_frac")},
+        ric_observed_max=lambda s, v: [0.9, 1.3][s])
+    pairs = pd.DataFrame([dict(dataset="syn", kind="seed", arch_a="isae", arch_b="isae",
+                               seed_a=0, seed_b=1, k=8, width=64, main=True, code_pearson_all=0.5,
+                               code_jaccard=0.5, code_rel_dist=0.5)])
+    t = tables.table_t2(runs, pairs)
+    assert t["ric_observed_max_mean"][0] == pytest.approx(1.1)
+    header = tables.to_markdown(t, tables.T2_METRICS).splitlines()[0]
+    cols = [c.strip() for c in header.split("|")]
+    assert cols.index("δ max (≤ δ_2k)") == cols.index("δ median") + 1
+    assert cols.index("frac δ<1/3") == cols.index("δ median") + 2
+
+
+def test_sensitivity_gives_neighbours_and_marks_the_edge():
+    table = pd.DataFrame({
+        "arch": ["a"] * 3 + ["b"] * 3,
+        "factor": [4.0, 0.25, 1.0] * 2,  # unsorted on purpose
+        "lr": [4.0, 0.25, 1.0] * 2,
+        "heldout_fvu": [0.10, 0.30, 0.20, 0.30, 0.10, 0.20],
+        "seed_abs_cos": [0.7, 0.5, 0.6, 0.4, 0.9, 0.8],
+    })
+    table["within_tolerance"] = table["heldout_fvu"] < 0.15
+    table["chosen"] = table["within_tolerance"]
+    s = tables.lr_sensitivity(table).set_index("arch")
+    # a: 4x, the grid's top: no factor above, the neighbour below is 1x.
+    assert s.loc["a", "factor"] == 4.0 and s.loc["a", "at_edge"]
+    assert (s.loc["a", "factor_below"], s.loc["a", "heldout_fvu_below"],
+            s.loc["a", "seed_abs_cos_below"]) == (1.0, 0.20, 0.6)
+    assert math.isnan(s.loc["a", "factor_above"]) and math.isnan(s.loc["a", "heldout_fvu_above"])
+    # b: 0.25x, the bottom edge.
+    assert s.loc["b", "at_edge"] and s.loc["b", "heldout_fvu_above"] == 0.20
+    assert s.loc["b", "seed_abs_cos"] == 0.9 and s.loc["b", "tied"] == "0.25"
+    inner = table.assign(chosen=table["factor"] == 1.0, within_tolerance=table["factor"] == 1.0)
+    s = tables.lr_sensitivity(inner).set_index("arch")
+    assert not s["at_edge"].any()
+    assert (s.loc["a", "heldout_fvu_below"], s.loc["a", "heldout_fvu_above"]) == (0.30, 0.10)
+
+
+def test_lr_table_renders_every_choice_with_its_neighbours():
+    lr = pd.DataFrame({
+        "dataset": ["syn"] * 6 + ["lm"] * 3,
+        "arch": ["isae-iter"] * 3 + ["topk"] * 3 + ["topk"] * 3,
+        "factor": [1.0, 4.0, 16.0] * 3,
+        "lr": [1e-3, 4e-3, 1.6e-2] * 3,
+        "heldout_fvu": [0.09, 0.08, 0.07, 0.2, 0.1, 0.3, 0.11, 0.1, math.inf],
+    })
+    lr["chosen"] = [False, False, True, False, True, False, False, True, False]
+    lr["within_tolerance"] = lr["chosen"]
+    t = tables.table_lr(lr)
+    # Datasets in order of appearance, presets in ARCH_ORDER within each.
+    assert list(zip(t["dataset"], t["arch"])) == [("syn", "topk"), ("syn", "isae-iter"),
+                                                  ("lm", "topk")]
+    md = tables.lr_markdown(t, tables.LR_CAPTION)
+    rows = [line for line in md.splitlines() if line.startswith("| syn") or line.startswith("| lm")]
+    assert rows[0] == ("| syn | topk | 4× (0.004) | 0.1000 | 0.2000 (1×) | 0.3000 (16×) | — | "
+                       "— (1×) | — (16×) | 4 | no |")
+    # At the top edge: nothing above, marked.
+    assert "| 0.0700 | 0.0800 (4×) | — (edge) |" in rows[1] and rows[1].endswith("| **yes** |")
+    # A diverged neighbour shows no number.
+    assert "| — (16×) |" in rows[2]
+    assert "closest to 1×" in md
 
 
 def test_collect_groups_tags_grids_and_pairs_need_both_runs(tmp_path):
@@ -424,3 +541,135 @@ def test_with_convergence_joins_the_runs_flag():
     out = figures.with_convergence(fid, runs)
     assert out["converged"].tolist() == [True, False, True]  # relu: no flag, not marked
     assert out["frac_recovered_zero"].tolist() == [0.5] * 3
+
+
+def test_iter_curves_keep_one_footing_and_mark_a_preset_at_its_own_rate():
+    assert figures.own_rate("isae-iter", "isae") and not figures.own_rate("isae+iter", "isae")
+    assert not figures.own_rate("isae+iter10", "isae") and not figures.own_rate("topk", "topk")
+    runs = pd.DataFrame(dict(dataset="syn", arch=["isae", "isae-iter", "isae+iter", "isae+iter10"],
+                             seed=0, fvu=[0.4, 0.3, 0.35, 0.25], converged=True, iter=True))
+    d = figures.iter_curves(runs, pd.DataFrame()).set_index(["steps", "metric"])
+    # Both isae-iter (its own rate) and isae+iter (isae's rate) have 3 steps: the second stays.
+    assert d.loc[(3, "fvu"), "arch"] == "isae+iter" and d.loc[(3, "fvu"), "mean"] == 0.35
+    assert not d["own_rate"].any()
+    alone = figures.iter_curves(runs[runs["arch"] != "isae+iter"], pd.DataFrame())
+    assert alone.set_index("steps").loc[3, "own_rate"]
+
+
+def _markers(ax) -> list[tuple[float, float, str]]:
+    """(x, y, marker) of every single-point line of a panel (error-bar points included)."""
+    out = []
+    for line in ax.lines:
+        x, y = line.get_xdata(), line.get_ydata()
+        if len(x) == 1 and line.get_marker() not in (None, "None", "", "_"):
+            out.append((float(x[0]), float(y[0]), line.get_marker()))
+    return out
+
+
+def test_f8_steps_on_a_numeric_axis_and_the_own_rate_marked():
+    runs = pd.DataFrame(dict(dataset="syn", arch=["isae", "isae+iter1", "isae-iter", "isae+iter10"],
+                             seed=0, fvu=[0.4, 0.3, 0.35, 0.25], converged=True, iter=True))
+    fig = figures.f8_iter(runs, pd.DataFrame())
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "symlog"
+    assert [float(t) for t in ax.get_xticks()] == [0.0, 1.0, 3.0, 10.0]
+    pts = sorted(_markers(ax))
+    # At their step counts (one base: no sideways shift), the 3-step point a diamond.
+    assert [(round(x, 6), y) for x, y, _ in pts] == [(0, 0.4), (1, 0.3), (3, 0.35), (10, 0.25)]
+    assert [m for *_, m in pts] == ["o", "o", "D", "o"]
+    assert any("own tuned rate" in t.get_text() for t in fig.legends[0].get_texts())
+
+
+def test_f2_and_f3_markers_of_different_archs_do_not_coincide(frames):
+    f2 = figures.f2_truth_recovery(frames["runs"], {"syn": 8})
+    xs = {}
+    for x, _, m in _markers(f2.axes[0]):
+        xs.setdefault(round(x, 9), []).append(m)
+    # Three archs at each k: three distinct x positions around it, no two equal.
+    assert len({round(x, 9) for x in xs}) >= 9
+
+
+def test_f3_and_f6_use_every_seed_with_its_spread():
+    """The main k has three seeds: F3 and F6 show their mean and sd there, one seed
+    elsewhere, and say how many."""
+    rows = []
+    for k in (4, 8, 16):
+        for seed in ((0, 1, 2) if k == 8 else (0,)):
+            v = {0: 0.5, 1: 0.6, 2: 0.7}[seed] if k == 8 else 0.4
+            rows.append(dict(dataset="lm", arch="isae", k=k, width=64, rows=100, seed=seed,
+                             main=k == 8, sweep=seed == 0, converged=True,
+                             **{f"ric_{kind}_{side}_q50": v for kind in
+                                ("observed", "random_support", "gaussian", "mp")
+                                for side in ("lower", "upper")},
+                             l0=float(k), frac_recovered_zero=v, frac_recovered_mean=v - 0.1,
+                             kind="encoder"))
+    runs = pd.DataFrame(rows)
+    from matplotlib.container import ErrorbarContainer
+    for fig in (figures.f3_ric(runs), figures.f6_fidelity(runs, runs)):
+        ax = fig.axes[0]
+        pts = [y for x, y, _ in _markers(ax) if abs(x - 8) < 1]
+        # At k 8 (or L0 8): the mean of the three seeds.
+        assert pytest.approx(0.6) in pts
+        bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer) and c.has_yerr]
+        segs = [seg for c in bars for seg in c[2][0].get_segments()]
+        assert any(abs((s[1][1] - s[0][1]) / 2 - statistics.stdev([0.5, 0.6, 0.7])) < 1e-9
+                   for s in segs)
+        assert "1–3 seeds per point" in ax.get_title()
+
+
+class _Fields(dict):
+    """A stand-in for Snakemake's named lists: items() and attribute access."""
+
+    __getattr__ = dict.__getitem__
+
+
+def test_one_entrance_draws_every_figure(frames, tmp_path):
+    """figures.draw and scripts/figure.py (the one rule script) give each figure exactly
+    what its function gets when called directly: same PNG bytes."""
+    assert list(figures.FIGURES) == list(plan.FIGURE_RULES)
+    assert {n: f.__name__ for n, f in figures.FIGURES.items()} == plan.FIGURE_RULES
+    with pytest.raises(UserError, match="unknown figure 'F9'"):
+        figures.draw("F9", {})
+    f = frames
+    paths = {}
+    for name, df in (("runs", f["runs"]), ("pairs", f["pairs"]), ("latents", f["latents"]),
+                     ("chance", f["chance"])):
+        paths[name] = tmp_path / f"{name}.parquet"
+        df.to_parquet(paths[name])
+    cases = [("F1", ["latents", "pairs", "runs", "chance"], {},
+              figures.f1_stability(f["latents"], f["pairs"], f["runs"], f["chance"])),
+             ("F2", ["runs"], {"true_k": {"syn": 8}}, figures.f2_truth_recovery(f["runs"], {"syn": 8}))]
+    for name, reads, params, direct in cases:
+        want = tmp_path / f"direct-{name}.png"
+        figures.save_figure(direct, [want])
+        out = _Fields(png=str(tmp_path / f"{name}.png"), pdf=str(tmp_path / f"{name}.pdf"))
+        smk = _Fields(input=_Fields({r: str(paths[r]) for r in reads}),
+                      params=_Fields(figure=name, **params), output=out,
+                      log=[str(tmp_path / f"{name}.log")])
+        runpy.run_path(str(ROOT / "scripts" / "figure.py"), init_globals={"snakemake": smk})
+        assert Path(out.png).read_bytes() == want.read_bytes()
+        assert Path(out.pdf).read_bytes()[:5] == b"%PDF-"
+
+
+def test_t1_live_columns_from_the_seed_pairs():
+    runs = _group_runs({("syn", "topk"): [0.2, 0.4, 0.3]}, mse_per_dim=lambda s, v: v,
+                       fvu=lambda s, v: v, l0=lambda s, v: 8.0, dead_frac=lambda s, v: 0.25,
+                       lr=lambda s, v: 4e-3, converged=lambda s, v: True,
+                       fvu_trend=lambda s, v: 0.0, init_abs_cos=lambda s, v: 0.5)
+    pairs = pd.DataFrame(dict(
+        dataset="syn", kind="seed", arch_a="topk", arch_b="topk", seed_a=[0, 0, 1],
+        seed_b=[1, 2, 2], k=8, width=64, rows=1000, mean_abs_cos=[0.5, 0.6, 0.7],
+        live_mean_abs_cos=[0.8, 0.9, 0.7], live_n_matched=[40, 44, 42],
+        live_chance_data_rows=[0.3, 0.31, 0.32], main=True, **{"frac_gt_0.9": 0.0}))
+    r = tables.table_t1(runs, pairs).iloc[0]
+    assert r["live_mean_abs_cos_mean"] == pytest.approx(0.8)
+    assert (r["live_n_matched_min"], r["live_n_matched_max"]) == (40, 44)
+    assert r["live_chance_data_rows_mean"] == pytest.approx(0.31)
+    md = tables.to_markdown(tables.table_t1(runs, pairs), tables.T1_METRICS)
+    assert "| live seed \\|cos\\| | live n | live chance rows |" in md
+    assert "| 0.800 [0.700, 0.900] | 42 [40, 44] | 0.310 |" in md
+    # Tables measured before the live columns existed leave them out of the renderings.
+    old = tables.table_t1(runs, pairs.drop(columns=["live_mean_abs_cos", "live_n_matched",
+                                                    "live_chance_data_rows"]))
+    shown = tables.shown_metrics(old, tables.T1_METRICS)
+    assert "live n" not in [m.label for m in shown] and "seed >0.9" in [m.label for m in shown]

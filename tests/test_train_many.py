@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -124,37 +125,115 @@ def test_a_diverging_model_is_dropped_and_the_others_go_on(data, tmp_path, monke
     assert not done[0].get("diverged") and (outs[0] / "sae.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_a_pass_takes_whatever_stepper_steps_its_runs(data, tmp_path, monkeypatch):
+    """The loop steps its runs through one pass stepper (trainer.pass_stepper), which a
+    stepper for a whole group of runs may replace. Here one that steps the runs in reverse
+    order and resumes from a saved state: every checkpoint is bitwise the one of the usual
+    stepper, since the runs of a pass are independent."""
+    from isae.training import trainer
+    from isae.training.steppers import EachRun
+
+    class Reversed:
+        def __init__(self, runs, device):
+            self.each = EachRun(runs[::-1], device)
+            self.calls = 0
+
+        def step(self, x, lr_scale, deads):
+            self.calls += 1
+            return self.each.step(x, lr_scale, deads[::-1])[::-1]
+
+    made = []
+
+    def reversed_stepper(runs, device):
+        made.append(Reversed(runs, device))
+        return made[-1]
+
+    cfgs = [SAEConfig.from_arch(a, d_in=16, d_sae=48, k=3, seed=s)
+            for a, s in (("topk", 0), ("relu", 1), ("dl", 2))]
+    tcfg = TrainConfig(tokens=3000, batch_size=256, checkpoint_every=5, log_every=2)
+    usual = train_many(data, cfgs, tcfg, [tmp_path / f"u{i}" for i in range(3)], resume=False)
+    monkeypatch.setattr(trainer, "pass_stepper", reversed_stepper)
+    real_save, saves = trainer._save_state, []
+
+    def crash_after_first_save(rdir, state):
+        real_save(rdir, state)
+        saves.append(state["step"])
+        if len(saves) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_save_state", crash_after_first_save)
+    outs = [tmp_path / f"r{i}" for i in range(3)]
+    with pytest.raises(KeyboardInterrupt):
+        train_many(data, cfgs, tcfg, outs)
+    other = train_many(data, cfgs, tcfg, outs)  # resumed at step 5
+    assert saves[0] == 5 and [m.calls for m in made] == [5, 7]
+    for a, b in zip(usual, other):
+        assert _same(Path(a["out"]), Path(b["out"])), a["arch"]
+        la, lb = (pd.read_parquet(f"{r['out']}/train_log.parquet").drop(columns="wall_s") for r in (a, b))
+        pd.testing.assert_frame_equal(la, lb)
+
+
 # ----------------------------------------------------------------------------- lr sweep
 
 
-def test_best_rates_by_heldout_fvu():
+def test_best_rates_by_heldout_fvu_with_a_tie_rule():
+    f = [0.25, 1.0, 4.0, 16.0]
     table = pd.DataFrame({
-        "arch": ["topk"] * 3 + ["isae"] * 3,
-        "lr": [1e-3, 4e-3, 1.6e-2] * 2,
-        "heldout_fvu": [0.30, 0.20, math.inf, 0.50, 0.40, 0.40],
+        "arch": ["topk"] * 4 + ["isae"] * 4 + ["iter"] * 4 + ["relu"] * 4,
+        "factor": f * 4,
+        "lr": [x * 1e-3 for x in f] * 4,
+        "heldout_fvu": [0.30, 0.20, 0.19, math.inf,   # 4x is 5 % better: not a tie
+                        0.1450, 0.1461, 0.158, 0.49,  # 1x within 0.8 % of 0.25x: tied
+                        0.300, 0.200, 0.1992, 0.1991,  # 1x within 0.5 %: 1x
+                        0.5, 0.4, 0.5, 0.4],          # 1x and 16x equal: 1x (closer to 1)
     })
-    # topk: the lowest FVU; isae: a tie goes to the smaller rate.
-    assert sweep.best_rates(table) == {"topk": 4e-3, "isae": 4e-3}
+    # The lowest FVU outside the tolerance; inside it, the factor closest to 1x.
+    assert sweep.best_rates(table) == {"topk": 4e-3, "isae": 1e-3, "iter": 1e-3, "relu": 1e-3}
+    # Tolerance 0: the lowest FVU alone (ties of equal FVU still to the factor nearest 1x).
+    assert sweep.best_rates(table, tolerance=0.0) == {"topk": 4e-3, "isae": 0.25e-3,
+                                                     "iter": 16e-3, "relu": 1e-3}
+    # Equally close to 1x in log scale (0.25x and 4x): the smaller.
+    even = pd.DataFrame({"arch": "a", "factor": [0.25, 4.0], "lr": [1.0, 16.0],
+                         "heldout_fvu": [0.2, 0.2]})
+    assert sweep.best_rates(even) == {"a": 1.0}
     with pytest.raises(Exception, match="every learning rate of topk diverged"):
         sweep.best_rates(table.assign(heldout_fvu=math.inf))
 
 
+@pytest.mark.slow
 def test_lr_sweep_writes_the_choice_train_reads(data, tmp_path, capsys):
     out = tmp_path / "lr"
     assert main(["-q", "lr-sweep", "--activations", str(data), "--arch", "topk,isae,dl",
                  "--factors", "0.5,4", "--k", "3", "--width", "48", "--tokens", "6000",
-                 "--batch-size", "256", "--out", str(out)]) == 0
+                 "--batch-size", "256", "--tie-tolerance", "0", "--pair-seed", "1",
+                 "--out", str(out)]) == 0
     summary = json.loads(capsys.readouterr().out)
     table = pd.read_parquet(out / "sweep.parquet")
     assert sorted(set(table["arch"])) == ["isae", "topk"]  # dl has no learning rate
     choice = json.loads((out / "lr.json").read_text())
     default = TrainConfig().learning_rate(48)
+    from isae.analysis.matching import match_dictionaries
     for arch, g in table.groupby("arch"):
         assert g["factor"].tolist() == [0.5, 4.0]
         np.testing.assert_allclose(g["lr"], [0.5 * default, 4 * default])
         best = g.sort_values("heldout_fvu")["lr"].iloc[0]
         assert choice["lr"][arch] == pytest.approx(best) == summary["lr"][arch]
         assert g["chosen"].sum() == 1
+        # Both factors are the grid's edges: the choice is marked, in the table and lr.json.
+        assert g["at_edge"].tolist() == g["chosen"].tolist()
+        assert choice["at_edge"][arch] is True
+        sens = next(r for r in choice["sensitivity"] if r["arch"] == arch)
+        other = g[~g["chosen"]].iloc[0]
+        side = "above" if other["factor"] > sens["factor"] else "below"
+        assert sens[f"heldout_fvu_{side}"] == pytest.approx(other["heldout_fvu"])
+        # The stability at each factor: seed 0 against the pair seed, matched there.
+        for _, row in g.iterrows():
+            name = sweep.factor_name(row["factor"])
+            ref = match_dictionaries(load_decoder(out / "ckpt" / arch / name),
+                                     load_decoder(out / "ckpt" / arch / f"{name}-seed1"))
+            assert row["seed_abs_cos"] == pytest.approx(ref.summary()["mean_abs_cos"])
+        assert sens[f"seed_abs_cos_{side}"] == pytest.approx(other["seed_abs_cos"])
         # The recorded FVU is the candidate checkpoint's held-out FVU.
         from isae.analysis.reconstruction import reconstruction_metrics
         from isae.data.checkpoints import load

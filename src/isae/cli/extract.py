@@ -1,4 +1,5 @@
-"""``isae extract synthetic|lm|vision|array``: write an activation set (see isae.data.activations)."""
+"""``isae extract synthetic|lm|vision|array|gaussian``: write an activation set (see
+isae.data.activations)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import argparse
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output activation-set folder (an existing "
-                   "activation set is replaced; anything else needs --force)")
+                   "activation set or empty folder is replaced; never a folder holding files "
+                   "isae did not write)")
     p.add_argument("--force", action="store_true",
-                   help="replace an existing --out even if it is not an activation set")
+                   help="also replace an isae output of another kind at --out")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of the split")
     p.add_argument("--heldout-fraction", type=float, default=0.1,
                    help="fraction of documents / images / rows held out for evaluation")
@@ -76,6 +78,26 @@ def add_parser(sub) -> None:
     _common(a)
     a.set_defaults(func=_run_array)
 
+    g = src.add_parser(
+        "gaussian", help="Gaussian rows with another set's mean and covariance (a trained null)",
+        description="Rows x = mean + Σ^½ z, z ~ N(0, I), with the mean and covariance of every "
+        "training row of --like (streamed, one pass), and --like's held-out split (row i as "
+        "its row i mod its rows). SAEs trained on it are the trained null: the same recipe "
+        "on data with the activations' second-order structure and nothing else.",
+    )
+    g.add_argument("--like", required=True, help="the activation set whose moments and split it copies")
+    g.add_argument("--rows", type=int, default=None, help="rows to generate (default: --like's rows)")
+    g.add_argument("--out", required=True, help="output activation-set folder (an existing "
+                   "activation set or empty folder is replaced; never a folder holding files "
+                   "isae did not write)")
+    g.add_argument("--force", action="store_true",
+                   help="also replace an isae output of another kind at --out")
+    g.add_argument("--seed", type=int, default=0, help="seed of the Gaussian draws")
+    g.add_argument("--rows-per-shard", type=int, default=16384, help="rows per Parquet shard")
+    g.add_argument("--dtype", choices=["float32", "float16"], default=None,
+                   help="storage type of the activations (default: --like's)")
+    g.set_defaults(func=_run_gaussian)
+
 
 def _kwargs(args: argparse.Namespace) -> dict:
     skip = {"func", "command", "source", "quiet", "threads"}  # the root parser's own
@@ -104,3 +126,9 @@ def _run_array(args: argparse.Namespace) -> dict:
     from isae.data.sources import array
 
     return array.extract(**_kwargs(args))
+
+
+def _run_gaussian(args: argparse.Namespace) -> dict:
+    from isae.data.sources import gaussian
+
+    return gaussian.extract(**_kwargs(args))

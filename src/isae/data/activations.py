@@ -35,12 +35,11 @@ crash never leaves a set that looks complete. Readers stream shard by shard.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Integral, Real
 from pathlib import Path
 
@@ -49,6 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from isae.data.atomic import check_out, publish, staging_folder, write_json_atomic
+from isae.data.json_files import read_json
 from isae.errors import UserError
 from isae.models.config import MAX_D_IN
 
@@ -268,16 +268,35 @@ class ActivationWriter:
 
 @dataclass(frozen=True)
 class Normalizer:
-    """Maps raw activations to the normalised space every model works in, and back."""
+    """Maps raw activations to the normalised space every model works in, and back:
+    ``(x - mean) / scale`` (meta.json's constants; a checkpoint keeps them in cfg.json).
 
-    mean: np.ndarray  # [d] float32
+    The one place that applies them: numpy arrays and torch tensors alike ([..., d]); a
+    tensor gets the mean as a float32 tensor on its own device, made once per device.
+    """
+
+    mean: np.ndarray
+    """[d] float32."""
     scale: float
+    _means: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def forward(self, x):
-        return (x - self.mean) / self.scale
+        """Raw activations [..., d] (array or tensor) -> normalised, the same kind."""
+        return (x - self._mean_for(x)) / self.scale
 
     def inverse(self, x):
-        return x * self.scale + self.mean
+        """Normalised [..., d] (array or tensor) -> raw activations, the same kind."""
+        return x * self.scale + self._mean_for(x)
+
+    def _mean_for(self, x):
+        if isinstance(x, np.ndarray) or not hasattr(x, "device"):
+            return self.mean
+        import torch
+
+        mean = self._means.get(x.device)
+        if mean is None:
+            mean = self._means[x.device] = torch.as_tensor(self.mean, device=x.device)
+        return mean
 
 
 class ActivationSet:
@@ -290,12 +309,7 @@ class ActivationSet:
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
             raise UserError(f"activation set {self.path} has no meta.json (incomplete or not a set)")
-        try:
-            self.meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{meta_path} is not valid JSON: {e.msg}") from None
-        except (UnicodeDecodeError, OSError) as e:
-            raise UserError(f"cannot read {meta_path}: {e}") from None
+        self.meta = read_json(meta_path)
         self.shards = sorted(self.path.glob(SHARD_GLOB))
         check_meta(self.meta, meta_path, len(self.shards))
         self.d = self.meta["d"]
@@ -351,14 +365,16 @@ class ActivationSet:
 
     def fingerprint(self) -> dict:
         """What identifies the set's content without reading it: meta.json's digest (its
-        seed, constants and counts) and every shard's name and size."""
+        seed, constants and counts) and every shard's name and size, as they are on disk
+        now (so a set replaced since it was opened shows). OSError when meta.json is gone."""
         import hashlib
 
         meta = hashlib.sha256((self.path / "meta.json").read_bytes()).hexdigest()
+        shards = sorted(self.path.glob(SHARD_GLOB))
         h = hashlib.sha256()
-        for p in self.shards:
+        for p in shards:
             h.update(f"{p.name}:{p.stat().st_size};".encode())
-        return {"meta_sha256": meta, "shards": len(self.shards), "shards_sha256": h.hexdigest()}
+        return {"meta_sha256": meta, "shards": len(shards), "shards_sha256": h.hexdigest()}
 
     def iter_shards(
         self, split: str = "train", columns: list[str] | None = None, shards=None,
@@ -555,3 +571,79 @@ def _list_to_numpy(col: pa.ListArray) -> np.ndarray:
     if len(lengths) and (lengths == lengths[0]).all():
         return values[offsets[0] : offsets[-1]].reshape(len(lengths), int(lengths[0]))
     raise UserError("list column with rows of different lengths is not supported")
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def split_counts(acts: ActivationSet, split: str = "train") -> np.ndarray:
+    """[shards] int64: the rows of ``split`` (train | heldout | all) in each shard, from
+    the ``heldout`` column alone (one bool per row read, no activations)."""
+    if split not in ("train", "heldout", "all"):
+        raise ValueError(f"split must be train, heldout or all, not {split!r}")
+    counts = np.zeros(len(acts.shards), np.int64)
+    for i, path in enumerate(acts.shards):
+        try:
+            held = pq.read_table(path, columns=["heldout"]).column("heldout")
+        except (pa.ArrowException, OSError, KeyError) as e:
+            raise _shard_error(path, ["heldout"], e) from None
+        h = held.to_numpy(zero_copy_only=False).astype(bool)
+        counts[i] = len(h) if split == "all" else int(h.sum() if split == "heldout" else (~h).sum())
+    return counts
+
+
+def sample_rows(
+    acts: ActivationSet, n: int, seed: int, split: str = "train",
+    columns: list[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """``n`` rows of ``split`` drawn uniformly without replacement from the whole split
+    (every row when it has no more than ``n``), read shard by shard, so that memory holds
+    the sample and one shard, never the set.
+
+    The draw: ``numpy.random.default_rng(seed).choice(N, n, replace=False)`` over the
+    split's N rows numbered in shard order; the rows come back in that order (x: [n, d]
+    float32, other columns as ``iter_shards`` gives them). A function of the set and the
+    seed alone: neither the shard size nor the caller's order of reading changes it.
+    """
+    if n < 1:
+        raise ValueError(f"sample of {n} rows")
+    counts = split_counts(acts, split)
+    total = int(counts.sum())
+    if total == 0:
+        raise UserError(f"activation set {acts.path} has no {split} rows")
+    if n >= total:
+        pick = np.arange(total, dtype=np.int64)
+    else:
+        pick = np.sort(np.random.default_rng(seed).choice(total, n, replace=False))
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    parts: list[dict[str, np.ndarray]] = []
+    for i, path in enumerate(acts.shards):
+        lo, hi = np.searchsorted(pick, [starts[i], starts[i + 1]])
+        if lo == hi:
+            continue  # no sampled row here: the shard is not read
+        local = pick[lo:hi] - starts[i]
+        for part in acts.iter_shards(split, columns, shards=[path]):
+            parts.append({k: v[local] for k, v in part.items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def split_moments(acts: ActivationSet, split: str = "train") -> tuple[np.ndarray, np.ndarray, int]:
+    """The mean [d] and covariance [d, d] (float64, divisor N − 1) of every row of
+    ``split``, streamed shard by shard; -> (mean, cov, N).
+
+    Sums are taken about meta.json's mean (the training rows' own), so that a large common
+    offset, as in a residual stream, costs no precision."""
+    shift = np.asarray(acts.meta.get("mean", np.zeros(acts.d)), np.float64)
+    s = np.zeros(acts.d, np.float64)
+    ss = np.zeros((acts.d, acts.d), np.float64)
+    n = 0
+    for part in acts.iter_shards(split):
+        x = part["x"].astype(np.float64) - shift
+        s += x.sum(0)
+        ss += x.T @ x
+        n += len(x)
+    if n < 2:
+        raise UserError(f"activation set {acts.path} has {n} {split} rows: a covariance needs 2")
+    m = s / n
+    cov = (ss - n * np.outer(m, m)) / (n - 1)
+    return shift + m, (cov + cov.T) / 2, n

@@ -364,11 +364,15 @@ class StackedFastOps:
     def aux_width(self, n_dead: int, n: int) -> int | None:
         return cuda_graphs.aux_bucket(n_dead, n)
 
-    def step_graphs(self, body, prepare):
-        return cuda_graphs.StepGraphs(body, prepare) if self.cuda_graphs else None
+    def step_graphs(self, body, prepare, device) -> cuda_graphs.StepGraphs | None:
+        """The group step ``body(x, dead, width)`` replayed as one CUDA graph per AuxK width
+        (called with the width), on CUDA when graph replay is on; else None."""
+        if not self.cuda_graphs or torch.device(device).type != "cuda":
+            return None
+        return cuda_graphs.StepGraphs(body, prepare)
 
-    def before_recording(self, W_dec: Tensor) -> None:
-        low(W_dec)  # the recorded forward reads the bfloat16 copy as it is (SAEStepper)
+    def refresh_copies(self, W_dec: Tensor) -> None:
+        low(W_dec)  # the recorded forward reads the bfloat16 copy as it is (FastOps)
 
     def branches(self, n: int, device):
         if self.streams and self.cuda_graphs and n > 1 and torch.device(device).type == "cuda":

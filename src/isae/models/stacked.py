@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from isae.models.compute import select_ops
+from isae.models.compute import _flag, select_ops
 from isae.models.reference import (
     AuxLatents,
     Codes,
@@ -119,9 +119,10 @@ class StackedOps(Protocol):
 
     def aux_width(self, n_dead: int, n: int) -> int | None: ...
 
-    def step_graphs(self, body: Callable, prepare: Callable[[], None]) -> Callable | None: ...
+    def step_graphs(self, body: Callable, prepare: Callable[[], None], device
+                    ) -> Callable | None: ...
 
-    def before_recording(self, W_dec: Tensor) -> None: ...
+    def refresh_copies(self, W_dec: Tensor) -> None: ...
 
     def branches(self, n: int, device) -> Branches: ...
 
@@ -244,17 +245,23 @@ class StackedReference:
         """None: this op set reads exactly the dead latents."""
         return None
 
-    def step_graphs(self, body: Callable, prepare: Callable[[], None]) -> Callable | None:
+    def step_graphs(self, body: Callable, prepare: Callable[[], None], device) -> Callable | None:
+        """None: the reference runs every step eagerly."""
         return None
 
-    def before_recording(self, W_dec: Tensor) -> None:
-        pass
+    def refresh_copies(self, W_dec: Tensor) -> None:
+        """Nothing to refresh: the reference keeps no copies of the parameters."""
 
     def branches(self, n: int, device) -> Branches:
         return Branches(n)
 
 
 STACKED_REFERENCE = StackedReference()
+
+
+#: ``ISAE_GROUP_STREAMS=0``: a group's parts one after another inside its CUDA graph,
+#: instead of as parallel branches (each on its own stream).
+STREAMS_ENV = "ISAE_GROUP_STREAMS"
 
 
 def select_stacked_ops(device: str | torch.device) -> StackedOps:
@@ -265,7 +272,7 @@ def select_stacked_ops(device: str | torch.device) -> StackedOps:
         return STACKED_REFERENCE
     from isae.gpu.stacked_ops import StackedFastOps
 
-    return StackedFastOps(cuda_graphs=ops.cuda_graphs)
+    return StackedFastOps(cuda_graphs=ops.cuda_graphs, streams=_flag(STREAMS_ENV, "1"))
 
 
 class StackedCoder(nn.Module):

@@ -1,4 +1,5 @@
-"""The study's figures F1–F8: one function each, from the collected tables to a Figure.
+"""The study's figures F1–F8: one function each, from the collected tables to a Figure;
+``draw(name, tables)`` is the one entrance (``FIGURES`` names them).
 
 Every function takes the DataFrames written by the workflow's collect rules (``runs``: one
 row per checkpoint, ``pairs``: one row per compared pair, ``latents``, ``chance``,
@@ -158,6 +159,24 @@ def _ticks_at(ax, values, label=lambda v: str(int(v))) -> None:
     ax.minorticks_off()
 
 
+def _dodge(x, i: int, n: int, step: float = 0.1):
+    """``x`` moved sideways for the i-th of n series on a log axis (by a factor 2^(±step·…)),
+    so that markers at the same x do not hide one another."""
+    return np.asarray(x, np.float64) * 2.0 ** ((i - (n - 1) / 2) * step)
+
+
+def _seed_stats(df: pd.DataFrame, by: str, col: str) -> pd.DataFrame:
+    """Per value of ``by``: mean, sd, n of ``col`` over the rows (one per seed, a seed once)
+    and whether every run converged. -> columns by, mean, sd, n, converged."""
+    rows = []
+    keep = df.drop_duplicates([by, "seed"]) if "seed" in df.columns else df
+    for v, g in keep.groupby(by):
+        mean, sd, _, _, n = _stats(g[col])
+        if n:
+            rows.append({by: v, "mean": mean, "sd": sd, "n": n, "converged": _all_converged(g)})
+    return pd.DataFrame(rows, columns=[by, "mean", "sd", "n", "converged"])
+
+
 def _count_label(n: pd.Series, metric: str) -> str:
     """'3 seeds', '1 seed', '1–3 pairs': how many values each point of a panel averages."""
     unit = "pair" if metric == "seed_abs_cos" else "seed"
@@ -173,14 +192,23 @@ def _all_converged(df: pd.DataFrame) -> bool:
 # ----------------------------------------------------------------------------- F1
 
 
+#: The trained references of F1 (``refs``, isae.study.tables.reference_rows): marker, label.
+REFERENCE_STYLE = {
+    "null": ("v", "trained null: same recipe on Gaussian data (one pair)"),
+    "split": ("^", "split data: two halves by document (one pair)"),
+}
+
+
 def f1_stability(latents: pd.DataFrame, pairs: pd.DataFrame, runs: pd.DataFrame | None = None,
-                 chance: pd.DataFrame | None = None) -> Figure:
+                 chance: pd.DataFrame | None = None, refs: pd.DataFrame | None = None) -> Figure:
     """Distribution of matched |cos| between seeds, per arch, one panel per dataset.
 
     ``latents``: per matched latent (dataset, arch, seed_a, seed_b, abs_cos) of the main
     grid's seed pairs; ``pairs``: per-pair summaries (seed pairs as dots, same-seed pairs of
     two archs as diamonds); ``runs``: the convergence flags († under a violin: not every seed
-    converged); ``chance``: the chance levels drawn as lines.
+    converged); ``chance``: the chance levels drawn as lines; ``refs``: the trained
+    references' pairs (dataset, arch, reference null | split, mean_abs_cos), drawn left of
+    each violin.
     """
     title = "F1 · dictionary stability across seeds, against chance"
     xlabel, ylabel = "architecture", "matched |cos| between seeds\n(per latent, pooled over pairs)"
@@ -214,6 +242,12 @@ def f1_stability(latents: pd.DataFrame, pairs: pd.DataFrame, runs: pd.DataFrame 
             if len(c):
                 ax.scatter(np.full(len(c), x + 0.25), c["mean_abs_cos"], color="k", marker="D",
                            s=14, zorder=3, facecolors="none")
+            if refs is not None and not refs.empty:
+                for kind, (marker, _) in REFERENCE_STYLE.items():
+                    v = refs[(refs["dataset"] == ds) & (refs["arch"] == a) &
+                             (refs["reference"] == kind)]["mean_abs_cos"]
+                    ax.scatter(np.full(len(v), x - 0.25), v, color="0.35", marker=marker, s=22,
+                               zorder=3)
             r = runs[(runs["dataset"] == ds) & (runs["arch"] == a)] if len(runs) else runs
             mark = "" if r.empty or _all_converged(r) else " †"
             labels.append(f"{a}{mark}\n{len(m)} pair{'s' if len(m) != 1 else ''}")
@@ -234,6 +268,10 @@ def f1_stability(latents: pd.DataFrame, pairs: pd.DataFrame, runs: pd.DataFrame 
     handles += [Line2D([], [], color="k", marker="o", ls="none", ms=4, label="mean of one seed pair"),
                 Line2D([], [], color="k", marker="D", mfc="none", ls="none", ms=4,
                        label="same seed, another arch")]
+    if refs is not None and not refs.empty:
+        handles += [Line2D([], [], color="0.35", marker=m, ls="none", ms=5, label=label)
+                    for kind, (m, label) in REFERENCE_STYLE.items()
+                    if (refs["reference"] == kind).any()]
     if chance is not None and not chance.empty:
         handles += [Line2D([], [], color=c, ls=ls, label=f"chance: {label}")
                     for label, c, ls in CHANCE_STYLE.values()]
@@ -247,20 +285,23 @@ def f1_stability(latents: pd.DataFrame, pairs: pd.DataFrame, runs: pd.DataFrame 
 
 def _per_k(ax, df: pd.DataFrame, col: str, archs: list[str], x: str = "k") -> None:
     """Lines over ``x`` from the sweep's runs (one seed each), and the main grid's mean ± sd
-    at its k as a larger marker."""
+    at its k as a larger marker; each arch moved a little sideways (log axis) so that
+    markers at one k do not hide one another."""
     for i, a in enumerate(archs):
         c = arch_color(a, i)
         s = _rows(df[df["arch"] == a], "sweep")
         if len(s):
             s = s.sort_values(x)
-            ax.plot(s[x], s[col], color=c, lw=1.2, ls="--", zorder=2)
-            for _, r in s.iterrows():
+            xs = _dodge(s[x], i, len(archs))
+            ax.plot(xs, s[col], color=c, lw=1.2, ls="--", zorder=2)
+            for xi, (_, r) in zip(xs, s.iterrows()):
                 conv = bool(r.get("converged", True))
-                ax.plot(r[x], r[col], "o", color=c, mfc=c if conv else "white", ms=5, zorder=3)
+                ax.plot(xi, r[col], "o", color=c, mfc=c if conv else "white", ms=5, zorder=3)
         m = _rows(df[df["arch"] == a], "main")
         for kv, g in m.groupby(x):
             mean, sd, _, _, n = _stats(g[col])
-            _errbar(ax, kv, mean, sd, c, _all_converged(g), marker="s", ms=8, zorder=4)
+            _errbar(ax, float(_dodge(kv, i, len(archs))), mean, sd, c, _all_converged(g),
+                    marker="s", ms=8, zorder=4)
 
 
 def _per_k_handles(archs: list[str], n_main: int) -> list:
@@ -310,42 +351,48 @@ def f2_truth_recovery(runs: pd.DataFrame, true_k: dict | None = None) -> Figure:
 
 def f3_ric(runs: pd.DataFrame) -> Figure:
     """Both sides of the restricted isometry on observed supports against k, per arch, with
-    thresholds and calibrations (the k sweep's runs: one seed per point).
+    thresholds and calibrations, over every seed trained at each k (the k sweep's runs and
+    the main grid's, which has all the seeds at its k).
 
     Rows: datasets; columns: the lower side 1 − σ_min² (1 = a singular union) and the upper
     side σ_max² − 1 of the unit decoder rows on unions of two held-out rows' supports.
-    Solid: the median over the sampled unions; dashed: random supports of the same sizes on
-    the same dictionary; grey: a Gaussian dictionary; black dotted: the true dictionary on
-    the true supports (synthetic); thin black: the Marchenko–Pastur edge.
+    Solid: the median over the sampled unions, mean ± sd over seeds (n per point in the
+    panel's title); dashed: random supports of the same sizes on the same dictionary; grey:
+    a Gaussian dictionary; black dotted: the true dictionary on the true supports
+    (synthetic); thin black: the Marchenko–Pastur edge.
     """
     title = "F3 · restricted isometry on observed supports: both sides against k"
     xlabel = "k (active latents per row)"
     col = "ric_observed_lower_q50"
     if runs.empty or col not in runs.columns:
         return _empty_figure(title, xlabel, "side of δ (median)", "no checkpoints")
-    runs = _rows(runs[runs[col].notna()], "sweep")
-    if runs.empty:
+    runs = _rows(runs[runs[col].notna()], "sweep", "main")
+    if runs.empty or ("sweep" in runs.columns and not runs["sweep"].astype(bool).any()):
         return _empty_figure(title, xlabel, "side of δ (median)", "no k sweep in the config")
     datasets = _datasets(runs)
     archs = _archs(runs)
     fig, axes = _grid(len(datasets), 2, width=4.6, height=3.3)
-    sides = [("lower", "lower side 1 − σ_min² (median)"), ("upper", "upper side σ_max² − 1 (median)")]
+    sides = [("lower", "lower side 1 − σ_min²\n(median; mean ± sd over seeds)"),
+             ("upper", "upper side σ_max² − 1\n(median; mean ± sd over seeds)")]
     for r, ds in enumerate(datasets):
         sub = runs[runs["dataset"] == ds]
+        counts = sub.drop_duplicates(["arch", "k", "seed"]).groupby(["arch", "k"])["seed"].nunique()
         for c, (side, ylabel) in enumerate(sides):
             ax = axes[r][c]
             for i, a in enumerate(archs):
-                s = sub[sub["arch"] == a].sort_values("k")
+                s = sub[sub["arch"] == a]
                 if s.empty:
                     continue
                 color = arch_color(a, i)
-                ax.plot(s["k"], s[f"ric_observed_{side}_q50"], color=color, lw=1.5)
-                for _, row in s.iterrows():
-                    conv = bool(row.get("converged", True))
-                    ax.plot(row["k"], row[f"ric_observed_{side}_q50"], "o", color=color,
-                            mfc=color if conv else "white", ms=5)
-                ax.plot(s["k"], s[f"ric_random_support_{side}_q50"], color=color, lw=1, ls="--",
-                        marker="_", ms=8)
+                obs = _seed_stats(s, "k", f"ric_observed_{side}_q50")
+                xs = _dodge(obs["k"], i, len(archs))
+                ax.plot(xs, obs["mean"], color=color, lw=1.5)
+                for xi, (_, row) in zip(xs, obs.iterrows()):
+                    _errbar(ax, float(xi), row["mean"], row["sd"], color, bool(row["converged"]),
+                            ms=5)
+                rnd = _seed_stats(s, "k", f"ric_random_support_{side}_q50")
+                ax.plot(_dodge(rnd["k"], i, len(archs)), rnd["mean"], color=color, lw=1,
+                        ls="--", marker="_", ms=8)
             by_k = sub.groupby("k").mean(numeric_only=True).reset_index()
             ax.plot(by_k["k"], by_k[f"ric_gaussian_{side}_q50"], color="0.55", lw=2, alpha=0.7,
                     marker="_", ms=10)
@@ -364,7 +411,7 @@ def f3_ric(runs: pd.DataFrame) -> Figure:
             ax.set_ylim(bottom=0)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel, fontsize=8)
-            ax.set_title(f"{ds} (seed {int(sub['seed'].min())})", fontsize=9)
+            ax.set_title(f"{ds} ({_count_label(counts, 'seed')} per point)", fontsize=9)
     handles = [*_arch_handles(archs),
                Line2D([], [], color="0.3", ls="--", label="random supports, same dictionary"),
                Line2D([], [], color="0.55", lw=2, label="Gaussian dictionary"),
@@ -571,12 +618,13 @@ def f6_fidelity(fidelity: pd.DataFrame, runs: pd.DataFrame | None = None) -> Fig
     """Downstream fidelity against L0: the fraction of the clean model's behaviour that the
     SAE reconstruction spliced in at the hook recovers, relative to zero ablation (circles)
     and mean ablation (squares, dashed); cross-entropy for a causal LM, sentence-embedding
-    similarity for an encoder (the ``kind`` column says which). The k sweep's runs: one seed
-    per point; hollow where the run (``runs``' flag) has not converged."""
+    similarity for an encoder (the ``kind`` column says which). Every seed with a fidelity
+    row at each k: mean ± sd over them (the panel's title says how many per point; one seed
+    has no bar); hollow where a run (``runs``' flag) has not converged."""
     title = "F6 · downstream fidelity with the reconstruction spliced in at the hook"
     xlabel = "mean L0 (active latents per token; = k here)"
-    ylabel = "fraction recovered (1 = clean model)"
-    fidelity = _rows(fidelity, "sweep")
+    ylabel = "fraction recovered (1 = clean model)\n(mean ± sd over seeds)"
+    fidelity = _rows(fidelity, "sweep", "main")
     if fidelity.empty or "kind" not in fidelity.columns:
         return _empty_figure(title, xlabel, ylabel,
                              "no dataset with fidelity: true in the config")
@@ -586,25 +634,30 @@ def f6_fidelity(fidelity: pd.DataFrame, runs: pd.DataFrame | None = None) -> Fig
     fig, axes = _grid(1, len(datasets), width=5.6, height=3.8)
     for ax, ds in zip(axes[0], datasets):
         sub = fidelity[fidelity["dataset"] == ds]
+        counts = sub.drop_duplicates(["arch", "k", "seed"]).groupby(["arch", "k"])["seed"].nunique()
         for i, a in enumerate(archs):
-            s = sub[sub["arch"] == a].sort_values("k")
+            s = sub[sub["arch"] == a]
             if s.empty:
                 continue
             c = arch_color(a, i)
+            l0 = _seed_stats(s, "k", "l0").set_index("k")["mean"]
             for col, marker, ls in (("frac_recovered_zero", "o", "-"),
                                     ("frac_recovered_mean", "s", "--")):
-                ax.plot(s["l0"], s[col], color=c, ls=ls)
-                for _, r in s.iterrows():
-                    ax.plot(r["l0"], r[col], marker, color=c,
-                            mfc=c if bool(r["converged"]) else "white")
+                st = _seed_stats(s, "k", col)
+                xs = _dodge(l0.reindex(st["k"]).to_numpy(), i, len(archs))
+                ax.plot(xs, st["mean"], color=c, ls=ls)
+                for xi, (_, r) in zip(xs, st.iterrows()):
+                    _errbar(ax, float(xi), r["mean"], r["sd"], c, bool(r["converged"]),
+                            marker=marker, ms=5)
         ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
         kinds = ", ".join(FIDELITY_KINDS.get(k, k) for k in sorted(set(sub["kind"].astype(str))))
         ax.set_xscale("log", base=2)
         _ticks_at(ax, sorted(set(sub["k"])))
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        seed = int(sub["seed"].min()) if "seed" in sub.columns else 0
-        ax.set_title(f"{ds}, seed {seed}\n({kinds})", fontsize=9)
+        ax.set_ylabel(ylabel, fontsize=9)
+        spread = "" if counts.max() > 1 else ": no spread to show"
+        ax.set_title(f"{ds} ({_count_label(counts, 'seed')} per point{spread})\n({kinds})",
+                     fontsize=9)
     handles = [*_arch_handles(archs),
                Line2D([], [], color="0.3", marker="o", label="against zero ablation"),
                Line2D([], [], color="0.3", marker="s", ls="--", label="against mean ablation"),
@@ -719,11 +772,27 @@ def iter_steps(arch: str) -> tuple[str, int] | None:
     return thresholding_steps(arch)
 
 
+def own_rate(arch: str, base: str) -> bool:
+    """Whether ``arch`` (a point of F8 on ``base``) trains at a rate of its own rather than
+    its base's: a preset other than the base (``isae-iter``: its own lr sweep), where a
+    variant (``isae+iter10``) inherits its preset's rate."""
+    try:
+        parsed = parse_arch(arch)
+    except UserError:
+        return False
+    return not parsed.changes and parsed.preset != base
+
+
 def iter_curves(runs: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     """Per dataset x base x thresholding steps (the iter grid): mean, sd, min, max, n of
     held-out FVU, truth |cos| and encode FLOPs per row over seeds, of seed |cos| over seed
-    pairs. -> columns dataset, base, steps, metric, mean, sd, lo, hi, n, converged."""
-    cols = ["dataset", "base", "steps", "metric", "mean", "sd", "lo", "hi", "n", "converged"]
+    pairs. ``own_rate``: the point is a preset with a learning rate of its own (``own_rate``),
+    not its base's; where the grid has both at one step count (``isae-iter`` and
+    ``isae+iter``), the one at the base's rate is kept, so that every step count of a base
+    stands on one footing. -> columns dataset, base, steps, metric, mean, sd, lo, hi, n,
+    converged, own_rate, arch."""
+    cols = ["dataset", "base", "steps", "metric", "mean", "sd", "lo", "hi", "n", "converged",
+            "own_rate", "arch"]
     r = _rows(runs, "iter")
     p = _rows(seed_pairs(pairs), "iter")
     if r.empty:
@@ -743,8 +812,15 @@ def iter_curves(runs: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
                 continue
             rr = r[(r["dataset"] == ds) & (r["arch"] == arch)]
             out.append(dict(dataset=ds, base=parsed[0], steps=parsed[1], metric=metric,
-                            mean=mean, sd=sd, lo=lo, hi=hi, n=n, converged=_all_converged(rr)))
-    return pd.DataFrame(out, columns=cols)
+                            mean=mean, sd=sd, lo=lo, hi=hi, n=n, converged=_all_converged(rr),
+                            own_rate=own_rate(arch, parsed[0]), arch=arch))
+    d = pd.DataFrame(out, columns=cols)
+    if d.empty:
+        return d
+    # One point per (dataset, base, steps, metric): the base's rate where there is a choice.
+    d = d.sort_values("own_rate", kind="stable")
+    d = d.drop_duplicates(["dataset", "base", "steps", "metric"], keep="first")
+    return d.sort_values(["dataset", "base", "steps", "metric"]).reset_index(drop=True)
 
 
 _F8_METRICS = [
@@ -757,10 +833,12 @@ _F8_METRICS = [
 
 def f8_iter(runs: pd.DataFrame, pairs: pd.DataFrame) -> Figure:
     """Iterative hard thresholding against its number of steps (0 = the base arch), per
-    base (topk: topk+iterN; isae: isae+iterN, 3 steps = isae-iter): FVU, stability, truth
-    recovery and the encoder's cost per row."""
+    base (topk: topk+iterN; isae: isae+iterN, 3 steps = isae-iter where the grid has no
+    isae+iter): FVU, stability, truth recovery and the encoder's cost per row, on a numeric
+    axis of steps (symmetric log: 0, 1, 3, 10 at their values). A diamond marks a point at a
+    learning rate of its own (``isae-iter``'s sweep), not its base's."""
     title = "F8 · iterative hard thresholding: steps against quality and cost"
-    xlabel = "thresholding steps in the encoder"
+    xlabel = "thresholding steps in the encoder (0 = the base)"
     d = iter_curves(runs, pairs)
     if d.empty:
         return _empty_figure(title, xlabel, "metric", "no iter runs (config iter.datasets is empty)")
@@ -774,28 +852,62 @@ def f8_iter(runs: pd.DataFrame, pairs: pd.DataFrame) -> Figure:
             sub = d[(d["dataset"] == ds) & (d["metric"] == metric)]
             if sub.empty:
                 _placeholder(ax, xlabel, label, "no truth for this dataset")
+                ax.set_xlabel(xlabel, fontsize=9)  # the sizes of the panels beside it
+                ax.set_ylabel(label, fontsize=8)
                 continue
             steps = sorted(set(d[d["dataset"] == ds]["steps"]))
-            pos = {s: i for i, s in enumerate(steps)}
             scale = 1e-3 if metric == "encode_flops" else 1.0  # FLOPs shown in thousands
             for i, b in enumerate(bases):
                 s = sub[sub["base"] == b].sort_values("steps")
                 if s.empty:
                     continue
                 color = arch_color(b, i)
-                ax.plot([pos[x] for x in s["steps"]], scale * s["mean"], color=color, lw=1.3)
-                for _, row in s.iterrows():
+                # Side by side at one step count (1 + steps: the symlog axis is linear
+                # below 1, where a factor would not move the 0-step points).
+                xs = _dodge(1.0 + s["steps"].to_numpy(np.float64), i, len(bases)) - 1.0
+                ax.plot(xs, scale * s["mean"], color=color, lw=1.3)
+                for xi, (_, row) in zip(xs, s.iterrows()):
                     err = ((row["lo"], row["hi"]) if metric == "seed_abs_cos"
                            else scale * row["sd"])
-                    _errbar(ax, pos[row["steps"]], scale * row["mean"], err, color,
-                            bool(row["converged"]))
-            ax.set_xticks(range(len(steps)), [str(s) for s in steps])
-            ax.set_xlabel(xlabel)
+                    _errbar(ax, float(xi), scale * row["mean"], err, color,
+                            bool(row["converged"]), marker="D" if row["own_rate"] else "o")
+            ax.set_xscale("symlog", linthresh=1.0, linscale=0.6)
+            _ticks_at(ax, steps)
+            ax.set_xlim(-0.3, max(steps) * 1.25 + 0.5)
+            ax.set_xlabel(xlabel, fontsize=9)
             ax.set_ylabel(label, fontsize=8)
             ax.set_title(f"{ds} ({_count_label(sub['n'], metric)} per point)", fontsize=9)
-    handles = [*[Line2D([], [], color=arch_color(b, i), marker="o", label=f"{b} + N steps")
-                 for i, b in enumerate(bases)], _hollow_handle()]
-    return _finish(fig, title, handles, ncol=3)
+    handles = [*[Line2D([], [], color=arch_color(b, i), marker="o", label=f"{b} + N steps, "
+                        f"at {b}'s rate") for i, b in enumerate(bases)], _hollow_handle()]
+    if d["own_rate"].any():
+        names = ", ".join(sorted(set(d.loc[d["own_rate"], "arch"])))
+        handles.append(Line2D([], [], color="0.3", marker="D", ls="none",
+                              label=f"at its own tuned rate, not its base's ({names})"))
+    return _finish(fig, title, handles, ncol=2)
+
+
+# ----------------------------------------------------------------------------- entrance
+
+#: Figure name -> the function that draws it. The workflow has one rule per figure, named
+#: after its function (isae.study.plan.FIGURE_RULES), and one script (scripts/figure.py).
+FIGURES = {
+    "F1": f1_stability,
+    "F2": f2_truth_recovery,
+    "F3": f3_ric,
+    "F4": f4_ablation,
+    "F5": f5_fvu_l0,
+    "F6": f6_fidelity,
+    "F7": f7_budget,
+    "F8": f8_iter,
+}
+
+
+def draw(name: str, tables: dict[str, pd.DataFrame], **params) -> Figure:
+    """Figure ``name`` (F1 ... F8) from the collected tables it reads (by table name:
+    runs, pairs, latents, chance, fidelity) and its other parameters."""
+    if name not in FIGURES:
+        raise UserError(f"unknown figure {name!r}; known: {', '.join(FIGURES)}")
+    return FIGURES[name](**tables, **params)
 
 
 # ----------------------------------------------------------------------------- saving

@@ -24,11 +24,10 @@ import pandas as pd
 
 from isae.errors import UserError
 from isae.models.config import PRESETS, parse_arch
+from isae.study.grid import GRIDS
 
 #: Keys of one table row: a dataset and one SAE configuration.
 ROW_KEYS = ["dataset", "arch", "k", "width"]
-#: Grid flags stored by the workflow beside the identity columns.
-GRIDS = ["main", "sweep", "budget", "ablation", "iter"]
 #: Presets first, in the order the text discusses them; other archs (variants) after.
 ARCH_ORDER = list(PRESETS)
 
@@ -57,6 +56,9 @@ class Metric:
     boolean column as "true count/n"), or ``none`` (the mean alone)."""
     fmt: str = "f"
     """Number format: ``f`` (``digits`` decimals) or ``g`` (``digits`` significant digits)."""
+    hide_when_empty: bool = False
+    """Leave the column out of the renderings when no row has a value (a reference the
+    config did not ask for)."""
 
     @property
     def key(self) -> str:
@@ -111,9 +113,9 @@ def collect_groups(
     runs belong to.
 
     ``ids[i]``: the dataset and group of ``paths[i]``. ``flags``: one dict per run with
-    dataset, group, arch, seed, k, width, rows and a boolean per grid (GRIDS). ``kind``:
-    ``runs`` (one row per run), ``pairs`` (arch_a, seed_a, arch_b, seed_b) or ``latents``
-    (arch, seed_a, seed_b); a pair belongs to a grid when both of its runs do. Every row
+    dataset, group, arch, seed, k, width, rows and a boolean per grid (the names of
+    isae.study.grid.GRIDS). ``kind``: ``runs`` (one row per run), ``pairs`` (arch_a,
+    seed_a, arch_b, seed_b) or ``latents`` (arch, seed_a, seed_b); a pair belongs to a grid when both of its runs do. Every row
     gets k, width and rows from the flags; runs missing from ``flags`` belong to no grid.
     """
     if kind not in ("runs", "pairs", "latents"):
@@ -256,6 +258,26 @@ T1_MATCH = [
     Metric("chance_data_cov", "chance cov", r"chance cov.", optional=True),
     Metric("chance_gaussian", "chance iso", r"chance iso.", optional=True),
 ]
+#: ... the same over the latents live in both seeds (matched among themselves), their
+#: count, and the chance level of that many random training rows (per seed pair) ...
+T1_LIVE = [
+    Metric("live_mean_abs_cos", "live seed |cos|", r"live seed $|\cos|$", spread="range",
+           optional=True, hide_when_empty=True),
+    Metric("live_n_matched", "live n", r"live $n$", digits=0, spread="range", optional=True,
+           hide_when_empty=True),
+    Metric("live_chance_data_rows", "live chance rows", r"live chance rows", optional=True,
+           spread="none", hide_when_empty=True),
+]
+#: ... the trained references, per pair (``reference_rows``): the same recipe on Gaussian
+#: data with the activations' moments, and on two disjoint halves of the data by document.
+T1_REFS = [
+    Metric("null_abs_cos", "trained null |cos|", r"null $|\cos|$", spread="range",
+           optional=True, hide_when_empty=True),
+    Metric("split_abs_cos", "split-data |cos|", r"split $|\cos|$", spread="range",
+           optional=True, hide_when_empty=True),
+]
+#: The kinds of trained reference, and the T1 column each fills.
+REFERENCES = {"null": "null_abs_cos", "split": "split_abs_cos"}
 #: ... and ground-truth recovery where there is a truth (per seed).
 T1_TRUTH = [
     Metric("truth_abs_cos", "truth |cos|", r"truth $|\cos|$", optional=True),
@@ -272,13 +294,16 @@ T2_MATCH = [
 #: the dictionary's own geometry (per seed).
 T2_RIC = [
     Metric("ric_observed_q50", "δ median", r"$\delta$ med."),
+    # The largest δ over the sampled unions: a lower bound on δ_2k, the constant recovery
+    # theory needs under its threshold on every support (the median says nothing of that).
+    Metric("ric_observed_max", "δ max (≤ δ_2k)", r"$\delta$ max ($\le\delta_{2k}$)"),
+    Metric("ric_observed_frac_lt_1/3", "frac δ<1/3", r"frac.\ $\delta<1/3$"),
+    Metric("ric_observed_frac_lt_sqrt2-1", "frac δ<√2−1", r"frac.\ $\delta<\sqrt2-1$"),
     Metric("ric_observed_q90", "δ q90", r"$\delta$ q90"),
     Metric("ric_observed_lower_q50", "lower side med.", r"lower med."),
     Metric("ric_observed_upper_q50", "upper side med.", r"upper med."),
     Metric("ric_observed_frac_singular", "near-singular %", r"near-sing.\ \%", digits=1,
            scale=100.0),
-    Metric("ric_observed_frac_lt_1/3", "frac δ<1/3", r"frac.\ $\delta<1/3$"),
-    Metric("ric_observed_frac_lt_sqrt2-1", "frac δ<√2−1", r"frac.\ $\delta<\sqrt2-1$"),
     Metric("ric_random_support_q50", "δ med. random supp.", r"$\delta$ med.\ rand.\ supp."),
     Metric("ric_gaussian_q50", "δ med. Gaussian dict.", r"$\delta$ med.\ Gauss.\ dict."),
     Metric("ric_dict_dup_frac", "near-dup. atoms %", r"near-dup.\ \%", digits=1, scale=100.0),
@@ -286,6 +311,7 @@ T2_RIC = [
     Metric("ric_truth_coherence", "true dict. coherence", r"true coh.", optional=True,
            spread="none"),
     Metric("ric_truth_q50", "true δ med.", r"true $\delta$ med.", optional=True, spread="none"),
+    Metric("ric_truth_max", "true δ max", r"true $\delta$ max", optional=True, spread="none"),
     Metric("ric_truth_frac_lt_sqrt2-1", "true frac δ<√2−1", r"true frac.\ $\delta<\sqrt2-1$",
            optional=True, spread="none"),
 ]
@@ -346,23 +372,84 @@ def converged_marks(runs: pd.DataFrame) -> dict:
     return {tuple(k): bool(v) for k, v in g.items()}
 
 
+def reference_rows(pairs: pd.DataFrame, datasets: dict[str, tuple[str, str]]) -> pd.DataFrame:
+    """The trained references' pairs, as ``table_t1``'s ``refs`` reads them.
+
+    ``pairs``: ``isae measure``'s pairs (or any table with dataset, arch, k, width and
+    mean_abs_cos, one row per compared pair); ``datasets``: {dataset of the reference runs:
+    (dataset it is a reference for, kind)}, kind ``null`` (seeds of the same recipe on
+    ``isae extract gaussian --like`` data) or ``split`` (an SAE on one half of ``isae
+    split`` against the same arch on the other half). The seed pairs of a ``null``
+    dataset are taken as they are; a ``split`` table is taken whole.
+
+    -> one row per pair: dataset (the one referred to), arch, k, width, reference,
+    mean_abs_cos."""
+    cols = [*ROW_KEYS, "reference", "mean_abs_cos"]
+    out = []
+    for src, (target, kind) in datasets.items():
+        if kind not in REFERENCES:
+            raise UserError(f"reference kind {kind!r}: known are {', '.join(REFERENCES)}")
+        p = pairs[pairs["dataset"] == src]
+        if kind == "null":
+            p = seed_pairs(p)
+        elif "arch" not in p.columns and "arch_a" in p.columns:
+            p = p.assign(arch=p["arch_a"])
+        out.append(p.assign(dataset=target, reference=kind)[cols])
+    return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=cols)
+
+
+def _reference_sources(refs: pd.DataFrame | None) -> list:
+    """(table, [metric]) per kind of trained reference in ``refs`` (``reference_rows``)."""
+    if refs is None or refs.empty:
+        return [(pd.DataFrame(columns=ROW_KEYS), T1_REFS)]  # the columns, empty
+    by_col = {m.column: m for m in T1_REFS}
+    return [(refs[refs["reference"] == kind].assign(**{col: lambda d: d["mean_abs_cos"]}),
+             [by_col[col]]) for kind, col in REFERENCES.items()]
+
+
 def table_t1(runs: pd.DataFrame, pairs: pd.DataFrame, chance: pd.DataFrame | None = None,
-             lr: pd.DataFrame | None = None) -> pd.DataFrame:
+             lr: pd.DataFrame | None = None, refs: pd.DataFrame | None = None) -> pd.DataFrame:
     """T1: reconstruction, convergence and stability per dataset x arch on the main grid,
     with a ``not_converged`` column (some seed's run has not converged). ``lr`` (the lr
-    sweep's table) is not needed: the chosen rate is in ``runs``."""
+    sweep's table) is not needed: the chosen rate is in ``runs``. ``refs``: the trained
+    references' pairs (``reference_rows``), shown beside the chance levels."""
     r = main_rows(runs)
     sources = [(r, [*T1_EVAL, *T1_CONVERGENCE]),
-               (main_rows(seed_pairs(pairs)), T1_MATCH[:2]),
+               (main_rows(seed_pairs(pairs)), [*T1_MATCH[:2], *T1_LIVE]),
                (arch_pairs(pairs), T1_MATCH[2:3]),
                (chance_columns(r, chance if chance is not None else pd.DataFrame()), T1_MATCH[3:]),
+               *_reference_sources(refs),
                (r, T1_TRUTH[:2]),
                (chance_columns(r, chance if chance is not None else pd.DataFrame()), T1_TRUTH[2:])]
     table = summarize(sources)
     marks = converged_marks(runs)
     table["not_converged"] = [marks.get((d, a, int(k), int(w)), False) for d, a, k, w in
                               zip(table["dataset"], table["arch"], table["k"], table["width"])]
+    edges = lr_edge_marks(lr if lr is not None else pd.DataFrame())
+    table["lr_at_edge"] = [edges.get((d, _preset(a)), False)
+                           for d, a in zip(table["dataset"], table["arch"])]
     return table
+
+
+def _preset(arch: str) -> str:
+    try:
+        return parse_arch(arch).preset
+    except UserError:
+        return arch
+
+
+def lr_edge_marks(lr: pd.DataFrame) -> dict:
+    """(dataset, arch) -> True where the lr sweep's choice is its grid's smallest or largest
+    factor (from the collected sweep tables: dataset, arch, factor, chosen)."""
+    need = {"dataset", "arch", "factor", "chosen"}
+    if lr.empty or not need <= set(lr.columns):
+        return {}
+    out = {}
+    for (ds, arch), g in lr.groupby(["dataset", "arch"]):
+        chosen = g.loc[g["chosen"].astype(bool), "factor"]
+        lo, hi = lr.loc[lr["dataset"] == ds, "factor"].agg(["min", "max"])
+        out[(ds, arch)] = bool(len(chosen) == 1 and chosen.iloc[0] in (lo, hi))
+    return out
 
 
 def table_t2(runs: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
@@ -372,6 +459,95 @@ def table_t2(runs: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     table["not_converged"] = [marks.get((d, a, int(k), int(w)), False) for d, a, k, w in
                               zip(table["dataset"], table["arch"], table["k"], table["width"])]
     return table
+
+
+# ----------------------------------------------------------------------------- the lr choice
+
+
+def lr_sensitivity(table: pd.DataFrame) -> pd.DataFrame:
+    """Each arch's choice and its neighbours on the grid, from a sweep table with arch,
+    factor, lr, heldout_fvu, chosen (and seed_abs_cos where a second seed was trained).
+
+    -> one row per arch: factor, lr, heldout_fvu, seed_abs_cos of the choice; factor_below /
+    factor_above (the grid's next smaller / larger factor, NaN past an edge) with their
+    heldout_fvu_* and seed_abs_cos_*; at_edge (the choice is the grid's smallest or largest
+    factor); tied (the factors within the tolerance, comma-separated)."""
+    rows = []
+    for arch, g in table.groupby("arch", sort=False):
+        g = g.sort_values("factor").reset_index(drop=True)
+        at = g.index[g["chosen"].astype(bool)]
+        if len(at) != 1:
+            raise UserError(f"lr sweep table: {len(at)} chosen rates for {arch}")
+        i = int(at[0])
+        row = {"arch": arch, "factor": g["factor"][i], "lr": g["lr"][i],
+               "heldout_fvu": g["heldout_fvu"][i],
+               "seed_abs_cos": g["seed_abs_cos"][i] if "seed_abs_cos" in g else math.nan,
+               "at_edge": i in (0, len(g) - 1)}
+        for side, j in (("below", i - 1), ("above", i + 1)):
+            inside = 0 <= j < len(g)
+            row[f"factor_{side}"] = g["factor"][j] if inside else math.nan
+            row[f"heldout_fvu_{side}"] = g["heldout_fvu"][j] if inside else math.nan
+            row[f"seed_abs_cos_{side}"] = (g["seed_abs_cos"][j] if inside and "seed_abs_cos" in g
+                                           else math.nan)
+        tied = g["within_tolerance"] if "within_tolerance" in g else g["chosen"]
+        row["tied"] = ",".join(f"{f:g}" for f in g["factor"][tied.astype(bool)])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def table_lr(lr: pd.DataFrame) -> pd.DataFrame:
+    """The lr table: ``lr_sensitivity`` per dataset of the collected sweeps (``lr``: the
+    sweep tables with a dataset column), rows in dataset order and ARCH_ORDER."""
+    if lr.empty:
+        return pd.DataFrame(columns=["dataset", "arch"])
+    parts = [lr_sensitivity(g).assign(dataset=ds) for ds, g in lr.groupby("dataset", sort=False)]
+    out = pd.concat(parts, ignore_index=True)
+    out = out[["dataset", *[c for c in out.columns if c != "dataset"]]]
+    order = sorted(range(len(out)), key=lambda i: (list(dict.fromkeys(out["dataset"])).index(
+        out["dataset"][i]), arch_sort_key(str(out["arch"][i]))))
+    return out.iloc[order].reset_index(drop=True)
+
+
+def _factor_cell(factor: float, value: float, digits: int = 4) -> str:
+    if factor is None or (isinstance(factor, float) and math.isnan(factor)):
+        return "— (edge)"
+    v = "—" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+    return f"{v} ({factor:g}×)"
+
+
+def lr_markdown(table: pd.DataFrame, caption: str = "") -> str:
+    """The lr table in Markdown: per dataset x arch the chosen factor and rate, its held-out
+    FVU and seed stability, the same at the grid's neighbouring factors, the tied factors,
+    and whether the choice sits at the grid's edge."""
+    header = ["dataset", "arch", "chosen (lr)", "FVU", "FVU below", "FVU above", "seed |cos|",
+              "seed |cos| below", "seed |cos| above", "tied", "at edge"]
+    lines = [f"{caption}\n"] if caption else []
+    lines.append("| " + " | ".join(h.replace("|", r"\|") for h in header) + " |")
+    lines.append("|:---|:---|:---|" + "|".join(["---:"] * 6) + "|:---|:---|")
+    for _, r in table.iterrows():
+        cos = r.get("seed_abs_cos", math.nan)
+        cells = [str(r["dataset"]), str(r["arch"]), f"{r['factor']:g}× ({r['lr']:.2g})",
+                 f"{r['heldout_fvu']:.4f}",
+                 _factor_cell(r["factor_below"], r["heldout_fvu_below"]),
+                 _factor_cell(r["factor_above"], r["heldout_fvu_above"]),
+                 "—" if not math.isfinite(cos) else f"{cos:.3f}",
+                 _factor_cell(r["factor_below"], r.get("seed_abs_cos_below", math.nan), 3),
+                 _factor_cell(r["factor_above"], r.get("seed_abs_cos_above", math.nan), 3),
+                 str(r["tied"]).replace(",", ", "), "**yes**" if r["at_edge"] else "no"]
+        lines.append("| " + " | ".join(c.replace("|", r"\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+LR_CAPTION = (
+    "Learning rates. Each architecture was trained at each factor × its default rate (one "
+    "seed, the main budget). Rule: the lowest held-out FVU; the factors within the tie "
+    "tolerance of it (relative; 1 % by default, as GPU reruns of one sweep move the FVU by "
+    "0.5–1 %) are tied (column tied), and of those the factor closest to 1× in log scale is "
+    "chosen. Beside each choice: the FVU and, where the sweep trained a second seed, the "
+    "matched |cos| between the two seeds at the neighbouring factors of the grid. At edge: "
+    "the choice is the grid's smallest or largest factor, so the best rate may lie beyond "
+    "it; extend the grid there."
+)
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -401,6 +577,8 @@ def format_cell(mean: float, sd: float, digits: int, pm: str = " ± ", dash: str
 
 #: Appended to the arch of a row with a run that has not converged.
 NOT_CONVERGED = " †"
+#: Appended to a learning rate that the lr sweep chose at its grid's edge.
+LR_AT_EDGE = " ‡"
 
 
 def _cells(table: pd.DataFrame, metrics: Sequence[Metric], pm: str, dash: str) -> list[list[str]]:
@@ -413,6 +591,8 @@ def _cells(table: pd.DataFrame, metrics: Sequence[Metric], pm: str, dash: str) -
                                      spread=m.spread, lo=r.get(f"{m.key}_min", math.nan),
                                      hi=r.get(f"{m.key}_max", math.nan),
                                      n=int(r.get(f"{m.key}_n", 0)), fmt=m.fmt))
+            if m.key == "lr" and bool(r.get("lr_at_edge", False)):
+                cells[-1] += LR_AT_EDGE
         rows.append(cells)
     return rows
 
@@ -457,7 +637,8 @@ def to_latex(table: pd.DataFrame, metrics: Sequence[Metric], caption: str = "",
 
 
 #: Columns of T1 and T2, in display order.
-T1_METRICS = [*T1_EVAL, *T1_CONVERGENCE, *T1_MATCH, *T1_TRUTH]
+T1_METRICS = [*T1_EVAL, *T1_CONVERGENCE, *T1_MATCH[:2], *T1_LIVE, *T1_MATCH[2:], *T1_REFS,
+              *T1_TRUTH]
 T2_METRICS = [*T2_MATCH, *T2_RIC]
 T1_CAPTION = (
     "T1. Per dataset x arch at the main k, width and training rows: the learning rate the lr "
@@ -466,22 +647,37 @@ T1_CAPTION = (
     "20 % of steps before the learning-rate decay, that fall in %, each atom's |cos| with "
     "its own initial atom); stability: "
     "matched |cos| between seeds and fraction above 0.9, mean [min, max] over the seed "
-    "pairs (they share seeds, so no sd), matched |cos| with the other architectures trained "
+    "pairs (they share seeds, so no sd), the same over the latents that fire on some held-out "
+    "row in both seeds (matched among themselves), their number, and the chance level of as "
+    "many random training rows, matched |cos| with the other architectures trained "
     "from the same seed, and chance levels of two random dictionaries drawn from the "
-    "training rows (rows), with the data's covariance (cov) and isotropic (iso); truth: "
+    "training rows (rows, a uniform sample of the whole training split), with the data's "
+    "covariance (cov) and isotropic (iso); where the config trains them, the trained "
+    "references: seeds of the same recipe on Gaussian data with the activations' mean and "
+    "covariance (trained null) and the same seed on two disjoint halves of the data by "
+    "document (split-data), mean [min, max] over pairs; truth: "
     "matched |cos| to the true dictionary (synthetic), and that of random training rows. "
     "† marks a row with a run that has not converged: its stability still measures its "
-    "initialisation."
+    "initialisation; ‡ a learning rate the sweep chose at its grid's smallest or largest "
+    "factor (the best rate may lie beyond it)."
 )
 T2_CAPTION = (
     "T2. Code consistency between seeds after signed-permutation matching (mean [min, max] "
     "over seed pairs) and restricted isometry on unions of observed supports, mean ± sd over "
-    "seeds: δ = max(lower, upper), the lower side 1 − σ_min² (1 = singular) and the upper "
+    "seeds: δ = max(lower, upper), its median and its largest value over the sampled unions "
+    "(a lower bound on δ_2k, which recovery guarantees need under the threshold on every "
+    "support), the lower side 1 − σ_min² (1 = singular) and the upper "
     "side σ_max² − 1 (coherent atoms), the unions with σ_min < 0.1, the fractions under 1/3 "
     "and √2−1, the calibrations (random supports, a Gaussian dictionary), the atoms with a "
     "near-duplicate (|cos| > 0.95), and, on a synthetic set, the true dictionary's coherence "
-    "and δ on its true supports. † as in T1."
+    "and δ on its true supports (median and largest). † as in T1."
 )
+
+
+def shown_metrics(table: pd.DataFrame, metrics: Sequence[Metric]) -> list[Metric]:
+    """``metrics`` less those marked ``hide_when_empty`` that have no value in ``table``."""
+    return [m for m in metrics if not (m.hide_when_empty and
+                                       int(table.get(f"{m.key}_n", pd.Series([0])).sum()) == 0)]
 
 
 def write_renderings(table: pd.DataFrame, metrics: Sequence[Metric], caption: str, label: str,
@@ -489,6 +685,7 @@ def write_renderings(table: pd.DataFrame, metrics: Sequence[Metric], caption: st
     """One summary table as Parquet, Markdown and LaTeX, each written atomically."""
     from isae.data.atomic import write_table, write_text_atomic
 
+    metrics = shown_metrics(table, metrics)
     write_table(table, parquet)
     write_text_atomic(to_markdown(table, metrics, caption), md)
     write_text_atomic(to_latex(table, metrics, caption, label=label), tex)

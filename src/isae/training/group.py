@@ -11,32 +11,30 @@ Each run stays itself: its initialisation (its coder's, copied), its learning ra
 Adam state (a per-model rate: isae.models.reference.adam_rows_), its dead-latent counters
 and AuxK mask, its log rows, its divergence and its checkpoint. ``bind`` makes each run's
 coder a view of its part's weights and its ``since_fired`` a view of the part's counters,
-so the trainer saves checkpoints and resume states from them as it does for any run; a
-run's stepper becomes a ``MemberStepper``, whose state is the one-by-one SAEStepper's
+so the trainer logs, saves checkpoints and resume states from them as it does for any run;
+a run's stepper becomes a ``MemberStepper``, whose state is the one-by-one SAEStepper's
 (torch's Adam layout), so a resume state written here resumes one by one and back.
+
+``GroupedPass`` is the trainer's pass stepper (isae.training.steppers.PassStepper) for a
+pass with such a group: the group steps its runs, every other run (dictionary learning, a
+ReLU SAE, another width) steps alone beside it (``EachRun``). ``grouped_pass`` chooses.
 
 What it computes is the one-by-one result up to float rounding (tests/test_group.py:
 on the CPU the grouped reference maths follow separate training closely over tens of
-steps; the GPU check is benchmarks/group_bench.py --check). The trainer hands a group of
-compatible runs here (``group_runs``); everything on the GPU is reached through the op
-set (isae.models.stacked.select_stacked_ops).
+steps; on the GPU, benchmarks/group_bench.py --only group,check). Everything on the GPU is
+reached through the op set (isae.models.stacked.select_stacked_ops).
 """
 
 from __future__ import annotations
 
-import logging
-import math
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
-from isae.errors import UserError
 from isae.models.compute import grouped_training
 from isae.models.config import TrainConfig
-from isae.models.stacked import StackedCoder, StackedOps, select_stacked_ops, stack_key
-
-log = logging.getLogger(__name__)
+from isae.models.reference import Codes
+from isae.models.stacked import StackedCoder, StackedOps, local, select_stacked_ops, stack_key
+from isae.training.steppers import EachRun, Run
 
 
 class _Part:
@@ -94,8 +92,8 @@ class _Part:
     def train_step(self, x: Tensor, total_var: Tensor, width: int | None, tcfg: TrainConfig,
                    ops: StackedOps) -> dict[str, Tensor]:
         """One optimisation step of every model of the part; the dead-latent counters
-        updated. Returns [M] tensors: loss, fvu, auxk, l0 (non-zero codes), dead (the step's
-        dead count) and n_dead_next (the next step's)."""
+        updated. Returns [M] tensors loss, fvu, auxk and n_dead_next (the next step's dead
+        counts), and the codes, val and idx [M, B, K] (each model's own latent indices)."""
         coder = self.coder
         dead = self.since >= tcfg.dead_tokens
         for P, _ in self.params.values():
@@ -115,8 +113,8 @@ class _Part:
             fires.scatter_add_(0, out.codes.idx.reshape(-1), nonzero.reshape(-1).long())
             self.since.copy_(torch.where(fires.view(self.M, self.N) > 0, 0, self.since + x.shape[0]))
             return {"loss": loss.detach(), "fvu": out.fvu.detach(), "auxk": out.auxk.detach(),
-                    "l0": nonzero.sum((1, 2)), "dead": dead.sum(1),
-                    "n_dead_next": (self.since >= tcfg.dead_tokens).sum(1)}
+                    "n_dead_next": (self.since >= tcfg.dead_tokens).sum(1),
+                    "val": out.codes.val.detach(), "idx": local(out.codes.idx, self.N)}
 
     @torch.no_grad()
     def silence(self, m: int) -> None:
@@ -130,10 +128,13 @@ class _Part:
 
 
 class MemberStepper:
-    """A grouped run's stepper: its learning rate and its state; the group steps it."""
+    """A grouped run's stepper: its learning rate, initial decoder and state; the group
+    steps it."""
 
-    def __init__(self, part: _Part, m: int, base_lr: float) -> None:
-        self.part, self.m, self.base_lr = part, m, base_lr
+    def __init__(self, part: _Part, m: int, solo) -> None:
+        self.part, self.m = part, m
+        self.base_lr = solo.base_lr
+        self.initial = solo.initial
         self.model = part.runs[m].model
 
     def step(self, *args, **kwargs):
@@ -149,7 +150,7 @@ class MemberStepper:
 class RunGroup:
     """The runs handed to the group, stepped together (see the module docstring)."""
 
-    def __init__(self, runs: list, tcfg: TrainConfig, device: torch.device,
+    def __init__(self, runs: list[Run], tcfg: TrainConfig, device: torch.device,
                  ops: StackedOps | None = None) -> None:
         self.tcfg = tcfg
         self.ops = ops or select_stacked_ops(device)
@@ -160,15 +161,14 @@ class RunGroup:
         self.runs = [r for p in self.parts for r in p.runs]  # the order of the [M] outputs
         self.N = self.parts[0].N
         self._where = [(p, m) for p in self.parts for m in range(p.M)]
+        self._silenced: set[int] = set()
         for p in self.parts:
             for m, r in enumerate(p.runs):
-                r.stepper = MemberStepper(p, m, r.stepper.base_lr)
-                if r.diverged:  # restored as diverged
-                    p.silence(m)
+                r.stepper = MemberStepper(p, m, r.stepper)
+        self._silence_diverged()  # restored as diverged
         self.n_dead = torch.cat([(p.since >= tcfg.dead_tokens).sum(1) for p in self.parts]).tolist()
         self.branches = self.ops.branches(len(self.parts), device)
-        self.graphs = (self.ops.step_graphs(self._body, self._before_recording)
-                       if device.type == "cuda" else None)
+        self.graphs = self.ops.step_graphs(self._body, self._before_recording, device)
         self._no_dead = torch.zeros(0, dtype=torch.bool, device=device)
 
     def __contains__(self, run) -> bool:
@@ -177,6 +177,12 @@ class RunGroup:
     def __len__(self) -> int:
         return len(self.runs)
 
+    def _silence_diverged(self) -> None:
+        for j, (run, (part, m)) in enumerate(zip(self.runs, self._where)):
+            if run.diverged and j not in self._silenced:
+                part.silence(m)
+                self._silenced.add(j)
+
     def _body(self, x: Tensor, _dead: Tensor | None, width: int | None) -> dict[str, Tensor]:
         total_var = self.ops.total_var(x)
         outs = []
@@ -184,19 +190,21 @@ class RunGroup:
             with self.branches(i):
                 outs.append(part.train_step(x, total_var, width, self.tcfg, self.ops))
         self.branches.join()
-        return {key: torch.cat([o[key] for o in outs]) for key in outs[0]}
+        return {key: [o[key] for o in outs] for key in outs[0]}
 
     def _before_recording(self) -> None:
         for part in self.parts:
             for P, _ in part.params.values():
                 P.grad = None
-            self.ops.before_recording(part.coder.W_dec)
+            self.ops.refresh_copies(part.coder.W_dec)
 
-    def step(self, x: Tensor, lr_scale: float, step: int, logging_step: bool,
-             wall: Callable[[], float], drop_diverged: bool) -> None:
-        """One step of every run of the group on the batch x [B, D]; on a logging step each
-        live run gets its log row (the trainer's format) or, with a non-finite loss, is
-        dropped (``drop_diverged``) or stops training with a UserError."""
+    def step(self, x: Tensor, lr_scale: float) -> dict[int, dict]:
+        """One step of every live run of the group on the batch x [B, D] at ``lr_scale``
+        times each run's learning rate. Returns each run's metrics as a stepper's (loss,
+        fvu, auxk: scalars; codes: its own Codes [B, K]), keyed by its index in ``runs``;
+        a run the trainer marked diverged is left out (and frozen: it computes nothing
+        non-finite while the others train on)."""
+        self._silence_diverged()
         for part in self.parts:
             torch.mul(part.lr_base, lr_scale, out=part.lr)
         live = [n for n, r in zip(self.n_dead, self.runs) if not r.diverged]
@@ -205,45 +213,52 @@ class RunGroup:
             out = self.graphs(x, self._no_dead, width)
         else:
             out = self._body(x, None, width)
-        self.n_dead = out["n_dead_next"].tolist()  # the one host sync: the next step's graph
-        if logging_step:
-            self._log(out, step, x.shape[0], lr_scale, wall, drop_diverged)
-
-    def _log(self, out: dict[str, Tensor], step: int, batch: int, lr_scale: float,
-             wall: Callable[[], float], drop_diverged: bool) -> None:
-        got = {k: out[k].tolist() for k in ("loss", "fvu", "auxk", "l0", "dead")}
+        # the one host sync: the next step's dead counts pick its AuxK width (its graph)
+        self.n_dead = torch.cat(out["n_dead_next"]).tolist()
+        metrics = {}
         for j, (run, (part, m)) in enumerate(zip(self.runs, self._where)):
             if run.diverged:
                 continue
-            # The trainer's log row (train_many), field for field.
-            row = {
-                "step": step,
-                "tokens": (step + 1) * batch,
-                "loss": got["loss"][j],
-                "fvu": got["fvu"][j],
-                "auxk": got["auxk"][j],
-                "l0": got["l0"][j] / batch,
-                "dead_frac": got["dead"][j] / self.N,
-                "lr": run.stepper.base_lr * lr_scale,
-                "wall_s": wall(),
-            }
-            if not math.isfinite(row["loss"]):
-                if not drop_diverged:
-                    raise UserError(f"training diverged at step {step} (loss {row['loss']}); lower --lr")
-                log.warning("%s seed %d diverged at step %d (lr %.3g); dropped",
-                            run.cfg.arch, run.cfg.seed, step, row["lr"] / max(lr_scale, 1e-30))
-                run.diverged = True
-                part.silence(m)
-                continue
-            run.rows.append(row)
+            i = self.parts.index(part)
+            metrics[j] = {"loss": out["loss"][i][m], "fvu": out["fvu"][i][m],
+                          "auxk": out["auxk"][i][m],
+                          "codes": Codes(out["val"][i][m], out["idx"][i][m])}
+        return metrics
+
+
+class GroupedPass:
+    """The pass stepper (isae.training.steppers.PassStepper) of a pass whose TopK-family
+    runs of one shape train as one group; its other runs step one by one beside it."""
+
+    def __init__(self, runs: list[Run], group: RunGroup, others: EachRun) -> None:
+        self.runs, self.group, self.others = runs, group, others
+
+    def step(self, x: Tensor, lr_scale: float, deads: list[Tensor]) -> list[dict | None]:
+        grouped = self.group.step(x, lr_scale)
+        alone = iter(self.others.step(x, lr_scale, [d for r, d in zip(self.runs, deads)
+                                                    if r not in self.group]))
+        by_run = {id(r): grouped.get(j) for j, r in enumerate(self.group.runs)}
+        return [by_run[id(r)] if r in self.group else next(alone) for r in self.runs]
+
+
+def grouped_pass(runs: list[Run], tcfg: TrainConfig, device: torch.device,
+                 grouped: bool | None = None, seed_streams: bool = False) -> GroupedPass | None:
+    """The pass stepper that trains the TopK-family runs of the first such run's width and
+    k as one group (every run of a pass, as ``isae train`` makes them), when there are at
+    least two of them and grouping is on (``grouped``; None: isae.models.compute.
+    grouped_training, the GPU's fast path); None otherwise. Call it after the runs' resume
+    states are restored."""
+    group = group_runs(runs, tcfg, device, grouped)
+    if group is None:
+        return None
+    others = [r for r in runs if r not in group]
+    return GroupedPass(runs, group, EachRun(others, torch.device(device), seed_streams))
 
 
 def group_runs(runs: list, tcfg: TrainConfig, device: torch.device,
                grouped: bool | None = None) -> RunGroup | None:
-    """The group that steps the TopK-family runs of ``runs`` of the first such run's width
-    and k (every run of a pass, as ``isae train`` makes them), when there are at least two;
-    None when grouping is off (``grouped``; None: isae.models.compute.grouped_training) or
-    nothing to group. Call it after the runs' resume states are restored."""
+    """The group of the TopK-family runs of ``runs`` of the first such run's width and k,
+    when there are at least two and grouping is on; None otherwise."""
     if grouped is None:
         grouped = grouped_training(device)
     if not grouped:
