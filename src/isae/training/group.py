@@ -246,8 +246,9 @@ def grouped_pass(runs: list[Run], tcfg: TrainConfig, device: torch.device,
     """The pass stepper that trains the TopK-family runs of the first such run's width and
     k as one group (every run of a pass, as ``isae train`` makes them), when there are at
     least two of them and grouping is on (``grouped``; None: isae.models.compute.
-    grouped_training, the GPU's fast path); None otherwise. Call it after the runs' resume
-    states are restored."""
+    grouped_training, the GPU's fast path); None otherwise. ``tcfg``: the pass's settings
+    (each run keeps its own learning rate). Call it after the runs' resume states are
+    restored."""
     group = group_runs(runs, tcfg, device, grouped)
     if group is None:
         return None

@@ -96,12 +96,12 @@ def resume_dir(out: str | os.PathLike) -> Path:
     return out.parent / f"{out.name}.resume"
 
 
-def pass_stepper(runs: list[Run], tcfg: TrainConfig, device: torch.device,
-                 grouped: bool | None = None) -> PassStepper:
+def pass_stepper(runs: list[Run], device: torch.device, grouped: bool | None = None
+                 ) -> PassStepper:
     """How a pass steps its runs, the one place that chooses: the TopK-family runs of one
     shape as one batched model (training/group.py; ``grouped``, None: on the GPU's fast
     path), the others each with its own stepper in turn."""
-    return (grouped_pass(runs, tcfg, device, grouped, seed_streams=SEED_STREAMS)
+    return (grouped_pass(runs, runs[0].tcfg, device, grouped, seed_streams=SEED_STREAMS)
             or EachRun(runs, device, seed_streams=SEED_STREAMS))
 
 
@@ -150,7 +150,7 @@ def train_many(
     p = _set_up(activations, sae_cfgs, tcfg, outs, lrs, force)
     start = _resume(p) if resume else _Start()
     batches, source = training_batches(p.acts, tcfg, p.device, start.step, start.source)
-    seconds = _step_loop(p, pass_stepper(p.runs, tcfg, p.device, grouped), batches, source, start,
+    seconds = _step_loop(p, pass_stepper(p.runs, p.device, grouped), batches, source, start,
                          drop_diverged)
     _check_same_data(p)
     tokens = p.total_steps * tcfg.batch_size
