@@ -409,6 +409,13 @@ class TrainConfig:
         return self.lr if self.lr is not None else BASE_LR / (d_sae / 2**14) ** 0.5
 
 
+def carry_lr(lr: float, from_width: int, to_width: int) -> float:
+    """A learning rate chosen at ``from_width`` latents, carried to ``to_width`` as the
+    default rate scales (1 / √width): the same multiple of the default at both widths.
+    ``lr`` itself at the same width."""
+    return lr if from_width == to_width else lr * (from_width / to_width) ** 0.5
+
+
 def choices(cls: type, name: str) -> tuple:
     """The values field ``name`` of dataclass ``cls`` allows (its ``choices`` metadata)."""
     return next(f.metadata["choices"] for f in fields(cls) if f.name == name)
