@@ -29,13 +29,15 @@ def tiny(**over) -> dict:
         "budgets": {"archs": ["topk"], "seeds": [0]},
         "ablation": {"datasets": [], "variants": ["topk+signed"], "seeds": [0, 1]},
         "iter": {"datasets": [], "bases": ["isae"], "steps": [1, 3], "seeds": [0]},
+        "width_study": {"datasets": [], "archs": ["topk", "isae"], "seeds": [0, 1]},
         "match": {"max_rows": 100}, "ric": {"pairs": 10}, "chance": {"draws": 1},
         "fidelity": {"max_tokens": 64, "batch_size": 4},
         "datasets": {"syn": {
             "source": "synthetic", "archs": None, "fidelity": False,
             "extract": {"d": 8, "atoms": 16, "k": 2, "rows": 100},
             "train": {"k": 2, "width": 16, "rows": 1000, "budgets": [500], "ks": [2, 4],
-                      "widths": [], "batch_size": 64, "lr": None}}},
+                      "widths": [], "batch_size": 64, "lr": None, "options": {}},
+            "width_axis": {"widths": [], "lr_sweep_width": "largest", "per_width": []}}},
     }  # fmt: skip
     for key, value in over.items():
         cfg[key] = value
@@ -142,22 +144,25 @@ def test_a_run_on_a_data_variant_trains_in_a_group_of_its_own():
 
 
 def test_a_registered_grid_joins_the_runs_flags_and_jobs():
-    """How a new grid is added: a function in the table. A width axis at 2 and 4 x the
-    main width: its run at the main width is the main grid's, reused."""
+    """How a new grid is added: a function in the table. An axis at 2 and 4 x the main
+    width: its run at the main width is the main grid's, reused."""
 
-    def width_grid(cfg, name, planned):
+    def wide_grid(cfg, name, planned):
         tr = cfg["datasets"][name]["train"]
         return [G.Run(name, a, tr["k"], w, tr["rows"], s)
                 for a in ("topk",) for w in (16, 32, 64) for s in cfg["seeds"]]
 
-    grids = dict(G.GRIDS, width=width_grid)
+    grids = dict(G.GRIDS, wide=wide_grid)
     cfg = tiny()
     g = G.Grid.of(cfg, grids)
-    assert g.names[-1] == "width"
+    assert g.names[-1] == "wide"
     at = {(r.width, r.seed): set(gr) for r, gr in g.runs.items() if r.arch == "topk"
           and (r.k, r.rows) == (2, 1000)}
-    assert at[(16, 1)] == {"main", "width"} and at[(64, 0)] == {"width"}
-    assert all("width" in f for f in g.flags())
+    assert at[(16, 1)] == {"main", "wide"} and at[(64, 0)] == {"wide"}
+    assert all("wide" in f and isinstance(f["width"], int) for f in g.flags())
+    # A grid named after a run's column would overwrite it in the flags: refused.
+    with pytest.raises(ValueError, match="width clash"):
+        G.Grid.of(cfg, dict(G.GRIDS, width=wide_grid))
     trained = {j.wildcards["group"] for j in plan.jobs(cfg, g) if j.rule == "train"}
     assert {"k2-w32-r1000", "k2-w64-r1000"} <= trained
 

@@ -35,9 +35,10 @@ defaults); the workflow (``workflow/rules/common.smk``) and the compute plan
 
 Adding a grid: write a function ``(cfg, name, planned) -> list[Run]`` and register it in
 ``GRIDS`` after the grids whose runs it reuses. Its name becomes a flag column of the
-collected tables, and its runs are trained and measured by the existing rules, in the
-groups their shapes give. A width axis returns main-shape runs at other widths (its run at
-the main width is the main grid's, reused). A reference trained on a derived activation
+collected tables (so it may not be a run's column: ``width`` is refused), and its runs are
+trained and measured by the existing rules, in the groups their shapes give. The width
+axis (``width_grid``) returns main-shape runs at other widths (its run at the main width is
+the main grid's, reused). A reference trained on a derived activation
 set (a Gaussian set with the data's covariance, one half of a split by document) returns
 runs with ``role`` and ``data`` set, e.g. ``Run(..., role="null", data="null")``: they
 train in a group of their own (``k16-w768-r120000-null``), and the workflow maps
@@ -343,6 +344,10 @@ class Grid:
 
     @classmethod
     def of(cls, cfg: dict, grids: Mapping[str, GridFn] = GRIDS) -> Grid:
+        # A grid's name is a flag column beside the runs' identity columns.
+        clash = set(grids) & {*Run._fields, "group"}
+        if clash:
+            raise ValueError(f"grid name(s) {', '.join(sorted(clash))} clash with a run's columns")
         runs = build_runs(cfg, grids)
         return cls(runs, build_groups(runs), tuple(grids))
 
