@@ -170,7 +170,7 @@ def test_t3_reads_the_largest_width_of_the_axis():
     md = tables.to_markdown(tables.table_t3(**p), tables.shown_metrics(
         tables.table_t3(**p), tables.T3_METRICS))
     assert "| lr factor, main width | lr factor, this width | rows (M) |" in md
-    assert "| syn | isae † | 8 | 128 | 0.0071 ‡ | 1 | 4 | 0.1 |" in md
+    assert "| syn | isae † | 8 | 128 | 0.0071 ‡ | 1 | 4 | 0.128 |" in md
     # Without a second sweep its column goes; the main factor stays.
     t2 = tables.table_t3(**dict(p, lr_width=pd.DataFrame()))
     shown = [m.label for m in tables.shown_metrics(t2, tables.T3_METRICS)]

@@ -154,7 +154,9 @@ def lr_output(name: str, width: int, key: str) -> str:
 
 def lr_width(wildcards) -> int | None:
     """The swept width whose rates the group trains at (the nearest to its own)."""
-    return study_grid.lr_width_of(config, GRID, wildcards.dataset, group_of(wildcards).width)
+    return study_grid.lr_width_of(
+        config, GRID, wildcards.dataset, group_of(wildcards).width
+    )
 
 
 def lr_runs(wildcards) -> list:
@@ -183,7 +185,9 @@ def width_lr_sweeps() -> list:
 
 def width_lr_sweep_flags(wildcards) -> str:
     return plan.cli_flags(
-        plan.width_lr_sweep_options(config, GRID, wildcards.dataset, int(wildcards.width))
+        plan.width_lr_sweep_options(
+            config, GRID, wildcards.dataset, int(wildcards.width)
+        )
     )
 
 

@@ -33,9 +33,9 @@ rule lr_sweep_width:
     input:
         acts=rules.activations.output.acts,
     output:
-        choice="results/lr/{dataset}/w{width}/lr.json",
-        table="results/lr/{dataset}/w{width}/sweep.parquet",
-        ckpts=directory("results/lr/{dataset}/w{width}/ckpt"),
+        choice="results/lr/{dataset}-w{width}/lr.json",
+        table="results/lr/{dataset}-w{width}/sweep.parquet",
+        ckpts=directory("results/lr/{dataset}-w{width}/ckpt"),
     log:
         "logs/lr_sweep_width/{dataset}/w{width}.log",
     benchmark:
@@ -51,7 +51,8 @@ rule lr_sweep_width:
     params:
         torch_threads=res("train", "threads"),
         flags=width_lr_sweep_flags,
-        out=lambda wc: f"results/lr/{wc.dataset}/w{wc.width}",
+        # Beside the main sweep's folder, not in it (an lr-sweep output holds only its own).
+        out=lambda wc: f"results/lr/{wc.dataset}-w{wc.width}",
     shell:
         "isae --threads {params.torch_threads} lr-sweep --activations {input.acts} {params.flags} --out {params.out}"
         " > {log} 2>&1"

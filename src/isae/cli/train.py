@@ -22,8 +22,8 @@ from isae.models.config import (
     SAEConfig,
     TrainConfig,
     arch_fields,
-    carry_lr,
     arch_help,
+    carry_lr,
     parse_arch,
     steps_hint,
 )

@@ -744,7 +744,7 @@ T3_LR = [
            spread="none", optional=True, hide_when_empty=True),
     Metric("lr_factor_here", "lr factor, this width", r"lr fact.\ here", digits=3, fmt="g",
            spread="none", optional=True, hide_when_empty=True),
-    Metric("rows", "rows (M)", r"rows (M)", digits=1, scale=1e-6, spread="none"),
+    Metric("rows", "rows (M)", r"rows (M)", digits=3, fmt="g", scale=1e-6, spread="none"),
 ]
 T3_RUNS = [*_pick(T1_EVAL, "fvu", "dead_frac"), *_pick(T1_CONVERGENCE, "converged", "fvu_trend")]
 T3_PAIRS = [*T1_MATCH[:2], *T1_LIVE]
