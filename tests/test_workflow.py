@@ -183,7 +183,7 @@ def test_default_dry_run_and_overrides_are_typed(workdir):
     # and must still validate as numbers (common.smk re-types them).
     proc, *_ = snakemake(workdir, "--config", "seeds=[0, 1]", "archs=[topk, isae]",
                         "sweep={archs: [topk], seeds: [0]}", "ablation={datasets: []}",
-                        "budgets={archs: []}", "iter={datasets: []}",
+                        "budgets={archs: []}", "iter={datasets: []}", "width_study={datasets: []}",
                         "datasets={minilm: {train: {rows: 2000, ks: [8, 16]}, archs: null}}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     small = job_counts(proc.stdout)
