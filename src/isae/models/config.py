@@ -5,7 +5,10 @@ A preset is data: a dict of switches. An architecture name is a preset followed 
 added (``+name``) or removed (``-name``), e.g. ``topk+signed`` or ``isae-tied`` — which is
 how the ablation names its variants; ``parse_arch`` is the one reader of such names.
 ``+iterN`` adds N hard-thresholding steps (``+iter`` alone adds 3), e.g. ``topk+iter10`` or
-``isae+iter1``.
+``isae+iter1``; ``+sg`` stops the gradient through those steps (``isae-iter+sg``, see
+``SAEConfig.iht_gradient``). A change that changes nothing (``isae-iter-sg``: isae-iter has
+no ``sg`` to remove) is refused, so that every name means one model and no name reads as
+something it is not.
 
 Every field carries its docstring (the string under it); ``isae train`` makes its flags
 from the fields, their defaults and those docstrings (isae.cli.fields).
@@ -83,16 +86,22 @@ SWITCHES: dict[str, tuple[str, object, object]] = {
     "tied": ("tied", True, False),
     "nobias": ("bias", "none", "learned"),
     "iter": ("encoder_steps", 3, 0),
+    "sg": ("iht_gradient", "final", "steps"),
 }
 
 #: Presets: one dict of fields each, in the order tables list them. ``dl`` is the classical
 #: reference, not an SAE.
 PRESETS: dict[str, dict] = {
-    "topk": dict(kind="topk", signed=False, tied=False, bias="learned", encoder_steps=0),
-    "relu": dict(kind="relu", signed=False, tied=False, bias="learned", encoder_steps=0),
-    "isae": dict(kind="topk", signed=True, tied=True, bias="none", encoder_steps=0),
-    "isae-iter": dict(kind="topk", signed=True, tied=True, bias="none", encoder_steps=3),
-    "dl": dict(kind="dl", signed=True, tied=True, bias="none", encoder_steps=0),
+    "topk": dict(kind="topk", signed=False, tied=False, bias="learned", encoder_steps=0,
+                 iht_gradient="steps"),
+    "relu": dict(kind="relu", signed=False, tied=False, bias="learned", encoder_steps=0,
+                 iht_gradient="steps"),
+    "isae": dict(kind="topk", signed=True, tied=True, bias="none", encoder_steps=0,
+                 iht_gradient="steps"),
+    "isae-iter": dict(kind="topk", signed=True, tied=True, bias="none", encoder_steps=3,
+                      iht_gradient="steps"),
+    "dl": dict(kind="dl", signed=True, tied=True, bias="none", encoder_steps=0,
+                 iht_gradient="steps"),
 }
 
 _TOKEN = re.compile(r"([+-])([a-z]+)(\d*)")
@@ -140,18 +149,26 @@ def parse_arch(name: str) -> Arch:
                     f"arch {name!r}: only +iterN takes a count (N >= 1 thresholding steps)"
                 )
             on = int(count)
-        spec[fname] = on if sign == "+" else off
+        value = on if sign == "+" else off
+        if spec[fname] == value:
+            hint = f"; did you mean {name.replace('-' + switch, '+' + switch, 1)}?" if sign == "-" else ""
+            raise UserError(f"arch {name!r}: {sign}{switch}{count} changes nothing "
+                            f"({name[:len(base) + m.start()]} already has {fname} = {value!r}){hint}")
+        spec[fname] = value
         pos = m.end()
     if pos != len(rest):
         raise UserError(f"cannot parse arch {name!r} after {name[:len(base) + pos]!r}")
+    if spec.get("iht_gradient") == "final" and not spec["encoder_steps"]:
+        raise UserError(f"arch {name!r}: +sg stops the gradient through thresholding steps, "
+                        "and it has none (add +iter or +iterN)")
     return Arch(name, base, rest, spec)
 
 
 def arch_help() -> str:
     """What an architecture name may be, in one line (for help texts)."""
     return (f"a preset ({', '.join(PRESETS)}) with optional +switch/-switch "
-            f"({', '.join(SWITCHES)}; +iterN for N thresholding steps), e.g. topk+signed, "
-            "isae-tied or isae+iter10")
+            f"({', '.join(SWITCHES)}; +iterN for N thresholding steps, +sg for no gradient "
+            "through them), e.g. topk+signed, isae-tied, isae+iter10 or isae-iter+sg")
 
 
 def thresholding_steps(name: str) -> tuple[str, int] | None:
@@ -198,6 +215,15 @@ class SAEConfig:
     """Iterative hard-thresholding steps with the decoder after the amortised TopK."""
     iht_step: float = 1.0
     """Step size eta of those steps, relative to 1/||D||^2 on the active rows (see sparse_coder.py)."""
+    iht_gradient: str = field(default="steps", metadata={"choices": ("steps", "final")})
+    """What training differentiates when there are thresholding steps. steps: through every
+    step (isae-iter). final (the ``+sg`` switch, e.g. isae-iter+sg): the steps run without
+    gradient and compute the same codes; the decoder is trained on the final codes as
+    constants, the dictionary-learning update (by the envelope theorem, the exact gradient
+    of the refined codes' loss where they are least-squares optimal on their support), and
+    the encoder by a straight-through gradient: the final values' gradient flows into the
+    amortised pre-activations of the final support, as TopK training does with its own
+    support. Where the steps change no code, this is TopK's gradient exactly."""
     l1_coeff: float = 1e-3
     """relu only: weight of the decoder-norm-weighted L1 penalty."""
     seed: int = 0
@@ -205,7 +231,7 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         # Types first: a checkpoint's cfg.json reaches here as parsed JSON.
-        for name in ("arch", "kind", "bias"):
+        for name in ("arch", "kind", "bias", "iht_gradient"):
             if not isinstance(getattr(self, name), str):
                 raise UserError(f"{name} must be a string, not {getattr(self, name)!r}")
         for name in ("signed", "tied"):
@@ -220,6 +246,8 @@ class SAEConfig:
             raise UserError(f"k must satisfy 1 <= k < width; got k={self.k}, width={self.d_sae}")
         if self.bias not in choices(SAEConfig, "bias"):
             raise UserError(f"bias must be 'learned' or 'none', not {self.bias!r}")
+        if self.iht_gradient not in choices(SAEConfig, "iht_gradient"):
+            raise UserError(f"iht_gradient must be 'steps' or 'final', not {self.iht_gradient!r}")
         self.encoder_steps = check_int("encoder_steps", self.encoder_steps, 0, MAX_ENCODER_STEPS)
         self.iht_step = check_float("iht_step", self.iht_step, 0.0, lo_open=True)
         self.l1_coeff = check_float("l1_coeff", self.l1_coeff, 0.0)

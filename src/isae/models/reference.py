@@ -104,6 +104,17 @@ def keep_better(x: Tensor, x_hat: Tensor, codes: Codes, new: Codes, x_new: Tenso
     return kept, torch.where(better, x_new, x_hat)
 
 
+def straight_through(codes: Codes, pre_S: Tensor, signed: bool) -> Tensor:
+    """The values of ``codes`` [B, K], with the gradient they receive passed on to the
+    pre-activations ``pre_S`` [B, K] on the same support (where an unsigned code is
+    positive: TopK after ReLU passes nothing through a zero). The forward values are
+    ``codes.val`` exactly: ``pre_S - pre_S.detach()`` is an exact zero."""
+    delta = pre_S - pre_S.detach()
+    if not signed:
+        delta = delta * (codes.val > 0)
+    return codes.val.detach() + delta
+
+
 def project_rows_(G: Tensor, W: Tensor) -> None:
     """G[i] -= <G[i], W[i]> W[i] in place: a gradient step along G then keeps each row's norm
     to first order."""
@@ -191,6 +202,18 @@ class ReferenceOps:
         u = (g * step).scatter_add(-1, codes.idx, codes.val)
         new = topk_select(u, k, signed)
         return keep_better(x, x_hat, codes, new, self.decode(new, w))[0], None
+
+    def iht_final(self, x: Tensor, pre: Tensor, codes: Codes, w: Weights, k: int, signed: bool,
+                  scale: float, steps: int) -> tuple[Codes, Tensor | None]:
+        """``steps`` IHT steps from the amortised ``codes`` without gradient (the codes of
+        the same steps differentiated), then the final values made differentiable by
+        ``straight_through`` from the pre-activations ``pre`` [B, N]. No reconstruction:
+        the caller decodes the final codes with gradient."""
+        with torch.no_grad():
+            codes = Codes(codes.val.detach(), codes.idx)
+            for _ in range(steps):
+                codes = self.iht_step(x, self.decode(codes, w), codes, w, k, signed, scale)[0]
+        return Codes(straight_through(codes, pre.gather(-1, codes.idx), signed), codes.idx), None
 
     def fvu(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
         return fvu(x, x_hat)

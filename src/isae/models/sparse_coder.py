@@ -121,7 +121,8 @@ class SparseCoder(nn.Module):
         return self.ops.decode(codes, w)
 
     def _encode(self, x: Tensor, w: Weights, aux: AuxLatents | None = None) -> _Encoding:
-        """The codes: OMP (dl), ReLU (relu), or TopK then ``encoder_steps`` IHT steps."""
+        """The codes: OMP (dl), ReLU (relu), or TopK then ``encoder_steps`` IHT steps
+        (differentiated through, or for ``iht_gradient`` final not: ``ops.iht_final``)."""
         assert x.shape[-1] == self.cfg.d_in, f"expected [B, {self.cfg.d_in}], got {tuple(x.shape)}"
         if self.cfg.kind == "dl":
             return _Encoding(omp(x - self.b_dec, self.W_dec, self.cfg.k), None, None, None)
@@ -131,6 +132,11 @@ class SparseCoder(nn.Module):
             return _Encoding(Codes(z, idx), None, None, None)
         k_aux = self._k_aux(aux.n) if aux is not None else 0
         codes, pre, aux_codes = self.ops.topk_encode(x, w, self.cfg.k, self.cfg.signed, aux, k_aux)
+        if self.cfg.encoder_steps and self.cfg.iht_gradient == "final":
+            # +sg: the same steps, not differentiated (see SAEConfig.iht_gradient)
+            codes, x_hat = self.ops.iht_final(x, pre, codes, w, self.cfg.k, self.cfg.signed,
+                                              self.cfg.iht_step, self.cfg.encoder_steps)
+            return _Encoding(codes, pre, x_hat, aux_codes)
         x_hat = None
         for _ in range(self.cfg.encoder_steps):
             if x_hat is None:
