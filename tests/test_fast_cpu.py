@@ -16,7 +16,7 @@ from isae.gpu import ops as fast
 from isae.gpu.ops import FastOps
 from isae.models.compute import select_ops
 from isae.models.config import SAEConfig
-from isae.models.reference import REFERENCE, Weights
+from isae.models.reference import REFERENCE, Codes, Weights
 from isae.models.sparse_coder import SparseCoder
 
 
@@ -213,3 +213,112 @@ def test_one_decoder_buffer_equals_autograd_summing(arch, monkeypatch):
     _, g_sum = step(m, x, dead)
     for name, g in g_sum.items():
         torch.testing.assert_close(g_buf[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------- +sg
+
+
+@pytest.mark.parametrize("ops", OP_SETS)
+@pytest.mark.parametrize("base", ["isae-iter", "topk+iter", "isae+iter10"])
+def test_stop_gradient_steps_compute_the_same_codes(ops, base):
+    """+sg runs the same steps without gradient: on the CPU (the reference, and the fast
+    op set on stock ops) the codes, the reconstruction and the losses are those of the
+    differentiated steps, bit for bit; only the gradients differ."""
+    torch.manual_seed(7)
+    d, n, k = 32, 160, 5
+    full = model(base, d, n, k, OP_SETS[ops]())
+    sg = model(base + "+sg", d, n, k, OP_SETS[ops]())
+    sg.load_state_dict(full.state_dict())
+    assert sg.cfg.iht_gradient == "final" and sg.cfg.encoder_steps == full.cfg.encoder_steps
+    x, dead = torch.randn(300, d), torch.rand(n) < 0.2
+    (a, ga), (b, gb) = step(full, x, dead), step(sg, x, dead)
+    assert torch.equal(a.codes.idx, b.codes.idx) and torch.equal(a.codes.val, b.codes.val)
+    assert torch.equal(a.x_hat, b.x_hat) and torch.equal(a.fvu, b.fvu) and torch.equal(a.auxk, b.auxk)
+    assert any(not torch.equal(ga[name], gb[name]) for name in ga)
+    with torch.no_grad():  # and encode() (evaluation) agrees
+        assert torch.equal(full.encode(x).idx, sg.encode(x).idx)
+
+
+def _sg_reference_grads(m: SparseCoder, x: torch.Tensor, codes, low: bool) -> dict:
+    """The gradients of the FVU that +sg defines, by dense float64 algebra from the final
+    codes: the decoder sees them as constants, the encoder gets their gradient on their
+    support (through ReLU's mask where unsigned). ``low``: the weights as the fast op set's
+    products read them (bfloat16 decoder table, bfloat16 encoder input)."""
+    def rd(t):
+        t = t.detach().double()
+        return t.to(torch.bfloat16).double() if low else t
+
+    B, N = codes.idx.shape[0], m.cfg.d_sae
+    Wd, We = rd(m.W_dec), m.encoder_weight.detach().double()
+    bd = m.b_dec.detach().double()
+    x64 = x.double()
+    Z = torch.zeros(B, N, dtype=torch.float64).scatter_(1, codes.idx, codes.val.detach().double())
+    mask = torch.zeros(B, N, dtype=torch.float64).scatter_(1, codes.idx, 1.0)
+    if not m.cfg.signed:
+        mask = mask * (Z > 0)
+    x_hat = Z @ Wd + bd
+    G = -2 * (x64 - x_hat) / (x64 - x64.mean(0)).pow(2).sum()  # dFVU / dx_hat
+    dZ = (G @ Wd.T) * mask
+    xc = rd(x64 - bd) if low else x64 - bd
+    dWe = xc.T @ dZ  # [D, N]
+    out = {"W_dec": Z.T @ G + (dWe.T if m.cfg.tied else 0)}
+    if not m.cfg.tied:
+        out["W_enc"] = dWe
+    if m.cfg.bias == "learned":
+        out["b_enc"] = dZ.sum(0)
+        out["b_dec"] = G.sum(0) - dZ.sum(0) @ We.T
+    return out
+
+
+@pytest.mark.parametrize("ops", OP_SETS)
+@pytest.mark.parametrize("arch", ["isae-iter+sg", "topk+iter+sg", "topk+signed+iter2+sg"])
+def test_stop_gradient_equals_float64_reference(ops, arch):
+    torch.manual_seed(8)
+    d, n, k = 24, 150, 4
+    m = model(arch, d, n, k, OP_SETS[ops]())
+    x = torch.randn(200, d)
+    out, g = step(m, x, None)
+    ref = _sg_reference_grads(m, x, out.codes, low=ops == "fast")
+    assert g.keys() == ref.keys()
+    for name, want in ref.items():
+        err = float((g[name].double() - want).norm() / want.norm())
+        assert err < 1e-5, (name, err)
+
+
+def test_stop_gradient_is_topks_gradient_where_the_steps_change_nothing():
+    """An orthonormal dictionary: the residual of the TopK codes is orthogonal to their
+    atoms, so every step keeps the support and moves the values by rounding only. The
+    +sg gradient is then that of isae (no steps): the decoder's share and the encoder's
+    straight-through share of the tied weight, as TopK's."""
+    torch.manual_seed(9)
+    d = k_n = 16
+    Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    x = torch.randn(100, d)
+    grads = {}
+    for arch in ("isae", "isae-iter+sg"):
+        m = SparseCoder(SAEConfig.from_arch(arch, d_in=d, d_sae=k_n, k=4, seed=0))
+        with torch.no_grad():
+            m.W_dec.copy_(Q.float())
+        grads[arch] = step(m, x, None)[1]["W_dec"]
+    torch.testing.assert_close(grads["isae-iter+sg"], grads["isae"], rtol=1e-4, atol=1e-6)
+
+
+def test_iht_forward_equals_the_differentiated_steps():
+    """FastOps.iht_forward (the +sg steps: two row kernels around the correlation, here on
+    stock ops) gives the codes and reconstruction of iht_step applied step by step."""
+    torch.manual_seed(10)
+    for signed, bias in ((True, False), (False, True)):
+        m = model("topk+iter" + ("+signed" if signed else ""), 20, 90, 4, FastOps())
+        if not bias:
+            with torch.no_grad():
+                m.b_dec.zero_()
+        x = torch.randn(64, 20)
+        w = m._weights()
+        codes = m.ops.topk_encode(x, w, 4, signed, None, 0)[0]
+        with torch.no_grad():
+            got, x_got = m.ops.iht_forward(x, codes, w, 4, signed, 0.8, 3)
+            c, x_hat = Codes(codes.val, codes.idx), m.ops.decode(codes, w)
+            for _ in range(3):
+                c, x_hat = m.ops.iht_step(x, x_hat, c, w, 4, signed, 0.8)
+        assert torch.equal(got.idx, c.idx) and torch.equal(got.val, c.val)
+        assert torch.equal(x_got, x_hat)

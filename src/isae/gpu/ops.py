@@ -22,6 +22,9 @@ Here the sparse maps get their own backward, built on the Triton kernels of kern
 * The FVU (loss and AuxK's) is one pass over x and x_hat.
 * IHT (isae-iter) selects each new support from a dense bfloat16 correlation computed
   without gradient, and differentiates only the correlations it keeps (gathered dots).
+  With ``+sg`` the steps are not differentiated at all: two row kernels per step
+  (kernels.iht_eta, kernels.iht_update) around the correlation and its top-k, and the
+  final values' gradient goes straight to the encoder (``straight_through``).
 
 Parameters, optimiser state, the loss and the reconstruction stay float32. On CPU tensors
 the kernels fall back to stock torch, so the same functions run anywhere. The checks that
@@ -236,13 +239,14 @@ class _TopKEncode(Function):
     @staticmethod
     def backward(ctx, g_val: Tensor | None, _g_idx, _g_pre, g_z: Tensor | None):
         xc, W_enc, idx, val, cols, z = ctx.saved_tensors
-        if g_val is None:
-            g_val = torch.zeros_like(val)
-        elif not ctx.signed:
+        # No g_val: the codes were not differentiated (AuxK alone, or +sg's steps took them
+        # over), and their share of the gradients is zero: no sort, no sparse product.
+        if g_val is not None and not ctx.signed:
             g_val = g_val * (val > 0)
         N = W_enc.shape[1]
         db_enc = torch.zeros(N, device=xc.device, dtype=torch.float32)
-        db_enc.index_add_(0, idx.reshape(-1), g_val.reshape(-1).float())
+        if g_val is not None:
+            db_enc.index_add_(0, idx.reshape(-1), g_val.reshape(-1).float())
         g_aux = None
         if cols is not None and g_z is not None:
             g_aux = kernels.keep_where(g_z.to(LOW), z)  # [B, C]: the kept codes only
@@ -255,11 +259,13 @@ class _TopKEncode(Function):
             grads = _buffer(ctx, N, xc.shape[1])
             if g_aux is not None:
                 grads.add_rows(cols, mm32(g_aux.T, xc))  # [C, D]
-            grads.add_segments(_segments(ctx, idx, N), g_val, xc)
+            if g_val is not None:
+                grads.add_segments(_segments(ctx, idx, N), g_val, xc)
             if ctx.grads is None:
                 # [D, N] as a view: W_enc is stored latent-major (sparse_coder.py), so this is its
                 # own layout and autograd takes it without a copy.
-                dW = grads.take().T
+                acc = grads.take()
+                dW = None if acc is None else acc.T
         db_dec = -(db_enc @ W_enc.T) if ctx.needs_input_grad[1] else None
         return (None, db_dec, dW, db_enc if ctx.needs_input_grad[3] else None,
                 None, None, None, None, None, None)
@@ -371,6 +377,68 @@ def select_topk(score_src: Tensor, k: int, signed: bool) -> Tensor:
     return kernels.topk_rows(score_src, k, signed)[1]
 
 
+class _StraightThrough(Function):
+    @staticmethod
+    def forward(ctx, val: Tensor, idx: Tensor, x: Tensor, b_dec: Tensor, W_enc: Tensor,
+                b_enc: Tensor, signed: bool, grads: DecoderGrads | None):
+        ctx.save_for_backward(val, idx, x, b_dec, W_enc)
+        ctx.signed, ctx.grads = signed, grads
+        ctx.holder = _holder(idx)
+        return val.view_as(val)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        # TopK's encoder backward (_TopKEncode) for codes on a support it did not select:
+        # d pre[b, idx[b, j]] = g[b, j].
+        val, idx, x, b_dec, W_enc = ctx.saved_tensors
+        if not ctx.signed:
+            g = g * (val > 0)
+        N, D = W_enc.shape[1], W_enc.shape[0]
+        db_enc = None
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[5]:
+            db_enc = torch.zeros(N, device=g.device, dtype=torch.float32)
+            db_enc.index_add_(0, idx.reshape(-1), g.reshape(-1).float())
+        dW = None
+        if ctx.needs_input_grad[4]:
+            grads = _buffer(ctx, N, D)
+            grads.add_segments(_segments(ctx, idx, N), g, kernels.sub_cast(x, b_dec, LOW))
+            if ctx.grads is None:
+                dW = grads.take().T  # W_enc's own latent-major layout (see _TopKEncode)
+        db_dec = -(db_enc @ W_enc.T) if ctx.needs_input_grad[3] else None
+        return (None, None, None, db_dec, dW, db_enc if ctx.needs_input_grad[5] else None,
+                None, None)
+
+
+def straight_through(val: Tensor, idx: Tensor, x: Tensor, w: Weights, signed: bool) -> Tensor:
+    """``val`` [B, K] (codes computed without gradient), with the gradient they receive passed
+    to the encoder's pre-activations (x - b_dec) W_enc + b_enc on the support ``idx``, as
+    isae.models.reference.straight_through does; unsigned codes pass it where positive.
+    A tied model's share goes into the decoder's one buffer."""
+    return _StraightThrough.apply(val, idx, x, w.b_dec, w.enc, w.b_enc, signed,
+                                  w.grads if w.tied else None)
+
+
+class _KnownDecode(Function):
+    @staticmethod
+    def forward(ctx, val: Tensor, idx: Tensor, W_dec: Tensor, grads: DecoderGrads | None,
+                bias: Tensor | None, out: Tensor):
+        ctx.save_for_backward(val, idx, low(W_dec))
+        ctx.n, ctx.grads = W_dec.shape[0], grads
+        ctx.holder = _holder(idx)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return (*_SparseDecode.backward(ctx, g), None)
+
+
+def known_decode(val: Tensor, idx: Tensor, W_dec: Tensor, grads: DecoderGrads | None,
+                 bias: Tensor | None, out: Tensor) -> Tensor:
+    """``sparse_decode`` whose result ``out`` [B, D] was computed already (without gradient):
+    the same backward, no second gathered decode."""
+    return _KnownDecode.apply(val, idx, W_dec, grads, bias, out)
+
+
 class FastOps:
     """The fast op set (see the module docstring); the same methods as
     isae.models.reference.ReferenceOps.
@@ -437,6 +505,36 @@ class FastOps:
             val = F.relu(val)
         new = Codes(val, idx)
         return keep_better(x, x_hat, codes, new, self.decode(new, w))
+
+    @torch.no_grad()
+    def iht_forward(self, x: Tensor, codes: Codes, w: Weights, k: int, signed: bool, scale: float,
+                    steps: int) -> tuple[Codes, Tensor]:
+        """``steps`` of ``iht_step``'s forward, without gradient: per step the step size with
+        the bfloat16 scaled residual (kernels.iht_eta), the dense correlation, its top-k, and
+        the new values, their decode and the keep-the-better choice (kernels.iht_update), in
+        one pass each where iht_step launches some thirty kernels. -> (codes, their
+        reconstruction)."""
+        W_low = low(w.dec)
+        val, idx = codes.val.detach(), codes.idx
+        x_hat = kernels.gather_decode(val, idx, W_low, w.b_dec)
+        for _ in range(steps):
+            step, rs = kernels.iht_eta(x, x_hat, idx, W_low, scale)
+            u = rs @ W_low.T  # [B, N] bf16, as in iht_step
+            u = u.scatter_add_(-1, idx, val.to(u.dtype))
+            new = select_topk(u, k, signed)
+            val, idx, x_hat = kernels.iht_update(x, x_hat, val, idx, new, step, W_low, w.b_dec,
+                                                 signed)
+        return Codes(val, idx), x_hat
+
+    def iht_final(self, x: Tensor, pre: Tensor, codes: Codes, w: Weights, k: int, signed: bool,
+                  scale: float, steps: int) -> tuple[Codes, Tensor]:
+        """The reference's iht_final: ``iht_forward``, then the final values made
+        differentiable by ``straight_through`` and their reconstruction by ``known_decode``
+        (``pre``, the bfloat16 pre-activations, is not needed: the gradient is routed to the
+        encoder's weights directly)."""
+        final, x_hat = self.iht_forward(x, codes, w, k, signed, scale, steps)
+        val = straight_through(final.val, final.idx, x, w, signed)
+        return Codes(val, final.idx), known_decode(val, final.idx, w.dec, w.grads, w.b_dec, x_hat)
 
     def fvu(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
         return fvu(x, x_hat)
