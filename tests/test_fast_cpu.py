@@ -241,32 +241,31 @@ def test_stop_gradient_steps_compute_the_same_codes(ops, base):
 
 def _sg_reference_grads(m: SparseCoder, x: torch.Tensor, codes, low: bool) -> dict:
     """The gradients of the FVU that +sg defines, by dense float64 algebra from the final
-    codes: the decoder sees them as constants, the encoder gets their gradient on their
-    support (through ReLU's mask where unsigned). ``low``: the weights as the fast op set's
-    products read them (bfloat16 decoder table, bfloat16 encoder input)."""
+    codes: the decoder (W_dec, b_dec; a tied model's one weight) sees them as constants, an
+    untied encoder (W_enc, b_enc) gets their gradient on their support, through ReLU's mask
+    where unsigned, with b_dec held. ``low``: the weights as the fast op set's products read
+    them (bfloat16 decoder table, bfloat16 encoder input)."""
     def rd(t):
         t = t.detach().double()
         return t.to(torch.bfloat16).double() if low else t
 
     B, N = codes.idx.shape[0], m.cfg.d_sae
-    Wd, We = rd(m.W_dec), m.encoder_weight.detach().double()
-    bd = m.b_dec.detach().double()
+    Wd, bd = rd(m.W_dec), m.b_dec.detach().double()
     x64 = x.double()
     Z = torch.zeros(B, N, dtype=torch.float64).scatter_(1, codes.idx, codes.val.detach().double())
-    mask = torch.zeros(B, N, dtype=torch.float64).scatter_(1, codes.idx, 1.0)
-    if not m.cfg.signed:
-        mask = mask * (Z > 0)
     x_hat = Z @ Wd + bd
     G = -2 * (x64 - x_hat) / (x64 - x64.mean(0)).pow(2).sum()  # dFVU / dx_hat
-    dZ = (G @ Wd.T) * mask
-    xc = rd(x64 - bd) if low else x64 - bd
-    dWe = xc.T @ dZ  # [D, N]
-    out = {"W_dec": Z.T @ G + (dWe.T if m.cfg.tied else 0)}
-    if not m.cfg.tied:
-        out["W_enc"] = dWe
+    out = {"W_dec": Z.T @ G}
     if m.cfg.bias == "learned":
-        out["b_enc"] = dZ.sum(0)
-        out["b_dec"] = G.sum(0) - dZ.sum(0) @ We.T
+        out["b_dec"] = G.sum(0)
+    if not m.cfg.tied:
+        mask = torch.zeros(B, N, dtype=torch.float64).scatter_(1, codes.idx, 1.0)
+        if not m.cfg.signed:
+            mask = mask * (Z > 0)
+        dZ = (G @ Wd.T) * mask
+        out["W_enc"] = rd(x64 - bd).T @ dZ
+        if m.cfg.bias == "learned":
+            out["b_enc"] = dZ.sum(0)
     return out
 
 
@@ -285,22 +284,30 @@ def test_stop_gradient_equals_float64_reference(ops, arch):
         assert err < 1e-5, (name, err)
 
 
-def test_stop_gradient_is_topks_gradient_where_the_steps_change_nothing():
-    """An orthonormal dictionary: the residual of the TopK codes is orthogonal to their
-    atoms, so every step keeps the support and moves the values by rounding only. The
-    +sg gradient is then that of isae (no steps): the decoder's share and the encoder's
-    straight-through share of the tied weight, as TopK's."""
+@pytest.mark.parametrize("ops", OP_SETS)
+def test_stop_gradient_encoder_is_topks_where_the_steps_change_nothing(ops):
+    """Steps too short to move any code (iht_step 1e-30: the increments vanish in rounding)
+    leave the TopK codes as they are; the untied encoder's straight-through gradient is then
+    TopK's own, and so is the decoder's. b_dec gets the decoder's share only: TopK's less
+    its encoder share, -W_enc (the b_enc gradient)."""
     torch.manual_seed(9)
-    d = k_n = 16
-    Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
-    x = torch.randn(100, d)
-    grads = {}
-    for arch in ("isae", "isae-iter+sg"):
-        m = SparseCoder(SAEConfig.from_arch(arch, d_in=d, d_sae=k_n, k=4, seed=0))
-        with torch.no_grad():
-            m.W_dec.copy_(Q.float())
-        grads[arch] = step(m, x, None)[1]["W_dec"]
-    torch.testing.assert_close(grads["isae-iter+sg"], grads["isae"], rtol=1e-4, atol=1e-6)
+    d, n, k = 16, 64, 4
+    x = torch.randn(120, d)
+    grads, codes = {}, {}
+    for arch in ("topk+signed", "topk+signed+iter+sg"):
+        torch.manual_seed(1)  # the same random biases
+        m = model(arch, d, n, k, OP_SETS[ops]())
+        m.cfg.iht_step = 1e-30
+        out, grads[arch] = step(m, x, None)
+        codes[arch] = out.codes
+    a, b = codes["topk+signed"], codes["topk+signed+iter+sg"]
+    assert torch.equal(a.idx.sort(1).values, b.idx.sort(1).values)
+    assert torch.equal(a.val.sort(1).values, b.val.sort(1).values)
+    want = dict(grads["topk+signed"])
+    want["b_dec"] = want["b_dec"] + m.W_enc.detach() @ want["b_enc"]
+    for name, g in want.items():
+        torch.testing.assert_close(grads["topk+signed+iter+sg"][name], g, rtol=1e-5, atol=1e-7,
+                                   msg=name)
 
 
 def test_iht_forward_equals_the_differentiated_steps():

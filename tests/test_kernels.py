@@ -167,8 +167,10 @@ CHECKS = textwrap.dedent('''
             check_against_float64(SparseCoder(cfg, ops=ops()), name, x, dead)
     # +sg: its fused steps against the differentiated ones. Each half of a step equals its
     # stock counterpart to rounding (above), but the correlation is read at bfloat16
-    # resolution, where one rounding step in eta can reorder near-tied scores: a few rows
-    # take another support (here 2 of 48 after three steps). Then its gradients.
+    # resolution, and the interpreter truncates the scaled residual where torch rounds it
+    # (half its entries here; the GPU rounds both ways alike): near-tied scores reorder and
+    # a few rows take another support (2 of 48 after three steps). The gradients of +sg
+    # use no new kernel; tests/test_fast_cpu.py checks them against float64.
     full = SparseCoder(SAEConfig.from_arch("isae-iter", d_in=16, d_sae=130, k=4, seed=1),
                        ops=OP_SETS["fast"]())
     sg = SparseCoder(SAEConfig.from_arch("isae-iter+sg", d_in=16, d_sae=130, k=4, seed=1),
@@ -178,7 +180,6 @@ CHECKS = textwrap.dedent('''
     same_rows = (a.codes.idx.sort(1).values == b.codes.idx.sort(1).values).all(1)
     assert same_rows.float().mean() > 0.9, same_rows
     assert abs(float(a.fvu) - float(b.fvu)) < 0.05 * float(a.fvu)
-    check_against_float64(sg, "fast", x, dead)
     print("kernels ok")
 ''')
 

@@ -23,8 +23,9 @@ Here the sparse maps get their own backward, built on the Triton kernels of kern
 * IHT (isae-iter) selects each new support from a dense bfloat16 correlation computed
   without gradient, and differentiates only the correlations it keeps (gathered dots).
   With ``+sg`` the steps are not differentiated at all: two row kernels per step
-  (kernels.iht_eta, kernels.iht_update) around the correlation and its top-k, and the
-  final values' gradient goes straight to the encoder (``straight_through``).
+  (kernels.iht_eta, kernels.iht_update) around the correlation and its top-k; the decoder
+  sees the final codes as constants, an untied encoder gets their gradient straight
+  through (``straight_through``).
 
 Parameters, optimiser state, the loss and the reconstruction stay float32. On CPU tensors
 the kernels fall back to stock torch, so the same functions run anywhere. The checks that
@@ -380,42 +381,37 @@ def select_topk(score_src: Tensor, k: int, signed: bool) -> Tensor:
 class _StraightThrough(Function):
     @staticmethod
     def forward(ctx, val: Tensor, idx: Tensor, x: Tensor, b_dec: Tensor, W_enc: Tensor,
-                b_enc: Tensor, signed: bool, grads: DecoderGrads | None):
-        ctx.save_for_backward(val, idx, x, b_dec, W_enc)
-        ctx.signed, ctx.grads = signed, grads
+                b_enc: Tensor, signed: bool):
+        ctx.save_for_backward(val, idx, x, b_dec)
+        ctx.signed, ctx.shape = signed, W_enc.shape
         ctx.holder = _holder(idx)
         return val.view_as(val)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        # TopK's encoder backward (_TopKEncode) for codes on a support it did not select:
-        # d pre[b, idx[b, j]] = g[b, j].
-        val, idx, x, b_dec, W_enc = ctx.saved_tensors
+        # TopK's encoder backward (_TopKEncode) for codes on a support it did not select,
+        # d pre[b, idx[b, j]] = g[b, j], into W_enc and b_enc only (b_dec is held).
+        val, idx, x, b_dec = ctx.saved_tensors
         if not ctx.signed:
             g = g * (val > 0)
-        N, D = W_enc.shape[1], W_enc.shape[0]
+        D, N = ctx.shape
         db_enc = None
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[5]:
+        if ctx.needs_input_grad[5]:
             db_enc = torch.zeros(N, device=g.device, dtype=torch.float32)
             db_enc.index_add_(0, idx.reshape(-1), g.reshape(-1).float())
         dW = None
         if ctx.needs_input_grad[4]:
-            grads = _buffer(ctx, N, D)
-            grads.add_segments(_segments(ctx, idx, N), g, kernels.sub_cast(x, b_dec, LOW))
-            if ctx.grads is None:
-                dW = grads.take().T  # W_enc's own latent-major layout (see _TopKEncode)
-        db_dec = -(db_enc @ W_enc.T) if ctx.needs_input_grad[3] else None
-        return (None, None, None, db_dec, dW, db_enc if ctx.needs_input_grad[5] else None,
-                None, None)
+            # [D, N] as a view: W_enc's own latent-major layout (see _TopKEncode)
+            dW = _segments(ctx, idx, N).reduce(g, kernels.sub_cast(x, b_dec, LOW)).T
+        return None, None, None, None, dW, db_enc, None
 
 
 def straight_through(val: Tensor, idx: Tensor, x: Tensor, w: Weights, signed: bool) -> Tensor:
     """``val`` [B, K] (codes computed without gradient), with the gradient they receive passed
-    to the encoder's pre-activations (x - b_dec) W_enc + b_enc on the support ``idx``, as
-    isae.models.reference.straight_through does; unsigned codes pass it where positive.
-    A tied model's share goes into the decoder's one buffer."""
-    return _StraightThrough.apply(val, idx, x, w.b_dec, w.enc, w.b_enc, signed,
-                                  w.grads if w.tied else None)
+    to an untied encoder's pre-activations (x - b_dec) W_enc + b_enc on the support ``idx``,
+    into W_enc and b_enc (b_dec held), as isae.models.reference.straight_through does for
+    ReferenceOps.iht_final; unsigned codes pass it where positive."""
+    return _StraightThrough.apply(val, idx, x, w.b_dec.detach(), w.enc, w.b_enc, signed)
 
 
 class _KnownDecode(Function):
@@ -526,14 +522,12 @@ class FastOps:
                                                  signed)
         return Codes(val, idx), x_hat
 
-    def iht_final(self, x: Tensor, pre: Tensor, codes: Codes, w: Weights, k: int, signed: bool,
-                  scale: float, steps: int) -> tuple[Codes, Tensor]:
-        """The reference's iht_final: ``iht_forward``, then the final values made
-        differentiable by ``straight_through`` and their reconstruction by ``known_decode``
-        (``pre``, the bfloat16 pre-activations, is not needed: the gradient is routed to the
-        encoder's weights directly)."""
+    def iht_final(self, x: Tensor, codes: Codes, w: Weights, k: int, signed: bool, scale: float,
+                  steps: int) -> tuple[Codes, Tensor]:
+        """The reference's iht_final: ``iht_forward``, then an untied encoder's
+        ``straight_through`` and the final reconstruction by ``known_decode``."""
         final, x_hat = self.iht_forward(x, codes, w, k, signed, scale, steps)
-        val = straight_through(final.val, final.idx, x, w, signed)
+        val = final.val if w.tied else straight_through(final.val, final.idx, x, w, signed)
         return Codes(val, final.idx), known_decode(val, final.idx, w.dec, w.grads, w.b_dec, x_hat)
 
     def fvu(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:

@@ -218,12 +218,15 @@ class SAEConfig:
     iht_gradient: str = field(default="steps", metadata={"choices": ("steps", "final")})
     """What training differentiates when there are thresholding steps. steps: through every
     step (isae-iter). final (the ``+sg`` switch, e.g. isae-iter+sg): the steps run without
-    gradient and compute the same codes; the decoder is trained on the final codes as
-    constants, the dictionary-learning update (by the envelope theorem, the exact gradient
-    of the refined codes' loss where they are least-squares optimal on their support), and
-    the encoder by a straight-through gradient: the final values' gradient flows into the
-    amortised pre-activations of the final support, as TopK training does with its own
-    support. Where the steps change no code, this is TopK's gradient exactly."""
+    gradient and compute the same codes. The decoder, and what it shares with the encoder (a
+    tied encoder's weight, b_dec), learns from the final codes as constants: the
+    dictionary-learning update, by the envelope theorem the exact gradient of the refined
+    codes' loss where they are least-squares optimal on their support. An untied encoder's
+    own parameters (W_enc, b_enc) learn by a straight-through gradient: the final values'
+    gradient passed to the pre-activations of the final support, as TopK training passes
+    its own. Not into shared weights: there it would move the dictionary along the data
+    without lowering the loss (the codes come from the steps, not from the
+    pre-activations), and in a CPU test it made a tied model's training unstable."""
     l1_coeff: float = 1e-3
     """relu only: weight of the decoder-norm-weighted L1 penalty."""
     seed: int = 0

@@ -203,17 +203,23 @@ class ReferenceOps:
         new = topk_select(u, k, signed)
         return keep_better(x, x_hat, codes, new, self.decode(new, w))[0], None
 
-    def iht_final(self, x: Tensor, pre: Tensor, codes: Codes, w: Weights, k: int, signed: bool,
-                  scale: float, steps: int) -> tuple[Codes, Tensor | None]:
+    def iht_final(self, x: Tensor, codes: Codes, w: Weights, k: int, signed: bool, scale: float,
+                  steps: int) -> tuple[Codes, Tensor | None]:
         """``steps`` IHT steps from the amortised ``codes`` without gradient (the codes of
-        the same steps differentiated), then the final values made differentiable by
-        ``straight_through`` from the pre-activations ``pre`` [B, N]. No reconstruction:
-        the caller decodes the final codes with gradient."""
+        the same steps differentiated). The decoder then sees the final values as constants;
+        an untied encoder's own parameters get their gradient by ``straight_through``, from
+        its pre-activations on the final support with the decoder bias held fixed
+        (isae.models.config.SAEConfig.iht_gradient). No reconstruction: the caller decodes
+        the final codes with gradient."""
         with torch.no_grad():
             codes = Codes(codes.val.detach(), codes.idx)
             for _ in range(steps):
                 codes = self.iht_step(x, self.decode(codes, w), codes, w, k, signed, scale)[0]
-        return Codes(straight_through(codes, pre.gather(-1, codes.idx), signed), codes.idx), None
+        if w.tied:  # the encoder is the decoder: it learns as the decoder does
+            return codes, None
+        pre_S = (torch.einsum("bd,bkd->bk", x - w.b_dec.detach(), w.enc.T[codes.idx])
+                 + w.b_enc[codes.idx])
+        return Codes(straight_through(codes, pre_S, signed), codes.idx), None
 
     def fvu(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
         return fvu(x, x_hat)

@@ -134,7 +134,7 @@ class SparseCoder(nn.Module):
         codes, pre, aux_codes = self.ops.topk_encode(x, w, self.cfg.k, self.cfg.signed, aux, k_aux)
         if self.cfg.encoder_steps and self.cfg.iht_gradient == "final":
             # +sg: the same steps, not differentiated (see SAEConfig.iht_gradient)
-            codes, x_hat = self.ops.iht_final(x, pre, codes, w, self.cfg.k, self.cfg.signed,
+            codes, x_hat = self.ops.iht_final(x, codes, w, self.cfg.k, self.cfg.signed,
                                               self.cfg.iht_step, self.cfg.encoder_steps)
             return _Encoding(codes, pre, x_hat, aux_codes)
         x_hat = None
