@@ -219,7 +219,7 @@ def test_one_decoder_buffer_equals_autograd_summing(arch, monkeypatch):
 
 
 @pytest.mark.parametrize("ops", OP_SETS)
-@pytest.mark.parametrize("base", ["isae-iter", "topk+iter", "isae+iter10"])
+@pytest.mark.parametrize("base", ["isae-iter", "isae+iter10"])
 def test_stop_gradient_steps_compute_the_same_codes(ops, base):
     """+sg runs the same steps without gradient: on the CPU (the reference, and the fast
     op set on stock ops) the codes, the reconstruction and the losses are those of the
@@ -239,75 +239,27 @@ def test_stop_gradient_steps_compute_the_same_codes(ops, base):
         assert torch.equal(full.encode(x).idx, sg.encode(x).idx)
 
 
-def _sg_reference_grads(m: SparseCoder, x: torch.Tensor, codes, low: bool) -> dict:
-    """The gradients of the FVU that +sg defines, by dense float64 algebra from the final
-    codes: the decoder (W_dec, b_dec; a tied model's one weight) sees them as constants, an
-    untied encoder (W_enc, b_enc) gets their gradient on their support, through ReLU's mask
-    where unsigned, with b_dec held. ``low``: the weights as the fast op set's products read
-    them (bfloat16 decoder table, bfloat16 encoder input)."""
-    def rd(t):
-        t = t.detach().double()
-        return t.to(torch.bfloat16).double() if low else t
-
-    B, N = codes.idx.shape[0], m.cfg.d_sae
-    Wd, bd = rd(m.W_dec), m.b_dec.detach().double()
-    x64 = x.double()
-    Z = torch.zeros(B, N, dtype=torch.float64).scatter_(1, codes.idx, codes.val.detach().double())
-    x_hat = Z @ Wd + bd
-    G = -2 * (x64 - x_hat) / (x64 - x64.mean(0)).pow(2).sum()  # dFVU / dx_hat
-    out = {"W_dec": Z.T @ G}
-    if m.cfg.bias == "learned":
-        out["b_dec"] = G.sum(0)
-    if not m.cfg.tied:
-        mask = torch.zeros(B, N, dtype=torch.float64).scatter_(1, codes.idx, 1.0)
-        if not m.cfg.signed:
-            mask = mask * (Z > 0)
-        dZ = (G @ Wd.T) * mask
-        out["W_enc"] = rd(x64 - bd).T @ dZ
-        if m.cfg.bias == "learned":
-            out["b_enc"] = dZ.sum(0)
-    return out
-
-
 @pytest.mark.parametrize("ops", OP_SETS)
-@pytest.mark.parametrize("arch", ["isae-iter+sg", "topk+iter+sg", "topk+signed+iter2+sg"])
+@pytest.mark.parametrize("arch", ["isae-iter+sg", "isae+iter1+sg", "topk+tied+nobias+iter2+sg"])
 def test_stop_gradient_equals_float64_reference(ops, arch):
+    """The gradient +sg defines, by dense float64 algebra from the final codes: the
+    decoder's alone, the codes constants, Z^T dFVU/dx_hat. (On the fast op set the
+    reconstruction reads the bfloat16 table: so does the reference here.)"""
     torch.manual_seed(8)
     d, n, k = 24, 150, 4
     m = model(arch, d, n, k, OP_SETS[ops]())
     x = torch.randn(200, d)
     out, g = step(m, x, None)
-    ref = _sg_reference_grads(m, x, out.codes, low=ops == "fast")
-    assert g.keys() == ref.keys()
-    for name, want in ref.items():
-        err = float((g[name].double() - want).norm() / want.norm())
-        assert err < 1e-5, (name, err)
-
-
-@pytest.mark.parametrize("ops", OP_SETS)
-def test_stop_gradient_encoder_is_topks_where_the_steps_change_nothing(ops):
-    """Steps too short to move any code (iht_step 1e-30: the increments vanish in rounding)
-    leave the TopK codes as they are; the untied encoder's straight-through gradient is then
-    TopK's own, and so is the decoder's. b_dec gets the decoder's share only: TopK's less
-    its encoder share, -W_enc (the b_enc gradient)."""
-    torch.manual_seed(9)
-    d, n, k = 16, 64, 4
-    x = torch.randn(120, d)
-    grads, codes = {}, {}
-    for arch in ("topk+signed", "topk+signed+iter+sg"):
-        torch.manual_seed(1)  # the same random biases
-        m = model(arch, d, n, k, OP_SETS[ops]())
-        m.cfg.iht_step = 1e-30
-        out, grads[arch] = step(m, x, None)
-        codes[arch] = out.codes
-    a, b = codes["topk+signed"], codes["topk+signed+iter+sg"]
-    assert torch.equal(a.idx.sort(1).values, b.idx.sort(1).values)
-    assert torch.equal(a.val.sort(1).values, b.val.sort(1).values)
-    want = dict(grads["topk+signed"])
-    want["b_dec"] = want["b_dec"] + m.W_enc.detach() @ want["b_enc"]
-    for name, g in want.items():
-        torch.testing.assert_close(grads["topk+signed+iter+sg"][name], g, rtol=1e-5, atol=1e-7,
-                                   msg=name)
+    Wd = m.W_dec.detach().double()
+    if ops == "fast":
+        Wd = Wd.to(torch.bfloat16).double()
+    Z = torch.zeros(200, n, dtype=torch.float64).scatter_(1, out.codes.idx,
+                                                          out.codes.val.detach().double())
+    x64 = x.double()
+    G = -2 * (x64 - Z @ Wd) / (x64 - x64.mean(0)).pow(2).sum()  # dFVU / dx_hat
+    assert g.keys() == {"W_dec"} and not out.codes.val.requires_grad
+    err = float((g["W_dec"].double() - Z.T @ G).norm() / (Z.T @ G).norm())
+    assert err < 1e-5, err
 
 
 def test_iht_forward_equals_the_differentiated_steps():
@@ -315,7 +267,7 @@ def test_iht_forward_equals_the_differentiated_steps():
     stock ops) gives the codes and reconstruction of iht_step applied step by step."""
     torch.manual_seed(10)
     for signed, bias in ((True, False), (False, True)):
-        m = model("topk+iter" + ("+signed" if signed else ""), 20, 90, 4, FastOps())
+        m = model("topk+iter" + ("+signed" if signed else ""), 20, 90, 4, FastOps())  # biases on
         if not bias:
             with torch.no_grad():
                 m.b_dec.zero_()

@@ -122,7 +122,7 @@ def test_arch_names_set_one_switch(arch, field, value):
     "name,preset,changes",
     [("topk", "topk", ""), ("isae-iter", "isae-iter", ""), ("isae-iter-tied", "isae-iter", "-tied"),
      ("isae-tied", "isae", "-tied"), ("topk+signed+iter", "topk", "+signed+iter"),
-     ("isae-iter+sg", "isae-iter", "+sg"), ("topk+iter10+sg", "topk", "+iter10+sg")],
+     ("isae-iter+sg", "isae-iter", "+sg"), ("isae+iter10+sg", "isae", "+iter10+sg")],
 )
 def test_arch_names_split_into_preset_and_changes(name, preset, changes):
     """The longest preset wins: isae-iter is a preset, not isae without iter."""
@@ -145,10 +145,14 @@ def test_unknown_arch_or_switch(bad):
     ("isae-iter+iter3", r"\+iter3 changes nothing"),
     ("isae-iter+sg+sg", r"\+sg changes nothing"),
     ("isae+sg", "has none"),
+    ("topk+iter+sg", "no parameters of its own"),
+    ("isae-iter-tied+sg", "no parameters of its own"),
+    ("isae-iter-nobias+sg", "no parameters of its own"),
 ])
 def test_a_change_must_change_something(name, message):
     """Every name means one model: a switch set to what the name already has is refused
-    (isae-iter-sg would otherwise silently be isae-iter), and +sg needs steps to stop."""
+    (isae-iter-sg would otherwise silently be isae-iter); +sg needs steps to stop, and an
+    encoder with no parameters of its own (it trains the decoder alone)."""
     with pytest.raises(UserError, match=message):
         parse_arch(name)
 
@@ -171,6 +175,12 @@ def test_stop_gradient_name_round_trips_through_a_checkpoint(tmp_path):
     cfg["arch"] = "isae-iter"
     (path / "cfg.json").write_text(json.dumps(cfg))
     assert checkpoints.load(path).model.cfg.iht_gradient == "steps"
+
+
+def test_stop_gradient_refuses_an_encoder_of_its_own_in_a_config_too():
+    with pytest.raises(UserError, match="no parameters of its own"):
+        SAEConfig(d_in=4, d_sae=8, k=2, encoder_steps=3, iht_gradient="final")
+    SAEConfig(d_in=4, d_sae=8, k=2, encoder_steps=3, iht_gradient="final", tied=True, bias="none")
 
 
 def test_k_must_be_below_width():

@@ -23,9 +23,8 @@ Here the sparse maps get their own backward, built on the Triton kernels of kern
 * IHT (isae-iter) selects each new support from a dense bfloat16 correlation computed
   without gradient, and differentiates only the correlations it keeps (gathered dots).
   With ``+sg`` the steps are not differentiated at all: two row kernels per step
-  (kernels.iht_eta, kernels.iht_update) around the correlation and its top-k; the decoder
-  sees the final codes as constants, an untied encoder gets their gradient straight
-  through (``straight_through``).
+  (kernels.iht_eta, kernels.iht_update) around the correlation and its top-k, and the
+  decoder sees the final codes as constants.
 
 Parameters, optimiser state, the loss and the reconstruction stay float32. On CPU tensors
 the kernels fall back to stock torch, so the same functions run anywhere. The checks that
@@ -240,8 +239,8 @@ class _TopKEncode(Function):
     @staticmethod
     def backward(ctx, g_val: Tensor | None, _g_idx, _g_pre, g_z: Tensor | None):
         xc, W_enc, idx, val, cols, z = ctx.saved_tensors
-        # No g_val: the codes were not differentiated (AuxK alone, or +sg's steps took them
-        # over), and their share of the gradients is zero: no sort, no sparse product.
+        # No g_val: the codes were not differentiated (AuxK alone, or +sg's steps replaced
+        # them), and their share of the gradients is zero: no sort, no sparse product.
         if g_val is not None and not ctx.signed:
             g_val = g_val * (val > 0)
         N = W_enc.shape[1]
@@ -378,42 +377,6 @@ def select_topk(score_src: Tensor, k: int, signed: bool) -> Tensor:
     return kernels.topk_rows(score_src, k, signed)[1]
 
 
-class _StraightThrough(Function):
-    @staticmethod
-    def forward(ctx, val: Tensor, idx: Tensor, x: Tensor, b_dec: Tensor, W_enc: Tensor,
-                b_enc: Tensor, signed: bool):
-        ctx.save_for_backward(val, idx, x, b_dec)
-        ctx.signed, ctx.shape = signed, W_enc.shape
-        ctx.holder = _holder(idx)
-        return val.view_as(val)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        # TopK's encoder backward (_TopKEncode) for codes on a support it did not select,
-        # d pre[b, idx[b, j]] = g[b, j], into W_enc and b_enc only (b_dec is held).
-        val, idx, x, b_dec = ctx.saved_tensors
-        if not ctx.signed:
-            g = g * (val > 0)
-        D, N = ctx.shape
-        db_enc = None
-        if ctx.needs_input_grad[5]:
-            db_enc = torch.zeros(N, device=g.device, dtype=torch.float32)
-            db_enc.index_add_(0, idx.reshape(-1), g.reshape(-1).float())
-        dW = None
-        if ctx.needs_input_grad[4]:
-            # [D, N] as a view: W_enc's own latent-major layout (see _TopKEncode)
-            dW = _segments(ctx, idx, N).reduce(g, kernels.sub_cast(x, b_dec, LOW)).T
-        return None, None, None, None, dW, db_enc, None
-
-
-def straight_through(val: Tensor, idx: Tensor, x: Tensor, w: Weights, signed: bool) -> Tensor:
-    """``val`` [B, K] (codes computed without gradient), with the gradient they receive passed
-    to an untied encoder's pre-activations (x - b_dec) W_enc + b_enc on the support ``idx``,
-    into W_enc and b_enc (b_dec held), as isae.models.reference.straight_through does for
-    ReferenceOps.iht_final; unsigned codes pass it where positive."""
-    return _StraightThrough.apply(val, idx, x, w.b_dec.detach(), w.enc, w.b_enc, signed)
-
-
 class _KnownDecode(Function):
     @staticmethod
     def forward(ctx, val: Tensor, idx: Tensor, W_dec: Tensor, grads: DecoderGrads | None,
@@ -524,11 +487,10 @@ class FastOps:
 
     def iht_final(self, x: Tensor, codes: Codes, w: Weights, k: int, signed: bool, scale: float,
                   steps: int) -> tuple[Codes, Tensor]:
-        """The reference's iht_final: ``iht_forward``, then an untied encoder's
-        ``straight_through`` and the final reconstruction by ``known_decode``."""
+        """The reference's iht_final by ``iht_forward``, with the final reconstruction
+        differentiable in the decoder (``known_decode``: no second decode)."""
         final, x_hat = self.iht_forward(x, codes, w, k, signed, scale, steps)
-        val = final.val if w.tied else straight_through(final.val, final.idx, x, w, signed)
-        return Codes(val, final.idx), known_decode(val, final.idx, w.dec, w.grads, w.b_dec, x_hat)
+        return final, known_decode(final.val, final.idx, w.dec, w.grads, w.b_dec, x_hat)
 
     def fvu(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
         return fvu(x, x_hat)

@@ -161,7 +161,16 @@ def parse_arch(name: str) -> Arch:
     if spec.get("iht_gradient") == "final" and not spec["encoder_steps"]:
         raise UserError(f"arch {name!r}: +sg stops the gradient through thresholding steps, "
                         "and it has none (add +iter or +iterN)")
+    check_stop_gradient(spec, f"arch {name!r}")
     return Arch(name, base, rest, spec)
+
+
+def check_stop_gradient(fields: dict, what: str) -> None:
+    """``iht_gradient`` final trains the decoder alone (SAEConfig.iht_gradient), so the
+    encoder may have no parameters of its own: tied, and no learned bias (b_enc)."""
+    if fields.get("iht_gradient") == "final" and (not fields.get("tied") or fields.get("bias") != "none"):
+        raise UserError(f"{what}: +sg trains the decoder alone, so the encoder must have no "
+                        "parameters of its own (tied, no bias: e.g. isae-iter+sg, isae+iter10+sg)")
 
 
 def arch_help() -> str:
@@ -218,15 +227,14 @@ class SAEConfig:
     iht_gradient: str = field(default="steps", metadata={"choices": ("steps", "final")})
     """What training differentiates when there are thresholding steps. steps: through every
     step (isae-iter). final (the ``+sg`` switch, e.g. isae-iter+sg): the steps run without
-    gradient and compute the same codes. The decoder, and what it shares with the encoder (a
-    tied encoder's weight, b_dec), learns from the final codes as constants: the
-    dictionary-learning update, by the envelope theorem the exact gradient of the refined
-    codes' loss where they are least-squares optimal on their support. An untied encoder's
-    own parameters (W_enc, b_enc) learn by a straight-through gradient: the final values'
-    gradient passed to the pre-activations of the final support, as TopK training passes
-    its own. Not into shared weights: there it would move the dictionary along the data
-    without lowering the loss (the codes come from the steps, not from the
-    pre-activations), and in a CPU test it made a tied model's training unstable."""
+    gradient and compute the same codes, and the decoder learns from the final codes as
+    constants: the dictionary-learning update, by the envelope theorem the exact gradient
+    of the refined codes' loss where they are least-squares optimal on their support. A
+    tied encoder is the decoder and learns with it; an encoder with parameters of its own
+    is refused (``check_stop_gradient``). A straight-through gradient for it (the final
+    values' gradient passed to the pre-activations of their support) has no feedback, since
+    the codes come from the steps and not from the pre-activations: in CPU tests it drove
+    training unstable, for an untied encoder and for the tied weight alike."""
     l1_coeff: float = 1e-3
     """relu only: weight of the decoder-norm-weighted L1 penalty."""
     seed: int = 0
@@ -251,6 +259,7 @@ class SAEConfig:
             raise UserError(f"bias must be 'learned' or 'none', not {self.bias!r}")
         if self.iht_gradient not in choices(SAEConfig, "iht_gradient"):
             raise UserError(f"iht_gradient must be 'steps' or 'final', not {self.iht_gradient!r}")
+        check_stop_gradient(asdict(self), "iht_gradient final")
         self.encoder_steps = check_int("encoder_steps", self.encoder_steps, 0, MAX_ENCODER_STEPS)
         self.iht_step = check_float("iht_step", self.iht_step, 0.0, lo_open=True)
         self.l1_coeff = check_float("l1_coeff", self.l1_coeff, 0.0)

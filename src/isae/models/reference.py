@@ -104,17 +104,6 @@ def keep_better(x: Tensor, x_hat: Tensor, codes: Codes, new: Codes, x_new: Tenso
     return kept, torch.where(better, x_new, x_hat)
 
 
-def straight_through(codes: Codes, pre_S: Tensor, signed: bool) -> Tensor:
-    """The values of ``codes`` [B, K], with the gradient they receive passed on to the
-    pre-activations ``pre_S`` [B, K] on the same support (where an unsigned code is
-    positive: TopK after ReLU passes nothing through a zero). The forward values are
-    ``codes.val`` exactly: ``pre_S - pre_S.detach()`` is an exact zero."""
-    delta = pre_S - pre_S.detach()
-    if not signed:
-        delta = delta * (codes.val > 0)
-    return codes.val.detach() + delta
-
-
 def project_rows_(G: Tensor, W: Tensor) -> None:
     """G[i] -= <G[i], W[i]> W[i] in place: a gradient step along G then keeps each row's norm
     to first order."""
@@ -205,21 +194,14 @@ class ReferenceOps:
 
     def iht_final(self, x: Tensor, codes: Codes, w: Weights, k: int, signed: bool, scale: float,
                   steps: int) -> tuple[Codes, Tensor | None]:
-        """``steps`` IHT steps from the amortised ``codes`` without gradient (the codes of
-        the same steps differentiated). The decoder then sees the final values as constants;
-        an untied encoder's own parameters get their gradient by ``straight_through``, from
-        its pre-activations on the final support with the decoder bias held fixed
-        (isae.models.config.SAEConfig.iht_gradient). No reconstruction: the caller decodes
-        the final codes with gradient."""
+        """``steps`` IHT steps from the amortised ``codes`` without gradient: the codes of the
+        same steps differentiated, as constants for the decoder (SAEConfig.iht_gradient). No
+        reconstruction: the caller decodes the final codes with gradient."""
         with torch.no_grad():
             codes = Codes(codes.val.detach(), codes.idx)
             for _ in range(steps):
                 codes = self.iht_step(x, self.decode(codes, w), codes, w, k, signed, scale)[0]
-        if w.tied:  # the encoder is the decoder: it learns as the decoder does
-            return codes, None
-        pre_S = (torch.einsum("bd,bkd->bk", x - w.b_dec.detach(), w.enc.T[codes.idx])
-                 + w.b_enc[codes.idx])
-        return Codes(straight_through(codes, pre_S, signed), codes.idx), None
+        return codes, None
 
     def fvu(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
         return fvu(x, x_hat)
