@@ -4,9 +4,10 @@ CORES ?= 2
 
 .PHONY: setup study test lint smoke check ecosystem
 
-setup:  ## install the package and everything it needs (torch pinned: CPU build)
+# `pip install isae` alone measures SAEs; the workflow and the vision source are extras.
+setup:  ## install the package with every extra the study and the tests need (torch pinned: CPU build)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,slurm,cpu-kernels]'
+	$(PY) -m pip install -q -e '.[workflow,vision,dev,slurm,cpu-kernels]'
 
 study: setup  ## every figure and table of the embedded default
 	snakemake --cores $(CORES) --workflow-profile workflow/profiles/local
@@ -21,7 +22,7 @@ VENV ?= .venv-saelens
 ecosystem:  ## build $(VENV) with sae-lens + eai-sparsify and run the tests marked ecosystem
 	$(PY) -m venv --clear $(VENV)
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e . sae-lens eai-sparsify pytest
+	$(VENV)/bin/pip install -q -e '.[workflow,vision]' sae-lens eai-sparsify pytest
 	$(VENV)/bin/pip check
 	$(VENV)/bin/python -c "from importlib.metadata import version as v; print(*(f'{p} {v(p)}' for p in ('sae-lens', 'eai-sparsify', 'transformer-lens', 'torch')), sep=', ')"
 	$(VENV)/bin/python -m pytest -q -m ecosystem

@@ -1,55 +1,68 @@
-"""After the smoke run: every F/T artifact exists and holds what it should."""
+"""After the smoke run: T1 and T2 hold the golden numbers, within their tolerances.
 
+    python .ci/check_study.py RESULTS --golden tests/smoke/golden.yaml [--refresh]
+
+Exit 0: every row, metric and count matches; exit 1: each difference is printed, one line
+each. --refresh rewrites the golden file's values from RESULTS (keeping its tolerances and
+skip list): do it only after a change meant to move the numbers, and say why in the commit.
+Also checked, since no table holds it: every feature-browser page shows at least 10 latent
+pairs with highlighted tokens.
+"""
+
+import argparse
 import sys
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
-root = Path(sys.argv[1] if len(sys.argv) > 1 else "results")
-FIGURES = [f"F{i}" for i in range(1, 9)]
-bad = []
-for name in FIGURES:
-    for ext in ("png", "pdf"):
-        p = root / "figures" / f"{name}.{ext}"
-        if not p.is_file() or p.stat().st_size < 2000:
-            bad.append(f"{p} missing or empty")
-for t in ("T1", "T2"):
-    for ext in ("parquet", "md", "tex"):
-        p = root / "tables" / f"{t}.{ext}"
-        if not p.is_file() or p.stat().st_size == 0:
-            bad.append(f"{p} missing or empty")
-# The feature browser: one page per arch of the main grid on the language-model set.
-pages = sorted((root / "browser").rglob("*.html"))
-if not pages:
-    bad.append(f"no feature-browser page under {root / 'browser'}")
-for p in pages:
-    text = p.read_text()
-    if text.count('<section class="pair"') < 10 or "<mark>" not in text:
-        bad.append(f"{p}: fewer than 10 pairs or no highlighted token")
-if not bad:
-    t1 = pd.read_parquet(root / "tables" / "T1.parquet")
-    t2 = pd.read_parquet(root / "tables" / "T2.parquet")
-    for name, t in (("T1", t1), ("T2", t2)):
-        if len(t) < 2:
-            bad.append(f"{name} has {len(t)} rows")
-        # Means must exist somewhere (sds are empty where there is a single seed pair).
-        means = t[[c for c in t.columns if c.endswith("_mean")]]
-        if means.isna().all().any():
-            bad.append(f"{name}: metrics with no value at all: {list(means.columns[means.isna().all()])}")
-    # Every row carries its convergence control, and the mark follows it.
-    if "not_converged" not in t1.columns or t1["converged_n"].min() < 1:
-        bad.append("T1: a row without its convergence control")
-    elif (t1["not_converged"] != (t1["converged_mean"] < 1)).any():
-        bad.append("T1: the † mark disagrees with the converged runs")
-    runs = pd.read_parquet(root / "runs" / "runs.parquet")
-    for col in ("fvu_trend", "converged", "init_abs_cos", "encode_flops"):
-        if col not in runs.columns:
-            bad.append(f"runs.parquet: no column {col}")
-    lr = pd.read_parquet(root / "runs" / "lr.parquet")
-    if lr.groupby(["dataset", "arch"])["chosen"].sum().ne(1).any():
-        bad.append("lr sweep: not exactly one chosen rate per dataset and arch")
-    print(t1.to_string(max_cols=12))
-if bad:
-    print("study artifacts: FAILED\n  " + "\n  ".join(bad))
-    sys.exit(1)
-print(f"study artifacts: all {FIGURES[0]}-{FIGURES[-1]} and T1-T2 present, {len(pages)} browser pages")
+from isae.study import golden
+
+HEADER = """\
+# Golden values of CI's smoke run (tests/smoke/config.yaml on top of config/config.yaml),
+# checked by `python .ci/check_study.py results --golden tests/smoke/golden.yaml` after
+# the run. Refresh after a change meant to move the numbers (and say why in the commit):
+#   snakemake --workflow-profile workflow/profiles/local \\
+#       --configfile config/config.yaml tests/smoke/config.yaml
+#   python .ci/check_study.py results --golden tests/smoke/golden.yaml --refresh
+# Written by .ci/check_study.py --refresh; tolerance.why says how the tolerances were chosen.
+"""
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", type=Path)
+    p.add_argument("--golden", type=Path, required=True)
+    p.add_argument("--refresh", action="store_true")
+    a = p.parse_args()
+    try:
+        tables = {t: pd.read_parquet(a.results / "tables" / f"{t}.parquet") for t in ("T1", "T2")}
+    except OSError as e:
+        print(f"smoke study: cannot read the tables under {a.results}: {e}", file=sys.stderr)
+        return 2
+    spec = yaml.safe_load(a.golden.read_text())
+    if a.refresh:
+        new = golden.refresh(tables, spec)
+        tmp = a.golden.with_name(f".{a.golden.name}.tmp")
+        tmp.write_text(HEADER + yaml.safe_dump(new, sort_keys=False, width=96, default_flow_style=None))
+        tmp.replace(a.golden)
+        print(f"{a.golden}: values of {sum(len(v) for v in new['tables'].values())} rows rewritten")
+        return 0
+    bad = golden.compare(tables, spec)
+    pages = sorted((a.results / "browser").rglob("*.html"))
+    if not pages:
+        bad.append(f"no feature-browser page under {a.results / 'browser'}")
+    for page in pages:
+        text = page.read_text()
+        if text.count('<section class="pair"') < 10 or "<mark>" not in text:
+            bad.append(f"{page}: fewer than 10 pairs or no highlighted token")
+    if bad:
+        print("smoke study: FAILED\n  " + "\n  ".join(bad))
+        return 1
+    n = sum(len(v) for v in spec["tables"].values())
+    print(f"smoke study: T1 and T2 match {a.golden} ({n} rows), {len(pages)} browser pages")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

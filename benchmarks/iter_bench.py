@@ -3,6 +3,8 @@ gradient (``+sg``) changes in what is learned. One command, a table last.
 
     PYTHONPATH=src python benchmarks/iter_bench.py [--out iter.json]     # CUDA: ~2 min on an H100
     PYTHONPATH=src python benchmarks/iter_bench.py --device cpu --tiny   # the same at toy sizes
+    PYTHONPATH=src python benchmarks/iter_bench.py --device cpu --part training \
+        --sets small:32:128:3 --rows 30000 --tokens 300000 --train-batch 256   # part 2 alone
 
 Part 1, throughput: training steps as ``isae train`` runs them (SAEStepper; on CUDA the fast
 op set replayed as a CUDA graph) of ``topk``, ``isae``, ``isae-iter`` and ``isae-iter+sg``
@@ -192,6 +194,15 @@ def table() -> str:
     return "\n".join(out)
 
 
+def _shape(spec: str) -> tuple[str, int, int, int]:
+    name, *nums = spec.split(":")
+    if len(nums) != 3:
+        raise SystemExit(f"--sets: {spec!r} is neither a known set ({', '.join(s[0] for s in SETS)}) "
+                         "nor NAME:D:ATOMS:K")
+    d, atoms, k = (int(v) for v in nums)
+    return name, d, atoms, k
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", help="cuda, or cpu (with --tiny) to check the script")
@@ -203,14 +214,19 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=3_000_000, help="training tokens per SAE in part 2")
     ap.add_argument("--rows", type=int, default=300_000, help="rows of each synthetic set")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--sets", default="coherent,wellposed",
+                    help="part 2's sets: names of SETS, or NAME:D:ATOMS:K for another shape")
+    ap.add_argument("--train-batch", type=int, default=1024, help="rows per step of part 2")
     ap.add_argument("--set-dir", default=None, help="where the synthetic sets are written (reused if there)")
     ap.add_argument("--out", default=None, help="JSON file of the rows")
     a = ap.parse_args()
     shapes = [(384, 12288), (768, 24576)]
-    sets = SETS
+    known = {s[0]: s for s in SETS}
+    sets = [known[n] if n in known else _shape(n) for n in a.sets.split(",")]
     if a.tiny:
         shapes, sets = [(24, 192), (40, 320)], [("tiny", 16, 48, 3)]
         a.batch, a.k, a.reps, a.tokens, a.rows, a.seeds = 128, 4, 2, 20_000, 6000, 2
+        a.train_batch = 256
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.set_num_threads(1 if a.device == "cpu" else torch.get_num_threads())
     name = torch.cuda.get_device_name() if a.device == "cuda" else a.device
@@ -222,8 +238,7 @@ def main() -> None:
     if a.part in ("all", "training"):
         with tempfile.TemporaryDirectory(prefix="iter_bench_") as tmp:
             root = Path(a.set_dir) if a.set_dir else Path(tmp)
-            training(root, a.device, a.tokens, a.rows, 1024 if not a.tiny else 256, a.seeds,
-                     sets, Path(tmp))
+            training(root, a.device, a.tokens, a.rows, a.train_batch, a.seeds, sets, Path(tmp))
     print(table())
     print(f"\n{name}; {time.perf_counter() - t0:.0f} s in all")
     if a.out:

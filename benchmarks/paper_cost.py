@@ -16,15 +16,13 @@ their tokens are listed apart, not costed.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "slurm"))
-import compute_plan  # noqa: E402  (the DAG reader of the compute plan)
+from isae.models.config import parse_arch
+from isae.study import plan
 
-from isae.models.config import parse_arch  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 TOPK_RATE = 3.20e6  # tok/s, topk family, from disk via the device-resident split
 ITER3_RATE = 0.76e6  # tok/s, isae-iter (3 thresholding steps), CUDA graph
@@ -44,12 +42,13 @@ def encoder_steps(arch: str) -> int:
 
 
 def planned_tokens(config: Path) -> dict[str, int]:
-    """Training tokens per arch over every train and lr_sweep job of the plan."""
+    """Training tokens per arch over every train and lr_sweep job of the plan (the study's
+    grid, isae.study.plan.jobs)."""
+    cfg = plan.load_config([config], REPO / "config" / "schema.yaml")
     tokens: dict[str, int] = defaultdict(int)
-    for rule, _wc, _gpus, shell in compute_plan.dry_run_jobs(config):
-        runs = compute_plan.trained_runs(rule, shell)
-        for arch, n in runs or []:
-            tokens[arch] += n * int(compute_plan.flag(shell, "tokens"))
+    for job in plan.jobs(cfg):
+        for t in job.trained:
+            tokens[t.arch] += t.saes * t.rows
     return dict(tokens)
 
 

@@ -6,6 +6,7 @@ written."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -144,3 +145,93 @@ def test_readme_python_api_example_runs(tmp_path):
     assert re.fullmatch(r"median δ_U \d\.\d{3} \(random supports \d\.\d{3}\)", lines[2])
     cos = float(re.fullmatch(r"cos\(clean, spliced\) (-?\d\.\d{3})", lines[3]).group(1))
     assert -1 <= cos < 1
+
+
+def test_library_objects_of_other_kinds_are_refused_in_one_line(setup):
+    _, acts, paths = setup
+    for bad in (42, torch.nn.Linear(2, 2), object()):
+        with pytest.raises(TypeError) as e:
+            isae.match(bad, paths["isae0"])
+        assert str(e.value).count("\n") == 0 and "a sae_lens SAE or a sparsify SparseCoder" in str(e.value)
+    with pytest.raises(TypeError, match="not builtins.int"):
+        isae.load(42)
+
+
+#: What a plain `pip install isae` lacks: the workflow's and the vision source's packages.
+EXTRAS_ONLY = ("snakemake", "skimage", "matplotlib", "PIL", "jsonschema")
+
+LIGHT = r"""
+import json, pkgutil, sys, tempfile
+from pathlib import Path
+for name in {blocked!r}:
+    sys.modules[name] = None  # import fails and importlib.util.find_spec says absent
+import importlib
+import isae
+from isae.cli.main import main
+failed = []
+for m in pkgutil.walk_packages(isae.__path__, "isae."):
+    if m.name == "isae.__main__":  # runs the command line
+        continue
+    try:
+        importlib.import_module(m.name)
+    except ImportError as e:
+        failed.append((m.name, e.name))
+tmp = Path(tempfile.mkdtemp())
+run = lambda *a: main(["-q", *map(str, a)])
+assert run("extract", "synthetic", "--d", 16, "--atoms", 32, "--k", 3, "--rows", 3000, "--out", tmp / "s") == 0
+for seed in (0, 1):
+    assert run("train", "--activations", tmp / "s", "--arch", "isae", "--k", 3, "--width", 32,
+               "--tokens", 3000, "--batch-size", 256, "--seed", seed, "--out", tmp / f"c{{seed}}") == 0
+for argv in (["eval", tmp / "c0", "--activations", tmp / "s"],
+             ["match", tmp / "c0", tmp / "c1", "--activations", tmp / "s"],
+             ["ric", tmp / "c0", "--activations", tmp / "s", "--pairs", 50],
+             ["export", tmp / "c0", "--format", "saelens", "--out", tmp / "e"],
+             ["import", tmp / "e", "--out", tmp / "back"]):
+    assert run(*argv) == 0, argv
+assert isae.match(tmp / "c0", isae.load(tmp / "back"))["mean_abs_cos"] > 0.999
+still = sorted(n for n in {blocked!r} if sys.modules.get(n) is not None)
+print(json.dumps({{"failed": failed, "loaded": still}}))
+"""
+
+
+@pytest.mark.slow
+def test_measuring_needs_no_workflow_or_vision_packages(tmp_path):
+    """With Snakemake, scikit-image, matplotlib, Pillow and jsonschema made unimportable, every
+    isae module but the figures imports, and extract synthetic, train, eval, match, ric,
+    export, import and the API run; the vision source names the extra it needs."""
+    code = LIGHT.format(blocked=EXTRAS_ONLY)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["loaded"] == []
+    assert result["failed"] == [["isae.study.figures", "matplotlib"]]
+    vision = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['skimage'] = None\n"
+         "from isae.cli.main import main\n"
+         "sys.exit(main(['extract', 'vision', '--model', 'm', '--images', 'skimage', '--out', 'v']))"],
+        capture_output=True, text=True, cwd=tmp_path)
+    err = vision.stderr.strip().splitlines()
+    assert vision.returncode == 2 and len(err) == 1, vision.stderr[-2000:]
+    assert "needs scikit-image" in err[0] and "pip install 'isae[vision]'" in err[0]
+    assert not (tmp_path / "v").exists()
+
+
+def test_plain_install_leaves_the_workflow_and_vision_packages_to_extras():
+    """pyproject.toml: the core dependencies hold none of what EXTRAS_ONLY blocks above;
+    the extras hold them, and `make setup` (hence make study and make test) installs them."""
+    import re
+
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(reqs):
+        return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in reqs}
+
+    core = names(project["dependencies"])
+    extras = project["optional-dependencies"]
+    heavy = {"snakemake", "scikit-image", "matplotlib", "pillow", "jsonschema"}
+    assert not core & heavy
+    assert heavy <= names(extras["workflow"]) | names(extras["vision"])
+    setup = re.search(r"^setup:.*?\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert re.search(r"-e '\.\[[^]]*\bworkflow\b[^]]*\]'", setup) and "vision" in setup

@@ -403,7 +403,8 @@ def test_out_never_the_input_even_with_force(base, tmp_path):
 
 
 @pytest.mark.parametrize("cmd", ["extract", "train", "export"])
-def test_existing_folder_of_another_kind_needs_force(cmd, base, tmp_path):
+def test_folder_of_other_files_is_never_replaced(cmd, base, tmp_path):
+    """Not even with --force (tests/test_output_safety.py has the rest of the rule)."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep")
@@ -413,15 +414,14 @@ def test_existing_folder_of_another_kind_needs_force(cmd, base, tmp_path):
         "train": train_args(str(base / "set"), str(out)),
         "export": ["export", str(base / "ck"), "--format", "sparsify", "--out", str(out)],
     }[cmd]
-    one_line(isae(*args), "already exists and is a folder of other files")
+    for force in ((), ("--force",)):
+        one_line(isae(*args, *force), "holds precious.txt, which isae did not write")
     assert (out / "precious.txt").read_text() == "keep"
-    proc = isae(*args, "--force")
-    assert proc.returncode == 0, proc.stderr
-    assert not (out / "precious.txt").exists() and not leftovers(tmp_path)
+    assert not leftovers(tmp_path) and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_same_kind_is_replaced_and_kinds_are_told_apart(base, tmp_path, capsys):
-    from isae.data.atomic import layout_kind
+    from isae.data.ownership import output_kind as layout_kind
 
     out = str(tmp_path / "set")
     args = ["-q", "extract", "synthetic", "--d", "4", "--atoms", "8", "--k", "2", "--rows", "200"]
@@ -431,13 +431,13 @@ def test_same_kind_is_replaced_and_kinds_are_told_apart(base, tmp_path, capsys):
     assert layout_kind(tmp_path / "set") == "activations"
     assert layout_kind(base / "ck") == "checkpoint"
     # A folder of checkpoints (one per seed) is not a sparsify export, so exporting over it
-    # is refused; a real sparsify export is recognised.
+    # needs --force; a real sparsify export is recognised.
     seeds = tmp_path / "seeds"
     for s in ("seed0", "seed1"):
         shutil.copytree(base / "ck", seeds / s)
-    assert layout_kind(seeds) is None
+    assert layout_kind(seeds) == "checkpoints"
     assert main(["-q", "export", str(base / "ck"), "--format", "sparsify", "--out", str(seeds)]) == 2
-    assert "a folder of other files" in capsys.readouterr().err
+    assert "is a folder of checkpoints, not a sparsify export" in capsys.readouterr().err
     assert main(["-q", "export", str(base / "ck"), "--format", "sparsify", "--out", str(tmp_path / "sp")]) == 0
     assert layout_kind(tmp_path / "sp") == "sparsify"
     assert main(["-q", "export", str(base / "ck"), "--format", "saelens", "--out", str(tmp_path / "sl")]) == 0

@@ -130,11 +130,12 @@ def _text_rows(tokenizer):
 
 @pytest.fixture(scope="module")
 def lm_set(tmp_path_factory, tokenizer):
-    """Token provenance from real text through the MiniLM tokenizer, random activations,
-    and two untrained checkpoints (topk and the signed isae) of different seeds."""
+    """Token provenance from real text through the MiniLM tokenizer, random activations
+    (scale 3), and two untrained checkpoints (topk and the signed isae) of different seeds."""
     tmp = tmp_path_factory.mktemp("browse")
     doc, pos, tok = _text_rows(tokenizer)
-    x = np.random.default_rng(0).standard_normal((len(doc), D)).astype(np.float32) + 0.3
+    # scale far from 1: a value in the wrong unit would show
+    x = 3 * np.random.default_rng(0).standard_normal((len(doc), D)).astype(np.float32) + 0.3
     with ActivationWriter(tmp / "acts", D, source="lm", rows_per_shard=250,
                           meta={"model": lm.MINILM_ALIAS, "hook": "blocks.3.hook_resid_post",
                                 "text": "pydoc", "doc_names": [f"doc{i}" for i in range(8)]},
@@ -172,7 +173,10 @@ def test_page_data_equals_a_float64_reference(lm_set, tokenizer):
     a, b = (checkpoint.load(c) for c in cks)
     data = br.browse(a, b, acts, tokenizer, pairs=0, contexts=4, window=3, batch_size=37)
     held = acts.load("heldout", columns=["doc", "pos", "token_id"])
-    za, zb = _dense_codes(cks[0], held["x"]), _dense_codes(cks[1], held["x"])
+    # the page's unit: raw activations, i.e. normalised codes times the set's scale
+    scale = acts.normalizer().scale
+    assert abs(scale - 1) > 0.1 and "raw activation units" in data.summary["code_units"]
+    za, zb = (_dense_codes(c, held["x"]) * scale for c in cks)
     m = match_dictionaries(a.W_dec, b.W_dec)
     assert data.summary["rows"] == len(held["x"])
     assert data.summary["mean_abs_cos"] == pytest.approx(float(m.abs_cos.mean()))
@@ -383,7 +387,26 @@ def test_dense_relu_codes(lm_set, tokenizer, tmp_path):
         j = p.a.index
         assert p.a.freq == pytest.approx((z[:, j] > 0).mean(), abs=1e-12)
         if p.a.contexts:
-            assert p.a.contexts[0].value == pytest.approx(z[:, j].max(), rel=1e-5)
+            assert p.a.contexts[0].value == pytest.approx(z[:, j].max() * nz.scale, rel=1e-5)
+
+
+def test_a_checkpoint_and_its_saelens_export_show_the_same_codes(lm_set, tokenizer, tmp_path):
+    """One SAE on the set's scale and its own export on raw units: every pair matches at
+    |cos| 1 with the same contexts and the same values, in the unit the page names."""
+    tmp, acts, cks = lm_set
+    assert main(["export", str(cks[1]), "--format", "saelens", "--out", str(tmp_path / "e")]) == 0
+    data = br.browse(checkpoint.load(cks[1]), checkpoint.load(tmp_path / "e"), acts, tokenizer,
+                     pairs=0, contexts=3, window=1)
+    values = 0
+    for p in data.pairs:
+        assert p.ref.a == p.ref.b and p.ref.abs_cos == pytest.approx(1, abs=1e-6) and p.ref.sign == 1
+        assert [(c.doc, c.pos) for c in p.a.contexts] == [(c.doc, c.pos) for c in p.b.contexts]
+        for ca, cb in zip(p.a.contexts, p.b.contexts):
+            assert ca.value == pytest.approx(cb.value, rel=1e-4, abs=1e-6)
+            values += 1
+    assert values > N
+    html = render(data)
+    assert "Codes of both sides are in raw activation units" in html
 
 
 # ----------------------------------------------------------------------------- the workflow

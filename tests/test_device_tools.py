@@ -213,7 +213,7 @@ def _bench(path: Path, rows: list[tuple[float, float, float]]) -> None:
 
 def _fake_run(tmp_path: Path) -> tuple[Path, Path]:
     repo, run = tmp_path / "work", tmp_path / "run"
-    b = repo / "benchmarks" / "rules"
+    b = repo / "results" / "benchmarks"
     _bench(b / "train" / "x" / "seed0.tsv", [(99.0, 1.0, 1.0), (10.0, 300.0, 8.0)])  # rerun
     _bench(b / "train" / "x" / "seed1.tsv", [(30.0, 500.0, 20.0)])
     _bench(b / "eval" / "x.tsv", [(2.0, 100.0, 1.5)])
@@ -240,7 +240,7 @@ def _fake_run(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_rule_times_take_the_last_line_of_each_file(tmp_path):
     repo, _ = _fake_run(tmp_path)
-    rows = {r["rule"]: r for r in collect_run.rule_times(repo / "benchmarks" / "rules")}
+    rows = {r["rule"]: r for r in collect_run.rule_times(repo / "results" / "benchmarks")}
     assert rows["train"]["jobs"] == 2
     assert rows["train"]["total_s"] == pytest.approx(40.0)
     assert rows["train"]["max_s"] == pytest.approx(30.0)
@@ -259,7 +259,7 @@ def test_collect_packs_what_travels_back(tmp_path):
         md = tar.extractfile("RUN.md").read().decode()
     assert {"RUN.md", "results/tables/T1.md", "results/figures/F1.png", "run/config-1.yaml",
             "results/checkpoints/x/seed0/cfg.json",
-            "benchmarks/rules/train/x/seed0.tsv"} <= names
+            "results/benchmarks/train/x/seed0.tsv"} <= names
     assert not {"results/figures/F1.pdf", "results/checkpoints/x/seed0/sae.safetensors"} & names
     assert "finished, exit code 1" in md and "12 min 34 s" in md and "3 of 5 done" in md
     assert "failed rules: fidelity, train" in md and "| train | 2 | 40.0 |" in md
@@ -361,8 +361,8 @@ def test_publish_keeps_tables_figures_and_runs_not_weights(tmp_path):
     ckpt = res / "checkpoints" / "minilm" / "k16-w64-r1000" / "topk" / "seed0"
     ckpt.mkdir(parents=True)
     (ckpt / "sae.safetensors").write_bytes(b"weights")
-    (src / "benchmarks" / "rules" / "train").mkdir(parents=True)
-    (src / "benchmarks" / "rules" / "train" / "g.tsv").write_text("s\n1.0\n")
+    (res / "benchmarks" / "train").mkdir(parents=True)
+    (res / "benchmarks" / "train" / "g.tsv").write_text("s\n1.0\n")
     (src / "RUN.md").write_text("# RUN\n")
     dest = tmp_path / "results-gpu"
     written = publish_run.publish(src, dest, [])

@@ -101,3 +101,44 @@ def test_export_of_relu_to_sparsify_is_refused(tmp_path, acts_and_ckpts, capsys)
     ck = checkpoint.save(m, tmp_path / "relu", acts.normalizer())
     assert main(["export", str(ck), "--format", "sparsify", "--out", str(tmp_path / "o")]) == 2
     assert "no relu architecture" in capsys.readouterr().err
+
+
+def test_saelens_export_records_the_sets_framing(tmp_path, caplog):
+    """context_size and prepend_bos (what SAELens's ActivationsStore.from_sae needs) come
+    from the language-model set the checkpoint was trained on: the one its cfg.json records,
+    or the one --activations names; a set of another hook is not taken for it."""
+    from isae.data.activations import ActivationWriter, heldout_mask
+
+    hook = "blocks.3.hook_resid_post"
+
+    def lm_set(path, context, prefix, hook=hook):
+        rng = np.random.default_rng(0)
+        meta = {"model": "m", "hook": hook, "context": context, "special_prefix": prefix}
+        with ActivationWriter(path, 16, source="lm", meta=meta) as w:
+            w.add(rng.standard_normal((400, 16)).astype(np.float32), heldout_mask(np.arange(400) // 20, 0.2))
+        return ActivationSet(path)
+
+    acts = lm_set(tmp_path / "set", 48, [101])
+    m = SparseCoder(SAEConfig.from_arch("topk", d_in=16, d_sae=48, k=3, seed=0))
+    ck = checkpoint.save(m, tmp_path / "ck", acts.normalizer(), extra={"activations": {
+        "path": str(acts.path), "model": "m", "hook": hook}})
+
+    def metadata(*flags):
+        out = tmp_path / "e"
+        assert main(["export", str(ck), "--format", "saelens", "--out", str(out), *flags]) == 0
+        return json.loads((out / "cfg.json").read_text())["metadata"]
+
+    framing = {"context_size": 48, "prepend_bos": True, "disable_concat_sequences": True}
+    assert metadata() == {"model_name": "m", "hook_name": hook, **framing}
+    (tmp_path / "set").rename(tmp_path / "moved")  # the recorded path is gone
+    caplog.clear()
+    assert "context_size" not in metadata()
+    assert "pass --activations" in caplog.text
+    assert metadata("--activations", str(tmp_path / "moved")) == {"model_name": "m", "hook_name": hook, **framing}
+    lm_set(tmp_path / "other", 64, [], hook="blocks.1.hook_resid_post")
+    caplog.clear()
+    assert "context_size" not in metadata("--activations", str(tmp_path / "other"))
+    assert "hook 'blocks.1.hook_resid_post' is not the checkpoint's" in caplog.text
+    # no special prefix: no BOS
+    lm_set(tmp_path / "nobos", 64, [])
+    assert metadata("--activations", str(tmp_path / "nobos"))["prepend_bos"] is False

@@ -425,3 +425,194 @@ def test_codes_compare_across_normalisations(tmp_path, raw_set, isae_ckpts, caps
     s = json.loads(capsys.readouterr().out)
     assert s["mean_abs_cos"] == pytest.approx(1.0, abs=1e-6) and s["code_jaccard"] == 1.0
     assert s["code_rel_dist"] == pytest.approx(0.0, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- cfg vs tensors
+
+
+def _one_line_refusal(capsys, argv, fragment) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0], err
+    return err[0]
+
+
+def _isae_folder(path, cfg: dict, tensors: dict) -> None:
+    path.mkdir(parents=True)
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+              str(path / "sae.safetensors"))
+    (path / "cfg.json").write_text(json.dumps({"version": 1, "d_in": D, "d_sae": N, "k": K, **cfg}))
+
+
+ISAE_FIELDS = {"arch": "isae", "kind": "topk", "signed": True, "tied": True, "bias": "none",
+               "encoder_steps": 0}
+
+
+def _consistent(tied: bool) -> tuple[dict, dict]:
+    """A valid isae (tied, no bias) or topk checkpoint's cfg fields and tensors."""
+    t0 = _rng_tensors(0, unit_rows=True)
+    if tied:
+        return ISAE_FIELDS, {"W_dec": t0["W_dec"], "W_enc": t0["W_dec"].T, "b_enc": np.zeros(N),
+                             "b_dec": np.zeros(D)}
+    return {"arch": "topk"}, {k: t0[k] for k in ("W_dec", "W_enc", "b_enc", "b_dec")}
+
+
+@pytest.mark.parametrize("cfg,drop,change,message", [
+    # the issue's case: tied arch on untied weights would drop W_enc
+    (ISAE_FIELDS, (), {"W_enc": "untied"}, "W_enc is not W_dec transposed"),
+    # dl would compute OMP codes on a folder every table calls topk
+    ({"arch": "topk", "kind": "dl"}, (), {}, "arch 'topk' means kind='topk', not kind='dl'"),
+    ({**ISAE_FIELDS, "signed": False}, (), {}, "arch 'isae' means signed=True, not signed=False"),
+    ({**ISAE_FIELDS, "arch": "isae-iter"}, (), {},
+     "arch 'isae-iter' means encoder_steps=3, not encoder_steps=0"),
+    (ISAE_FIELDS, (), {"b_dec": "nonzero"}, "b_dec is not zero"),
+    ({"arch": "topk"}, ("W_enc",), {}, "has no W_enc, which the untied arch 'topk' needs"),
+    ({"arch": "topk"}, ("b_enc",), {}, "has no b_enc, which arch 'topk' (bias learned) needs"),
+    ({"arch": "topk"}, (), {"threshold": "extra"}, "holds tensor(s) threshold that an isae"),
+    ({"arch": "topk", "k": 2.7}, (), {}, "k must be an integer, not 2.7"),
+    ({"arch": "no-such-arch"}, (), {}, "unknown arch 'no-such-arch'"),
+])
+def test_cfg_that_contradicts_the_tensors_is_refused(tmp_path, raw_set, capsys, cfg, drop, change, message):
+    """Each folder is a valid checkpoint but for one contradiction between cfg.json and
+    sae.safetensors (or within cfg.json), which is refused in one line instead of being
+    loaded as something else; the valid folder itself loads."""
+    acts, _ = raw_set
+    tied = cfg.get("tied", False)
+    good_cfg, t = _consistent(tied)
+    _isae_folder(tmp_path / "ok", good_cfg, t)
+    assert main(["eval", str(tmp_path / "ok"), "--activations", str(acts.path)]) == 0
+    capsys.readouterr()
+    t = {k: v for k, v in t.items() if k not in drop}
+    other = _rng_tensors(5, unit_rows=True)
+    for name, how in change.items():
+        t[name] = {"untied": other["W_enc"], "nonzero": other["b_dec"], "extra": np.ones(N)}[how]
+    _isae_folder(tmp_path / "ck", cfg, t)
+    _one_line_refusal(capsys, ["eval", str(tmp_path / "ck"), "--activations", str(acts.path)], message)
+
+
+def test_fields_a_cfg_leaves_out_follow_its_arch_name(tmp_path, raw_set):
+    """A cfg.json with ``arch: isae`` and no switch fields is read as isae (signed, tied, no
+    bias), not with the class defaults (TopK with ReLU): its codes are the float64 signed
+    TopK of x W_dec^T."""
+    acts, _ = raw_set
+    t0 = _rng_tensors(1, unit_rows=True)
+    _isae_folder(tmp_path / "ck", {"arch": "isae"},
+                 {"W_dec": t0["W_dec"], "W_enc": t0["W_dec"].T, "b_enc": np.zeros(N), "b_dec": np.zeros(D)})
+    ck = checkpoints.load(tmp_path / "ck")
+    assert (ck.model.cfg.signed, ck.model.cfg.tied, ck.model.cfg.bias) == (True, True, "none")
+    x = _x(acts)
+    ref, z = saelens_forward({"architecture": "abstopk", "k": K},
+                             {"W_enc": t0["W_dec"].T, "W_dec": t0["W_dec"], "b_enc": np.zeros(N),
+                              "b_dec": np.zeros(D)}, x)
+    dense = ck.encode_raw(x.astype(np.float32)).dense(N).numpy()
+    assert (z < 0).any() and support_sets(dense) == support_sets(z)
+    np.testing.assert_allclose(dense, z, atol=2e-5)
+
+
+@pytest.mark.parametrize("writer,kw,message", [
+    ("sparsify", {"k": 2.7}, "k must be an integer, not 2.7"),
+    ("sparsify", {"num_latents": N + 1}, f"num_latents {N + 1} but the tensors have {N}"),
+    ("sparsify", {"num_latents": 0, "expansion_factor": 3}, f"is {3 * D} latents, but the tensors have {N}"),
+    ("sparsify", {"d_in": D + 1}, f"d_in {D + 1} but the tensors have {D}"),
+    ("saelens", {"k": 2.7}, "k must be an integer, not 2.7"),
+    ("saelens", {"d_sae": N - 1}, f"d_sae {N - 1} but the tensors have {N}"),
+    ("saelens", {"architecture": "batchtopk"}, "save_inference_model"),
+    ("saelens", {"architecture": "matryoshka_batchtopk"}, "save_inference_model"),
+    ("saelens", {"normalize_activations": "covariance_whitening"}, "identity there"),
+])
+def test_foreign_cfg_that_contradicts_its_tensors_is_refused(tmp_path, raw_set, capsys, writer, kw, message):
+    acts, _ = raw_set
+    if writer == "saelens":
+        write_saelens(tmp_path / "f", "topk", **kw)
+    else:
+        write_sparsify(tmp_path / "f", **kw)
+    _one_line_refusal(capsys, ["eval", str(tmp_path / "f"), "--activations", str(acts.path)], message)
+
+
+@pytest.mark.parametrize("writer,extra", [("saelens", "threshold"), ("sparsify", "W_skip")])
+def test_foreign_folder_with_a_tensor_isae_does_not_know_is_refused(tmp_path, raw_set, capsys, writer, extra):
+    acts, _ = raw_set
+    folder = tmp_path / "f"
+    if writer == "saelens":
+        _, t = write_saelens(folder, "topk")
+        name = "sae_weights.safetensors"
+    else:
+        _, t = write_sparsify(folder)
+        name = "sae.safetensors"
+    save_file({**t, extra: np.ones((N,) if extra == "threshold" else (D, D), np.float32)},
+              str(folder / name))
+    _one_line_refusal(capsys, ["eval", str(folder), "--activations", str(acts.path)],
+                      f"holds tensor(s) {extra} that isae does not know")
+
+
+def test_sparsify_multi_topk_says_what_isae_evaluates(tmp_path, raw_set, caplog):
+    """sparsify's forward() returns the top-4k reconstruction when multi_topk is set; isae
+    evaluates the k-sparse code (the library's encode then decode) and says so."""
+    acts, _ = raw_set
+    cfg, t = write_sparsify(tmp_path / "sp", multi_topk=True)
+    ck = checkpoints.load(tmp_path / "sp")
+    assert f"top 4k = {4 * K} latents" in caplog.text and f"keeps k = {K}" in caplog.text
+    x = _x(acts)
+    ref, _ = sparsify_forward(cfg, t, x)
+    np.testing.assert_allclose(ck.reconstruct_raw(x.astype(np.float32)).numpy(), ref, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- legacy scaling_factor
+
+
+def _legacy_saelens(path, sf, flag: bool | None) -> tuple[dict, dict]:
+    """A SAELens < 6 folder (no version stamp) with a ``scaling_factor`` tensor."""
+    cfg, t = write_saelens(path, "standard", metadata={}, activation_fn_str="relu",
+                           **({} if flag is None else {"finetuning_scaling_factor": flag}))
+    save_file({**t, "scaling_factor": sf.astype(np.float32)}, str(path / "sae_weights.safetensors"))
+    return cfg, t
+
+
+def test_legacy_scaling_factor_is_applied_as_saelens_applied_it(tmp_path, raw_set):
+    """SAELens < 6 multiplied the codes by scaling_factor before the decoder (when
+    finetuning_scaling_factor is set): the same reconstruction here, in float64."""
+    acts, _ = raw_set
+    sf = np.random.default_rng(4).uniform(0.5, 2.0, N)
+    cfg, t = _legacy_saelens(tmp_path / "s", sf, flag=True)
+    x = _x(acts)
+    _, z = saelens_forward(cfg, t, x)
+    ref = (z * sf) @ t["W_dec"].astype(np.float64) + t["b_dec"]
+    ck = checkpoints.load(tmp_path / "s")
+    np.testing.assert_allclose(ck.reconstruct_raw(x.astype(np.float32)).numpy(), ref, atol=3e-5)
+    # all ones is no factor at all (SAELens 6 drops it too)
+    cfg1, t1 = _legacy_saelens(tmp_path / "ones", np.ones(N), flag=None)
+    np.testing.assert_allclose(checkpoints.load(tmp_path / "ones").reconstruct_raw(x.astype(np.float32)).numpy(),
+                               saelens_forward(cfg1, t1, x)[0], atol=3e-5)
+
+
+@pytest.mark.parametrize("flag", [None, False])
+def test_legacy_scaling_factor_without_its_flag_is_refused(tmp_path, raw_set, capsys, flag):
+    acts, _ = raw_set
+    _legacy_saelens(tmp_path / "s", np.full(N, 2.0), flag=flag)
+    _one_line_refusal(capsys, ["eval", str(tmp_path / "s"), "--activations", str(acts.path)],
+                      "scaling_factor is not all ones but cfg.json does not set finetuning_scaling_factor")
+
+
+# ----------------------------------------------------------------------------- own exports back in
+
+
+@pytest.mark.parametrize("arch,fmt,imported", [
+    ("topk", "saelens", "topk"), ("isae", "saelens", "topk+signed"), ("topk", "sparsify", "topk"),
+])
+def test_isae_imports_its_own_exports(tmp_path, raw_set, isae_ckpts, capsys, arch, fmt, imported):
+    """Every export's decoder rows have the set's scale s != 1 as their common norm; the
+    import folds s into the encoder and computes what the checkpoint computes: the same
+    raw reconstructions, and codes in raw units (the checkpoint's codes times s)."""
+    acts, _ = raw_set
+    s = acts.normalizer().scale
+    assert abs(s - 1) > 0.3
+    assert main(["export", str(isae_ckpts[arch]), "--format", fmt, "--out", str(tmp_path / "e")]) == 0
+    assert main(["import", str(tmp_path / "e"), "--out", str(tmp_path / "back")]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["arch"] == imported
+    orig, back = checkpoints.load(isae_ckpts[arch]), checkpoints.load(tmp_path / "back")
+    x = _x(acts).astype(np.float32)
+    np.testing.assert_allclose(back.reconstruct_raw(x).numpy(), orig.reconstruct_raw(x).numpy(), atol=3e-5)
+    zo, zb = orig.encode_raw(x).dense(N).numpy(), back.encode_raw(x).dense(N).numpy()
+    assert support_sets(zb) == support_sets(zo)
+    np.testing.assert_allclose(zb, zo * s, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(back.W_dec.numpy(), axis=1), 1, atol=1e-6)

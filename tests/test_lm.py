@@ -206,7 +206,7 @@ def test_unknown_hook_lists_the_closest(tmp_path, corpus, capsys):
 
 
 def test_model_not_in_cache_without_network(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(lm, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(lm.model, "_hub_reachable", lambda timeout=3.0: False)
     name = "isae-tests/no-such-model-anywhere"
     rc = cli.main(["extract", "lm", "--model", name, "--hook", HOOK, "--out", str(tmp_path / "x")])
     assert rc == 2

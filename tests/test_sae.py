@@ -177,12 +177,107 @@ def test_stop_gradient_name_round_trips_through_a_checkpoint(tmp_path):
     assert checkpoints.load(path).model.cfg.iht_gradient == "steps"
 
 
-def test_stop_gradient_refuses_an_encoder_of_its_own_in_a_config_too():
-    with pytest.raises(UserError, match="no parameters of its own"):
-        SAEConfig(d_in=4, d_sae=8, k=2, encoder_steps=3, iht_gradient="final")
-    SAEConfig(d_in=4, d_sae=8, k=2, encoder_steps=3, iht_gradient="final", tied=True, bias="none")
+def test_stop_gradient_is_decided_by_the_name():
+    assert SAEConfig.from_arch("isae-iter+sg", d_in=4, d_sae=8, k=2).iht_gradient == "final"
+    assert SAEConfig.from_arch("isae-iter", d_in=4, d_sae=8, k=2).iht_gradient == "steps"
+    with pytest.raises(UserError, match="means iht_gradient='steps', not iht_gradient='final'"):
+        SAEConfig(d_in=4, d_sae=8, k=2, arch="isae-iter", iht_gradient="final")
 
 
 def test_k_must_be_below_width():
     with pytest.raises(UserError, match="k must satisfy"):
         SAEConfig(d_in=4, d_sae=8, k=8)
+
+
+# ----------------------------------------------------------------------------- each kind's loss
+
+
+def _weights64(m):
+    """The model's weights in float64 numpy: W_enc [D, N], W_dec [N, D], b_enc, b_dec."""
+    return {k: t.detach().double().numpy() for k, t in (
+        ("W_enc", m.encoder_weight), ("W_dec", m.W_dec), ("b_enc", m.b_enc), ("b_dec", m.b_dec))}
+
+
+def test_relu_loss_is_squared_error_per_dimension_plus_weighted_l1():
+    """ReLU's loss (Anthropic, April 2024) against float64: mean over rows of ||x - x_hat||^2
+    / d, plus l1_coeff x mean over rows of sum_i z_i ||W_dec[i]||."""
+    torch.manual_seed(0)
+    m = SparseCoder(SAEConfig.from_arch("relu", d_in=6, d_sae=10, k=2, l1_coeff=0.05, seed=3))
+    with torch.no_grad():
+        m.W_dec.mul_(torch.rand(10, 1) * 3)  # free row norms, as training leaves them
+        m.b_enc.normal_(0, 0.3)
+        m.b_dec.normal_(0, 0.3)
+    x = torch.randn(32, 6)
+    out = m(x)
+    w = _weights64(m)
+    xd = x.double().numpy()
+    z = np.maximum((xd - w["b_dec"]) @ w["W_enc"] + w["b_enc"], 0)
+    err = xd - (z @ w["W_dec"] + w["b_dec"])
+    l1 = (z * np.linalg.norm(w["W_dec"], axis=1)).sum(1).mean()
+    want = (err ** 2).sum(1).mean() / 6 + 0.05 * l1
+    assert (z > 0).any() and l1 > 0
+    assert float(m.loss(x, out, auxk_alpha=123.0).detach()) == pytest.approx(want, rel=1e-5)  # no AuxK
+
+
+def test_topk_loss_is_fvu_plus_weighted_auxk():
+    """TopK's loss against float64: the FVU plus auxk_alpha x AuxK's FVU of the residual by
+    the k_aux = d / 2 largest pre-activations among the dead latents."""
+    m = SparseCoder(SAEConfig.from_arch("topk", d_in=8, d_sae=20, k=2, seed=1))
+    x = torch.randn(40, 8, generator=torch.Generator().manual_seed(2))
+    dead = torch.zeros(20, dtype=torch.bool)
+    dead[[1, 4, 5, 9, 11, 13, 17]] = True
+    out = m(x, dead=dead)
+    w = _weights64(m)
+    xd = x.double().numpy()
+    pre = (xd - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    score = np.maximum(pre, 0)
+    z = np.zeros_like(pre)
+    top = np.argsort(-score, axis=1)[:, :2]
+    np.put_along_axis(z, top, np.take_along_axis(score, top, 1), 1)
+    err = xd - (z @ w["W_dec"] + w["b_dec"])
+    fvu = (err ** 2).sum() / ((xd - xd.mean(0)) ** 2).sum()
+    aux_score = np.where(dead.numpy(), score, -1.0)
+    aux_top = np.argsort(-aux_score, axis=1)[:, :4]  # k_aux = d / 2 = 4 of 7 dead
+    za = np.zeros_like(pre)
+    np.put_along_axis(za, aux_top, np.take_along_axis(score, aux_top, 1), 1)
+    e_hat = za @ w["W_dec"]
+    auxk = ((err - e_hat) ** 2).sum() / ((err - err.mean(0)) ** 2).sum()
+    assert auxk > 0
+    assert float(m.loss(x, out, auxk_alpha=0.25).detach()) == pytest.approx(fvu + 0.25 * auxk, rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu", "isae"])
+def test_fired_counts_rows_where_each_latent_is_nonzero(arch):
+    m = _model(arch, d=5, n=12, k=3, seed=4)
+    x = torch.randn(30, 5, generator=torch.Generator().manual_seed(5))
+    codes = m.encode(x)
+    dense = codes.dense(12).detach().numpy()
+    assert np.array_equal(m.fired(codes).numpy(), (dense != 0).sum(0))
+    assert m.fired(codes).dtype == torch.int64
+
+
+def test_what_each_kind_asks_of_the_trainer():
+    kinds = {a: (_model(a).by_gradient, _model(a).replays_steps) for a in ("topk", "isae-iter", "relu", "dl")}
+    assert kinds == {"topk": (True, True), "isae-iter": (True, True), "relu": (True, False),
+                     "dl": (False, False)}
+
+
+# ----------------------------------------------------------------------------- the name decides
+
+
+@pytest.mark.parametrize("arch,fields,says", [
+    ("topk", dict(encoder_steps=3), "ask for the steps by name: topk+iter3"),
+    ("isae-iter", dict(encoder_steps=1), "ask for the steps by name: isae+iter1"),
+    ("isae", dict(encoder_steps=0, tied=False), "not tied=False"),
+    ("topk", dict(kind="dl"), "arch 'topk' means kind='topk', not kind='dl'"),
+    ("dl", dict(kind="topk"), "arch 'dl' means kind='dl'"),
+    ("relu", dict(encoder_steps=2), "relu runs no thresholding steps"),
+    ("truth", dict(tied=False), "arch 'truth' means tied=True"),
+])
+def test_a_config_cannot_contradict_its_arch(arch, fields, says):
+    with pytest.raises(UserError, match="means") as e:
+        SAEConfig(d_in=4, d_sae=8, k=2, arch=arch, **fields)
+    assert says in str(e.value)
+    if arch != "truth":  # the same fields, agreeing with the name: accepted
+        agree = {k: parse_arch(arch).fields[k] for k in fields}
+        assert SAEConfig(d_in=4, d_sae=8, k=2, arch=arch, **agree) == SAEConfig(d_in=4, d_sae=8, k=2, arch=arch)

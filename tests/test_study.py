@@ -7,15 +7,19 @@ the code under test.
 from __future__ import annotations
 
 import math
+import runpy
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from isae.errors import UserError
-from isae.study import figures, tables
+from isae.study import figures, plan, tables
 from isae.study.tables import Metric
+
+ROOT = Path(__file__).resolve().parents[1]
 
 M = [Metric("x", "x", "$x$", digits=3)]
 
@@ -611,3 +615,61 @@ def test_f3_and_f6_use_every_seed_with_its_spread():
         assert any(abs((s[1][1] - s[0][1]) / 2 - statistics.stdev([0.5, 0.6, 0.7])) < 1e-9
                    for s in segs)
         assert "1–3 seeds per point" in ax.get_title()
+
+
+class _Fields(dict):
+    """A stand-in for Snakemake's named lists: items() and attribute access."""
+
+    __getattr__ = dict.__getitem__
+
+
+def test_one_entrance_draws_every_figure(frames, tmp_path):
+    """figures.draw and scripts/figure.py (the one rule script) give each figure exactly
+    what its function gets when called directly: same PNG bytes."""
+    assert list(figures.FIGURES) == list(plan.FIGURE_RULES)
+    assert {n: f.__name__ for n, f in figures.FIGURES.items()} == plan.FIGURE_RULES
+    with pytest.raises(UserError, match="unknown figure 'F9'"):
+        figures.draw("F9", {})
+    f = frames
+    paths = {}
+    for name, df in (("runs", f["runs"]), ("pairs", f["pairs"]), ("latents", f["latents"]),
+                     ("chance", f["chance"])):
+        paths[name] = tmp_path / f"{name}.parquet"
+        df.to_parquet(paths[name])
+    cases = [("F1", ["latents", "pairs", "runs", "chance"], {},
+              figures.f1_stability(f["latents"], f["pairs"], f["runs"], f["chance"])),
+             ("F2", ["runs"], {"true_k": {"syn": 8}}, figures.f2_truth_recovery(f["runs"], {"syn": 8}))]
+    for name, reads, params, direct in cases:
+        want = tmp_path / f"direct-{name}.png"
+        figures.save_figure(direct, [want])
+        out = _Fields(png=str(tmp_path / f"{name}.png"), pdf=str(tmp_path / f"{name}.pdf"))
+        smk = _Fields(input=_Fields({r: str(paths[r]) for r in reads}),
+                      params=_Fields(figure=name, **params), output=out,
+                      log=[str(tmp_path / f"{name}.log")])
+        runpy.run_path(str(ROOT / "scripts" / "figure.py"), init_globals={"snakemake": smk})
+        assert Path(out.png).read_bytes() == want.read_bytes()
+        assert Path(out.pdf).read_bytes()[:5] == b"%PDF-"
+
+
+def test_t1_live_columns_from_the_seed_pairs():
+    runs = _group_runs({("syn", "topk"): [0.2, 0.4, 0.3]}, mse_per_dim=lambda s, v: v,
+                       fvu=lambda s, v: v, l0=lambda s, v: 8.0, dead_frac=lambda s, v: 0.25,
+                       lr=lambda s, v: 4e-3, converged=lambda s, v: True,
+                       fvu_trend=lambda s, v: 0.0, init_abs_cos=lambda s, v: 0.5)
+    pairs = pd.DataFrame(dict(
+        dataset="syn", kind="seed", arch_a="topk", arch_b="topk", seed_a=[0, 0, 1],
+        seed_b=[1, 2, 2], k=8, width=64, rows=1000, mean_abs_cos=[0.5, 0.6, 0.7],
+        live_mean_abs_cos=[0.8, 0.9, 0.7], live_n_matched=[40, 44, 42],
+        live_chance_data_rows=[0.3, 0.31, 0.32], main=True, **{"frac_gt_0.9": 0.0}))
+    r = tables.table_t1(runs, pairs).iloc[0]
+    assert r["live_mean_abs_cos_mean"] == pytest.approx(0.8)
+    assert (r["live_n_matched_min"], r["live_n_matched_max"]) == (40, 44)
+    assert r["live_chance_data_rows_mean"] == pytest.approx(0.31)
+    md = tables.to_markdown(tables.table_t1(runs, pairs), tables.T1_METRICS)
+    assert "| live seed \\|cos\\| | live n | live chance rows |" in md
+    assert "| 0.800 [0.700, 0.900] | 42 [40, 44] | 0.310 |" in md
+    # Tables measured before the live columns existed leave them out of the renderings.
+    old = tables.table_t1(runs, pairs.drop(columns=["live_mean_abs_cos", "live_n_matched",
+                                                    "live_chance_data_rows"]))
+    shown = tables.shown_metrics(old, tables.T1_METRICS)
+    assert "live n" not in [m.label for m in shown] and "seed >0.9" in [m.label for m in shown]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -122,6 +123,55 @@ def test_a_diverging_model_is_dropped_and_the_others_go_on(data, tmp_path, monke
     done = train_many(data, cfgs, tcfg, outs, drop_diverged=True, resume=False)
     assert done[1]["diverged"] and done[1]["out"] is None and not outs[1].exists()
     assert not done[0].get("diverged") and (outs[0] / "sae.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_pass_takes_whatever_stepper_steps_its_runs(data, tmp_path, monkeypatch):
+    """The loop steps its runs through one pass stepper (trainer.pass_stepper), which a
+    stepper for a whole group of runs may replace. Here one that steps the runs in reverse
+    order and resumes from a saved state: every checkpoint is bitwise the one of the usual
+    stepper, since the runs of a pass are independent."""
+    from isae.training import trainer
+    from isae.training.steppers import EachRun
+
+    class Reversed:
+        def __init__(self, runs, device):
+            self.each = EachRun(runs[::-1], device)
+            self.calls = 0
+
+        def step(self, x, lr_scale, deads):
+            self.calls += 1
+            return self.each.step(x, lr_scale, deads[::-1])[::-1]
+
+    made = []
+
+    def reversed_stepper(runs, device):
+        made.append(Reversed(runs, device))
+        return made[-1]
+
+    cfgs = [SAEConfig.from_arch(a, d_in=16, d_sae=48, k=3, seed=s)
+            for a, s in (("topk", 0), ("relu", 1), ("dl", 2))]
+    tcfg = TrainConfig(tokens=3000, batch_size=256, checkpoint_every=5, log_every=2)
+    usual = train_many(data, cfgs, tcfg, [tmp_path / f"u{i}" for i in range(3)], resume=False)
+    monkeypatch.setattr(trainer, "pass_stepper", reversed_stepper)
+    real_save, saves = trainer._save_state, []
+
+    def crash_after_first_save(rdir, state):
+        real_save(rdir, state)
+        saves.append(state["step"])
+        if len(saves) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_save_state", crash_after_first_save)
+    outs = [tmp_path / f"r{i}" for i in range(3)]
+    with pytest.raises(KeyboardInterrupt):
+        train_many(data, cfgs, tcfg, outs)
+    other = train_many(data, cfgs, tcfg, outs)  # resumed at step 5
+    assert saves[0] == 5 and [m.calls for m in made] == [5, 7]
+    for a, b in zip(usual, other):
+        assert _same(Path(a["out"]), Path(b["out"])), a["arch"]
+        la, lb = (pd.read_parquet(f"{r['out']}/train_log.parquet").drop(columns="wall_s") for r in (a, b))
+        pd.testing.assert_frame_equal(la, lb)
 
 
 # ----------------------------------------------------------------------------- lr sweep

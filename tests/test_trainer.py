@@ -22,8 +22,12 @@ from isae.cli.main import main
 from isae.cli.train import convergence_report
 from isae.data import checkpoints as checkpoint
 from isae.data.activations import ActivationSet
-from isae.models.config import SAEConfig, TrainConfig
+from isae.errors import UserError
+from isae.gpu.ops import FastOps
+from isae.models.config import SAEConfig, TrainConfig, parse_arch
+from isae.models.reference import REFERENCE, ReferenceOps
 from isae.models.sparse_coder import SparseCoder
+from isae.training import trainer
 from isae.training.trainer import SAEStepper, lr_multiplier
 
 FAST = ["--k", "3", "--width", "128", "--batch-size", "512", "--lr", "1e-2"]
@@ -103,7 +107,7 @@ def test_encoder_steps_never_worse_for_same_dictionary(isae_ckpt, data):
     x = torch.from_numpy(ActivationSet(data[0]).load("heldout")["x"])
     xn = ck.normalize(x)
     m0 = ck.model
-    cfg3 = SAEConfig.from_dict({**m0.cfg.to_dict(), "encoder_steps": 3})
+    cfg3 = SAEConfig.from_dict({**m0.cfg.to_dict(), "arch": "isae+iter3", "encoder_steps": 3})
     m3 = SparseCoder(cfg3)
     m3.load_state_dict(m0.state_dict())
     with torch.no_grad():
@@ -331,3 +335,188 @@ def test_unwritable_out(capsys, tmp_path, data):
     blocker.write_text("x")
     _bad(capsys, ["train", "--activations", str(data[0]), "--arch", "topk", *FAST, "--tokens", "1000",
                   "--out", str(blocker / "ckpt")], "cannot create")
+
+
+# ------------------------------------------------------------------ the name decides
+
+
+def test_encoder_steps_that_contradict_the_arch_are_refused(capsys, tmp_path, data):
+    out = tmp_path / "o"
+    _bad(capsys, ["train", "--activations", str(data[0]), "--arch", "topk", "--encoder-steps", "3",
+                  *FAST, "--tokens", "2048", "--out", str(out)],
+         "--encoder-steps 3 contradicts --arch topk, which runs 0; ask for the steps by name: topk+iter3")
+    _bad(capsys, ["train", "--activations", str(data[0]), "--arch", "isae,isae-iter", "--encoder-steps",
+                  "0", *FAST, "--tokens", "2048", "--out", str(tmp_path / "{arch}")],
+         "contradicts --arch isae-iter, which runs 3; ask for the steps by name: isae")
+    _bad(capsys, ["train", "--activations", str(data[0]), "--arch", "relu", "--encoder-steps", "1",
+                  *FAST, "--tokens", "2048", "--out", str(out)], "relu runs no thresholding steps")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_suffix_asks_for_steps_and_the_flag_may_repeat_them(data, tmp_path):
+    a = _train(data, tmp_path / "a", "topk+iter2", tokens="4096")
+    b = _train(data, tmp_path / "b", "topk+iter2", tokens="4096", extra=["--encoder-steps", "2"])
+    cfg = json.loads((a / "cfg.json").read_text())
+    assert (cfg["arch"], cfg["kind"], cfg["signed"], cfg["encoder_steps"]) == ("topk+iter2", "topk", False, 2)
+    assert (a / "sae.safetensors").read_bytes() == (b / "sae.safetensors").read_bytes()
+    assert checkpoint.load(a).model.cfg.encoder_steps == 2
+
+
+@pytest.mark.parametrize("edit,says", [
+    ({"encoder_steps": 3}, "arch 'topk' means encoder_steps=0, not encoder_steps=3"),
+    ({"kind": "dl"}, "arch 'topk' means kind='topk', not kind='dl'"),
+    ({"tied": True, "signed": True}, "means signed=False, tied=False, not signed=True, tied=True"),
+    ({"arch": "isae"}, "arch 'isae' means signed=True, tied=True, bias='none'"),
+])
+def test_a_cfg_json_that_contradicts_its_arch_is_refused_when_loaded(capsys, tmp_path, data, edit, says):
+    m = SparseCoder(SAEConfig.from_arch("topk", d_in=32, d_sae=64, k=3, seed=1))
+    ck = checkpoint.save(m, tmp_path / "ck", ActivationSet(data[0]).normalizer())
+    assert checkpoint.load(ck).model.cfg == m.cfg
+    cfg = json.loads((ck / "cfg.json").read_text())
+    (ck / "cfg.json").write_text(json.dumps({**cfg, **edit}))
+    with pytest.raises(UserError, match="cfg.json: arch") as e:
+        checkpoint.load(ck)
+    assert says in str(e.value) and "\n" not in str(e.value)
+    _bad(capsys, ["eval", str(ck), "--activations", str(data[0])], says)
+
+
+def test_switches_left_out_of_a_config_come_from_its_arch():
+    for name in ("topk", "relu", "isae", "isae-iter", "dl", "isae-tied", "topk+signed+iter7"):
+        cfg = SAEConfig(d_in=8, d_sae=16, k=2, arch=name)
+        assert {f: getattr(cfg, f) for f in parse_arch(name).fields} == parse_arch(name).fields
+    with pytest.raises(UserError, match="ask for the steps by name: isae-tied"):
+        SAEConfig(d_in=8, d_sae=16, k=2, arch="isae-iter-tied", encoder_steps=0)
+
+
+# ------------------------------------------------------------------ the op set the trainer is given
+
+
+class _Spy(ReferenceOps):
+    """The reference maths, recording what the trainer asks of its op set."""
+
+    def __init__(self) -> None:
+        self.asked: list = []
+
+    def step_graphs(self, body, prepare, device):
+        self.asked.append(torch.device(device))
+        return None
+
+
+@pytest.mark.slow
+def test_the_trainer_runs_on_the_op_set_it_is_given(data, tmp_path, monkeypatch):
+    """Each model asks its op set whether to replay its step (TopK family only, on the
+    model's device); the trainer imports no op set of its own (tests/test_walls.py)."""
+    spy = _Spy()
+    monkeypatch.setattr(trainer, "select_ops", lambda device: spy)
+    cfgs = [SAEConfig.from_arch(a, d_in=32, d_sae=64, k=3, seed=0) for a in ("topk", "relu", "isae", "dl")]
+    outs = [tmp_path / c.arch for c in cfgs]
+    trainer.train_many(data[0], cfgs, TrainConfig(tokens=2048, batch_size=256), outs, resume=False)
+    assert spy.asked == [torch.device("cpu")] * 2  # topk and isae; relu and dl step eagerly
+    monkeypatch.undo()
+    again = trainer.train_many(data[0], cfgs, TrainConfig(tokens=2048, batch_size=256),
+                               [tmp_path / f"ref-{c.arch}" for c in cfgs], resume=False)
+    for c, r in zip(cfgs, again):
+        assert (tmp_path / c.arch / "sae.safetensors").read_bytes() == (Path(r["out"]) / "sae.safetensors").read_bytes()
+
+
+def test_op_sets_offer_step_replay_only_where_they_can(monkeypatch):
+    def body(x, dead, width):
+        return {}
+
+    assert REFERENCE.step_graphs(body, lambda: None, torch.device("cuda")) is None
+    assert FastOps(cuda_graphs=True).step_graphs(body, lambda: None, torch.device("cpu")) is None
+    assert FastOps(cuda_graphs=False).step_graphs(body, lambda: None, torch.device("cuda")) is None
+    replay = FastOps(cuda_graphs=True).step_graphs(body, lambda: None, torch.device("cuda"))
+    widths = []
+    monkeypatch.setattr(type(replay), "__call__", lambda self, x, dead, width: widths.append(width) or {})
+    dead = torch.zeros(24576, dtype=torch.bool)
+    replay.replay(torch.zeros(2, 3), dead, 1229)
+    replay.replay(torch.zeros(2, 3), dead, 0)
+    assert widths == [1536, 0]  # AuxK's widths on the grid of cuda_graphs.aux_bucket
+
+
+def test_refresh_copies_makes_the_fast_paths_decoder_copy_current():
+    from isae.gpu.ops import low
+
+    W = torch.nn.Parameter(torch.randn(40, 8))
+    first = low(W).clone()
+    with torch.no_grad():
+        W.mul_(2.0)  # a step's update: the copy is stale until refreshed
+    buf = W._isae_low[1]
+    assert torch.equal(buf, first)
+    FastOps().refresh_copies(W)
+    assert W._isae_low[1] is buf  # refreshed in place: a recorded step reads this buffer
+    assert torch.equal(buf, W.detach().to(torch.bfloat16))
+    REFERENCE.refresh_copies(W)  # the reference keeps no copies: nothing to do
+
+
+# ------------------------------------------------------------------ one normalisation
+
+
+def test_normalizer_maps_arrays_and_tensors_alike_and_back():
+    from isae.data.activations import Normalizer
+
+    rng = np.random.default_rng(0)
+    mean = rng.standard_normal(16).astype(np.float32)
+    norm = Normalizer(mean=mean, scale=0.37)
+    x = (rng.standard_normal((50, 16)) * 3).astype(np.float32)
+    ref = (x.astype(np.float64) - mean.astype(np.float64)) / 0.37
+    a = norm.forward(x)
+    t = norm.forward(torch.from_numpy(x))
+    assert isinstance(a, np.ndarray) and isinstance(t, torch.Tensor) and t.dtype == torch.float32
+    np.testing.assert_allclose(a, ref, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(t.numpy(), a)  # one formula for both kinds
+    np.testing.assert_allclose(norm.inverse(t).numpy(), x, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(norm.inverse(a), x, rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_and_api_normalise_with_the_sets_normalizer(data, tmp_path):
+    import isae
+
+    acts = ActivationSet(data[0])
+    x = torch.from_numpy(acts.load("heldout", max_rows=200)["x"])
+    norm = acts.normalizer()
+    path = checkpoint.save(SparseCoder(SAEConfig.from_arch("isae", d_in=32, d_sae=64, k=3)),
+                           tmp_path / "ck", norm)
+    ck = checkpoint.load(path)
+    assert torch.equal(ck.normalize(x), norm.forward(x))
+    x_hat = ck.model.decode(ck.model.encode(norm.forward(x)))
+    assert torch.equal(ck.reconstruct_raw(x), norm.inverse(x_hat))
+    sae = isae.load(path)
+    z = sae.encode(x)
+    assert torch.allclose(sae.decode(z), norm.inverse(x_hat), atol=1e-5)
+
+
+# ------------------------------------------------------------------ data replaced while training
+
+
+def _regenerate_at(monkeypatch, path: Path, step: int) -> None:
+    """Regenerate the activation set (another seed, same shape) when training reaches ``step``."""
+    real = trainer.lr_multiplier
+
+    def lr(s, total, tcfg):
+        if s == step:
+            signed_sparse_set(path, rows=4000, rows_per_shard=1000, seed=9)
+        return real(s, total, tcfg)
+
+    monkeypatch.setattr(trainer, "lr_multiplier", lr)
+
+
+@pytest.mark.parametrize("every", ["1000", "4"])
+def test_a_set_regenerated_during_training_is_refused(capsys, tmp_path, monkeypatch, every):
+    """Checked before the checkpoint is written, and (every 4 steps) at each resume save."""
+    path = tmp_path / "set"
+    signed_sparse_set(path, rows=4000, rows_per_shard=1000)
+    out = tmp_path / "ck"
+    args = ["train", "--activations", str(path), "--arch", "topk", "--k", "3", "--width", "64",
+            "--batch-size", "256", "--tokens", "4096", "--checkpoint-every", every, "--out", str(out)]
+    _regenerate_at(monkeypatch, path, 6)
+    _bad(capsys, args, "changed while training")
+    assert not out.exists()
+    monkeypatch.undo()
+    if every == "4":  # the state saved at step 4, before the change, belongs to the old set
+        assert (tmp_path / "ck.resume" / "state.safetensors").is_file()
+        _bad(capsys, args, "was made on other data")
+    assert main(["-q", "train", *args[1:], "--no-resume"]) == 0
+    assert (out / "sae.safetensors").is_file() and not (tmp_path / "ck.resume").exists()

@@ -6,6 +6,8 @@ functions too. The rules:
 * the library never imports the workflow (``workflow/``, Snakemake) or the rule scripts;
 * ``isae.models`` does no I/O: no file formats, no data package, no file calls;
 * ``isae.analysis`` never imports ``isae.training`` or ``isae.gpu``;
+* ``isae.training`` never imports ``isae.gpu``: the trainer runs on the op set it is given
+  (isae.models.compute), whatever its graph replay or cached copies;
 * ``isae.study.figures`` reads tables: of the library it imports only the tables and the
   architecture names;
 * no two modules import each other, directly or around a longer cycle;
@@ -136,8 +138,8 @@ def violations(src: Path) -> dict[str, list[str]]:
     scripts = {p.stem for d in ("scripts", "workflow") for p in (root / d).rglob("*.py")} if (
         root / "scripts").is_dir() else set()
     found: dict[str, list[str]] = {k: [] for k in (
-        "workflow", "models do no I/O", "analysis off training and gpu", "figures read tables",
-        "one way")}
+        "workflow", "models do no I/O", "analysis off training and gpu", "training off gpu",
+        "figures read tables", "one way")}
     for imp in imports(src):
         top = imp.target.split(".")[0]
         if top in {"scripts", "workflow", "snakemake"} | scripts:
@@ -147,6 +149,8 @@ def violations(src: Path) -> dict[str, list[str]]:
         if _within(imp.module, "isae.analysis") and (
                 _within(imp.target, "isae.training") or _within(imp.target, "isae.gpu")):
             found["analysis off training and gpu"].append(imp.where(src))
+        if _within(imp.module, "isae.training") and _within(imp.target, "isae.gpu"):
+            found["training off gpu"].append(imp.where(src))
         if imp.module == "isae.study.figures" and _within(imp.target, "isae") and not any(
                 _within(imp.target, m) for m in FIGURES_MAY_IMPORT):
             found["figures read tables"].append(imp.where(src))
@@ -263,6 +267,7 @@ def test_the_checker_names_each_offending_import(tmp_path):
         "isae/analysis/x.py": "from ..gpu import ops\nfrom isae.training import trainer\n",
         "isae/training/__init__.py": "",
         "isae/training/trainer.py": "from isae.analysis import x\n",
+        "isae/training/steps.py": "def f():\n    from isae.gpu.ops import low\n",
         "isae/study/__init__.py": "",
         "isae/study/figures.py": "from isae.models.config import f\nfrom isae.data import stream\n",
         "isae/data/__init__.py": "",
@@ -275,6 +280,8 @@ def test_the_checker_names_each_offending_import(tmp_path):
     assert found["analysis off training and gpu"] == [
         "isae/analysis/x.py:1: isae.analysis.x imports isae.gpu.ops",
         "isae/analysis/x.py:2: isae.analysis.x imports isae.training.trainer"]
+    assert found["training off gpu"] == [
+        "isae/training/steps.py:2: isae.training.steps imports isae.gpu.ops"]
     assert found["figures read tables"] == [
         "isae/study/figures.py:2: isae.study.figures imports isae.data.stream"]
     assert found["workflow"] == ["isae/data/stream.py:1: isae.data.stream imports scripts.collect"]

@@ -9,7 +9,7 @@ call brings back):
   feature-browser pages (HTML), the per-run tables that the tables are made from
   (``results/runs/``), each activation set's ``meta.json`` (and its text-source file list),
   each checkpoint's ``cfg.json`` and ``train_log.parquet`` (not the weights, not the
-  activation shards), the rules' benchmark files (``benchmarks/rules/``), the config files
+  activation shards), the rules' benchmark files (``results/benchmarks/``), the config files
   the run used, and RUN.md;
 * ``logs.tar.gz``: the Snakemake log and the logs of the jobs that failed (all job logs when
   they are small);
@@ -116,7 +116,7 @@ def _float(x: str) -> float | None:
 
 
 def rule_times(bench_root: Path) -> list[dict]:
-    """Per rule, from Snakemake's benchmark files (benchmarks/rules/<rule>/...tsv): jobs,
+    """Per rule, from Snakemake's benchmark files (results/benchmarks/<rule>/...tsv): jobs,
     total, mean and max seconds, max RSS (MB), total CPU seconds."""
     acc: dict[str, dict] = defaultdict(lambda: {"jobs": 0, "s": [], "rss": [], "cpu": []})
     for tsv in sorted(bench_root.rglob("*.tsv")):
@@ -217,7 +217,7 @@ def run_md(repo: Path, run: Path, results: str, python: str) -> str:
     lines += ["", "## Per-rule times (Snakemake benchmark files)", "",
               "| rule | jobs | total s | mean s | max s | max RSS MB | CPU s |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rule_times(repo / "benchmarks" / "rules"):
+    for r in rule_times(repo / results / "benchmarks"):
         lines.append(f"| {r['rule']} | {r['jobs']} | {r['total_s']:.1f} | {r['mean_s']:.1f} | "
                      f"{r['max_s']:.1f} | {r['max_rss_mb']:.0f} | {r['cpu_s']:.1f} |")
     return "\n".join(lines) + "\n"
@@ -234,7 +234,7 @@ def _results_files(repo: Path, results: str) -> list[Path]:
             "measure/**/*.parquet", "fidelity/**/*.parquet", "lr/**/*.parquet",
             "lr/**/cfg.json", "chance/**/*.parquet"]
     out = {p for pat in pats for p in root.glob(pat) if p.is_file()}
-    out |= {p for p in (repo / "benchmarks" / "rules").rglob("*.tsv")}
+    out |= {p for p in (root / "benchmarks").rglob("*.tsv")}
     return sorted(p.relative_to(repo) for p in out)
 
 

@@ -6,7 +6,7 @@ feature-browser pages, the activation sets' provenance, Snakemake's benchmark fi
 
     python3 benchmarks/device/publish_run.py COLLECTED DEST [--redraw F7 ...]
 
-COLLECTED holds results/, benchmarks/rules/ and RUN.md as collect_run.py packed them.
+COLLECTED holds results/ (with its benchmarks/) and RUN.md as collect_run.py packed them.
 --redraw draws a figure again from the run's own tables with this checkout's plotting code
 (a plotting fix made after the run); RUN.md's commit stays the run's, and the caller says so.
 """
@@ -48,7 +48,7 @@ def publish(src: Path, dest: Path, redraw: list[str]) -> list[Path]:
         for f in sorted(results.glob(pat)):
             if f.is_file():
                 keep(f, dest / f.relative_to(results))
-    rules = src / "benchmarks" / "rules"
+    rules = results / "benchmarks"
     for f in sorted(rules.rglob("*.tsv")):
         keep(f, dest / "benchmarks" / f.relative_to(rules))
     df = summarise(results) if (results / "checkpoints").is_dir() else pd.DataFrame()

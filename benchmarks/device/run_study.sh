@@ -142,11 +142,11 @@ cmd_start() {
   # run must not see that.
   rm -rf "$WORK.tmp" && mkdir -p "$WORK.tmp"
   (cd "$repo" && tar --exclude=./.whl --exclude=./.gpu --exclude=./.git --exclude="./$RESULTS" \
-     --exclude=./logs --exclude=./.snakemake --exclude=./benchmarks/rules -cf - .) \
+     --exclude=./logs --exclude=./.snakemake -cf - .) \
     | tar -C "$WORK.tmp" -xf -
   if [ -d "$WORK" ]; then
     # Keep what an earlier run made (Snakemake reruns only what changed).
-    for keep in "$RESULTS" logs .snakemake benchmarks/rules; do
+    for keep in "$RESULTS" logs .snakemake; do
       [ -e "$WORK/$keep" ] && mkdir -p "$(dirname "$WORK.tmp/$keep")" && mv "$WORK/$keep" "$WORK.tmp/$keep"
     done
     rm -rf "$WORK"

@@ -4,13 +4,14 @@
 
 Nothing here is guessed:
 
-* the jobs are those of `snakemake -n` on the config (run in a scratch directory);
+* the jobs are the workflow's, read from the study's grid (``isae.study.plan.jobs``, which
+  a test holds equal to the jobs of `snakemake -n`);
 * disk is arithmetic on the config: activation rows x d x bytes of the stored dtype, and
   per checkpoint W_enc + W_dec (d x width each) + b_enc + b_dec in float32, the layout of
   sae.safetensors; d comes from the config (synthetic), from an extracted set's meta.json
   under --results, or from the known hidden size of the named model;
 * time is measured: the `s` and `max_rss` columns of the rules' benchmark files
-  (benchmarks/rules/<rule>/<wildcards>.tsv, written by every job). A job of the plan
+  (results/benchmarks/<rule>/<wildcards>.tsv, written by every job). A job of the plan
   without its own benchmark file takes the mean of the measured jobs of the same rule
   and (dataset, width); a rule with none measured shows "n/a" until a run of that config
   has produced them. Benchmark paths do not name the config, so --benchmarks must hold
@@ -28,15 +29,14 @@ import csv
 import json
 import re
 import statistics
-import subprocess
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-import yaml
+from isae.study import plan as study_plan
 
 REPO = Path(__file__).resolve().parents[2]
+SCHEMA = REPO / "config" / "schema.yaml"
 # Hidden sizes of the models the configs name (model cards), used when no extracted set
 # is at hand to read `d` from.
 MODEL_D = {
@@ -45,56 +45,6 @@ MODEL_D = {
     "all-MiniLM-L6-v2": 384,
 }
 DTYPE_BYTES = {"float32": 4, "float16": 2}
-JOB_RE = re.compile(r"^(?:local)?rule (\w+):\n((?:    .*\n)*)(?:Shell command: (.*)\n)?", re.M)
-
-
-def dry_run_jobs(config: Path) -> list[tuple[str, dict[str, str], int, str]]:
-    """(rule, wildcards, GPUs requested, shell command or "") of every job `snakemake -n`
-    plans for the config."""
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run(
-            [sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "1", "-s",
-             str(REPO / "Snakefile"), "--configfile", str(config.resolve())],
-            cwd=tmp, capture_output=True, text=True,
-        )  # fmt: skip
-    if proc.returncode != 0:
-        raise SystemExit(f"compute_plan: dry run failed:\n{proc.stderr[-2000:]}")
-    jobs = []
-    for rule, body, shell in JOB_RE.findall(proc.stdout):
-        wc = {}
-        m = re.search(r"^    wildcards: (.*)$", body, re.M)
-        if m:
-            wc = dict(item.split("=", 1) for item in m.group(1).split(", "))
-        gpu = re.search(r"^    resources: .*\bgpu=(\d+)", body, re.M)
-        jobs.append((rule, wc, int(gpu.group(1)) if gpu else 0, shell or ""))
-    return jobs
-
-
-def flag(shell: str, name: str) -> str | None:
-    m = re.search(rf"--{name} (\S+)", shell)
-    return m.group(1) if m else None
-
-
-def trained_runs(rule: str, shell: str) -> list[tuple[str, int]] | None:
-    """(arch, SAEs of that arch) of a training job, from its command line: `isae train`
-    trains --arch x --seeds, `isae lr-sweep` --arch x --factors (dl skipped: no rate)."""
-    if rule not in ("train", "lr_sweep"):
-        return None
-    archs = [a for a in (flag(shell, "arch") or "").split(",") if a]
-    if rule == "train":
-        per_arch = len((flag(shell, "seeds") or "0").split(","))
-    else:
-        archs = [a for a in archs if a != "dl"]
-        per_arch = len((flag(shell, "factors") or "1").split(","))
-    return [(a, per_arch) for a in archs]
-
-
-def trained_models(rule: str, shell: str) -> tuple[int, int, int] | None:
-    """(SAEs, width, training rows of each) of a training job (trained_runs)."""
-    runs = trained_runs(rule, shell)
-    if runs is None:
-        return None
-    return sum(n for _, n in runs), int(flag(shell, "width")), int(flag(shell, "tokens"))
 
 
 def dataset_d(name: str, ds: dict, results: Path) -> int | None:
@@ -158,9 +108,9 @@ def fmt_gb(b: float) -> str:
 
 
 def plan(config: Path, bench_root: Path, results: Path) -> str:
-    cfg = yaml.safe_load(config.read_text())
+    cfg = study_plan.load_config([config], SCHEMA)
     datasets = cfg["datasets"]
-    jobs = dry_run_jobs(config)
+    jobs = [(j.rule, j.wildcards, j.gpus, j.trained) for j in study_plan.jobs(cfg)]
     bench = read_benchmarks(bench_root) if bench_root.is_dir() else {}
     planned = {(rule, bench_key(rule, wc)) for rule, wc, *_ in jobs}
     foreign = sorted(k for k in bench if k[0] == "train" and k not in planned)
@@ -217,11 +167,9 @@ def plan(config: Path, bench_root: Path, results: Path) -> str:
     lines += ["", f"GPU-hours (device jobs): {f'{total_gpu:,.0f}' if gpu_known else 'n/a (not yet measured)'}", ""]  # fmt: skip
 
     # ---- training volume and disk per dataset
-    train = defaultdict(list)  # dataset -> (SAEs, width, rows) per training job
-    for rule, wc, _, shell in jobs:
-        models = trained_models(rule, shell)
-        if models:
-            train[wc["dataset"]].append(models)
+    train = defaultdict(list)  # dataset -> (SAEs, width, rows) per arch of a training job
+    for _rule, wc, _, trained in jobs:
+        train[wc.get("dataset")] += [(t.saes, t.width, t.rows) for t in trained]
     lines += [
         "| dataset | d | activation rows | activations on disk | SAEs trained | training tokens"
         " | checkpoints on disk |",
@@ -260,7 +208,7 @@ def plan(config: Path, bench_root: Path, results: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=REPO / "config" / "paper.yaml")
-    p.add_argument("--benchmarks", type=Path, default=REPO / "benchmarks" / "rules")
+    p.add_argument("--benchmarks", type=Path, default=REPO / "results" / "benchmarks")
     p.add_argument("--results", type=Path, default=REPO / "results")
     args = p.parse_args(argv)
     print(plan(args.config.resolve(), args.benchmarks, args.results))

@@ -4,7 +4,7 @@ rule activations:
     log:
         "logs/activations/{dataset}.log",
     benchmark:
-        "benchmarks/rules/activations/{dataset}.tsv"
+        "results/benchmarks/activations/{dataset}.tsv"
     # First: every other job waits for an activation set (the language model's is the longest).
     priority: 3
     conda:

@@ -21,7 +21,7 @@ rule browser:
     log:
         "logs/browser/{dataset}/{group}/{arch}/seed{seed_a}-seed{seed_b}.log",
     benchmark:
-        "benchmarks/rules/browser/{dataset}/{group}/{arch}/seed{seed_a}-seed{seed_b}.tsv"
+        "results/benchmarks/browser/{dataset}/{group}/{arch}/seed{seed_a}-seed{seed_b}.tsv"
     conda:
         ENV
     threads: res("measure", "threads")

@@ -7,7 +7,7 @@ rule fidelity:
     log:
         "logs/fidelity/{dataset}/{group}/{arch}/seed{seed}.log",
     benchmark:
-        "benchmarks/rules/fidelity/{dataset}/{group}/{arch}/seed{seed}.tsv"
+        "results/benchmarks/fidelity/{dataset}/{group}/{arch}/seed{seed}.tsv"
     conda:
         ENV
     threads: res("fidelity", "threads")

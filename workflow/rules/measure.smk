@@ -9,7 +9,7 @@ rule measure:
     log:
         "logs/measure/{dataset}/{group}.log",
     benchmark:
-        "benchmarks/rules/measure/{dataset}/{group}.tsv"
+        "results/benchmarks/measure/{dataset}/{group}.tsv"
     conda:
         ENV
     threads: res("measure", "threads")
@@ -34,7 +34,7 @@ rule chance:
     log:
         "logs/chance/{dataset}.log",
     benchmark:
-        "benchmarks/rules/chance/{dataset}.tsv"
+        "results/benchmarks/chance/{dataset}.tsv"
     conda:
         ENV
     threads: res("measure", "threads")

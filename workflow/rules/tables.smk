@@ -10,7 +10,7 @@ rule collect_runs:
     log:
         "logs/collect_runs/all.log",
     benchmark:
-        "benchmarks/rules/collect_runs/all.tsv"
+        "results/benchmarks/collect_runs/all.tsv"
     conda:
         ENV
     threads: 1
@@ -33,7 +33,7 @@ rule collect_pairs:
     log:
         "logs/collect_pairs/all.log",
     benchmark:
-        "benchmarks/rules/collect_pairs/all.tsv"
+        "results/benchmarks/collect_pairs/all.tsv"
     conda:
         ENV
     threads: 1
@@ -56,7 +56,7 @@ rule collect_latents:
     log:
         "logs/collect_latents/all.log",
     benchmark:
-        "benchmarks/rules/collect_latents/all.tsv"
+        "results/benchmarks/collect_latents/all.tsv"
     conda:
         ENV
     threads: 1
@@ -79,7 +79,7 @@ rule collect_fidelity:
     log:
         "logs/collect_fidelity/all.log",
     benchmark:
-        "benchmarks/rules/collect_fidelity/all.tsv"
+        "results/benchmarks/collect_fidelity/all.tsv"
     conda:
         ENV
     threads: 1
@@ -100,7 +100,7 @@ rule collect_chance:
     log:
         "logs/collect_chance/all.log",
     benchmark:
-        "benchmarks/rules/collect_chance/all.tsv"
+        "results/benchmarks/collect_chance/all.tsv"
     conda:
         ENV
     threads: 1
@@ -121,7 +121,7 @@ rule collect_lr:
     log:
         "logs/collect_lr/all.log",
     benchmark:
-        "benchmarks/rules/collect_lr/all.tsv"
+        "results/benchmarks/collect_lr/all.tsv"
     conda:
         ENV
     threads: 1
@@ -147,7 +147,7 @@ rule table_t1:
     log:
         "logs/table_t1/all.log",
     benchmark:
-        "benchmarks/rules/table_t1/all.tsv"
+        "results/benchmarks/table_t1/all.tsv"
     conda:
         ENV
     threads: 1
@@ -169,7 +169,7 @@ rule table_t2:
     log:
         "logs/table_t2/all.log",
     benchmark:
-        "benchmarks/rules/table_t2/all.tsv"
+        "results/benchmarks/table_t2/all.tsv"
     conda:
         ENV
     threads: 1

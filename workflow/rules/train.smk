@@ -8,7 +8,7 @@ rule lr_sweep:
     log:
         "logs/lr_sweep/{dataset}.log",
     benchmark:
-        "benchmarks/rules/lr_sweep/{dataset}.tsv"
+        "results/benchmarks/lr_sweep/{dataset}.tsv"
     # Before the rest: every training job of the dataset waits for its learning rates.
     priority: 2
     conda:
@@ -37,7 +37,7 @@ rule train:
     log:
         "logs/train/{dataset}/{group}.log",
     benchmark:
-        "benchmarks/rules/train/{dataset}/{group}.tsv"
+        "results/benchmarks/train/{dataset}/{group}.tsv"
     # Training before measuring: the long jobs start while there is work to overlap them.
     priority: 1
     conda:

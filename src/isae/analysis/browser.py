@@ -9,6 +9,11 @@ encodes every batch once, and a streaming top-k keeps, per latent, the ``k`` row
 largest |code| (the absolute value, so that a signed latent's negative pole counts too; the
 shown value keeps its sign; ties go to the earlier row).
 
+Codes are shown in one unit for both sides, that of the raw activations (``CODE_UNITS``):
+the coefficient of a unit-norm atom in raw space, i.e. a checkpoint's code in its normalised
+space times its scale (as ``isae match`` compares codes). A checkpoint and its own SAELens
+export (identity normalisation) then show the same values.
+
 A context is rebuilt from the set's own provenance columns: the held-out rows of one
 document, ordered by ``pos``, carry its ``token_id`` sequence (the split is by document, so a
 held-out row's neighbours are held out as well), and the model's tokenizer decodes a window
@@ -37,6 +42,9 @@ PROVENANCE = ["doc", "pos", "token_id"]
 HIST_BINS = 20
 #: Largest N_a * N_b for which the chance level (two random dictionaries) is computed.
 CHANCE_MAX_CELLS = 8192 * 8192
+#: The unit of every code value the browser shows (see the module docstring).
+CODE_UNITS = "raw activation units: each code is the coefficient of a unit-norm atom on " \
+    "the raw activations (a checkpoint's normalised code times its scale)"
 
 
 # ----------------------------------------------------------------------------- top-k
@@ -174,7 +182,9 @@ def scan_heldout(
     max_rows: int | None = None,
     batch_size: int = 4096,
 ) -> tuple[list[LatentStats], dict[str, np.ndarray]]:
-    """One pass over the held-out rows: every checkpoint encodes each batch once.
+    """One pass over the held-out rows: every checkpoint encodes each batch once. Code values
+    are in raw activation units (``CODE_UNITS``): one positive factor per checkpoint, so the
+    ranking of a latent's rows is that of its normalised codes.
 
     -> (one LatentStats per checkpoint, the provenance columns ``doc``/``pos``/``token_id``
     of the rows used, [rows] each; a row id is an index into them).
@@ -203,7 +213,8 @@ def scan_heldout(
                     r, j = (codes.val != 0).nonzero(as_tuple=True)
                     lat = codes.idx[r, j].cpu().numpy()
                     count += np.bincount(lat, minlength=len(count))
-                    top.update(lat, rows[r.cpu().numpy()], codes.val[r, j].double().cpu().numpy())
+                    raw = codes.val[r, j].double().cpu().numpy() * float(ckpt.norm.scale)
+                    top.update(lat, rows[r.cpu().numpy()], raw)
             n += len(x_all)
             bar.update(len(x_all))
             if max_rows is not None and n >= max_rows:
@@ -222,7 +233,7 @@ class Context:
     """One top-activating row, as text: left, the token, right."""
 
     value: float
-    """The latent's code on this row (signed; normalised space)."""
+    """The latent's code on this row (signed; raw activation units, ``CODE_UNITS``)."""
     doc: int
     pos: int
     left: str
@@ -398,6 +409,7 @@ def browse(
         "pairs_shown": len(views),
         "contexts": contexts,
         "window": window,
+        "code_units": CODE_UNITS,
     }
 
     def ck(c: Checkpoint) -> dict:

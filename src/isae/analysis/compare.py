@@ -6,6 +6,11 @@ ground-truth recovery, and with an activation set the truth's codes are the set'
 codes. Codes are compared in the units of the raw activations: a model's codes live in its
 normalised space (x - mean) / scale and are multiplied by its scale. Either side may also be
 a SAELens or sparsify folder (``isae.data.checkpoints.load`` reads them).
+
+With an activation set, the stability is also given over the latents live in both (those
+that fire on some of the held-out rows compared; a truth atom is live where some row's
+true code uses it), matched among themselves (isae.analysis.live), with the isotropic
+chance level of those counts.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from isae.analysis.consistency import code_consistency
+from isae.analysis.live import fired_latents, live_chance, live_summary
 from isae.analysis.matching import chance_mean_abs_cos, match_dictionaries
 from isae.analysis.truth import check_activations, is_truth, true_codes_columns
 from isae.data.activations import ActivationSet
@@ -41,7 +48,7 @@ def compare_checkpoints(
     ``max_rows`` held-out rows. ``block``: rows of A per cosine block.
 
     -> (per-atom table of A: its match in B, |cos|, sign, and with activations the codes'
-    agreement per matched pair; one-row summary dict).
+    agreement per matched pair and whether each side's atom is live; one-row summary dict).
     """
     A, B = (c if isinstance(c, Checkpoint) else load(c, device=device) for c in (a, b))
     if A.d_in != B.d_in:
@@ -66,6 +73,12 @@ def compare_checkpoints(
         data = acts.load("heldout", columns=cols, max_rows=max_rows)
         log.info("codes on %d held-out rows of %s", len(data["x"]), acts.path)
         codes = [_codes(c, data) for c in (A, B)]
+        live_a, live_b = (fired_latents(*z, c.d_sae) for z, c in zip(codes, (A, B)))
+        summary.update(live_summary(A.W_dec, B.W_dec, live_a, live_b, device=device,
+                                    block=block, matching=m))
+        summary["live_chance_mean_abs_cos"] = live_chance(
+            summary["live_n_a"], summary["live_n_b"], A.d_in, torch.Generator().manual_seed(0),
+            device=device)
         cons = code_consistency(codes[0], codes[1], m)
         summary.update({f"code_{k}": v for k, v in cons.summary().items()})
         per_pair = pd.DataFrame(
@@ -79,6 +92,9 @@ def compare_checkpoints(
             }
         )
         table = table.merge(per_pair.assign(matched=True), on=["a", "matched"], how="left")
+        # Per row of the table: its A atom's and its B atom's liveness (False where none).
+        table["live_a"] = np.where(table["a"] >= 0, live_a[table["a"].clip(lower=0)], False)
+        table["live_b"] = np.where(table["b"] >= 0, live_b[table["b"].clip(lower=0)], False)
     return table, summary
 
 

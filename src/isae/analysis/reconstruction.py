@@ -14,9 +14,16 @@ from isae.errors import UserError
 from isae.progress import progress
 
 
-@torch.no_grad()
 def reconstruction_metrics(ckpt: Checkpoint, acts: ActivationSet, batch_size: int = 4096) -> dict:
     """-> dict(rows, mse_per_dim, fvu, l0, dead_frac), streamed over held-out shards."""
+    return reconstruction_and_fired(ckpt, acts, batch_size)[0]
+
+
+@torch.no_grad()
+def reconstruction_and_fired(ckpt: Checkpoint, acts: ActivationSet, batch_size: int = 4096
+                             ) -> tuple[dict, torch.Tensor]:
+    """(reconstruction_metrics' dict, [N] bool CPU mask of the latents that fired on some
+    held-out row: the live latents, whose complement is ``dead_frac``)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"--batch-size must be a positive integer, not {batch_size!r}")
     if acts.d != ckpt.d_in:
@@ -54,7 +61,7 @@ def reconstruction_metrics(ckpt: Checkpoint, acts: ActivationSet, batch_size: in
         "l0": nnz / n,
         # counted, not averaged in float32: a fraction like 1/48 must be exact
         "dead_frac": 1.0 - int(fired.sum()) / fired.numel(),
-    }
+    }, fired.cpu()
 
 
 def same_supports(a, b, n_atoms: int) -> torch.Tensor:

@@ -11,10 +11,17 @@ Three tables come out (``GroupTables``):
 * ``runs``: one row per checkpoint (identity, reconstruction, convergence, cost, truth
   recovery, restricted isometry with ``ric_`` prefixed columns);
 * ``pairs``: one row per compared pair of checkpoints: ``kind = "seed"`` for two seeds of
-  one architecture (dictionary stability and code consistency), ``kind = "arch"`` for two
-  architectures trained from the same seed (their initial dictionaries are the same, so a
-  high match there and a low one across seeds says the dictionary is still its seed's);
-* ``latents``: the matched |cos| of every latent of every seed pair (F1).
+  one architecture (dictionary stability and code consistency, over all latents and, with
+  ``live_`` prefixed columns, over the latents live in both seeds, beside the chance level
+  of that many random training rows, ``live_chance_data_rows``: isae.analysis.live),
+  ``kind = "arch"`` for two architectures trained from the same seed (their initial
+  dictionaries are the same, so a high match there and a low one across seeds says the
+  dictionary is still its seed's);
+* ``latents``: the matched |cos| of every latent of every seed pair (F1), and whether each
+  member of the pair is live (``live_a``, ``live_b``).
+
+A latent is live when it fires on some held-out row: every held-out row, the same rows as
+the runs' ``dead_frac``.
 """
 
 from __future__ import annotations
@@ -28,16 +35,27 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from safetensors.torch import load_file
+import torch
 
 from isae.analysis.consistency import code_consistency
 from isae.analysis.convergence import init_abs_cos, run_convergence
 from isae.analysis.isometry import ric_report, row_supports
+from isae.analysis.live import live_chance, live_summary
 from isae.analysis.matching import match_dictionaries
-from isae.analysis.reconstruction import describe, encode_flops, reconstruction_metrics
+from isae.analysis.reconstruction import describe, encode_flops, reconstruction_and_fired
 from isae.analysis.truth import TRUE_CODE_COLUMNS, check_activations, has_true_codes
-from isae.data.activations import ActivationSet
-from isae.data.checkpoints import CFG, INIT_FILE, TENSORS, TRAIN_LOG, Checkpoint, load, load_decoder
+from isae.data.activations import ActivationSet, sample_rows
+from isae.data.checkpoints import (
+    CFG,
+    INIT_FILE,
+    TENSORS,
+    TRAIN_LOG,
+    Checkpoint,
+    load,
+    load_decoder,
+    read_initial_decoder,
+    read_train_log,
+)
 from isae.errors import UserError
 from isae.models.config import TrainConfig
 
@@ -85,7 +103,7 @@ def convergence(ckpt: Checkpoint, threshold: float | None = None) -> dict:
     out["steps"] = total_steps
     log_path = ckpt.path / TRAIN_LOG
     if log_path.is_file() and train:
-        tl = pd.read_parquet(log_path)
+        tl = read_train_log(ckpt.path)
         out["log_rows"] = len(tl)
         if len(tl):
             c = run_convergence(tl, tcfg, total_steps)
@@ -94,7 +112,10 @@ def convergence(ckpt: Checkpoint, threshold: float | None = None) -> dict:
             out["converged"] = c["converged"]
     init_path = ckpt.path / INIT_FILE
     if init_path.is_file():
-        W0 = load_file(str(init_path))["W_dec"]
+        W0 = read_initial_decoder(ckpt.path)
+        if tuple(W0.shape) != tuple(ckpt.W_dec.shape):
+            raise UserError(f"{init_path}: W_dec has shape {list(W0.shape)}, the checkpoint's "
+                            f"{list(ckpt.W_dec.shape)}")
         out["init_abs_cos"] = float(init_abs_cos(ckpt.W_dec.cpu().numpy(), W0.numpy()).mean())
     return out
 
@@ -116,6 +137,8 @@ def measure_group(
     cross_archs: list[str] | None = None,
     threshold: float | None = None,
     latents: bool = True,
+    live_chance_rows: int = 100_000,
+    chance_seed: int = 0,
     device: str = "cpu",
     batch_size: int = 4096,
 ) -> GroupTables:
@@ -126,6 +149,9 @@ def measure_group(
     for the restricted isometry (0 = skip it). ``cross_archs``: the architectures compared
     at equal seeds (dl is never among them: its first atoms come from the data, not from
     the seed). ``threshold``: the convergence control's (None: each run's own).
+    ``live_chance_rows``: training rows the live chance level draws its random rows from
+    (the first ones of the split, as ``isae chance --max-rows``; 0 = no live chance level);
+    ``chance_seed``: its seed, one generator for the group's seed pairs in their order.
     """
     ckpt_paths = find_checkpoints(paths)
     acts = ActivationSet(activations)
@@ -135,7 +161,7 @@ def measure_group(
     if ric_pairs and len(data["x"]) < 2:
         raise UserError(f"{acts.path}: fewer than 2 held-out rows for the restricted isometry")
 
-    runs, codes, decoders, keys = [], {}, {}, []
+    runs, codes, decoders, live, keys = [], {}, {}, {}, []
     for path in ckpt_paths:
         ckpt = load(path, device=device)
         check_activations(acts, ckpt)
@@ -144,7 +170,9 @@ def measure_group(
         if key in codes:
             raise UserError(f"two checkpoints of arch {key[0]} seed {key[1]} under the inputs")
         log.info("measuring %s", path)
-        row.update(reconstruction_metrics(ckpt, acts, batch_size))
+        rec, fired = reconstruction_and_fired(ckpt, acts, batch_size)
+        row.update(rec)
+        live[key] = fired.numpy()
         row.update(convergence(ckpt, threshold))
         c = ckpt.model.cfg
         row["encode_flops"] = encode_flops(c.kind, c.d_in, c.d_sae, c.k, c.encoder_steps)
@@ -172,6 +200,8 @@ def measure_group(
         runs.append(row)
         keys.append(key)
 
+    pool = _chance_rows(acts, live_chance_rows, chance_seed) if live_chance_rows else None
+    gen = torch.Generator().manual_seed(chance_seed)
     pairs, lat = [], []
     by_arch: dict[str, list[int]] = {}
     for arch, seed in keys:
@@ -182,12 +212,16 @@ def measure_group(
             m = match_dictionaries(decoders[a], decoders[b], device=device)
             row = {"kind": "seed", "arch_a": arch, "arch_b": arch, "seed_a": sa, "seed_b": sb,
                    **m.summary()}
+            row.update(live_summary(decoders[a], decoders[b], live[a], live[b], device=device,
+                                    matching=m))
+            row["live_chance_data_rows"] = _live_chance(row, acts.d, gen, pool, device)
             cons = code_consistency(codes[a], codes[b], m).summary()
             row.update({f"code_{k}": v for k, v in cons.items()})
             pairs.append(row)
             if latents:
                 lat.append(pd.DataFrame({"arch": arch, "seed_a": sa, "seed_b": sb,
-                                         "abs_cos": m.abs_cos}))
+                                         "abs_cos": m.abs_cos, "live_a": live[a][m.a],
+                                         "live_b": live[b][m.b]}))
     kinds = {r["arch"]: r["kind"] for r in runs}
     cross = [a for a in (cross_archs or []) if a in by_arch and kinds[a] != "dl"]
     for arch_a, arch_b in itertools.combinations(cross, 2):
@@ -201,5 +235,28 @@ def measure_group(
         runs=pd.DataFrame(runs),
         pairs=pd.DataFrame(pairs, columns=None if pairs else pair_cols),
         latents=(pd.concat(lat, ignore_index=True) if lat
-                 else pd.DataFrame(columns=["arch", "seed_a", "seed_b", "abs_cos"])),
+                 else pd.DataFrame(columns=["arch", "seed_a", "seed_b", "abs_cos", "live_a",
+                                            "live_b"])),
     )
+
+
+def _chance_rows(acts: ActivationSet, max_rows: int, seed: int) -> torch.Tensor:
+    """[R, d] float64: ``max_rows`` training rows drawn from the whole split (as ``isae
+    chance`` draws them) in the models' space, the pool the live chance level draws its
+    random rows from."""
+    x = sample_rows(acts, max_rows, seed)["x"]
+    return torch.as_tensor(acts.normalizer().forward(x), dtype=torch.float64)
+
+
+def _live_chance(row: dict, d: int, gen: torch.Generator, pool: torch.Tensor | None,
+                 device: str) -> float:
+    """The live chance level of a seed pair's row (NaN without a pool, or a pool smaller
+    than a side's live latents)."""
+    n_a, n_b = row["live_n_a"], row["live_n_b"]
+    if pool is None:
+        return np.nan
+    if len(pool) < max(n_a, n_b):
+        log.warning("live chance level skipped: %d training rows read, %d live latents",
+                    len(pool), max(n_a, n_b))
+        return np.nan
+    return live_chance(n_a, n_b, d, gen, pool, device=device)

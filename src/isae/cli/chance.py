@@ -50,10 +50,10 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError("--draws and --width must be positive and --sample-rows at least 2")
     check_table_out(args.out, [args.activations], "--out")
     acts = ActivationSet(args.activations)
+    check_fits(acts, args)
     x = sample_rows(acts, args.sample_rows, args.seed)["x"]
-    norm = acts.normalizer()
     # The models' space: centred and scaled as in training (directions only matter).
-    rows = torch.as_tensor((x - norm.mean) / norm.scale, dtype=torch.float64)
+    rows = torch.as_tensor(acts.normalizer().forward(x), dtype=torch.float64)
     if len(rows) < max(args.width):
         raise UserError(f"{acts.path} has {len(rows)} training rows sampled (--sample-rows "
                         f"{args.sample_rows}), fewer than the width {max(args.width)}")
@@ -65,3 +65,23 @@ def run(args: argparse.Namespace) -> dict:
     means = table[table["target"] == "seed"].groupby(["width", "kind"])["mean_abs_cos"].mean()
     return {"out": args.out, "rows_sampled": len(rows),
             **{f"w{w}_{k}": round(float(v), 4) for (w, k), v in means.items()}}
+
+
+#: Bytes a row of the result holds at least while it is collected (a Python dict of five
+#: values): what bounds --draws.
+ROW_BYTES = 200
+
+
+def check_fits(acts, args: argparse.Namespace) -> None:
+    """Before reading rows: the rows read (float32 twice, then float64), the largest width's
+    float64 cost matrix and two dictionaries, and the result's rows, in the host's memory."""
+    from isae.analysis.matching import CHANCE_KINDS
+    from isae.limits import check_memory
+
+    w = max(args.width)
+    rows = min(args.sample_rows, int(acts.meta.get("train_rows", acts.rows)))
+    check_memory({
+        "the training rows read": rows * acts.d * 16,
+        "the largest width's cost matrix and dictionaries": 8 * w * w + 16 * w * acts.d,
+        "the table of draws": ROW_BYTES * args.draws * len(CHANCE_KINDS) * 2 * len(set(args.width)),
+    }, "cpu", "lower --draws, --width or --sample-rows")

@@ -18,21 +18,25 @@ def add_parser(sub) -> None:
     p.add_argument("ckpt", help="checkpoint folder")
     p.add_argument("--format", required=True, choices=["saelens", "sparsify"],
                    help="the library whose folder layout to write")
-    p.add_argument("--out", required=True, help="folder to write (an existing export of the "
-                   "same format is replaced; anything else needs --force)")
+    p.add_argument("--out", required=True, help="folder to write (an isae export of the same "
+                   "format or an empty folder is replaced; never a folder holding files isae "
+                   "did not write)")
     p.add_argument("--force", action="store_true",
-                   help="replace an existing --out even if it is not an export of this format")
+                   help="also replace an isae output of another kind at --out")
     p.add_argument("--lossy", action="store_true",
                    help="export even what the target library computes differently (warns)")
     p.add_argument("--activations", default=None,
                    help="activation set whose held-out rows measure the FVU of the export "
-                   "against the checkpoint's (the cost of --lossy)")
+                   "against the checkpoint's (the cost of --lossy); a SAELens export also "
+                   "records its context size and BOS (default: the set the checkpoint's "
+                   "cfg.json names, if it is still there)")
     p.add_argument("--max-rows", type=int, default=20000,
                    help="held-out rows used to measure the FVU change")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> dict:
+    from isae.data.activations import ActivationSet
     from isae.data.atomic import check_out
     from isae.data.checkpoints import load
     from isae.data.export import (
@@ -45,7 +49,7 @@ def run(args: argparse.Namespace) -> dict:
     from isae.errors import UserError
 
     # Refuse a destructive --out before reading anything.
-    check_out(args.out, args.format, inputs=[args.ckpt], force=args.force)
+    check_out(args.out, args.format, inputs=[args.ckpt, args.activations], force=args.force)
     if args.max_rows < 1:
         raise UserError("--max-rows must be at least 1")
     ckpt = load(args.ckpt)
@@ -61,8 +65,11 @@ def run(args: argparse.Namespace) -> dict:
     if change is not None:
         summary.update({"fvu_isae": change["fvu"], "fvu_exported": change["fvu_other"],
                         "same_support": change["same_support"], "rows": change["rows"]})
-    fn = export_saelens if args.format == "saelens" else export_sparsify
-    path = fn(ckpt, args.out, lossy=args.lossy, force=args.force)
+    if args.format == "saelens":
+        set_meta = ActivationSet(args.activations).meta if args.activations else None
+        path = export_saelens(ckpt, args.out, lossy=args.lossy, force=args.force, set_meta=set_meta)
+    else:
+        path = export_sparsify(ckpt, args.out, lossy=args.lossy, force=args.force)
     log.info("wrote %s", path)
     if lost:
         if change is None:

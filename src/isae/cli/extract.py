@@ -8,9 +8,10 @@ import argparse
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output activation-set folder (an existing "
-                   "activation set is replaced; anything else needs --force)")
+                   "activation set or empty folder is replaced; never a folder holding files "
+                   "isae did not write)")
     p.add_argument("--force", action="store_true",
-                   help="replace an existing --out even if it is not an activation set")
+                   help="also replace an isae output of another kind at --out")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of the split")
     p.add_argument("--heldout-fraction", type=float, default=0.1,
                    help="fraction of documents / images / rows held out for evaluation")
@@ -87,9 +88,10 @@ def add_parser(sub) -> None:
     g.add_argument("--like", required=True, help="the activation set whose moments and split it copies")
     g.add_argument("--rows", type=int, default=None, help="rows to generate (default: --like's rows)")
     g.add_argument("--out", required=True, help="output activation-set folder (an existing "
-                   "activation set is replaced; anything else needs --force)")
+                   "activation set or empty folder is replaced; never a folder holding files "
+                   "isae did not write)")
     g.add_argument("--force", action="store_true",
-                   help="replace an existing --out even if it is not an activation set")
+                   help="also replace an isae output of another kind at --out")
     g.add_argument("--seed", type=int, default=0, help="seed of the Gaussian draws")
     g.add_argument("--rows-per-shard", type=int, default=16384, help="rows per Parquet shard")
     g.add_argument("--dtype", choices=["float32", "float16"], default=None,

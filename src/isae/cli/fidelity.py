@@ -36,10 +36,17 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    import os
+
     import pandas as pd
 
     from isae.analysis.fidelity import fidelity
     from isae.cli.output import write_outputs
+    from isae.data.atomic import check_table_out
+
+    # Before the (long) work: never an input's file or a new file inside an input folder.
+    check_table_out(args.out, [p for p in (args.ckpt, args.activations, args.text, args.model)
+                               if p and os.path.exists(p)], "--out")
 
     row = fidelity(args.ckpt, model=args.model, hook=args.hook, text=args.text,
                    context=args.context, max_tokens=args.max_tokens, device=args.device,

@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
         "FOLDER/HOOKPOINT) into an isae checkpoint that computes the same codes.",
     )
     p.add_argument("src", metavar="SRC", help="SAELens or sparsify checkpoint folder")
-    p.add_argument("--out", required=True, help="isae checkpoint folder to write")
+    p.add_argument("--out", required=True, help="isae checkpoint folder to write (an existing "
+                   "checkpoint is replaced)")
     p.set_defaults(func=run)
 
 
@@ -32,10 +33,13 @@ def run(args: argparse.Namespace) -> dict:
     from pathlib import Path
 
     from isae.data import checkpoints, foreign
+    from isae.data.atomic import check_out
     from isae.errors import UserError
     from isae.models.foreign import as_sparse_coder
     from isae.models.sparse_coder import SparseCoder
 
+    # Before reading: never the source, inside it or holding it; a checkpoint is replaced.
+    check_out(args.out, "checkpoint", inputs=[args.src], can_force=False)
     fmt = foreign.detect(args.src)
     if fmt == "isae":
         raise UserError(f"{args.src} is already an isae checkpoint")
@@ -52,7 +56,7 @@ def run(args: argparse.Namespace) -> dict:
              "tokens_seen": ckpt.cfg.get("tokens_seen")}
     if ckpt.cfg.get("seed") is not None:  # a folder isae exported knows its seed
         extra["seed"] = ckpt.cfg["seed"]
-    out = checkpoints.save(model, args.out, ckpt.norm, extra=extra)
+    out = checkpoints.save(model, args.out, ckpt.norm, extra=extra, inputs=[args.src])
     log.info("imported %s (%s) as %s", args.src, ckpt.cfg["arch"], cfg.arch)
     return {"out": str(out), "source": fmt, "source_arch": source["architecture"],
             "arch": cfg.arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "k": cfg.k}

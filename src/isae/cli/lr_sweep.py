@@ -37,7 +37,8 @@ def add_parser(sub) -> None:
     p.add_argument("--data-seed", type=int, default=None, help="seed of the data order (default: --seed)")
     p.add_argument("--log-every", type=int, default=None, help="steps between log rows")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--out", required=True, help="folder: ckpt/, sweep.parquet, lr.json")
+    p.add_argument("--out", required=True, help="folder: ckpt/, sweep.parquet, lr.json (an "
+                   "existing lr sweep's or an empty folder; never a folder of other files)")
     p.set_defaults(func=run)
 
 

@@ -92,6 +92,10 @@ def _on_sigterm(signum, frame) -> None:
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
+#: A read-only file system or a folder without write permission: one line too.
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def _disk_full(e: OSError) -> bool:
     # pyarrow's write errors carry the errno only in their message.
     return e.errno in _DISK_FULL or "No space left on device" in str(e)
@@ -131,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         if args.threads is not None:
-            if args.threads < 1:
-                raise UserError("--threads must be at least 1")
+            from isae.limits import check_threads
+
+            check_threads(args.threads)
             import torch
 
             torch.set_num_threads(args.threads)
@@ -141,11 +146,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"isae {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        if not _disk_full(e):
-            raise
         where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"isae {args.command}: error: disk full (no space left on device){where}; "
-              "temporary files were removed: free space and run again", file=sys.stderr)
+        if _disk_full(e):
+            print(f"isae {args.command}: error: disk full (no space left on device){where}; "
+                  "temporary files were removed: free space and run again", file=sys.stderr)
+        elif e.errno in _NOT_WRITABLE:
+            what = "cannot write" if e.errno == errno.EROFS else "no permission for"
+            target = e.filename or "a file"
+            print(f"isae {args.command}: error: {what} {target} ({e.strerror}); temporary "
+                  "files were removed", file=sys.stderr)
+        else:
+            raise
         return 2
     except Terminated:
         print(f"isae {args.command}: terminated (SIGTERM)", file=sys.stderr)

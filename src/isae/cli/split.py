@@ -23,9 +23,10 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the documents' order")
     p.add_argument("--rows-per-shard", type=int, default=16384, help="rows per Parquet shard")
     p.add_argument("--out", required=True, help="output activation-set folder (an existing "
-                   "activation set is replaced; anything else needs --force)")
+                   "activation set or empty folder is replaced; never a folder holding files "
+                   "isae did not write)")
     p.add_argument("--force", action="store_true",
-                   help="replace an existing --out even if it is not an activation set")
+                   help="also replace an isae output of another kind at --out")
     p.set_defaults(func=run)
 
 

@@ -8,7 +8,6 @@ its docstring, so they are written once, in isae.models.config.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import replace
 from functools import partial
@@ -17,14 +16,22 @@ from typing import TYPE_CHECKING
 
 from isae.cli.fields import add_field_flags, field_values
 from isae.data.activations import ActivationSet
+from isae.data.atomic import check_out, output_lock
 from isae.errors import UserError
-from isae.models.config import SAEConfig, TrainConfig, arch_help, parse_arch
+from isae.models.config import (
+    SAEConfig,
+    TrainConfig,
+    arch_fields,
+    arch_help,
+    parse_arch,
+    steps_hint,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
 
 #: SAEConfig fields with a flag. The width's default is known once the data is; the IHT
-#: steps default to the architecture's.
+#: steps are the architecture's (the flag may only repeat them: +iterN asks for steps).
 SAE_FLAGS = ("k", "d_sae", "seed", "l1_coeff", "encoder_steps")
 #: TrainConfig fields with a flag (its seed, of the data order, is the first model seed).
 TRAIN_FLAGS = ("tokens", "batch_size", "lr", "decay", "warmup_frac", "auxk_alpha", "dead_tokens",
@@ -45,7 +52,9 @@ def add_parser(sub) -> None:
     add_field_flags(p, SAEConfig, SAE_FLAGS, flags={"d_sae": "--width"},
                     defaults={"d_sae": (None, f"{WIDTH_PER_DIM} x d"),
                               "encoder_steps": (None, "the arch's")},
-                    notes={"seed": "isae train also orders the data by it."})
+                    notes={"seed": "isae train also orders the data by it.",
+                           "encoder_steps": "The arch decides them (topk+iter3 asks for 3); a "
+                                            "value that contradicts it is refused."})
     p.add_argument("--seeds", default=None,
                    help="comma-separated seeds trained together on one pass over the data "
                         "(--out must contain {seed}; the data order comes from the first seed)")
@@ -64,15 +73,14 @@ def add_parser(sub) -> None:
                         "seed and activation set (CPU training is deterministic)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing resume state")
     p.add_argument("--out", required=True, help="checkpoint folder to write (an existing "
-                   "checkpoint is replaced; anything else needs --force)")
+                   "checkpoint or empty folder is replaced; never a folder holding files isae "
+                   "did not write)")
     p.add_argument("--force", action="store_true",
-                   help="replace an existing --out even if it is not a checkpoint")
+                   help="also replace an isae output of another kind at --out")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> dict:
-    from isae.training.trainer import train, train_many
-
     acts = ActivationSet(args.activations)
     # Only an absent --width takes the default: --width 0 is refused, not replaced.
     width = WIDTH_PER_DIM * acts.d if args.d_sae is None else args.d_sae
@@ -81,11 +89,13 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError(f"--arch must name distinct architectures, not {args.arch!r}")
     if len(archs) > 1 and "{arch}" not in args.out:
         raise UserError("with several --arch, --out must contain {arch} (one checkpoint per arch)")
-    specs = {}
     for arch in archs:
-        specs[arch] = {**parse_arch(arch).fields, "l1_coeff": args.l1_coeff}
-        if args.encoder_steps is not None:
-            specs[arch]["encoder_steps"] = args.encoder_steps
+        parse_arch(arch)  # an unknown name or switch: one line
+        steps = arch_fields(arch)["encoder_steps"]
+        if args.encoder_steps is not None and args.encoder_steps != steps:
+            # The name decides: a checkpoint labelled topk never runs thresholding steps.
+            raise UserError(f"--encoder-steps {args.encoder_steps} contradicts --arch {arch}, "
+                            f"which runs {steps}; {steps_hint(arch, args.encoder_steps)}")
     seeds = [args.seed]
     if args.seeds:
         try:
@@ -100,11 +110,24 @@ def run(args: argparse.Namespace) -> dict:
         raise UserError("give --lr or --lr-from, not both")
     rates = read_lr_file(args.lr_from, archs) if args.lr_from else {}
     runs = [(a, s) for a in archs for s in seeds]
-    cfgs = [SAEConfig(d_in=acts.d, d_sae=width, k=args.k, arch=a, seed=s, **specs[a]) for a, s in runs]
+    cfgs = [SAEConfig(d_in=acts.d, d_sae=width, k=args.k, arch=a, seed=s, l1_coeff=args.l1_coeff)
+            for a, s in runs]
     tcfg = TrainConfig(**field_values(args, TRAIN_FLAGS),
                        seed=seeds[0] if args.data_seed is None else args.data_seed)
     outs = [args.out.replace("{seed}", str(s)).replace("{arch}", a) for a, s in runs]
     lrs = [rates.get(a) for a, _ in runs]
+    # Before any work, against every input: the set, the lr file, the folder reused from.
+    inputs = [args.activations, *(p for p in (args.lr_from, args.reuse) if p)]
+    for out in outs:
+        check_out(out, "checkpoint", inputs=inputs, force=args.force)
+    with output_lock(outs):  # a second run writing one of outs is refused
+        return _train(args, runs, cfgs, tcfg, outs, lrs, inputs)
+
+
+def _train(args: argparse.Namespace, runs: list, cfgs: list[SAEConfig], tcfg: TrainConfig,
+           outs: list[str], lrs: list[float | None], inputs: list[str]) -> dict:
+    from isae.training.trainer import train, train_many
+
     report = partial(convergence_report, tcfg)
     reused = []
     if args.reuse:
@@ -119,7 +142,7 @@ def run(args: argparse.Namespace) -> dict:
             if found is None:
                 keep.append(i)
                 continue
-            checkpoints.copy(found, out, inputs=[args.activations], force=args.force)
+            checkpoints.copy(found, out, inputs=inputs, force=args.force)
             reused.append({"out": out, "arch": cfg.arch, "seed": cfg.seed, "reused": str(found)})
         cfgs, outs, lrs = [cfgs[i] for i in keep], [outs[i] for i in keep], [lrs[i] for i in keep]
         runs = [runs[i] for i in keep]
@@ -159,12 +182,15 @@ def read_lr_file(path: str, archs: list[str]) -> dict[str, float]:
     """{arch: learning rate} for ``archs`` from a JSON file {"lr": {name: rate}}: the arch's
     own entry, else its preset's (topk+signed -> topk). dl trains without one. UserError
     when an arch has neither."""
+    from isae.data.json_files import read_json
+
     try:
-        table = json.loads(Path(path).read_text())["lr"]
-    except FileNotFoundError:
-        raise UserError(f"--lr-from {path}: no such file") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"--lr-from {path}: not a JSON object with an \"lr\" table") from None
+        obj = read_json(path)
+    except UserError as e:
+        raise UserError(f"--lr-from {e}") from None
+    table = obj.get("lr") if isinstance(obj, dict) else None
+    if not isinstance(table, dict):
+        raise UserError(f"--lr-from {path}: not a JSON object with an \"lr\" table")
     rates = {}
     for arch in archs:
         parsed = parse_arch(arch)

@@ -35,12 +35,11 @@ crash never leaves a set that looks complete. Readers stream shard by shard.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Integral, Real
 from pathlib import Path
 
@@ -49,6 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from isae.data.atomic import check_out, publish, staging_folder, write_json_atomic
+from isae.data.json_files import read_json
 from isae.errors import UserError
 from isae.models.config import MAX_D_IN
 
@@ -268,16 +268,35 @@ class ActivationWriter:
 
 @dataclass(frozen=True)
 class Normalizer:
-    """Maps raw activations to the normalised space every model works in, and back."""
+    """Maps raw activations to the normalised space every model works in, and back:
+    ``(x - mean) / scale`` (meta.json's constants; a checkpoint keeps them in cfg.json).
 
-    mean: np.ndarray  # [d] float32
+    The one place that applies them: numpy arrays and torch tensors alike ([..., d]); a
+    tensor gets the mean as a float32 tensor on its own device, made once per device.
+    """
+
+    mean: np.ndarray
+    """[d] float32."""
     scale: float
+    _means: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def forward(self, x):
-        return (x - self.mean) / self.scale
+        """Raw activations [..., d] (array or tensor) -> normalised, the same kind."""
+        return (x - self._mean_for(x)) / self.scale
 
     def inverse(self, x):
-        return x * self.scale + self.mean
+        """Normalised [..., d] (array or tensor) -> raw activations, the same kind."""
+        return x * self.scale + self._mean_for(x)
+
+    def _mean_for(self, x):
+        if isinstance(x, np.ndarray) or not hasattr(x, "device"):
+            return self.mean
+        import torch
+
+        mean = self._means.get(x.device)
+        if mean is None:
+            mean = self._means[x.device] = torch.as_tensor(self.mean, device=x.device)
+        return mean
 
 
 class ActivationSet:
@@ -290,12 +309,7 @@ class ActivationSet:
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
             raise UserError(f"activation set {self.path} has no meta.json (incomplete or not a set)")
-        try:
-            self.meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{meta_path} is not valid JSON: {e.msg}") from None
-        except (UnicodeDecodeError, OSError) as e:
-            raise UserError(f"cannot read {meta_path}: {e}") from None
+        self.meta = read_json(meta_path)
         self.shards = sorted(self.path.glob(SHARD_GLOB))
         check_meta(self.meta, meta_path, len(self.shards))
         self.d = self.meta["d"]
@@ -351,14 +365,16 @@ class ActivationSet:
 
     def fingerprint(self) -> dict:
         """What identifies the set's content without reading it: meta.json's digest (its
-        seed, constants and counts) and every shard's name and size."""
+        seed, constants and counts) and every shard's name and size, as they are on disk
+        now (so a set replaced since it was opened shows). OSError when meta.json is gone."""
         import hashlib
 
         meta = hashlib.sha256((self.path / "meta.json").read_bytes()).hexdigest()
+        shards = sorted(self.path.glob(SHARD_GLOB))
         h = hashlib.sha256()
-        for p in self.shards:
+        for p in shards:
             h.update(f"{p.name}:{p.stat().st_size};".encode())
-        return {"meta_sha256": meta, "shards": len(self.shards), "shards_sha256": h.hexdigest()}
+        return {"meta_sha256": meta, "shards": len(shards), "shards_sha256": h.hexdigest()}
 
     def iter_shards(
         self, split: str = "train", columns: list[str] | None = None, shards=None,

@@ -7,7 +7,6 @@ named like a checkpoint is always complete. Resume state lives elsewhere (isae.t
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -17,6 +16,8 @@ from numbers import Real
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from isae.data import foreign
 from isae.data.activations import Normalizer
 from isae.data.atomic import check_out, publish, staging_folder, write_json_atomic
+from isae.data.json_files import read_json_object
 from isae.errors import UserError
 from isae.models.compute import select_ops
 from isae.models.config import SAEConfig
@@ -38,6 +40,8 @@ CFG = "cfg.json"
 #: each atom moved from where the seed put it is a convergence control).
 TRAIN_LOG = "train_log.parquet"
 INIT_FILE = "init.safetensors"
+#: The tensors of sae.safetensors (SAELens's names and shapes).
+CHECKPOINT_TENSORS = ("W_dec", "W_enc", "b_enc", "b_dec")
 
 
 @dataclass
@@ -80,17 +84,15 @@ class Checkpoint:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Raw activations [B, D] (on the model's device) -> the model's normalised space."""
-        mean = torch.as_tensor(self.norm.mean, device=x.device)
-        return (x - mean) / self.norm.scale
+        return self.norm.forward(x)
 
     @torch.no_grad()
     def reconstruct_raw(self, x: np.ndarray | torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
         """Raw activations [B, D] -> raw reconstructions [B, D]."""
-        mean = torch.as_tensor(self.norm.mean, device=self.model.device)
         out = []
         for xb in _batches(x, batch_size, self.model.device):
             x_hat = self.model.decode(self.model.encode(self.normalize(xb)))
-            out.append(x_hat * self.norm.scale + mean)
+            out.append(self.norm.inverse(x_hat))
         return torch.cat(out)
 
 
@@ -160,15 +162,38 @@ def read_cfg(path: str | os.PathLike) -> dict:
     cfg_path = path / CFG
     if not (path / TENSORS).is_file() or not cfg_path.is_file():
         raise UserError(f"{path} is not a checkpoint (needs {TENSORS} and {CFG})")
+    return read_json_object(cfg_path)
+
+
+def read_train_log(path: str | os.PathLike) -> pd.DataFrame:
+    """A checkpoint's ``train_log.parquet`` with numeric ``step`` and ``fvu`` columns (what
+    the convergence control reads); UserError naming the file when it is corrupt or another
+    table."""
+    file = Path(path) / TRAIN_LOG
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_path} is not valid JSON: {e.msg}") from None
-    except (UnicodeDecodeError, OSError) as e:
-        raise UserError(f"cannot read {cfg_path}: {e}") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{cfg_path} is not a JSON object")
-    return cfg
+        table = pd.read_parquet(file)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{file} is not a readable Parquet table ({first})") from None
+    for col in ("step", "fvu"):
+        if (col not in table.columns or not pd.api.types.is_numeric_dtype(table[col])
+                or pd.api.types.is_bool_dtype(table[col])):
+            raise UserError(f"{file} has no numeric column {col!r}: not a train log isae wrote")
+    return table
+
+
+def read_initial_decoder(path: str | os.PathLike) -> torch.Tensor:
+    """``init.safetensors``'s W_dec (the decoder the seed drew); UserError when it is corrupt."""
+    file = Path(path) / INIT_FILE
+    try:
+        W = load_file(str(file))["W_dec"]
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{file} is not a readable initial decoder ({first})") from None
+    if W.ndim != 2 or not W.is_floating_point():
+        raise UserError(f"{file}: W_dec has shape {list(W.shape)} and dtype {W.dtype}, expected "
+                        "a float [d_sae, d_in] matrix")
+    return W
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -198,6 +223,36 @@ def _check_shapes(file: Path, tensors: dict[str, torch.Tensor], n: int, d: int) 
         if name in tensors and tuple(tensors[name].shape) != shape:
             raise UserError(f"{file}: {name} has shape {list(tensors[name].shape)}, "
                             f"expected {list(shape)} for W_dec of shape [{n}, {d}]")
+
+
+def check_tensors_match(cfg: SAEConfig, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """UserError where ``sae.safetensors`` holds what ``cfg`` says the model has not, or
+    lacks what it needs: a tensor isae does not know, a W_enc other than W_dec transposed
+    for a tied (or dl) model, non-zero biases for ``bias: none`` (or dl), a missing W_enc
+    or bias that the model learns. Loading would otherwise drop or invent weights silently."""
+    unknown = sorted(set(tensors) - set(CHECKPOINT_TENSORS))
+    if unknown:
+        raise UserError(f"{file} holds tensor(s) {', '.join(unknown)} that an isae checkpoint "
+                        f"does not have (only {', '.join(CHECKPOINT_TENSORS)})")
+    what = f"arch {cfg.arch!r} ({'dl' if cfg.kind == 'dl' else 'tied'})"
+    W_dec = tensors["W_dec"].float()
+    if cfg.tied or cfg.kind == "dl":
+        W_enc = tensors.get("W_enc")
+        if W_enc is not None and not torch.allclose(W_enc.float(), W_dec.T, rtol=1e-5, atol=1e-6):
+            diff = float((W_enc.float() - W_dec.T).abs().max())
+            raise UserError(f"{file}: W_enc is not W_dec transposed (largest difference {diff:.3g}) "
+                            f"but the cfg says {what}, whose encoder is W_dec transposed; "
+                            "loading it would drop W_enc")
+    elif "W_enc" not in tensors:
+        raise UserError(f"{file} has no W_enc, which the untied arch {cfg.arch!r} needs")
+    no_bias = cfg.bias == "none" or cfg.kind == "dl"
+    for name in ("b_enc", "b_dec"):
+        b = tensors.get(name)
+        if b is None and not no_bias:
+            raise UserError(f"{file} has no {name}, which arch {cfg.arch!r} (bias learned) needs")
+        if b is not None and no_bias and bool((b != 0).any()):
+            raise UserError(f"{file}: {name} is not zero (largest |value| "
+                            f"{float(b.abs().max()):.3g}) but the cfg says bias none")
 
 
 def read_normalizer(cfg: dict, d: int, where: Path) -> Normalizer:
@@ -252,11 +307,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpo
     tensors = read_tensors(path)
     n, d = tensors["W_dec"].shape
     cfg_path = path / CFG
+    # The arch name decides the kind and switches (SAEConfig derives them and refuses a
+    # cfg.json whose fields contradict it).
     fields = dict(cfg)
     fields.setdefault("d_in", d)
     fields.setdefault("d_sae", n)
-    if fields.get("arch") == "truth":
-        fields.update(kind="dl", signed=True, tied=True, bias="none", encoder_steps=0)
     if "k" not in fields:  # no default here: a checkpoint says what it was trained with
         raise UserError(f"{cfg_path} lacks the required key 'k'")
     version = cfg.get("version", FORMAT_VERSION)
@@ -270,12 +325,14 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpo
     if (sae_cfg.d_sae, sae_cfg.d_in) != (n, d):
         raise UserError(f"{path}: cfg.json says {sae_cfg.d_sae}x{sae_cfg.d_in}, tensors {n}x{d}")
     _check_shapes(path / TENSORS, tensors, n, d)
+    check_tensors_match(sae_cfg, tensors, path / TENSORS)
     if "activations" in cfg and not isinstance(cfg["activations"], dict):
         raise UserError(f"{cfg_path}: activations must be an object")
     norm = read_normalizer(cfg, d, cfg_path)
     model = SparseCoder(sae_cfg, device=device, ops=select_ops(device))
+    # What is absent is what the cfg says is absent (check_tensors_match).
     zeros = {"W_enc": tensors["W_dec"].T, "b_enc": torch.zeros(n), "b_dec": torch.zeros(d)}
-    model.load_exported({k: tensors.get(k, zeros.get(k)) for k in ("W_dec", "W_enc", "b_enc", "b_dec")})
+    model.load_exported({k: tensors.get(k, zeros.get(k)) for k in CHECKPOINT_TENSORS})
     model.eval()
     return Checkpoint(model=model, norm=norm, cfg=cfg, path=path)
 

@@ -18,11 +18,17 @@ An export that a library would compute differently is refused (``unrepresentable
 why) unless asked for as lossy; ``target_coder`` is the library's forward pass on the
 exported tensors in plain torch, so the loss can be measured. ``cfg.json`` carries the
 checkpoint's whole cfg under ``isae`` and what the export lost under ``isae_export``.
+
+A SAELens export also carries the metadata SAELens's own tools read: ``model_name`` and
+``hook_name``, and, from the language-model activation set the checkpoint was trained on,
+``context_size`` and ``prepend_bos`` (``ActivationsStore.from_sae`` refuses an SAE without
+them) and ``disable_concat_sequences`` (an isae context holds one document).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -36,6 +42,8 @@ from isae.data.checkpoints import Checkpoint
 from isae.errors import UserError
 from isae.models.foreign import ForeignCoder, ForeignConfig
 from isae.models.sparse_coder import SparseCoder
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("saelens", "sparsify")
 LIBRARY = {"saelens": "SAELens", "sparsify": "sparsify"}
@@ -142,6 +150,50 @@ def folder_name(name, what: str) -> str:
     return name
 
 
+def trained_on(ckpt: Checkpoint, meta: dict | None = None) -> dict | None:
+    """The meta.json of the activation set ``ckpt`` was trained on: ``meta`` (a set the
+    caller names) or the set at the path its cfg.json records, when it is still there;
+    None when neither is known, or when the set's model or hook is not the checkpoint's
+    (its framing would describe other activations)."""
+    act = ckpt.cfg.get("activations") if isinstance(ckpt.cfg.get("activations"), dict) else {}
+    if meta is None:
+        recorded = act.get("path")
+        if not isinstance(recorded, str) or not (Path(recorded) / "meta.json").is_file():
+            return None
+        try:
+            meta = json.loads((Path(recorded) / "meta.json").read_text())
+        except (OSError, ValueError, RecursionError):
+            return None
+    if not isinstance(meta, dict):
+        return None
+    for key in ("model", "hook"):
+        if act.get(key) is not None and meta.get(key) is not None and act[key] != meta[key]:
+            log.warning("the activation set's %s %r is not the checkpoint's %r: its framing is "
+                        "not written into the export", key, meta[key], act[key])
+            return None
+    return meta
+
+
+def saelens_metadata(ckpt: Checkpoint, set_meta: dict | None = None) -> dict:
+    """cfg.json ``metadata`` for SAELens: the names the checkpoint records, and the framing
+    of the language-model set it was trained on (``trained_on``): ``context_size`` (tokens
+    per context, special tokens included), ``prepend_bos`` (the tokenizer adds a token in
+    front: BOS, or BERT's [CLS]) and ``disable_concat_sequences``."""
+    act = ckpt.cfg.get("activations") if isinstance(ckpt.cfg.get("activations"), dict) else {}
+    meta = {k: v for k, v in (("model_name", act.get("model")), ("hook_name", act.get("hook")))
+            if v is not None}
+    lm = trained_on(ckpt, set_meta)
+    context = (lm or {}).get("context")
+    if isinstance(context, int) and not isinstance(context, bool) and context > 0:
+        meta.update(context_size=context, prepend_bos=bool(lm.get("special_prefix")),
+                    disable_concat_sequences=True)
+    elif lm is None and "hook_name" in meta:  # a set without contexts (vision) has none
+        log.warning("the export names no context_size or prepend_bos (SAELens's "
+                    "ActivationsStore.from_sae needs both): pass --activations with the "
+                    "language-model set the checkpoint was trained on")
+    return meta
+
+
 def _refuse_lossy(ckpt: Checkpoint, fmt: str, lossy: bool) -> None:
     check_exportable(ckpt, fmt)
     lost = unrepresentable(ckpt, fmt)
@@ -151,17 +203,17 @@ def _refuse_lossy(ckpt: Checkpoint, fmt: str, lossy: bool) -> None:
 
 
 def export_saelens(ckpt: Checkpoint, out: str | os.PathLike, lossy: bool = False,
-                   force: bool = False) -> Path:
+                   force: bool = False, set_meta: dict | None = None) -> Path:
     """SAELens layout: ``sae_weights.safetensors`` + ``cfg.json``. ``architecture`` and
     ``activation_fn_str`` agree, because SAELens turns a config without a version-6 stamp
-    whose activation is ``topk`` into a ``topk`` SAE whatever its architecture says. An
-    existing ``out`` is replaced only when it is a SAELens export already, or with ``force``."""
+    whose activation is ``topk`` into a ``topk`` SAE whatever its architecture says.
+    ``set_meta``: meta.json of the set the checkpoint was trained on (default: the set its
+    cfg.json records, if it is still there), for ``saelens_metadata``. An existing ``out``
+    is replaced only when it is a SAELens export already, or with ``force``."""
     _refuse_lossy(ckpt, "saelens", lossy)
     out = Path(out)
-    c = ckpt.cfg
     t = raw_space_tensors(ckpt)
     m = ckpt.model.cfg  # validated at load; the raw cfg.json may lack defaulted fields
-    act = c.get("activations") if isinstance(c.get("activations"), dict) else {}
     arch = saelens_architecture(ckpt)
     cfg = {
         "architecture": arch,
@@ -179,9 +231,9 @@ def export_saelens(ckpt: Checkpoint, out: str | os.PathLike, lossy: bool = False
     }
     # Names only when known: SAELens's reading of a config without a version stamp fails on
     # a null hook_name.
-    names = {k: v for k, v in (("model_name", act.get("model")), ("hook_name", act.get("hook")))
-             if v is not None}
-    cfg.update(names, metadata=names)
+    meta = saelens_metadata(ckpt, set_meta)
+    cfg.update({k: meta[k] for k in ("model_name", "hook_name", "context_size", "prepend_bos")
+                if k in meta}, metadata=meta)
 
     def fill(stage: Path) -> None:
         save_file(t, str(stage / "sae_weights.safetensors"))

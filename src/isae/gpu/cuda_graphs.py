@@ -15,8 +15,9 @@ The one host sync left per step is the dead count that picks the graph.
 The graphs of one stepper share a memory pool. That is safe because they never run at the
 same time and the caller reads a step's outputs before the next step replays any graph.
 
-Graph replay is an option of the fast op set (``FastOps.cuda_graphs``); ISAE_CUDA_GRAPHS=0
-in the environment switches it off (isae.models.compute.select_ops).
+Graph replay is an option of the fast op set (``FastOps.cuda_graphs``), which hands the
+trainer a ``StepGraphs`` (``FastOps.step_graphs``); ISAE_CUDA_GRAPHS=0 in the environment
+switches it off (isae.models.compute.select_ops).
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ class StepGraphs:
         self.body = body
         self.prepare = prepare
         self.reset()
+
+    def replay(self, x: Tensor, dead: Tensor, n_dead: int) -> dict:
+        """The step on a batch with ``n_dead`` dead latents: AuxK reads ``aux_bucket`` columns
+        (isae.models.compute.StepReplay)."""
+        return self(x, dead, aux_bucket(n_dead, dead.numel()))
 
     def reset(self) -> None:
         self.graphs: dict[int, tuple] = {}

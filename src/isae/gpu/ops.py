@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from isae.gpu import kernels
+from isae.gpu.cuda_graphs import StepGraphs
 from isae.models.reference import AuxLatents, Codes, Weights, iht_eta, keep_better
 
 LOW = torch.bfloat16
@@ -507,3 +508,15 @@ class FastOps:
 
     def normalize_rows_(self, W: Tensor) -> None:
         normalize_rows_(W)
+
+    def step_graphs(self, body, prepare, device: torch.device) -> StepGraphs | None:
+        """The replayer of a training step ``body(x, dead, width)`` as one CUDA graph per AuxK
+        width (cuda_graphs.py), on CUDA when graph replay is on; else None (eager steps)."""
+        if not self.cuda_graphs or torch.device(device).type != "cuda":
+            return None
+        return StepGraphs(body, prepare)
+
+    def refresh_copies(self, W: Tensor) -> None:
+        """W's bfloat16 copy (``low``) made current: a recorded step reads it as it is, and
+        each replay's normalisation rewrites it (``normalize_rows_``)."""
+        low(W)

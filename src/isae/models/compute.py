@@ -7,8 +7,13 @@ the FVU, AuxK and the decoder's row constraint. Two exist:
 * the reference (``isae.models.reference.ReferenceOps``): plain torch on any device, float32
   throughout; the CPU trains with it and every test compares against it;
 * the fast path (``isae.gpu.ops.FastOps``): Triton kernels, bfloat16 products and
-  hand-written backward passes for CUDA tensors; the trainer replays its step as a CUDA
-  graph.
+  hand-written backward passes for CUDA tensors, and a training step replayed as a CUDA
+  graph (``step_graphs``).
+
+Besides the maths, an op set says how a training step may run: ``step_graphs`` hands the
+trainer a replayer of its step (or None: eager steps), and ``refresh_copies`` brings the
+op set's cached copies of a parameter up to date before a step is recorded. So the trainer
+runs on the op set it is given and never imports the GPU code itself.
 
 ``select_ops(device)`` is the one place that chooses; whoever creates a model (the trainer,
 checkpoint loading, the benchmarks) calls it once and hands the result to ``SparseCoder``:
@@ -23,6 +28,7 @@ checkpoint loading, the benchmarks) calls it once and hands the result to ``Spar
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -33,6 +39,23 @@ from isae.models.reference import REFERENCE, AuxLatents, Codes, Weights
 
 REFERENCE_ENV = "ISAE_REFERENCE_OPS"
 GRAPHS_ENV = "ISAE_CUDA_GRAPHS"
+
+
+class StepReplay(Protocol):
+    """A training step recorded once and replayed (isae.gpu.cuda_graphs.StepGraphs)."""
+
+    def replay(self, x: Tensor, dead: Tensor, n_dead: int) -> dict:
+        """The step ``body(x, dead, width)`` on a batch, ``n_dead`` of whose ``dead`` latents
+        are dead (it picks AuxK's fixed width, and so the recording)."""
+        ...
+
+    def reset(self) -> None:
+        """Forget the recordings: a tensor the step reads was replaced, not updated in place."""
+        ...
+
+
+#: A training step: (x [B, D], dead [N] bool, AuxK's width or None) -> tensors.
+StepBody = Callable[[Tensor, Tensor | None, int | None], dict]
 
 
 class Ops(Protocol):
@@ -66,6 +89,11 @@ class Ops(Protocol):
     def project_rows_(self, G: Tensor, W: Tensor) -> None: ...
 
     def normalize_rows_(self, W: Tensor) -> None: ...
+
+    def step_graphs(self, body: StepBody, prepare: Callable[[], None],
+                    device: torch.device) -> StepReplay | None: ...
+
+    def refresh_copies(self, W: Tensor) -> None: ...
 
 
 def _flag(name: str, default: str) -> bool:

@@ -31,6 +31,8 @@ MAX_D_IN = 1 << 17
 MAX_WIDTH = 1 << 26
 MAX_ENCODER_STEPS = 1000
 MAX_SEED = (1 << 63) - 1
+#: Optimiser steps of one run: at ten thousand steps a second, three weeks.
+MAX_STEPS = 1 << 34
 
 
 def check_int(name: str, value, lo: int, hi: int | None = None) -> int:
@@ -104,6 +106,13 @@ PRESETS: dict[str, dict] = {
                  iht_gradient="steps"),
 }
 
+#: Names that label a checkpoint without being an architecture one trains, with the fields
+#: they fix: a synthetic set's true dictionary (its ``truth/`` folder, encoded by OMP).
+LABELS: dict[str, dict] = {
+    "truth": dict(kind="dl", signed=True, tied=True, bias="none", encoder_steps=0,
+                  iht_gradient="steps"),
+}
+
 _TOKEN = re.compile(r"([+-])([a-z]+)(\d*)")
 
 
@@ -173,6 +182,46 @@ def check_stop_gradient(fields: dict, what: str) -> None:
                         "parameters of its own (tied, no bias: e.g. isae-iter+sg, isae+iter10+sg)")
 
 
+def arch_fields(name: str) -> dict:
+    """The fields an architecture name fixes (kind and switches): ``parse_arch``'s, or a
+    label's (LABELS). UserError for an unknown name."""
+    if name in LABELS:
+        return dict(LABELS[name])
+    return parse_arch(name).fields
+
+
+def contradiction(name: str, fields: dict) -> str | None:
+    """Why ``fields`` (some of kind and the switches) contradict the architecture ``name``,
+    in one line; None when they agree. UserError for an unknown name."""
+    want = arch_fields(name)
+    wrong = [k for k in want if k in fields and fields[k] != want[k]]
+    if not wrong:
+        return None
+    says = ", ".join(f"{k}={want[k]!r}" for k in wrong)
+    got = ", ".join(f"{k}={fields[k]!r}" for k in wrong)
+    if wrong == ["encoder_steps"]:
+        hint = steps_hint(name, fields["encoder_steps"])
+    else:
+        hint = "name the variant instead: a preset with +switch/-switch, e.g. isae-tied"
+    return f"arch {name!r} means {says}, not {got} (the name decides these; {hint})"
+
+
+def steps_hint(name: str, n: int) -> str:
+    """How to ask for ``n`` thresholding steps on architecture ``name``: by its name."""
+    if arch_fields(name)["kind"] != "topk":
+        return f"{name} runs no thresholding steps (they refine TopK codes)"
+    # The name without its step switches (isae-iter is isae with 3 steps), plus +iterN.
+    named = re.sub(r"[+-]iter\d*", "", name) + (f"+iter{n}" if n else "")
+    want = {**arch_fields(name), "encoder_steps": n}
+    try:
+        ok = parse_arch(named).fields == want
+    except UserError:
+        ok = False
+    if not ok:
+        named = f"{name}+iter{n}" if n else f"{name}-iter"
+    return f"ask for the steps by name: {named}"
+
+
 def arch_help() -> str:
     """What an architecture name may be, in one line (for help texts)."""
     return (f"a preset ({', '.join(PRESETS)}) with optional +switch/-switch "
@@ -211,27 +260,29 @@ class SAEConfig:
     k: int = 32
     """Active latents per row (TopK family, dl); for relu only a label of the sweep."""
     arch: str = "topk"
-    """Architecture name: preset plus switches (see parse_arch)."""
-    kind: str = field(default="topk", metadata={"choices": ("topk", "relu", "dl")})
+    """Architecture name: preset plus switches (see parse_arch). It fixes the six fields
+    below (kind and the switches, iht_gradient last): left unset they are derived from it, and a config whose
+    fields contradict it is refused."""
+    kind: str | None = field(default=None, metadata={"choices": ("topk", "relu", "dl")})
     """topk | relu | dl: how codes are computed."""
-    signed: bool = False
+    signed: bool | None = None
     """Keep the k largest |pre-activations| with their signs instead of ReLU then TopK."""
-    tied: bool = False
+    tied: bool | None = None
     """W_enc is W_dec transposed: one parameter."""
-    bias: str = field(default="learned", metadata={"choices": ("learned", "none")})
+    bias: str | None = field(default=None, metadata={"choices": ("learned", "none")})
     """learned: b_dec and b_enc are trained; none: both fixed at zero (data is centred)."""
-    encoder_steps: int = 0
+    encoder_steps: int | None = None
     """Iterative hard-thresholding steps with the decoder after the amortised TopK."""
     iht_step: float = 1.0
     """Step size eta of those steps, relative to 1/||D||^2 on the active rows (see sparse_coder.py)."""
-    iht_gradient: str = field(default="steps", metadata={"choices": ("steps", "final")})
+    iht_gradient: str | None = field(default=None, metadata={"choices": ("steps", "final")})
     """What training differentiates when there are thresholding steps. steps: through every
     step (isae-iter). final (the ``+sg`` switch, e.g. isae-iter+sg): the steps run without
     gradient and compute the same codes, and the decoder learns from the final codes as
     constants: the dictionary-learning update, by the envelope theorem the exact gradient
     of the refined codes' loss where they are least-squares optimal on their support. A
     tied encoder is the decoder and learns with it; an encoder with parameters of its own
-    is refused (``check_stop_gradient``). A straight-through gradient for it (the final
+    is refused (``check_stop_gradient``, as the name is read). A straight-through gradient for it (the final
     values' gradient passed to the pre-activations of their support) has no feedback, since
     the codes come from the steps and not from the pre-activations: in CPU tests it drove
     training unstable, for an untied encoder and for the tied weight alike."""
@@ -242,7 +293,12 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         # Types first: a checkpoint's cfg.json reaches here as parsed JSON.
-        for name in ("arch", "kind", "bias", "iht_gradient"):
+        if not isinstance(self.arch, str):
+            raise UserError(f"arch must be a string, not {self.arch!r}")
+        for name, value in arch_fields(self.arch).items():  # the switches the name fixes
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        for name in ("kind", "bias", "iht_gradient"):
             if not isinstance(getattr(self, name), str):
                 raise UserError(f"{name} must be a string, not {getattr(self, name)!r}")
         for name in ("signed", "tied"):
@@ -259,15 +315,19 @@ class SAEConfig:
             raise UserError(f"bias must be 'learned' or 'none', not {self.bias!r}")
         if self.iht_gradient not in choices(SAEConfig, "iht_gradient"):
             raise UserError(f"iht_gradient must be 'steps' or 'final', not {self.iht_gradient!r}")
-        check_stop_gradient(asdict(self), "iht_gradient final")
         self.encoder_steps = check_int("encoder_steps", self.encoder_steps, 0, MAX_ENCODER_STEPS)
         self.iht_step = check_float("iht_step", self.iht_step, 0.0, lo_open=True)
         self.l1_coeff = check_float("l1_coeff", self.l1_coeff, 0.0)
         self.seed = check_int("seed", self.seed, 0, MAX_SEED)
+        # Last, once every field has its type: a config cannot contradict its name.
+        why = contradiction(self.arch, self.to_dict())
+        if why is not None:
+            raise UserError(why)
 
     @classmethod
     def from_arch(cls, arch: str, **kw) -> SAEConfig:
-        return cls(arch=arch, **parse_arch(arch).fields, **kw)
+        """The config of architecture ``arch`` (its switches derived from the name)."""
+        return cls(arch=arch, **kw)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -339,6 +399,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.tokens = check_int("--tokens", self.tokens, 1)
         self.batch_size = check_int("--batch-size", self.batch_size, 1)
+        if self.total_steps() > MAX_STEPS:
+            raise UserError(f"--tokens {self.tokens} at --batch-size {self.batch_size} makes "
+                            f"{self.total_steps():.3g} optimiser steps, more than any run can "
+                            f"take (at most {MAX_STEPS:.3g}): lower --tokens or raise --batch-size")
         if self.lr is not None:
             self.lr = check_float("--lr", self.lr, 0.0, lo_open=True)
         self.warmup_frac = check_float("--warmup-frac", self.warmup_frac, 0.0, 1.0)

@@ -105,6 +105,14 @@ class ForeignCoder(nn.Module):
         the study's codes unchanged."""
         return bool(torch.allclose(self.out_scale, torch.ones_like(self.out_scale), rtol=0, atol=1e-5))
 
+    @property
+    def equal_rows(self) -> bool:
+        """Whether the library's decoder rows all have one norm s (to a relative 1e-5), as
+        in an isae export, whose unit rows are scaled by the activation set's scale: a TopK
+        on pre-activations then picks what a TopK on s * pre-activations picks."""
+        n = self.out_scale
+        return bool(n.numel() and n.min() > 0 and (n.max() - n.min()) <= 1e-5 * n.max())
+
     def pre_acts(self, x: Tensor) -> Tensor:
         """(x: [B, D]) -> [B, N] encoder pre-activations."""
         if self.cfg.center_input:
@@ -146,9 +154,12 @@ def as_sparse_coder(coder: ForeignCoder) -> tuple[SAEConfig, dict[str, Tensor]]:
     ``SparseCoder.export_tensors`` layout). ValueError with the reason when there is none.
 
     topk -> ``topk``, abstopk -> ``topk+signed``, relu -> ``relu`` (its decoder norms fold
-    into the encoder, since ReLU commutes with a positive scale). A TopK coder whose library
-    decoder rows are not unit norm selects on unscaled pre-activations, which no isae
-    checkpoint (unit rows by contract) reproduces; jumprelu has no isae architecture.
+    into the encoder, since ReLU commutes with a positive scale). A TopK coder whose
+    library decoder rows all have one norm s (every isae export: unit rows times the set's
+    scale) folds them the same way, since scaling every pre-activation by s changes no
+    selection; one whose rows have different norms selects on pre-activations not scaled
+    by them, which no isae checkpoint (unit rows by contract) reproduces. jumprelu has no
+    isae architecture.
     """
     c = coder.cfg
     t = {k: v.detach().float().cpu().clone() for k, v in coder.library_tensors().items()}
@@ -164,11 +175,16 @@ def as_sparse_coder(coder: ForeignCoder) -> tuple[SAEConfig, dict[str, Tensor]]:
         W_enc, b_enc = W_enc * n[None, :], b_enc * n
         arch, k = "relu", 1  # a ReLU SAE has no k; 1 is only a label
     else:
-        if not coder.unit_rows:
+        if not coder.unit_rows and coder.equal_rows:
+            # n_i = s (to 1e-5): TopK(s * pre) selects what TopK(pre) does, and its values
+            # are the codes on the unit atoms; folding each n_i keeps x̂ exactly.
+            W_enc, b_enc = W_enc * n[None, :], b_enc * n
+        elif not coder.unit_rows:
             raise ValueError(
                 f"its decoder rows are not unit norm (norms {float(n.min()):.4g} to "
-                f"{float(n.max()):.4g}) and its TopK selects on pre-activations not scaled by "
-                "them; an isae checkpoint has unit rows, so it cannot compute the same codes"
+                f"{float(n.max()):.4g}, not one common norm) and its TopK selects on "
+                "pre-activations not scaled by them; an isae checkpoint has unit rows, so it "
+                "cannot compute the same codes"
             )
         arch, k = ("topk+signed" if c.activation == "abstopk" else "topk"), c.k
     if not 1 <= k < c.d_sae:

@@ -155,7 +155,7 @@ class ReferenceOps:
     """
 
     name = "reference"
-    #: Whether the trainer may replay a step as a CUDA graph (the fast path only).
+    #: Whether the op set replays a training step as a CUDA graph (the fast path only).
     cuda_graphs = False
 
     def weights(self, W_dec: Tensor, W_enc: Tensor | None, b_dec: Tensor, b_enc: Tensor) -> Weights:
@@ -217,6 +217,13 @@ class ReferenceOps:
 
     def normalize_rows_(self, W: Tensor) -> None:
         normalize_rows_(W)
+
+    def step_graphs(self, body, prepare, device) -> None:
+        """None: the reference runs every training step eagerly."""
+        return None
+
+    def refresh_copies(self, W: Tensor) -> None:
+        """Nothing to refresh: the reference keeps no copies of the parameters."""
 
 
 REFERENCE = ReferenceOps()

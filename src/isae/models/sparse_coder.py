@@ -181,6 +181,37 @@ class SparseCoder(nn.Module):
                                       self.cfg.signed, self._k_aux(aux.n))
         return ForwardOutput(x_hat, codes, fvu_, auxk, l1)
 
+    def loss(self, x: Tensor, out: ForwardOutput, auxk_alpha: float) -> Tensor:
+        """The training loss of ``out = self(x)``, scalar. TopK family: FVU + auxk_alpha x AuxK.
+        ReLU (Anthropic's April 2024 recipe): the squared error per row and dimension plus
+        l1_coeff x the decoder-norm-weighted L1 of the codes."""
+        if self.cfg.kind == "relu":
+            mse = (x - out.x_hat).pow(2).sum(-1).mean() / x.shape[1]
+            return mse + self.cfg.l1_coeff * out.l1
+        return out.fvu + auxk_alpha * out.auxk
+
+    @torch.no_grad()
+    def fired(self, codes: Codes) -> Tensor:
+        """[N] int64: in how many rows of ``codes`` each latent is non-zero. No boolean
+        indexing, which would wait for the GPU."""
+        if self.cfg.kind == "relu":  # dense codes
+            return (codes.val != 0).sum(0)
+        fires = torch.zeros(self.cfg.d_sae, dtype=torch.long, device=codes.val.device)
+        return fires.scatter_add_(0, codes.idx.reshape(-1), (codes.val != 0).reshape(-1).long())
+
+    @property
+    def by_gradient(self) -> bool:
+        """Whether training optimises this model by gradient steps on ``loss``; dictionary
+        learning updates its atoms in closed form instead (isae.models.dictionary_learning)."""
+        return self.cfg.kind != "dl"
+
+    @property
+    def replays_steps(self) -> bool:
+        """Whether training may replay this model's step as a recording when its op set offers
+        one (``Ops.step_graphs``): the TopK family, whose AuxK reads a fixed number of columns
+        so that a step's shapes stay fixed. A ReLU step always runs eagerly."""
+        return self.cfg.kind == "topk"
+
     def _k_aux(self, n: int) -> int:
         """AuxK's k: d_in / 2 (Gao et al.), at most the n latents it reads."""
         return min(max(self.cfg.d_in // 2, 1), n)

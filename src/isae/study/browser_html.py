@@ -152,7 +152,7 @@ def _context(c: Context, doc_names: list | None) -> str:
     if doc_names is not None and 0 <= c.doc < len(doc_names):
         name = doc_names[c.doc]
     where = f"document {name!r} ({c.doc})" if name is not None else f"document {c.doc}"
-    title = f"{where}, token {c.pos}; code {c.value:+.4g}"
+    title = f"{where}, token {c.pos}; code {c.value:+.4g} (raw activation units)"
     token = _visible(c.token)
     # The token's own leading space (BPE's "Ġ", a decoder's word gap) goes outside the mark.
     lead = token[: len(token) - len(token.lstrip(" "))]
@@ -245,7 +245,8 @@ def render(data: BrowserData, title: str | None = None) -> str:
     note = ("Pairs ranked by |cos| (best first): the top of the ranking, then a sample of the "
             "rest down to the worst match, unmatched latents last. "
             f"Each side lists the latent's {s.get('contexts')} held-out rows with the largest "
-            f"|code| (signed value on the left), {s.get('window')} tokens of context either side.")
+            f"|code| (signed value on the left), {s.get('window')} tokens of context either side. "
+            f"Codes of both sides are in {s.get('code_units') or 'the units each checkpoint uses'}.")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">

@@ -1,4 +1,5 @@
-"""The study's figures F1–F8: one function each, from the collected tables to a Figure.
+"""The study's figures F1–F8: one function each, from the collected tables to a Figure;
+``draw(name, tables)`` is the one entrance (``FIGURES`` names them).
 
 Every function takes the DataFrames written by the workflow's collect rules (``runs``: one
 row per checkpoint, ``pairs``: one row per compared pair, ``latents``, ``chance``,
@@ -883,6 +884,30 @@ def f8_iter(runs: pd.DataFrame, pairs: pd.DataFrame) -> Figure:
         handles.append(Line2D([], [], color="0.3", marker="D", ls="none",
                               label=f"at its own tuned rate, not its base's ({names})"))
     return _finish(fig, title, handles, ncol=2)
+
+
+# ----------------------------------------------------------------------------- entrance
+
+#: Figure name -> the function that draws it. The workflow has one rule per figure, named
+#: after its function (isae.study.plan.FIGURE_RULES), and one script (scripts/figure.py).
+FIGURES = {
+    "F1": f1_stability,
+    "F2": f2_truth_recovery,
+    "F3": f3_ric,
+    "F4": f4_ablation,
+    "F5": f5_fvu_l0,
+    "F6": f6_fidelity,
+    "F7": f7_budget,
+    "F8": f8_iter,
+}
+
+
+def draw(name: str, tables: dict[str, pd.DataFrame], **params) -> Figure:
+    """Figure ``name`` (F1 ... F8) from the collected tables it reads (by table name:
+    runs, pairs, latents, chance, fidelity) and its other parameters."""
+    if name not in FIGURES:
+        raise UserError(f"unknown figure {name!r}; known: {', '.join(FIGURES)}")
+    return FIGURES[name](**tables, **params)
 
 
 # ----------------------------------------------------------------------------- saving

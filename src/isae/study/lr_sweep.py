@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import pandas as pd
 
@@ -28,7 +27,7 @@ from isae.analysis.convergence import run_convergence
 from isae.analysis.matching import match_dictionaries
 from isae.analysis.reconstruction import reconstruction_metrics
 from isae.data.activations import ActivationSet
-from isae.data.atomic import write_json_atomic, write_table
+from isae.data.atomic import check_out, output_lock, write_json_atomic, write_table
 from isae.data.checkpoints import load, load_decoder
 from isae.errors import UserError
 from isae.models.config import SAEConfig, TrainConfig, parse_arch
@@ -104,11 +103,13 @@ def lr_sweep(
         raise UserError(f"lr sweep tie tolerance must be in [0, 1), not {tolerance}")
     if pair_seed is not None and pair_seed == seed:
         raise UserError(f"lr sweep: the pair seed must differ from the seed ({seed})")
+    # Written into as the candidates finish (their resume states live there too), so an
+    # existing out must be an lr sweep's, or empty; never an input's or a folder of other files.
+    out = check_out(out, "lr-sweep", inputs=[activations], can_force=False)
     acts = ActivationSet(activations)
     archs = [a for a in archs if parse_arch(a).fields["kind"] != "dl"]
     if not archs:
         raise UserError("lr sweep: no architecture with a learning rate (dl has none)")
-    out = Path(out)
     default = tcfg.learning_rate(width)
     seeds = [seed] if pair_seed is None else [seed, pair_seed]
     cands = [(a, f, s_) for s_ in seeds for a in archs for f in factors]
@@ -118,9 +119,10 @@ def lr_sweep(
             for a, f, s_ in cands]
     # The convergence control into each candidate's cfg.json, as isae train writes it: the
     # main grid reuses the chosen candidate as its first seed.
-    done = train_many(activations, cfgs, tcfg, outs, lrs=[f * default for _, f, _ in cands],
-                      drop_diverged=True,
-                      report=lambda log, steps, _out: run_convergence(log, tcfg, steps))
+    with output_lock([out]):
+        done = train_many(activations, cfgs, tcfg, outs, lrs=[f * default for _, f, _ in cands],
+                          drop_diverged=True,
+                          report=lambda log, steps, _out: run_convergence(log, tcfg, steps))
     result = {(a, f, s_): (summary, path) for (a, f, s_), summary, path in zip(cands, done, outs)}
     rows = []
     for arch in archs:

@@ -24,11 +24,10 @@ import pandas as pd
 
 from isae.errors import UserError
 from isae.models.config import PRESETS, parse_arch
+from isae.study.grid import GRIDS
 
 #: Keys of one table row: a dataset and one SAE configuration.
 ROW_KEYS = ["dataset", "arch", "k", "width"]
-#: Grid flags stored by the workflow beside the identity columns.
-GRIDS = ["main", "sweep", "budget", "ablation", "iter"]
 #: Presets first, in the order the text discusses them; other archs (variants) after.
 ARCH_ORDER = list(PRESETS)
 
@@ -114,9 +113,9 @@ def collect_groups(
     runs belong to.
 
     ``ids[i]``: the dataset and group of ``paths[i]``. ``flags``: one dict per run with
-    dataset, group, arch, seed, k, width, rows and a boolean per grid (GRIDS). ``kind``:
-    ``runs`` (one row per run), ``pairs`` (arch_a, seed_a, arch_b, seed_b) or ``latents``
-    (arch, seed_a, seed_b); a pair belongs to a grid when both of its runs do. Every row
+    dataset, group, arch, seed, k, width, rows and a boolean per grid (the names of
+    isae.study.grid.GRIDS). ``kind``: ``runs`` (one row per run), ``pairs`` (arch_a,
+    seed_a, arch_b, seed_b) or ``latents`` (arch, seed_a, seed_b); a pair belongs to a grid when both of its runs do. Every row
     gets k, width and rows from the flags; runs missing from ``flags`` belong to no grid.
     """
     if kind not in ("runs", "pairs", "latents"):
@@ -258,6 +257,16 @@ T1_MATCH = [
     Metric("chance_data_rows", "chance rows", r"chance rows", optional=True),
     Metric("chance_data_cov", "chance cov", r"chance cov.", optional=True),
     Metric("chance_gaussian", "chance iso", r"chance iso.", optional=True),
+]
+#: ... the same over the latents live in both seeds (matched among themselves), their
+#: count, and the chance level of that many random training rows (per seed pair) ...
+T1_LIVE = [
+    Metric("live_mean_abs_cos", "live seed |cos|", r"live seed $|\cos|$", spread="range",
+           optional=True, hide_when_empty=True),
+    Metric("live_n_matched", "live n", r"live $n$", digits=0, spread="range", optional=True,
+           hide_when_empty=True),
+    Metric("live_chance_data_rows", "live chance rows", r"live chance rows", optional=True,
+           spread="none", hide_when_empty=True),
 ]
 #: ... the trained references, per pair (``reference_rows``): the same recipe on Gaussian
 #: data with the activations' moments, and on two disjoint halves of the data by document.
@@ -406,7 +415,7 @@ def table_t1(runs: pd.DataFrame, pairs: pd.DataFrame, chance: pd.DataFrame | Non
     references' pairs (``reference_rows``), shown beside the chance levels."""
     r = main_rows(runs)
     sources = [(r, [*T1_EVAL, *T1_CONVERGENCE]),
-               (main_rows(seed_pairs(pairs)), T1_MATCH[:2]),
+               (main_rows(seed_pairs(pairs)), [*T1_MATCH[:2], *T1_LIVE]),
                (arch_pairs(pairs), T1_MATCH[2:3]),
                (chance_columns(r, chance if chance is not None else pd.DataFrame()), T1_MATCH[3:]),
                *_reference_sources(refs),
@@ -628,7 +637,8 @@ def to_latex(table: pd.DataFrame, metrics: Sequence[Metric], caption: str = "",
 
 
 #: Columns of T1 and T2, in display order.
-T1_METRICS = [*T1_EVAL, *T1_CONVERGENCE, *T1_MATCH, *T1_REFS, *T1_TRUTH]
+T1_METRICS = [*T1_EVAL, *T1_CONVERGENCE, *T1_MATCH[:2], *T1_LIVE, *T1_MATCH[2:], *T1_REFS,
+              *T1_TRUTH]
 T2_METRICS = [*T2_MATCH, *T2_RIC]
 T1_CAPTION = (
     "T1. Per dataset x arch at the main k, width and training rows: the learning rate the lr "
@@ -637,7 +647,9 @@ T1_CAPTION = (
     "20 % of steps before the learning-rate decay, that fall in %, each atom's |cos| with "
     "its own initial atom); stability: "
     "matched |cos| between seeds and fraction above 0.9, mean [min, max] over the seed "
-    "pairs (they share seeds, so no sd), matched |cos| with the other architectures trained "
+    "pairs (they share seeds, so no sd), the same over the latents that fire on some held-out "
+    "row in both seeds (matched among themselves), their number, and the chance level of as "
+    "many random training rows, matched |cos| with the other architectures trained "
     "from the same seed, and chance levels of two random dictionaries drawn from the "
     "training rows (rows, a uniform sample of the whole training split), with the data's "
     "covariance (cov) and isotropic (iso); where the config trains them, the trained "

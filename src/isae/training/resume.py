@@ -163,9 +163,11 @@ def load_state(path: str | os.PathLike) -> dict:
         raise StateError("not an isae resume state (its header lacks the state)")
     try:
         raw = json.loads(meta[_HEADER_KEY])
-    except ValueError as e:
-        raise StateError(f"its header is not valid JSON ({e})") from None
-    state = _decode(raw, tensors)
+        state = _decode(raw, tensors)
+    except (ValueError, RecursionError) as e:  # StateError is a ValueError
+        if isinstance(e, StateError):
+            raise
+        raise StateError(f"its header is not a state isae wrote ({type(e).__name__})") from None
     if not isinstance(state, dict):
         raise StateError("the state is not an object")
     return state

@@ -31,6 +31,7 @@ import numpy as np
 from isae.data.activations import ActivationSet, ActivationWriter, split_moments
 from isae.data.sources import check_extract_out, check_layout, package_versions
 from isae.errors import UserError
+from isae.limits import check_disk
 from isae.progress import progress
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ def extract(
         raise UserError(f"--rows must be >= 1, got {rows}")
     dtype = dtype or src.meta.get("dtype", "float32")
     check_extract_out(out, [like], force)
+    check_disk(rows * src.d * (2 if dtype == "float16" else 4), Path(out).parent,
+               "lower --rows, or write elsewhere")
     t0 = time.perf_counter()
     log.info("moments of %s's training rows (d=%d)", src.path, src.d)
     mean, cov, n = split_moments(src)

@@ -47,6 +47,7 @@ from isae.data import checkpoints as checkpoint
 from isae.data.activations import ActivationWriter, Normalizer, heldout_mask
 from isae.data.sources import check_extract_out, check_layout, package_versions
 from isae.errors import UserError
+from isae.limits import check_disk, check_memory
 from isae.models.config import MAX_D_IN, MAX_WIDTH, SAEConfig
 from isae.models.sparse_coder import SparseCoder
 from isae.progress import progress
@@ -251,6 +252,15 @@ def _validate(d, atoms, k, rows, noise, zipf, coherence, correlation, heldout_fr
     check_layout(heldout_fraction, rows_per_shard, seed)
 
 
+def check_fits(out: str, d: int, atoms: int, rows: int, dtype: str) -> None:
+    """Before anything is drawn: the true dictionary in float64 and float32 (atoms x d) in
+    the host's memory, and the rows' activations (stored uncompressed) on the disk."""
+    check_memory({"the true dictionary in float64 and float32": 12 * atoms * d}, "cpu",
+                 "lower --atoms or --d")
+    itemsize = 2 if dtype == "float16" else 4
+    check_disk(rows * d * itemsize, Path(out).parent, "lower --rows, or write elsewhere")
+
+
 def _write_truth(stage: Path, meta: dict, D32: np.ndarray, k: int, seed: int, gen: dict) -> None:
     atoms, d = D32.shape
     cfg = SAEConfig(d_in=d, d_sae=atoms, k=k, arch="truth", kind="dl", signed=True, tied=True,
@@ -284,6 +294,7 @@ def extract(
     _validate(d, atoms, k, rows, noise, zipf, coherence, correlation, heldout_fraction,
               rows_per_shard, seed)
     check_extract_out(out, [], force)
+    check_fits(out, d, atoms, rows, dtype)
     t0 = time.perf_counter()
     dict_rng = np.random.default_rng([seed, 0])
     D, dict_info = make_dictionary(d, atoms, dict_rng, coherence)

@@ -88,9 +88,21 @@ def _load_skimage(name: str):
     return _rgb(getattr(skimage.data, name)())
 
 
+def _need_extra(module: str, package: str) -> None:
+    """UserError naming the extra to install when ``module`` is missing (the vision
+    source's dependencies are not part of a plain ``pip install isae``)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"the vision source needs {package}, which is not installed: "
+                        "pip install 'isae[vision]'")
+
+
 def list_images(images: str) -> list[ImageItem]:
     """The image source as a sorted list of lazily loaded items (nothing decoded yet)."""
+    _need_extra("PIL", "pillow")
     if images == "skimage":
+        _need_extra("skimage", "scikit-image")
         return [ImageItem(i, f"skimage:{n}", lambda n=n: _load_skimage(n))
                 for i, n in enumerate(SKIMAGE_PHOTOS)]
     root = Path(images).expanduser()

@@ -1,0 +1,217 @@
+"""What kills latents at large widths: a CPU harness that trains one TopK-family SAE under a
+chosen dead-latent recipe and traces the fraction of latents that never fire on held-out rows.
+
+Research, not the trainer: the loop below is the trainer's step (isae.training.trainer:
+Adam, the unit-norm decoder with gradient projection, linear warmup and decay, AuxK on the
+latents that have not fired for ``dead_tokens`` rows) written out so that each ingredient
+can be varied alone:
+
+  --lr-factor F          the rate, as a multiple of isae's default 8e-4 / sqrt(width / 2^14)
+                         (sparsify's is 0.25)
+  --auxk-alpha A         AuxK's weight (ours 1/32)
+  --auxk-norm N          residual: AuxK's FVU of the residual (Gao et al., ours);
+                         input: sparsify's, the squared error over the batch's total
+                         variance, scaled by min(n_dead / k_aux, 1)
+  --k-aux K              AuxK's k (ours and sparsify's: d / 2)
+  --dead-tokens T        the dead window in rows (ours 200 000; sparsify 10 M)
+  --init I               random: unit Gaussian rows (ours); data: rows drawn from the
+                         training split; enc-scale S: an untied encoder S x W_dec^T
+  --schedule S           isae: constant then linear decay over the last 20 %;
+                         sparsify: linear decay from the warmup to 0
+  --warmup-frac W        the linear warmup's share of the steps (ours 0.02)
+
+It prints one JSON line per evaluation (dead % on the first --eval-rows held-out rows, the
+training FVU) and a final line with dead % and FVU on every held-out row. The findings are
+in benchmarks/RESULTS.md ("Dead latents at 32 x d").
+
+    python benchmarks/dead_latents.py --activations SET --arch topk --width 6144 --k 16 \
+        --tokens 2000000 --lr-factor 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+
+from isae.data.activations import ActivationSet
+from isae.models.config import SAEConfig, TrainConfig
+from isae.models.reference import auxk_select, fvu, sparse_decode, topk_select
+from isae.models.sparse_coder import SparseCoder
+from isae.training.trainer import lr_multiplier
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--activations", required=True)
+    p.add_argument("--arch", default="topk")
+    p.add_argument("--width", type=int, default=6144)
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=2_000_000)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--lr-factor", type=float, default=1.0)
+    p.add_argument("--auxk-alpha", type=float, default=1 / 32)
+    p.add_argument("--auxk-norm", choices=("residual", "input"), default="residual")
+    p.add_argument("--k-aux", type=int, default=None)
+    p.add_argument("--dead-tokens", type=int, default=200_000)
+    p.add_argument("--init", default="random")
+    p.add_argument("--schedule", choices=("isae", "sparsify"), default="isae")
+    p.add_argument("--warmup-frac", type=float, default=0.02)
+    p.add_argument("--pca", type=int, default=0,
+                   help="project the rows onto their top PCA directions (0: keep all d); "
+                        "a cheap stand-in of the same data at a smaller d")
+    p.add_argument("--train-rows", type=int, default=1_000_000)
+    p.add_argument("--eval-rows", type=int, default=20_000)
+    p.add_argument("--evals", type=int, default=8, help="evaluations over the run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", default=None, help="write the final state_dict here")
+    p.add_argument("--threads", type=int, default=1)
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def heldout(model: SparseCoder, X: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
+    """(dead fraction, FVU) of ``model`` on the normalised rows X."""
+    fired = torch.zeros(model.cfg.d_sae, dtype=torch.bool)
+    sse = 0.0
+    for i in range(0, len(X), chunk):
+        x = X[i : i + chunk].float()
+        c = model.encode(x)
+        fired[c.idx[c.val != 0]] = True
+        sse += float((x - model.decode(c)).double().pow(2).sum())
+    var = float((X.double() - X.double().mean(0)).pow(2).sum())
+    return 1.0 - fired.float().mean().item(), sse / var
+
+
+def project(X: torch.Tensor, H: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """X and H on the top ``dims`` principal directions of X, rescaled so that a training
+    row's mean squared norm is ``dims`` (the normalised space's convention)."""
+    Xf = X[:200_000].double()
+    _, V = torch.linalg.eigh(Xf.T @ Xf / len(Xf))
+    P = V[:, -dims:].float()
+    scale = ((X[:200_000].float() @ P).pow(2).sum(1).mean() / dims).sqrt()
+    return ((X.float() @ P) / scale).half(), ((H.float() @ P) / scale).half()
+
+
+def init_model(args, d: int, X: torch.Tensor) -> SparseCoder:
+    cfg = SAEConfig.from_arch(args.arch, d_in=d, d_sae=args.width, k=args.k, seed=args.seed)
+    model = SparseCoder(cfg)
+    with torch.no_grad():
+        if args.init == "data":
+            g = torch.Generator().manual_seed(args.seed)
+            W = X[torch.randperm(len(X), generator=g)[: args.width]].float()
+            W /= W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            model.W_dec.copy_(W)
+            if model.W_enc is not None:
+                model.W_enc.copy_(W.T)
+        elif args.init.startswith("enc-scale="):
+            if model.W_enc is None:
+                sys.exit("enc-scale needs an untied encoder")
+            model.W_enc.mul_(float(args.init.split("=")[1]))
+        elif args.init != "random":
+            sys.exit(f"unknown --init {args.init}")
+    return model
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    acts = ActivationSet(args.activations)
+    norm = acts.normalizer()
+    mean = torch.as_tensor(norm.mean)
+
+    def normed(x) -> torch.Tensor:
+        return ((torch.as_tensor(x).float() - mean) / norm.scale).half()
+
+    X = normed(acts.load("train", max_rows=args.train_rows)["x"])
+    H = normed(acts.load("heldout")["x"])
+    d = acts.d
+    if args.pca:
+        X, H = project(X, H, args.pca)
+        d = args.pca
+    model = init_model(args, d, X)
+    tcfg = TrainConfig(tokens=args.tokens, batch_size=args.batch_size,
+                       warmup_frac=args.warmup_frac)
+    lr = args.lr_factor * tcfg.learning_rate(args.width)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = tcfg.total_steps()
+    k_aux_nominal = args.k_aux or max(d // 2, 1)
+    since = torch.zeros(args.width, dtype=torch.long)
+    g = torch.Generator().manual_seed(1000 + args.seed)
+    order = torch.randperm(len(X), generator=g)
+    # As many random training rows as the evaluations' held-out rows: a latent that fires
+    # there but not on held-out rows is specific to the training documents, not dead.
+    train_probe = torch.randperm(len(X), generator=torch.Generator().manual_seed(7))[
+        : min(args.eval_rows, len(H))]
+    pos = 0
+    every = max(steps // args.evals, 1)
+    info = {k: v for k, v in vars(args).items() if k not in ("activations", "threads")}
+    print(json.dumps({"recipe": info, "lr": lr, "steps": steps, "train_rows": len(X),
+                      "heldout_rows": len(H)}), flush=True)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        if pos + args.batch_size > len(order):
+            order, pos = torch.randperm(len(X), generator=g), 0
+        x = X[order[pos : pos + args.batch_size]].float()
+        pos += args.batch_size
+        if args.schedule == "sparsify":
+            warm = max(int(tcfg.warmup_frac * steps), 1)
+            mult = (step + 1) / warm if step < warm else max(steps - step, 0) / max(steps - warm, 1)
+        else:
+            mult = lr_multiplier(step, steps, tcfg)
+        for group in opt.param_groups:
+            group["lr"] = lr * mult
+        enc = model.encoder_weight
+        pre = (x - model.b_dec) @ enc + model.b_enc
+        codes = topk_select(pre, args.k, model.cfg.signed)
+        x_hat = sparse_decode(codes, model.W_dec) + model.b_dec
+        loss_fvu, err = fvu(x, x_hat)
+        dead = since >= args.dead_tokens
+        n_dead = int(dead.sum())
+        aux = x.new_zeros(())
+        if n_dead and args.auxk_alpha > 0:
+            k_aux = min(k_aux_nominal, n_dead)
+            e_hat = sparse_decode(auxk_select(pre, dead, k_aux, model.cfg.signed), model.W_dec)
+            if args.auxk_norm == "residual":
+                aux = fvu(err.detach(), e_hat)[0]
+            else:
+                total = (x - x.mean(0)).pow(2).sum()
+                aux = min(n_dead / k_aux_nominal, 1.0) * (e_hat - err.detach()).pow(2).sum() / total
+        loss = loss_fvu + args.auxk_alpha * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        model.project_decoder_grad()
+        opt.step()
+        model.normalize_decoder()
+        with torch.no_grad():
+            fires = torch.zeros(args.width, dtype=torch.long)
+            fires.scatter_add_(0, codes.idx.reshape(-1), (codes.val != 0).reshape(-1).long())
+            since = torch.where(fires > 0, 0, since + x.shape[0])
+        if (step + 1) % every == 0 or step == steps - 1:
+            dead_h, fvu_h = heldout(model, H[: args.eval_rows])
+            dead_t, _ = heldout(model, X[train_probe])
+            print(json.dumps({"step": step + 1, "tokens": (step + 1) * args.batch_size,
+                              "train_fvu": round(float(loss_fvu.detach()), 4),
+                              "dead_window": round(n_dead / args.width, 4),
+                              "dead_heldout": round(dead_h, 4), "fvu_heldout": round(fvu_h, 4),
+                              "dead_train_rows": round(dead_t, 4),
+                              "s": round(time.perf_counter() - t0, 1)}), flush=True)
+    dead_h, fvu_h = heldout(model, H)
+    dead_t, _ = heldout(model, X[torch.randperm(len(X), generator=torch.Generator().manual_seed(7))
+                                 [: len(H)]])
+    if args.save:
+        torch.save(model.state_dict(), args.save)
+    print(json.dumps({"final": True, "dead_heldout": round(dead_h, 4),
+                      "dead_train_rows": round(dead_t, 4),
+                      "fvu_heldout": round(fvu_h, 4), "heldout_rows": len(H),
+                      "tok_per_s": round(args.tokens / (time.perf_counter() - t0))}), flush=True)
+    if not math.isfinite(fvu_h):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,428 @@
+"""The study's grid: which SAEs a config trains, and in which training groups.
+
+A *run* is one trained checkpoint: (dataset, arch, k, width, rows, seed), plus the training
+group it is trained in (``role``) and the activation set it reads (``data``). Each *grid*
+is a function ``(config, dataset name, runs planned so far) -> runs`` registered in
+``GRIDS``; a run may belong to several grids, and the grids are applied in the table's
+order, so that a later grid can reuse what an earlier one trains:
+
+* main      every dataset x ``archs`` x ``seeds`` at the dataset's main k, width and rows
+            (T1, T2, F1);
+* sweep     every dataset x ``sweep.archs`` x ``train.ks`` x ``train.widths`` x
+            ``sweep.seeds`` at the main rows (F2, F3, F5, F6);
+* budget    every dataset x ``budgets.archs`` x ``budgets.seeds`` at the main k and width and
+            at every rows of ``train.budgets`` and the main rows (F7);
+* ablation  ``ablation.datasets`` x (topk, isae, ``ablation.variants``) x ``ablation.seeds``
+            at the main k, width and rows (F4);
+* iter      ``iter.datasets`` x (each base, base+iterN for N in ``iter.steps``) x
+            ``iter.seeds`` at the main k, width and rows (F8).
+
+Runs are trained and measured in *groups*: the runs of one dataset at one (k, width, rows)
+share one training job (one pass over the data) and one measuring job. A run whose
+``role`` is not ``main`` (the ablation's and the iteration study's variants) is trained in
+a group of its own, so that the main grid's jobs do not wait for it; a run whose ``data``
+names another activation set than the dataset's own is too, since a group reads one set.
+Every run of a dataset sees the same order of training rows (``data_seed``), so its
+checkpoint does not depend on its group.
+
+Everything here is a pure function of the config dict (after the schema has filled in its
+defaults); the workflow (``workflow/rules/common.smk``) and the compute plan
+(``isae.study.plan``) read the same grid.
+
+Adding a grid: write a function ``(cfg, name, planned) -> list[Run]`` and register it in
+``GRIDS`` after the grids whose runs it reuses. Its name becomes a flag column of the
+collected tables, and its runs are trained and measured by the existing rules, in the
+groups their shapes give. A width axis returns main-shape runs at other widths (its run at
+the main width is the main grid's, reused). A reference trained on a derived activation
+set (a Gaussian set with the data's covariance, one half of a split by document) returns
+runs with ``role`` and ``data`` set, e.g. ``Run(..., role="null", data="null")``: they
+train in a group of their own (``k16-w768-r120000-null``), and the workflow maps
+``Group.data`` to that set's folder (a rule that makes the set, an input function that
+picks it).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from isae.errors import UserError
+from isae.models.config import PRESETS, parse_arch, thresholding_steps
+
+#: topk and isae are the two ends every ablation variant is compared with.
+ABLATION_BASES = ("topk", "isae")
+
+
+class Run(NamedTuple):
+    """One trained checkpoint of the study."""
+
+    dataset: str
+    """The dataset's name (a key of the config's ``datasets``)."""
+    arch: str
+    """Architecture name: a preset with optional switches."""
+    k: int
+    """Active latents per row."""
+    width: int
+    """Latents (dictionary size)."""
+    rows: int
+    """Training rows (tokens, for a language model)."""
+    seed: int
+    """The SAE's initialisation seed."""
+    role: str = "main"
+    """The training group the run belongs to: ``main`` (shared by every grid that trains
+    this shape on the dataset's own set), or a grid's own group (``ablation``, ``iter``)."""
+    data: str = ""
+    """The activation set it is trained on: "" is the dataset's own; any other name is a
+    set derived from it (a variant), which puts the run in a group of its own."""
+
+    @property
+    def group(self) -> str:
+        """The training group's name (a path component): k<k>-w<width>-r<rows>, then the
+        role unless it is main, then the data variant unless it is the role's name."""
+        parts = [p for p in (self.role, self.data) if p and p != "main"]
+        return f"k{self.k}-w{self.width}-r{self.rows}" + "".join(
+            f"-{p}" for p in dict.fromkeys(parts)
+        )
+
+    def key(self) -> dict:
+        """The run's identity in the collected tables."""
+        return {
+            "dataset": self.dataset,
+            "arch": self.arch,
+            "k": self.k,
+            "width": self.width,
+            "rows": self.rows,
+            "seed": self.seed,
+        }
+
+
+class Group(NamedTuple):
+    """One training job (and one measuring job): every arch with every seed."""
+
+    dataset: str
+    name: str
+    """Run.group of its runs."""
+    k: int
+    width: int
+    rows: int
+    archs: tuple
+    """In the study's arch order (arch_order)."""
+    seeds: tuple
+    """Ascending."""
+    data: str = ""
+    """The activation set (Run.data) of its runs."""
+
+    def wildcards(self) -> dict:
+        return {"dataset": self.dataset, "group": self.name}
+
+
+def arch_order(arch: str) -> tuple:
+    """Sort key of archs within a group: the presets in their table's order, then every
+    other name alphabetically."""
+    presets = list(PRESETS)
+    return (presets.index(arch) if arch in presets else len(presets), arch)
+
+
+def iter_arch(base: str, steps: int) -> str:
+    """The name of ``base`` with ``steps`` thresholding steps: isae + 3 is the preset
+    isae-iter, topk + 3 is topk+iter, otherwise base+iterN."""
+    if steps == 3:
+        return "isae-iter" if base == "isae" else f"{base}+iter"
+    return f"{base}+iter{steps}"
+
+
+def main_archs(cfg: dict, name: str) -> list[str]:
+    """The main grid's archs of a dataset: its own list, else the config's."""
+    return cfg["datasets"][name]["archs"] or cfg["archs"]
+
+
+def _main_shape(cfg: dict, name: str) -> dict:
+    tr = cfg["datasets"][name]["train"]
+    return dict(dataset=name, k=tr["k"], width=tr["width"], rows=tr["rows"])
+
+
+# ----------------------------------------------------------------------------- the grids
+
+#: A grid: (config, dataset name, runs planned so far by earlier grids) -> its runs, in the
+#: order they are first planned.
+GridFn = Callable[[dict, str, Mapping[Run, frozenset]], list[Run]]
+
+
+def main_grid(cfg: dict, name: str, planned: Mapping[Run, frozenset]) -> list[Run]:
+    """archs x seeds at the main k, width and rows (T1, T2, F1)."""
+    main = _main_shape(cfg, name)
+    return [
+        Run(arch=arch, seed=seed, **main)
+        for arch, seed in itertools.product(main_archs(cfg, name), cfg["seeds"])
+    ]
+
+
+def sweep_grid(cfg: dict, name: str, planned: Mapping[Run, frozenset]) -> list[Run]:
+    """sweep.archs x train.ks x train.widths x sweep.seeds at the main rows (F2, F3, F5,
+    F6)."""
+    tr = cfg["datasets"][name]["train"]
+    sweep = cfg["sweep"]
+    return [
+        Run(name, arch, k, width, tr["rows"], seed)
+        for arch, k, width, seed in itertools.product(
+            sweep["archs"], tr["ks"], tr["widths"] or [tr["width"]], sweep["seeds"]
+        )
+    ]
+
+
+def budget_grid(cfg: dict, name: str, planned: Mapping[Run, frozenset]) -> list[Run]:
+    """budgets.archs x budgets.seeds at every training budget and the main rows (F7)."""
+    tr = cfg["datasets"][name]["train"]
+    bud = cfg["budgets"]
+    return [
+        Run(name, arch, tr["k"], tr["width"], rows, seed)
+        for arch, rows, seed in itertools.product(
+            bud["archs"], sorted({tr["rows"], *tr["budgets"]}), bud["seeds"]
+        )
+    ]
+
+
+def ablation_grid(cfg: dict, name: str, planned: Mapping[Run, frozenset]) -> list[Run]:
+    """topk, isae and each switch variant x ablation.seeds at the main shape (F4)."""
+    abl = cfg["ablation"]
+    if name not in abl["datasets"]:
+        return []
+    main = _main_shape(cfg, name)
+    out = [
+        Run(arch=arch, seed=seed, **main)
+        for arch, seed in itertools.product(ABLATION_BASES, abl["seeds"])
+    ]
+    # isae-iter against topk is the other whole combination F4 shows, where the main grid
+    # trains it.
+    out += [
+        run
+        for run in (Run(arch="isae-iter", seed=s, **main) for s in abl["seeds"])
+        if run in planned
+    ]
+    out += [
+        Run(arch=arch, seed=seed, role="ablation", **main)
+        for arch, seed in itertools.product(abl["variants"], abl["seeds"])
+        if arch not in ABLATION_BASES
+    ]
+    return out
+
+
+def iter_grid(cfg: dict, name: str, planned: Mapping[Run, frozenset]) -> list[Run]:
+    """Each base with N thresholding steps x iter.seeds at the main shape (F8)."""
+    it = cfg["iter"]
+    if name not in it["datasets"]:
+        return []
+    main = _main_shape(cfg, name)
+    out: list[Run] = []
+    for base, seed in itertools.product(it["bases"], it["seeds"]):
+        out.append(Run(arch=base, seed=seed, **main))
+        for n in it["steps"]:
+            key = dict(main, arch=iter_arch(base, n), seed=seed)
+            # A run the main grid or the ablation already trains is reused.
+            known = [r for r in itertools.chain(planned, out) if r.key() == key]
+            out.append(known[0] if known else Run(role="iter", **key))
+    # Other bases with steps that other grids train anyway (the ablation's topk and
+    # topk+iter) join F8 at no cost.
+    shape = (name, main["k"], main["width"], main["rows"])
+    out += [
+        run
+        for run in planned
+        if (run.dataset, run.k, run.width, run.rows) == shape
+        and run.seed in it["seeds"]
+        and thresholding_steps(run.arch)
+    ]
+    return out
+
+
+#: Every grid, in the order they are planned (a grid may reuse the runs of those above it).
+#: The names are the grid flags of the collected tables (isae.study.tables).
+GRIDS: dict[str, GridFn] = {
+    "main": main_grid,
+    "sweep": sweep_grid,
+    "budget": budget_grid,
+    "ablation": ablation_grid,
+    "iter": iter_grid,
+}
+
+
+def build_runs(cfg: dict, grids: Mapping[str, GridFn] = GRIDS) -> dict[Run, frozenset]:
+    """Run -> the names of the grids it belongs to, sorted by run."""
+    runs: dict[Run, set] = {}
+    for name in cfg["datasets"]:
+        for grid, fn in grids.items():
+            planned = {r: frozenset(g) for r, g in runs.items()}
+            for run in fn(cfg, name, planned):
+                runs.setdefault(run, set()).add(grid)
+    return {r: frozenset(g) for r, g in sorted(runs.items())}
+
+
+def build_groups(runs: Iterable[Run]) -> dict[tuple[str, str], Group]:
+    """(dataset, group name) -> Group: archs x seeds of the runs in it (every arch is
+    trained with every seed of its group), sorted by (dataset, group name)."""
+    members: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        members.setdefault((run.dataset, run.group), []).append(run)
+    out = {}
+    for (dataset, name), rs in sorted(members.items()):
+        r = rs[0]
+        archs = tuple(dict.fromkeys(sorted((x.arch for x in rs), key=arch_order)))
+        seeds = tuple(sorted({x.seed for x in rs}))
+        out[(dataset, name)] = Group(
+            dataset, name, r.k, r.width, r.rows, archs, seeds, r.data
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The runs of a config and the groups that train them."""
+
+    runs: dict[Run, frozenset]
+    """Run -> its grids (GRIDS names), sorted by run."""
+    groups: dict[tuple[str, str], Group]
+    """(dataset, group name) -> Group, sorted."""
+    names: tuple[str, ...]
+    """The grid names, in GRIDS order (the flag columns)."""
+
+    @classmethod
+    def of(cls, cfg: dict, grids: Mapping[str, GridFn] = GRIDS) -> Grid:
+        runs = build_runs(cfg, grids)
+        return cls(runs, build_groups(runs), tuple(grids))
+
+    def runs_of(self, group: Group) -> list[Run]:
+        """The runs any grid asked for in a group (a group may train more: archs x seeds)."""
+        return [
+            r for r in self.runs if r.dataset == group.dataset and r.group == group.name
+        ]
+
+    def flags(self) -> list[dict]:
+        """One row per trained run: its identity, its group and a boolean per grid (the
+        collect rules' ``flags``)."""
+        rows = [
+            dict(run.key(), group=run.group, **{g: g in grids for g in self.names})
+            for run, grids in self.runs.items()
+        ]
+        # Every run of a group is trained (archs x seeds), also those no grid asked for.
+        asked = {(r.group, *r.key().values()) for r in self.runs}
+        for g in self.groups.values():
+            for arch, seed in itertools.product(g.archs, g.seeds):
+                key = dict(
+                    dataset=g.dataset,
+                    arch=arch,
+                    k=g.k,
+                    width=g.width,
+                    rows=g.rows,
+                    seed=seed,
+                )
+                if (g.name, *key.values()) not in asked:
+                    rows.append(dict(key, group=g.name, **{x: False for x in self.names}))
+        return rows
+
+    def sweep_archs(self, name: str) -> list[str]:
+        """Every arch of a dataset with a learning rate of its own, in arch order (dl has
+        none; variants take their preset's)."""
+        archs = {parse_arch(r.arch).preset for r in self.runs if r.dataset == name}
+        return [
+            a
+            for a in sorted(archs, key=arch_order)
+            if parse_arch(a).fields["kind"] != "dl"
+        ]
+
+    def main_seeds(self) -> dict[tuple[str, str], set]:
+        """(dataset, arch) -> the seeds of the main grid."""
+        seeds: dict[tuple[str, str], set] = {}
+        for run, grids in self.runs.items():
+            if "main" in grids:
+                seeds.setdefault((run.dataset, run.arch), set()).add(run.seed)
+        return seeds
+
+
+# ----------------------------------------------------------------------------- derived
+
+
+def has_lr_sweep(cfg: dict, grid: Grid, name: str) -> bool:
+    """Whether a dataset's learning rates come from a sweep (lr_sweep.factors not empty
+    and some arch with a rate of its own)."""
+    return bool(cfg["lr_sweep"]["factors"]) and bool(grid.sweep_archs(name))
+
+
+def measures_isometry(grid: Grid, group: Group) -> bool:
+    """Restricted isometry is measured in groups with a run of the main grid or the sweep
+    (T2, F3); elsewhere it is skipped."""
+    return any(grid.runs[r] & {"main", "sweep"} for r in grid.runs_of(group))
+
+
+def browser_pairs(cfg: dict, grid: Grid) -> list[dict]:
+    """Wildcards of the feature-browser pages: per language-model dataset and architecture of
+    the main grid, its two lowest seeds."""
+    out = []
+    for (dataset, arch), seeds in sorted(grid.main_seeds().items()):
+        if cfg["datasets"][dataset]["source"] == "lm" and len(seeds) >= 2:
+            run = next(r for r in grid.runs if "main" in grid.runs[r] and r.dataset == dataset)
+            a, b = sorted(seeds)[:2]
+            out.append(dict(dataset=dataset, group=run.group, arch=arch, seed_a=a, seed_b=b))
+    return out
+
+
+def fidelity_runs(cfg: dict, grid: Grid) -> list[Run]:
+    """Downstream fidelity (F6) reads the k sweep's runs of the datasets that ask for it:
+    one seed at every k, the same in every point of the figure."""
+    return [
+        r
+        for r, grids in grid.runs.items()
+        if "sweep" in grids and cfg["datasets"][r.dataset]["fidelity"]
+    ]
+
+
+def true_k(cfg: dict) -> dict[str, int]:
+    """Synthetic dataset -> the k its codes were generated with (F2 marks it)."""
+    return {
+        n: ds["extract"]["k"]
+        for n, ds in cfg["datasets"].items()
+        if ds["source"] == "synthetic"
+    }
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_config(cfg: dict) -> None:
+    """The checks the schema cannot express; each raises UserError naming the key."""
+    datasets = cfg["datasets"]
+    archs = set(cfg["archs"]) | set(cfg["sweep"]["archs"])
+    archs |= set(cfg["budgets"]["archs"])
+    archs |= {a for ds in datasets.values() for a in ds["archs"] or []}
+    archs |= set(cfg["ablation"]["variants"]) | set(cfg["iter"]["bases"])
+    for arch in sorted(archs):
+        parse_arch(arch)
+    for block in ("ablation", "iter"):
+        for name in cfg[block]["datasets"]:
+            if name not in datasets:
+                raise UserError(
+                    f"{block}.datasets names {name!r}, which is not in datasets "
+                    f"({', '.join(datasets)})"
+                )
+    for base in cfg["iter"]["bases"]:
+        if parse_arch(base).fields["encoder_steps"]:
+            raise UserError(f"iter.bases: {base!r} already has thresholding steps")
+    for name, ds in datasets.items():
+        tr = ds["train"]
+        for w in [tr["width"], *tr["widths"]]:
+            for k in {tr["k"], *tr["ks"]}:
+                if k >= w:
+                    raise UserError(
+                        f"datasets.{name}.train: k={k} must be smaller than width={w}"
+                    )
+        if ds["source"] == "synthetic":
+            ex = ds["extract"]
+            if ex["k"] >= ex["atoms"]:
+                raise UserError(
+                    f"datasets.{name}.extract: k={ex['k']} must be smaller than "
+                    f"atoms={ex['atoms']} (each row draws k distinct atoms)"
+                )
+        if ds["fidelity"] and ds["source"] != "lm":
+            raise UserError(
+                f"datasets.{name}.fidelity is for language models (source lm) only"
+            )

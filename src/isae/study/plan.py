@@ -1,0 +1,243 @@
+"""The jobs a study config plans, and the flags each job's command is given.
+
+The workflow's rules (``workflow/rules/*.smk``) turn the grid (``isae.study.grid``) into
+jobs; this module says the same in Python, so that the compute plan (jobs, GPUs, SAEs and
+training tokens per job) is read from the grid, not from Snakemake's dry-run text. A test
+(tests/test_workflow.py) holds ``jobs`` equal to the jobs of ``snakemake -n``; a rule added
+to the workflow is added to ``jobs`` too.
+
+Every value that reaches a shell command goes through ``cli_flags``, which quotes it for
+the shell: a config value is an argument, never shell syntax.
+"""
+
+from __future__ import annotations
+
+import copy
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from isae.study.grid import (
+    Grid,
+    Group,
+    browser_pairs,
+    fidelity_runs,
+    has_lr_sweep,
+    main_archs,
+    measures_isometry,
+)
+
+#: The rules that run once per study, in the order the workflow defines them.
+REPORT_RULES = (
+    "collect_runs",
+    "collect_pairs",
+    "collect_latents",
+    "collect_fidelity",
+    "collect_chance",
+    "collect_lr",
+    "table_t1",
+    "table_t2",
+)
+#: Figure -> its rule (one rule per figure, generated in workflow/rules/figures.smk).
+FIGURE_RULES = {
+    "F1": "f1_stability",
+    "F2": "f2_truth_recovery",
+    "F3": "f3_ric",
+    "F4": "f4_ablation",
+    "F5": "f5_fvu_l0",
+    "F6": "f6_fidelity",
+    "F7": "f7_budget",
+    "F8": "f8_iter",
+}
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+def cli_flags(options: Mapping[str, object]) -> str:
+    """{"max_tokens": 5, "text": "my corpus", "coherence": None} ->
+    "--max-tokens 5 --text 'my corpus'": None, False and "" are left out, True is a bare
+    flag, every value is quoted for the shell."""
+    parts = []
+    for key, value in options.items():
+        if value is None or value is False or value == "":
+            continue
+        flag = f"--{key.replace('_', '-')}"
+        parts.append(flag if value is True else f"{flag} {shlex.quote(str(value))}")
+    return " ".join(parts)
+
+
+def gpu_count(cfg: dict) -> int:
+    """GPUs per device job: the `gpu` resource of the SLURM executor plugin (--gpus), and
+    the slots of the local profile's `gpu` resource."""
+    return 1 if cfg["device"] == "cuda" else 0
+
+
+def extract_options(cfg: dict, name: str) -> dict:
+    """The flags of a dataset's `isae extract <source>` (its `extract` block, one to one)."""
+    ds = cfg["datasets"][name]
+    options = dict(ds["extract"])
+    if ds["source"] in ("lm", "vision"):
+        options["device"] = cfg["device"]
+    return options
+
+
+def lr_sweep_options(cfg: dict, grid: Grid, name: str) -> dict:
+    """The flags of a dataset's `isae lr-sweep` (besides --activations and --out)."""
+    tr = cfg["datasets"][name]["train"]
+    return {
+        "arch": ",".join(grid.sweep_archs(name)),
+        "factors": ",".join(f"{f:g}" for f in cfg["lr_sweep"]["factors"]),
+        "k": tr["k"],
+        "width": tr["width"],
+        "seed": cfg["lr_sweep"]["seed"],
+        "data_seed": cfg["data_seed"],
+        "tokens": tr["rows"],
+        "batch_size": tr["batch_size"],
+        "lr": tr["lr"],
+        "device": cfg["device"],
+    }
+
+
+def train_options(cfg: dict, grid: Grid, group: Group) -> dict:
+    """The flags of a group's `isae train` (besides --activations, --lr-from, --reuse and
+    --out): every arch with every seed, in one pass over the data."""
+    tr = cfg["datasets"][group.dataset]["train"]
+    options = {
+        "arch": ",".join(group.archs),
+        "seeds": ",".join(map(str, group.seeds)),
+        "data_seed": cfg["data_seed"],
+        "k": group.k,
+        "width": group.width,
+        "tokens": group.rows,
+        "batch_size": tr["batch_size"],
+        "device": cfg["device"],
+    }
+    if not has_lr_sweep(cfg, grid, group.dataset):
+        options["lr"] = tr["lr"]
+    return options
+
+
+def measure_options(cfg: dict, grid: Grid, group: Group) -> dict:
+    """The flags of a group's `isae measure` (besides the checkpoints, --activations and
+    --out)."""
+    return {
+        "max_rows": cfg["match"]["max_rows"],
+        "ric_pairs": cfg["ric"]["pairs"] if measures_isometry(grid, group) else 0,
+        "cross_archs": ",".join(a for a in main_archs(cfg, group.dataset) if a in group.archs),
+        "converged_below": cfg["convergence"]["threshold"],
+        "device": cfg["device"],
+    }
+
+
+def fidelity_options(cfg: dict) -> dict:
+    """The flags of `isae fidelity` (besides the checkpoint, --activations and --out)."""
+    return {
+        "max_tokens": cfg["fidelity"]["max_tokens"],
+        "batch_size": cfg["fidelity"]["batch_size"],
+        "device": cfg["device"],
+    }
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+@dataclass(frozen=True)
+class Trained:
+    """SAEs of one arch that one job trains."""
+
+    arch: str
+    saes: int
+    """How many (seeds, or the lr sweep's factors)."""
+    width: int
+    rows: int
+    """Training rows (tokens) of each."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job of the workflow's DAG."""
+
+    rule: str
+    wildcards: dict = field(default_factory=dict)
+    """Wildcard -> value, as strings (as Snakemake shows them)."""
+    gpus: int = 0
+    """GPUs it requests (the `gpu` resource)."""
+    trained: tuple[Trained, ...] = ()
+    """What it trains (train and lr_sweep jobs)."""
+
+
+def _str(d: Mapping) -> dict:
+    return {k: str(v) for k, v in d.items()}
+
+
+def jobs(cfg: dict, grid: Grid | None = None) -> list[Job]:
+    """Every job the workflow plans for a config (validated, with the schema's defaults),
+    rule by rule."""
+    grid = grid or Grid.of(cfg)
+    gpus = gpu_count(cfg)
+    names = list(cfg["datasets"])
+    swept = [n for n in names if has_lr_sweep(cfg, grid, n)]
+    out = [
+        Job("activations", {"dataset": n},
+            0 if cfg["datasets"][n]["source"] == "synthetic" else gpus)
+        for n in names
+    ]  # fmt: skip
+    for n in swept:
+        tr = cfg["datasets"][n]["train"]
+        factors = len(cfg["lr_sweep"]["factors"])
+        out.append(Job("lr_sweep", {"dataset": n}, gpus, tuple(
+            Trained(a, factors, tr["width"], tr["rows"]) for a in grid.sweep_archs(n))))  # fmt: skip
+    for g in grid.groups.values():
+        out.append(Job("train", _str(g.wildcards()), gpus, tuple(
+            Trained(a, len(g.seeds), g.width, g.rows) for a in g.archs)))  # fmt: skip
+    out += [Job("measure", _str(g.wildcards()), gpus) for g in grid.groups.values()]
+    out += [Job("chance", {"dataset": n}) for n in names]
+    out += [
+        Job("fidelity", _str(dict(dataset=r.dataset, group=r.group, arch=r.arch, seed=r.seed)),
+            gpus)
+        for r in fidelity_runs(cfg, grid)
+    ]  # fmt: skip
+    out += [Job("browser", _str(w), gpus) for w in browser_pairs(cfg, grid)]
+    out += [Job(rule) for rule in (*REPORT_RULES, *FIGURE_RULES.values(), "all")]
+    return out
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def merge(base: dict, update: Mapping) -> dict:
+    """``update`` merged into ``base`` key by key, as Snakemake merges config files."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_config(paths: Sequence[str | Path], schema: str | Path) -> dict:
+    """The config of the files (merged in order, as `snakemake --configfile A B`),
+    validated against the schema with its defaults filled in, as the workflow sees it.
+    Raises jsonschema.ValidationError on an invalid config."""
+    import jsonschema
+    import yaml
+    from jsonschema import validators
+
+    cfg: dict = {}
+    for path in paths:
+        cfg = merge(cfg, yaml.safe_load(Path(path).read_text()) or {})
+    spec = yaml.safe_load(Path(schema).read_text())
+    base = jsonschema.Draft202012Validator
+    check_properties = base.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        for name, sub in properties.items():
+            if "default" in sub and isinstance(instance, dict):
+                instance.setdefault(name, copy.deepcopy(sub["default"]))
+        yield from check_properties(validator, properties, instance, schema)
+
+    validators.extend(base, {"properties": set_defaults})(spec).validate(cfg)
+    return cfg

@@ -1,0 +1,265 @@
+"""The study's grid (isae.study.grid) and the jobs it plans (isae.study.plan), as pure
+functions of a config dict: runs, groups and flags against hand-enumerated answers, the
+reuse between grids, the flags each job is given and their quoting for the shell."""
+
+from __future__ import annotations
+
+import copy
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from isae.errors import UserError
+from isae.models.config import PRESETS
+from isae.study import grid as G
+from isae.study import plan
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = ROOT / "config" / "schema.yaml"
+
+
+def tiny(**over) -> dict:
+    """A config with the schema's defaults, one synthetic dataset, every grid small."""
+    cfg = {
+        "device": "cpu", "seeds": [0, 1], "data_seed": 0, "archs": ["topk", "isae"],
+        "lr_sweep": {"factors": [1, 4], "seed": 0}, "convergence": {"threshold": 0.03},
+        "sweep": {"archs": ["topk"], "seeds": [0]},
+        "budgets": {"archs": ["topk"], "seeds": [0]},
+        "ablation": {"datasets": [], "variants": ["topk+signed"], "seeds": [0, 1]},
+        "iter": {"datasets": [], "bases": ["isae"], "steps": [1, 3], "seeds": [0]},
+        "match": {"max_rows": 100}, "ric": {"pairs": 10}, "chance": {"draws": 1},
+        "fidelity": {"max_tokens": 64, "batch_size": 4},
+        "datasets": {"syn": {
+            "source": "synthetic", "archs": None, "fidelity": False,
+            "extract": {"d": 8, "atoms": 16, "k": 2, "rows": 100},
+            "train": {"k": 2, "width": 16, "rows": 1000, "budgets": [500], "ks": [2, 4],
+                      "widths": [], "batch_size": 64, "lr": None}}},
+    }  # fmt: skip
+    for key, value in over.items():
+        cfg[key] = value
+    return cfg
+
+
+def keyset(runs) -> set:
+    return {(r.arch, r.k, r.width, r.rows, r.seed, r.role) for r in runs}
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def test_runs_and_grids_by_hand():
+    g = G.Grid.of(tiny())
+    got = {(r.arch, r.k, r.rows, r.seed, r.role): set(gr) for r, gr in g.runs.items()}
+    want = {
+        # main: archs x seeds at k 2, rows 1000; the sweep's topk at k 2, seed 0 is one of them
+        ("topk", 2, 1000, 0, "main"): {"main", "sweep", "budget"},
+        ("topk", 2, 1000, 1, "main"): {"main"},
+        ("isae", 2, 1000, 0, "main"): {"main"},
+        ("isae", 2, 1000, 1, "main"): {"main"},
+        # sweep: topk at k 4
+        ("topk", 4, 1000, 0, "main"): {"sweep"},
+        # budget: topk at rows 500 (and the main rows, above)
+        ("topk", 2, 500, 0, "main"): {"budget"},
+    }
+    assert got == want
+    assert all(r.width == 16 and r.dataset == "syn" and r.data == "" for r in g.runs)
+    assert list(g.runs) == sorted(g.runs)
+
+
+def test_groups_train_archs_times_seeds_and_flag_the_extras():
+    g = G.Grid.of(tiny())
+    assert [(d, n) for d, n in g.groups] == [
+        ("syn", "k2-w16-r1000"), ("syn", "k2-w16-r500"), ("syn", "k4-w16-r1000")]
+    main = g.groups[("syn", "k2-w16-r1000")]
+    assert main.archs == ("topk", "isae") and main.seeds == (0, 1)
+    assert main.wildcards() == {"dataset": "syn", "group": "k2-w16-r1000"}
+    flags = g.flags()
+    assert len(flags) == 6  # every run asked for; each group trains exactly those
+    assert set(flags[0]) == {"dataset", "arch", "k", "width", "rows", "seed", "group",
+                             *G.GRIDS}
+    # A group with topk at seed 0 and isae at seed 1 trains both archs with both seeds: the
+    # two runs no grid asked for are flagged in no grid.
+    runs = [G.Run("syn", "topk", 2, 16, 1000, 0), G.Run("syn", "isae", 2, 16, 1000, 1)]
+    grid = G.Grid({r: frozenset({"main"}) for r in runs}, G.build_groups(runs), tuple(G.GRIDS))
+    extra = [f for f in grid.flags() if not any(f[x] for x in G.GRIDS)]
+    assert {(f["arch"], f["seed"]) for f in extra} == {("topk", 1), ("isae", 0)}
+
+
+def test_arch_order_is_the_preset_table_then_alphabetical():
+    names = ["topk+signed", "isae-tied", "dl", "isae-iter", "isae", "relu", "topk"]
+    assert sorted(names, key=G.arch_order) == [*PRESETS, "isae-tied", "topk+signed"]
+
+
+def test_ablation_and_iter_reuse_what_other_grids_train():
+    cfg = tiny(archs=["topk", "isae", "isae-iter"])
+    cfg["ablation"]["datasets"] = ["syn"]
+    cfg["iter"]["datasets"] = ["syn"]
+    g = G.Grid.of(cfg)
+    at = {(r.arch, r.seed, r.role): set(gr) for r, gr in g.runs.items()
+          if (r.k, r.rows) == (2, 1000)}
+    # The ablation trains its bases in the main group and its variants in a group of its
+    # own; it counts the main grid's isae-iter as the other whole combination.
+    assert at[("topk", 1, "main")] == {"main", "ablation"}
+    assert at[("isae-iter", 0, "main")] >= {"main", "ablation", "iter"}
+    assert at[("topk+signed", 0, "ablation")] == {"ablation"}
+    # iter: isae+iter1 is new (its own group); isae + 3 steps is the main grid's isae-iter,
+    # reused, not trained again; topk (a base with 0 steps, trained anyway) joins F8.
+    assert at[("isae+iter1", 0, "iter")] == {"iter"}
+    assert ("isae-iter", 0, "iter") not in at
+    assert "iter" in at[("topk", 0, "main")] and "iter" not in at[("topk", 1, "main")]
+    assert "iter" not in at[("topk+signed", 0, "ablation")]  # a switch, not steps
+    names = [n for d, n in g.groups]
+    assert {"k2-w16-r1000-ablation", "k2-w16-r1000-iter"} <= set(names)
+    # Without isae-iter in the main grid the ablation does not train it either.
+    cfg["archs"] = ["topk", "isae"]
+    cfg["iter"]["datasets"] = []
+    assert not any(r.arch == "isae-iter" for r in G.Grid.of(cfg).runs)
+
+
+def test_iter_arch_names():
+    assert G.iter_arch("isae", 3) == "isae-iter"
+    assert G.iter_arch("topk", 3) == "topk+iter"
+    assert G.iter_arch("isae", 10) == "isae+iter10"
+
+
+# ----------------------------------------------------------------------------- extending
+
+
+def test_a_run_on_a_data_variant_trains_in_a_group_of_its_own():
+    base = G.Run("syn", "topk", 2, 16, 1000, 0)
+    null = base._replace(role="null", data="null")
+    half = base._replace(role="split", data="half0")
+    assert base.group == "k2-w16-r1000"
+    assert null.group == "k2-w16-r1000-null"
+    assert half.group == "k2-w16-r1000-split-half0"
+    groups = G.build_groups([base, null, half, half._replace(data="half1")])
+    assert {n: g.data for (_, n), g in groups.items()} == {
+        "k2-w16-r1000": "", "k2-w16-r1000-null": "null", "k2-w16-r1000-split-half0": "half0",
+        "k2-w16-r1000-split-half1": "half1"}
+    assert base.key() == null.key()  # the same SAE settings; the group tells them apart
+
+
+def test_a_registered_grid_joins_the_runs_flags_and_jobs():
+    """How a new grid is added: a function in the table. A width axis at 2 and 4 x the
+    main width: its run at the main width is the main grid's, reused."""
+
+    def width_grid(cfg, name, planned):
+        tr = cfg["datasets"][name]["train"]
+        return [G.Run(name, a, tr["k"], w, tr["rows"], s)
+                for a in ("topk",) for w in (16, 32, 64) for s in cfg["seeds"]]
+
+    grids = dict(G.GRIDS, width=width_grid)
+    cfg = tiny()
+    g = G.Grid.of(cfg, grids)
+    assert g.names[-1] == "width"
+    at = {(r.width, r.seed): set(gr) for r, gr in g.runs.items() if r.arch == "topk"
+          and (r.k, r.rows) == (2, 1000)}
+    assert at[(16, 1)] == {"main", "width"} and at[(64, 0)] == {"width"}
+    assert all("width" in f for f in g.flags())
+    trained = {j.wildcards["group"] for j in plan.jobs(cfg, g) if j.rule == "train"}
+    assert {"k2-w32-r1000", "k2-w64-r1000"} <= trained
+
+
+# ----------------------------------------------------------------------------- derived
+
+
+def test_sweep_archs_skip_dl_and_take_presets_of_variants():
+    cfg = tiny(archs=["dl", "topk+signed", "isae"])
+    g = G.Grid.of(cfg)
+    assert g.sweep_archs("syn") == ["topk", "isae"]
+    assert G.has_lr_sweep(cfg, g, "syn")
+    cfg["lr_sweep"]["factors"] = []
+    assert not G.has_lr_sweep(cfg, G.Grid.of(cfg), "syn")
+
+
+def test_check_config_names_the_key():
+    for change, msg in [
+        (lambda c: c["ablation"].update(datasets=["nosuch"]), "ablation.datasets names 'nosuch'"),
+        (lambda c: c.update(archs=["topk+bogus"]), "unknown switch 'bogus'"),
+        (lambda c: c["iter"].update(bases=["isae-iter"]), "iter.bases: 'isae-iter' already"),
+        (lambda c: c["datasets"]["syn"]["train"].update(ks=[16]), "k=16 must be smaller than width=16"),
+        (lambda c: c["datasets"]["syn"]["extract"].update(k=16), "k=16 must be smaller than atoms=16"),
+        (lambda c: c["datasets"]["syn"].update(fidelity=True), "language models (source lm) only"),
+    ]:  # fmt: skip
+        cfg = tiny()
+        change(cfg)
+        with pytest.raises(UserError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            G.check_config(cfg)
+    G.check_config(tiny())
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def test_jobs_by_hand():
+    cfg = tiny()
+    jobs = plan.jobs(cfg)
+    count = {}
+    for j in jobs:
+        count[j.rule] = count.get(j.rule, 0) + 1
+    assert count == {"activations": 1, "lr_sweep": 1, "train": 3, "measure": 3, "chance": 1,
+                     **{r: 1 for r in plan.REPORT_RULES}, **{r: 1 for r in plan.FIGURE_RULES.values()},
+                     "all": 1}  # fmt: skip
+    train = {j.wildcards["group"]: j.trained for j in jobs if j.rule == "train"}
+    assert train["k2-w16-r1000"] == (plan.Trained("topk", 2, 16, 1000), plan.Trained("isae", 2, 16, 1000))
+    sweep = next(j for j in jobs if j.rule == "lr_sweep")
+    assert sweep.trained == (plan.Trained("topk", 2, 16, 1000), plan.Trained("isae", 2, 16, 1000))
+    assert all(j.gpus == 0 for j in jobs)
+    cfg["device"] = "cuda"
+    gpus = {j.rule: j.gpus for j in plan.jobs(cfg)}
+    assert gpus["train"] == gpus["measure"] == gpus["lr_sweep"] == 1
+    assert gpus["activations"] == gpus["chance"] == 0  # synthetic sets need no GPU
+
+
+def test_job_flags():
+    cfg = tiny()
+    g = G.Grid.of(cfg)
+    main = g.groups[("syn", "k2-w16-r1000")]
+    assert plan.cli_flags(plan.train_options(cfg, g, main)) == (
+        "--arch topk,isae --seeds 0,1 --data-seed 0 --k 2 --width 16 --tokens 1000"
+        " --batch-size 64 --device cpu")
+    # Restricted isometry only where the main grid or the sweep has a run.
+    assert plan.measure_options(cfg, g, main)["ric_pairs"] == 10
+    assert plan.measure_options(cfg, g, g.groups[("syn", "k2-w16-r500")])["ric_pairs"] == 0
+    assert plan.cli_flags(plan.lr_sweep_options(cfg, g, "syn")) == (
+        "--arch topk,isae --factors 1,4 --k 2 --width 16 --seed 0 --data-seed 0"
+        " --tokens 1000 --batch-size 64 --device cpu")
+    cfg["lr_sweep"]["factors"] = []
+    cfg["datasets"]["syn"]["train"]["lr"] = 0.001
+    g = G.Grid.of(cfg)
+    assert plan.train_options(cfg, g, g.groups[("syn", "k2-w16-r1000")])["lr"] == 0.001
+
+
+def test_cli_flags_quote_every_value(tmp_path):
+    marker = tmp_path / "pwned"
+    hostile = {
+        "hook": f"$(touch {marker})blocks.3.hook_resid_post",
+        "text": f"{tmp_path}/it's my corpus; touch {marker}",
+        "model": "`touch x`", "batch_size": 32, "noise": 0.05, "flag": True, "off": False,
+        "coherence": None,
+    }
+    line = plan.cli_flags(hostile)
+    assert shlex.split(line) == [
+        "--hook", hostile["hook"], "--text", hostile["text"], "--model", "`touch x`",
+        "--batch-size", "32", "--noise", "0.05", "--flag"]
+    # Through a real shell, as Snakemake runs it: the values arrive whole, nothing runs.
+    out = subprocess.run(["bash", "-c", f"printf '%s\\n' {line}"], cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == shlex.split(line)
+    assert not marker.exists() and not (tmp_path / "x").exists()
+
+
+def test_load_config_merges_files_and_fills_defaults(tmp_path):
+    over = tmp_path / "over.yaml"
+    over.write_text("seeds: [4]\ndatasets: {minilm: {train: {rows: 10}}}\n")
+    base = plan.load_config([ROOT / "config" / "config.yaml"], SCHEMA)
+    cfg = plan.load_config([ROOT / "config" / "config.yaml", over], SCHEMA)
+    assert cfg["seeds"] == [4] and cfg["datasets"]["minilm"]["train"]["rows"] == 10
+    assert cfg["datasets"]["minilm"]["train"]["k"] == base["datasets"]["minilm"]["train"]["k"]
+    assert cfg["datasets"]["minilm"]["extract"]["heldout_fraction"] == 0.1  # a schema default
+    unchanged = copy.deepcopy(base)
+    unchanged["seeds"] = [4]
+    unchanged["datasets"]["minilm"]["train"]["rows"] = 10
+    assert cfg == unchanged
