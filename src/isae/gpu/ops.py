@@ -467,16 +467,15 @@ class FastOps:
         return keep_better(x, x_hat, codes, new, self.decode(new, w))
 
     @torch.no_grad()
-    def iht_forward(self, x: Tensor, codes: Codes, w: Weights, k: int, signed: bool, scale: float,
-                    steps: int) -> tuple[Codes, Tensor]:
-        """``steps`` of ``iht_step``'s forward, without gradient: per step the step size with
-        the bfloat16 scaled residual (kernels.iht_eta), the dense correlation, its top-k, and
-        the new values, their decode and the keep-the-better choice (kernels.iht_update), in
-        one pass each where iht_step launches some thirty kernels. -> (codes, their
-        reconstruction)."""
+    def iht_forward(self, x: Tensor, codes: Codes, x_hat: Tensor, w: Weights, k: int,
+                    signed: bool, scale: float, steps: int) -> tuple[Codes, Tensor]:
+        """``steps`` of ``iht_step``'s forward from ``codes`` and their reconstruction
+        ``x_hat``, without gradient: per step the step size with the bfloat16 scaled residual
+        (kernels.iht_eta), the dense correlation, its top-k, and the new values, their decode
+        and the keep-the-better choice (kernels.iht_update), one pass each where iht_step
+        launches some thirty kernels. -> (codes, their reconstruction)."""
         W_low = low(w.dec)
-        val, idx = codes.val.detach(), codes.idx
-        x_hat = kernels.gather_decode(val, idx, W_low, w.b_dec)
+        val, idx, x_hat = codes.val.detach(), codes.idx, x_hat.detach()
         for _ in range(steps):
             step, rs = kernels.iht_eta(x, x_hat, idx, W_low, scale)
             u = rs @ W_low.T  # [B, N] bf16, as in iht_step
@@ -486,12 +485,12 @@ class FastOps:
                                                  signed)
         return Codes(val, idx), x_hat
 
-    def iht_final(self, x: Tensor, codes: Codes, w: Weights, k: int, signed: bool, scale: float,
-                  steps: int) -> tuple[Codes, Tensor]:
+    def iht_final(self, x: Tensor, codes: Codes, x_hat: Tensor, w: Weights, k: int, signed: bool,
+                  scale: float, steps: int) -> tuple[Codes, Tensor]:
         """The reference's iht_final by ``iht_forward``, with the final reconstruction
         differentiable in the decoder (``known_decode``: no second decode)."""
-        final, x_hat = self.iht_forward(x, codes, w, k, signed, scale, steps)
-        return final, known_decode(final.val, final.idx, w.dec, w.grads, w.b_dec, x_hat)
+        final, x_fin = self.iht_forward(x, codes, x_hat, w, k, signed, scale, steps)
+        return final, known_decode(final.val, final.idx, w.dec, w.grads, w.b_dec, x_fin)
 
     def fvu(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
         return fvu(x, x_hat)

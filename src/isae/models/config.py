@@ -170,16 +170,7 @@ def parse_arch(name: str) -> Arch:
     if spec.get("iht_gradient") == "final" and not spec["encoder_steps"]:
         raise UserError(f"arch {name!r}: +sg stops the gradient through thresholding steps, "
                         "and it has none (add +iter or +iterN)")
-    check_stop_gradient(spec, f"arch {name!r}")
     return Arch(name, base, rest, spec)
-
-
-def check_stop_gradient(fields: dict, what: str) -> None:
-    """``iht_gradient`` final trains the decoder alone (SAEConfig.iht_gradient), so the
-    encoder may have no parameters of its own: tied, and no learned bias (b_enc)."""
-    if fields.get("iht_gradient") == "final" and (not fields.get("tied") or fields.get("bias") != "none"):
-        raise UserError(f"{what}: +sg trains the decoder alone, so the encoder must have no "
-                        "parameters of its own (tied, no bias: e.g. isae-iter+sg, isae+iter10+sg)")
 
 
 def arch_fields(name: str) -> dict:
@@ -278,14 +269,15 @@ class SAEConfig:
     iht_gradient: str | None = field(default=None, metadata={"choices": ("steps", "final")})
     """What training differentiates when there are thresholding steps. steps: through every
     step (isae-iter). final (the ``+sg`` switch, e.g. isae-iter+sg): the steps run without
-    gradient and compute the same codes, and the decoder learns from the final codes as
-    constants: the dictionary-learning update, by the envelope theorem the exact gradient
-    of the refined codes' loss where they are least-squares optimal on their support. A
-    tied encoder is the decoder and learns with it; an encoder with parameters of its own
-    is refused (``check_stop_gradient``, as the name is read). A straight-through gradient for it (the final
-    values' gradient passed to the pre-activations of their support) has no feedback, since
-    the codes come from the steps and not from the pre-activations: in CPU tests it drove
-    training unstable, for an untied encoder and for the tied weight alike."""
+    gradient and compute the same codes, and the loss has two terms. The FVU of the final
+    codes, as constants: it trains the decoder, a dictionary-learning update (by the
+    envelope theorem the exact gradient of the refined codes' loss where they are
+    least-squares optimal on their support). And the FVU of the amortised TopK codes before
+    the steps, differentiated as TopK training differentiates it (Gao et al.): it trains the
+    encoder, with the feedback that the steps' codes cannot give it, and the decoder too.
+    A straight-through gradient instead (the final values' gradient passed to the
+    pre-activations of their support) has no such feedback, since those codes come from the
+    steps and not from the pre-activations: in CPU tests it drove training unstable."""
     l1_coeff: float = 1e-3
     """relu only: weight of the decoder-norm-weighted L1 penalty."""
     seed: int = 0
