@@ -117,7 +117,8 @@ def throughput(d: int, n: int, k: int, batch: int, device: str, reps: int) -> No
 
 
 def training(root: Path, device: str, tokens: int, rows: int, batch: int, seeds: int,
-             sets: list[tuple[str, int, int, int]], scratch: Path) -> None:
+             sets: list[tuple[str, int, int, int]], scratch: Path,
+             archs: tuple[str, ...] = TRAIN_ARCHS) -> None:
     """Part 2: each set written once under root (reused when there), all archs x seeds on one
     shared pass, checkpoints in scratch."""
     for name, d, atoms, k in sets:
@@ -129,7 +130,7 @@ def training(root: Path, device: str, tokens: int, rows: int, batch: int, seeds:
         tcfg = TrainConfig(tokens=tokens, batch_size=batch, device=device, seed=0,
                            checkpoint_every=10**9)
         cfgs = [SAEConfig.from_arch(a, d_in=d, d_sae=atoms, k=k, seed=s)
-                for a, s in itertools.product(TRAIN_ARCHS, range(seeds))]
+                for a, s in itertools.product(archs, range(seeds))]
         outs = [scratch / "runs" / name / f"{c.arch}-{c.seed}" for c in cfgs]
         t0 = time.perf_counter()
         summaries = train_many(path, cfgs, tcfg, outs, resume=False, drop_diverged=True,
@@ -137,7 +138,7 @@ def training(root: Path, device: str, tokens: int, rows: int, batch: int, seeds:
         wall = time.perf_counter() - t0
         acts = ActivationSet(path)
         truth = checkpoints.load_decoder(path / "truth")
-        for arch in TRAIN_ARCHS:
+        for arch in archs:
             runs = [s for s in summaries if s["arch"] == arch]
             done = [s for s in runs if not s.get("diverged")]
             fvu, rec, dead, dec = [], [], [], []
@@ -217,6 +218,7 @@ def main() -> None:
     ap.add_argument("--sets", default="coherent,wellposed",
                     help="part 2's sets: names of SETS, or NAME:D:ATOMS:K for another shape")
     ap.add_argument("--train-batch", type=int, default=1024, help="rows per step of part 2")
+    ap.add_argument("--train-archs", default=",".join(TRAIN_ARCHS), help="part 2's archs")
     ap.add_argument("--set-dir", default=None, help="where the synthetic sets are written (reused if there)")
     ap.add_argument("--out", default=None, help="JSON file of the rows")
     a = ap.parse_args()
@@ -238,7 +240,8 @@ def main() -> None:
     if a.part in ("all", "training"):
         with tempfile.TemporaryDirectory(prefix="iter_bench_") as tmp:
             root = Path(a.set_dir) if a.set_dir else Path(tmp)
-            training(root, a.device, a.tokens, a.rows, a.train_batch, a.seeds, sets, Path(tmp))
+            training(root, a.device, a.tokens, a.rows, a.train_batch, a.seeds, sets, Path(tmp),
+                     tuple(a.train_archs.split(",")))
     print(table())
     print(f"\n{name}; {time.perf_counter() - t0:.0f} s in all")
     if a.out:

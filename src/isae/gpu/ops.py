@@ -23,8 +23,9 @@ Here the sparse maps get their own backward, built on the Triton kernels of kern
 * IHT (isae-iter) selects each new support from a dense bfloat16 correlation computed
   without gradient, and differentiates only the correlations it keeps (gathered dots).
   With ``+sg`` the steps are not differentiated at all: two row kernels per step
-  (kernels.iht_eta, kernels.iht_update) around the correlation and its top-k, and the
-  decoder sees the final codes as constants.
+  (kernels.iht_eta, kernels.iht_update) around the correlation and its top-k, the
+  decoder sees the final codes as constants, and the amortised codes' decode (the steps'
+  starting point) is differentiated for their own loss term.
 
 Parameters, optimiser state, the loss and the reconstruction stay float32. On CPU tensors
 the kernels fall back to stock torch, so the same functions run anywhere. The checks that
