@@ -2,6 +2,7 @@
 gradient (``+sg``) changes in what is learned. One command, a table last.
 
     PYTHONPATH=src python benchmarks/iter_bench.py [--out iter.json]     # CUDA: ~2 min on an H100
+    PYTHONPATH=src python benchmarks/iter_bench.py --part throughput     # part 1 alone (~1 min)
     PYTHONPATH=src python benchmarks/iter_bench.py --device cpu --tiny   # the same at toy sizes
     PYTHONPATH=src python benchmarks/iter_bench.py --device cpu --part training \
         --sets small:32:128:3 --rows 30000 --tokens 300000 --train-batch 256   # part 2 alone
@@ -16,12 +17,16 @@ far the +sg forward is from isae-iter's on the same weights and rows (the fused 
 round differently: share of rows with the same support, relative FVU difference).
 
 Part 2, training: synthetic sets with a known dictionary (the GPU study's two regimes,
-coherent d 64 / 256 atoms / k 8 and well-posed d 128 / 512 atoms / k 4), ``isae``,
-``isae-iter`` and ``isae-iter+sg`` x 3 seeds trained on one shared pass of 3 M tokens
+coherent d 64 / 256 atoms / k 8 and well-posed d 128 / 512 atoms / k 4, 300 000 rows each,
+written first), ``isae``, ``isae-iter`` and ``isae-iter+sg`` (``--train-archs`` for others,
+e.g. ``topk+iter,topk+iter+sg``) x 3 seeds trained on one shared pass of 3 M tokens
 (batch 1 024, the default learning rate for all). Per arch: held-out FVU, truth recovery
 (Hungarian-matched |cos| of the decoder with the true dictionary), stability (matched |cos|
 between seeds, all pairs), dead %, how many runs converged (the trainer's control) or
 diverged; mean and spread over seeds.
+
+``+sg`` (isae.models.config.SAEConfig.iht_gradient) computes isae-iter's codes, and trains
+on the final codes' FVU with the codes as constants plus the amortised TopK codes' FVU.
 """
 
 from __future__ import annotations

@@ -165,12 +165,18 @@ def test_stop_gradient_name_round_trips_through_a_checkpoint(tmp_path):
     x = torch.randn(30, 12)
     with torch.no_grad():
         assert torch.equal(ck.model.encode(x).idx, m.encode(x).idx)
-    # a checkpoint written before the switch existed (no key) differentiates through its steps
     cfg = json.loads((path / "cfg.json").read_text())
-    del cfg["iht_gradient"]
-    cfg["arch"] = "isae-iter"
+    assert cfg["iht_gradient"] == "final"
+    # every other arch writes no such key (its cfg.json as before the switch existed), and
+    # a cfg.json without it differentiates through its steps
+    plain = checkpoints.save(_model("isae-iter", d=12, n=40, k=3), tmp_path / "plain",
+                             Normalizer(mean=np.zeros(12, dtype=np.float32), scale=1.0))
+    assert "iht_gradient" not in json.loads((plain / "cfg.json").read_text())
+    assert checkpoints.load(plain).model.cfg.iht_gradient == "steps"
+    cfg["arch"] = "isae-iter"  # and a name that contradicts the key is refused
     (path / "cfg.json").write_text(json.dumps(cfg))
-    assert checkpoints.load(path).model.cfg.iht_gradient == "steps"
+    with pytest.raises(UserError, match="iht_gradient"):
+        checkpoints.load(path)
 
 
 def test_stop_gradient_is_decided_by_the_name():

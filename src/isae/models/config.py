@@ -312,7 +312,7 @@ class SAEConfig:
         self.l1_coeff = check_float("l1_coeff", self.l1_coeff, 0.0)
         self.seed = check_int("seed", self.seed, 0, MAX_SEED)
         # Last, once every field has its type: a config cannot contradict its name.
-        why = contradiction(self.arch, self.to_dict())
+        why = contradiction(self.arch, asdict(self))
         if why is not None:
             raise UserError(why)
 
@@ -322,7 +322,13 @@ class SAEConfig:
         return cls(arch=arch, **kw)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as cfg.json keeps them; ``iht_gradient`` only where it is not "steps"
+        (``+sg``), so that the checkpoints of every other architecture keep the keys and
+        bytes they had before the field existed (and are found again as finished runs)."""
+        d = asdict(self)
+        if d["iht_gradient"] == "steps":
+            del d["iht_gradient"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> SAEConfig:
