@@ -88,6 +88,11 @@ SWITCHES: dict[str, tuple[str, object, object]] = {
     "tied": ("tied", True, False),
     "nobias": ("bias", "none", "learned"),
     "iter": ("encoder_steps", 3, 0),
+}
+
+#: Switches that qualify another rather than stand alone (not part of the ablation's "each
+#: switch alone"), in the same form: ``sg`` needs thresholding steps (``iter``) to act on.
+MODIFIERS: dict[str, tuple[str, object, object]] = {
     "sg": ("iht_gradient", "final", "steps"),
 }
 
@@ -138,7 +143,7 @@ def parse_arch(name: str) -> Arch:
     if base is None:
         raise UserError(
             f"unknown arch {name!r}: a preset ({', '.join(PRESETS)}) followed by +switch or "
-            f"-switch ({', '.join(SWITCHES)})"
+            f"-switch ({', '.join([*SWITCHES, *MODIFIERS])})"
         )
     spec = dict(PRESETS[base])
     rest = name[len(base):]
@@ -147,11 +152,12 @@ def parse_arch(name: str) -> Arch:
         if m.start() != pos:
             break
         sign, switch, count = m.groups()
-        if switch not in SWITCHES:
-            raise UserError(f"unknown switch {switch!r} in arch {name!r}; known: {', '.join(SWITCHES)}")
+        known = {**SWITCHES, **MODIFIERS}
+        if switch not in known:
+            raise UserError(f"unknown switch {switch!r} in arch {name!r}; known: {', '.join(known)}")
         if spec["kind"] != "topk":
             raise UserError(f"arch {name!r}: switches apply to TopK-family presets only")
-        fname, on, off = SWITCHES[switch]
+        fname, on, off = known[switch]
         if count:
             if switch != "iter" or sign != "+" or int(count) < 1:
                 raise UserError(
@@ -216,7 +222,7 @@ def steps_hint(name: str, n: int) -> str:
 def arch_help() -> str:
     """What an architecture name may be, in one line (for help texts)."""
     return (f"a preset ({', '.join(PRESETS)}) with optional +switch/-switch "
-            f"({', '.join(SWITCHES)}; +iterN for N thresholding steps, +sg for no gradient "
+            f"({', '.join([*SWITCHES, *MODIFIERS])}; +iterN for N thresholding steps, +sg for no gradient "
             "through them), e.g. topk+signed, isae-tied, isae+iter10 or isae-iter+sg")
 
 
