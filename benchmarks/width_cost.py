@@ -7,7 +7,7 @@ The config files are merged in order, as `snakemake --configfile A B` merges the
 overlay that trims the study can be costed before it is run. Prints, per job the width
 study adds (the config against the same config with width_study.datasets = []): the SAEs
 it trains, their optimiser steps, the GPU seconds they take at the step times below, and
-the seconds of Hungarian matching (CPU) its measure or chance job spends at that width; then
+the seconds of dictionary matching its measure or chance job spends at that width; then
 the totals and the longest new job.
 
 Step times, one SAE alone on one H100, batch 4 096, d 384 (benchmarks/RESULTS.md and the
@@ -23,13 +23,17 @@ small SAEs (0.39 ms alone against 1.48 ms each with four sharing: RESULTS.md), a
 12 288-wide SAE keeps the GPU busy alone, so the GPU seconds add up: the added wall time is
 about their sum, less what overlaps the existing run's idle GPU.
 
-Matching: scipy's linear_sum_assignment on a dense |cos| matrix of two random dictionaries
-(d 384), one thread of the 2-core development machine: 0.17 s at 1 536, 1.16 s at 3 072,
-3.3 s at 6 144, 32.7 s at 12 288 (log-log interpolation between them, the last slope
-beyond). A measure job matches, per arch, every seed pair twice (all latents; live
-latents, fewer when latents die) and, with a truth, every seed once; and every pair of its
-cross-checked archs per seed. A chance job matches 3 kinds x draws per width (twice on a
-synthetic set: against the truth too).
+Matching: isae.analysis.matching.match_dictionaries (the certified sparse assignment) on
+two random dictionaries (d 384), one thread of the 2-core development machine (load 2-4):
+0.14 s at 1 536, 0.40 s at 3 072, 1.38 s at 6 144, 5.35 s at 12 288 (log-log interpolation
+between them, the last slope beyond); pairs of trained dictionaries took 1.0-1.5x a random
+pair's time at 8 192 (benchmarks/RESULTS.md), so a measure job's matchings are costed at
+1.5x. On the CPU: measure jobs on a GPU compute their cosines there, so this overstates
+them. (scipy's dense linear_sum_assignment took 0.17, 1.16, 3.3 and 32.7 s at those sizes.)
+A measure job matches, per arch, every seed pair twice (all latents; live latents, fewer
+when latents die) and, with a truth, every seed once; and every pair of its cross-checked
+archs per seed. A chance job (CPU) matches 3 kinds x draws per width (twice on a synthetic
+set: against the truth too).
 """
 
 from __future__ import annotations
@@ -51,8 +55,10 @@ REPO = Path(__file__).resolve().parents[1]
 TOPK_MS = ((1536, 0.39), (12288, 4096 / 1.57e6 * 1e3))
 #: Step time over topk's, at 12 288 (measured there, assumed at every width).
 RATIO = {"iter": (4096 / 1.03e6) / (4096 / 1.57e6), "untied-signed": (4096 / 0.24e6) / (4096 / 1.57e6)}
-#: Seconds of one Hungarian matching of n x n (scipy, one thread), measured.
-LSA_S = ((1536, 0.17), (3072, 1.16), (6144, 3.3), (12288, 32.7))
+#: Seconds of one n x n matching (match_dictionaries, random pairs, one thread), measured.
+LSA_S = ((1536, 0.14), (3072, 0.40), (6144, 1.38), (12288, 5.35))
+#: A trained pair's matching against a random pair's (at most, at 8 192: RESULTS.md).
+TRAINED = 1.5
 
 
 def topk_ms(width: int) -> float:
@@ -125,7 +131,7 @@ def added_jobs(cfg: dict) -> list[dict]:
         match = 0.0
         if j.rule == "measure":
             g = grid.groups[(ds, j.wildcards["group"])]
-            match = measure_matchings(cfg, g) * lsa_s(g.width)
+            match = measure_matchings(cfg, g) * lsa_s(g.width) * TRAINED
         rows.append(dict(rule=j.rule, what=" ".join(f"{k}={v}" for k, v in j.wildcards.items()),
                          saes=saes, reused=reused, steps=steps, gpu_s=gpu, match_s=match))
     # The chance jobs are the same jobs, with more widths: their added matchings.
