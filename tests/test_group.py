@@ -187,6 +187,9 @@ def test_group_takes_the_topk_family_runs_of_one_shape():
     assert group_runs(runs, tcfg, torch.device("cpu"), grouped=True) is None  # one to group
     assert group_runs([_FakeRun("topk"), _FakeRun("isae")], tcfg, torch.device("cpu"),
                       grouped=False) is None
+    # +sg's undifferentiated thresholding steps are not in the stacked maths: alone
+    assert group_runs([_FakeRun("isae-iter"), _FakeRun("isae-iter+sg")], tcfg,
+                      torch.device("cpu"), grouped=True) is None
 
 
 def _train(acts, archs, seeds, out, grouped, lrs=None, **kw):

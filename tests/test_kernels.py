@@ -120,6 +120,40 @@ CHECKS = textwrap.dedent('''
     # within one bfloat16 step (the interpreter truncates; the GPU test checks rounding)
     assert ((low.float() - W).abs() <= W.abs() * 2.0**-7).all()
 
+    # The two halves of an undifferentiated IHT step against their stock-op fallback (the
+    # maths of the differentiated step): a kept-old row and a kept-new row in each case.
+    def fallback(fn, *a):
+        K.AVAILABLE = False
+        try:
+            return fn(*a)
+        finally:
+            K.AVAILABLE = True
+
+    for B, N, D, k, signed, with_bias in ((9, 70, 40, 5, True, False), (7, 300, 130, 32, False, True)):
+        W = torch.randn(N, D, generator=g)
+        W = (W / W.norm(dim=1, keepdim=True)).bfloat16()
+        x = torch.randn(B, D, generator=g)
+        idx = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(B)])
+        val = torch.randn(B, k, generator=g)
+        val = val if signed else val.abs()
+        bias = 0.1 * torch.randn(D, generator=g) if with_bias else None
+        xh = K.gather_decode(val, idx, W, bias)
+        step, rs = K.iht_eta(x, xh, idx, W, 0.9)
+        step0, rs0 = fallback(K.iht_eta, x, xh, idx, W, 0.9)
+        assert ((step - step0).abs() <= 1e-5 * step0.abs()).all()
+        assert rs.dtype == torch.bfloat16 and ((rs.float() - rs0.float()).abs() <= rs0.float().abs() * 2.0**-7 + 1e-6).all()
+        # the new support keeps half the old latents and draws the rest afresh
+        fresh = [[c for c in torch.randperm(N, generator=g).tolist() if c not in r[: k // 2].tolist()]
+                 for r in idx]
+        new = torch.stack([torch.cat([r[: k // 2], torch.tensor(f[: k - k // 2])]) for r, f in zip(idx, fresh)])
+        step0[0] = 1e3  # a step far too long: row 0 keeps its old codes
+        got = K.iht_update(x, xh, val, idx, new, step0, W, bias, signed)
+        want = fallback(K.iht_update, x, xh, val, idx, new, step0, W, bias, signed)
+        assert torch.equal(got[1], want[1]), (got[1], want[1])
+        assert (got[0] - want[0]).abs().max() < 1e-4 and (got[2] - want[2]).abs().max() < 1e-4
+        kept_new = (want[1] == new).all(1)
+        assert not kept_new[0] and kept_new.any(), kept_new
+
     # Whole models: here the fast op set runs the interpreted kernels (few rows: it is slow).
     from opsets import OP_SETS, check_against_float64
     from isae.models.config import SAEConfig
@@ -131,6 +165,21 @@ CHECKS = textwrap.dedent('''
         for arch in ("topk", "isae-iter"):
             cfg = SAEConfig.from_arch(arch, d_in=16, d_sae=130, k=4, seed=1)
             check_against_float64(SparseCoder(cfg, ops=ops()), name, x, dead)
+    # +sg: its fused steps against the differentiated ones. Each half of a step equals its
+    # stock counterpart to rounding (above), but the correlation is read at bfloat16
+    # resolution, and the interpreter truncates the scaled residual where torch rounds it
+    # (half its entries here; the GPU rounds both ways alike): near-tied scores reorder and
+    # a few rows take another support (2 of 48 after three steps). The gradients of +sg
+    # use no new kernel; tests/test_fast_cpu.py checks them against float64.
+    full = SparseCoder(SAEConfig.from_arch("isae-iter", d_in=16, d_sae=130, k=4, seed=1),
+                       ops=OP_SETS["fast"]())
+    sg = SparseCoder(SAEConfig.from_arch("isae-iter+sg", d_in=16, d_sae=130, k=4, seed=1),
+                     ops=OP_SETS["fast"]())
+    with torch.no_grad():
+        a, b = full(x), sg(x)
+    same_rows = (a.codes.idx.sort(1).values == b.codes.idx.sort(1).values).all(1)
+    assert same_rows.float().mean() > 0.9, same_rows
+    assert abs(float(a.fvu) - float(b.fvu)) < 0.05 * float(a.fvu)
     print("kernels ok")
 ''')
 

@@ -61,6 +61,7 @@ wildcard_constraints:
     seed=r"\d+",
     seed_a=r"\d+",
     seed_b=r"\d+",
+    width=r"\d+",
 
 
 #: The software of all jobs (the `conda` directive): the project's one environment, the
@@ -143,18 +144,61 @@ def true_k() -> dict:
 # ----------------------------------------------------------------------------- inputs
 
 
+def lr_output(name: str, width: int, key: str) -> str:
+    """An output (choice, table, ckpts) of a dataset's lr sweep at ``width``: the main
+    sweep's at the main width, the width axis's second sweep's elsewhere."""
+    if width == DATASETS[name]["train"]["width"]:
+        return getattr(rules.lr_sweep.output, key).format(dataset=name)
+    return getattr(rules.lr_sweep_width.output, key).format(dataset=name, width=width)
+
+
+def lr_width(wildcards) -> int | None:
+    """The swept width whose rates the group trains at (the nearest to its own)."""
+    return study_grid.lr_width_of(
+        config, GRID, wildcards.dataset, group_of(wildcards).width
+    )
+
+
 def lr_runs(wildcards) -> list:
-    """The lr sweep's checkpoints of the group's dataset, which the main group reuses."""
-    if not has_lr_sweep(wildcards.dataset):
+    """The checkpoints of the lr sweep at the group's width, which the group reuses."""
+    w = lr_width(wildcards)
+    if w is None or w != group_of(wildcards).width:
         return []
-    return [rules.lr_sweep.output.ckpts.format(dataset=wildcards.dataset)]
+    return [lr_output(wildcards.dataset, w, "ckpts")]
 
 
 def lr_choice(wildcards) -> list:
-    """The lr sweep's choice file of the group's dataset (none without a sweep)."""
-    if not has_lr_sweep(wildcards.dataset):
-        return []
-    return [rules.lr_sweep.output.choice.format(dataset=wildcards.dataset)]
+    """The choice file of the lr sweep nearest to the group's width (none without a sweep):
+    isae train carries its rates to the group's width."""
+    w = lr_width(wildcards)
+    return [] if w is None else [lr_output(wildcards.dataset, w, "choice")]
+
+
+def width_lr_sweeps() -> list:
+    """Wildcards (dataset, width) of the width axis's second lr sweeps."""
+    return [
+        {"dataset": n, "width": w}
+        for n in DATASETS
+        for w in study_grid.lr_sweep_widths(config, GRID, n)[1:]
+    ]
+
+
+def width_lr_sweep_flags(wildcards) -> str:
+    return plan.cli_flags(
+        plan.width_lr_sweep_options(
+            config, GRID, wildcards.dataset, int(wildcards.width)
+        )
+    )
+
+
+def width_lr_tables(wildcards) -> list:
+    return [rules.lr_sweep_width.output.table.format(**w) for w in width_lr_sweeps()]
+
+
+def chance_widths(wildcards) -> str:
+    """--width flags of the dataset's chance levels: every width its SAEs have."""
+    widths = study_grid.dataset_widths(config, GRID, wildcards.dataset)
+    return " ".join(f"--width {w}" for w in widths)
 
 
 def measure_tables(name: str):
@@ -210,6 +254,7 @@ def run_artifacts(wildcards) -> list:
         for n in DATASETS
         if has_lr_sweep(n)
     ]
+    out += [rules.lr_sweep_width.output.choice.format(**w) for w in width_lr_sweeps()]
     out += [rules.train.output.ckpts.format(**g.wildcards()) for g in GROUPS.values()]
     out += measure_tables("runs")(wildcards) + fidelity_tables(wildcards)
     out += chance_tables(wildcards)

@@ -13,6 +13,8 @@ Small kernels, each replacing a stock op that dominated the training step on an 
 * ``Segments``: out[n] = sum over (b, j) with idx[b, j] = n of w[b, j] src[b]: the weight
   gradients of a k-sparse map as one sparse (CSR) x dense product over latents sorted once,
   instead of a dense [B, N] scatter and a B x N x D matmul; ``reduce_into`` accumulates.
+* ``iht_eta`` / ``iht_update``: the two halves of an IHT step without gradient (``+sg``),
+  each one pass over a row, around the dense correlation and its top-k.
 * One-pass elementwise work of a step: ``fvu_parts``, ``scale``, ``sub_cast``,
   ``keep_where``, and the decoder's row constraint (``project_rows_``, ``normalize_rows_``).
 * ``adam_rows_``: Adam over M stacked models, each with its own learning rate (a group
@@ -535,6 +537,154 @@ def topk_mask_rows(src: Tensor, k: int, signed: bool, valid: Tensor) -> Tensor:
                                 k, max(B // groups, 1), SIGNED=signed, SHIFT=16 if src.dtype == torch.bfloat16 else 0,
                                 BLOCK=block, ONE=C <= block, num_warps=8 if block >= 2048 else 4)
     return out
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _iht_eta_kernel(x, xh, idx, W, step, rs, D, scale, K: tl.constexpr, KP: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+        # One row: r = x - x_hat; g = <r, W_j> on the support; eta = scale ||g||^2 / ||g W||^2;
+        # then r * eta in bfloat16 (the correlation's left side).
+        row = tl.program_id(0).to(tl.int64)
+        kk = tl.arange(0, KP)
+        km = kk < K
+        j = tl.load(idx + row * K + kk, mask=km, other=0)
+        g = tl.zeros([KP], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d < D
+            r = (tl.load(x + row * D + d, mask=dm, other=0.0)
+                 - tl.load(xh + row * D + d, mask=dm, other=0.0))
+            w = tl.load(W + j[:, None] * D + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+            g += tl.sum(w.to(tl.float32) * r[None, :], axis=1)
+        sq = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d < D
+            w = tl.load(W + j[:, None] * D + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+            dg = tl.sum(w.to(tl.float32) * g[:, None], axis=0)
+            sq += dg * dg
+        eta = tl.sum(g * g, axis=0) / tl.maximum(tl.sum(sq, axis=0), 1e-12) * scale
+        tl.store(step + row, eta)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d < D
+            r = (tl.load(x + row * D + d, mask=dm, other=0.0)
+                 - tl.load(xh + row * D + d, mask=dm, other=0.0))
+            tl.store(rs + row * D + d, (r * eta).to(rs.dtype.element_ty, fp_downcast_rounding="rtne"),
+                     mask=dm)
+
+    @triton.jit
+    def _iht_update_kernel(x, xh, val, idx, nidx, step, W, bias, out_val, out_idx, out_xh, D,
+                           K: tl.constexpr, KP: tl.constexpr, BLOCK_D: tl.constexpr,
+                           SIGNED: tl.constexpr, BIAS: tl.constexpr):
+        # One row: the new support's values (old value where the latent was there already,
+        # plus eta <r, W_j>), their decode, and whichever of new and old reconstructs x better.
+        row = tl.program_id(0).to(tl.int64)
+        kk = tl.arange(0, KP)
+        km = kk < K
+        j_old = tl.load(idx + row * K + kk, mask=km, other=-1)
+        v_old = tl.load(val + row * K + kk, mask=km, other=0.0)
+        j = tl.load(nidx + row * K + kk, mask=km, other=0)
+        eta = tl.load(step + row)
+        c = tl.zeros([KP], dtype=tl.float32)
+        e_old = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d < D
+            r = (tl.load(x + row * D + d, mask=dm, other=0.0)
+                 - tl.load(xh + row * D + d, mask=dm, other=0.0))
+            e_old += r * r
+            w = tl.load(W + j[:, None] * D + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+            c += tl.sum(w.to(tl.float32) * r[None, :], axis=1)
+        same = (j[:, None] == j_old[None, :]) & km[:, None]  # padding (-1) matches nothing
+        v = tl.sum(tl.where(same, v_old[None, :], 0.0), axis=1) + eta * c
+        if not SIGNED:
+            v = tl.maximum(v, 0.0)
+        v = tl.where(km, v, 0.0)
+        e_new = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d < D
+            w = tl.load(W + j[:, None] * D + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+            xn = tl.sum(w.to(tl.float32) * v[:, None], axis=0)
+            if BIAS:
+                xn += tl.load(bias + d, mask=dm, other=0.0)
+            e = tl.load(x + row * D + d, mask=dm, other=0.0) - xn
+            e_new += tl.where(dm, e * e, 0.0)
+            tl.store(out_xh + row * D + d, xn, mask=dm)
+        if tl.sum(e_new, axis=0) <= tl.sum(e_old, axis=0):
+            tl.store(out_val + row * K + kk, v, mask=km)
+            tl.store(out_idx + row * K + kk, j, mask=km)
+        else:
+            tl.store(out_val + row * K + kk, v_old, mask=km)
+            tl.store(out_idx + row * K + kk, j_old, mask=km)
+            tl.debug_barrier()  # the new decode's stores above come first
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                dm = d < D
+                tl.store(out_xh + row * D + d, tl.load(xh + row * D + d, mask=dm, other=0.0),
+                         mask=dm)
+
+
+def _iht_block(D: int, K: int) -> int:
+    """Columns per pass of the IHT row kernels: [K, BLOCK_D] of the table in registers."""
+    return max(16, min(_pow2(D), 4096 // _pow2(K), 256))
+
+
+def iht_eta(x: Tensor, x_hat: Tensor, idx: Tensor, W: Tensor, scale: float
+            ) -> tuple[Tensor, Tensor]:
+    """The first half of an IHT step without gradient, for [B, D] float32 x and x_hat, the
+    support idx [B, K] and the bfloat16 table W [N, D]: (eta [B, 1] float32, the bfloat16
+    scaled residual (x - x_hat) eta [B, D]), eta = scale ||g||^2 / ||g W_S||^2 for
+    g = (x - x_hat) W_S^T (reference.iht_eta). One pass over each row where the stock ops
+    take seven kernels."""
+    B, K = idx.shape
+    D = W.shape[1]
+    if not (usable(W) and x.dtype == x_hat.dtype == torch.float32):
+        r = x - x_hat
+        g_S = gather_dot(r, idx, W)
+        step = reference.iht_eta(g_S, gather_decode(g_S, idx, W), scale)
+        return step, (r * step).to(W.dtype)
+    step = torch.empty(B, 1, device=W.device, dtype=torch.float32)
+    rs = torch.empty(B, D, device=W.device, dtype=W.dtype)
+    if B:
+        _iht_eta_kernel[(B,)](x.contiguous(), x_hat.contiguous(), idx.contiguous(), W.contiguous(),
+                              step, rs, D, float(scale), K=K, KP=_pow2(K),
+                              BLOCK_D=_iht_block(D, K), num_warps=4)
+    return step, rs
+
+
+def iht_update(x: Tensor, x_hat: Tensor, val: Tensor, idx: Tensor, new_idx: Tensor, step: Tensor,
+               W: Tensor, bias: Tensor | None, signed: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The second half of an IHT step without gradient: on the new support ``new_idx`` [B, K]
+    the values old + step <x - x_hat, W_j> (the old value where j was in ``idx`` already,
+    ReLU unless signed), their decode (+ bias), and per row the new codes where they
+    reconstruct x no worse than the old ones (reference.keep_better).
+    -> (val [B, K] float32, idx [B, K], reconstruction [B, D] float32)."""
+    B, K = idx.shape
+    D = W.shape[1]
+    if not (usable(W) and x.dtype == x_hat.dtype == val.dtype == torch.float32):
+        same = (new_idx.unsqueeze(-1) == idx.unsqueeze(-2)).to(val.dtype)
+        v = (same @ val.unsqueeze(-1)).squeeze(-1) + step * gather_dot(x - x_hat, new_idx, W)
+        if not signed:
+            v = torch.relu(v)
+        x_new = gather_decode(v, new_idx, W, bias)
+        kept, x_kept = reference.keep_better(x, x_hat, reference.Codes(val, idx),
+                                             reference.Codes(v, new_idx), x_new)
+        return kept.val, kept.idx, x_kept
+    out_val = torch.empty(B, K, device=W.device, dtype=torch.float32)
+    out_idx = torch.empty(B, K, device=W.device, dtype=idx.dtype)
+    out_xh = torch.empty(B, D, device=W.device, dtype=torch.float32)
+    if B:
+        _iht_update_kernel[(B,)](
+            x.contiguous(), x_hat.contiguous(), val.contiguous(), idx.contiguous(),
+            new_idx.contiguous(), step.contiguous(), W.contiguous(),
+            out_xh if bias is None else bias.float().contiguous(), out_val, out_idx, out_xh, D,
+            K=K, KP=_pow2(K), BLOCK_D=_iht_block(D, K), SIGNED=signed, BIAS=bias is not None,
+            num_warps=4)
+    return out_val, out_idx, out_xh
 
 
 def fvu_parts(x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -84,6 +84,9 @@ class Ops(Protocol):
     def iht_step(self, x: Tensor, x_hat: Tensor, codes: Codes, w: Weights, k: int, signed: bool,
                  scale: float) -> tuple[Codes, Tensor | None]: ...
 
+    def iht_final(self, x: Tensor, codes: Codes, x_hat: Tensor, w: Weights, k: int, signed: bool,
+                  scale: float, steps: int) -> tuple[Codes, Tensor | None]: ...
+
     def fvu(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]: ...
 
     def auxk_loss(self, err: Tensor, pre: Tensor, aux_codes: Tensor | None, aux: AuxLatents,

@@ -44,6 +44,9 @@ class ForwardOutput(NamedTuple):
     """Scalar AuxK loss on dead latents (0 when none are dead or not topk)."""
     l1: Tensor
     """Scalar decoder-norm-weighted L1 of the codes (relu; 0 otherwise)."""
+    fvu_amortised: Tensor | None = None
+    """Scalar FVU of the amortised TopK codes before the thresholding steps, a loss term of
+    its own where the steps are not differentiated (``+sg``); None otherwise."""
 
 
 def topk_select(pre: Tensor, k: int, signed: bool) -> Codes:
@@ -222,6 +225,20 @@ class ReferenceOps:
         u = (g * step).scatter_add(-1, codes.idx, codes.val)
         new = topk_select(u, k, signed)
         return keep_better(x, x_hat, codes, new, self.decode(new, w))[0], None
+
+    def iht_final(self, x: Tensor, codes: Codes, x_hat: Tensor, w: Weights, k: int, signed: bool,
+                  scale: float, steps: int) -> tuple[Codes, Tensor | None]:
+        """``steps`` IHT steps from the amortised ``codes`` (reconstruction ``x_hat``) without
+        gradient: the codes of the same steps differentiated, as constants for the decoder
+        (SAEConfig.iht_gradient). No reconstruction: the caller decodes the final codes
+        with gradient."""
+        with torch.no_grad():
+            codes, x_hat = Codes(codes.val.detach(), codes.idx), x_hat.detach()
+            for _ in range(steps):
+                if x_hat is None:
+                    x_hat = self.decode(codes, w)
+                codes, x_hat = self.iht_step(x, x_hat, codes, w, k, signed, scale)
+        return codes, None
 
     def fvu(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
         return fvu(x, x_hat)

@@ -52,12 +52,19 @@ from isae.models.sparse_coder import SparseCoder
 
 #: The config fields that must agree for coders to stack (the seed may differ).
 STACKED_FIELDS = ("d_in", "d_sae", "k", "kind", "signed", "tied", "bias", "encoder_steps",
-                  "iht_step")
+                  "iht_step", "iht_gradient")
 
 
 def stack_key(cfg) -> tuple:
     """What coders must share to stack into one model: shape and switches."""
     return tuple(getattr(cfg, f) for f in STACKED_FIELDS)
+
+
+def stacks(cfg) -> bool:
+    """Whether a coder of this config can join a stacked model: the TopK family, its
+    thresholding steps differentiated (``+sg``'s undifferentiated steps, with their loss on
+    the amortised codes, are not in the stacked maths yet: such a run trains alone)."""
+    return cfg.kind == "topk" and not (cfg.encoder_steps and cfg.iht_gradient == "final")
 
 
 class StackedOutput(NamedTuple):
@@ -290,8 +297,8 @@ class StackedCoder(nn.Module):
         if not coders:
             raise ValueError("no coders to stack")
         cfg = coders[0].cfg
-        if cfg.kind != "topk":
-            raise ValueError(f"only the TopK family stacks, not {cfg.kind}")
+        if not stacks(cfg):
+            raise ValueError(f"{cfg.arch} does not stack (see stacks)")
         for c in coders[1:]:
             if stack_key(c.cfg) != stack_key(cfg):
                 raise ValueError(f"cannot stack {c.cfg.arch} with {cfg.arch}: other shape or switches")

@@ -33,7 +33,14 @@ from torch import Tensor
 from isae.models.compute import grouped_training
 from isae.models.config import TrainConfig
 from isae.models.reference import Codes
-from isae.models.stacked import StackedCoder, StackedOps, local, select_stacked_ops, stack_key
+from isae.models.stacked import (
+    StackedCoder,
+    StackedOps,
+    local,
+    select_stacked_ops,
+    stack_key,
+    stacks,
+)
 from isae.training.steppers import EachRun, Run
 
 
@@ -264,7 +271,7 @@ def group_runs(runs: list, tcfg: TrainConfig, device: torch.device,
         grouped = grouped_training(device)
     if not grouped:
         return None
-    topk = [r for r in runs if r.cfg.kind == "topk"]
+    topk = [r for r in runs if stacks(r.cfg)]
     if not topk:
         return None
     shape = (topk[0].cfg.d_sae, topk[0].cfg.k)
