@@ -19,6 +19,11 @@ can be varied alone:
   --schedule S           isae: constant then linear decay over the last 20 %;
                          sparsify: linear decay from the warmup to 0
   --warmup-frac W        the linear warmup's share of the steps (ours 0.02)
+  --optimizer O          adam (ours); lazy-adam: a latent's parameters and Adam moments
+                         stay as they are on a step where it takes no part (no gradient)
+  --beta2 B              Adam's second-moment decay (ours 0.999)
+  --multi-topk W         add W x the FVU of the top-4k decode (Gao et al.'s Multi-TopK;
+                         sparsify's weight is 1/8)
 
 It prints one JSON line per evaluation (dead % on the first --eval-rows held-out rows, the
 training FVU) and a final line with dead % and FVU on every held-out row. The findings are
@@ -61,6 +66,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--init", default="random")
     p.add_argument("--schedule", choices=("isae", "sparsify"), default="isae")
     p.add_argument("--warmup-frac", type=float, default=0.02)
+    p.add_argument("--optimizer", choices=("adam", "lazy-adam"), default="adam")
+    p.add_argument("--beta2", type=float, default=0.999)
+    p.add_argument("--multi-topk", type=float, default=0.0,
+                   help="weight of Gao et al.'s Multi-TopK term, the FVU of the top 4k "
+                        "latents' decode (sparsify: 1/8; 0: off)")
     p.add_argument("--pca", type=int, default=0,
                    help="project the rows onto their top PCA directions (0: keep all d); "
                         "a cheap stand-in of the same data at a smaller d")
@@ -85,6 +95,38 @@ def heldout(model: SparseCoder, X: torch.Tensor, chunk: int = 4096) -> tuple[flo
         sse += float((x - model.decode(c)).double().pow(2).sum())
     var = float((X.double() - X.double().mean(0)).pow(2).sum())
     return 1.0 - fired.float().mean().item(), sse / var
+
+
+def _latent_slices(model: SparseCoder) -> list[tuple[torch.Tensor, int]]:
+    """(parameter, the dimension that indexes latents) for every per-latent parameter."""
+    out = [(model.W_dec, 0)]
+    if model.W_enc is not None:
+        out.append((model.W_enc, 1))
+    if isinstance(model.b_enc, torch.nn.Parameter):
+        out.append((model.b_enc, 0))
+    return out
+
+
+def lazy_step(model: SparseCoder, opt: torch.optim.Optimizer) -> None:
+    """Adam's step, undone for the latents that took no part in this step (an all-zero
+    gradient in W_dec's row): their parameters and both moments stay as they were, so a
+    latent that fires rarely is not moved by stale momentum, nor kicked by a second moment
+    that decayed while it was silent."""
+    idle = model.W_dec.grad.abs().sum(1) == 0
+    if model.W_enc is not None:
+        idle &= model.W_enc.grad.abs().sum(0) == 0
+    saved = []
+    for p, dim in _latent_slices(model):
+        st = opt.state.get(p, {})
+        keep = [p.data] + [st[k] for k in ("exp_avg", "exp_avg_sq") if k in st]
+        saved.append((dim, keep, [t.index_select(dim, idle.nonzero().squeeze(1)).clone()
+                                  for t in keep]))
+    opt.step()
+    rows = idle.nonzero().squeeze(1)
+    for dim, keep, old in saved:
+        for t, o in zip(keep, old):
+            if t.shape[dim] == len(idle) and len(o.shape) == len(t.shape):
+                t.index_copy_(dim, rows, o)
 
 
 def project(X: torch.Tensor, H: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +179,7 @@ def main(argv=None) -> None:
     tcfg = TrainConfig(tokens=args.tokens, batch_size=args.batch_size,
                        warmup_frac=args.warmup_frac)
     lr = args.lr_factor * tcfg.learning_rate(args.width)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, args.beta2))
     steps = tcfg.total_steps()
     k_aux_nominal = args.k_aux or max(d // 2, 1)
     since = torch.zeros(args.width, dtype=torch.long)
@@ -182,10 +224,16 @@ def main(argv=None) -> None:
                 total = (x - x.mean(0)).pow(2).sum()
                 aux = min(n_dead / k_aux_nominal, 1.0) * (e_hat - err.detach()).pow(2).sum() / total
         loss = loss_fvu + args.auxk_alpha * aux
+        if args.multi_topk:
+            wide = topk_select(pre, 4 * args.k, model.cfg.signed)
+            loss = loss + args.multi_topk * fvu(x, sparse_decode(wide, model.W_dec) + model.b_dec)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         model.project_decoder_grad()
-        opt.step()
+        if args.optimizer == "lazy-adam":
+            lazy_step(model, opt)
+        else:
+            opt.step()
         model.normalize_decoder()
         with torch.no_grad():
             fires = torch.zeros(args.width, dtype=torch.long)

@@ -20,10 +20,11 @@ def reconstruction_metrics(ckpt: Checkpoint, acts: ActivationSet, batch_size: in
 
 
 @torch.no_grad()
-def reconstruction_and_fired(ckpt: Checkpoint, acts: ActivationSet, batch_size: int = 4096
-                             ) -> tuple[dict, torch.Tensor]:
+def reconstruction_and_fired(ckpt: Checkpoint, acts: ActivationSet, batch_size: int = 4096,
+                             max_rows: int | None = None) -> tuple[dict, torch.Tensor]:
     """(reconstruction_metrics' dict, [N] bool CPU mask of the latents that fired on some
-    held-out row: the live latents, whose complement is ``dead_frac``)."""
+    held-out row: the live latents, whose complement is ``dead_frac``). ``max_rows``: the
+    first held-out rows only (None: all)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"--batch-size must be a positive integer, not {batch_size!r}")
     if acts.d != ckpt.d_in:
@@ -36,8 +37,15 @@ def reconstruction_and_fired(ckpt: Checkpoint, acts: ActivationSet, batch_size: 
     s2 = 0.0
     nnz = 0
     fired = torch.zeros(ckpt.d_sae, dtype=torch.bool, device=dev)
-    with progress(acts.meta.get("heldout_rows"), desc="eval held-out rows", unit="row") as bar:
+    total = acts.meta.get("heldout_rows")
+    if max_rows is not None and total is not None:
+        total = min(total, max_rows)
+    with progress(total, desc="eval held-out rows", unit="row") as bar:
         for part in acts.iter_shards("heldout"):
+            if max_rows is not None:
+                if n >= max_rows:
+                    break
+                part = {"x": part["x"][: max_rows - n]}
             for i in range(0, len(part["x"]), batch_size):
                 x = ckpt.normalize(torch.from_numpy(part["x"][i : i + batch_size]).to(dev))
                 codes = model.encode(x)

@@ -344,6 +344,8 @@ class SAEConfig:
 
 BASE_LR = 8e-4
 """The default learning rate at width 2^14; it scales as 1 / sqrt(width) (TrainConfig.lr)."""
+SPARSIFY_BASE_LR = 2e-4
+"""EleutherAI sparsify's (and Gao et al.'s) Adam rate at width 2^14, scaled the same way."""
 LOG_ROWS = 200
 """Rows of train_log.parquet a run writes when log_every is left at None."""
 
@@ -360,9 +362,12 @@ class TrainConfig:
     true dictionary better than 2048 or 4096 at the same lr and as well as 512 at half the
     steps. A larger batch wants a higher lr."""
     lr: float | None = None
-    """Adam learning rate; None = 8e-4 / sqrt(width / 16384), 4 x the width-scaled rate of
-    Gao et al. / sparsify: in benchmarks/defaults_sweep.py 4 x beat 1 x for topk and isae
-    on every shape, and was the most robust of 1, 4, 8 and 16 x."""
+    """Adam learning rate; None = base_lr / sqrt(width / 16384)."""
+    base_lr: float = BASE_LR
+    """The rate at width 16384 that an unset lr scales by 1 / sqrt(width / 16384). 8e-4 is
+    4 x the width-scaled rate of Gao et al. / sparsify (2e-4): in benchmarks/defaults_sweep.py
+    4 x beat 1 x for topk and isae on every shape, and was the most robust of 1, 4, 8 and
+    16 x."""
     warmup_frac: float = 0.02
     """Fraction of steps with a linear learning-rate warmup."""
     decay: str = field(default="linear", metadata={"choices": ("linear", "cosine", "constant")})
@@ -371,6 +376,11 @@ class TrainConfig:
     held-out FVU; cosine was worse on both."""
     auxk_alpha: float = 1 / 32
     """Weight of the AuxK loss on dead latents (topk kind)."""
+    auxk_norm: str = field(default="residual", metadata={"choices": ("residual", "input")})
+    """What AuxK's squared error is divided by. residual (Gao et al.): the residual's own
+    variance, so AuxK is the FVU of the residual by the dead latents' decode; input
+    (EleutherAI sparsify): the batch's total variance, times min(dead / k_aux, 1), a weight
+    that falls as the coder improves and when few latents are dead."""
     dead_tokens: int = 200_000
     """A latent that has not fired for this many training rows counts as dead."""
     shuffle_buffer: int = 65536
@@ -412,7 +422,10 @@ class TrainConfig:
         self.warmup_frac = check_float("--warmup-frac", self.warmup_frac, 0.0, 1.0)
         if self.decay not in choices(TrainConfig, "decay"):
             raise UserError(f"decay must be linear, cosine or constant, not {self.decay!r}")
+        self.base_lr = check_float("--base-lr", self.base_lr, 0.0, lo_open=True)
         self.auxk_alpha = check_float("--auxk-alpha", self.auxk_alpha, 0.0)
+        if self.auxk_norm not in choices(TrainConfig, "auxk_norm"):
+            raise UserError(f"auxk_norm must be residual or input, not {self.auxk_norm!r}")
         self.dead_tokens = check_int("--dead-tokens", self.dead_tokens, 1)
         self.shuffle_buffer = check_int("--shuffle-buffer", self.shuffle_buffer, 1)
         if self.log_every is not None:  # None: about LOG_ROWS rows, whatever the length
@@ -426,6 +439,13 @@ class TrainConfig:
             raise UserError(f"data_on_device must be auto, always or never, not {self.data_on_device!r}")
         if not 0 < self.data_memory_fraction <= 1:
             raise UserError(f"data_memory_fraction must be in (0, 1], not {self.data_memory_fraction}")
+
+    @classmethod
+    def from_recipe(cls, recipe: str, **fields) -> TrainConfig:
+        """The settings of a named recipe (RECIPES), then ``fields`` over them."""
+        if recipe not in RECIPES:
+            raise UserError(f"unknown training recipe {recipe!r}; known: {', '.join(RECIPES)}")
+        return cls(**{**RECIPES[recipe], **fields})
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -450,7 +470,24 @@ class TrainConfig:
 
     def learning_rate(self, d_sae: int) -> float:
         """The Adam learning rate for a coder of ``d_sae`` latents (see ``lr``)."""
-        return self.lr if self.lr is not None else BASE_LR / (d_sae / 2**14) ** 0.5
+        return self.lr if self.lr is not None else self.base_lr / (d_sae / 2**14) ** 0.5
+
+
+#: Training recipes: a recipe is data, the TrainConfig fields it sets (the rest keep their
+#: defaults). What each does to dead latents at 32 x d is measured in benchmarks/RESULTS.md
+#: ("Dead latents at 32 x d") and by benchmarks/width_bench.py.
+RECIPES: dict[str, dict] = {
+    # isae train's defaults.
+    "isae": {},
+    # AuxK on every latent silent for 20 000 rows, not 200 000: at the study's rates, wide
+    # coders leave many latents firing once in 20 000 to 200 000 rows, alive to a 200 000-row
+    # window and never seen on 100 000 held-out rows; AuxK then pulls them back in.
+    "live": {"dead_tokens": 20_000},
+    # EleutherAI sparsify's Adam recipe: its rate, its AuxK normalisation and its 10 M-row
+    # dead window (k_aux d / 2, auxk_alpha 1 / 32 and the unit-norm decoder with its
+    # gradient projection are isae's too).
+    "sparsify": {"base_lr": SPARSIFY_BASE_LR, "dead_tokens": 10_000_000, "auxk_norm": "input"},
+}
 
 
 def carry_lr(lr: float, from_width: int, to_width: int) -> float:

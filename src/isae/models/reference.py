@@ -91,6 +91,28 @@ def auxk_select(pre: Tensor, dead: Tensor, k: int, signed: bool) -> Codes:
     return Codes(val, idx)
 
 
+def auxk_weight(alpha: float, norm: str, x: Tensor, x_hat: Tensor, dead: Tensor | None,
+                k_aux: int) -> float | Tensor:
+    """AuxK's weight in the loss FVU + weight x AuxK, where AuxK is the FVU of the residual
+    x - x_hat by the dead latents' decode (auxk_loss).
+
+    ``norm`` residual (Gao et al.): ``alpha``. ``norm`` input (EleutherAI sparsify):
+    alpha x ||r - mean(r)||^2 / ||x - mean(x)||^2 x min(n_dead / k_aux, 1), r = x - x_hat,
+    so that weight x AuxK is sparsify's loss alpha x min(n_dead / k_aux, 1) x
+    ||r - e_hat||^2 / ||x - mean(x)||^2. A tensor then (no host sync: CUDA graphs record
+    it), with no gradient. (x, x_hat: [B, D]; dead: [N] bool or None; k_aux: AuxK's k before
+    it is clipped to the number of dead latents, d_in / 2.)"""
+    if norm == "residual" or dead is None:
+        return alpha
+    if norm != "input":
+        raise ValueError(f"unknown AuxK normalisation {norm!r}")
+    with torch.no_grad():
+        r = x - x_hat
+        ratio = (r - r.mean(0)).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        few = (dead.sum() / k_aux).clamp(max=1.0)
+        return alpha * ratio * few
+
+
 def iht_eta(g_S: Tensor, Dg: Tensor, scale: float) -> Tensor:
     """The step size of an IHT step, [B, 1]: ||g_S||^2 / ||g_S D_S||^2 on the current support
     (Blumensath & Davies 2010), times ``scale``."""

@@ -19,6 +19,7 @@ import torch
 from isae.models.compute import Ops
 from isae.models.config import SAEConfig, TrainConfig
 from isae.models.dictionary_learning import DLStepper
+from isae.models.reference import auxk_weight
 from isae.models.sparse_coder import Codes, SparseCoder
 
 
@@ -67,7 +68,9 @@ class SAEStepper:
     def _body(self, x: torch.Tensor, dead: torch.Tensor | None, aux_width: int | None) -> dict:
         model = self.model
         out = model(x, dead=dead, aux_width=aux_width)
-        loss = model.loss(x, out, self.tcfg.auxk_alpha)
+        alpha = auxk_weight(self.tcfg.auxk_alpha, self.tcfg.auxk_norm, x, out.x_hat, dead,
+                            max(model.cfg.d_in // 2, 1))
+        loss = model.loss(x, out, alpha)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         model.project_decoder_grad()

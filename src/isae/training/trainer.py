@@ -411,11 +411,20 @@ def identical_checkpoints(
     return out
 
 
+#: Settings added after checkpoints were first written: recorded only where they differ
+#: from their default, so that a checkpoint trained before they existed keeps its record.
+_LATER_SETTINGS = ("base_lr", "auxk_norm")
+
+
 def _train_fingerprint(tcfg: TrainConfig) -> dict:
     """The training settings that change the result (not the device or logging cadence)."""
     keep = ("tokens", "batch_size", "lr", "warmup_frac", "decay", "auxk_alpha", "dead_tokens",
             "shuffle_buffer", "seed")
-    return {k: getattr(tcfg, k) for k in keep}
+    out = {k: getattr(tcfg, k) for k in keep}
+    default = TrainConfig()
+    out.update({k: getattr(tcfg, k) for k in _LATER_SETTINGS
+                if getattr(tcfg, k) != getattr(default, k)})
+    return out
 
 
 def _load_resume(rdir: Path, fingerprint: dict, activations, n_runs: int,

@@ -1,0 +1,102 @@
+"""Training recipes (isae.models.config.RECIPES) and sparsify's AuxK normalisation: the
+weighted AuxK term against sparsify's formula in float64, the recipes' settings and the
+training record of a run (unchanged for the defaults)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from isae.errors import UserError
+from isae.models.config import BASE_LR, RECIPES, SAEConfig, TrainConfig
+from isae.models.reference import auxk_weight
+from isae.models.sparse_coder import SparseCoder
+from isae.training.trainer import SAEStepper, _train_fingerprint
+
+
+def _sparsify_auxk(x, model, dead, alpha):
+    """EleutherAI sparsify's AuxK term, written out in float64 from its definition: the top
+    d/2 ReLU pre-activations among the dead latents decode the residual e = x - x_hat; the
+    loss is alpha min(n_dead / (d/2), 1) ||e_hat - e||^2 / ||x - mean(x)||^2."""
+    X = x.double()
+    W_enc = model.encoder_weight.detach().double()
+    W_dec = model.W_dec.detach().double()
+    b_dec, b_enc = model.b_dec.detach().double(), model.b_enc.detach().double()
+    pre = torch.relu((X - b_dec) @ W_enc + b_enc)
+    val, idx = pre.topk(model.cfg.k, dim=-1)
+    x_hat = torch.zeros_like(X).index_add_(0, torch.arange(len(X)).repeat_interleave(model.cfg.k),
+                                           val.reshape(-1, 1) * W_dec[idx.reshape(-1)]) + b_dec
+    e = X - x_hat
+    k_aux_nominal = X.shape[1] // 2
+    n_dead = int(dead.sum())
+    k_aux = min(k_aux_nominal, n_dead)
+    masked = torch.where(dead, pre, torch.full_like(pre, -1.0))
+    aval, aidx = masked.topk(k_aux, dim=-1)
+    e_hat = (aval.unsqueeze(-1) * W_dec[aidx]).sum(1)
+    total = (X - X.mean(0)).pow(2).sum()
+    return alpha * min(n_dead / k_aux_nominal, 1.0) * float((e_hat - e).pow(2).sum() / total)
+
+
+@pytest.mark.parametrize("n_dead", [3, 40])  # fewer than d / 2 = 8 dead, and more
+def test_input_normalised_auxk_is_sparsifys_loss(n_dead):
+    torch.manual_seed(0)
+    cfg = SAEConfig.from_arch("topk", d_in=16, d_sae=64, k=4, seed=1)
+    model = SparseCoder(cfg)
+    with torch.no_grad():
+        model.b_dec.normal_(0, 0.1)
+        model.b_enc.normal_(0, 0.1)
+    x = torch.randn(256, 16) * torch.linspace(0.2, 2.0, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[torch.randperm(64)[:n_dead]] = True
+    out = model(x, dead=dead)
+    alpha = 1 / 32
+    w = auxk_weight(alpha, "input", x, out.x_hat, dead, 16 // 2)
+    assert float(w * out.auxk.detach()) == pytest.approx(_sparsify_auxk(x, model, dead, alpha), rel=1e-4)
+    # Residual normalisation (Gao et al.): the weight is alpha itself.
+    assert auxk_weight(alpha, "residual", x, out.x_hat, dead, 8) == alpha
+    assert auxk_weight(alpha, "input", x, out.x_hat, None, 8) == alpha
+
+
+@pytest.mark.parametrize("recipe", ["isae", "sparsify"])
+def test_the_step_weighs_auxk_by_the_recipe(recipe):
+    torch.manual_seed(0)
+    model = SparseCoder(SAEConfig.from_arch("topk", d_in=16, d_sae=64, k=4, seed=1))
+    tcfg = TrainConfig.from_recipe(recipe)
+    x = torch.randn(128, 16)
+    dead = torch.arange(64) < 20
+    with torch.no_grad():
+        out = model(x, dead=dead)
+        want = out.fvu + auxk_weight(tcfg.auxk_alpha, tcfg.auxk_norm, x, out.x_hat, dead, 8) * out.auxk
+    got = SAEStepper(model, tcfg).step(x, 1.0, dead)["loss"]
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+
+
+def test_recipes_are_field_values_and_unknown_ones_are_refused():
+    assert TrainConfig.from_recipe("isae") == TrainConfig()
+    live = TrainConfig.from_recipe("live", tokens=1000)
+    assert live.dead_tokens == 20_000 and live.tokens == 1000 and live.auxk_norm == "residual"
+    sp = TrainConfig.from_recipe("sparsify")
+    assert sp.dead_tokens == 10_000_000 and sp.auxk_norm == "input"
+    # sparsify's rate, 2e-4 / sqrt(width / 2^14); isae's default is 4 x it.
+    assert sp.learning_rate(4096) == pytest.approx(2e-4 * 2)
+    assert TrainConfig().learning_rate(4096) == pytest.approx(BASE_LR * 2)
+    assert TrainConfig.from_recipe("sparsify", lr=1e-3).learning_rate(4096) == 1e-3
+    with pytest.raises(UserError, match="unknown training recipe"):
+        TrainConfig.from_recipe("nope")
+    with pytest.raises(UserError, match="auxk_norm"):
+        TrainConfig(auxk_norm="batch")
+    with pytest.raises(UserError, match="--base-lr"):
+        TrainConfig(base_lr=0.0)
+    assert set(RECIPES) >= {"isae", "live", "sparsify"}
+
+
+def test_the_training_record_keeps_its_keys_at_the_defaults():
+    """A run at the defaults records what it recorded before base_lr and auxk_norm existed
+    (so earlier checkpoints still match it for --reuse and resume); a run that changes them
+    records them."""
+    keys = {"tokens", "batch_size", "lr", "warmup_frac", "decay", "auxk_alpha", "dead_tokens",
+            "shuffle_buffer", "seed"}
+    assert set(_train_fingerprint(TrainConfig())) == keys
+    assert set(_train_fingerprint(TrainConfig.from_recipe("live"))) == keys
+    sp = _train_fingerprint(TrainConfig.from_recipe("sparsify"))
+    assert sp["base_lr"] == 2e-4 and sp["auxk_norm"] == "input"
