@@ -6,12 +6,16 @@
 Defaults: widths 1536 and 12288 (4 and 32 x d for MiniLM's d 384), topk and isae, k 16,
 batch 4096, 20 M training rows, the recipes of isae.models.config.RECIPES:
 
-* ``isae``: today's (AuxK on latents silent for 200 000 rows), at --lr-factor x the default
-  width-scaled rate (4: what the study's lr sweep chose for both archs at 4 x d, so the rate
-  at width w is that choice x sqrt(1536 / w));
+* ``isae``: today's (AuxK on latents silent for 200 000 rows), at --lr-factors x the
+  default width-scaled rate (4: what the study's lr sweep chose for both archs at 4 x d, so
+  the rate at width w is that choice x sqrt(1536 / w));
 * ``live``: the same rate, AuxK on latents silent for 20 000 rows;
 * ``sparsify``: EleutherAI sparsify's rate 2e-4 / sqrt(w / 2^14), its AuxK normalisation
-  and its 10 M-row dead window (--lr-factor does not apply).
+  and its 10 M-row dead window (--lr-factors does not apply).
+
+``--lr-factors 1,4`` trains each of the other recipes at both rates: at two widths, that is
+the check of the rule that carries the rate chosen at 4 x d to width w by sqrt(1536 / w)
+(the rule holds where the same factor wins at both widths).
 
 Each (width, recipe) is one pass over the data shared by the archs (isae.training.trainer
 .train_many). Each checkpoint is then measured on the set's held-out rows (all of them,
@@ -20,8 +24,8 @@ rows, the same count (a latent that fires on training rows but never on held-out
 specific to the training documents, not dead). ``converged`` is isae train's control
 (--converged-below). tok/s is the pass's rate (rows per second, all its archs together).
 
-On an H100, the default grid (12 trainings of 20 M rows) should take about 3-4 minutes,
-most of it at width 12288; it prints a line as each pass starts and ends. Tested on the CPU
+On an H100, the default grid (6 passes of 2 archs x 20 M rows) should take about 3-4
+minutes, most of it at width 12288; it prints a line as each pass starts and ends. Tested on the CPU
 at tiny sizes (tests/test_width_bench.py). Checkpoints go to --out (kept) or to a
 temporary folder (deleted at the end). Prints the table last; --table writes it as Parquet.
 """
@@ -60,8 +64,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--tokens", type=int, default=20_000_000, help="training rows per run")
     p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--lr-factor", type=float, default=4.0,
-                   help="x the recipe's width-scaled default rate (not for sparsify)")
+    p.add_argument("--lr-factors", default="4",
+                   help="comma-separated multiples of the recipe's width-scaled default rate, "
+                        "each trained (not for sparsify, which trains at its own)")
     p.add_argument("--heldout-rows", type=int, default=0,
                    help="held-out rows measured (0: all; the dead count needs >= 100 000)")
     p.add_argument("--converged-below", type=float, default=0.03)
@@ -89,44 +94,57 @@ def dead_on_training_rows(ckpt, acts: ActivationSet, rows: int, batch: int = 819
     return 1.0 - fired.mean()
 
 
+def train_and_measure(args: argparse.Namespace, acts: ActivationSet, root: Path, archs: list[str],
+                      width: int, recipe: str, factor: float) -> list[dict]:
+    """One pass: ``archs`` at ``width`` under ``recipe`` at ``factor`` x its rate, then each
+    checkpoint measured. -> one table row per arch."""
+    lr = learning_rate(recipe, width, factor)
+    tcfg = TrainConfig.from_recipe(recipe, tokens=args.tokens, batch_size=args.batch_size, lr=lr,
+                                   device=args.device, seed=args.seed,
+                                   converged_below=args.converged_below)
+    cfgs = [SAEConfig.from_arch(a, d_in=acts.d, d_sae=width, k=args.k, seed=args.seed)
+            for a in archs]
+    outs = [root / f"w{width}" / f"{recipe}-x{factor:g}" / a for a in archs]
+    done = train_many(acts.path, cfgs, tcfg, outs, resume=False, force=True,
+                      report=lambda log, steps, out: run_convergence(log, tcfg, steps))
+    rows = []
+    for arch, out, s in zip(archs, outs, done):
+        ckpt = load(out, device=args.device)
+        rec, _ = reconstruction_and_fired(ckpt, acts, max_rows=args.heldout_rows or None)
+        rows.append({
+            "width": width, "arch": arch, "recipe": recipe, "lr_factor": factor, "lr": lr,
+            "fvu_heldout": rec["fvu"], "dead_pct": 100 * rec["dead_frac"],
+            "dead_train_rows_pct": 100 * dead_on_training_rows(ckpt, acts, rec["rows"]),
+            "heldout_rows": rec["rows"], "tok_per_s": s["tokens_per_s"] / len(archs),
+            "converged": s["converged"],
+            "fvu_trend_pct": 100 * (np.nan if s["fvu_trend"] is None else s["fvu_trend"]),
+        })
+    return rows
+
+
 def run(args: argparse.Namespace) -> pd.DataFrame:
     widths = [int(w) for w in args.widths.split(",")]
     archs = args.archs.split(",")
     recipes = args.recipes.split(",")
+    factors = [float(f) for f in args.lr_factors.split(",")]
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
         raise UserError(f"unknown recipe(s) {', '.join(unknown)}; known: {', '.join(RECIPES)}")
     acts = ActivationSet(args.activations)
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="width_bench-"))
+    grid = [(w, r, f) for w in widths for r in recipes
+            for f in ([1.0] if r == "sparsify" else factors)]
     rows = []
     t0 = time.perf_counter()
     try:
-        for width in widths:
-            for recipe in recipes:
-                lr = learning_rate(recipe, width, args.lr_factor)
-                tcfg = TrainConfig.from_recipe(
-                    recipe, tokens=args.tokens, batch_size=args.batch_size, lr=lr,
-                    device=args.device, seed=args.seed, converged_below=args.converged_below)
-                cfgs = [SAEConfig.from_arch(a, d_in=acts.d, d_sae=width, k=args.k, seed=args.seed)
-                        for a in archs]
-                outs = [root / f"w{width}" / recipe / a for a in archs]
-                print(f"[{time.perf_counter() - t0:6.0f} s] width {width} recipe {recipe} "
-                      f"lr {lr:.3g}: training {', '.join(archs)}", file=sys.stderr, flush=True)
-                done = train_many(acts.path, cfgs, tcfg, outs, resume=False, force=True,
-                                  report=lambda log, steps, out, t=tcfg: run_convergence(log, t, steps))
-                for arch, out, s in zip(archs, outs, done):
-                    ckpt = load(out, device=args.device)
-                    rec, _ = reconstruction_and_fired(ckpt, acts, max_rows=args.heldout_rows or None)
-                    rows.append({
-                        "width": width, "arch": arch, "recipe": recipe, "lr": lr,
-                        "fvu_heldout": rec["fvu"], "dead_pct": 100 * rec["dead_frac"],
-                        "dead_train_rows_pct": 100 * dead_on_training_rows(ckpt, acts, rec["rows"]),
-                        "heldout_rows": rec["rows"], "tok_per_s": s["tokens_per_s"] / len(archs),
-                        "converged": s["converged"], "fvu_trend_pct": 100 * (s["fvu_trend"] or np.nan),
-                    })
-                print(f"[{time.perf_counter() - t0:6.0f} s]   " + "; ".join(
-                    f"{r['arch']}: FVU {r['fvu_heldout']:.4f}, dead {r['dead_pct']:.1f} %"
-                    for r in rows[-len(archs):]), file=sys.stderr, flush=True)
+        for i, (width, recipe, factor) in enumerate(grid):
+            print(f"[{time.perf_counter() - t0:6.0f} s] pass {i + 1}/{len(grid)}: width {width}, "
+                  f"recipe {recipe} x{factor:g} ({', '.join(archs)})", file=sys.stderr, flush=True)
+            part = train_and_measure(args, acts, root, archs, width, recipe, factor)
+            rows += part
+            print(f"[{time.perf_counter() - t0:6.0f} s]   " + "; ".join(
+                f"{r['arch']}: FVU {r['fvu_heldout']:.4f}, dead {r['dead_pct']:.1f} %, "
+                f"{r['tok_per_s'] / 1e6:.2f} M rows/s" for r in part), file=sys.stderr, flush=True)
     finally:
         if not args.out:
             shutil.rmtree(root, ignore_errors=True)
@@ -142,7 +160,7 @@ def main(argv=None) -> int:
         return 2
     if args.table:
         table.to_parquet(args.table, index=False)
-    fmt = {"lr": "{:.3g}", "fvu_heldout": "{:.4f}", "dead_pct": "{:.1f}",
+    fmt = {"lr_factor": "{:g}", "lr": "{:.3g}", "fvu_heldout": "{:.4f}", "dead_pct": "{:.1f}",
            "dead_train_rows_pct": "{:.1f}", "tok_per_s": "{:,.0f}", "fvu_trend_pct": "{:.1f}"}
     shown = table.assign(**{c: table[c].map(f.format) for c, f in fmt.items()})
     print(f"\nwidth_bench: {args.tokens:,} rows per run, batch {args.batch_size}, k {args.k}, "

@@ -38,7 +38,7 @@ def test_width_bench_tiny(synthetic_set, tmp_path, capsys):
     assert len(t) == 2 * 2 * 3  # widths x archs x recipes
     acts = ActivationSet(synthetic_set)
     for _, r in t.iterrows():
-        path = out / f"w{r['width']}" / r["recipe"] / r["arch"]
+        path = out / f"w{r['width']}" / f"{r['recipe']}-x{r['lr_factor']:g}" / r["arch"]
         ck = load(path)
         assert ck.d_sae == r["width"] and ck.cfg["arch"] == r["arch"]
         cfg = json.loads((path / "cfg.json").read_text())
