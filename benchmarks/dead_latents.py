@@ -13,6 +13,8 @@ can be varied alone:
                          input: sparsify's, the squared error over the batch's total
                          variance, scaled by min(n_dead / k_aux, 1)
   --k-aux K              AuxK's k (ours and sparsify's: d / 2)
+  --auxk-detach          AuxK's codes without gradient, so that AuxK moves the dead
+                         latents' decoder rows only (what sparsify's fused encoder does)
   --dead-tokens T        the dead window in rows (ours 200 000; sparsify 10 M)
   --init I               random: unit Gaussian rows (ours); data: rows drawn from the
                          training split; enc-scale S: an untied encoder S x W_dec^T
@@ -62,6 +64,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--auxk-alpha", type=float, default=1 / 32)
     p.add_argument("--auxk-norm", choices=("residual", "input"), default="residual")
     p.add_argument("--k-aux", type=int, default=None)
+    p.add_argument("--auxk-detach", action="store_true",
+                   help="AuxK's codes without gradient: AuxK moves the dead latents' decoder "
+                        "rows only (sparsify's fused encoder since 2025)")
     p.add_argument("--dead-tokens", type=int, default=200_000)
     p.add_argument("--init", default="random")
     p.add_argument("--schedule", choices=("isae", "sparsify"), default="isae")
@@ -217,7 +222,10 @@ def main(argv=None) -> None:
         aux = x.new_zeros(())
         if n_dead and args.auxk_alpha > 0:
             k_aux = min(k_aux_nominal, n_dead)
-            e_hat = sparse_decode(auxk_select(pre, dead, k_aux, model.cfg.signed), model.W_dec)
+            sel = auxk_select(pre, dead, k_aux, model.cfg.signed)
+            if args.auxk_detach:
+                sel = sel._replace(val=sel.val.detach())
+            e_hat = sparse_decode(sel, model.W_dec)
             if args.auxk_norm == "residual":
                 aux = fvu(err.detach(), e_hat)[0]
             else:
@@ -244,6 +252,7 @@ def main(argv=None) -> None:
             dead_t, _ = heldout(model, X[train_probe])
             print(json.dumps({"step": step + 1, "tokens": (step + 1) * args.batch_size,
                               "train_fvu": round(float(loss_fvu.detach()), 4),
+                              "auxk": round(float(aux.detach()), 4),
                               "dead_window": round(n_dead / args.width, 4),
                               "dead_heldout": round(dead_h, 4), "fvu_heldout": round(fvu_h, 4),
                               "dead_train_rows": round(dead_t, 4),

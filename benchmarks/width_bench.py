@@ -9,9 +9,11 @@ batch 4096, 20 M training rows, the recipes of isae.models.config.RECIPES:
 * ``isae``: today's (AuxK on latents silent for 200 000 rows), at --lr-factors x the
   default width-scaled rate (4: what the study's lr sweep chose for both archs at 4 x d, so
   the rate at width w is that choice x sqrt(1536 / w));
-* ``live``: the same rate, AuxK on latents silent for 20 000 rows;
-* ``sparsify``: EleutherAI sparsify's rate 2e-4 / sqrt(w / 2^14), its AuxK normalisation
-  and its 10 M-row dead window (--lr-factors does not apply).
+* ``live``: the same rate, AuxK on latents silent for 20 000 rows, a tied coder's (isae's)
+  through its decoder rows only;
+* ``sparsify``: EleutherAI sparsify's rate 2e-4 / sqrt(w / 2^14), its AuxK (normalised by
+  the batch's variance, decoder rows only) and its 10 M-row dead window (--lr-factors does
+  not apply).
 
 ``--lr-factors 1,4`` trains each of the other recipes at both rates: at two widths, that is
 the check of the rule that carries the rate chosen at 4 x d to width w by sqrt(1536 / w)

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from opsets import OP_SETS
+from opsets import model as opset_model
 
 from isae.errors import UserError
 from isae.models.config import BASE_LR, RECIPES, SAEConfig, TrainConfig
-from isae.models.reference import auxk_weight
+from isae.models.reference import auxk_select, auxk_weight, sparse_decode, topk_select
 from isae.models.sparse_coder import SparseCoder
 from isae.training.trainer import SAEStepper, _train_fingerprint
 
@@ -97,6 +99,50 @@ def test_the_training_record_keeps_its_keys_at_the_defaults():
     keys = {"tokens", "batch_size", "lr", "warmup_frac", "decay", "auxk_alpha", "dead_tokens",
             "shuffle_buffer", "seed"}
     assert set(_train_fingerprint(TrainConfig())) == keys
-    assert set(_train_fingerprint(TrainConfig.from_recipe("live"))) == keys
+    assert set(_train_fingerprint(TrainConfig(dead_tokens=20_000))) == keys
+    assert _train_fingerprint(TrainConfig.from_recipe("live"))["auxk_detach"] == "tied"
     sp = _train_fingerprint(TrainConfig.from_recipe("sparsify"))
     assert sp["base_lr"] == 2e-4 and sp["auxk_norm"] == "input"
+
+
+@pytest.mark.parametrize("ops", OP_SETS)
+@pytest.mark.parametrize("arch", ["topk", "isae"])
+def test_detached_auxk_moves_the_dead_decoder_rows_only(ops, arch):
+    """With aux_detach, AuxK's gradient is the float64 gradient of
+    ||e - sum_j z_j W_dec[j]||^2 / ||e - mean(e)||^2 in W_dec alone, the codes z and the
+    residual e held fixed: nothing reaches the encoder, its bias, or a live latent's row."""
+    torch.manual_seed(0)
+    d, n, k = 24, 160, 4
+    m = opset_model(arch, d, n, k, OP_SETS[ops]())
+    x = torch.randn(256, d)
+    dead = torch.rand(n) < 0.3
+    out = m(x, dead=dead, aux_detach=True)
+    out.auxk.backward()
+    # The reference, in float64 from the same weights.
+    W = m.W_dec.detach().double().requires_grad_(True)
+    enc = m.encoder_weight.detach().double()
+    X = x.double()
+    pre = (X - m.b_dec.detach().double()) @ enc + m.b_enc.detach().double()
+    codes = topk_select(pre, k, m.cfg.signed)
+    e = X - (sparse_decode(codes, W.detach()) + m.b_dec.detach().double())
+    aux = auxk_select(pre, dead, min(d // 2, int(dead.sum())), m.cfg.signed)
+    loss = (e - sparse_decode(aux, W)).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+    loss.backward()
+    got = m.W_dec.grad.double()
+    assert float(got[~dead].abs().max()) == 0.0
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), W.grad.flatten(), dim=0)
+    assert float(cos) > (0.999999 if ops == "reference" else 0.97)
+    if m.W_enc is not None:
+        assert m.W_enc.grad is None or float(m.W_enc.grad.abs().max()) == 0.0
+        assert m.b_enc.grad is None or float(m.b_enc.grad.abs().max()) == 0.0
+
+
+def test_which_coders_detach():
+    tied = SAEConfig.from_arch("isae", d_in=8, d_sae=32, k=2)
+    untied = SAEConfig.from_arch("topk", d_in=8, d_sae=32, k=2)
+    live, sp = TrainConfig.from_recipe("live"), TrainConfig.from_recipe("sparsify")
+    assert live.auxk_detaches(tied) and not live.auxk_detaches(untied)
+    assert sp.auxk_detaches(tied) and sp.auxk_detaches(untied)
+    assert not TrainConfig().auxk_detaches(tied)
+    with pytest.raises(UserError, match="auxk_detach"):
+        TrainConfig(auxk_detach="decoder")

@@ -44,6 +44,8 @@ def test_width_bench_tiny(synthetic_set, tmp_path, capsys):
         cfg = json.loads((path / "cfg.json").read_text())
         want_dead = {"isae": 200_000, "live": 20_000, "sparsify": 10_000_000}[r["recipe"]]
         assert cfg["train"]["dead_tokens"] == want_dead
+        assert cfg["train"].get("auxk_detach", "none") == {
+            "isae": "none", "live": "tied", "sparsify": "all"}[r["recipe"]]
         # The rate: sparsify's own, the others 4 x isae's default (the lr sweep's choice).
         base = 2e-4 if r["recipe"] == "sparsify" else 4 * 8e-4
         assert r["lr"] == pytest.approx(base / math.sqrt(r["width"] / 16384))

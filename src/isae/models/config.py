@@ -381,6 +381,11 @@ class TrainConfig:
     variance, so AuxK is the FVU of the residual by the dead latents' decode; input
     (EleutherAI sparsify): the batch's total variance, times min(dead / k_aux, 1), a weight
     that falls as the coder improves and when few latents are dead."""
+    auxk_detach: str = field(default="none", metadata={"choices": ("none", "tied", "all")})
+    """Which coders' AuxK codes carry no gradient, so that AuxK moves only the dead latents'
+    decoder rows: none (Gao et al.), tied (tied coders only: in benchmarks/dead_latents.py,
+    AuxK's gradient through a tied coder's codes made a quarter of isae's latents at 16 x d
+    never fire), all (what EleutherAI sparsify's fused encoder does)."""
     dead_tokens: int = 200_000
     """A latent that has not fired for this many training rows counts as dead."""
     shuffle_buffer: int = 65536
@@ -426,6 +431,8 @@ class TrainConfig:
         self.auxk_alpha = check_float("--auxk-alpha", self.auxk_alpha, 0.0)
         if self.auxk_norm not in choices(TrainConfig, "auxk_norm"):
             raise UserError(f"auxk_norm must be residual or input, not {self.auxk_norm!r}")
+        if self.auxk_detach not in choices(TrainConfig, "auxk_detach"):
+            raise UserError(f"auxk_detach must be none, tied or all, not {self.auxk_detach!r}")
         self.dead_tokens = check_int("--dead-tokens", self.dead_tokens, 1)
         self.shuffle_buffer = check_int("--shuffle-buffer", self.shuffle_buffer, 1)
         if self.log_every is not None:  # None: about LOG_ROWS rows, whatever the length
@@ -454,6 +461,10 @@ class TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    def auxk_detaches(self, sae: SAEConfig) -> bool:
+        """Whether AuxK's codes carry no gradient for this coder (``auxk_detach``)."""
+        return self.auxk_detach == "all" or (self.auxk_detach == "tied" and sae.tied)
+
     def total_steps(self) -> int:
         """Optimiser steps of a run: the tokens in whole batches, at least one."""
         return max(math.ceil(self.tokens / self.batch_size), 1)
@@ -481,12 +492,16 @@ RECIPES: dict[str, dict] = {
     "isae": {},
     # AuxK on every latent silent for 20 000 rows, not 200 000: at the study's rates, wide
     # coders leave many latents firing once in 20 000 to 200 000 rows, alive to a 200 000-row
-    # window and never seen on 100 000 held-out rows; AuxK then pulls them back in.
-    "live": {"dead_tokens": 20_000},
-    # EleutherAI sparsify's Adam recipe: its rate, its AuxK normalisation and its 10 M-row
-    # dead window (k_aux d / 2, auxk_alpha 1 / 32 and the unit-norm decoder with its
-    # gradient projection are isae's too).
-    "sparsify": {"base_lr": SPARSIFY_BASE_LR, "dead_tokens": 10_000_000, "auxk_norm": "input"},
+    # window and never seen on 100 000 held-out rows; AuxK then pulls them back in. A tied
+    # coder's AuxK moves its dead atoms as decoder rows only: through its codes, AuxK made
+    # those atoms rarer still.
+    "live": {"dead_tokens": 20_000, "auxk_detach": "tied"},
+    # EleutherAI sparsify's Adam recipe: its rate, its AuxK (normalised by the batch's
+    # variance, codes without gradient as in its fused encoder) and its 10 M-row dead window
+    # (k_aux d / 2, auxk_alpha 1 / 32 and the unit-norm decoder with its gradient
+    # projection are isae's too).
+    "sparsify": {"base_lr": SPARSIFY_BASE_LR, "dead_tokens": 10_000_000, "auxk_norm": "input",
+                 "auxk_detach": "all"},
 }
 
 

@@ -160,13 +160,15 @@ class SparseCoder(nn.Module):
         return self.ops.iht_step(x, self._decode(codes, w), codes, w, self.cfg.k,
                                  self.cfg.signed, self.cfg.iht_step)[0]
 
-    def forward(self, x: Tensor, dead: Tensor | None = None, aux_width: int | None = None
-                ) -> ForwardOutput:
+    def forward(self, x: Tensor, dead: Tensor | None = None, aux_width: int | None = None,
+                aux_detach: bool = False) -> ForwardOutput:
         """(x: [B, D]) -> ForwardOutput. ``dead``: [N] bool mask of dead latents for AuxK.
 
         aux_width (fast path only): how many latent columns AuxK reads, the dead ones first
         and the rest masked out, so the step's shapes stay fixed (isae.gpu.cuda_graphs). It
         must be at least the number of dead latents; None reads exactly those (one host sync).
+        aux_detach: AuxK's codes carry no gradient, so AuxK moves only the dead latents'
+        decoder rows (TrainConfig.auxk_detach).
         """
         w = self._weights()
         aux = None
@@ -181,8 +183,12 @@ class SparseCoder(nn.Module):
         if self.cfg.kind == "relu":
             l1 = (codes.val * self.W_dec.norm(dim=1)).sum(-1).mean()
         elif aux is not None:
-            auxk = self.ops.auxk_loss(err.detach(), enc.pre, enc.aux_codes, aux, w,
-                                      self.cfg.signed, self._k_aux(aux.n))
+            pre, aux_codes = enc.pre, enc.aux_codes
+            if aux_detach:
+                pre = pre.detach()
+                aux_codes = None if aux_codes is None else aux_codes.detach()
+            auxk = self.ops.auxk_loss(err.detach(), pre, aux_codes, aux, w, self.cfg.signed,
+                                      self._k_aux(aux.n))
         fvu0 = self.ops.fvu(x, enc.x_hat0)[0] if enc.x_hat0 is not None else None
         return ForwardOutput(x_hat, codes, fvu_, auxk, l1, fvu0)
 
