@@ -6,18 +6,19 @@
 Defaults: widths 1536 and 12288 (4 and 32 x d for MiniLM's d 384), topk and isae, k 16,
 batch 4096, 20 M training rows, the recipes of isae.models.config.RECIPES:
 
-* ``isae``: today's (AuxK on latents silent for 200 000 rows), at --lr-factors x the
-  default width-scaled rate (4: what the study's lr sweep chose for both archs at 4 x d, so
-  the rate at width w is that choice x sqrt(1536 / w));
+* ``isae``: today's (AuxK on latents silent for 200 000 rows), at each of --lr-factors x
+  the default width-scaled rate (1 and 4; 4 is what the study's lr sweep chose for both
+  archs at 4 x d, so the rate at width w is that choice x sqrt(1536 / w));
 * ``live``: the same rate, AuxK on latents silent for 20 000 rows, a tied coder's (isae's)
   through its decoder rows only;
 * ``sparsify``: EleutherAI sparsify's rate 2e-4 / sqrt(w / 2^14), its AuxK (normalised by
   the batch's variance, decoder rows only) and its 10 M-row dead window (--lr-factors does
   not apply).
 
-``--lr-factors 1,4`` trains each of the other recipes at both rates: at two widths, that is
-the check of the rule that carries the rate chosen at 4 x d to width w by sqrt(1536 / w)
-(the rule holds where the same factor wins at both widths).
+Training each recipe at factors 1 and 4 at two widths is also the check of the rule that
+carries the rate chosen at 4 x d to width w by sqrt(1536 / w): it holds where the same
+factor wins at both widths. On the CPU stand-in (benchmarks/RESULTS.md) the 20 000-row
+window helped at x4 and hurt at x1, so both rates are worth the device time.
 
 Each (width, recipe) is one pass over the data shared by the archs (isae.training.trainer
 .train_many). Each checkpoint is then measured on the set's held-out rows (all of them,
@@ -26,8 +27,10 @@ rows, the same count (a latent that fires on training rows but never on held-out
 specific to the training documents, not dead). ``converged`` is isae train's control
 (--converged-below). tok/s is the pass's rate (rows per second, all its archs together).
 
-On an H100, the default grid (6 passes of 2 archs x 20 M rows) should take about 3-4
-minutes, most of it at width 12288; it prints a line as each pass starts and ends. Tested on the CPU
+The default grid is 10 passes of 2 archs x 20 M rows (2 widths x (2 recipes x 2 rates +
+sparsify)); on an H100 it should take about 3-5 minutes, most of it at width 12288 (not
+measured yet: `--lr-factors 4` or `--widths 12288` halve it). It prints a line as each
+pass starts and ends, with its rows/s. Tested on the CPU
 at tiny sizes (tests/test_width_bench.py). Checkpoints go to --out (kept) or to a
 temporary folder (deleted at the end). Prints the table last; --table writes it as Parquet.
 """
@@ -66,7 +69,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--tokens", type=int, default=20_000_000, help="training rows per run")
     p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--lr-factors", default="4",
+    p.add_argument("--lr-factors", default="1,4",
                    help="comma-separated multiples of the recipe's width-scaled default rate, "
                         "each trained (not for sparsify, which trains at its own)")
     p.add_argument("--heldout-rows", type=int, default=0,

@@ -33,9 +33,9 @@ def test_width_bench_tiny(synthetic_set, tmp_path, capsys):
                        "--k", "3", "--tokens", "2048", "--batch-size", "512",
                        "--heldout-rows", "1500", "--out", str(out), "--table", str(table)]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("|")]
-    assert "fvu_heldout" in lines[0] and "dead_pct" in lines[0] and len(lines) == 2 + 12
+    assert "fvu_heldout" in lines[0] and "dead_pct" in lines[0] and len(lines) == 2 + 20
     t = pd.read_parquet(table)
-    assert len(t) == 2 * 2 * 3  # widths x archs x recipes
+    assert len(t) == 2 * 2 * (2 * 2 + 1)  # widths x archs x (recipes x rates + sparsify)
     acts = ActivationSet(synthetic_set)
     for _, r in t.iterrows():
         path = out / f"w{r['width']}" / f"{r['recipe']}-x{r['lr_factor']:g}" / r["arch"]
@@ -46,8 +46,9 @@ def test_width_bench_tiny(synthetic_set, tmp_path, capsys):
         assert cfg["train"]["dead_tokens"] == want_dead
         assert cfg["train"].get("auxk_detach", "none") == {
             "isae": "none", "live": "tied", "sparsify": "all"}[r["recipe"]]
-        # The rate: sparsify's own, the others 4 x isae's default (the lr sweep's choice).
-        base = 2e-4 if r["recipe"] == "sparsify" else 4 * 8e-4
+        # The rate: sparsify's own, the others 1 and 4 x isae's default (4: the sweep's choice).
+        assert r["lr_factor"] in ((1.0,) if r["recipe"] == "sparsify" else (1.0, 4.0))
+        base = 2e-4 if r["recipe"] == "sparsify" else r["lr_factor"] * 8e-4
         assert r["lr"] == pytest.approx(base / math.sqrt(r["width"] / 16384))
         assert cfg["lr"] == pytest.approx(r["lr"])
         # Held-out FVU and dead latents: reconstruction_metrics on the same 1500 rows.
