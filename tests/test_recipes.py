@@ -11,8 +11,10 @@ from opsets import model as opset_model
 
 from isae.errors import UserError
 from isae.models.config import BASE_LR, RECIPES, SAEConfig, TrainConfig
-from isae.models.reference import auxk_select, auxk_weight, sparse_decode, topk_select
+from isae.models.reference import REFERENCE, auxk_select, auxk_weight, sparse_decode, topk_select
 from isae.models.sparse_coder import SparseCoder
+from isae.training.group import group_runs
+from isae.training.steppers import Run
 from isae.training.trainer import SAEStepper, _train_fingerprint
 
 
@@ -146,3 +148,22 @@ def test_which_coders_detach():
     assert not TrainConfig().auxk_detaches(tied)
     with pytest.raises(UserError, match="auxk_detach"):
         TrainConfig(auxk_detach="decoder")
+
+
+def test_the_stacked_group_leaves_out_what_it_does_not_compute(tmp_path):
+    """The grouped (stacked) model computes Gao et al.'s AuxK only: under sparsify's AuxK
+    no run joins it, under the live recipe the tied isae runs step alone."""
+    cpu = torch.device("cpu")
+
+    def runs(archs, tcfg):
+        return [Run(SAEConfig.from_arch(a, d_in=8, d_sae=40, k=3, seed=i), tcfg,
+                    tmp_path / f"{a}{i}", cpu, REFERENCE) for i, a in enumerate(archs)]
+
+    both = ["topk", "topk", "isae", "isae"]
+    group = group_runs(runs(both, TrainConfig()), TrainConfig(), cpu, grouped=True)
+    assert sorted(r.cfg.arch for r in group.runs) == sorted(both)
+    live = TrainConfig.from_recipe("live")
+    assert [r.cfg.arch for r in group_runs(runs(both, live), live, cpu, grouped=True).runs] \
+        == ["topk", "topk"]
+    sp = TrainConfig.from_recipe("sparsify")
+    assert group_runs(runs(both, sp), sp, cpu, grouped=True) is None

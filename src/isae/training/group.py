@@ -271,7 +271,11 @@ def group_runs(runs: list, tcfg: TrainConfig, device: torch.device,
         grouped = grouped_training(device)
     if not grouped:
         return None
-    topk = [r for r in runs if stacks(r.cfg)]
+    # The stacked model computes Gao et al.'s AuxK only: runs whose settings ask for
+    # sparsify's normalisation or detached AuxK codes step alone (TrainConfig.auxk_norm,
+    # auxk_detach).
+    topk = [r for r in runs if stacks(r.cfg) and tcfg.auxk_norm == "residual"
+            and not tcfg.auxk_detaches(r.cfg)]
     if not topk:
         return None
     shape = (topk[0].cfg.d_sae, topk[0].cfg.k)
