@@ -61,6 +61,8 @@ wildcard_constraints:
     seed=r"\d+",
     seed_a=r"\d+",
     seed_b=r"\d+",
+    half=r"[01]",
+    shape=r"k\d+-w\d+-r\d+",
 
 
 #: The software of all jobs (the `conda` directive): the project's one environment, the
@@ -143,9 +145,23 @@ def true_k() -> dict:
 # ----------------------------------------------------------------------------- inputs
 
 
+def derived_set(dataset: str, data: str) -> str:
+    """The folder of a dataset's own activation set (data "") or of one derived from it."""
+    if not data:
+        return rules.activations.output.acts.format(dataset=dataset)
+    name, wc = plan.derived_set_job(dataset, data)
+    return getattr(rules, name).output.acts.format(**wc)
+
+
+def group_acts(wildcards) -> str:
+    """The activation set a group trains on (Group.data)."""
+    return derived_set(wildcards.dataset, group_of(wildcards).data)
+
+
 def lr_runs(wildcards) -> list:
-    """The lr sweep's checkpoints of the group's dataset, which the main group reuses."""
-    if not has_lr_sweep(wildcards.dataset):
+    """The lr sweep's checkpoints of the group's dataset, which a group on the dataset's
+    own set reuses."""
+    if not has_lr_sweep(wildcards.dataset) or group_of(wildcards).data:
         return []
     return [rules.lr_sweep.output.ckpts.format(dataset=wildcards.dataset)]
 
@@ -185,6 +201,21 @@ def fidelity_ids() -> list:
     return [dict(r.key(), group=r.group) for r in FIDELITY_RUNS]
 
 
+#: Split-data reproducibility: the two halves' groups per (dataset, shape).
+SPLIT_PAIRS = study_grid.split_pairs(GRID)
+
+
+def split_halves(wildcards) -> dict:
+    """The checkpoint folders of the two halves of a (dataset, shape)."""
+    (pair,) = [p for p in SPLIT_PAIRS if p.wildcards() == dict(wildcards)]
+    halves = [rules.train.output.ckpts.format(**g.wildcards()) for g in pair.halves]
+    return dict(zip(("half0", "half1"), halves))
+
+
+def split_tables(wildcards) -> list:
+    return [rules.split_pairs.output.table.format(**p.wildcards()) for p in SPLIT_PAIRS]
+
+
 def chance_tables(wildcards) -> list:
     return [rules.chance.output.table.format(dataset=name) for name in DATASETS]
 
@@ -205,6 +236,7 @@ def run_artifacts(wildcards) -> list:
     that depends on it (and nothing else); without this, Snakemake treats a missing
     intermediate file under up-to-date results as nothing to do."""
     out = [rules.activations.output.acts.format(dataset=name) for name in DATASETS]
+    out += [derived_set(d, data) for d, data in study_grid.derived_sets(GRID)]
     out += [
         rules.lr_sweep.output.choice.format(dataset=n)
         for n in DATASETS
@@ -212,5 +244,5 @@ def run_artifacts(wildcards) -> list:
     ]
     out += [rules.train.output.ckpts.format(**g.wildcards()) for g in GROUPS.values()]
     out += measure_tables("runs")(wildcards) + fidelity_tables(wildcards)
-    out += chance_tables(wildcards)
+    out += chance_tables(wildcards) + split_tables(wildcards)
     return out

@@ -1,5 +1,5 @@
 # Per-group and per-run tables gathered into one Parquet per kind (identity columns from the
-# paths, grid flags from the config), then T1 and T2.
+# paths, grid flags from the config), then T1, T2 and the learning-rate table.
 
 
 rule collect_runs:
@@ -134,12 +134,34 @@ rule collect_lr:
         "../../scripts/collect.py"
 
 
+rule collect_split:
+    input:
+        tables=split_tables,
+    output:
+        table="results/runs/split.parquet",
+    log:
+        "logs/collect_split/all.log",
+    benchmark:
+        "results/benchmarks/collect_split/all.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=res("report", "mem_mb"),
+        runtime=res("report", "runtime"),
+    params:
+        ids=[p.key() for p in SPLIT_PAIRS],
+    script:
+        "../../scripts/collect.py"
+
+
 rule table_t1:
     input:
         runs=rules.collect_runs.output.table,
         pairs=rules.collect_pairs.output.table,
         chance=rules.collect_chance.output.table,
         lr=rules.collect_lr.output.table,
+        split=rules.collect_split.output.table,
     output:
         table="results/tables/T1.parquet",
         md=report("results/tables/T1.md", caption="../report/T1.rst", category="Tables"),
@@ -178,3 +200,23 @@ rule table_t2:
         runtime=res("report", "runtime"),
     script:
         "../../scripts/table_t2.py"
+
+
+rule table_lr:
+    input:
+        lr=rules.collect_lr.output.table,
+    output:
+        table="results/tables/lr.parquet",
+        md=report("results/tables/lr.md", caption="../report/lr.rst", category="Tables"),
+    log:
+        "logs/table_lr/all.log",
+    benchmark:
+        "results/benchmarks/table_lr/all.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=res("report", "mem_mb"),
+        runtime=res("report", "runtime"),
+    script:
+        "../../scripts/table_lr.py"

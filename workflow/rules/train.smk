@@ -29,7 +29,7 @@ rule lr_sweep:
 
 rule train:
     input:
-        acts=rules.activations.output.acts,
+        acts=group_acts,
         lr=lr_choice,
         reuse=lr_runs,
     output:

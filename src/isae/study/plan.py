@@ -22,10 +22,12 @@ from isae.study.grid import (
     Grid,
     Group,
     browser_pairs,
+    derived_sets,
     fidelity_runs,
     has_lr_sweep,
     main_archs,
     measures_isometry,
+    split_pairs,
 )
 
 #: The rules that run once per study, in the order the workflow defines them.
@@ -36,8 +38,10 @@ REPORT_RULES = (
     "collect_fidelity",
     "collect_chance",
     "collect_lr",
+    "collect_split",
     "table_t1",
     "table_t2",
+    "table_lr",
 )
 #: Figure -> its rule (one rule per figure, generated in workflow/rules/figures.smk).
 FIGURE_RULES = {
@@ -140,6 +144,29 @@ def fidelity_options(cfg: dict) -> dict:
     }
 
 
+def derived_set_job(dataset: str, data: str) -> tuple[str, dict]:
+    """The rule and wildcards of the job that makes a derived activation set (Run.data):
+    null_activations for the trained null's Gaussian set, split_activations for a half."""
+    if data == "null":
+        return "null_activations", {"dataset": dataset}
+    return "split_activations", {"dataset": dataset, "half": data.removeprefix("half")}
+
+
+def null_set_options(cfg: dict) -> dict:
+    """The flags of `isae extract gaussian` (besides --like and --out)."""
+    return {"seed": cfg["references"]["seed"]}
+
+
+def split_set_options(cfg: dict) -> dict:
+    """The flags of `isae split` (besides the set, --half and --out)."""
+    return {"seed": cfg["references"]["seed"]}
+
+
+def split_pairs_options(cfg: dict) -> dict:
+    """The parameters of a split-data comparison (scripts/split_pairs.py)."""
+    return {"max_rows": cfg["match"]["max_rows"], "device": cfg["device"]}
+
+
 # ----------------------------------------------------------------------------- jobs
 
 
@@ -184,6 +211,7 @@ def jobs(cfg: dict, grid: Grid | None = None) -> list[Job]:
             0 if cfg["datasets"][n]["source"] == "synthetic" else gpus)
         for n in names
     ]  # fmt: skip
+    out += [Job(*derived_set_job(d, data)) for d, data in derived_sets(grid)]
     for n in swept:
         tr = cfg["datasets"][n]["train"]
         factors = len(cfg["lr_sweep"]["factors"])
@@ -193,6 +221,7 @@ def jobs(cfg: dict, grid: Grid | None = None) -> list[Job]:
         out.append(Job("train", _str(g.wildcards()), gpus, tuple(
             Trained(a, len(g.seeds), g.width, g.rows) for a in g.archs)))  # fmt: skip
     out += [Job("measure", _str(g.wildcards()), gpus) for g in grid.groups.values()]
+    out += [Job("split_pairs", p.wildcards(), gpus) for p in split_pairs(grid)]
     out += [Job("chance", {"dataset": n}) for n in names]
     out += [
         Job("fidelity", _str(dict(dataset=r.dataset, group=r.group, arch=r.arch, seed=r.seed)),
