@@ -276,8 +276,12 @@ def test_match_halves_pairs_each_run_with_its_twin_on_the_other_half(synthetic_s
     smk = Fields(input=Fields(half0=str(halves[0]), half1=str(halves[1]), acts=str(synthetic_set)),
                  params=Fields(torch_threads=1, max_rows=300, device="cpu"),
                  output=Fields(table=str(out)), log=[str(tmp_path / "split.log")])
-    runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "split_pairs.py"),
-                   init_globals={"snakemake": smk})
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "split_pairs.py"),
+                       init_globals={"snakemake": smk})
+    finally:
+        torch.set_num_threads(threads)  # the script sets its job's
     pd.testing.assert_frame_equal(pd.read_parquet(out), t)
     # Two halves trained from the same seeds agree more than two random dictionaries.
     assert t["mean_abs_cos"].min() > 0.3

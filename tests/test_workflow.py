@@ -228,7 +228,8 @@ def test_synthetic_k_not_below_atoms_fails_at_plan_time(workdir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("configs", [["config/config.yaml"],
-                                     ["config/config.yaml", "tests/smoke/config.yaml"]])
+                                     ["config/config.yaml", "tests/smoke/config.yaml"],
+                                     ["config/gpu.yaml"]])
 def test_the_library_plans_the_dry_run_jobs(workdir, configs):
     """isae.study.plan.jobs (the compute plan's source) is the DAG of `snakemake -n`: the
     same jobs, wildcards and GPU requests."""
