@@ -34,6 +34,7 @@ rule all:
         rules.table_t1.output,
         rules.table_t2.output,
         rules.table_lr.output,
+        rules.table_t3.output,
         FIGURE_OUTPUTS,
         BROWSER_PAGES,
         run_artifacts,

@@ -389,7 +389,7 @@ def iter_breakdown(arch: str = "isae-iter"):
             dsync()
             t0 = time.perf_counter()
             out = m(x, dead=dead, aux_width=width if DEV == "cuda" else None)
-            loss = out.fvu + st.tcfg.auxk_alpha * out.auxk
+            loss = m.loss(x, out, st.tcfg.auxk_alpha)  # +sg: its amortised term too
             dsync()
             t1 = time.perf_counter()
             st.opt.zero_grad(set_to_none=True)

@@ -37,10 +37,14 @@ def model(arch: str, d: int, n: int, k: int, ops, seed: int = 1, device: str = "
 
 
 def step(m: SparseCoder, x: torch.Tensor, dead: torch.Tensor | None, aux_width: int | None = None):
-    """One forward (FVU + AuxK / 32) and backward: (output, {name: gradient})."""
+    """One forward (FVU + AuxK / 32, + the amortised FVU of +sg) and backward: (output,
+    {name: gradient})."""
     m.zero_grad(set_to_none=True)
     out = m(x, dead, aux_width=aux_width)
-    (out.fvu + out.auxk / 32).backward()
+    loss = out.fvu + out.auxk / 32
+    if out.fvu_amortised is not None:  # +sg's second term (SparseCoder.loss)
+        loss = loss + out.fvu_amortised
+    loss.backward()
     return out, {n: p.grad.clone() for n, p in m.named_parameters()}
 
 

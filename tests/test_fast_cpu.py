@@ -16,12 +16,13 @@ from isae.gpu import ops as fast
 from isae.gpu.ops import FastOps
 from isae.models.compute import select_ops
 from isae.models.config import SAEConfig
-from isae.models.reference import REFERENCE, Weights
+from isae.models.reference import REFERENCE, Codes, Weights
 from isae.models.sparse_coder import SparseCoder
 
 
 @pytest.mark.parametrize("ops", OP_SETS)
-@pytest.mark.parametrize("arch", ["topk", "isae", "topk+signed", "isae-iter"])
+@pytest.mark.parametrize("arch", ["topk", "isae", "topk+signed", "isae-iter", "isae-iter+sg",
+                                  "topk+iter+sg"])
 def test_op_sets_match_float64_forward_and_gradients(ops, arch):
     torch.manual_seed(0)
     d, n, k = 48, 384, 6
@@ -213,3 +214,87 @@ def test_one_decoder_buffer_equals_autograd_summing(arch, monkeypatch):
     _, g_sum = step(m, x, dead)
     for name, g in g_sum.items():
         torch.testing.assert_close(g_buf[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------- +sg
+
+
+@pytest.mark.parametrize("ops", OP_SETS)
+@pytest.mark.parametrize("base", ["isae-iter", "topk+iter", "isae+iter10"])
+def test_stop_gradient_steps_compute_the_same_codes(ops, base):
+    """+sg runs the same steps without gradient: on the CPU (the reference, and the fast
+    op set on stock ops) the codes, the reconstruction and the losses are those of the
+    differentiated steps, bit for bit; only the gradients differ."""
+    torch.manual_seed(7)
+    d, n, k = 32, 160, 5
+    full = model(base, d, n, k, OP_SETS[ops]())
+    sg = model(base + "+sg", d, n, k, OP_SETS[ops]())
+    sg.load_state_dict(full.state_dict())
+    assert sg.cfg.iht_gradient == "final" and sg.cfg.encoder_steps == full.cfg.encoder_steps
+    x, dead = torch.randn(300, d), torch.rand(n) < 0.2
+    (a, ga), (b, gb) = step(full, x, dead), step(sg, x, dead)
+    assert torch.equal(a.codes.idx, b.codes.idx) and torch.equal(a.codes.val, b.codes.val)
+    assert torch.equal(a.x_hat, b.x_hat) and torch.equal(a.fvu, b.fvu) and torch.equal(a.auxk, b.auxk)
+    assert a.fvu_amortised is None and float(b.fvu_amortised) > float(b.fvu)  # the steps help
+    assert any(not torch.equal(ga[name], gb[name]) for name in ga)
+    with torch.no_grad():  # and encode() (evaluation) agrees
+        assert torch.equal(full.encode(x).idx, sg.encode(x).idx)
+
+
+@pytest.mark.parametrize("ops", OP_SETS)
+@pytest.mark.parametrize("arch", ["isae-iter+sg", "topk+iter+sg", "topk+signed+iter2+sg"])
+def test_stop_gradient_equals_float64_reference(ops, arch):
+    """The gradient +sg defines: that of the final codes' FVU with the codes as constants,
+    Z^T dFVU/dx_hat into the decoder (dense float64 algebra; on the fast op set the
+    reconstruction reads the bfloat16 table, and so does the reference), plus that of the
+    amortised TopK codes' FVU, which is the gradient of the same model without steps (on
+    the reference op set its float64 twin; on the fast one its twin on the same op set,
+    whose bfloat16 encoder selects the same latents)."""
+    torch.manual_seed(8)
+    d, n, k = 24, 150, 4
+    m = model(arch, d, n, k, OP_SETS[ops]())
+    x = torch.randn(200, d)
+    out, g = step(m, x, None)
+    base = arch.replace("+sg", "").replace("+iter2", "").replace("+iter", "")
+    twin = SparseCoder(SAEConfig.from_arch(base.replace("isae-iter", "isae"), d_in=d, d_sae=n,
+                                           k=k), ops=OP_SETS[ops]())
+    twin.load_state_dict(m.state_dict())
+    if ops == "reference":
+        twin = twin.double()
+    _, want = step(twin, x.to(twin.W_dec.dtype), None)  # the amortised term
+    want = {name: w.double() for name, w in want.items()}
+    Wd = m.W_dec.detach().double()
+    if ops == "fast":
+        Wd = Wd.to(torch.bfloat16).double()
+    Z = torch.zeros(200, n, dtype=torch.float64).scatter_(1, out.codes.idx,
+                                                          out.codes.val.detach().double())
+    x64 = x.double()
+    G = -2 * (x64 - Z @ Wd - m.b_dec.detach().double()) / (x64 - x64.mean(0)).pow(2).sum()
+    want["W_dec"] = want["W_dec"] + Z.T @ G
+    if "b_dec" in want:
+        want["b_dec"] = want["b_dec"] + G.sum(0)
+    assert g.keys() == want.keys() and not out.codes.val.requires_grad
+    for name, w in want.items():
+        err = float((g[name].double() - w).norm() / w.norm())
+        assert err < 1e-5, (name, err)
+
+
+def test_iht_forward_equals_the_differentiated_steps():
+    """FastOps.iht_forward (the +sg steps: two row kernels around the correlation, here on
+    stock ops) gives the codes and reconstruction of iht_step applied step by step."""
+    torch.manual_seed(10)
+    for signed, bias in ((True, False), (False, True)):
+        m = model("topk+iter" + ("+signed" if signed else ""), 20, 90, 4, FastOps())  # biases on
+        if not bias:
+            with torch.no_grad():
+                m.b_dec.zero_()
+        x = torch.randn(64, 20)
+        w = m._weights()
+        codes = m.ops.topk_encode(x, w, 4, signed, None, 0)[0]
+        with torch.no_grad():
+            got, x_got = m.ops.iht_forward(x, codes, m.ops.decode(codes, w), w, 4, signed, 0.8, 3)
+            c, x_hat = Codes(codes.val, codes.idx), m.ops.decode(codes, w)
+            for _ in range(3):
+                c, x_hat = m.ops.iht_step(x, x_hat, c, w, 4, signed, 0.8)
+        assert torch.equal(got.idx, c.idx) and torch.equal(got.val, c.val)
+        assert torch.equal(x_got, x_hat)

@@ -29,6 +29,7 @@ def tiny(**over) -> dict:
         "budgets": {"archs": ["topk"], "seeds": [0]},
         "ablation": {"datasets": [], "variants": ["topk+signed"], "seeds": [0, 1]},
         "iter": {"datasets": [], "bases": ["isae"], "steps": [1, 3], "seeds": [0]},
+        "width_study": {"datasets": [], "archs": ["topk", "isae"], "seeds": [0, 1]},
         "references": {"datasets": [], "archs": None, "seeds": [0, 1], "trained_null": True,
                        "split_data": True, "seed": 0},
         "match": {"max_rows": 100}, "ric": {"pairs": 10}, "chance": {"draws": 1},
@@ -37,7 +38,8 @@ def tiny(**over) -> dict:
             "source": "synthetic", "archs": None, "fidelity": False,
             "extract": {"d": 8, "atoms": 16, "k": 2, "rows": 100},
             "train": {"k": 2, "width": 16, "rows": 1000, "budgets": [500], "ks": [2, 4],
-                      "widths": [], "batch_size": 64, "lr": None}}},
+                      "widths": [], "batch_size": 64, "lr": None, "options": {}},
+            "width_axis": {"widths": [], "lr_sweep_width": "largest", "per_width": []}}},
     }  # fmt: skip
     for key, value in over.items():
         cfg[key] = value
@@ -150,22 +152,25 @@ def test_a_run_on_a_data_variant_trains_in_a_group_of_its_own():
 
 
 def test_a_registered_grid_joins_the_runs_flags_and_jobs():
-    """How a new grid is added: a function in the table. A width axis at 2 and 4 x the
-    main width: its run at the main width is the main grid's, reused."""
+    """How a new grid is added: a function in the table. An axis at 2 and 4 x the main
+    width: its run at the main width is the main grid's, reused."""
 
-    def width_grid(cfg, name, planned):
+    def wide_grid(cfg, name, planned):
         tr = cfg["datasets"][name]["train"]
         return [G.Run(name, a, tr["k"], w, tr["rows"], s)
                 for a in ("topk",) for w in (16, 32, 64) for s in cfg["seeds"]]
 
-    grids = dict(G.GRIDS, width=width_grid)
+    grids = dict(G.GRIDS, wide=wide_grid)
     cfg = tiny()
     g = G.Grid.of(cfg, grids)
-    assert g.names[-1] == "width"
+    assert g.names[-1] == "wide"
     at = {(r.width, r.seed): set(gr) for r, gr in g.runs.items() if r.arch == "topk"
           and (r.k, r.rows) == (2, 1000)}
-    assert at[(16, 1)] == {"main", "width"} and at[(64, 0)] == {"width"}
-    assert all("width" in f for f in g.flags())
+    assert at[(16, 1)] == {"main", "wide"} and at[(64, 0)] == {"wide"}
+    assert all("wide" in f and isinstance(f["width"], int) for f in g.flags())
+    # A grid named after a run's column would overwrite it in the flags: refused.
+    with pytest.raises(ValueError, match="width clash"):
+        G.Grid.of(cfg, dict(G.GRIDS, width=wide_grid))
     trained = {j.wildcards["group"] for j in plan.jobs(cfg, g) if j.rule == "train"}
     assert {"k2-w32-r1000", "k2-w64-r1000"} <= trained
 
@@ -356,3 +361,183 @@ def test_load_config_merges_files_and_fills_defaults(tmp_path):
     unchanged["seeds"] = [4]
     unchanged["datasets"]["minilm"]["train"]["rows"] = 10
     assert cfg == unchanged
+
+
+# ----------------------------------------------------------------------------- the width axis
+
+
+def width_cfg(**axis) -> dict:
+    """tiny() with a width axis on syn at 16 (main), 32 and 64; 64 trains on 2000 rows
+    with an option of its own; the ablation trains isae-tied at the main shape."""
+    cfg = tiny()
+    cfg["width_study"] = {"datasets": ["syn"], "archs": ["topk", "isae-tied"], "seeds": [0, 1]}
+    cfg["ablation"] = {"datasets": ["syn"], "variants": ["isae-tied"], "seeds": [0, 1]}
+    cfg["datasets"]["syn"]["width_axis"] = {
+        "widths": [32, 64], "lr_sweep_width": "largest",
+        "per_width": [{"width": 64, "rows": 2000, "options": {"dead_tokens": 100}}], **axis}
+    return cfg
+
+
+def test_width_axis_runs_by_hand_and_reuse():
+    g = G.Grid.of(width_cfg())
+    axis = {(r.arch, r.width, r.rows, r.seed, r.role): set(gr) for r, gr in g.runs.items()
+            if "width_axis" in gr}
+    want = {(a, w, rows, s, role)
+            for a in ("topk", "isae-tied") for w, rows in ((16, 1000), (32, 1000), (64, 2000))
+            for s in (0, 1)
+            # isae-tied at the main width is the ablation's run, topk the main grid's.
+            for role in (("ablation" if a == "isae-tied" else "main") if w == 16 else "main",)}
+    assert set(axis) == want
+    assert axis[("topk", 16, 1000, 1, "main")] >= {"main", "width_axis"}
+    assert axis[("isae-tied", 16, 1000, 0, "ablation")] == {"ablation", "width_axis"}
+    assert axis[("isae-tied", 64, 2000, 1, "main")] == {"width_axis"}
+    groups = {n: (gr.archs, gr.seeds) for (_, n), gr in g.groups.items()}
+    assert groups["k2-w32-r1000"] == groups["k2-w64-r2000"] == (("topk", "isae-tied"), (0, 1))
+    # The main group does not train isae-tied: the ablation's group does.
+    assert groups["k2-w16-r1000"] == (("topk", "isae"), (0, 1))
+    # Restricted isometry is measured at every width of the axis (F9's δ panels, T3).
+    assert plan.measure_options(width_cfg(), g, g.groups[("syn", "k2-w64-r2000")])["ric_pairs"] == 10
+    assert G.dataset_widths(width_cfg(), g, "syn") == [16, 32, 64]
+    # Off: no run at another width, and the axis's keys change nothing.
+    off = width_cfg()
+    off["width_study"]["datasets"] = []
+    assert {r.width for r in G.Grid.of(off).runs} == {16}
+
+
+def test_rates_per_width_come_from_the_nearest_sweep():
+    cfg = width_cfg()
+    g = G.Grid.of(cfg)
+    assert G.lr_sweep_widths(cfg, g, "syn") == [16, 64]
+    # 32 is as near to 16 as to 64 in log scale: the smaller; 40 is nearer to 64.
+    assert [G.lr_width_of(cfg, g, "syn", w) for w in (16, 32, 40, 64, 128)] == [16, 16, 64, 64, 64]
+    # The second sweep trains the presets of the runs whose rate comes from it: isae-tied
+    # takes isae's rate.
+    assert G.width_sweep_archs(cfg, g, "syn", 64) == ["topk", "isae"]
+    for at, want in ((None, [16]), (32, [16, 32]), (16, [16])):
+        c = width_cfg(lr_sweep_width=at)
+        assert G.lr_sweep_widths(c, G.Grid.of(c), "syn") == want
+    c = width_cfg()
+    c["lr_sweep"]["factors"] = []
+    assert G.lr_sweep_widths(c, G.Grid.of(c), "syn") == [] and G.lr_width_of(c, g, "syn", 32) is None
+
+
+def test_width_axis_jobs_and_flags():
+    cfg = width_cfg()
+    g = G.Grid.of(cfg)
+    jobs = plan.jobs(cfg, g)
+    second = [j for j in jobs if j.rule == "lr_sweep_width"]
+    assert [(j.wildcards, j.trained) for j in second] == [
+        ({"dataset": "syn", "width": "64"},
+         (plan.Trained("topk", 2, 64, 2000), plan.Trained("isae", 2, 64, 2000)))]
+    assert {"table_t3", "f9_width"} <= {j.rule for j in jobs}
+    assert plan.cli_flags(plan.width_lr_sweep_options(cfg, g, "syn", 64)) == (
+        "--arch topk,isae --factors 1,4 --k 2 --width 64 --seed 0 --data-seed 0"
+        " --tokens 2000 --batch-size 64 --device cpu --dead-tokens 100")
+    # The width's options reach every SAE at that width, not the others.
+    at64 = plan.train_options(cfg, g, g.groups[("syn", "k2-w64-r2000")])
+    assert at64["dead_tokens"] == 100 and at64["tokens"] == 2000 and "lr" not in at64
+    assert "dead_tokens" not in plan.train_options(cfg, g, g.groups[("syn", "k2-w32-r1000")])
+    # The train block's options reach every SAE and every sweep of the set.
+    cfg["datasets"]["syn"]["train"]["options"] = {"auxk_alpha": 0.5, "dead_tokens": 7}
+    assert plan.train_options(cfg, g, g.groups[("syn", "k2-w32-r1000")])["auxk_alpha"] == 0.5
+    assert plan.lr_sweep_options(cfg, g, "syn")["dead_tokens"] == 7
+    assert plan.width_lr_sweep_options(cfg, g, "syn", 64)["dead_tokens"] == 100
+    # A set train.lr is the rate at the main width, carried to the others as the default
+    # scales: the second sweep's factors multiply lr x sqrt(16 / 64), as do runs without a sweep.
+    cfg["datasets"]["syn"]["train"]["lr"] = 0.01
+    assert plan.lr_sweep_options(cfg, g, "syn")["lr"] == 0.01
+    assert plan.width_lr_sweep_options(cfg, g, "syn", 64)["lr"] == pytest.approx(0.005)
+    cfg["lr_sweep"]["factors"] = []
+    g = G.Grid.of(cfg)
+    assert plan.train_options(cfg, g, g.groups[("syn", "k2-w16-r1000")])["lr"] == 0.01
+    assert plan.train_options(cfg, g, g.groups[("syn", "k2-w64-r2000")])["lr"] == pytest.approx(0.005)
+    assert not [j for j in plan.jobs(cfg, g) if j.rule.startswith("lr_sweep")]
+
+
+def test_width_axis_check_config_names_the_key():
+    def axis(**kw):
+        return lambda c: c["datasets"]["syn"]["width_axis"].update(kw)
+
+    for change, msg in [
+        (lambda c: c["width_study"].update(datasets=["nosuch"]), "width_study.datasets names 'nosuch'"),
+        (lambda c: c["width_study"].update(archs=["isae-bogus"]), "unknown switch 'bogus'"),
+        (axis(widths=[]), "width_axis.widths: width_study.datasets names 'syn', whose axis"),
+        (axis(widths=[2]), "width_axis.widths: k=2 must be smaller than width=2"),
+        (axis(lr_sweep_width=48), "lr_sweep_width: 48 is not a width of the axis (16, 32, 64)"),
+        (axis(per_width=[{"width": 48}]), r"per_width\[0\]: width 48 is not a width of the axis"),
+        (axis(per_width=[{"width": 32}, {"width": 32}]), r"per_width\[1\]: width 32 is named twice"),
+        (axis(per_width=[{"width": 32, "options": {"tokens": 5}}]),
+         r"per_width\[0\].options: 'tokens' is not an isae train option"),
+        (axis(per_width=[{"width": 32, "options": {"dead_tokens": 0}}]),
+         r"per_width\[0\].options: --dead-tokens"),
+        (lambda c: c["datasets"]["syn"]["train"].update(options={"lr": 1.0}),
+         "datasets.syn.train.options: 'lr' is not an isae train option"),
+    ]:  # fmt: skip
+        cfg = width_cfg()
+        change(cfg)
+        with pytest.raises(UserError, match=msg.replace("(", r"\(").replace(")", r"\)")
+                           if "\\" not in msg else msg):
+            G.check_config(cfg)
+    G.check_config(width_cfg())
+
+
+def test_options_are_flags_of_train_and_lr_sweep():
+    """Every TrainConfig field a config's options may set reaches isae train and isae
+    lr-sweep as a flag (a field added to TrainConfig and to train's flags comes along)."""
+    from isae.cli.main import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for command in ("train", "lr-sweep"):
+        dests = {a.dest for a in subs.choices[command]._actions}
+        assert set(G.option_fields()) <= dests, command
+    assert not set(G.option_fields()) & set(G.RESERVED_OPTIONS)
+
+
+# ----------------------------------------------------------------------------- both together
+
+
+def test_lr_source_reuses_only_at_a_swept_width_on_the_own_set():
+    """A group reads the choice of the nearest swept width; only a group at that width on
+    the dataset's own set reuses the sweep's runs (--reuse). The references (on a Gaussian
+    set, on a half) and the widths between the sweeps take the rate alone (--lr-from)."""
+    cfg = width_cfg()
+    cfg["references"]["datasets"] = ["syn"]
+    g = G.Grid.of(cfg)
+    assert list(G.GRIDS)[-3:] == ["width_axis", "null", "split"]
+    got = {n: G.lr_source(cfg, g, grp) for (_, n), grp in g.groups.items()}
+    assert got == {
+        "k2-w16-r1000": (16, True),
+        "k2-w16-r1000-ablation": (16, True),
+        "k2-w16-r1000-null": (16, False),
+        "k2-w16-r1000-split-half0": (16, False),
+        "k2-w16-r1000-split-half1": (16, False),
+        "k2-w32-r1000": (16, False),
+        "k2-w64-r2000": (64, True),
+        "k2-w16-r500": (16, True),  # the budget grid: isae train --reuse checks the rows
+        "k4-w16-r1000": (16, True),  # the k sweep: the same
+    }
+    assert G.width_lr_sweeps(cfg, g) == [{"dataset": "syn", "width": 64}]
+    # The width axis reuses no run on a derived set: its main-width runs are the main grid's.
+    axis = [r for r, gr in g.runs.items() if "width_axis" in gr]
+    assert axis and not any(r.data for r in axis)
+    assert not any(gr & {"null", "split"} for r, gr in g.runs.items() if r.width != 16)
+    cfg["lr_sweep"]["factors"] = []
+    g = G.Grid.of(cfg)
+    assert {G.lr_source(cfg, g, grp) for grp in g.groups.values()} == {(None, False)}
+    assert G.width_lr_sweeps(cfg, g) == []
+
+
+def test_typed_overrides_retype_only_the_overridden_strings():
+    """Snakemake's --config hands nested values over as strings; those (and only those)
+    become the YAML scalars they spell."""
+    cfg = {"seeds": ["0", "1"], "lr_sweep": {"factors": ["0.25", "4"], "seed": "0"},
+           "match": {"max_rows": "100"}, "datasets": {"syn": {"source": "synthetic"}},
+           "references": {"archs": "null", "split_data": "false"}, "device": "cpu"}
+    over = copy.deepcopy({k: cfg[k] for k in ("seeds", "lr_sweep", "references", "device")})
+    cfg["match"]["max_rows"] = "100"  # not overridden: stays as it is
+    plan.typed_overrides(cfg, over)
+    assert cfg["seeds"] == [0, 1] and cfg["lr_sweep"] == {"factors": [0.25, 4], "seed": 0}
+    assert cfg["references"] == {"archs": None, "split_data": False}
+    assert cfg["device"] == "cpu" and cfg["match"]["max_rows"] == "100"
+    assert cfg["datasets"] == {"syn": {"source": "synthetic"}}

@@ -120,6 +120,40 @@ CHECKS = textwrap.dedent('''
     # within one bfloat16 step (the interpreter truncates; the GPU test checks rounding)
     assert ((low.float() - W).abs() <= W.abs() * 2.0**-7).all()
 
+    # The two halves of an undifferentiated IHT step against their stock-op fallback (the
+    # maths of the differentiated step): a kept-old row and a kept-new row in each case.
+    def fallback(fn, *a):
+        K.AVAILABLE = False
+        try:
+            return fn(*a)
+        finally:
+            K.AVAILABLE = True
+
+    for B, N, D, k, signed, with_bias in ((9, 70, 40, 5, True, False), (7, 300, 130, 32, False, True)):
+        W = torch.randn(N, D, generator=g)
+        W = (W / W.norm(dim=1, keepdim=True)).bfloat16()
+        x = torch.randn(B, D, generator=g)
+        idx = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(B)])
+        val = torch.randn(B, k, generator=g)
+        val = val if signed else val.abs()
+        bias = 0.1 * torch.randn(D, generator=g) if with_bias else None
+        xh = K.gather_decode(val, idx, W, bias)
+        step, rs = K.iht_eta(x, xh, idx, W, 0.9)
+        step0, rs0 = fallback(K.iht_eta, x, xh, idx, W, 0.9)
+        assert ((step - step0).abs() <= 1e-5 * step0.abs()).all()
+        assert rs.dtype == torch.bfloat16 and ((rs.float() - rs0.float()).abs() <= rs0.float().abs() * 2.0**-7 + 1e-6).all()
+        # the new support keeps half the old latents and draws the rest afresh
+        fresh = [[c for c in torch.randperm(N, generator=g).tolist() if c not in r[: k // 2].tolist()]
+                 for r in idx]
+        new = torch.stack([torch.cat([r[: k // 2], torch.tensor(f[: k - k // 2])]) for r, f in zip(idx, fresh)])
+        step0[0] = 1e3  # a step far too long: row 0 keeps its old codes
+        got = K.iht_update(x, xh, val, idx, new, step0, W, bias, signed)
+        want = fallback(K.iht_update, x, xh, val, idx, new, step0, W, bias, signed)
+        assert torch.equal(got[1], want[1]), (got[1], want[1])
+        assert (got[0] - want[0]).abs().max() < 1e-4 and (got[2] - want[2]).abs().max() < 1e-4
+        kept_new = (want[1] == new).all(1)
+        assert not kept_new[0] and kept_new.any(), kept_new
+
     # Whole models: here the fast op set runs the interpreted kernels (few rows: it is slow).
     from opsets import OP_SETS, check_against_float64
     from isae.models.config import SAEConfig
@@ -131,6 +165,21 @@ CHECKS = textwrap.dedent('''
         for arch in ("topk", "isae-iter"):
             cfg = SAEConfig.from_arch(arch, d_in=16, d_sae=130, k=4, seed=1)
             check_against_float64(SparseCoder(cfg, ops=ops()), name, x, dead)
+    # +sg: its fused steps against the differentiated ones. Each half of a step equals its
+    # stock counterpart to rounding (above), but the correlation is read at bfloat16
+    # resolution, and the interpreter truncates the scaled residual where torch rounds it
+    # (half its entries here; the GPU rounds both ways alike): near-tied scores reorder and
+    # a few rows take another support (2 of 48 after three steps). The gradients of +sg
+    # use no new kernel; tests/test_fast_cpu.py checks them against float64.
+    full = SparseCoder(SAEConfig.from_arch("isae-iter", d_in=16, d_sae=130, k=4, seed=1),
+                       ops=OP_SETS["fast"]())
+    sg = SparseCoder(SAEConfig.from_arch("isae-iter+sg", d_in=16, d_sae=130, k=4, seed=1),
+                     ops=OP_SETS["fast"]())
+    with torch.no_grad():
+        a, b = full(x), sg(x)
+    same_rows = (a.codes.idx.sort(1).values == b.codes.idx.sort(1).values).all(1)
+    assert same_rows.float().mean() > 0.9, same_rows
+    assert abs(float(a.fvu) - float(b.fvu)) < 0.05 * float(a.fvu)
     print("kernels ok")
 ''')
 
@@ -143,3 +192,161 @@ def test_triton_kernels_in_interpreter():
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "kernels ok" in r.stdout
+
+
+GROUPED_CHECKS = textwrap.dedent('''
+    import torch
+    from isae.gpu import kernels as K
+    from isae.models import reference
+
+    assert K.usable(torch.zeros(1)), "interpret mode not active"
+    g = torch.Generator().manual_seed(1)
+
+    # A bias per block of rows (a stacked group: each model its own b_dec).
+    G, R, N, D, k = 3, 5, 40, 24, 4
+    W = torch.randn(G * N, D, generator=g).bfloat16()
+    idx = torch.randint(0, G * N, (G * R, k), generator=g)
+    val = torch.randn(G * R, k, generator=g)
+    bias = torch.randn(G, D, generator=g)
+    ref = (val.double()[..., None] * W.double()[idx]).sum(1) + bias.double().repeat_interleave(R, 0)
+    assert (K.gather_decode(val, idx, W, bias).double() - ref).abs().max() < 1e-5
+
+    # An AuxK mask per block of rows: each block as if alone with its own mask.
+    src = torch.randn(G * R, 300, generator=g).bfloat16()
+    valid = torch.rand(G, 300, generator=g) < 0.4
+    for signed in (True, False):
+        z = K.topk_mask_rows(src, 7, signed, valid)
+        for b in range(G):
+            zb = K.topk_mask_rows(src[b * R:(b + 1) * R], 7, signed, valid[b])
+            assert torch.equal(z[b * R:(b + 1) * R], zb), (signed, b)
+
+    # Segments whose source rows are shared by the blocks (models without a learned bias
+    # encode the batch itself): row r of the codes reads src[r % R].
+    src = torch.randn(R, D, generator=g)
+    seg = K.Segments(idx, G * N)
+    full = src.repeat(G, 1)
+    ref = torch.zeros(G * N, D, dtype=torch.float64).index_add_(
+        0, idx.reshape(-1), (val.double()[..., None] * full.double()[:, None]).reshape(-1, D))
+    assert (seg.reduce(val, src).double() - ref).abs().max() < 1e-5
+    assert (seg.reduce(val, full).double() - ref).abs().max() < 1e-5  # and unshared
+
+    # Adam with a rate per model: the kernel against the reference formula.
+    M = 3
+    p, gr = torch.randn(M * 50, 7, generator=g), torch.randn(M * 50, 7, generator=g)
+    m0, v0 = torch.randn(M * 50, 7, generator=g), torch.rand(M * 50, 7, generator=g)
+    scal = reference.adam_scalars(torch.tensor([1.0, 4.0, 9.0]), torch.tensor([1e-3, 0.0, 3e-2]))
+    want = [t.clone() for t in (p, m0, v0)]
+    reference.adam_rows_(want[0], gr, want[1], want[2], *scal)
+    K.adam_rows_(p, gr, m0, v0, *scal)
+    for got, ref in zip((p, m0, v0), want):
+        assert (got - ref).abs().max() < 1e-6
+
+    # A stacked group on the kernels against each of its models alone on the single-model
+    # kernels, within the fast path's tolerance of float64 (tests/opsets.py): the interpreter
+    # truncates where sub_cast rounds on a GPU, so the two paths' bfloat16 inputs differ here.
+    from isae.gpu.ops import FastOps
+    from isae.gpu.stacked_ops import StackedFastOps
+    from isae.models.config import SAEConfig
+    from isae.models.sparse_coder import SparseCoder
+    from isae.models.stacked import StackedCoder
+
+    torch.manual_seed(0)
+    x = torch.randn(24, 16)
+    for arch in ("topk", "isae-tied", "isae-iter"):
+        coders = [SparseCoder(SAEConfig.from_arch(arch, d_in=16, d_sae=70, k=3, seed=s),
+                              ops=FastOps(cuda_graphs=False)) for s in (0, 1)]
+        stacked = StackedCoder(coders, StackedFastOps(cuda_graphs=False))
+        dead = torch.rand(2, 70) < 0.3
+        o = stacked(x, dead)
+        (o.fvu.sum() + o.auxk.sum() / 32).backward()
+        for m, c in enumerate(coders):
+            oc = c(x, dead[m])
+            (oc.fvu + oc.auxk / 32).backward()
+            assert abs(float(o.fvu[m]) / float(oc.fvu) - 1) < 0.02, (arch, m)
+            assert abs(float(o.auxk[m]) / float(oc.auxk) - 1) < 0.03, (arch, m)
+            for name, (P, cut) in stacked.member_params().items():
+                ga, gb = cut(P.grad, m).flatten(), getattr(c, name).grad.flatten()
+                cos = torch.nn.functional.cosine_similarity(ga, gb, dim=0)
+                assert cos > (0.9 if c.cfg.encoder_steps else 0.98), (arch, m, name, float(cos))
+    print("grouped kernels ok")
+''')
+
+
+SWITCH_CHECKS = textwrap.dedent('''
+    import torch
+    from isae.gpu import kernel_trace
+    from isae.gpu import kernels as K
+    from isae.gpu.ops import FastOps
+    from isae.gpu.stacked_ops import StackedFastOps
+    from isae.models.compute import select_ops
+    from isae.models.config import SAEConfig, TrainConfig, parse_arch
+    from isae.models.sparse_coder import SparseCoder
+    from isae.training.group import RunGroup
+    from isae.training.steppers import Run, SAEStepper
+
+    assert K.usable(torch.zeros(1)), "interpret mode not active"
+    torch.manual_seed(0)
+    names = []
+    for mask in range(16):  # every combination of the four switches, from topk
+        on = [s for i, s in enumerate(("signed", "tied", "nobias", "iter")) if mask >> i & 1]
+        names.append("topk" + "".join("+" + s for s in on))
+    names += ["isae", "isae-signed", "isae-tied", "isae-nobias", "isae-iter"]  # removals from isae
+    ENCODE = {"_sub_cast_kernel", "_group_max_kernel", "_select_kernel", "_gather_decode_kernel",
+              "_gather_dot_kernel", "_fvu_kernel", "_scale_kernel", kernel_trace.CSR,
+              "_project_rows_kernel", "_normalize_rows_kernel"}
+    AUXK = {"_topk_mask_kernel", "_keep_where_kernel"}
+    x, dead = torch.randn(8, 8), torch.rand(64) < 0.3
+    tcfg = TrainConfig(lr=1e-3, batch_size=8, dead_tokens=8)
+    runs = []
+    for name in names:
+        cfg = SAEConfig.from_arch(name, d_in=8, d_sae=64, k=2)
+        ops = select_ops("cuda")  # what a CUDA run of this config gets: the fast op set...
+        assert isinstance(ops, FastOps) and ops.cuda_graphs, name  # ...whatever the switches
+        model = SparseCoder(cfg, ops=FastOps(cuda_graphs=False))  # on the CPU: no graphs
+        with kernel_trace.trace() as t:
+            SAEStepper(model, tcfg).step(x, 1.0, dead)
+        launched = set(t.kernels())
+        assert not t.fallbacks(), (name, t.fallbacks())
+        assert launched == ENCODE | AUXK, (name, launched ^ (ENCODE | AUXK))
+        steps = parse_arch(name).fields["encoder_steps"]
+        assert t.kernels()["_select_kernel"] == 1 + steps, name  # each IHT step selects again
+        print(name, dict(t.kernels()))
+        runs.append(Run(cfg, tcfg, None, torch.device("cpu"), FastOps(cuda_graphs=False)))
+    # every combination in one group, each its own part: the stacked kernels, no fallback
+    group = RunGroup(runs, tcfg, torch.device("cpu"), StackedFastOps(cuda_graphs=False))
+    assert len(group.parts) == 16
+    group.step(x, 1.0)  # no dead latent yet
+    with kernel_trace.trace() as t:
+        group.step(x, 1.0)  # every latent unused so far is dead
+    assert not t.fallbacks(), t.fallbacks()
+    assert {"_adam_rows_kernel", "_topk_mask_kernel", "_select_kernel"} <= set(t.kernels())
+    print("switches ok")
+''')
+
+
+def _interpret(script: str) -> subprocess.CompletedProcess:
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=1200)
+
+
+@pytest.mark.slow
+def test_grouped_kernels_in_interpreter():
+    """The kernels' grouped forms (a bias and an AuxK mask per block of rows, shared source
+    rows, Adam with a rate per model) and a stacked group on them, against references."""
+    r = _interpret(GROUPED_CHECKS)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "grouped kernels ok" in r.stdout
+
+
+@pytest.mark.slow
+def test_every_switch_combination_runs_on_the_fast_kernels():
+    """For each combination of signed / tied / nobias / iter (from topk, and removed from
+    isae): a CUDA device gets the fast op set, and a training step launches the fast path's
+    kernels with no fallback to stock torch (isae.gpu.kernel_trace); the same for all of
+    them trained as one group."""
+    r = _interpret(SWITCH_CHECKS)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "switches ok" in r.stdout

@@ -4,6 +4,7 @@ assignment against independent float64 / brute-force references."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pandas as pd
@@ -180,3 +181,242 @@ def test_chance_levels_reproducible_and_without_rows_only_isotropic():
     a = chance_levels(32, 16, draws=2, seed=7)
     assert set(a["kind"]) == {"gaussian"} and set(a["target"]) == {"seed"}
     pd.testing.assert_frame_equal(a, chance_levels(32, 16, draws=2, seed=7))
+
+
+# ----------------------------------------------------------------------------- the certified solver
+
+
+def _unit(X) -> torch.Tensor:
+    X = torch.as_tensor(X, dtype=torch.float32)
+    return X / X.norm(dim=1, keepdim=True)
+
+
+def _scipy_total(A: torch.Tensor, B: torch.Tensor, block: int = 64) -> float:
+    """The dense Hungarian optimum on the same float32 |cos| values (the same blocks), in
+    float64."""
+    from scipy.optimize import linear_sum_assignment
+
+    from isae.analysis.matching import abs_cos_cost
+
+    cost, _, _ = abs_cos_cost(A, B, block=block)
+    r, c = linear_sum_assignment(cost)
+    return float(-cost[r, c].sum())
+
+
+def _total(A: torch.Tensor, B: torch.Tensor, rows, cols, block: int = 64) -> float:
+    from isae.analysis.matching import abs_cos_cost
+
+    cost, _, _ = abs_cos_cost(A, B, block=block)
+    return float(-cost[rows, cols].sum())
+
+
+def _cases():
+    g = torch.Generator().manual_seed(11)
+    out = {}
+    for n_a, n_b, d in [(120, 120, 8), (97, 60, 6), (60, 97, 6), (150, 149, 24)]:
+        out[f"random {n_a}x{n_b}"] = (torch.randn(n_a, d, generator=g),
+                                      torch.randn(n_b, d, generator=g))
+    eye = torch.eye(6)  # every |cos| is 0 or 1: the optimum is massively tied
+    out["tied 12x18"] = (torch.cat([eye, eye]), torch.cat([eye, -eye, eye]))
+    X = torch.randn(40, 5, generator=g)  # exact duplicates on both sides
+    out["duplicated 90x80"] = (torch.cat([X, X, X[:10]]), torch.cat([-X[torch.randperm(40, generator=g)], X]))
+    # Near-duplicates within each side and partners from close to unrelated.
+    base = torch.randn(150, 10, generator=g)
+    kids = base[torch.randint(0, 150, (50,), generator=g)] + 0.1 * torch.randn(50, 10, generator=g)
+    A = torch.cat([base, kids])
+    rho = torch.rand(200, 1, generator=g)
+    B = rho * _unit(A) + (1 - rho) * _unit(torch.randn(200, 10, generator=g))
+    out["trained-like 200x200"] = (A, B[torch.randperm(200, generator=g)])
+    return out
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("name", list(CASES))
+def test_sparse_assignment_is_the_dense_optimum(name, m):
+    from isae.analysis.assignment import EXACT_TOL, assign_abs_cos
+
+    A, B = (_unit(x) for x in CASES[name])
+    for cache in (0, 1 << 30) if m == 1 else (1 << 30,):  # rows recomputed, or kept whole
+        got = assign_abs_cos(A, B, block=64, m=m, cache_bytes=cache)
+        cert = got.certificate
+        assert cert.method == "sparse" and cert.exact and 0.0 <= cert.gap <= EXACT_TOL
+        assert len(got.rows) == min(len(A), len(B))
+        assert len(np.unique(got.rows)) == len(got.rows) == len(np.unique(got.cols))
+        assert np.all(np.diff(got.rows) > 0)
+        assert _total(A, B, got.rows, got.cols) == pytest.approx(_scipy_total(A, B), abs=1e-9)
+
+
+def test_sparse_path_needs_rounds_on_weak_candidates():
+    """With one candidate per row and column the first graph misses optimal edges: the
+    certificate must find them (more than one round) and still end exact."""
+    from isae.analysis.assignment import assign_abs_cos
+
+    A, B = (_unit(x) for x in CASES["trained-like 200x200"])
+    got = assign_abs_cos(A, B, block=64, m=1)
+    assert got.certificate.rounds > 1 and got.certificate.exact
+
+
+def test_matching_maxima_equal_the_dense_cost_bitwise():
+    from isae.analysis.matching import abs_cos_cost
+
+    g = torch.Generator().manual_seed(5)
+    for n_a, n_b, block in [(100, 77, 32), (64, 300, 7), (300, 64, 7)]:
+        A, B = torch.randn(n_a, 9, generator=g), torch.randn(n_b, 9, generator=g)
+        m = match_dictionaries(A, B, block=block)
+        cost, best_ab, best_ba = abs_cos_cost(A, B, block=block)
+        np.testing.assert_array_equal(m.best_ab, best_ab)
+        np.testing.assert_array_equal(m.best_ba, best_ba)
+        assert m.certificate.method == "sparse" and m.certificate.gap == 0.0
+        assert float(-cost[m.a, m.b].sum()) == pytest.approx(_scipy_total(A, B, block), abs=1e-9)
+
+
+def _optimum_with_prices(A, B):
+    """The |cos| matrix the solver sees (float64 [n_a, n_b]), the optimal assignment and
+    its certifying prices, from the full graph."""
+    from isae.analysis.assignment import AbsCos, candidate_graph, column_prices, solve_graph
+
+    W = AbsCos(A, B, 64, 1 << 30)
+    g, _, _ = candidate_graph(W, max(len(A), len(B)))  # every entry is an edge
+    sigma = solve_graph(g)
+    C = torch.cat([W.block(k) for k in range(W.nblocks)]).double().numpy()
+    return W, C, sigma, torch.as_tensor(column_prices(g, sigma)[0])
+
+
+def _value(C: np.ndarray, sigma: np.ndarray) -> float:
+    return float(C[np.flatnonzero(sigma >= 0), sigma[sigma >= 0]].sum())
+
+
+def test_certificate_of_the_optimum_is_zero():
+    from scipy.optimize import linear_sum_assignment
+
+    from isae.analysis.assignment import certify
+
+    A, B = (_unit(x) for x in CASES["random 120x120"])
+    W, C, sigma, v = _optimum_with_prices(A, B)
+    r, c = linear_sum_assignment(-C)
+    assert _value(C, sigma) == pytest.approx(C[r, c].sum(), abs=1e-12)
+    assert certify(W, sigma, v).gap == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["random 120x120", "random 97x60", "random 60x97",
+                                  "trained-like 200x200"])
+def test_certificate_rejects_a_planted_non_optimal_assignment(name):
+    """Swap the partners of a few rows of the optimum: any prices must then prove a gap at
+    least as large as the loss (weak duality), and the optimum's own prices prove it."""
+    from isae.analysis.assignment import certify
+
+    A, B = (_unit(x) for x in CASES[name])
+    W, C, sigma, v = _optimum_with_prices(A, B)
+    rng = np.random.default_rng(0)
+    bad = sigma.copy()
+    rows = rng.choice(np.flatnonzero(sigma >= 0), 6, replace=False)
+    bad[rows] = sigma[np.roll(rows, 1)]
+    loss = _value(C, sigma) - _value(C, bad)
+    assert loss > 1e-6
+    check = certify(W, bad, v)
+    assert check.gap >= loss - 1e-12 and check.gap > 1e-6
+    assert check.gap == pytest.approx(loss, abs=1e-9)  # the optimum's prices: exactly the loss
+    for seed in range(3):  # any prices: never a gap below the true loss
+        w = torch.as_tensor(np.random.default_rng(seed).random(len(B)) * 0.5)
+        assert certify(W, bad, w).gap >= loss - 1e-12
+        assert certify(W, sigma, w).gap >= -1e-12
+
+
+def test_falls_back_to_the_dense_solver_and_says_so(caplog):
+    import logging
+
+    from isae.analysis.assignment import assign_abs_cos
+
+    A, B = (_unit(x) for x in CASES["trained-like 200x200"])
+    with caplog.at_level(logging.WARNING, logger="isae.analysis.assignment"):
+        got = assign_abs_cos(A, B, block=64, m=1, max_rounds=1)
+    cert = got.certificate
+    assert cert.method == "dense" and "no proof after 1 rounds" in cert.reason
+    assert "could not prove optimality" in caplog.text and "dense" in caplog.text
+    assert _total(A, B, got.rows, got.cols) == pytest.approx(_scipy_total(A, B), abs=1e-9)
+    edges = assign_abs_cos(A, B, block=64, m=4, max_edges=10)
+    assert edges.certificate.method == "dense" and "edges" in edges.certificate.reason
+
+
+def test_empty_dictionaries():
+    from isae.analysis.assignment import assign_abs_cos
+
+    got = assign_abs_cos(torch.zeros(0, 4), _unit(torch.randn(3, 4)))
+    assert len(got.rows) == 0 and got.certificate.exact
+
+
+# ----------------------------------------------------------------------------- trained dictionaries
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_set, tmp_path_factory):
+    """Two TopK seeds and one isae, trained on the shared synthetic set (d 32, width 128)."""
+    from isae.cli.main import main
+
+    root = tmp_path_factory.mktemp("trained")
+    assert main(["-q", "train", "--activations", str(synthetic_set), "--arch", "topk,isae",
+                 "--seeds", "0,1", "--k", "3", "--width", "128", "--tokens", "20000",
+                 "--batch-size", "512", "--out", str(root / "{arch}" / "seed{seed}")]) == 0
+    return root
+
+
+@pytest.mark.slow
+def test_trained_dictionaries_match_exactly(trained, synthetic_set, tmp_path, capsys):
+    from isae.analysis.assignment import assign_abs_cos
+    from isae.cli.main import main
+    from isae.data.checkpoints import load_decoder
+
+    W = {p: load_decoder(trained / p) for p in ("topk/seed0", "topk/seed1", "isae/seed0")}
+    W["truth"] = load_decoder(synthetic_set / "truth")
+    pairs = [("topk/seed0", "topk/seed1"), ("topk/seed0", "isae/seed0"), ("isae/seed0", "truth"),
+             ("topk/seed1", "truth")]
+    for a, b in pairs:
+        A, B = _unit(W[a]), _unit(W[b][: 100 if b == "truth" else None])  # one rectangular
+        for m in (2, 16):
+            got = assign_abs_cos(A, B, block=64, m=m)
+            assert got.certificate.exact and got.certificate.method == "sparse"
+            assert _total(A, B, got.rows, got.cols) == pytest.approx(_scipy_total(A, B), abs=1e-9)
+
+    # isae match reports the certificate in its JSON line and its summary table.
+    out = tmp_path / "s.parquet"
+    assert main(["-q", "match", str(trained / "topk/seed0"), str(trained / "topk/seed1"),
+                 "--summary", str(out)]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["assignment_method"] == "sparse" and line["assignment_gap"] == 0.0
+    assert line["assignment_exact"] is True and line["assignment_rounds"] >= 1
+    s = pd.read_parquet(out)
+    assert s["assignment_method"][0] == "sparse" and s["assignment_gap"][0] == 0.0
+
+
+@pytest.mark.parametrize("name", ["trained-like 200x200", "random 97x60", "random 60x97"])
+def test_prices_refuse_a_non_optimal_assignment_and_agree_across_backends(name):
+    """The duals exist only for an assignment optimal on the graph: a planted cycle of
+    swaps must be refused. The torch rounds (the GPU's) give the numpy prices bit for bit."""
+    from isae.analysis.assignment import (
+        AbsCos,
+        _column_prices_torch,
+        _NotConverged,
+        candidate_graph,
+        column_prices,
+        solve_graph,
+    )
+
+    A, B = (_unit(x) for x in CASES[name])
+    g, _, _ = candidate_graph(AbsCos(A, B, 64, 1 << 30), 6)
+    sigma = solve_graph(g)
+    v, it = column_prices(g, sigma)
+    v_t, it_t = _column_prices_torch(g, sigma, None, 100000, torch.device("cpu"))
+    np.testing.assert_array_equal(v, v_t)
+    assert it == it_t and (v >= 0).all()
+
+    full, _, _ = candidate_graph(AbsCos(A, B, 64, 1 << 30), max(len(A), len(B)))
+    sigma = solve_graph(full)
+    bad = sigma.copy()
+    rows = np.flatnonzero(sigma >= 0)[:8]
+    bad[rows] = sigma[np.roll(rows, 1)]
+    for prices in (column_prices, lambda *a: _column_prices_torch(*a, None, 100000, "cpu")):
+        with pytest.raises(_NotConverged, match="not optimal"):
+            prices(full, bad)

@@ -521,10 +521,10 @@ def test_memory_estimate_is_a_lower_bound_of_what_training_holds(arch):
     only the bias vectors (an SAE) or nothing (dictionary learning: W_dec, A, B)."""
     from isae.models.compute import select_ops
     from isae.training import footprint
-    from isae.training.trainer import _Run
+    from isae.training.steppers import Run
 
     cfg = SAEConfig.from_arch(arch, d_in=D, d_sae=ATOMS, k=K, seed=0)
-    run = _Run(cfg, TrainConfig(tokens=64, batch_size=32), Path("unused"), torch.device("cpu"),
+    run = Run(cfg, TrainConfig(tokens=64, batch_size=32), Path("unused"), torch.device("cpu"),
                select_ops(torch.device("cpu")))
     x = torch.randn(32, D)
     run.stepper.step(x, 1.0, None)

@@ -1,5 +1,7 @@
 """The SAE family on hand-set weights: exact answers and float64 references."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -109,7 +111,8 @@ def test_omp_recovers_exact_sparse_combination():
     [("topk+signed", "signed", True), ("isae-tied", "tied", False), ("topk+nobias", "bias", "none"),
      ("topk+iter", "encoder_steps", 3), ("isae-iter", "encoder_steps", 3), ("isae-nobias", "bias", "learned"),
      ("topk+iter10", "encoder_steps", 10), ("isae+iter1", "encoder_steps", 1),
-     ("isae-iter+iter10", "encoder_steps", 10)],
+     ("isae-iter+iter10", "encoder_steps", 10), ("isae-iter+sg", "iht_gradient", "final"),
+     ("isae", "iht_gradient", "steps")],
 )
 def test_arch_names_set_one_switch(arch, field, value):
     assert parse_arch(arch).fields[field] == value
@@ -118,7 +121,8 @@ def test_arch_names_set_one_switch(arch, field, value):
 @pytest.mark.parametrize(
     "name,preset,changes",
     [("topk", "topk", ""), ("isae-iter", "isae-iter", ""), ("isae-iter-tied", "isae-iter", "-tied"),
-     ("isae-tied", "isae", "-tied"), ("topk+signed+iter", "topk", "+signed+iter")],
+     ("isae-tied", "isae", "-tied"), ("topk+signed+iter", "topk", "+signed+iter"),
+     ("isae-iter+sg", "isae-iter", "+sg"), ("isae+iter10+sg", "isae", "+iter10+sg")],
 )
 def test_arch_names_split_into_preset_and_changes(name, preset, changes):
     """The longest preset wins: isae-iter is a preset, not isae without iter."""
@@ -127,10 +131,59 @@ def test_arch_names_split_into_preset_and_changes(name, preset, changes):
 
 
 @pytest.mark.parametrize("bad", ["topkk", "topk+sined", "isae+", "relu+signed", "topk signed",
-                                 "topk+signed2", "topk-iter3", "topk+iter0"])
+                                 "topk+signed2", "topk-iter3", "topk+iter0", "isae+sg",
+                                 "isae-iter+sg-iter", "topk+sg2"])
 def test_unknown_arch_or_switch(bad):
     with pytest.raises(UserError):
         parse_arch(bad)
+
+
+@pytest.mark.parametrize("name,message", [
+    ("isae-iter-sg", "-sg changes nothing .*did you mean isae-iter\\+sg"),
+    ("topk-signed", "-signed changes nothing"),
+    ("isae-iter+iter", r"\+iter changes nothing"),
+    ("isae-iter+iter3", r"\+iter3 changes nothing"),
+    ("isae-iter+sg+sg", r"\+sg changes nothing"),
+    ("isae+sg", "has none"),
+])
+def test_a_change_must_change_something(name, message):
+    """Every name means one model: a switch set to what the name already has is refused
+    (isae-iter-sg would otherwise silently be isae-iter), and +sg needs steps to stop."""
+    with pytest.raises(UserError, match=message):
+        parse_arch(name)
+
+
+def test_stop_gradient_name_round_trips_through_a_checkpoint(tmp_path):
+    from isae.data import checkpoints
+    from isae.data.activations import Normalizer
+
+    m = _model("isae-iter+sg", d=12, n=40, k=3)
+    path = checkpoints.save(m, tmp_path / "ck", Normalizer(mean=np.zeros(12, dtype=np.float32), scale=1.0))
+    ck = checkpoints.load(path)
+    assert ck.model.cfg.arch == "isae-iter+sg" and ck.model.cfg.iht_gradient == "final"
+    assert ck.model.cfg == m.cfg
+    x = torch.randn(30, 12)
+    with torch.no_grad():
+        assert torch.equal(ck.model.encode(x).idx, m.encode(x).idx)
+    cfg = json.loads((path / "cfg.json").read_text())
+    assert cfg["iht_gradient"] == "final"
+    # every other arch writes no such key (its cfg.json as before the switch existed), and
+    # a cfg.json without it differentiates through its steps
+    plain = checkpoints.save(_model("isae-iter", d=12, n=40, k=3), tmp_path / "plain",
+                             Normalizer(mean=np.zeros(12, dtype=np.float32), scale=1.0))
+    assert "iht_gradient" not in json.loads((plain / "cfg.json").read_text())
+    assert checkpoints.load(plain).model.cfg.iht_gradient == "steps"
+    cfg["arch"] = "isae-iter"  # and a name that contradicts the key is refused
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="iht_gradient"):
+        checkpoints.load(path)
+
+
+def test_stop_gradient_is_decided_by_the_name():
+    assert SAEConfig.from_arch("isae-iter+sg", d_in=4, d_sae=8, k=2).iht_gradient == "final"
+    assert SAEConfig.from_arch("isae-iter", d_in=4, d_sae=8, k=2).iht_gradient == "steps"
+    with pytest.raises(UserError, match="means iht_gradient='steps', not iht_gradient='final'"):
+        SAEConfig(d_in=4, d_sae=8, k=2, arch="isae-iter", iht_gradient="final")
 
 
 def test_k_must_be_below_width():

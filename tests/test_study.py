@@ -645,8 +645,8 @@ def test_one_entrance_draws_every_figure(frames, tmp_path):
     what its function gets when called directly: same PNG bytes."""
     assert list(figures.FIGURES) == list(plan.FIGURE_RULES)
     assert {n: f.__name__ for n, f in figures.FIGURES.items()} == plan.FIGURE_RULES
-    with pytest.raises(UserError, match="unknown figure 'F9'"):
-        figures.draw("F9", {})
+    with pytest.raises(UserError, match="unknown figure 'F10'"):
+        figures.draw("F10", {})
     f = frames
     paths = {}
     for name, df in (("runs", f["runs"]), ("pairs", f["pairs"]), ("latents", f["latents"]),

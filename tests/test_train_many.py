@@ -145,7 +145,7 @@ def test_a_pass_takes_whatever_stepper_steps_its_runs(data, tmp_path, monkeypatc
 
     made = []
 
-    def reversed_stepper(runs, device):
+    def reversed_stepper(runs, device, grouped=None):
         made.append(Reversed(runs, device))
         return made[-1]
 

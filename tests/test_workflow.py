@@ -183,7 +183,7 @@ def test_default_dry_run_and_overrides_are_typed(workdir):
     # and must still validate as numbers (common.smk re-types them).
     proc, *_ = snakemake(workdir, "--config", "seeds=[0, 1]", "archs=[topk, isae]",
                         "sweep={archs: [topk], seeds: [0]}", "ablation={datasets: []}",
-                        "budgets={archs: []}", "iter={datasets: []}",
+                        "budgets={archs: []}", "iter={datasets: []}", "width_study={datasets: []}",
                         "datasets={minilm: {train: {rows: 2000, ks: [8, 16]}, archs: null}}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     small = job_counts(proc.stdout)
@@ -231,7 +231,7 @@ def test_synthetic_k_not_below_atoms_fails_at_plan_time(workdir):
 @pytest.mark.slow
 @pytest.mark.parametrize("configs", [["config/config.yaml"],
                                      ["config/config.yaml", "tests/smoke/config.yaml"],
-                                     ["config/gpu.yaml"]])
+                                     ["config/gpu.yaml"], ["config/paper.yaml"]])
 def test_the_library_plans_the_dry_run_jobs(workdir, configs):
     """isae.study.plan.jobs (the compute plan's source) is the DAG of `snakemake -n`: the
     same jobs, wildcards and GPU requests."""

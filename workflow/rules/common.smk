@@ -7,8 +7,6 @@ is told) lives in the library: ``isae.study.grid`` (runs, groups, the grids) and
 
 import os
 
-import yaml
-
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
@@ -16,31 +14,8 @@ from isae.errors import UserError
 from isae.study import grid as study_grid
 from isae.study import plan
 
-
-def _retype(value):
-    """A --config string such as "5", "0.1", "true" or "null" -> its YAML value."""
-    if isinstance(value, str):
-        parsed = yaml.safe_load(value) if value.strip() else value
-        return parsed if isinstance(parsed, (bool, int, float, type(None))) else value
-    if isinstance(value, list):
-        return [_retype(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _retype(v) for k, v in value.items()}
-    return value
-
-
-def _typed_overrides(cfg: dict, overrides: dict) -> None:
-    """Snakemake parses the values of --config (e.g. seeds=[0,1] or datasets={...}) with
-    YAML's BaseLoader, which makes every nested scalar a string; re-read those, and only
-    those, so that command-line overrides mean what they say."""
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
-            _typed_overrides(cfg[key], value)
-        elif key in cfg and cfg[key] == value:
-            cfg[key] = _retype(value)
-
-
-_typed_overrides(config, workflow.config_settings.overwrite_config or {})
+# Snakemake reads nested --config values as strings (YAML's BaseLoader): re-typed here.
+plan.typed_overrides(config, workflow.config_settings.overwrite_config or {})
 
 # Fails before any job, naming the offending key (additionalProperties: false everywhere);
 # also fills in the schema's defaults.
@@ -61,6 +36,7 @@ wildcard_constraints:
     seed=r"\d+",
     seed_a=r"\d+",
     seed_b=r"\d+",
+    width=r"\d+",
     half=r"[01]",
     shape=r"k\d+-w\d+-r\d+",
 
@@ -73,7 +49,7 @@ DATASETS = config["datasets"]
 #: The runs, their grids and their training groups.
 GRID = study_grid.Grid.of(config)
 GROUPS = GRID.groups
-#: Downstream fidelity (F6): the k sweep's runs of the datasets that ask for it.
+#: Downstream fidelity (F6): the k sweep's and main grid's runs of the datasets that ask.
 FIDELITY_RUNS = study_grid.fidelity_runs(config, GRID)
 
 
@@ -104,6 +80,11 @@ def gpu_count() -> int:
 
 def has_lr_sweep(name: str) -> bool:
     return study_grid.has_lr_sweep(config, GRID, name)
+
+
+#: The datasets with an lr sweep, and (dataset, width) of the width axis's second sweeps.
+SWEPT = [n for n in DATASETS if has_lr_sweep(n)]
+WIDTH_LR_SWEEPS = study_grid.width_lr_sweeps(config, GRID)
 
 
 # The flags of each job's command. Every config value that reaches a shell command goes
@@ -158,19 +139,43 @@ def group_acts(wildcards) -> str:
     return derived_set(wildcards.dataset, group_of(wildcards).data)
 
 
+def lr_output(name: str, width: int, key: str) -> str:
+    """An output (choice, table, ckpts) of a dataset's lr sweep at ``width``: the main
+    sweep's at the main width, the width axis's second sweep's elsewhere."""
+    if width == DATASETS[name]["train"]["width"]:
+        return getattr(rules.lr_sweep.output, key).format(dataset=name)
+    return getattr(rules.lr_sweep_width.output, key).format(dataset=name, width=width)
+
+
 def lr_runs(wildcards) -> list:
-    """The lr sweep's checkpoints of the group's dataset, which a group on the dataset's
-    own set reuses."""
-    if not has_lr_sweep(wildcards.dataset) or group_of(wildcards).data:
-        return []
-    return [rules.lr_sweep.output.ckpts.format(dataset=wildcards.dataset)]
+    """The checkpoints of the lr sweep the group reuses (study_grid.lr_source)."""
+    w, reuse = study_grid.lr_source(config, GRID, group_of(wildcards))
+    return [lr_output(wildcards.dataset, w, "ckpts")] if reuse else []
 
 
 def lr_choice(wildcards) -> list:
-    """The lr sweep's choice file of the group's dataset (none without a sweep)."""
-    if not has_lr_sweep(wildcards.dataset):
-        return []
-    return [rules.lr_sweep.output.choice.format(dataset=wildcards.dataset)]
+    """The choice file of the lr sweep nearest to the group's width (none without a sweep):
+    isae train carries its rates to the group's width."""
+    w, _ = study_grid.lr_source(config, GRID, group_of(wildcards))
+    return [] if w is None else [lr_output(wildcards.dataset, w, "choice")]
+
+
+def width_lr_sweep_flags(wildcards) -> str:
+    return plan.cli_flags(
+        plan.width_lr_sweep_options(
+            config, GRID, wildcards.dataset, int(wildcards.width)
+        )
+    )
+
+
+def width_lr_tables(wildcards) -> list:
+    return [rules.lr_sweep_width.output.table.format(**w) for w in WIDTH_LR_SWEEPS]
+
+
+def chance_widths(wildcards) -> str:
+    """--width flags of the dataset's chance levels: every width its SAEs have."""
+    widths = study_grid.dataset_widths(config, GRID, wildcards.dataset)
+    return " ".join(f"--width {w}" for w in widths)
 
 
 def measure_tables(name: str):
@@ -221,11 +226,7 @@ def chance_tables(wildcards) -> list:
 
 
 def lr_tables(wildcards) -> list:
-    return [
-        rules.lr_sweep.output.table.format(dataset=name)
-        for name in DATASETS
-        if has_lr_sweep(name)
-    ]
+    return [rules.lr_sweep.output.table.format(dataset=n) for n in SWEPT]
 
 
 def run_artifacts(wildcards) -> list:
@@ -237,11 +238,8 @@ def run_artifacts(wildcards) -> list:
     intermediate file under up-to-date results as nothing to do."""
     out = [rules.activations.output.acts.format(dataset=name) for name in DATASETS]
     out += [derived_set(d, data) for d, data in study_grid.derived_sets(GRID)]
-    out += [
-        rules.lr_sweep.output.choice.format(dataset=n)
-        for n in DATASETS
-        if has_lr_sweep(n)
-    ]
+    out += [rules.lr_sweep.output.choice.format(dataset=n) for n in SWEPT]
+    out += [rules.lr_sweep_width.output.choice.format(**w) for w in WIDTH_LR_SWEEPS]
     out += [rules.train.output.ckpts.format(**g.wildcards()) for g in GROUPS.values()]
     out += measure_tables("runs")(wildcards) + fidelity_tables(wildcards)
     out += chance_tables(wildcards) + split_tables(wildcards)

@@ -12,6 +12,7 @@ FIGURE_TABLES = {
     "F6": ["fidelity", "runs"],
     "F7": ["runs", "pairs", "chance"],
     "F8": ["runs", "pairs"],
+    "F9": ["runs", "pairs", "chance"],
 }
 #: Figure -> what it is given besides tables.
 FIGURE_PARAMS = {"F2": {"true_k": true_k()}}

@@ -69,9 +69,10 @@ rule chance:
         runtime=res("measure", "runtime"),
     params:
         torch_threads=res("measure", "threads"),
-        width=lambda wc: dataset_cfg(wc)["train"]["width"],
+        # Every width the dataset's SAEs have: each is read against its own chance level.
+        widths=chance_widths,
         draws=config["chance"]["draws"],
         seed=config["data_seed"],
     shell:
-        "isae --threads {params.torch_threads} chance --activations {input.acts} --width {params.width}"
+        "isae --threads {params.torch_threads} chance --activations {input.acts} {params.widths}"
         " --draws {params.draws} --seed {params.seed} --out {output.table} > {log} 2>&1"

@@ -129,7 +129,7 @@ rule collect_lr:
         mem_mb=res("report", "mem_mb"),
         runtime=res("report", "runtime"),
     params:
-        ids=[{"dataset": n} for n in DATASETS if has_lr_sweep(n)],
+        ids=[{"dataset": n} for n in SWEPT],
     script:
         "../../scripts/collect.py"
 
@@ -220,3 +220,31 @@ rule table_lr:
         runtime=res("report", "runtime"),
     script:
         "../../scripts/table_lr.py"
+
+
+# T3: T1's and T2's main columns at the largest width of each dataset's width axis.
+rule table_t3:
+    input:
+        runs=rules.collect_runs.output.table,
+        pairs=rules.collect_pairs.output.table,
+        chance=rules.collect_chance.output.table,
+        lr=rules.collect_lr.output.table,
+        lr_width=width_lr_tables,
+    output:
+        table="results/tables/T3.parquet",
+        md=report("results/tables/T3.md", caption="../report/T3.rst", category="Tables"),
+        tex="results/tables/T3.tex",
+    log:
+        "logs/table_t3/all.log",
+    benchmark:
+        "results/benchmarks/table_t3/all.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=res("report", "mem_mb"),
+        runtime=res("report", "runtime"),
+    params:
+        lr_width_ids=WIDTH_LR_SWEEPS,
+    script:
+        "../../scripts/table_t3.py"

@@ -27,6 +27,37 @@ rule lr_sweep:
         " > {log} 2>&1"
 
 
+# The width axis's second sweep, at a larger width: it confirms the √ rule (a choice of 1x
+# the carried base rate) or overrides it for the widths nearest to it.
+rule lr_sweep_width:
+    input:
+        acts=rules.activations.output.acts,
+    output:
+        choice="results/lr/{dataset}-w{width}/lr.json",
+        table="results/lr/{dataset}-w{width}/sweep.parquet",
+        ckpts=directory("results/lr/{dataset}-w{width}/ckpt"),
+    log:
+        "logs/lr_sweep_width/{dataset}/w{width}.log",
+    benchmark:
+        "results/benchmarks/lr_sweep_width/{dataset}/w{width}.tsv"
+    priority: 2
+    conda:
+        ENV
+    threads: res("train", "threads")
+    resources:
+        mem_mb=res("train", "mem_mb"),
+        runtime=res("train", "runtime"),
+        gpu=gpu_count(),
+    params:
+        torch_threads=res("train", "threads"),
+        flags=width_lr_sweep_flags,
+        # Beside the main sweep's folder, not in it (an lr-sweep output holds only its own).
+        out=lambda wc: f"results/lr/{wc.dataset}-w{wc.width}",
+    shell:
+        "isae --threads {params.torch_threads} lr-sweep --activations {input.acts} {params.flags} --out {params.out}"
+        " > {log} 2>&1"
+
+
 rule train:
     input:
         acts=group_acts,

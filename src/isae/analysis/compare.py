@@ -66,6 +66,7 @@ def compare_checkpoints(
     log.info("matching %s (%d atoms) with %s (%d atoms)", A.path, A.d_sae, B.path, B.d_sae)
     m = match_dictionaries(A.W_dec, B.W_dec, device=device, block=block)
     summary = {**_describe(A, "a"), **_describe(B, "b"), "d_in": A.d_in, **m.summary(),
+               **m.certificate.summary(),
                "chance_mean_abs_cos": chance_mean_abs_cos(A.d_sae, B.d_sae, A.d_in, device=device)}
     table = m.table()
 

@@ -8,10 +8,11 @@ best |cos| in the other, no bijection) in both directions.
 Pure functions on tensors; no I/O. Works for dictionaries of different widths (rectangular
 assignment: min(N_a, N_b) pairs, the rest reported unmatched).
 
-Memory: the cosine matrix is computed in row blocks on the chosen device; the assignment runs
-in scipy, which needs the whole cost matrix dense, on the CPU and in float64 (scipy converts
-anything else to float64, so we build it in float64 directly and avoid a second copy):
-N_a * N_b * 8 bytes, 8.6 GB for two 32 768-atom dictionaries.
+The assignment is ``isae.analysis.assignment``'s: exact, found on a sparse graph of each
+atom's best partners and proved optimal on the full |cos| matrix by LP duality (the
+``Certificate`` on the Matching says how, and the gap it proved), with scipy's dense
+Hungarian solver as the fallback. The cosines are computed in row blocks on the chosen
+device (float32); no dense float64 matrix is built unless the fallback runs.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from scipy.optimize import linear_sum_assignment
 
+from isae.analysis.assignment import Certificate, assign_abs_cos
 from isae.errors import UserError
 
 
@@ -42,6 +43,8 @@ class Matching:
     """[N_a] float64: for each atom of A, the best |cos| over all atoms of B."""
     best_ba: np.ndarray
     """[N_b] float64: for each atom of B, the best |cos| over all atoms of A."""
+    certificate: Certificate | None = None
+    """How the assignment was found and the optimality gap proved for it."""
 
     @property
     def n_a(self) -> int:
@@ -108,18 +111,8 @@ def _unit_rows(W: torch.Tensor) -> torch.Tensor:
     return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-@torch.no_grad()
-def abs_cos_cost(
-    W_a: torch.Tensor | np.ndarray,
-    W_b: torch.Tensor | np.ndarray,
-    device: str | torch.device = "cpu",
-    block: int = 4096,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The negated |cosine| matrix as a dense float64 CPU array (scipy's cost), built in
-    blocks of ``block`` rows of A on ``device``, and the row / column maxima of |cos|.
-
-    (W_a: [N_a, D], W_b: [N_b, D]) -> (cost [N_a, N_b] = -|cos|, best_ab [N_a], best_ba [N_b]).
-    """
+def _unit_pair(W_a, W_b, device, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both dictionaries as float32 unit rows on ``device``; UserError on bad shapes."""
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise UserError(f"--block must be a positive integer, not {block!r}")
     A = _unit_rows(torch.as_tensor(W_a).detach().to(device=device, dtype=torch.float32))
@@ -129,6 +122,24 @@ def abs_cos_cost(
             f"cannot match dictionaries of shapes {tuple(A.shape)} and {tuple(B.shape)}: "
             "decoder rows must have the same dimension d_in"
         )
+    return A, B
+
+
+@torch.no_grad()
+def abs_cos_cost(
+    W_a: torch.Tensor | np.ndarray,
+    W_b: torch.Tensor | np.ndarray,
+    device: str | torch.device = "cpu",
+    block: int = 4096,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The negated |cosine| matrix as a dense float64 CPU array (the cost scipy's dense
+    Hungarian solver takes; a reference, not what ``match_dictionaries`` builds), computed in
+    blocks of ``block`` rows of A on ``device`` with the same float32 values as the matcher,
+    and the row / column maxima of |cos|.
+
+    (W_a: [N_a, D], W_b: [N_b, D]) -> (cost [N_a, N_b] = -|cos|, best_ab [N_a], best_ba [N_b]).
+    """
+    A, B = _unit_pair(W_a, W_b, device, block)
     n_a, n_b = A.shape[0], B.shape[0]
     cost = np.empty((n_a, n_b), np.float64)
     best_ab = np.empty(n_a, np.float64)
@@ -148,29 +159,33 @@ def match_dictionaries(
     device: str | torch.device = "cpu",
     block: int = 4096,
 ) -> Matching:
-    """Hungarian matching of decoder rows by |cos|.
+    """The optimal signed matching of decoder rows by |cos| (the Hungarian optimum, proved).
 
     (W_a: [N_a, D], W_b: [N_b, D]) -> Matching. Rows need not be unit norm (cosines are
     taken); the matched |cos| and signs are recomputed in float64 from the rows.
     """
-    cost, best_ab, best_ba = abs_cos_cost(W_a, W_b, device=device, block=block)
-    rows, cols = linear_sum_assignment(cost)  # minimises -|cos|: maximises total |cos|
-    del cost
-    A = torch.as_tensor(W_a).detach().double().cpu()
-    B = torch.as_tensor(W_b).detach().double().cpu()
-    a = torch.as_tensor(rows, dtype=torch.int64)
-    b = torch.as_tensor(cols, dtype=torch.int64)
-    Ua, Ub = _unit_rows(A[a]), _unit_rows(B[b])
+    A, B = _unit_pair(W_a, W_b, device, block)
+    got = assign_abs_cos(A, B, block=block)
+    del A, B
+    a = torch.as_tensor(got.rows, dtype=torch.int64)
+    b = torch.as_tensor(got.cols, dtype=torch.int64)
+    Ua = _unit_rows(torch.as_tensor(W_a).detach()[a.to(_device_of(W_a))].cpu().double())
+    Ub = _unit_rows(torch.as_tensor(W_b).detach()[b.to(_device_of(W_b))].cpu().double())
     cos = (Ua * Ub).sum(1).numpy()
     sign = np.where(cos < 0, -1, 1).astype(np.int8)
     return Matching(
-        a=rows.astype(np.int64),
-        b=cols.astype(np.int64),
+        a=got.rows,
+        b=got.cols,
         sign=sign,
         abs_cos=np.abs(cos),
-        best_ab=best_ab,
-        best_ba=best_ba,
+        best_ab=got.best_row,
+        best_ba=got.best_col,
+        certificate=got.certificate,
     )
+
+
+def _device_of(W: torch.Tensor | np.ndarray) -> torch.device:
+    return W.device if isinstance(W, torch.Tensor) else torch.device("cpu")
 
 
 def chance_mean_abs_cos(n_a: int, n_b: int, d: int, seed: int = 0, device: str | torch.device = "cpu") -> float:

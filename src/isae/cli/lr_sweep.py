@@ -7,6 +7,15 @@ from __future__ import annotations
 
 import argparse
 
+from isae.cli.fields import add_field_flags, field_values
+from isae.cli.train import TRAIN_FLAGS
+from isae.models.config import TrainConfig
+
+#: isae train's training options that lr-sweep passes on to every candidate (the flags it
+#: defines itself aside), so that a rate is chosen for the recipe the runs then train with.
+OPTION_FLAGS = tuple(f for f in TRAIN_FLAGS
+                     if f not in ("tokens", "batch_size", "lr", "device", "log_every"))
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -37,6 +46,7 @@ def add_parser(sub) -> None:
     p.add_argument("--data-seed", type=int, default=None, help="seed of the data order (default: --seed)")
     p.add_argument("--log-every", type=int, default=None, help="steps between log rows")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    add_field_flags(p, TrainConfig, OPTION_FLAGS)
     p.add_argument("--out", required=True, help="folder: ckpt/, sweep.parquet, lr.json (an "
                    "existing lr sweep's or an empty folder; never a folder of other files)")
     p.set_defaults(func=run)
@@ -46,7 +56,6 @@ def run(args: argparse.Namespace) -> dict:
     from dataclasses import replace
 
     from isae.errors import UserError
-    from isae.models.config import TrainConfig
     from isae.study.lr_sweep import lr_sweep
 
     try:
@@ -54,7 +63,8 @@ def run(args: argparse.Namespace) -> dict:
     except ValueError:
         raise UserError(f"--factors must be comma-separated numbers, not {args.factors!r}") from None
     tcfg = TrainConfig(tokens=args.tokens, lr=args.lr, device=args.device,
-                       seed=args.seed if args.data_seed is None else args.data_seed)
+                       seed=args.seed if args.data_seed is None else args.data_seed,
+                       **field_values(args, OPTION_FLAGS))
     if args.batch_size is not None:
         tcfg = replace(tcfg, batch_size=args.batch_size)
     if args.log_every is not None:

@@ -9,9 +9,11 @@ import argparse
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "match",
-        help="match two dictionaries (signed Hungarian on |cos|) and compare their codes",
+        help="match two dictionaries (optimal signed assignment on |cos|) and compare codes",
         description="Dictionary stability between two checkpoints (CKPT_B may be a synthetic "
-        "set's truth/ folder): per-atom matching table, one-line JSON summary.",
+        "set's truth/ folder): per-atom matching table, one-line JSON summary. The assignment "
+        "is proved optimal (assignment_gap: how far from the optimum its total |cos| can be "
+        "at most); without a proof it is solved again densely, and assignment_method says so.",
     )
     p.add_argument("ckpt_a", metavar="CKPT_A", help="checkpoint folder")
     p.add_argument("ckpt_b", metavar="CKPT_B", help="checkpoint folder, or a synthetic set's truth/")

@@ -23,6 +23,7 @@ from isae.models.config import (
     TrainConfig,
     arch_fields,
     arch_help,
+    carry_lr,
     parse_arch,
     steps_hint,
 )
@@ -66,7 +67,10 @@ def add_parser(sub) -> None:
     p.add_argument("--lr-from", default=None, metavar="FILE",
                    help="learning rates by arch from a JSON file {\"lr\": {arch: lr}} (as "
                         "written by isae lr-sweep); a variant such as topk+signed takes its "
-                        "preset's rate when it has none of its own")
+                        "preset's rate when it has none of its own. When the file names the "
+                        "width its rates were chosen at (\"width\": N, as lr-sweep writes), a "
+                        "run of another --width gets them x sqrt(N / width), as the default "
+                        "rate scales")
     p.add_argument("--reuse", default=None, metavar="DIR",
                    help="copy, instead of training, any run that a checkpoint under DIR already "
                         "is: the same arch, shape, seed, training settings, learning rate, data "
@@ -108,7 +112,7 @@ def run(args: argparse.Namespace) -> dict:
             raise UserError("with --seeds, --out must contain {seed} (one checkpoint per seed)")
     if args.lr is not None and args.lr_from:
         raise UserError("give --lr or --lr-from, not both")
-    rates = read_lr_file(args.lr_from, archs) if args.lr_from else {}
+    rates = read_lr_file(args.lr_from, archs, width) if args.lr_from else {}
     runs = [(a, s) for a in archs for s in seeds]
     cfgs = [SAEConfig(d_in=acts.d, d_sae=width, k=args.k, arch=a, seed=s, l1_coeff=args.l1_coeff)
             for a, s in runs]
@@ -178,10 +182,12 @@ def convergence_report(tcfg: TrainConfig, log_table: pd.DataFrame, total_steps: 
     return c
 
 
-def read_lr_file(path: str, archs: list[str]) -> dict[str, float]:
+def read_lr_file(path: str, archs: list[str], width: int | None = None) -> dict[str, float]:
     """{arch: learning rate} for ``archs`` from a JSON file {"lr": {name: rate}}: the arch's
     own entry, else its preset's (topk+signed -> topk). dl trains without one. UserError
-    when an arch has neither."""
+    when an arch has neither. A file that names its ``width`` (isae lr-sweep's lr.json) has
+    its rates carried to ``width`` as the default rate scales (carry_lr: x sqrt(its width /
+    width)), so that the factor the sweep chose over the default holds at every width."""
     from isae.data.json_files import read_json
 
     try:
@@ -191,6 +197,9 @@ def read_lr_file(path: str, archs: list[str]) -> dict[str, float]:
     table = obj.get("lr") if isinstance(obj, dict) else None
     if not isinstance(table, dict):
         raise UserError(f"--lr-from {path}: not a JSON object with an \"lr\" table")
+    at = obj.get("width")
+    if at is not None and (isinstance(at, bool) or not isinstance(at, int) or at < 1):
+        raise UserError(f"--lr-from {path}: \"width\" is not a positive integer")
     rates = {}
     for arch in archs:
         parsed = parse_arch(arch)
@@ -202,6 +211,10 @@ def read_lr_file(path: str, archs: list[str]) -> dict[str, float]:
                 if not isinstance(value, (int, float)) or not value > 0:
                     raise UserError(f"--lr-from {path}: the rate of {name!r} is not a positive number")
                 rates[arch] = float(value)
+                if at is not None and width is not None and at != width:
+                    rates[arch] = carry_lr(float(value), at, width)
+                    log.info("%s: lr %.4g, chosen at width %d, carried to width %d: %.4g",
+                             arch, value, at, width, rates[arch])
                 break
         else:
             alt = "" if parsed.preset == arch else f" or its preset {parsed.preset!r}"

@@ -13,8 +13,14 @@ Small kernels, each replacing a stock op that dominated the training step on an 
 * ``Segments``: out[n] = sum over (b, j) with idx[b, j] = n of w[b, j] src[b]: the weight
   gradients of a k-sparse map as one sparse (CSR) x dense product over latents sorted once,
   instead of a dense [B, N] scatter and a B x N x D matmul; ``reduce_into`` accumulates.
+* ``iht_eta`` / ``iht_update``: the two halves of an IHT step without gradient (``+sg``),
+  each one pass over a row, around the dense correlation and its top-k.
 * One-pass elementwise work of a step: ``fvu_parts``, ``scale``, ``sub_cast``,
   ``keep_where``, and the decoder's row constraint (``project_rows_``, ``normalize_rows_``).
+* ``adam_rows_``: Adam over M stacked models, each with its own learning rate (a group
+  trained as one model, isae.gpu.stacked_ops); ``gather_decode``, ``topk_mask_rows`` and
+  ``Segments`` also take such a group's rows: a bias and an AuxK mask per model, source
+  rows shared by the models.
 
 The wrappers accept CUDA tensors; with ``TRITON_INTERPRET=1`` set before import (Triton's
 own switch) they also run on CPU tensors, which is how tests/test_kernels.py checks them
@@ -182,8 +188,9 @@ if AVAILABLE:
         tl.store(out_idx + row * K + pos, col.to(tl.int64), mask=sel)
 
     @triton.jit
-    def _gather_decode_kernel(val, idx, W, out, bias, D, K: tl.constexpr, KP: tl.constexpr,
+    def _gather_decode_kernel(val, idx, W, out, bias, D, RPB, K: tl.constexpr, KP: tl.constexpr,
                               BLOCK_D: tl.constexpr, BIAS: tl.constexpr):
+        # RPB: rows per bias row (a stacked group's rows use their own model's bias)
         row = tl.program_id(0).to(tl.int64)
         kk = tl.arange(0, KP)
         km = kk < K
@@ -195,7 +202,7 @@ if AVAILABLE:
             w = tl.load(W + j[:, None] * D + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
             acc = tl.sum(w.to(tl.float32) * v[:, None], axis=0)
             if BIAS:
-                acc += tl.load(bias + d, mask=dm, other=0.0)
+                acc += tl.load(bias + (row // RPB) * D + d, mask=dm, other=0.0)
             tl.store(out + row * D + d, acc, mask=dm)
 
     @triton.jit
@@ -258,12 +265,20 @@ def topk_rows(pre: Tensor, k: int, signed: bool) -> tuple[Tensor, Tensor]:
 
 
 def gather_decode(val: Tensor, idx: Tensor, W: Tensor, bias: Tensor | None = None) -> Tensor:
-    """sum_j val[b, j] W[idx[b, j]] (+ bias [D]) -> float32 [B, D] (W [N, D], any float dtype)."""
+    """sum_j val[b, j] W[idx[b, j]] (+ bias) -> float32 [B, D] (W [N, D], any float dtype).
+
+    bias: [D], or [G, D] for G equal blocks of rows (a stacked group of models, each with
+    its own bias: row b takes bias[b // (B / G)])."""
     B, K = idx.shape
     D = W.shape[1]
+    groups = 1 if bias is None or bias.dim() == 1 else bias.shape[0]
+    if bias is not None and B % groups:
+        raise ValueError(f"{B} rows do not split into {groups} blocks")
     if not usable(W):
         out = reference.sparse_decode(reference.Codes(val.float(), idx), W.float())
-        return out if bias is None else out + bias
+        if bias is None:
+            return out
+        return (out.view(groups, -1, D) + bias.view(groups, 1, D)).view(B, D)
     out = torch.empty(B, D, device=W.device, dtype=torch.float32)
     # A whole row of up to 1024 columns per pass, over 8 warps: at D 768 on an H200 that
     # took 0.18 ms against 0.27 ms for 256-column passes over 4 warps (gpu_bench kernels).
@@ -271,7 +286,7 @@ def gather_decode(val: Tensor, idx: Tensor, W: Tensor, bias: Tensor | None = Non
     if B:
         _gather_decode_kernel[(B,)](
             val.float().contiguous(), idx.contiguous(), W.contiguous(), out,
-            out if bias is None else bias.float().contiguous(), D,
+            out if bias is None else bias.float().contiguous(), D, max(B // groups, 1),
             K=K, KP=_pow2(K), BLOCK_D=BLOCK_D, BIAS=bias is not None,
             num_warps=8 if BLOCK_D >= 1024 else 4)
     return out
@@ -347,12 +362,14 @@ if AVAILABLE:
         return x, _bits(sc, SHIFT)
 
     @triton.jit
-    def _topk_mask_kernel(src, valid, out, C, stride_row, K, SIGNED: tl.constexpr,
+    def _topk_mask_kernel(src, valid_all, out, C, stride_row, K, RPV, SIGNED: tl.constexpr,
                           SHIFT: tl.constexpr, BLOCK: tl.constexpr, ONE: tl.constexpr):
         # Bisection on the keys as in _select_kernel (invariant: count(key >= lo) >= K >
         # count(key >= hi)), then everything above the k-th key and the first ties at it.
+        # RPV: rows per row of the valid mask (a stacked group: each model its own mask).
         row = tl.program_id(0).to(tl.int64)
         base = src + row * stride_row
+        valid = valid_all + (row // RPV) * C
         dst = out + row * C
         offs = tl.arange(0, BLOCK)
         lo = tl.full([], 0, tl.int32)
@@ -498,10 +515,16 @@ def topk_mask_rows(src: Tensor, k: int, signed: bool, valid: Tensor) -> Tensor:
     Scores as in ``topk_rows`` (|x| signed, ReLU unsigned), over the columns where ``valid``
     [C] is true; ties go to the lower index. AuxK's selection among the dead latents, as a
     dense matrix that its decode multiplies directly. With fewer than k valid columns, all
-    of them are kept.
+    of them are kept. ``valid`` may be [G, C] for G equal blocks of rows (a stacked group of
+    models, each with its own dead latents): row b reads valid[b // (B / G)].
     """
     B, C = src.shape
+    groups = 1 if valid.dim() == 1 else valid.shape[0]
+    if B % groups:
+        raise ValueError(f"{B} rows do not split into {groups} blocks")
     if not usable(src):
+        if groups > 1:
+            valid = valid.repeat_interleave(B // groups, dim=0)
         kept = reference.auxk_select(src.float(), valid, k, signed).dense(C)
         # with fewer than k valid columns the selection reaches invalid ones: drop them
         return torch.where(valid, kept, 0.0).to(src.dtype)
@@ -510,10 +533,158 @@ def topk_mask_rows(src: Tensor, k: int, signed: bool, valid: Tensor) -> Tensor:
     out = torch.empty(B, C, device=src.device, dtype=src.dtype)
     if B and C:
         block = min(_pow2(C), 4096)
-        _topk_mask_kernel[(B,)](src, valid.to(torch.uint8), out, C, src.stride(0), k,
-                                SIGNED=signed, SHIFT=16 if src.dtype == torch.bfloat16 else 0,
+        _topk_mask_kernel[(B,)](src, valid.to(torch.uint8).contiguous(), out, C, src.stride(0),
+                                k, max(B // groups, 1), SIGNED=signed, SHIFT=16 if src.dtype == torch.bfloat16 else 0,
                                 BLOCK=block, ONE=C <= block, num_warps=8 if block >= 2048 else 4)
     return out
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _iht_eta_kernel(x, xh, idx, W, step, rs, D, scale, K: tl.constexpr, KP: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+        # One row: r = x - x_hat; g = <r, W_j> on the support; eta = scale ||g||^2 / ||g W||^2;
+        # then r * eta in bfloat16 (the correlation's left side).
+        row = tl.program_id(0).to(tl.int64)
+        kk = tl.arange(0, KP)
+        km = kk < K
+        j = tl.load(idx + row * K + kk, mask=km, other=0)
+        g = tl.zeros([KP], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d < D
+            r = (tl.load(x + row * D + d, mask=dm, other=0.0)
+                 - tl.load(xh + row * D + d, mask=dm, other=0.0))
+            w = tl.load(W + j[:, None] * D + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+            g += tl.sum(w.to(tl.float32) * r[None, :], axis=1)
+        sq = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d < D
+            w = tl.load(W + j[:, None] * D + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+            dg = tl.sum(w.to(tl.float32) * g[:, None], axis=0)
+            sq += dg * dg
+        eta = tl.sum(g * g, axis=0) / tl.maximum(tl.sum(sq, axis=0), 1e-12) * scale
+        tl.store(step + row, eta)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d < D
+            r = (tl.load(x + row * D + d, mask=dm, other=0.0)
+                 - tl.load(xh + row * D + d, mask=dm, other=0.0))
+            tl.store(rs + row * D + d, (r * eta).to(rs.dtype.element_ty, fp_downcast_rounding="rtne"),
+                     mask=dm)
+
+    @triton.jit
+    def _iht_update_kernel(x, xh, val, idx, nidx, step, W, bias, out_val, out_idx, out_xh, D,
+                           K: tl.constexpr, KP: tl.constexpr, BLOCK_D: tl.constexpr,
+                           SIGNED: tl.constexpr, BIAS: tl.constexpr):
+        # One row: the new support's values (old value where the latent was there already,
+        # plus eta <r, W_j>), their decode, and whichever of new and old reconstructs x better.
+        row = tl.program_id(0).to(tl.int64)
+        kk = tl.arange(0, KP)
+        km = kk < K
+        j_old = tl.load(idx + row * K + kk, mask=km, other=-1)
+        v_old = tl.load(val + row * K + kk, mask=km, other=0.0)
+        j = tl.load(nidx + row * K + kk, mask=km, other=0)
+        eta = tl.load(step + row)
+        c = tl.zeros([KP], dtype=tl.float32)
+        e_old = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d < D
+            r = (tl.load(x + row * D + d, mask=dm, other=0.0)
+                 - tl.load(xh + row * D + d, mask=dm, other=0.0))
+            e_old += r * r
+            w = tl.load(W + j[:, None] * D + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+            c += tl.sum(w.to(tl.float32) * r[None, :], axis=1)
+        same = (j[:, None] == j_old[None, :]) & km[:, None]  # padding (-1) matches nothing
+        v = tl.sum(tl.where(same, v_old[None, :], 0.0), axis=1) + eta * c
+        if not SIGNED:
+            v = tl.maximum(v, 0.0)
+        v = tl.where(km, v, 0.0)
+        e_new = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d < D
+            w = tl.load(W + j[:, None] * D + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+            xn = tl.sum(w.to(tl.float32) * v[:, None], axis=0)
+            if BIAS:
+                xn += tl.load(bias + d, mask=dm, other=0.0)
+            e = tl.load(x + row * D + d, mask=dm, other=0.0) - xn
+            e_new += tl.where(dm, e * e, 0.0)
+            tl.store(out_xh + row * D + d, xn, mask=dm)
+        if tl.sum(e_new, axis=0) <= tl.sum(e_old, axis=0):
+            tl.store(out_val + row * K + kk, v, mask=km)
+            tl.store(out_idx + row * K + kk, j, mask=km)
+        else:
+            tl.store(out_val + row * K + kk, v_old, mask=km)
+            tl.store(out_idx + row * K + kk, j_old, mask=km)
+            tl.debug_barrier()  # the new decode's stores above come first
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                dm = d < D
+                tl.store(out_xh + row * D + d, tl.load(xh + row * D + d, mask=dm, other=0.0),
+                         mask=dm)
+
+
+def _iht_block(D: int, K: int) -> int:
+    """Columns per pass of the IHT row kernels: [K, BLOCK_D] of the table in registers."""
+    return max(16, min(_pow2(D), 4096 // _pow2(K), 256))
+
+
+def iht_eta(x: Tensor, x_hat: Tensor, idx: Tensor, W: Tensor, scale: float
+            ) -> tuple[Tensor, Tensor]:
+    """The first half of an IHT step without gradient, for [B, D] float32 x and x_hat, the
+    support idx [B, K] and the bfloat16 table W [N, D]: (eta [B, 1] float32, the bfloat16
+    scaled residual (x - x_hat) eta [B, D]), eta = scale ||g||^2 / ||g W_S||^2 for
+    g = (x - x_hat) W_S^T (reference.iht_eta). One pass over each row where the stock ops
+    take seven kernels."""
+    B, K = idx.shape
+    D = W.shape[1]
+    if not (usable(W) and x.dtype == x_hat.dtype == torch.float32):
+        r = x - x_hat
+        g_S = gather_dot(r, idx, W)
+        step = reference.iht_eta(g_S, gather_decode(g_S, idx, W), scale)
+        return step, (r * step).to(W.dtype)
+    step = torch.empty(B, 1, device=W.device, dtype=torch.float32)
+    rs = torch.empty(B, D, device=W.device, dtype=W.dtype)
+    if B:
+        _iht_eta_kernel[(B,)](x.contiguous(), x_hat.contiguous(), idx.contiguous(), W.contiguous(),
+                              step, rs, D, float(scale), K=K, KP=_pow2(K),
+                              BLOCK_D=_iht_block(D, K), num_warps=4)
+    return step, rs
+
+
+def iht_update(x: Tensor, x_hat: Tensor, val: Tensor, idx: Tensor, new_idx: Tensor, step: Tensor,
+               W: Tensor, bias: Tensor | None, signed: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The second half of an IHT step without gradient: on the new support ``new_idx`` [B, K]
+    the values old + step <x - x_hat, W_j> (the old value where j was in ``idx`` already,
+    ReLU unless signed), their decode (+ bias), and per row the new codes where they
+    reconstruct x no worse than the old ones (reference.keep_better).
+    -> (val [B, K] float32, idx [B, K], reconstruction [B, D] float32)."""
+    B, K = idx.shape
+    D = W.shape[1]
+    if not (usable(W) and x.dtype == x_hat.dtype == val.dtype == torch.float32):
+        same = (new_idx.unsqueeze(-1) == idx.unsqueeze(-2)).to(val.dtype)
+        v = (same @ val.unsqueeze(-1)).squeeze(-1) + step * gather_dot(x - x_hat, new_idx, W)
+        if not signed:
+            v = torch.relu(v)
+        x_new = gather_decode(v, new_idx, W, bias)
+        kept, x_kept = reference.keep_better(x, x_hat, reference.Codes(val, idx),
+                                             reference.Codes(v, new_idx), x_new)
+        return kept.val, kept.idx, x_kept
+    out_val = torch.empty(B, K, device=W.device, dtype=torch.float32)
+    out_idx = torch.empty(B, K, device=W.device, dtype=idx.dtype)
+    out_xh = torch.empty(B, D, device=W.device, dtype=torch.float32)
+    if B:
+        _iht_update_kernel[(B,)](
+            x.contiguous(), x_hat.contiguous(), val.contiguous(), idx.contiguous(),
+            new_idx.contiguous(), step.contiguous(), W.contiguous(),
+            out_xh if bias is None else bias.float().contiguous(), out_val, out_idx, out_xh, D,
+            K=K, KP=_pow2(K), BLOCK_D=_iht_block(D, K), SIGNED=signed, BIAS=bias is not None,
+            num_warps=4)
+    return out_val, out_idx, out_xh
 
 
 def fvu_parts(x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -547,6 +718,7 @@ class Segments:
 
     def __init__(self, idx: Tensor, n: int) -> None:
         self.idx, self.n, self.K = idx, n, idx.shape[1]
+        self._cols: dict[int, Tensor] = {}
         if not usable(idx):
             return
         # Sorting 32-bit keys halves the radix passes; row offsets come from the sorted keys
@@ -557,7 +729,10 @@ class Segments:
         self.col = order // self.K
 
     def reduce(self, wts: Tensor, src: Tensor) -> Tensor:
-        """out[n] = sum_{idx[b, j] = n} wts[b, j] src[b] -> float32 [N, D]."""
+        """out[n] = sum_{idx[b, j] = n} wts[b, j] src[b] -> float32 [N, D].
+
+        src may have fewer rows R than idx, R dividing them: row b of the codes then reads
+        src[b % R] (a stacked group of models encoding the same batch)."""
         if not usable(src):
             return torch.zeros(self.n, src.shape[1], dtype=torch.float32,
                                device=src.device).index_add_(0, self.idx.reshape(-1),
@@ -572,11 +747,68 @@ class Segments:
         out.addmm_(self._csr(wts, src), src.float())
 
     def _rows(self, wts: Tensor, src: Tensor) -> Tensor:
+        rows = self.idx.shape[0]
+        if src.shape[0] != rows:
+            src = src.repeat(self._repeats(src), 1)
         return (wts.float()[..., None] * src.float()[:, None, :]).reshape(-1, src.shape[1])
+
+    def _repeats(self, src: Tensor) -> int:
+        rows, R = self.idx.shape[0], src.shape[0]
+        if not R or rows % R:
+            raise ValueError(f"{R} source rows for {rows} rows of codes")
+        return rows // R
 
     def _csr(self, wts: Tensor, src: Tensor) -> Tensor:
         vals = wts.reshape(-1).float()[self.order]
+        R = src.shape[0]
+        col = self.col
+        if R != self.idx.shape[0]:
+            self._repeats(src)
+            if R not in self._cols:
+                self._cols[R] = self.col % R
+            col = self._cols[R]
         with warnings.catch_warnings():  # "CSR support is in beta": SpMM is all we use
             warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(self.crow.long(), self.col, vals,
-                                           size=(self.n, src.shape[0]), check_invariants=False)
+            return torch.sparse_csr_tensor(self.crow.long(), col, vals,
+                                           size=(self.n, R), check_invariants=False)
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _adam_rows_kernel(p, g, m, v, step_size, bc2_sqrt, n, per, beta1, beta2, eps,
+                          BLOCK: tl.constexpr):
+        o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        msk = o < n
+        model = o // per
+        a = tl.load(step_size + model, mask=msk, other=0.0)
+        c2 = tl.load(bc2_sqrt + model, mask=msk, other=1.0)
+        gv = tl.load(g + o, mask=msk, other=0.0)
+        mv = tl.load(m + o, mask=msk, other=0.0)
+        vv = tl.load(v + o, mask=msk, other=0.0)
+        pv = tl.load(p + o, mask=msk, other=0.0)
+        mv = mv + (1.0 - beta1) * (gv - mv)  # lerp, as torch.optim.Adam
+        vv = vv * beta2 + (1.0 - beta2) * gv * gv
+        denom = tl.sqrt(vv) / c2 + eps
+        tl.store(m + o, mv, mask=msk)
+        tl.store(v + o, vv, mask=msk)
+        tl.store(p + o, pv - a * (mv / denom), mask=msk)
+
+
+def adam_rows_(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step_size: Tensor,
+               bc2_sqrt: Tensor, betas: tuple[float, float] = reference.ADAM_BETAS,
+               eps: float = 1e-8) -> None:
+    """reference.adam_rows_ (Adam on M stacked models, each its own step size and bias
+    correction [M]) in one pass over the four tensors, where stock ops take about ten."""
+    ts = (p, g, exp_avg, exp_avg_sq)
+    if not all(usable(t) and t.is_contiguous() and t.dtype == torch.float32 for t in ts):
+        reference.adam_rows_(p, g, exp_avg, exp_avg_sq, step_size, bc2_sqrt, betas, eps)
+        return
+    n = p.numel()
+    M = step_size.numel()
+    if n % M:
+        raise ValueError(f"{n} elements do not split into {M} models")
+    if n:
+        _adam_rows_kernel[(triton.cdiv(n, 4096),)](
+            p, g, exp_avg, exp_avg_sq, step_size, bc2_sqrt, n, n // M, betas[0], betas[1], eps,
+            BLOCK=4096, num_warps=8)

@@ -22,6 +22,10 @@ Here the sparse maps get their own backward, built on the Triton kernels of kern
 * The FVU (loss and AuxK's) is one pass over x and x_hat.
 * IHT (isae-iter) selects each new support from a dense bfloat16 correlation computed
   without gradient, and differentiates only the correlations it keeps (gathered dots).
+  With ``+sg`` the steps are not differentiated at all: two row kernels per step
+  (kernels.iht_eta, kernels.iht_update) around the correlation and its top-k, the
+  decoder sees the final codes as constants, and the amortised codes' decode (the steps'
+  starting point) is differentiated for their own loss term.
 
 Parameters, optimiser state, the loss and the reconstruction stay float32. On CPU tensors
 the kernels fall back to stock torch, so the same functions run anywhere. The checks that
@@ -124,10 +128,13 @@ def _segments(ctx, idx: Tensor, n: int) -> kernels.Segments:
 
 
 def _holder(idx: Tensor) -> dict:
-    h = getattr(idx, "_isae_holder", None)
+    # On the tensor that owns the memory: the views of one index tensor (a stacked group
+    # flattens its [M, B, K] codes) share one sort.
+    owner = idx if idx._base is None else idx._base
+    h = getattr(owner, "_isae_holder", None)
     if h is None:
         h = {}
-        idx._isae_holder = h
+        owner._isae_holder = h
     return h
 
 
@@ -237,13 +244,14 @@ class _TopKEncode(Function):
     @staticmethod
     def backward(ctx, g_val: Tensor | None, _g_idx, _g_pre, g_z: Tensor | None):
         xc, W_enc, idx, val, cols, z = ctx.saved_tensors
-        if g_val is None:
-            g_val = torch.zeros_like(val)
-        elif not ctx.signed:
+        # No g_val: the codes were not differentiated (AuxK alone, or +sg's steps replaced
+        # them), and their share of the gradients is zero: no sort, no sparse product.
+        if g_val is not None and not ctx.signed:
             g_val = g_val * (val > 0)
         N = W_enc.shape[1]
         db_enc = torch.zeros(N, device=xc.device, dtype=torch.float32)
-        db_enc.index_add_(0, idx.reshape(-1), g_val.reshape(-1).float())
+        if g_val is not None:
+            db_enc.index_add_(0, idx.reshape(-1), g_val.reshape(-1).float())
         g_aux = None
         if cols is not None and g_z is not None:
             g_aux = kernels.keep_where(g_z.to(LOW), z)  # [B, C]: the kept codes only
@@ -256,11 +264,13 @@ class _TopKEncode(Function):
             grads = _buffer(ctx, N, xc.shape[1])
             if g_aux is not None:
                 grads.add_rows(cols, mm32(g_aux.T, xc))  # [C, D]
-            grads.add_segments(_segments(ctx, idx, N), g_val, xc)
+            if g_val is not None:
+                grads.add_segments(_segments(ctx, idx, N), g_val, xc)
             if ctx.grads is None:
                 # [D, N] as a view: W_enc is stored latent-major (sparse_coder.py), so this is its
                 # own layout and autograd takes it without a copy.
-                dW = grads.take().T
+                acc = grads.take()
+                dW = None if acc is None else acc.T
         db_dec = -(db_enc @ W_enc.T) if ctx.needs_input_grad[1] else None
         return (None, db_dec, dW, db_enc if ctx.needs_input_grad[3] else None,
                 None, None, None, None, None, None)
@@ -372,6 +382,27 @@ def select_topk(score_src: Tensor, k: int, signed: bool) -> Tensor:
     return kernels.topk_rows(score_src, k, signed)[1]
 
 
+class _KnownDecode(Function):
+    @staticmethod
+    def forward(ctx, val: Tensor, idx: Tensor, W_dec: Tensor, grads: DecoderGrads | None,
+                bias: Tensor | None, out: Tensor):
+        ctx.save_for_backward(val, idx, low(W_dec))
+        ctx.n, ctx.grads = W_dec.shape[0], grads
+        ctx.holder = _holder(idx)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return (*_SparseDecode.backward(ctx, g), None)
+
+
+def known_decode(val: Tensor, idx: Tensor, W_dec: Tensor, grads: DecoderGrads | None,
+                 bias: Tensor | None, out: Tensor) -> Tensor:
+    """``sparse_decode`` whose result ``out`` [B, D] was computed already (without gradient):
+    the same backward, no second gathered decode."""
+    return _KnownDecode.apply(val, idx, W_dec, grads, bias, out)
+
+
 class FastOps:
     """The fast op set (see the module docstring); the same methods as
     isae.models.reference.ReferenceOps.
@@ -438,6 +469,32 @@ class FastOps:
             val = F.relu(val)
         new = Codes(val, idx)
         return keep_better(x, x_hat, codes, new, self.decode(new, w))
+
+    @torch.no_grad()
+    def iht_forward(self, x: Tensor, codes: Codes, x_hat: Tensor, w: Weights, k: int,
+                    signed: bool, scale: float, steps: int) -> tuple[Codes, Tensor]:
+        """``steps`` of ``iht_step``'s forward from ``codes`` and their reconstruction
+        ``x_hat``, without gradient: per step the step size with the bfloat16 scaled residual
+        (kernels.iht_eta), the dense correlation, its top-k, and the new values, their decode
+        and the keep-the-better choice (kernels.iht_update), one pass each where iht_step
+        launches some thirty kernels. -> (codes, their reconstruction)."""
+        W_low = low(w.dec)
+        val, idx, x_hat = codes.val.detach(), codes.idx, x_hat.detach()
+        for _ in range(steps):
+            step, rs = kernels.iht_eta(x, x_hat, idx, W_low, scale)
+            u = rs @ W_low.T  # [B, N] bf16, as in iht_step
+            u = u.scatter_add_(-1, idx, val.to(u.dtype))
+            new = select_topk(u, k, signed)
+            val, idx, x_hat = kernels.iht_update(x, x_hat, val, idx, new, step, W_low, w.b_dec,
+                                                 signed)
+        return Codes(val, idx), x_hat
+
+    def iht_final(self, x: Tensor, codes: Codes, x_hat: Tensor, w: Weights, k: int, signed: bool,
+                  scale: float, steps: int) -> tuple[Codes, Tensor]:
+        """The reference's iht_final by ``iht_forward``, with the final reconstruction
+        differentiable in the decoder (``known_decode``: no second decode)."""
+        final, x_fin = self.iht_forward(x, codes, x_hat, w, k, signed, scale, steps)
+        return final, known_decode(final.val, final.idx, w.dec, w.grads, w.b_dec, x_fin)
 
     def fvu(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
         return fvu(x, x_hat)

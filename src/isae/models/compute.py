@@ -23,6 +23,11 @@ checkpoint loading, the benchmarks) calls it once and hands the result to ``Spar
   on the GPU, e.g. to check a surprising number);
 * ``ISAE_CUDA_GRAPHS=0``: the fast path without CUDA-graph replay (each step launched
   eagerly; the way out if a recording ever fails).
+
+``grouped_training(device)`` says whether the TopK-family runs of one pass train as one
+stacked model (isae.training.group): on the fast path by default; ``ISAE_GROUPED=0`` trains
+them one by one there, ``ISAE_GROUPED=1`` groups them on any device (the CPU's grouped
+path runs the stacked reference maths; CPU training stays one by one unless asked).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from isae.models.reference import REFERENCE, AuxLatents, Codes, Weights
 
 REFERENCE_ENV = "ISAE_REFERENCE_OPS"
 GRAPHS_ENV = "ISAE_CUDA_GRAPHS"
+GROUPED_ENV = "ISAE_GROUPED"
 
 
 class StepReplay(Protocol):
@@ -78,6 +84,9 @@ class Ops(Protocol):
     def iht_step(self, x: Tensor, x_hat: Tensor, codes: Codes, w: Weights, k: int, signed: bool,
                  scale: float) -> tuple[Codes, Tensor | None]: ...
 
+    def iht_final(self, x: Tensor, codes: Codes, x_hat: Tensor, w: Weights, k: int, signed: bool,
+                  scale: float, steps: int) -> tuple[Codes, Tensor | None]: ...
+
     def fvu(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]: ...
 
     def auxk_loss(self, err: Tensor, pre: Tensor, aux_codes: Tensor | None, aux: AuxLatents,
@@ -107,3 +116,12 @@ def select_ops(device: str | torch.device) -> Ops:
     from isae.gpu.ops import FastOps
 
     return FastOps(cuda_graphs=_flag(GRAPHS_ENV, "1"))
+
+
+def grouped_training(device: str | torch.device) -> bool:
+    """Whether the runs of one pass on ``device`` train as one stacked model (see the
+    module docstring for the rules)."""
+    value = os.environ.get(GROUPED_ENV, "").strip()
+    if value:
+        return _flag(GROUPED_ENV, "0")
+    return select_ops(device).name == "fast"

@@ -5,7 +5,10 @@ A preset is data: a dict of switches. An architecture name is a preset followed 
 added (``+name``) or removed (``-name``), e.g. ``topk+signed`` or ``isae-tied`` — which is
 how the ablation names its variants; ``parse_arch`` is the one reader of such names.
 ``+iterN`` adds N hard-thresholding steps (``+iter`` alone adds 3), e.g. ``topk+iter10`` or
-``isae+iter1``.
+``isae+iter1``; ``+sg`` stops the gradient through those steps (``isae-iter+sg``, see
+``SAEConfig.iht_gradient``). A change that changes nothing (``isae-iter-sg``: isae-iter has
+no ``sg`` to remove) is refused, so that every name means one model and no name reads as
+something it is not.
 
 Every field carries its docstring (the string under it); ``isae train`` makes its flags
 from the fields, their defaults and those docstrings (isae.cli.fields).
@@ -87,20 +90,32 @@ SWITCHES: dict[str, tuple[str, object, object]] = {
     "iter": ("encoder_steps", 3, 0),
 }
 
+#: Switches that qualify another rather than stand alone (not part of the ablation's "each
+#: switch alone"), in the same form: ``sg`` needs thresholding steps (``iter``) to act on.
+MODIFIERS: dict[str, tuple[str, object, object]] = {
+    "sg": ("iht_gradient", "final", "steps"),
+}
+
 #: Presets: one dict of fields each, in the order tables list them. ``dl`` is the classical
 #: reference, not an SAE.
 PRESETS: dict[str, dict] = {
-    "topk": dict(kind="topk", signed=False, tied=False, bias="learned", encoder_steps=0),
-    "relu": dict(kind="relu", signed=False, tied=False, bias="learned", encoder_steps=0),
-    "isae": dict(kind="topk", signed=True, tied=True, bias="none", encoder_steps=0),
-    "isae-iter": dict(kind="topk", signed=True, tied=True, bias="none", encoder_steps=3),
-    "dl": dict(kind="dl", signed=True, tied=True, bias="none", encoder_steps=0),
+    "topk": dict(kind="topk", signed=False, tied=False, bias="learned", encoder_steps=0,
+                 iht_gradient="steps"),
+    "relu": dict(kind="relu", signed=False, tied=False, bias="learned", encoder_steps=0,
+                 iht_gradient="steps"),
+    "isae": dict(kind="topk", signed=True, tied=True, bias="none", encoder_steps=0,
+                 iht_gradient="steps"),
+    "isae-iter": dict(kind="topk", signed=True, tied=True, bias="none", encoder_steps=3,
+                      iht_gradient="steps"),
+    "dl": dict(kind="dl", signed=True, tied=True, bias="none", encoder_steps=0,
+                 iht_gradient="steps"),
 }
 
 #: Names that label a checkpoint without being an architecture one trains, with the fields
 #: they fix: a synthetic set's true dictionary (its ``truth/`` folder, encoded by OMP).
 LABELS: dict[str, dict] = {
-    "truth": dict(kind="dl", signed=True, tied=True, bias="none", encoder_steps=0),
+    "truth": dict(kind="dl", signed=True, tied=True, bias="none", encoder_steps=0,
+                  iht_gradient="steps"),
 }
 
 _TOKEN = re.compile(r"([+-])([a-z]+)(\d*)")
@@ -128,7 +143,7 @@ def parse_arch(name: str) -> Arch:
     if base is None:
         raise UserError(
             f"unknown arch {name!r}: a preset ({', '.join(PRESETS)}) followed by +switch or "
-            f"-switch ({', '.join(SWITCHES)})"
+            f"-switch ({', '.join([*SWITCHES, *MODIFIERS])})"
         )
     spec = dict(PRESETS[base])
     rest = name[len(base):]
@@ -137,21 +152,30 @@ def parse_arch(name: str) -> Arch:
         if m.start() != pos:
             break
         sign, switch, count = m.groups()
-        if switch not in SWITCHES:
-            raise UserError(f"unknown switch {switch!r} in arch {name!r}; known: {', '.join(SWITCHES)}")
+        known = {**SWITCHES, **MODIFIERS}
+        if switch not in known:
+            raise UserError(f"unknown switch {switch!r} in arch {name!r}; known: {', '.join(known)}")
         if spec["kind"] != "topk":
             raise UserError(f"arch {name!r}: switches apply to TopK-family presets only")
-        fname, on, off = SWITCHES[switch]
+        fname, on, off = known[switch]
         if count:
             if switch != "iter" or sign != "+" or int(count) < 1:
                 raise UserError(
                     f"arch {name!r}: only +iterN takes a count (N >= 1 thresholding steps)"
                 )
             on = int(count)
-        spec[fname] = on if sign == "+" else off
+        value = on if sign == "+" else off
+        if spec[fname] == value:
+            hint = f"; did you mean {name.replace('-' + switch, '+' + switch, 1)}?" if sign == "-" else ""
+            raise UserError(f"arch {name!r}: {sign}{switch}{count} changes nothing "
+                            f"({name[:len(base) + m.start()]} already has {fname} = {value!r}){hint}")
+        spec[fname] = value
         pos = m.end()
     if pos != len(rest):
         raise UserError(f"cannot parse arch {name!r} after {name[:len(base) + pos]!r}")
+    if spec.get("iht_gradient") == "final" and not spec["encoder_steps"]:
+        raise UserError(f"arch {name!r}: +sg stops the gradient through thresholding steps, "
+                        "and it has none (add +iter or +iterN)")
     return Arch(name, base, rest, spec)
 
 
@@ -198,8 +222,8 @@ def steps_hint(name: str, n: int) -> str:
 def arch_help() -> str:
     """What an architecture name may be, in one line (for help texts)."""
     return (f"a preset ({', '.join(PRESETS)}) with optional +switch/-switch "
-            f"({', '.join(SWITCHES)}; +iterN for N thresholding steps), e.g. topk+signed, "
-            "isae-tied or isae+iter10")
+            f"({', '.join([*SWITCHES, *MODIFIERS])}; +iterN for N thresholding steps, +sg for no gradient "
+            "through them), e.g. topk+signed, isae-tied, isae+iter10 or isae-iter+sg")
 
 
 def thresholding_steps(name: str) -> tuple[str, int] | None:
@@ -233,8 +257,8 @@ class SAEConfig:
     k: int = 32
     """Active latents per row (TopK family, dl); for relu only a label of the sweep."""
     arch: str = "topk"
-    """Architecture name: preset plus switches (see parse_arch). It fixes the five fields
-    below (kind and the switches): left unset they are derived from it, and a config whose
+    """Architecture name: preset plus switches (see parse_arch). It fixes the six fields
+    below (kind and the switches, iht_gradient last): left unset they are derived from it, and a config whose
     fields contradict it is refused."""
     kind: str | None = field(default=None, metadata={"choices": ("topk", "relu", "dl")})
     """topk | relu | dl: how codes are computed."""
@@ -248,6 +272,18 @@ class SAEConfig:
     """Iterative hard-thresholding steps with the decoder after the amortised TopK."""
     iht_step: float = 1.0
     """Step size eta of those steps, relative to 1/||D||^2 on the active rows (see sparse_coder.py)."""
+    iht_gradient: str | None = field(default=None, metadata={"choices": ("steps", "final")})
+    """What training differentiates when there are thresholding steps. steps: through every
+    step (isae-iter). final (the ``+sg`` switch, e.g. isae-iter+sg): the steps run without
+    gradient and compute the same codes, and the loss has two terms. The FVU of the final
+    codes, as constants: it trains the decoder, a dictionary-learning update (by the
+    envelope theorem the exact gradient of the refined codes' loss where they are
+    least-squares optimal on their support). And the FVU of the amortised TopK codes before
+    the steps, differentiated as TopK training differentiates it (Gao et al.): it trains the
+    encoder, with the feedback that the steps' codes cannot give it, and the decoder too.
+    A straight-through gradient instead (the final values' gradient passed to the
+    pre-activations of their support) has no such feedback, since those codes come from the
+    steps and not from the pre-activations: in CPU tests it drove training unstable."""
     l1_coeff: float = 1e-3
     """relu only: weight of the decoder-norm-weighted L1 penalty."""
     seed: int = 0
@@ -260,7 +296,7 @@ class SAEConfig:
         for name, value in arch_fields(self.arch).items():  # the switches the name fixes
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        for name in ("kind", "bias"):
+        for name in ("kind", "bias", "iht_gradient"):
             if not isinstance(getattr(self, name), str):
                 raise UserError(f"{name} must be a string, not {getattr(self, name)!r}")
         for name in ("signed", "tied"):
@@ -275,12 +311,14 @@ class SAEConfig:
             raise UserError(f"k must satisfy 1 <= k < width; got k={self.k}, width={self.d_sae}")
         if self.bias not in choices(SAEConfig, "bias"):
             raise UserError(f"bias must be 'learned' or 'none', not {self.bias!r}")
+        if self.iht_gradient not in choices(SAEConfig, "iht_gradient"):
+            raise UserError(f"iht_gradient must be 'steps' or 'final', not {self.iht_gradient!r}")
         self.encoder_steps = check_int("encoder_steps", self.encoder_steps, 0, MAX_ENCODER_STEPS)
         self.iht_step = check_float("iht_step", self.iht_step, 0.0, lo_open=True)
         self.l1_coeff = check_float("l1_coeff", self.l1_coeff, 0.0)
         self.seed = check_int("seed", self.seed, 0, MAX_SEED)
         # Last, once every field has its type: a config cannot contradict its name.
-        why = contradiction(self.arch, self.to_dict())
+        why = contradiction(self.arch, asdict(self))
         if why is not None:
             raise UserError(why)
 
@@ -290,7 +328,13 @@ class SAEConfig:
         return cls(arch=arch, **kw)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as cfg.json keeps them; ``iht_gradient`` only where it is not "steps"
+        (``+sg``), so that the checkpoints of every other architecture keep the keys and
+        bytes they had before the field existed (and are found again as finished runs)."""
+        d = asdict(self)
+        if d["iht_gradient"] == "steps":
+            del d["iht_gradient"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> SAEConfig:
@@ -407,6 +451,13 @@ class TrainConfig:
     def learning_rate(self, d_sae: int) -> float:
         """The Adam learning rate for a coder of ``d_sae`` latents (see ``lr``)."""
         return self.lr if self.lr is not None else BASE_LR / (d_sae / 2**14) ** 0.5
+
+
+def carry_lr(lr: float, from_width: int, to_width: int) -> float:
+    """A learning rate chosen at ``from_width`` latents, carried to ``to_width`` as the
+    default rate scales (1 / √width): the same multiple of the default at both widths.
+    ``lr`` itself at the same width."""
+    return lr if from_width == to_width else lr * (from_width / to_width) ** 0.5
 
 
 def choices(cls: type, name: str) -> tuple:

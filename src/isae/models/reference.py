@@ -44,6 +44,9 @@ class ForwardOutput(NamedTuple):
     """Scalar AuxK loss on dead latents (0 when none are dead or not topk)."""
     l1: Tensor
     """Scalar decoder-norm-weighted L1 of the codes (relu; 0 otherwise)."""
+    fvu_amortised: Tensor | None = None
+    """Scalar FVU of the amortised TopK codes before the thresholding steps, a loss term of
+    its own where the steps are not differentiated (``+sg``); None otherwise."""
 
 
 def topk_select(pre: Tensor, k: int, signed: bool) -> Codes:
@@ -113,6 +116,37 @@ def project_rows_(G: Tensor, W: Tensor) -> None:
 def normalize_rows_(W: Tensor) -> None:
     """W[i] /= max(||W[i]||, 1e-12) in place."""
     W /= W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+#: Adam's betas (eps 1e-8): torch.optim.Adam's defaults, which SAEStepper uses.
+ADAM_BETAS = (0.9, 0.999)
+
+
+def adam_scalars(step: Tensor, lr: Tensor, betas: tuple[float, float] = ADAM_BETAS
+                 ) -> tuple[Tensor, Tensor]:
+    """Adam's per-model step size lr / (1 - beta1^t) and sqrt(1 - beta2^t), each [M] float32,
+    computed in float64 as torch's Adam does (in float32, 1 - 0.999^t loses ~1e-5 of itself
+    at small t)."""
+    t = step.double()
+    b1, b2 = betas
+    return (lr.double() / (1 - b1 ** t)).float(), (1 - b2 ** t).sqrt().float()
+
+
+def adam_rows_(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step_size: Tensor,
+               bc2_sqrt: Tensor, betas: tuple[float, float] = ADAM_BETAS, eps: float = 1e-8
+               ) -> None:
+    """One Adam step in place (torch.optim.Adam's formula) on a tensor that stacks M models'
+    parameters along its first axis, each model with its own step size and bias correction
+    (``adam_scalars``: its own learning rate and step count), each [M]. p, g, exp_avg,
+    exp_avg_sq: one shape, contiguous, first axis a multiple of M (each model's rows
+    contiguous)."""
+    b1, b2 = betas
+    M = step_size.shape[0]
+    P, G, m, v = (t.view(M, -1) for t in (p, g, exp_avg, exp_avg_sq))
+    m.lerp_(G, 1 - b1)
+    v.mul_(b2).addcmul_(G, G, value=1 - b2)
+    denom = (v.sqrt() / bc2_sqrt[:, None]).add_(eps)
+    P.sub_(step_size[:, None] * (m / denom))
 
 
 # ----------------------------------------------------------------------------- the op set
@@ -191,6 +225,20 @@ class ReferenceOps:
         u = (g * step).scatter_add(-1, codes.idx, codes.val)
         new = topk_select(u, k, signed)
         return keep_better(x, x_hat, codes, new, self.decode(new, w))[0], None
+
+    def iht_final(self, x: Tensor, codes: Codes, x_hat: Tensor, w: Weights, k: int, signed: bool,
+                  scale: float, steps: int) -> tuple[Codes, Tensor | None]:
+        """``steps`` IHT steps from the amortised ``codes`` (reconstruction ``x_hat``) without
+        gradient: the codes of the same steps differentiated, as constants for the decoder
+        (SAEConfig.iht_gradient). No reconstruction: the caller decodes the final codes
+        with gradient."""
+        with torch.no_grad():
+            codes, x_hat = Codes(codes.val.detach(), codes.idx), x_hat.detach()
+            for _ in range(steps):
+                if x_hat is None:
+                    x_hat = self.decode(codes, w)
+                codes, x_hat = self.iht_step(x, x_hat, codes, w, k, signed, scale)
+        return codes, None
 
     def fvu(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
         return fvu(x, x_hat)

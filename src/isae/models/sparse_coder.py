@@ -49,6 +49,8 @@ class _Encoding(NamedTuple):
     """The reconstruction of ``codes`` where IHT steps carried it along (the fast path)."""
     aux_codes: Tensor | None
     """AuxK's codes where the encoder selected them (the fast path)."""
+    x_hat0: Tensor | None = None
+    """The amortised codes' reconstruction, differentiable, where the steps are not (+sg)."""
 
 
 class SparseCoder(nn.Module):
@@ -121,7 +123,8 @@ class SparseCoder(nn.Module):
         return self.ops.decode(codes, w)
 
     def _encode(self, x: Tensor, w: Weights, aux: AuxLatents | None = None) -> _Encoding:
-        """The codes: OMP (dl), ReLU (relu), or TopK then ``encoder_steps`` IHT steps."""
+        """The codes: OMP (dl), ReLU (relu), or TopK then ``encoder_steps`` IHT steps
+        (differentiated through, or for ``iht_gradient`` final not: ``ops.iht_final``)."""
         assert x.shape[-1] == self.cfg.d_in, f"expected [B, {self.cfg.d_in}], got {tuple(x.shape)}"
         if self.cfg.kind == "dl":
             return _Encoding(omp(x - self.b_dec, self.W_dec, self.cfg.k), None, None, None)
@@ -131,6 +134,13 @@ class SparseCoder(nn.Module):
             return _Encoding(Codes(z, idx), None, None, None)
         k_aux = self._k_aux(aux.n) if aux is not None else 0
         codes, pre, aux_codes = self.ops.topk_encode(x, w, self.cfg.k, self.cfg.signed, aux, k_aux)
+        if self.cfg.encoder_steps and self.cfg.iht_gradient == "final":
+            # +sg: the same steps, not differentiated; the amortised codes keep a loss of
+            # their own (see SAEConfig.iht_gradient)
+            x_hat0 = self._decode(codes, w)
+            final, x_hat = self.ops.iht_final(x, codes, x_hat0, w, self.cfg.k, self.cfg.signed,
+                                              self.cfg.iht_step, self.cfg.encoder_steps)
+            return _Encoding(final, pre, x_hat, aux_codes, x_hat0)
         x_hat = None
         for _ in range(self.cfg.encoder_steps):
             if x_hat is None:
@@ -173,16 +183,19 @@ class SparseCoder(nn.Module):
         elif aux is not None:
             auxk = self.ops.auxk_loss(err.detach(), enc.pre, enc.aux_codes, aux, w,
                                       self.cfg.signed, self._k_aux(aux.n))
-        return ForwardOutput(x_hat, codes, fvu_, auxk, l1)
+        fvu0 = self.ops.fvu(x, enc.x_hat0)[0] if enc.x_hat0 is not None else None
+        return ForwardOutput(x_hat, codes, fvu_, auxk, l1, fvu0)
 
     def loss(self, x: Tensor, out: ForwardOutput, auxk_alpha: float) -> Tensor:
-        """The training loss of ``out = self(x)``, scalar. TopK family: FVU + auxk_alpha x AuxK.
+        """The training loss of ``out = self(x)``, scalar. TopK family: FVU + auxk_alpha x AuxK
+        (+ the amortised codes' FVU where the steps are not differentiated, +sg).
         ReLU (Anthropic's April 2024 recipe): the squared error per row and dimension plus
         l1_coeff x the decoder-norm-weighted L1 of the codes."""
         if self.cfg.kind == "relu":
             mse = (x - out.x_hat).pow(2).sum(-1).mean() / x.shape[1]
             return mse + self.cfg.l1_coeff * out.l1
-        return out.fvu + auxk_alpha * out.auxk
+        loss = out.fvu + auxk_alpha * out.auxk
+        return loss if out.fvu_amortised is None else loss + out.fvu_amortised
 
     @torch.no_grad()
     def fired(self, codes: Codes) -> Tensor:

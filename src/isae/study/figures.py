@@ -1,4 +1,4 @@
-"""The study's figures F1–F8: one function each, from the collected tables to a Figure;
+"""The study's figures F1–F9: one function each, from the collected tables to a Figure;
 ``draw(name, tables)`` is the one entrance (``FIGURES`` names them).
 
 Every function takes the DataFrames written by the workflow's collect rules (``runs``: one
@@ -730,6 +730,9 @@ def f7_budget(runs: pd.DataFrame, pairs: pd.DataFrame, chance: pd.DataFrame | No
     if d.empty:
         return _empty_figure(title, xlabel, "metric", "no budget runs in the config")
     datasets = _datasets(d)
+    budget = _rows(runs, "budget")
+    budget_widths = (budget.groupby("dataset")["width"].first().to_dict()
+                     if "width" in budget.columns else {})
     metrics = [(m, label) for m, label in _F7_METRICS if m in set(d["metric"])]
     archs = _archs(d)
     fig, axes = _grid(len(datasets), len(metrics), width=4.2, height=3.1)
@@ -750,8 +753,12 @@ def f7_budget(runs: pd.DataFrame, pairs: pd.DataFrame, chance: pd.DataFrame | No
                     err = (row["lo"], row["hi"]) if metric == "seed_abs_cos" else row["sd"]
                     _errbar(ax, row["rows"], row["mean"], err, color, bool(row["converged"]))
             if metric == "seed_abs_cos" and chance is not None and not chance.empty:
+                # At the budget runs' width: the chance table holds every width of the set.
                 ch = chance[(chance["dataset"] == ds) & (chance["target"] == "seed") &
-                            (chance["kind"] == "data_rows")]["mean_abs_cos"].mean()
+                            (chance["kind"] == "data_rows")]
+                if "width" in ch.columns and ds in budget_widths:
+                    ch = ch[ch["width"] == budget_widths[ds]]
+                ch = ch["mean_abs_cos"].mean()
                 if np.isfinite(ch):
                     ax.axhline(ch, color="0.15", lw=1)
             ax.set_xscale("log")
@@ -896,6 +903,140 @@ def f8_iter(runs: pd.DataFrame, pairs: pd.DataFrame) -> Figure:
     return _finish(fig, title, handles, ncol=2)
 
 
+# ----------------------------------------------------------------------------- F9
+
+
+#: F9's metrics: (name, source table, column, scale, y label). Run metrics are per seed
+#: (mean ± sd), pair metrics per seed pair (mean and range: pairs share seeds).
+F9_METRICS = [
+    ("seed_abs_cos", "pairs", "mean_abs_cos", 1.0,
+     "matched |cos| between seeds, all latents\n(mean, range over seed pairs)"),
+    ("live_abs_cos", "pairs", "live_mean_abs_cos", 1.0,
+     "matched |cos| between seeds, live latents\n(mean, range over seed pairs)"),
+    ("frac_gt_0.9", "pairs", "frac_gt_0.9", 1.0,
+     "fraction of latents matched above 0.9\n(mean, range over seed pairs)"),
+    ("fvu", "runs", "fvu", 1.0, "held-out FVU\n(mean ± sd over seeds)"),
+    ("dead_pct", "runs", "dead_frac", 100.0,
+     "dead latents %: never fire on held-out rows\n(mean ± sd over seeds)"),
+    ("delta_median", "runs", "ric_observed_q50", 1.0,
+     "median δ_U on observed supports\n(mean ± sd over seeds)"),
+    ("delta_max", "runs", "ric_observed_max", 1.0,
+     "largest δ_U sampled (≤ δ_2k)\n(mean ± sd over seeds)"),
+]
+#: F9's reference lines: the chance level of the live latents' matching (per pair, as many
+#: random training rows as live latents), drawn beside the live stability.
+F9_LIVE_CHANCE = ("live_chance", "pairs", "live_chance_data_rows", 1.0, "")
+
+
+def width_curves(runs: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset x arch x width of the width axis (flag ``width_axis``): mean, sd, min,
+    max and n of each of F9's metrics over seeds (run metrics) or seed pairs (pair
+    metrics), scaled, and whether every run at that point converged.
+
+    -> columns dataset, arch, width, metric (F9_METRICS' names and live_chance), mean, sd,
+    lo, hi, n, converged."""
+    cols = ["dataset", "arch", "width", "metric", "mean", "sd", "lo", "hi", "n", "converged"]
+    r = _rows(runs, "width_axis")
+    if r.empty or "width_axis" not in r.columns:
+        return pd.DataFrame(columns=cols)
+    p = _rows(seed_pairs(pairs), "width_axis")
+    tables = {"runs": r, "pairs": p}
+    conv = {key: _all_converged(g) for key, g in r.groupby(["dataset", "arch", "width"])}
+    out = []
+    for metric, source, col, scale, _ in [*F9_METRICS, F9_LIVE_CHANCE]:
+        df = tables[source]
+        if df.empty or col not in df.columns:
+            continue
+        for (ds, arch, width), g in df.groupby(["dataset", "arch", "width"]):
+            mean, sd, lo, hi, n = _stats(g[col])
+            if n == 0:
+                continue
+            out.append(dict(dataset=ds, arch=arch, width=int(width), metric=metric,
+                            mean=scale * mean, sd=scale * sd, lo=scale * lo, hi=scale * hi,
+                            n=n, converged=conv.get((ds, arch, width), True)))
+    return pd.DataFrame(out, columns=cols)
+
+
+def width_label(width: int, d: float | None) -> str:
+    """A tick of the width axis: 1536 -> "1536\n4×d" when d (384) divides it, else the
+    width alone."""
+    if d and np.isfinite(d) and d > 0 and width % int(d) == 0:
+        return f"{width}\n{width // int(d)}×d"
+    return str(width)
+
+
+def f9_width(runs: pd.DataFrame, pairs: pd.DataFrame, chance: pd.DataFrame | None = None
+             ) -> Figure:
+    """Stability, reconstruction, dead latents and restricted isometry against the width
+    (log axis), one line per arch, one row of panels per dataset of the width axis: seed
+    |cos| over all latents (with the chance level of two dictionaries of random training
+    rows at each width) and over the live latents (with, dotted in the arch's colour, the
+    chance level of as many random rows), the fraction above 0.9, held-out FVU, dead %,
+    the median and the largest δ_U (with the 1/3 and √2−1 lines)."""
+    title = "F9 · the width (expansion factor) as an axis"
+    xlabel = "latents (width), log scale"
+    d = width_curves(runs, pairs)
+    if d.empty:
+        return _empty_figure(title, xlabel, "metric",
+                             "no width axis in the config (width_study.datasets is empty)")
+    datasets = _datasets(d)
+    metrics = [(m, label) for m, _, _, _, label in F9_METRICS if m in set(d["metric"])]
+    archs = _archs(d)
+    dims = (runs.groupby("dataset")["ric_d"].max().to_dict()
+            if "ric_d" in runs.columns else {})
+    fig, axes = _grid(len(datasets), len(metrics), width=3.6, height=3.1)
+    for r, ds in enumerate(datasets):
+        widths = sorted(set(d[d["dataset"] == ds]["width"]))
+        for c, (metric, label) in enumerate(metrics):
+            ax = axes[r][c]
+            sub = d[(d["dataset"] == ds) & (d["metric"] == metric)]
+            if sub.empty:
+                _placeholder(ax, xlabel, label, "not measured here")
+                continue
+            for i, a in enumerate(archs):
+                s = sub[sub["arch"] == a].sort_values("width")
+                if s.empty:
+                    continue
+                color = arch_color(a, i)
+                xs = _dodge(s["width"], i, len(archs), step=0.06)
+                ax.plot(xs, s["mean"], color=color, lw=1.3)
+                pair = metric in ("seed_abs_cos", "live_abs_cos", "frac_gt_0.9")
+                for xi, (_, row) in zip(xs, s.iterrows()):
+                    err = (row["lo"], row["hi"]) if pair else row["sd"]
+                    _errbar(ax, float(xi), row["mean"], err, color, bool(row["converged"]))
+                if metric == "live_abs_cos":
+                    lc = d[(d["dataset"] == ds) & (d["metric"] == "live_chance") &
+                           (d["arch"] == a)].sort_values("width")
+                    ax.plot(lc["width"], lc["mean"], color=color, lw=0.9, ls=":")
+            if metric == "seed_abs_cos" and chance is not None and not chance.empty:
+                ch = chance[(chance["dataset"] == ds) & (chance["target"] == "seed") &
+                            (chance["kind"] == "data_rows") & chance["width"].isin(widths)]
+                ch = ch.groupby("width")["mean_abs_cos"].mean()
+                ax.plot(ch.index, ch.to_numpy(), color="0.15", lw=1, ls="--")
+            if metric.startswith("delta"):
+                for t, ls in zip(DELTA_THRESHOLDS.values(), ["-.", ":"]):
+                    ax.axhline(t, color="tab:orange", ls=ls, lw=1.2)
+            ax.set_xscale("log", base=2)
+            _ticks_at(ax, widths, lambda w, ds=ds: width_label(int(w), dims.get(ds)))
+            ax.tick_params(axis="x", labelsize=7)
+            ax.set_xlabel(xlabel, fontsize=8)
+            ax.set_ylabel(label, fontsize=7)
+            unit = "pair" if metric in ("seed_abs_cos", "live_abs_cos", "frac_gt_0.9") else "seed"
+            lo, hi = int(sub["n"].min()), int(sub["n"].max())
+            count = str(lo) if lo == hi else f"{lo}–{hi}"
+            ax.set_title(f"{ds} ({count} {unit}{'s' if hi != 1 else ''} per point)", fontsize=8)
+    handles = [*_arch_handles(archs), _hollow_handle()]
+    if chance is not None and not chance.empty:
+        handles.append(Line2D([], [], color="0.15", ls="--",
+                              label="chance: random training rows, all latents"))
+    if (d["metric"] == "live_chance").any():
+        handles.append(Line2D([], [], color="0.3", ls=":",
+                              label="chance: as many random rows as live latents"))
+    handles += [Line2D([], [], color="tab:orange", ls="-.", label="δ = 1/3"),
+                Line2D([], [], color="tab:orange", ls=":", label="δ = √2−1")]
+    return _finish(fig, title, handles, ncol=4)
+
+
 # ----------------------------------------------------------------------------- entrance
 
 #: Figure name -> the function that draws it. The workflow has one rule per figure, named
@@ -909,11 +1050,12 @@ FIGURES = {
     "F6": f6_fidelity,
     "F7": f7_budget,
     "F8": f8_iter,
+    "F9": f9_width,
 }
 
 
 def draw(name: str, tables: dict[str, pd.DataFrame], **params) -> Figure:
-    """Figure ``name`` (F1 ... F8) from the collected tables it reads (by table name:
+    """Figure ``name`` (F1 ... F9) from the collected tables it reads (by table name:
     runs, pairs, latents, chance, fidelity) and its other parameters."""
     if name not in FIGURES:
         raise UserError(f"unknown figure {name!r}; known: {', '.join(FIGURES)}")

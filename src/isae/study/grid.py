@@ -16,6 +16,10 @@ order, so that a later grid can reuse what an earlier one trains:
             at the main k, width and rows (F4);
 * iter      ``iter.datasets`` x (each base, base+iterN for N in ``iter.steps``) x
             ``iter.seeds`` at the main k, width and rows (F8);
+* width_axis ``width_study.datasets`` x ``width_study.archs`` x ``width_study.seeds`` at the
+             main k, at the main width and every width of the dataset's
+             ``width_axis.widths``, each at its own rows (``width_axis.per_width``; F9, T3).
+             (Not ``width``: a grid's name is a flag column beside the width column.)
 * null      ``references.datasets`` x ``references.archs`` x ``references.seeds`` at the
             main k, width and rows, on a Gaussian set with the data's mean and covariance
             (``data="null"``): the trained null of T1 and F1;
@@ -36,9 +40,10 @@ defaults); the workflow (``workflow/rules/common.smk``) and the compute plan
 
 Adding a grid: write a function ``(cfg, name, planned) -> list[Run]`` and register it in
 ``GRIDS`` after the grids whose runs it reuses. Its name becomes a flag column of the
-collected tables, and its runs are trained and measured by the existing rules, in the
-groups their shapes give. A width axis returns main-shape runs at other widths (its run at
-the main width is the main grid's, reused). A reference trained on a derived activation
+collected tables (so it may not be a run's column: ``width`` is refused), and its runs are
+trained and measured by the existing rules, in the groups their shapes give. The width
+axis (``width_grid``) returns main-shape runs at other widths (its run at the main width is
+the main grid's, reused). A reference trained on a derived activation
 set (a Gaussian set with the data's covariance, one half of a split by document) returns
 runs with ``role`` and ``data`` set, e.g. ``Run(..., role="null", data="null")``: they
 train in a group of their own (``k16-w768-r120000-null``), and the workflow maps
@@ -48,13 +53,15 @@ picks it).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from isae.errors import UserError
-from isae.models.config import PRESETS, parse_arch, thresholding_steps
+from isae.models.config import PRESETS, TrainConfig, parse_arch, thresholding_steps
 
 #: topk and isae are the two ends every ablation variant is compared with.
 ABLATION_BASES = ("topk", "isae")
@@ -240,6 +247,57 @@ def iter_grid(cfg: dict, name: str, planned: Mapping[Run, frozenset]) -> list[Ru
     return out
 
 
+# ----------------------------------------------------------------------------- the width axis
+
+
+def axis_widths(cfg: dict, name: str) -> list[int]:
+    """The widths of a dataset's width axis, ascending: its main width and every width of
+    ``width_axis.widths``; empty when ``width_study.datasets`` does not name the dataset."""
+    if name not in cfg["width_study"]["datasets"]:
+        return []
+    ds = cfg["datasets"][name]
+    return sorted({ds["train"]["width"], *ds["width_axis"]["widths"]})
+
+
+def _per_width(cfg: dict, name: str, width: int) -> dict:
+    """The dataset's ``width_axis.per_width`` entry of ``width`` ({} when it has none)."""
+    entries = cfg["datasets"][name]["width_axis"]["per_width"]
+    return next((e for e in entries if e["width"] == width), {})
+
+
+def width_rows(cfg: dict, name: str, width: int) -> int:
+    """Training rows of the width axis's runs at ``width``: the width's own ``rows``, else
+    the main rows."""
+    return _per_width(cfg, name, width).get("rows") or cfg["datasets"][name]["train"]["rows"]
+
+
+def train_extra(cfg: dict, name: str, width: int) -> dict:
+    """The ``isae train`` options (TrainConfig fields, passed as flags) of every SAE of a
+    dataset at ``width``, its lr sweep's included: the train block's ``options``, updated by
+    the width's own ``width_axis.per_width`` options."""
+    return {**cfg["datasets"][name]["train"]["options"],
+            **(_per_width(cfg, name, width).get("options") or {})}  # fmt: skip
+
+
+def width_grid(cfg: dict, name: str, planned: Mapping[Run, frozenset]) -> list[Run]:
+    """width_study.archs x width_study.seeds at the main k, at every width of the axis and
+    that width's rows (F9, T3). A run another grid trains with the same settings on the
+    dataset's own set (the main grid's at the main width, the ablation's isae-tied) is
+    reused, not trained again."""
+    ws = cfg["width_study"]
+    k = cfg["datasets"][name]["train"]["k"]
+    out = []
+    for arch, width, seed in itertools.product(ws["archs"], axis_widths(cfg, name), ws["seeds"]):
+        key = dict(dataset=name, arch=arch, k=k, width=width,
+                   rows=width_rows(cfg, name, width), seed=seed)  # fmt: skip
+        known = [r for r in planned if r.key() == key and not r.data]
+        out.append(min(known, key=lambda r: r.role != "main") if known else Run(**key))
+    return out
+
+
+# ----------------------------------------------------------------------------- the references
+
+
 #: The activation sets (Run.data) of the split grid's two halves.
 SPLIT_HALVES = ("half0", "half1")
 #: Reference grid -> the key of the config's ``references`` block that turns it on.
@@ -276,6 +334,7 @@ def split_grid(cfg: dict, name: str, planned: Mapping[Run, frozenset]) -> list[R
     document (``isae split --half 0|1``), references.archs x references.seeds per half."""
     return _reference_runs(cfg, name, "split", SPLIT_HALVES)
 
+
 #: Every grid, in the order they are planned (a grid may reuse the runs of those above it).
 #: The names are the grid flags of the collected tables (isae.study.tables).
 GRIDS: dict[str, GridFn] = {
@@ -284,6 +343,7 @@ GRIDS: dict[str, GridFn] = {
     "budget": budget_grid,
     "ablation": ablation_grid,
     "iter": iter_grid,
+    "width_axis": width_grid,
     "null": null_grid,
     "split": split_grid,
 }
@@ -330,6 +390,10 @@ class Grid:
 
     @classmethod
     def of(cls, cfg: dict, grids: Mapping[str, GridFn] = GRIDS) -> Grid:
+        # A grid's name is a flag column beside the runs' identity columns.
+        clash = set(grids) & {*Run._fields, "group"}
+        if clash:
+            raise ValueError(f"grid name(s) {', '.join(sorted(clash))} clash with a run's columns")
         runs = build_runs(cfg, grids)
         return cls(runs, build_groups(runs), tuple(grids))
 
@@ -390,10 +454,79 @@ def has_lr_sweep(cfg: dict, grid: Grid, name: str) -> bool:
     return bool(cfg["lr_sweep"]["factors"]) and bool(grid.sweep_archs(name))
 
 
+def lr_sweep_widths(cfg: dict, grid: Grid, name: str) -> list[int]:
+    """The widths at which a dataset's learning rates are swept: the main width, then the
+    width axis's ``lr_sweep_width`` (``largest``: the axis's largest width; null: none)
+    where it differs. Empty without a sweep (has_lr_sweep)."""
+    if not has_lr_sweep(cfg, grid, name):
+        return []
+    main = cfg["datasets"][name]["train"]["width"]
+    at = cfg["datasets"][name]["width_axis"]["lr_sweep_width"]
+    widths = axis_widths(cfg, name)
+    if at == "largest":
+        at = max(widths) if widths else None
+    return [main] + ([at] if at is not None and at != main and widths else [])
+
+
+def lr_width_of(cfg: dict, grid: Grid, name: str, width: int) -> int | None:
+    """The swept width whose choice an SAE of ``width`` trains at: the nearest in
+    log(width), the smaller of two as near; None without a sweep. ``isae train --lr-from``
+    carries that choice to ``width`` as the default rate scales, × √(swept / width): the
+    factor over the default chosen at the swept width holds at every width."""
+    swept = lr_sweep_widths(cfg, grid, name)
+    if not swept:
+        return None
+    return min(swept, key=lambda w: (round(abs(math.log(width / w)), 9), w))
+
+
+def lr_source(cfg: dict, grid: Grid, group: Group) -> tuple[int | None, bool]:
+    """Where a group's learning rates come from: the swept width whose choice it trains at
+    (lr_width_of; None without a sweep, ``isae train --lr-from`` that width's choice), and
+    whether it reuses that sweep's run at the chosen rate as its own (``--reuse``). Only a
+    group at the swept width on the dataset's own set reuses: at another width no sweep run
+    has its shape, and a reference group (Group.data: the trained null's Gaussian set, a
+    split half) trains on another set than the sweep's, so it takes the rate alone."""
+    w = lr_width_of(cfg, grid, group.dataset, group.width)
+    return w, w is not None and w == group.width and not group.data
+
+
+def width_lr_sweeps(cfg: dict, grid: Grid) -> list[dict]:
+    """Wildcards (dataset, width) of the width axis's second lr sweeps (lr_sweep_width)."""
+    return [
+        {"dataset": n, "width": w} for n in cfg["datasets"] for w in lr_sweep_widths(cfg, grid, n)[1:]
+    ]
+
+
+def width_sweep_archs(cfg: dict, grid: Grid, name: str, width: int) -> list[str]:
+    """The archs of a dataset's lr sweep at ``width``: the presets of every run whose rate
+    comes from that sweep (lr_width_of), in arch order; dl has no rate."""
+    archs = {parse_arch(r.arch).preset for r in grid.runs
+             if r.dataset == name and lr_width_of(cfg, grid, name, r.width) == width}
+    return [a for a in sorted(archs, key=arch_order) if parse_arch(a).fields["kind"] != "dl"]
+
+
+def base_lr(cfg: dict, name: str, width: int) -> float | None:
+    """The rate an lr sweep's factors multiply at ``width``, and the rate of every run of a
+    dataset without a sweep: None = isae train's default, 8e-4 / √(width / 16384), which
+    scales with the width by itself; a set ``train.lr`` is the rate at the main width,
+    scaled by √(main width / width) at the others, as the default is."""
+    tr = cfg["datasets"][name]["train"]
+    if tr["lr"] is None or width == tr["width"]:
+        return tr["lr"]
+    return tr["lr"] * math.sqrt(tr["width"] / width)
+
+
+def dataset_widths(cfg: dict, grid: Grid, name: str) -> list[int]:
+    """Every width a dataset's SAEs are trained at (the main width, the k sweep's, the
+    width axis's), ascending: its chance levels are drawn at each."""
+    return sorted({cfg["datasets"][name]["train"]["width"],
+                   *(r.width for r in grid.runs if r.dataset == name)})  # fmt: skip
+
+
 def measures_isometry(grid: Grid, group: Group) -> bool:
-    """Restricted isometry is measured in groups with a run of the main grid or the sweep
-    (T2, F3); elsewhere it is skipped."""
-    return any(grid.runs[r] & {"main", "sweep"} for r in grid.runs_of(group))
+    """Restricted isometry is measured in groups with a run of the main grid, the sweep or
+    the width axis (T2, F3, F9, T3); elsewhere it is skipped."""
+    return any(grid.runs[r] & {"main", "sweep", "width_axis"} for r in grid.runs_of(group))
 
 
 def browser_pairs(cfg: dict, grid: Grid) -> list[dict]:
@@ -473,18 +606,70 @@ def true_k(cfg: dict) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------- checks
 
+#: TrainConfig fields that no ``options`` block may set: the workflow sets them from keys of
+#: its own (rows, batch_size, the lr sweep, device, data_seed), or they are no flag.
+RESERVED_OPTIONS = ("tokens", "batch_size", "lr", "device", "seed", "extra")
+
+
+def option_fields() -> list[str]:
+    """The TrainConfig fields a dataset's or a width's ``options`` may set (each an ``isae
+    train`` and ``isae lr-sweep`` flag)."""
+    return [f.name for f in dataclasses.fields(TrainConfig) if f.name not in RESERVED_OPTIONS]
+
+
+def check_options(options: Mapping, key: str) -> None:
+    """UserError naming ``key`` when an options block names a field that is no option, or
+    a value TrainConfig refuses."""
+    allowed = option_fields()
+    for name in options:
+        if name not in allowed:
+            raise UserError(f"{key}: {name!r} is not an isae train option (one of "
+                            f"{', '.join(allowed)})")
+    try:
+        TrainConfig(**options)
+    except (UserError, TypeError, ValueError) as e:
+        raise UserError(f"{key}: {e}") from None
+
+
+def check_width_axis(cfg: dict, name: str) -> None:
+    """The width axis of one dataset: named widths above k, a per-width entry or an lr
+    sweep only at a width of the axis, valid options."""
+    ds = cfg["datasets"][name]
+    ax = ds["width_axis"]
+    key = f"datasets.{name}.width_axis"
+    widths = {ds["train"]["width"], *ax["widths"]}
+    if name in cfg["width_study"]["datasets"] and len(widths) < 2:
+        raise UserError(f"{key}.widths: width_study.datasets names {name!r}, whose axis has "
+                        f"no width besides the main one ({ds['train']['width']})")
+    at = ax["lr_sweep_width"]
+    if isinstance(at, int) and at not in widths:
+        raise UserError(f"{key}.lr_sweep_width: {at} is not a width of the axis "
+                        f"({', '.join(map(str, sorted(widths)))})")
+    for w in sorted(widths):
+        if ds["train"]["k"] >= w:
+            raise UserError(f"{key}.widths: k={ds['train']['k']} must be smaller than "
+                            f"width={w}")
+    seen = set()
+    for i, entry in enumerate(ax["per_width"]):
+        w = entry["width"]
+        if w not in widths or w in seen:
+            why = "named twice" if w in seen else "not a width of the axis"
+            raise UserError(f"{key}.per_width[{i}]: width {w} is {why}")
+        seen.add(w)
+        check_options(entry.get("options") or {}, f"{key}.per_width[{i}].options")
+
 
 def check_config(cfg: dict) -> None:
     """The checks the schema cannot express; each raises UserError naming the key."""
     datasets = cfg["datasets"]
-    archs = set(cfg["archs"]) | set(cfg["sweep"]["archs"])
+    archs = set(cfg["archs"]) | set(cfg["sweep"]["archs"]) | set(cfg["width_study"]["archs"])
     archs |= set(cfg["budgets"]["archs"])
     archs |= {a for ds in datasets.values() for a in ds["archs"] or []}
     archs |= set(cfg["ablation"]["variants"]) | set(cfg["iter"]["bases"])
     archs |= set(cfg["references"]["archs"] or [])
     for arch in sorted(archs):
         parse_arch(arch)
-    for block in ("ablation", "iter", "references"):
+    for block in ("ablation", "iter", "width_study", "references"):
         for name in cfg[block]["datasets"]:
             if name not in datasets:
                 raise UserError(
@@ -502,6 +687,8 @@ def check_config(cfg: dict) -> None:
                     raise UserError(
                         f"datasets.{name}.train: k={k} must be smaller than width={w}"
                     )
+        check_options(tr["options"], f"datasets.{name}.train.options")
+        check_width_axis(cfg, name)
         if ds["source"] == "synthetic":
             ex = ds["extract"]
             if ex["k"] >= ex["atoms"]:

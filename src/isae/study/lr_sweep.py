@@ -88,7 +88,8 @@ def lr_sweep(
     ``sweep.parquet`` (arch, factor, lr, held-out FVU, diverged, seed_abs_cos,
     within_tolerance, chosen, at_edge: the chosen row of an arch whose choice is the
     grid's smallest or largest factor) and ``lr.json`` ({"lr": {arch: chosen rate},
-    "criterion", "rule", "tolerance", "factors", "default": {arch: default rate},
+    "width" (the rates are for it; ``isae train --lr-from`` carries them to another width
+    as the default scales), "criterion", "rule", "tolerance", "factors", "default": {arch: default rate},
     "at_edge": {arch: bool}, "sensitivity": [``sensitivity`` rows]}), the file ``isae
     train --lr-from`` reads. dl takes no rate and is left out.
 
@@ -147,7 +148,8 @@ def lr_sweep(
     table["at_edge"] = table["chosen"] & edge
     sens = lr_sensitivity(table)
     write_table(table, out / "sweep.parquet")
-    choice = {"lr": chosen, "criterion": CRITERION, "rule": RULE.format(tol=100 * tolerance),
+    choice = {"lr": chosen, "width": width, "criterion": CRITERION,
+              "rule": RULE.format(tol=100 * tolerance),
               "tolerance": tolerance, "factors": list(factors),
               "default": {a: default for a in archs}, "seed": seed, "pair_seed": pair_seed,
               "tokens": tcfg.tokens,

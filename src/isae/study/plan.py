@@ -21,13 +21,18 @@ from pathlib import Path
 from isae.study.grid import (
     Grid,
     Group,
+    base_lr,
     browser_pairs,
     derived_sets,
     fidelity_runs,
     has_lr_sweep,
+    lr_sweep_widths,
     main_archs,
     measures_isometry,
     split_pairs,
+    train_extra,
+    width_rows,
+    width_sweep_archs,
 )
 
 #: The rules that run once per study, in the order the workflow defines them.
@@ -42,6 +47,7 @@ REPORT_RULES = (
     "table_t1",
     "table_t2",
     "table_lr",
+    "table_t3",
 )
 #: Figure -> its rule (one rule per figure, generated in workflow/rules/figures.smk).
 FIGURE_RULES = {
@@ -53,6 +59,7 @@ FIGURE_RULES = {
     "F6": "f6_fidelity",
     "F7": "f7_budget",
     "F8": "f8_iter",
+    "F9": "f9_width",
 }
 
 
@@ -101,6 +108,23 @@ def lr_sweep_options(cfg: dict, grid: Grid, name: str) -> dict:
         "batch_size": tr["batch_size"],
         "lr": tr["lr"],
         "device": cfg["device"],
+        **train_extra(cfg, name, tr["width"]),
+    }
+
+
+def width_lr_sweep_options(cfg: dict, grid: Grid, name: str, width: int) -> dict:
+    """The flags of a dataset's second `isae lr-sweep`, at ``width`` of its width axis: the
+    archs whose rate comes from it, that width's rows and options, and the base rate the
+    factors multiply carried there (base_lr), so that a choice of 1x confirms the √ rule."""
+    main = {k: v for k, v in lr_sweep_options(cfg, grid, name).items()
+            if k not in train_extra(cfg, name, cfg["datasets"][name]["train"]["width"])}
+    return {
+        **main,
+        "arch": ",".join(width_sweep_archs(cfg, grid, name, width)),
+        "width": width,
+        "tokens": width_rows(cfg, name, width),
+        "lr": base_lr(cfg, name, width),
+        **train_extra(cfg, name, width),
     }
 
 
@@ -119,8 +143,8 @@ def train_options(cfg: dict, grid: Grid, group: Group) -> dict:
         "device": cfg["device"],
     }
     if not has_lr_sweep(cfg, grid, group.dataset):
-        options["lr"] = tr["lr"]
-    return options
+        options["lr"] = base_lr(cfg, group.dataset, group.width)
+    return {**options, **train_extra(cfg, group.dataset, group.width)}
 
 
 def measure_options(cfg: dict, grid: Grid, group: Group) -> dict:
@@ -195,6 +219,18 @@ class Job:
     """What it trains (train and lr_sweep jobs)."""
 
 
+def width_lr_sweep_jobs(cfg: dict, grid: Grid, names: Sequence[str], gpus: int) -> list[Job]:
+    """The second lr sweep of each dataset with a width axis (rule lr_sweep_width)."""
+    out = []
+    for n in names:
+        factors = len(cfg["lr_sweep"]["factors"])
+        for w in lr_sweep_widths(cfg, grid, n)[1:]:
+            rows = width_rows(cfg, n, w)
+            out.append(Job("lr_sweep_width", {"dataset": n, "width": str(w)}, gpus, tuple(
+                Trained(a, factors, w, rows) for a in width_sweep_archs(cfg, grid, n, w))))  # fmt: skip
+    return out
+
+
 def _str(d: Mapping) -> dict:
     return {k: str(v) for k, v in d.items()}
 
@@ -217,6 +253,7 @@ def jobs(cfg: dict, grid: Grid | None = None) -> list[Job]:
         factors = len(cfg["lr_sweep"]["factors"])
         out.append(Job("lr_sweep", {"dataset": n}, gpus, tuple(
             Trained(a, factors, tr["width"], tr["rows"]) for a in grid.sweep_archs(n))))  # fmt: skip
+    out += width_lr_sweep_jobs(cfg, grid, swept, gpus)
     for g in grid.groups.values():
         out.append(Job("train", _str(g.wildcards()), gpus, tuple(
             Trained(a, len(g.seeds), g.width, g.rows) for a in g.archs)))  # fmt: skip
@@ -234,6 +271,32 @@ def jobs(cfg: dict, grid: Grid | None = None) -> list[Job]:
 
 
 # ----------------------------------------------------------------------------- config
+
+
+def _retype(value):
+    """A --config string such as "5", "0.1", "true" or "null" -> its YAML value."""
+    import yaml
+
+    if isinstance(value, str):
+        parsed = yaml.safe_load(value) if value.strip() else value
+        return parsed if isinstance(parsed, (bool, int, float, type(None))) else value
+    if isinstance(value, list):
+        return [_retype(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _retype(v) for k, v in value.items()}
+    return value
+
+
+def typed_overrides(cfg: dict, overrides: Mapping) -> None:
+    """Snakemake parses the values of --config (e.g. seeds=[0,1] or datasets={...}) with
+    YAML's BaseLoader, which makes every nested scalar a string; re-read those, and only
+    those (in ``cfg``, in place), so that command-line overrides mean what they say."""
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            typed_overrides(cfg[key], value)
+        elif key in cfg and cfg[key] == value:
+            cfg[key] = _retype(value)
+
 
 
 def merge(base: dict, update: Mapping) -> dict:

@@ -690,3 +690,127 @@ def write_renderings(table: pd.DataFrame, metrics: Sequence[Metric], caption: st
     write_table(table, parquet)
     write_text_atomic(to_markdown(table, metrics, caption), md)
     write_text_atomic(to_latex(table, metrics, caption, label=label), tex)
+
+
+# ----------------------------------------------------------------------------- T3
+
+#: The grid (isae.study.grid.GRIDS) whose runs T3 and F9 read.
+WIDTH_GRID = "width_axis"
+
+
+def largest_width(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the width axis (flag ``width_axis``) at each dataset's largest width of
+    it; none when the table has no such rows."""
+    if df.empty or WIDTH_GRID not in df.columns:
+        return df.iloc[:0]
+    r = df[df[WIDTH_GRID].astype(bool)]
+    return r[r["width"] == r.groupby("dataset")["width"].transform("max")]
+
+
+def lr_factors(rows: pd.DataFrame, lr: pd.DataFrame, lr_width: pd.DataFrame) -> pd.DataFrame:
+    """Per row key of ``rows`` (dataset, arch, k, width): the factor over the default rate
+    that the lr sweep at the main width chose for the arch's preset (``lr_factor_main``,
+    from the collected main sweeps: dataset, arch, factor, chosen) and the one the sweep at
+    the row's own width chose (``lr_factor_here``, from the collected width sweeps, which
+    add a width column); NaN where there is no such sweep. The two agree where the √ rule
+    holds: a factor chosen at one width is the same factor at the other."""
+    keys = rows[ROW_KEYS].drop_duplicates().reset_index(drop=True)
+
+    def chosen(table: pd.DataFrame, by: list[str]) -> dict:
+        need = {*by, "arch", "factor", "chosen"}
+        if table is None or table.empty or not need <= set(table.columns):
+            return {}
+        c = table[table["chosen"].astype(bool)]
+        return {tuple(r[b] for b in (*by, "arch")): float(r["factor"]) for _, r in c.iterrows()}
+
+    main, here = chosen(lr, ["dataset"]), chosen(lr_width, ["dataset", "width"])
+    presets = keys["arch"].map(_preset)
+    keys["lr_factor_main"] = [main.get((d, a), math.nan) for d, a in zip(keys["dataset"], presets)]
+    keys["lr_factor_here"] = [here.get((d, int(w), a), math.nan)
+                              for d, w, a in zip(keys["dataset"], keys["width"], presets)]
+    return keys
+
+
+def _pick(metrics: Sequence[Metric], *keys: str) -> list[Metric]:
+    by = {m.key: m for m in metrics}
+    return [by[k] for k in keys]
+
+
+#: T3's columns: the learning rate, its factor at the main width and at this one, and the
+#: budget; T1's reconstruction, convergence, stability (all latents and live latents) and
+#: truth columns; T2's code consistency and restricted isometry.
+T3_LR = [
+    _pick(T1_EVAL, "lr")[0],
+    Metric("lr_factor_main", "lr factor, main width", r"lr fact.\ main", digits=3, fmt="g",
+           spread="none", optional=True, hide_when_empty=True),
+    Metric("lr_factor_here", "lr factor, this width", r"lr fact.\ here", digits=3, fmt="g",
+           spread="none", optional=True, hide_when_empty=True),
+    Metric("rows", "rows (M)", r"rows (M)", digits=3, fmt="g", scale=1e-6, spread="none"),
+]
+T3_RUNS = [*_pick(T1_EVAL, "fvu", "dead_frac"), *_pick(T1_CONVERGENCE, "converged", "fvu_trend")]
+T3_PAIRS = [*T1_MATCH[:2], *T1_LIVE]
+T3_CHANCE = _pick(T1_MATCH, "chance_data_rows")
+T3_TRUTH = T1_TRUTH[:2]
+T3_CODES = _pick(T2_MATCH, "code_pearson_all", "code_jaccard")
+T3_RIC = _pick(T2_RIC, "ric_observed_q50", "ric_observed_max", "ric_observed_frac_lt_sqrt2-1",
+               "ric_dict_dup_frac")
+T3_METRICS = [*T3_LR, *T3_RUNS, *T3_PAIRS, *T3_CHANCE, *T3_TRUTH, *T3_CODES, *T3_RIC]
+
+
+def _not_converged(runs: pd.DataFrame) -> dict:
+    """(dataset, arch, k, width) -> True where some run of ``runs`` has not converged."""
+    if runs.empty or "converged" not in runs.columns:
+        return {}
+    g = runs.groupby(ROW_KEYS)["converged"].agg(lambda v: not bool(np.all(v.astype(bool))))
+    return {tuple(k): bool(v) for k, v in g.items()}
+
+
+def table_t3(runs: pd.DataFrame, pairs: pd.DataFrame, chance: pd.DataFrame | None = None,
+             lr: pd.DataFrame | None = None, lr_width: pd.DataFrame | None = None) -> pd.DataFrame:
+    """T3: per dataset x arch of the width axis at the dataset's largest width of it, T1's
+    and T2's main columns with the budget, dead % and live-latent stability, the factor of
+    the rate at the main width and at this one, a ``not_converged`` column (some seed's run
+    has not converged) and ``lr_at_edge`` (the sweep at this width, or the main one where
+    there is none here, chose its grid's edge). ``lr_width``: the width axis's second lr
+    sweeps (``sweep.parquet`` with dataset and width columns)."""
+    r = largest_width(runs)
+    p = largest_width(seed_pairs(pairs))
+    chance = chance if chance is not None else pd.DataFrame()
+    lr = lr if lr is not None else pd.DataFrame()
+    lr_width = lr_width if lr_width is not None else pd.DataFrame()
+    table = summarize([(r, [*T3_LR[:1], T3_LR[3], *T3_RUNS]),
+                       (lr_factors(r, lr, lr_width), T3_LR[1:3]),
+                       (p, T3_PAIRS), (chance_columns(r, chance), T3_CHANCE), (r, T3_TRUTH),
+                       (p, T3_CODES), (r, T3_RIC)])
+    marks = _not_converged(r)
+    keys = list(zip(table["dataset"], table["arch"], table["k"], table["width"]))
+    table["not_converged"] = [marks.get((d, a, int(k), int(w)), False) for d, a, k, w in keys]
+    # The sweep at the row's width where there is one (its rows: at_edge = chosen at an
+    # edge), else the main width's.
+    edges: dict = {}
+    if {"dataset", "width", "arch", "at_edge"} <= set(lr_width.columns):
+        cols = lr_width[["dataset", "width", "arch", "at_edge"]]
+        for d, w, a, e in cols.itertuples(index=False):
+            edges[(d, int(w), a)] = edges.get((d, int(w), a), False) or bool(e)
+    main = lr_edge_marks(lr)
+    table["lr_at_edge"] = [edges.get((d, int(w), _preset(a)), main.get((d, _preset(a)), False))
+                           for d, a, _, w in keys]
+    return table
+
+
+T3_CAPTION = (
+    "T3. The width axis at each dataset's largest width (the paper's 32 × d on a language "
+    "model): per dataset x arch, the learning rate, the factor over the default rate chosen "
+    "by the lr sweep at the main width and by the sweep at this width (equal factors confirm "
+    "that the rate scales as the default, 1/√width; every other width trains at the factor of "
+    "the swept width nearest to it), the training rows; held-out FVU and dead % (latents "
+    "that never fire on the held-out rows), mean ± sd over seeds; convergence as in T1; "
+    "stability between seeds over all latents and over the latents live in both seeds "
+    "(matched among themselves), their number and the chance level of as many random "
+    "training rows, mean [min, max] over the seed pairs; the chance level of two dictionaries "
+    "of random training rows at this width; truth recovery (synthetic); T2's code "
+    "consistency (mean [min, max] over pairs) and restricted isometry on observed supports "
+    "(median and largest δ, the fraction under √2−1, near-duplicate atoms), mean ± sd over "
+    "seeds. † and ‡ as in T1 (‡: the sweep at this width, or the main width's where there is "
+    "none here)."
+)

@@ -7,7 +7,8 @@ A pass has four phases, each a function below: set up and check (``_set_up``), p
 resume state (``_resume``), the step loop (``_step_loop``), and saving each run's
 checkpoint (``_save_run``). One loop serves every kind: a *stepper* (training/steppers.py)
 does one optimisation step of a model on a batch, and a *pass stepper* steps all the
-pass's models (``pass_stepper`` chooses it); the loop owns the data stream, the
+pass's models (``pass_stepper`` chooses it: on the GPU's fast path the TopK-family runs
+of one shape step as one stacked model, training/group.py); the loop owns the data stream, the
 learning-rate schedule, logging, resume state and the final checkpoints. The models run on
 the op set chosen once for the device (isae.models.compute.select_ops): nothing here
 knows which one it is.
@@ -56,6 +57,7 @@ from isae.models.config import SAEConfig, TrainConfig
 from isae.progress import progress
 from isae.training.batches import DEVICE, STREAM, training_batches
 from isae.training.footprint import check_training_fits
+from isae.training.group import grouped_pass
 from isae.training.resume import LEGACY_FILE, STATE_FILE, StateError, load_state, save_state
 from isae.training.steppers import EachRun, PassStepper, Run, SAEStepper
 
@@ -94,10 +96,13 @@ def resume_dir(out: str | os.PathLike) -> Path:
     return out.parent / f"{out.name}.resume"
 
 
-def pass_stepper(runs: list[Run], device: torch.device) -> PassStepper:
-    """How a pass steps its runs: each run's own stepper in turn. The one place that
-    chooses; a stepper for a whole group of runs (one batched model) plugs in here."""
-    return EachRun(runs, device, seed_streams=SEED_STREAMS)
+def pass_stepper(runs: list[Run], device: torch.device, grouped: bool | None = None
+                 ) -> PassStepper:
+    """How a pass steps its runs, the one place that chooses: the TopK-family runs of one
+    shape as one batched model (training/group.py; ``grouped``, None: on the GPU's fast
+    path), the others each with its own stepper in turn."""
+    return (grouped_pass(runs, runs[0].tcfg, device, grouped, seed_streams=SEED_STREAMS)
+            or EachRun(runs, device, seed_streams=SEED_STREAMS))
 
 
 def train(
@@ -123,6 +128,7 @@ def train_many(
     drop_diverged: bool = False,
     force: bool = False,
     report: Report | None = None,
+    grouped: bool | None = None,
 ) -> list[dict]:
     """Train several sparse coders (e.g. seeds, or architectures) on one shared stream of
     batches.
@@ -139,11 +145,12 @@ def train_many(
     learning-rate sweep needs; otherwise divergence is a UserError.
     An existing out is replaced only if it is a checkpoint, or with ``force``; never the
     activation set or a folder holding it (isae.data.atomic.check_out).
+    ``grouped``: whether the TopK-family runs train as one stacked model (``pass_stepper``).
     """
     p = _set_up(activations, sae_cfgs, tcfg, outs, lrs, force)
     start = _resume(p) if resume else _Start()
     batches, source = training_batches(p.acts, tcfg, p.device, start.step, start.source)
-    seconds = _step_loop(p, pass_stepper(p.runs, p.device), batches, source, start,
+    seconds = _step_loop(p, pass_stepper(p.runs, p.device, grouped), batches, source, start,
                          drop_diverged)
     _check_same_data(p)
     tokens = p.total_steps * tcfg.batch_size
