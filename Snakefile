@@ -33,6 +33,7 @@ rule all:
     input:
         rules.table_t1.output,
         rules.table_t2.output,
+        rules.table_lr.output,
         rules.table_t3.output,
         FIGURE_OUTPUTS,
         BROWSER_PAGES,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from isae.errors import UserError
-from isae.models.config import PRESETS
+from isae.models.config import PRESETS, parse_arch
 from isae.study import grid as G
 from isae.study import plan
 
@@ -30,6 +30,8 @@ def tiny(**over) -> dict:
         "ablation": {"datasets": [], "variants": ["topk+signed"], "seeds": [0, 1]},
         "iter": {"datasets": [], "bases": ["isae"], "steps": [1, 3], "seeds": [0]},
         "width_study": {"datasets": [], "archs": ["topk", "isae"], "seeds": [0, 1]},
+        "references": {"datasets": [], "archs": None, "seeds": [0, 1], "trained_null": True,
+                       "split_data": True, "seed": 0},
         "match": {"max_rows": 100}, "ric": {"pairs": 10}, "chance": {"draws": 1},
         "fidelity": {"max_tokens": 64, "batch_size": 4},
         "datasets": {"syn": {
@@ -106,9 +108,10 @@ def test_ablation_and_iter_reuse_what_other_grids_train():
     assert at[("topk", 1, "main")] == {"main", "ablation"}
     assert at[("isae-iter", 0, "main")] >= {"main", "ablation", "iter"}
     assert at[("topk+signed", 0, "ablation")] == {"ablation"}
-    # iter: isae+iter1 is new (its own group); isae + 3 steps is the main grid's isae-iter,
-    # reused, not trained again; topk (a base with 0 steps, trained anyway) joins F8.
-    assert at[("isae+iter1", 0, "iter")] == {"iter"}
+    # iter: isae+iter1 and isae+iter (3 steps at isae's rate) are new (their own group);
+    # the main grid's isae-iter (3 steps at its own rate) is reused beside them, not trained
+    # again; topk (a base with 0 steps, trained anyway) joins F8.
+    assert at[("isae+iter1", 0, "iter")] == at[("isae+iter", 0, "iter")] == {"iter"}
     assert ("isae-iter", 0, "iter") not in at
     assert "iter" in at[("topk", 0, "main")] and "iter" not in at[("topk", 1, "main")]
     assert "iter" not in at[("topk+signed", 0, "ablation")]  # a switch, not steps
@@ -120,10 +123,15 @@ def test_ablation_and_iter_reuse_what_other_grids_train():
     assert not any(r.arch == "isae-iter" for r in G.Grid.of(cfg).runs)
 
 
-def test_iter_arch_names():
-    assert G.iter_arch("isae", 3) == "isae-iter"
+def test_iter_arch_names_are_variants_at_their_base_rate():
+    # 3 steps on isae is isae+iter (isae's rate), not the isae-iter preset (its own sweep).
+    assert G.iter_arch("isae", 3) == "isae+iter"
     assert G.iter_arch("topk", 3) == "topk+iter"
     assert G.iter_arch("isae", 10) == "isae+iter10"
+    for base in ("isae", "topk"):
+        for n in (1, 3, 10):
+            parsed = parse_arch(G.iter_arch(base, n))
+            assert parsed.preset == base and parsed.fields["encoder_steps"] == n
 
 
 # ----------------------------------------------------------------------------- extending
@@ -167,6 +175,87 @@ def test_a_registered_grid_joins_the_runs_flags_and_jobs():
     assert {"k2-w32-r1000", "k2-w64-r1000"} <= trained
 
 
+def test_references_train_in_groups_of_their_own_on_derived_sets():
+    cfg = tiny(archs=["topk", "isae", "dl"])
+    cfg["references"].update(datasets=["syn"], archs=["topk", "dl", "relu"], seeds=[0, 1])
+    g = G.Grid.of(cfg)
+    refs = {(r.arch, r.seed, r.role, r.data): set(gr) for r, gr in g.runs.items()
+            if r.role != "main"}
+    # references.archs among the main archs (relu is not one), in the main grid's order,
+    # x seeds, once on the Gaussian set and once on each half, at the main shape.
+    want = {(a, s, role, data): {role} for a in ("topk", "dl") for s in (0, 1)
+            for role, data in (("null", "null"), ("split", "half0"), ("split", "half1"))}
+    assert refs == want
+    assert all((r.k, r.width, r.rows) == (2, 16, 1000) for r in g.runs if r.role != "main")
+    groups = {n: (grp.data, grp.archs, grp.seeds) for (_, n), grp in g.groups.items()}
+    assert groups["k2-w16-r1000-null"] == ("null", ("topk", "dl"), (0, 1))
+    assert groups["k2-w16-r1000-split-half0"] == ("half0", ("topk", "dl"), (0, 1))
+    assert groups["k2-w16-r1000-split-half1"] == ("half1", ("topk", "dl"), (0, 1))
+    assert G.derived_sets(g) == [("syn", "half0"), ("syn", "half1"), ("syn", "null")]
+    (pair,) = G.split_pairs(g)
+    assert pair.wildcards() == {"dataset": "syn", "shape": "k2-w16-r1000"}
+    assert pair.key() == {"dataset": "syn", "k": 2, "width": 16, "rows": 1000}
+    assert [h.name for h in pair.halves] == ["k2-w16-r1000-split-half0", "k2-w16-r1000-split-half1"]
+    assert pair.runs() == [("topk", 0), ("topk", 1), ("dl", 0), ("dl", 1)]
+    # The main grid's runs are untouched; a reference is read beside its main row.
+    main = {(r.arch, r.seed) for r, gr in g.runs.items() if "main" in gr}
+    assert main == {(a, s) for a in ("topk", "isae", "dl") for s in (0, 1)}
+    # Each switch alone; null archs = every main arch.
+    cfg["references"].update(archs=None, split_data=False)
+    g = G.Grid.of(cfg)
+    assert {r.arch for r in g.runs if r.role == "null"} == {"topk", "isae", "dl"}
+    assert not G.split_pairs(g) and G.derived_sets(g) == [("syn", "null")]
+    cfg["references"].update(trained_null=False, split_data=True)
+    assert G.derived_sets(G.Grid.of(cfg)) == [("syn", "half0"), ("syn", "half1")]
+    cfg["references"]["datasets"] = []
+    assert all(r.role == "main" for r in G.Grid.of(cfg).runs)
+
+
+def test_reference_jobs_and_flags():
+    cfg = tiny()
+    cfg["references"]["datasets"] = ["syn"]
+    g = G.Grid.of(cfg)
+    jobs = plan.jobs(cfg, g)
+    rules = [j.rule for j in jobs]
+    assert rules.count("null_activations") == 1 and rules.count("split_activations") == 2
+    assert {tuple(sorted(j.wildcards.items())) for j in jobs if j.rule == "split_activations"} \
+        == {(("dataset", "syn"), ("half", "0")), (("dataset", "syn"), ("half", "1"))}
+    (sp,) = [j for j in jobs if j.rule == "split_pairs"]
+    assert sp.wildcards == {"dataset": "syn", "shape": "k2-w16-r1000"}
+    train = {j.wildcards["group"]: j.trained for j in jobs if j.rule == "train"}
+    assert train["k2-w16-r1000-null"] == (plan.Trained("topk", 2, 16, 1000),
+                                          plan.Trained("isae", 2, 16, 1000))
+    assert {"k2-w16-r1000-split-half0", "k2-w16-r1000-split-half1"} <= set(train)
+    measured = {j.wildcards["group"] for j in jobs if j.rule == "measure"}
+    assert set(train) == measured
+    # The same recipe as the main group: its flags (and the lr sweep's rate, --lr-from).
+    null = g.groups[("syn", "k2-w16-r1000-null")]
+    main = g.groups[("syn", "k2-w16-r1000")]
+    assert plan.train_options(cfg, g, null) == plan.train_options(cfg, g, main)
+    # No restricted isometry on a reference group.
+    assert plan.measure_options(cfg, g, null)["ric_pairs"] == 0
+    assert plan.cli_flags(plan.null_set_options(cfg)) == "--seed 0"
+    assert plan.derived_set_job("syn", "half1") == ("split_activations", {"dataset": "syn", "half": "1"})
+    flags = {(f["group"], f["arch"], f["seed"]): f for f in g.flags()}
+    f = flags[("k2-w16-r1000-null", "topk", 1)]
+    assert f["null"] and not f["main"] and not f["split"]
+    assert flags[("k2-w16-r1000-split-half1", "isae", 0)]["split"]
+    cfg["device"] = "cuda"
+    gpus = {j.rule: j.gpus for j in plan.jobs(cfg)}
+    assert gpus["split_pairs"] == 1 and gpus["null_activations"] == gpus["split_activations"] == 0
+
+
+def test_fidelity_reads_the_sweep_and_every_main_seed():
+    cfg = tiny(seeds=[0, 1, 2])
+    cfg["datasets"]["syn"]["fidelity"] = True  # the grid function does not check the source
+    g = G.Grid.of(cfg)
+    runs = {(r.arch, r.k, r.rows, r.seed) for r in G.fidelity_runs(cfg, g)}
+    assert runs == {("topk", 2, 1000, s) for s in (0, 1, 2)} | {("isae", 2, 1000, s) for s in (0, 1, 2)} \
+        | {("topk", 4, 1000, 0)}
+    cfg["datasets"]["syn"]["fidelity"] = False
+    assert G.fidelity_runs(cfg, G.Grid.of(cfg)) == []
+
+
 # ----------------------------------------------------------------------------- derived
 
 
@@ -187,6 +276,10 @@ def test_check_config_names_the_key():
         (lambda c: c["datasets"]["syn"]["train"].update(ks=[16]), "k=16 must be smaller than width=16"),
         (lambda c: c["datasets"]["syn"]["extract"].update(k=16), "k=16 must be smaller than atoms=16"),
         (lambda c: c["datasets"]["syn"].update(fidelity=True), "language models (source lm) only"),
+        (lambda c: c["references"].update(datasets=["nosuch"]), "references.datasets names 'nosuch'"),
+        (lambda c: c["references"].update(archs=["isae+bogus"]), "unknown switch 'bogus'"),
+        (lambda c: (c["references"].update(datasets=["syn"]),
+                    c["datasets"]["syn"].update(source="vision")), "would share images"),
     ]:  # fmt: skip
         cfg = tiny()
         change(cfg)
@@ -399,3 +492,52 @@ def test_options_are_flags_of_train_and_lr_sweep():
         dests = {a.dest for a in subs.choices[command]._actions}
         assert set(G.option_fields()) <= dests, command
     assert not set(G.option_fields()) & set(G.RESERVED_OPTIONS)
+
+
+# ----------------------------------------------------------------------------- both together
+
+
+def test_lr_source_reuses_only_at_a_swept_width_on_the_own_set():
+    """A group reads the choice of the nearest swept width; only a group at that width on
+    the dataset's own set reuses the sweep's runs (--reuse). The references (on a Gaussian
+    set, on a half) and the widths between the sweeps take the rate alone (--lr-from)."""
+    cfg = width_cfg()
+    cfg["references"]["datasets"] = ["syn"]
+    g = G.Grid.of(cfg)
+    assert list(G.GRIDS)[-3:] == ["width_axis", "null", "split"]
+    got = {n: G.lr_source(cfg, g, grp) for (_, n), grp in g.groups.items()}
+    assert got == {
+        "k2-w16-r1000": (16, True),
+        "k2-w16-r1000-ablation": (16, True),
+        "k2-w16-r1000-null": (16, False),
+        "k2-w16-r1000-split-half0": (16, False),
+        "k2-w16-r1000-split-half1": (16, False),
+        "k2-w32-r1000": (16, False),
+        "k2-w64-r2000": (64, True),
+        "k2-w16-r500": (16, True),  # the budget grid: isae train --reuse checks the rows
+        "k4-w16-r1000": (16, True),  # the k sweep: the same
+    }
+    assert G.width_lr_sweeps(cfg, g) == [{"dataset": "syn", "width": 64}]
+    # The width axis reuses no run on a derived set: its main-width runs are the main grid's.
+    axis = [r for r, gr in g.runs.items() if "width_axis" in gr]
+    assert axis and not any(r.data for r in axis)
+    assert not any(gr & {"null", "split"} for r, gr in g.runs.items() if r.width != 16)
+    cfg["lr_sweep"]["factors"] = []
+    g = G.Grid.of(cfg)
+    assert {G.lr_source(cfg, g, grp) for grp in g.groups.values()} == {(None, False)}
+    assert G.width_lr_sweeps(cfg, g) == []
+
+
+def test_typed_overrides_retype_only_the_overridden_strings():
+    """Snakemake's --config hands nested values over as strings; those (and only those)
+    become the YAML scalars they spell."""
+    cfg = {"seeds": ["0", "1"], "lr_sweep": {"factors": ["0.25", "4"], "seed": "0"},
+           "match": {"max_rows": "100"}, "datasets": {"syn": {"source": "synthetic"}},
+           "references": {"archs": "null", "split_data": "false"}, "device": "cpu"}
+    over = copy.deepcopy({k: cfg[k] for k in ("seeds", "lr_sweep", "references", "device")})
+    cfg["match"]["max_rows"] = "100"  # not overridden: stays as it is
+    plan.typed_overrides(cfg, over)
+    assert cfg["seeds"] == [0, 1] and cfg["lr_sweep"] == {"factors": [0.25, 4], "seed": 0}
+    assert cfg["references"] == {"archs": None, "split_data": False}
+    assert cfg["device"] == "cpu" and cfg["match"]["max_rows"] == "100"
+    assert cfg["datasets"] == {"syn": {"source": "synthetic"}}

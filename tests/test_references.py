@@ -5,6 +5,9 @@ extract gaussian``) and the two halves of a set by document (``isae split``)."""
 from __future__ import annotations
 
 import json
+import runpy
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -228,3 +231,60 @@ def test_split_of_a_synthetic_set_keeps_its_truth_and_columns(synthetic_set, tmp
     assert main(["-q", "split", str(synthetic_set), "--half", "1", "--out",
                  str(synthetic_set / "inside")]) == 2
     assert "input" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_match_halves_pairs_each_run_with_its_twin_on_the_other_half(synthetic_set, tmp_path,
+                                                                      capsys):
+    """Split-data reproducibility (isae.analysis.split_data): SAEs trained on the two halves
+    of a set, each matched with the same arch and seed on the other half, against the
+    test-side Hungarian reference and `isae match`'s own summary of the same pair."""
+    from libdata import matched_abs_cos
+
+    from isae.analysis.split_data import match_halves
+    from isae.data.checkpoints import load_decoder
+    from isae.errors import UserError
+
+    halves = []
+    for h in (0, 1):
+        acts = tmp_path / f"half{h}"
+        assert main(["-q", "split", str(synthetic_set), "--half", str(h), "--out", str(acts)]) == 0
+        ckpts = tmp_path / f"ckpt{h}"
+        assert main(["-q", "train", "--activations", str(acts), "--arch", "topk,isae",
+                     "--seeds", "0,1", "--k", "3", "--width", "64", "--tokens", "4000",
+                     "--batch-size", "256", "--out", str(ckpts / "{arch}" / "seed{seed}")]) == 0
+        halves.append(ckpts)
+    # The second half without isae seed 1: only the runs on both halves are compared.
+    shutil.rmtree(halves[1] / "isae" / "seed1")
+    capsys.readouterr()
+    t = match_halves(halves[0], halves[1], synthetic_set, max_rows=300)
+    assert list(zip(t["arch"], t["seed"])) == [("isae", 0), ("topk", 0), ("topk", 1)]
+    for _, r in t.iterrows():
+        a, b = (h / r["arch"] / f"seed{r['seed']}" for h in halves)
+        want = matched_abs_cos(load_decoder(a).numpy(), load_decoder(b).numpy())
+        assert r["mean_abs_cos"] == pytest.approx(want, abs=1e-6)
+        assert main(["-q", "match", str(a), str(b), "--activations", str(synthetic_set),
+                     "--max-rows", "300"]) == 0
+        one = json.loads(capsys.readouterr().out)
+        for col in ("mean_abs_cos", "code_pearson_all", "code_jaccard", "live_mean_abs_cos"):
+            assert r[col] == pytest.approx(one[col], abs=1e-9)
+    # The workflow's rule script writes the same table.
+    class Fields(dict):
+        __getattr__ = dict.__getitem__
+
+    out = tmp_path / "split.parquet"
+    smk = Fields(input=Fields(half0=str(halves[0]), half1=str(halves[1]), acts=str(synthetic_set)),
+                 params=Fields(torch_threads=1, max_rows=300, device="cpu"),
+                 output=Fields(table=str(out)), log=[str(tmp_path / "split.log")])
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "split_pairs.py"),
+                       init_globals={"snakemake": smk})
+    finally:
+        torch.set_num_threads(threads)  # the script sets its job's
+    pd.testing.assert_frame_equal(pd.read_parquet(out), t)
+    # Two halves trained from the same seeds agree more than two random dictionaries.
+    assert t["mean_abs_cos"].min() > 0.3
+    assert not {"a", "b", "arch_a", "seed_b"} & set(t.columns)
+    with pytest.raises(UserError, match="no checkpoint of the same arch and seed"):
+        match_halves(halves[0] / "isae", halves[1] / "topk")

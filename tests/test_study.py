@@ -140,34 +140,44 @@ def test_t1_trained_references_beside_chance_and_hidden_when_absent():
                        dead_frac=lambda s, v: 0.0, lr=lambda s, v: 4e-3,
                        converged=lambda s, v: True, fvu_trend=lambda s, v: 0.0,
                        init_abs_cos=lambda s, v: 0.5)
-    seed = dict(kind="seed", k=8, width=64, rows=1000, main=True)
+    seed = dict(kind="seed", k=8, width=64, rows=1000)
+    main = dict(seed, main=True, null=False)
     pairs = pd.DataFrame([dict(dataset="syn", arch_a="topk", arch_b="topk", seed_a=0, seed_b=1,
-                               mean_abs_cos=0.8, **{"frac_gt_0.9": 0.1}, **seed)])
-    # The null dataset's seed pairs (and a same-seed arch pair, which is no reference) ...
+                               mean_abs_cos=0.8, **{"frac_gt_0.9": 0.1}, **main)])
+    # The null group's seed pairs (flagged null by the collect rule), and a same-seed arch
+    # pair there, which is no reference ...
+    null = dict(seed, main=False, null=True)
     null_pairs = pd.DataFrame([
-        dict(dataset="syn-null", arch_a="topk", arch_b="topk", seed_a=a, seed_b=b,
-             mean_abs_cos=v, **seed) for a, b, v in [(0, 1, 0.2), (0, 2, 0.3), (1, 2, 0.4)]]
-        + [dict(dataset="syn-null", arch_a="topk", arch_b="isae", seed_a=0, seed_b=0,
-                mean_abs_cos=0.9, **dict(seed, kind="arch"))])
-    # ... and the halves' same-seed matches, one table of its own.
-    split_pairs = pd.DataFrame(dict(dataset="syn-halves", arch="isae", k=8, width=64,
-                                    mean_abs_cos=[0.6, 0.7]))
-    refs = pd.concat([tables.reference_rows(null_pairs, {"syn-null": ("syn", "null")}),
-                      tables.reference_rows(split_pairs, {"syn-halves": ("syn", "split")})])
-    t = tables.table_t1(runs, pairs, refs=refs).set_index("arch")
-    assert t.loc["topk", "null_abs_cos_mean"] == pytest.approx(0.3)
-    assert (t.loc["topk", "null_abs_cos_min"], t.loc["topk", "null_abs_cos_max"]) == (0.2, 0.4)
-    assert t.loc["isae", "split_abs_cos_mean"] == pytest.approx(0.65)
-    assert t.loc["topk", "split_abs_cos_n"] == 0 and t.loc["isae", "null_abs_cos_n"] == 0
+        dict(dataset="syn", arch_a="topk", arch_b="topk", seed_a=a, seed_b=b,
+             mean_abs_cos=v, **null) for a, b, v in [(0, 1, 0.2), (0, 2, 0.3), (1, 2, 0.4)]]
+        + [dict(dataset="syn", arch_a="topk", arch_b="isae", seed_a=0, seed_b=0,
+                mean_abs_cos=0.9, **dict(null, kind="arch"))])
+    all_pairs = pd.concat([pairs, null_pairs], ignore_index=True)
+    # ... and the halves' same-seed matches, the split_pairs rule's collected table.
+    split = pd.DataFrame(dict(dataset="syn", arch="isae", seed=[0, 1], k=8, width=64,
+                              rows=1000, mean_abs_cos=[0.6, 0.7]))
+    refs = tables.reference_rows(all_pairs, split)
+    assert sorted(zip(refs["reference"], refs["arch"], refs["mean_abs_cos"])) == [
+        ("null", "topk", 0.2), ("null", "topk", 0.3), ("null", "topk", 0.4),
+        ("split", "isae", 0.6), ("split", "isae", 0.7)]
+    for t in (tables.table_t1(runs, all_pairs, refs=refs),
+              tables.table_t1(runs, all_pairs, split=split)):  # the same, from the tables
+        t = t.set_index("arch")
+        assert t.loc["topk", "null_abs_cos_mean"] == pytest.approx(0.3)
+        assert (t.loc["topk", "null_abs_cos_min"], t.loc["topk", "null_abs_cos_max"]) == (0.2, 0.4)
+        assert t.loc["isae", "split_abs_cos_mean"] == pytest.approx(0.65)
+        assert t.loc["topk", "split_abs_cos_n"] == 0 and t.loc["isae", "null_abs_cos_n"] == 0
+        # The null's pairs are no seed pairs of the main grid.
+        assert t.loc["topk", "mean_abs_cos_mean"] == pytest.approx(0.8)
+        assert t.loc["topk", "mean_abs_cos_n"] == 1
     labels = [m.label for m in tables.shown_metrics(t.reset_index(), tables.T1_METRICS)]
     assert labels.index("trained null |cos|") == labels.index("chance iso") + 1
     assert "split-data |cos|" in labels
     # Without references the two columns are not rendered at all.
     bare = tables.table_t1(runs, pairs)
+    assert tables.reference_rows(pairs).empty
     assert "trained null |cos|" not in tables.to_markdown(
         bare, tables.shown_metrics(bare, tables.T1_METRICS))
-    with pytest.raises(UserError, match="reference kind"):
-        tables.reference_rows(null_pairs, {"syn-null": ("syn", "nul")})
 
 
 def test_t2_shows_the_largest_delta_beside_the_median():
@@ -548,12 +558,13 @@ def test_iter_curves_keep_one_footing_and_mark_a_preset_at_its_own_rate():
     assert not figures.own_rate("isae+iter10", "isae") and not figures.own_rate("topk", "topk")
     runs = pd.DataFrame(dict(dataset="syn", arch=["isae", "isae-iter", "isae+iter", "isae+iter10"],
                              seed=0, fvu=[0.4, 0.3, 0.35, 0.25], converged=True, iter=True))
-    d = figures.iter_curves(runs, pd.DataFrame()).set_index(["steps", "metric"])
-    # Both isae-iter (its own rate) and isae+iter (isae's rate) have 3 steps: the second stays.
-    assert d.loc[(3, "fvu"), "arch"] == "isae+iter" and d.loc[(3, "fvu"), "mean"] == 0.35
-    assert not d["own_rate"].any()
-    alone = figures.iter_curves(runs[runs["arch"] != "isae+iter"], pd.DataFrame())
-    assert alone.set_index("steps").loc[3, "own_rate"]
+    d = figures.iter_curves(runs, pd.DataFrame())
+    # Both isae-iter (its own rate) and isae+iter (isae's rate) have 3 steps: both stay, the
+    # base's rate first, the preset marked.
+    at3 = d[(d["steps"] == 3) & (d["metric"] == "fvu")]
+    assert at3["arch"].tolist() == ["isae+iter", "isae-iter"]
+    assert at3["own_rate"].tolist() == [False, True] and at3["mean"].tolist() == [0.35, 0.3]
+    assert d.loc[d["own_rate"], "arch"].unique().tolist() == ["isae-iter"]
 
 
 def _markers(ax) -> list[tuple[float, float, str]]:
@@ -567,16 +578,22 @@ def _markers(ax) -> list[tuple[float, float, str]]:
 
 
 def test_f8_steps_on_a_numeric_axis_and_the_own_rate_marked():
-    runs = pd.DataFrame(dict(dataset="syn", arch=["isae", "isae+iter1", "isae-iter", "isae+iter10"],
-                             seed=0, fvu=[0.4, 0.3, 0.35, 0.25], converged=True, iter=True))
+    runs = pd.DataFrame(dict(dataset="syn", arch=["isae", "isae+iter1", "isae+iter", "isae-iter",
+                                                  "isae+iter10"],
+                             seed=0, fvu=[0.4, 0.3, 0.33, 0.35, 0.25], converged=True, iter=True))
     fig = figures.f8_iter(runs, pd.DataFrame())
     ax = fig.axes[0]
     assert ax.get_xscale() == "symlog"
     assert [float(t) for t in ax.get_xticks()] == [0.0, 1.0, 3.0, 10.0]
     pts = sorted(_markers(ax))
-    # At their step counts (one base: no sideways shift), the 3-step point a diamond.
-    assert [(round(x, 6), y) for x, y, _ in pts] == [(0, 0.4), (1, 0.3), (3, 0.35), (10, 0.25)]
-    assert [m for *_, m in pts] == ["o", "o", "D", "o"]
+    # At their step counts (one base: no sideways shift), the curve at isae's rate; the
+    # preset at its own rate a diamond just right of 3, off the curve.
+    shifted = 4 * figures.OWN_RATE_SHIFT - 1
+    assert [(round(x, 6), y) for x, y, _ in pts] == [
+        (0, 0.4), (1, 0.3), (3, 0.33), (round(shifted, 6), 0.35), (10, 0.25)]
+    assert [m for *_, m in pts] == ["o", "o", "o", "D", "o"]
+    (curve,) = [ln for ln in ax.lines if len(ln.get_xdata()) > 1]
+    assert list(curve.get_ydata()) == [0.4, 0.3, 0.33, 0.25]
     assert any("own tuned rate" in t.get_text() for t in fig.legends[0].get_texts())
 
 
@@ -673,3 +690,63 @@ def test_t1_live_columns_from_the_seed_pairs():
                                                     "live_chance_data_rows"]))
     shown = tables.shown_metrics(old, tables.T1_METRICS)
     assert "live n" not in [m.label for m in shown] and "seed >0.9" in [m.label for m in shown]
+
+
+def test_f1_draws_the_trained_references_from_the_null_grid_and_the_split_table(tmp_path):
+    """F1 (through the one figure script, as its rule runs it) reads the null's seed pairs
+    from `pairs` (flag null) and the split-data pairs from `split`, one marker per pair left
+    of its arch's violin; the main grid's seed pairs stay where they were."""
+    key = dict(dataset="syn", k=8, width=64, rows=1000, kind="seed")
+    pairs = pd.DataFrame(
+        [dict(key, arch_a=a, arch_b=a, seed_a=0, seed_b=1, mean_abs_cos=v, main=True, null=False)
+         for a, v in (("topk", 0.8), ("isae", 0.9))]
+        + [dict(key, arch_a="topk", arch_b="topk", seed_a=a, seed_b=b, mean_abs_cos=v,
+                main=False, null=True) for a, b, v in ((0, 1, 0.21), (0, 2, 0.22), (1, 2, 0.23))])
+    latents = pd.DataFrame([dict(dataset="syn", arch=a, seed_a=0, seed_b=1, k=8, width=64,
+                                 abs_cos=c, main=True, null=False)
+                            for a in ("topk", "isae") for c in (0.5, 0.7, 0.9)])
+    split = pd.DataFrame(dict(dataset="syn", arch="isae", seed=[0, 1], k=8, width=64, rows=1000,
+                              mean_abs_cos=[0.61, 0.62]))
+    paths = {}
+    for name, df in (("latents", latents), ("pairs", pairs), ("split", split)):
+        paths[name] = str(tmp_path / f"{name}.parquet")
+        df.to_parquet(paths[name])
+    out = _Fields(png=str(tmp_path / "F1.png"), pdf=str(tmp_path / "F1.pdf"))
+    smk = _Fields(input=_Fields(paths), params=_Fields(figure="F1"), output=out,
+                  log=[str(tmp_path / "F1.log")])
+    runpy.run_path(str(ROOT / "scripts" / "figure.py"), init_globals={"snakemake": smk})
+    assert Path(out.png).read_bytes()[:4] == b"\x89PNG"
+    from matplotlib.collections import PathCollection
+
+    fig = figures.f1_stability(latents, pairs, split=split)
+    ax = fig.axes[0]
+    points = sorted((round(float(x), 6), round(float(y), 6)) for c in ax.collections
+                    if isinstance(c, PathCollection) for x, y in np.asarray(c.get_offsets()))
+    # archs in order topk (x 0), isae (x 1); references at x - 0.25, seed pairs at x.
+    assert (-0.25, 0.21) in points and (-0.25, 0.23) in points and (0.75, 0.62) in points
+    assert (0.0, 0.8) in points and (1.0, 0.9) in points
+    assert not any(x == 0.0 and y < 0.5 for x, y in points)  # no null pair among the seed pairs
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert any(t.startswith("trained null") for t in labels)
+    assert any(t.startswith("split data") for t in labels)
+    # Without references: no triangle, no legend entry.
+    bare = figures.f1_stability(latents, pairs[~pairs["null"]])
+    assert not any("trained null" in t.get_text() for t in bare.legends[0].get_texts())
+
+
+def test_lr_table_rule_script_writes_the_table_and_its_markdown(tmp_path):
+    lr = pd.DataFrame(dict(dataset="syn", arch="topk", factor=[0.25, 1.0, 4.0], lr=[1e-3, 4e-3, 1.6e-2],
+                           heldout_fvu=[0.3, 0.2, 0.1], chosen=[False, False, True]))
+    lr.to_parquet(tmp_path / "lr_in.parquet")
+    out = _Fields(table=str(tmp_path / "lr.parquet"), md=str(tmp_path / "lr.md"))
+    smk = _Fields(input=_Fields(lr=str(tmp_path / "lr_in.parquet")), output=out,
+                  log=[str(tmp_path / "lr.log")])
+    runpy.run_path(str(ROOT / "scripts" / "table_lr.py"), init_globals={"snakemake": smk})
+    assert pd.read_parquet(out.table).equals(tables.table_lr(lr))
+    md = Path(out.md).read_text()
+    assert md == tables.lr_markdown(tables.table_lr(lr), tables.LR_CAPTION)
+    assert md.rstrip().endswith("| **yes** |")
+    # No sweep in the config: an empty collected table gives the header alone.
+    pd.DataFrame(columns=["dataset", "arch", "k", "width"]).to_parquet(tmp_path / "lr_in.parquet")
+    runpy.run_path(str(ROOT / "scripts" / "table_lr.py"), init_globals={"snakemake": smk})
+    assert Path(out.md).read_text().rstrip().splitlines()[-1].startswith("|:---")

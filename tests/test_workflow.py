@@ -192,9 +192,11 @@ def test_default_dry_run_and_overrides_are_typed(workdir):
     # -> 2 groups, synthetic 3 (ks 4, 8, 16), wellposed 3.
     assert small["train"] == small["measure"] == 8
     assert small["lr_sweep"] == small["chance"] == small["activations"] == 3
-    assert small["fidelity"] == 2  # the sweep's topk at k 8 and 16, seed 0
+    # The sweep's topk at k 8 and 16 (seed 0), and the main grid's topk and isae at k 16
+    # with both seeds (F6's spread), topk seed 0 among both.
+    assert small["fidelity"] == 5
     assert small["train"] < full["train"]
-    for rule in ("table_t1", "table_t2", "f1_stability", "f2_truth_recovery", "f3_ric",
+    for rule in ("table_t1", "table_t2", "table_lr", "f1_stability", "f2_truth_recovery", "f3_ric",
                  "f4_ablation", "f5_fvu_l0", "f6_fidelity", "f7_budget", "f8_iter"):
         assert small[rule] == 1
     # Every group trains its archs x seeds in one pass, with the chosen learning rates.
@@ -229,7 +231,7 @@ def test_synthetic_k_not_below_atoms_fails_at_plan_time(workdir):
 @pytest.mark.slow
 @pytest.mark.parametrize("configs", [["config/config.yaml"],
                                      ["config/config.yaml", "tests/smoke/config.yaml"],
-                                     ["config/gpu.yaml"]])
+                                     ["config/gpu.yaml"], ["config/paper.yaml"]])
 def test_the_library_plans_the_dry_run_jobs(workdir, configs):
     """isae.study.plan.jobs (the compute plan's source) is the DAG of `snakemake -n`: the
     same jobs, wildcards and GPU requests."""

@@ -6,7 +6,8 @@ Nothing here is guessed:
 
 * the jobs are the workflow's, read from the study's grid (``isae.study.plan.jobs``, which
   a test holds equal to the jobs of `snakemake -n`);
-* disk is arithmetic on the config: activation rows x d x bytes of the stored dtype, and
+* disk is arithmetic on the config: activation rows x d x bytes of the stored dtype (and
+  the trained references' derived sets: a Gaussian copy, two halves), and
   per checkpoint W_enc + W_dec (d x width each) + b_enc + b_dec in float32, the layout of
   sae.safetensors; d comes from the config (synthetic), from an extracted set's meta.json
   under --results, or from the known hidden size of the named model;
@@ -184,12 +185,19 @@ def plan(config: Path, bench_root: Path, results: Path) -> str:
         groups = train.get(name, [])
         n_saes = sum(n for n, _, _ in groups)
         tokens = sum(n * rows for n, _, rows in groups)
+        # The trained references' sets beside the dataset's own: the Gaussian one as many
+        # rows, each half of the split half the training rows and every held-out row.
+        held = ds["extract"].get("heldout_fraction", 0.1)
+        copies = 1.0 + sum(1.0 if rule == "null_activations" else (1.0 + held) / 2
+                           for rule, wc, _, _ in jobs
+                           if rule in ("null_activations", "split_activations")
+                           and wc.get("dataset") == name)
         if d is None or n_rows is None:
             acts = "n/a"
             disk_known = False
         else:
-            total_disk += n_rows * d * nbytes
-            acts = fmt_gb(n_rows * d * nbytes)
+            total_disk += copies * n_rows * d * nbytes
+            acts = fmt_gb(copies * n_rows * d * nbytes)
         if d is None:
             ckpt = "n/a"
         else:

@@ -7,8 +7,6 @@ is told) lives in the library: ``isae.study.grid`` (runs, groups, the grids) and
 
 import os
 
-import yaml
-
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
@@ -16,31 +14,8 @@ from isae.errors import UserError
 from isae.study import grid as study_grid
 from isae.study import plan
 
-
-def _retype(value):
-    """A --config string such as "5", "0.1", "true" or "null" -> its YAML value."""
-    if isinstance(value, str):
-        parsed = yaml.safe_load(value) if value.strip() else value
-        return parsed if isinstance(parsed, (bool, int, float, type(None))) else value
-    if isinstance(value, list):
-        return [_retype(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _retype(v) for k, v in value.items()}
-    return value
-
-
-def _typed_overrides(cfg: dict, overrides: dict) -> None:
-    """Snakemake parses the values of --config (e.g. seeds=[0,1] or datasets={...}) with
-    YAML's BaseLoader, which makes every nested scalar a string; re-read those, and only
-    those, so that command-line overrides mean what they say."""
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
-            _typed_overrides(cfg[key], value)
-        elif key in cfg and cfg[key] == value:
-            cfg[key] = _retype(value)
-
-
-_typed_overrides(config, workflow.config_settings.overwrite_config or {})
+# Snakemake reads nested --config values as strings (YAML's BaseLoader): re-typed here.
+plan.typed_overrides(config, workflow.config_settings.overwrite_config or {})
 
 # Fails before any job, naming the offending key (additionalProperties: false everywhere);
 # also fills in the schema's defaults.
@@ -62,6 +37,8 @@ wildcard_constraints:
     seed_a=r"\d+",
     seed_b=r"\d+",
     width=r"\d+",
+    half=r"[01]",
+    shape=r"k\d+-w\d+-r\d+",
 
 
 #: The software of all jobs (the `conda` directive): the project's one environment, the
@@ -72,7 +49,7 @@ DATASETS = config["datasets"]
 #: The runs, their grids and their training groups.
 GRID = study_grid.Grid.of(config)
 GROUPS = GRID.groups
-#: Downstream fidelity (F6): the k sweep's runs of the datasets that ask for it.
+#: Downstream fidelity (F6): the k sweep's and main grid's runs of the datasets that ask.
 FIDELITY_RUNS = study_grid.fidelity_runs(config, GRID)
 
 
@@ -103,6 +80,11 @@ def gpu_count() -> int:
 
 def has_lr_sweep(name: str) -> bool:
     return study_grid.has_lr_sweep(config, GRID, name)
+
+
+#: The datasets with an lr sweep, and (dataset, width) of the width axis's second sweeps.
+SWEPT = [n for n in DATASETS if has_lr_sweep(n)]
+WIDTH_LR_SWEEPS = study_grid.width_lr_sweeps(config, GRID)
 
 
 # The flags of each job's command. Every config value that reaches a shell command goes
@@ -144,6 +126,19 @@ def true_k() -> dict:
 # ----------------------------------------------------------------------------- inputs
 
 
+def derived_set(dataset: str, data: str) -> str:
+    """The folder of a dataset's own activation set (data "") or of one derived from it."""
+    if not data:
+        return rules.activations.output.acts.format(dataset=dataset)
+    name, wc = plan.derived_set_job(dataset, data)
+    return getattr(rules, name).output.acts.format(**wc)
+
+
+def group_acts(wildcards) -> str:
+    """The activation set a group trains on (Group.data)."""
+    return derived_set(wildcards.dataset, group_of(wildcards).data)
+
+
 def lr_output(name: str, width: int, key: str) -> str:
     """An output (choice, table, ckpts) of a dataset's lr sweep at ``width``: the main
     sweep's at the main width, the width axis's second sweep's elsewhere."""
@@ -152,35 +147,17 @@ def lr_output(name: str, width: int, key: str) -> str:
     return getattr(rules.lr_sweep_width.output, key).format(dataset=name, width=width)
 
 
-def lr_width(wildcards) -> int | None:
-    """The swept width whose rates the group trains at (the nearest to its own)."""
-    return study_grid.lr_width_of(
-        config, GRID, wildcards.dataset, group_of(wildcards).width
-    )
-
-
 def lr_runs(wildcards) -> list:
-    """The checkpoints of the lr sweep at the group's width, which the group reuses."""
-    w = lr_width(wildcards)
-    if w is None or w != group_of(wildcards).width:
-        return []
-    return [lr_output(wildcards.dataset, w, "ckpts")]
+    """The checkpoints of the lr sweep the group reuses (study_grid.lr_source)."""
+    w, reuse = study_grid.lr_source(config, GRID, group_of(wildcards))
+    return [lr_output(wildcards.dataset, w, "ckpts")] if reuse else []
 
 
 def lr_choice(wildcards) -> list:
     """The choice file of the lr sweep nearest to the group's width (none without a sweep):
     isae train carries its rates to the group's width."""
-    w = lr_width(wildcards)
+    w, _ = study_grid.lr_source(config, GRID, group_of(wildcards))
     return [] if w is None else [lr_output(wildcards.dataset, w, "choice")]
-
-
-def width_lr_sweeps() -> list:
-    """Wildcards (dataset, width) of the width axis's second lr sweeps."""
-    return [
-        {"dataset": n, "width": w}
-        for n in DATASETS
-        for w in study_grid.lr_sweep_widths(config, GRID, n)[1:]
-    ]
 
 
 def width_lr_sweep_flags(wildcards) -> str:
@@ -192,7 +169,7 @@ def width_lr_sweep_flags(wildcards) -> str:
 
 
 def width_lr_tables(wildcards) -> list:
-    return [rules.lr_sweep_width.output.table.format(**w) for w in width_lr_sweeps()]
+    return [rules.lr_sweep_width.output.table.format(**w) for w in WIDTH_LR_SWEEPS]
 
 
 def chance_widths(wildcards) -> str:
@@ -229,16 +206,27 @@ def fidelity_ids() -> list:
     return [dict(r.key(), group=r.group) for r in FIDELITY_RUNS]
 
 
+#: Split-data reproducibility: the two halves' groups per (dataset, shape).
+SPLIT_PAIRS = study_grid.split_pairs(GRID)
+
+
+def split_halves(wildcards) -> dict:
+    """The checkpoint folders of the two halves of a (dataset, shape)."""
+    (pair,) = [p for p in SPLIT_PAIRS if p.wildcards() == dict(wildcards)]
+    halves = [rules.train.output.ckpts.format(**g.wildcards()) for g in pair.halves]
+    return dict(zip(("half0", "half1"), halves))
+
+
+def split_tables(wildcards) -> list:
+    return [rules.split_pairs.output.table.format(**p.wildcards()) for p in SPLIT_PAIRS]
+
+
 def chance_tables(wildcards) -> list:
     return [rules.chance.output.table.format(dataset=name) for name in DATASETS]
 
 
 def lr_tables(wildcards) -> list:
-    return [
-        rules.lr_sweep.output.table.format(dataset=name)
-        for name in DATASETS
-        if has_lr_sweep(name)
-    ]
+    return [rules.lr_sweep.output.table.format(dataset=n) for n in SWEPT]
 
 
 def run_artifacts(wildcards) -> list:
@@ -249,13 +237,10 @@ def run_artifacts(wildcards) -> list:
     that depends on it (and nothing else); without this, Snakemake treats a missing
     intermediate file under up-to-date results as nothing to do."""
     out = [rules.activations.output.acts.format(dataset=name) for name in DATASETS]
-    out += [
-        rules.lr_sweep.output.choice.format(dataset=n)
-        for n in DATASETS
-        if has_lr_sweep(n)
-    ]
-    out += [rules.lr_sweep_width.output.choice.format(**w) for w in width_lr_sweeps()]
+    out += [derived_set(d, data) for d, data in study_grid.derived_sets(GRID)]
+    out += [rules.lr_sweep.output.choice.format(dataset=n) for n in SWEPT]
+    out += [rules.lr_sweep_width.output.choice.format(**w) for w in WIDTH_LR_SWEEPS]
     out += [rules.train.output.ckpts.format(**g.wildcards()) for g in GROUPS.values()]
     out += measure_tables("runs")(wildcards) + fidelity_tables(wildcards)
-    out += chance_tables(wildcards)
+    out += chance_tables(wildcards) + split_tables(wildcards)
     return out

@@ -4,7 +4,7 @@
 #: Figure -> the collected tables it reads (the outputs of collect_<table>). The rule's
 #: name is plan.FIGURE_RULES[figure] (f1_stability, ...).
 FIGURE_TABLES = {
-    "F1": ["latents", "pairs", "runs", "chance"],
+    "F1": ["latents", "pairs", "runs", "chance", "split"],
     "F2": ["runs"],
     "F3": ["runs"],
     "F4": ["runs", "pairs"],

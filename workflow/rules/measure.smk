@@ -1,7 +1,7 @@
 rule measure:
     input:
         ckpts=rules.train.output.ckpts,
-        acts=rules.activations.output.acts,
+        acts=group_acts,
     output:
         runs="results/measure/{dataset}/{group}/runs.parquet",
         pairs="results/measure/{dataset}/{group}/pairs.parquet",
@@ -24,6 +24,32 @@ rule measure:
     shell:
         "isae --threads {params.torch_threads} measure {input.ckpts} --activations {input.acts} {params.flags}"
         " --out {params.out} > {log} 2>&1"
+
+
+rule split_pairs:
+    input:
+        unpack(split_halves),
+        # Both halves hold every held-out row of the dataset's own set: codes are compared
+        # on those.
+        acts=rules.activations.output.acts,
+    output:
+        table="results/split/{dataset}/{shape}.parquet",
+    log:
+        "logs/split_pairs/{dataset}/{shape}.log",
+    benchmark:
+        "results/benchmarks/split_pairs/{dataset}/{shape}.tsv"
+    conda:
+        ENV
+    threads: res("measure", "threads")
+    resources:
+        mem_mb=res("measure", "mem_mb"),
+        runtime=res("measure", "runtime"),
+        gpu=gpu_count(),
+    params:
+        **plan.split_pairs_options(config),
+        torch_threads=res("measure", "threads"),
+    script:
+        "../../scripts/split_pairs.py"
 
 
 rule chance:

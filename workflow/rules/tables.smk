@@ -1,5 +1,5 @@
 # Per-group and per-run tables gathered into one Parquet per kind (identity columns from the
-# paths, grid flags from the config), then T1 and T2.
+# paths, grid flags from the config), then T1, T2 and the learning-rate table.
 
 
 rule collect_runs:
@@ -129,7 +129,28 @@ rule collect_lr:
         mem_mb=res("report", "mem_mb"),
         runtime=res("report", "runtime"),
     params:
-        ids=[{"dataset": n} for n in DATASETS if has_lr_sweep(n)],
+        ids=[{"dataset": n} for n in SWEPT],
+    script:
+        "../../scripts/collect.py"
+
+
+rule collect_split:
+    input:
+        tables=split_tables,
+    output:
+        table="results/runs/split.parquet",
+    log:
+        "logs/collect_split/all.log",
+    benchmark:
+        "results/benchmarks/collect_split/all.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=res("report", "mem_mb"),
+        runtime=res("report", "runtime"),
+    params:
+        ids=[p.key() for p in SPLIT_PAIRS],
     script:
         "../../scripts/collect.py"
 
@@ -140,6 +161,7 @@ rule table_t1:
         pairs=rules.collect_pairs.output.table,
         chance=rules.collect_chance.output.table,
         lr=rules.collect_lr.output.table,
+        split=rules.collect_split.output.table,
     output:
         table="results/tables/T1.parquet",
         md=report("results/tables/T1.md", caption="../report/T1.rst", category="Tables"),
@@ -180,6 +202,26 @@ rule table_t2:
         "../../scripts/table_t2.py"
 
 
+rule table_lr:
+    input:
+        lr=rules.collect_lr.output.table,
+    output:
+        table="results/tables/lr.parquet",
+        md=report("results/tables/lr.md", caption="../report/lr.rst", category="Tables"),
+    log:
+        "logs/table_lr/all.log",
+    benchmark:
+        "results/benchmarks/table_lr/all.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        mem_mb=res("report", "mem_mb"),
+        runtime=res("report", "runtime"),
+    script:
+        "../../scripts/table_lr.py"
+
+
 # T3: T1's and T2's main columns at the largest width of each dataset's width axis.
 rule table_t3:
     input:
@@ -203,6 +245,6 @@ rule table_t3:
         mem_mb=res("report", "mem_mb"),
         runtime=res("report", "runtime"),
     params:
-        lr_width_ids=width_lr_sweeps(),
+        lr_width_ids=WIDTH_LR_SWEEPS,
     script:
         "../../scripts/table_t3.py"

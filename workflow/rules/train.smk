@@ -60,7 +60,7 @@ rule lr_sweep_width:
 
 rule train:
     input:
-        acts=rules.activations.output.acts,
+        acts=group_acts,
         lr=lr_choice,
         reuse=lr_runs,
     output:

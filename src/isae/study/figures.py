@@ -40,7 +40,7 @@ from matplotlib.ticker import MaxNLocator
 
 from isae.errors import UserError
 from isae.models.config import parse_arch, thresholding_steps
-from isae.study.tables import arch_sort_key, seed_pairs
+from isae.study.tables import arch_sort_key, reference_rows, seed_pairs
 
 DELTA_THRESHOLDS = {"δ = 1/3": 1.0 / 3.0, "δ = √2−1": math.sqrt(2.0) - 1.0}
 #: Fixed colours so an arch looks the same in every figure.
@@ -200,7 +200,8 @@ REFERENCE_STYLE = {
 
 
 def f1_stability(latents: pd.DataFrame, pairs: pd.DataFrame, runs: pd.DataFrame | None = None,
-                 chance: pd.DataFrame | None = None, refs: pd.DataFrame | None = None) -> Figure:
+                 chance: pd.DataFrame | None = None, refs: pd.DataFrame | None = None,
+                 split: pd.DataFrame | None = None) -> Figure:
     """Distribution of matched |cos| between seeds, per arch, one panel per dataset.
 
     ``latents``: per matched latent (dataset, arch, seed_a, seed_b, abs_cos) of the main
@@ -208,8 +209,10 @@ def f1_stability(latents: pd.DataFrame, pairs: pd.DataFrame, runs: pd.DataFrame 
     two archs as diamonds); ``runs``: the convergence flags († under a violin: not every seed
     converged); ``chance``: the chance levels drawn as lines; ``refs``: the trained
     references' pairs (dataset, arch, reference null | split, mean_abs_cos), drawn left of
-    each violin.
+    each violin; without it, those of ``pairs`` and ``split`` (``reference_rows``).
     """
+    if refs is None:
+        refs = reference_rows(pairs, split)
     title = "F1 · dictionary stability across seeds, against chance"
     xlabel, ylabel = "architecture", "matched |cos| between seeds\n(per latent, pooled over pairs)"
     latents = _rows(latents, "main")
@@ -628,7 +631,8 @@ def f6_fidelity(fidelity: pd.DataFrame, runs: pd.DataFrame | None = None) -> Fig
     if fidelity.empty or "kind" not in fidelity.columns:
         return _empty_figure(title, xlabel, ylabel,
                              "no dataset with fidelity: true in the config")
-    fidelity = with_convergence(fidelity, runs)
+    # The runs of the fidelity rows' grids: a trained reference has their keys, not their flag.
+    fidelity = with_convergence(fidelity, _rows(runs, "sweep", "main") if runs is not None else None)
     datasets = _datasets(fidelity)
     archs = _archs(fidelity)
     fig, axes = _grid(1, len(datasets), width=5.6, height=3.8)
@@ -793,11 +797,12 @@ def own_rate(arch: str, base: str) -> bool:
 def iter_curves(runs: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     """Per dataset x base x thresholding steps (the iter grid): mean, sd, min, max, n of
     held-out FVU, truth |cos| and encode FLOPs per row over seeds, of seed |cos| over seed
-    pairs. ``own_rate``: the point is a preset with a learning rate of its own (``own_rate``),
-    not its base's; where the grid has both at one step count (``isae-iter`` and
-    ``isae+iter``), the one at the base's rate is kept, so that every step count of a base
-    stands on one footing. -> columns dataset, base, steps, metric, mean, sd, lo, hi, n,
-    converged, own_rate, arch."""
+    pairs. ``own_rate``: the point is a preset with a learning rate of its own (``own_rate``:
+    ``isae-iter``), not its base's; the grid trains ``base+iter`` at the base's rate beside
+    it, so that every step count of a base stands on one footing, and both are kept (F8
+    draws the curve through the base's rate and the preset apart). -> columns dataset,
+    base, steps, metric, mean, sd, lo, hi, n, converged, own_rate, arch; sorted by dataset,
+    base, steps, metric, own_rate."""
     cols = ["dataset", "base", "steps", "metric", "mean", "sd", "lo", "hi", "n", "converged",
             "own_rate", "arch"]
     r = _rows(runs, "iter")
@@ -824,11 +829,11 @@ def iter_curves(runs: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     d = pd.DataFrame(out, columns=cols)
     if d.empty:
         return d
-    # One point per (dataset, base, steps, metric): the base's rate where there is a choice.
-    d = d.sort_values("own_rate", kind="stable")
-    d = d.drop_duplicates(["dataset", "base", "steps", "metric"], keep="first")
-    return d.sort_values(["dataset", "base", "steps", "metric"]).reset_index(drop=True)
+    return d.sort_values(["dataset", "base", "steps", "metric", "own_rate"]).reset_index(drop=True)
 
+
+#: F8: the factor (on 1 + steps) that moves a point at its own rate off its step count.
+OWN_RATE_SHIFT = 1.12
 
 _F8_METRICS = [
     ("fvu", "held-out FVU (mean ± sd)"),
@@ -840,10 +845,11 @@ _F8_METRICS = [
 
 def f8_iter(runs: pd.DataFrame, pairs: pd.DataFrame) -> Figure:
     """Iterative hard thresholding against its number of steps (0 = the base arch), per
-    base (topk: topk+iterN; isae: isae+iterN, 3 steps = isae-iter where the grid has no
-    isae+iter): FVU, stability, truth recovery and the encoder's cost per row, on a numeric
-    axis of steps (symmetric log: 0, 1, 3, 10 at their values). A diamond marks a point at a
-    learning rate of its own (``isae-iter``'s sweep), not its base's."""
+    base (topk: topk+iterN; isae: isae+iterN), every step count at the base's rate: FVU,
+    stability, truth recovery and the encoder's cost per row, on a numeric axis of steps
+    (symmetric log: 0, 1, 3, 10 at their values). A diamond off the curve marks a preset at
+    a learning rate of its own (``isae-iter``'s sweep), beside the curve's point at its
+    step count."""
     title = "F8 · iterative hard thresholding: steps against quality and cost"
     xlabel = "thresholding steps in the encoder (0 = the base)"
     d = iter_curves(runs, pairs)
@@ -872,7 +878,11 @@ def f8_iter(runs: pd.DataFrame, pairs: pd.DataFrame) -> Figure:
                 # Side by side at one step count (1 + steps: the symlog axis is linear
                 # below 1, where a factor would not move the 0-step points).
                 xs = _dodge(1.0 + s["steps"].to_numpy(np.float64), i, len(bases)) - 1.0
-                ax.plot(xs, scale * s["mean"], color=color, lw=1.3)
+                # A preset at its own rate: off the curve (which is at the base's rate), just
+                # right of the curve's point at its step count.
+                own = s["own_rate"].to_numpy(bool)
+                xs = np.where(own, (1.0 + xs) * OWN_RATE_SHIFT - 1.0, xs)
+                ax.plot(xs[~own], scale * s["mean"].to_numpy()[~own], color=color, lw=1.3)
                 for xi, (_, row) in zip(xs, s.iterrows()):
                     err = ((row["lo"], row["hi"]) if metric == "seed_abs_cos"
                            else scale * row["sd"])

@@ -20,6 +20,11 @@ order, so that a later grid can reuse what an earlier one trains:
              main k, at the main width and every width of the dataset's
              ``width_axis.widths``, each at its own rows (``width_axis.per_width``; F9, T3).
              (Not ``width``: a grid's name is a flag column beside the width column.)
+* null      ``references.datasets`` x ``references.archs`` x ``references.seeds`` at the
+            main k, width and rows, on a Gaussian set with the data's mean and covariance
+            (``data="null"``): the trained null of T1 and F1;
+* split     the same on each of two halves of the data by document (``data="half0"``,
+            ``"half1"``): split-data reproducibility (``split_pairs``).
 
 Runs are trained and measured in *groups*: the runs of one dataset at one (k, width, rows)
 share one training job (one pass over the data) and one measuring job. A run whose
@@ -133,11 +138,10 @@ def arch_order(arch: str) -> tuple:
 
 
 def iter_arch(base: str, steps: int) -> str:
-    """The name of ``base`` with ``steps`` thresholding steps: isae + 3 is the preset
-    isae-iter, topk + 3 is topk+iter, otherwise base+iterN."""
-    if steps == 3:
-        return "isae-iter" if base == "isae" else f"{base}+iter"
-    return f"{base}+iter{steps}"
+    """The name of ``base`` with ``steps`` thresholding steps, a variant of the base that
+    inherits its rate: base+iter for 3 (isae+iter, not the isae-iter preset, which its own
+    lr sweep tunes), base+iterN otherwise."""
+    return f"{base}+iter" if steps == 3 else f"{base}+iter{steps}"
 
 
 def main_archs(cfg: dict, name: str) -> list[str]:
@@ -291,6 +295,46 @@ def width_grid(cfg: dict, name: str, planned: Mapping[Run, frozenset]) -> list[R
     return out
 
 
+# ----------------------------------------------------------------------------- the references
+
+
+#: The activation sets (Run.data) of the split grid's two halves.
+SPLIT_HALVES = ("half0", "half1")
+#: Reference grid -> the key of the config's ``references`` block that turns it on.
+REFERENCE_SWITCHES = {"null": "trained_null", "split": "split_data"}
+
+
+def reference_archs(cfg: dict, name: str) -> list[str]:
+    """The archs a dataset's trained references are trained for: ``references.archs``
+    (null = all) among the dataset's main archs, in the main grid's order (a reference is
+    read beside its arch's row of T1)."""
+    want = cfg["references"]["archs"]
+    return [a for a in main_archs(cfg, name) if want is None or a in want]
+
+
+def _reference_runs(cfg: dict, name: str, kind: str, data: tuple[str, ...]) -> list[Run]:
+    ref = cfg["references"]
+    if name not in ref["datasets"] or not ref[REFERENCE_SWITCHES[kind]]:
+        return []
+    main = _main_shape(cfg, name)
+    return [
+        Run(arch=arch, seed=seed, role=kind, data=d, **main)
+        for d, arch, seed in itertools.product(data, reference_archs(cfg, name), ref["seeds"])
+    ]
+
+
+def null_grid(cfg: dict, name: str, planned: Mapping[Run, frozenset]) -> list[Run]:
+    """The trained null: the main shape's recipe on a Gaussian set with the data's mean and
+    covariance (``isae extract gaussian --like``), references.archs x references.seeds."""
+    return _reference_runs(cfg, name, "null", ("null",))
+
+
+def split_grid(cfg: dict, name: str, planned: Mapping[Run, frozenset]) -> list[Run]:
+    """Split-data reproducibility: the main shape's recipe on each half of the data by
+    document (``isae split --half 0|1``), references.archs x references.seeds per half."""
+    return _reference_runs(cfg, name, "split", SPLIT_HALVES)
+
+
 #: Every grid, in the order they are planned (a grid may reuse the runs of those above it).
 #: The names are the grid flags of the collected tables (isae.study.tables).
 GRIDS: dict[str, GridFn] = {
@@ -300,6 +344,8 @@ GRIDS: dict[str, GridFn] = {
     "ablation": ablation_grid,
     "iter": iter_grid,
     "width_axis": width_grid,
+    "null": null_grid,
+    "split": split_grid,
 }
 
 
@@ -433,6 +479,24 @@ def lr_width_of(cfg: dict, grid: Grid, name: str, width: int) -> int | None:
     return min(swept, key=lambda w: (round(abs(math.log(width / w)), 9), w))
 
 
+def lr_source(cfg: dict, grid: Grid, group: Group) -> tuple[int | None, bool]:
+    """Where a group's learning rates come from: the swept width whose choice it trains at
+    (lr_width_of; None without a sweep, ``isae train --lr-from`` that width's choice), and
+    whether it reuses that sweep's run at the chosen rate as its own (``--reuse``). Only a
+    group at the swept width on the dataset's own set reuses: at another width no sweep run
+    has its shape, and a reference group (Group.data: the trained null's Gaussian set, a
+    split half) trains on another set than the sweep's, so it takes the rate alone."""
+    w = lr_width_of(cfg, grid, group.dataset, group.width)
+    return w, w is not None and w == group.width and not group.data
+
+
+def width_lr_sweeps(cfg: dict, grid: Grid) -> list[dict]:
+    """Wildcards (dataset, width) of the width axis's second lr sweeps (lr_sweep_width)."""
+    return [
+        {"dataset": n, "width": w} for n in cfg["datasets"] for w in lr_sweep_widths(cfg, grid, n)[1:]
+    ]
+
+
 def width_sweep_archs(cfg: dict, grid: Grid, name: str, width: int) -> list[str]:
     """The archs of a dataset's lr sweep at ``width``: the presets of every run whose rate
     comes from that sweep (lr_width_of), in arch order; dl has no rate."""
@@ -478,12 +542,56 @@ def browser_pairs(cfg: dict, grid: Grid) -> list[dict]:
 
 
 def fidelity_runs(cfg: dict, grid: Grid) -> list[Run]:
-    """Downstream fidelity (F6) reads the k sweep's runs of the datasets that ask for it:
-    one seed at every k, the same in every point of the figure."""
+    """Downstream fidelity (F6) reads the k sweep's and the main grid's runs of the datasets
+    that ask for it: the sweep's seed at every k, and every seed of the main grid at the
+    main k (its spread)."""
     return [
         r
         for r, grids in grid.runs.items()
-        if "sweep" in grids and cfg["datasets"][r.dataset]["fidelity"]
+        if grids & {"sweep", "main"} and cfg["datasets"][r.dataset]["fidelity"]
+    ]
+
+
+def derived_sets(grid: Grid) -> list[tuple[str, str]]:
+    """(dataset, Run.data) of every derived activation set a group trains on (the trained
+    null's Gaussian set, the split's halves), sorted."""
+    return sorted({(g.dataset, g.data) for g in grid.groups.values() if g.data})
+
+
+class SplitPair(NamedTuple):
+    """One split-data comparison: the two halves' groups of one dataset at one shape."""
+
+    dataset: str
+    shape: str
+    """k<k>-w<width>-r<rows>."""
+    halves: tuple[Group, Group]
+    """The groups trained on half0 and half1."""
+
+    def wildcards(self) -> dict:
+        return {"dataset": self.dataset, "shape": self.shape}
+
+    def key(self) -> dict:
+        """Its identity in the collected tables."""
+        g = self.halves[0]
+        return {"dataset": self.dataset, "k": g.k, "width": g.width, "rows": g.rows}
+
+    def runs(self) -> list[tuple[str, int]]:
+        """(arch, seed) trained on both halves, in the first half's order: each is matched
+        with itself on the other half."""
+        a, b = self.halves
+        return [(x, s) for x in a.archs for s in a.seeds if x in b.archs and s in b.seeds]
+
+
+def split_pairs(grid: Grid) -> list[SplitPair]:
+    """Every (dataset, shape) with a group on each half of the split grid."""
+    by_shape: dict[tuple, dict] = {}
+    for g in grid.groups.values():
+        if g.data in SPLIT_HALVES:
+            by_shape.setdefault((g.dataset, g.k, g.width, g.rows), {})[g.data] = g
+    return [
+        SplitPair(d, f"k{k}-w{w}-r{r}", tuple(h[x] for x in SPLIT_HALVES))
+        for (d, k, w, r), h in sorted(by_shape.items())
+        if len(h) == len(SPLIT_HALVES)
     ]
 
 
@@ -558,9 +666,10 @@ def check_config(cfg: dict) -> None:
     archs |= set(cfg["budgets"]["archs"])
     archs |= {a for ds in datasets.values() for a in ds["archs"] or []}
     archs |= set(cfg["ablation"]["variants"]) | set(cfg["iter"]["bases"])
+    archs |= set(cfg["references"]["archs"] or [])
     for arch in sorted(archs):
         parse_arch(arch)
-    for block in ("ablation", "iter", "width_study"):
+    for block in ("ablation", "iter", "width_study", "references"):
         for name in cfg[block]["datasets"]:
             if name not in datasets:
                 raise UserError(
@@ -587,6 +696,12 @@ def check_config(cfg: dict) -> None:
                     f"datasets.{name}.extract: k={ex['k']} must be smaller than "
                     f"atoms={ex['atoms']} (each row draws k distinct atoms)"
                 )
+        refs = cfg["references"]
+        if refs["split_data"] and name in refs["datasets"] and ds["source"] == "vision":
+            raise UserError(
+                f"references.split_data on {name!r}: isae split keeps documents whole, not "
+                "images, so the halves of a vision set would share images"
+            )
         if ds["fidelity"] and ds["source"] != "lm":
             raise UserError(
                 f"datasets.{name}.fidelity is for language models (source lm) only"

@@ -23,11 +23,13 @@ from isae.study.grid import (
     Group,
     base_lr,
     browser_pairs,
+    derived_sets,
     fidelity_runs,
     has_lr_sweep,
     lr_sweep_widths,
     main_archs,
     measures_isometry,
+    split_pairs,
     train_extra,
     width_rows,
     width_sweep_archs,
@@ -41,8 +43,10 @@ REPORT_RULES = (
     "collect_fidelity",
     "collect_chance",
     "collect_lr",
+    "collect_split",
     "table_t1",
     "table_t2",
+    "table_lr",
     "table_t3",
 )
 #: Figure -> its rule (one rule per figure, generated in workflow/rules/figures.smk).
@@ -164,6 +168,29 @@ def fidelity_options(cfg: dict) -> dict:
     }
 
 
+def derived_set_job(dataset: str, data: str) -> tuple[str, dict]:
+    """The rule and wildcards of the job that makes a derived activation set (Run.data):
+    null_activations for the trained null's Gaussian set, split_activations for a half."""
+    if data == "null":
+        return "null_activations", {"dataset": dataset}
+    return "split_activations", {"dataset": dataset, "half": data.removeprefix("half")}
+
+
+def null_set_options(cfg: dict) -> dict:
+    """The flags of `isae extract gaussian` (besides --like and --out)."""
+    return {"seed": cfg["references"]["seed"]}
+
+
+def split_set_options(cfg: dict) -> dict:
+    """The flags of `isae split` (besides the set, --half and --out)."""
+    return {"seed": cfg["references"]["seed"]}
+
+
+def split_pairs_options(cfg: dict) -> dict:
+    """The parameters of a split-data comparison (scripts/split_pairs.py)."""
+    return {"max_rows": cfg["match"]["max_rows"], "device": cfg["device"]}
+
+
 # ----------------------------------------------------------------------------- jobs
 
 
@@ -220,6 +247,7 @@ def jobs(cfg: dict, grid: Grid | None = None) -> list[Job]:
             0 if cfg["datasets"][n]["source"] == "synthetic" else gpus)
         for n in names
     ]  # fmt: skip
+    out += [Job(*derived_set_job(d, data)) for d, data in derived_sets(grid)]
     for n in swept:
         tr = cfg["datasets"][n]["train"]
         factors = len(cfg["lr_sweep"]["factors"])
@@ -230,6 +258,7 @@ def jobs(cfg: dict, grid: Grid | None = None) -> list[Job]:
         out.append(Job("train", _str(g.wildcards()), gpus, tuple(
             Trained(a, len(g.seeds), g.width, g.rows) for a in g.archs)))  # fmt: skip
     out += [Job("measure", _str(g.wildcards()), gpus) for g in grid.groups.values()]
+    out += [Job("split_pairs", p.wildcards(), gpus) for p in split_pairs(grid)]
     out += [Job("chance", {"dataset": n}) for n in names]
     out += [
         Job("fidelity", _str(dict(dataset=r.dataset, group=r.group, arch=r.arch, seed=r.seed)),
@@ -242,6 +271,32 @@ def jobs(cfg: dict, grid: Grid | None = None) -> list[Job]:
 
 
 # ----------------------------------------------------------------------------- config
+
+
+def _retype(value):
+    """A --config string such as "5", "0.1", "true" or "null" -> its YAML value."""
+    import yaml
+
+    if isinstance(value, str):
+        parsed = yaml.safe_load(value) if value.strip() else value
+        return parsed if isinstance(parsed, (bool, int, float, type(None))) else value
+    if isinstance(value, list):
+        return [_retype(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _retype(v) for k, v in value.items()}
+    return value
+
+
+def typed_overrides(cfg: dict, overrides: Mapping) -> None:
+    """Snakemake parses the values of --config (e.g. seeds=[0,1] or datasets={...}) with
+    YAML's BaseLoader, which makes every nested scalar a string; re-read those, and only
+    those (in ``cfg``, in place), so that command-line overrides mean what they say."""
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            typed_overrides(cfg[key], value)
+        elif key in cfg and cfg[key] == value:
+            cfg[key] = _retype(value)
+
 
 
 def merge(base: dict, update: Mapping) -> dict:

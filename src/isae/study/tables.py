@@ -372,29 +372,25 @@ def converged_marks(runs: pd.DataFrame) -> dict:
     return {tuple(k): bool(v) for k, v in g.items()}
 
 
-def reference_rows(pairs: pd.DataFrame, datasets: dict[str, tuple[str, str]]) -> pd.DataFrame:
-    """The trained references' pairs, as ``table_t1``'s ``refs`` reads them.
+def reference_rows(pairs: pd.DataFrame, split: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The trained references' pairs, as ``table_t1``'s and F1's ``refs`` read them.
 
-    ``pairs``: ``isae measure``'s pairs (or any table with dataset, arch, k, width and
-    mean_abs_cos, one row per compared pair); ``datasets``: {dataset of the reference runs:
-    (dataset it is a reference for, kind)}, kind ``null`` (seeds of the same recipe on
-    ``isae extract gaussian --like`` data) or ``split`` (an SAE on one half of ``isae
-    split`` against the same arch on the other half). The seed pairs of a ``null``
-    dataset are taken as they are; a ``split`` table is taken whole.
+    ``pairs``: the collected pairs of ``isae measure`` with their grid flags: the seed pairs
+    flagged ``null`` (isae.study.grid's null grid: the same recipe on ``isae extract
+    gaussian --like`` data) are the trained null's. ``split``: the split-data comparisons
+    (the collected tables of the workflow's split_pairs rule, isae.analysis.split_data: an
+    SAE on one half of ``isae split`` against the same arch and seed on the other half),
+    one row per pair with dataset, arch, k, width and mean_abs_cos.
 
-    -> one row per pair: dataset (the one referred to), arch, k, width, reference,
-    mean_abs_cos."""
+    -> one row per pair: dataset, arch, k, width, reference (null | split), mean_abs_cos."""
     cols = [*ROW_KEYS, "reference", "mean_abs_cos"]
     out = []
-    for src, (target, kind) in datasets.items():
-        if kind not in REFERENCES:
-            raise UserError(f"reference kind {kind!r}: known are {', '.join(REFERENCES)}")
-        p = pairs[pairs["dataset"] == src]
-        if kind == "null":
-            p = seed_pairs(p)
-        elif "arch" not in p.columns and "arch_a" in p.columns:
-            p = p.assign(arch=p["arch_a"])
-        out.append(p.assign(dataset=target, reference=kind)[cols])
+    if not pairs.empty and "null" in pairs.columns:
+        p = seed_pairs(pairs)
+        out.append(p[p["null"].astype(bool)].assign(reference="null")[cols])
+    if split is not None and not split.empty:
+        out.append(split.assign(reference="split")[cols])
+    out = [o for o in out if len(o)]
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame(columns=cols)
 
 
@@ -408,11 +404,16 @@ def _reference_sources(refs: pd.DataFrame | None) -> list:
 
 
 def table_t1(runs: pd.DataFrame, pairs: pd.DataFrame, chance: pd.DataFrame | None = None,
-             lr: pd.DataFrame | None = None, refs: pd.DataFrame | None = None) -> pd.DataFrame:
+             lr: pd.DataFrame | None = None, refs: pd.DataFrame | None = None,
+             split: pd.DataFrame | None = None) -> pd.DataFrame:
     """T1: reconstruction, convergence and stability per dataset x arch on the main grid,
     with a ``not_converged`` column (some seed's run has not converged). ``lr`` (the lr
-    sweep's table) is not needed: the chosen rate is in ``runs``. ``refs``: the trained
-    references' pairs (``reference_rows``), shown beside the chance levels."""
+    sweep's table) marks a rate chosen at its grid's edge; the chosen rate itself is in
+    ``runs``. ``refs``: the trained references' pairs (``reference_rows``), shown beside the
+    chance levels; without it, those of ``pairs`` (the null grid's seed pairs) and
+    ``split`` (the split-data comparisons)."""
+    if refs is None:
+        refs = reference_rows(pairs, split)
     r = main_rows(runs)
     sources = [(r, [*T1_EVAL, *T1_CONVERGENCE]),
                (main_rows(seed_pairs(pairs)), [*T1_MATCH[:2], *T1_LIVE]),
