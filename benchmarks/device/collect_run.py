@@ -150,7 +150,7 @@ def _state(run: Path) -> dict:
 
     started, ended = stamp("started"), stamp("ended")
     rc = _read(run / "rc").strip()
-    return {"started": started, "ended": ended, "rc": rc or None}
+    return {"started": started, "ended": ended, "rc": rc or None, "phase1": stamp("phase1")}
 
 
 def _utc(t: int | None) -> str:
@@ -179,6 +179,10 @@ def run_md(repo: Path, run: Path, results: str, python: str) -> str:
         f"- started: {_utc(st['started'])}",
         f"- ended: {_utc(st['ended'])}",
         f"- wall time (snakemake, start to end): {_dur(wall)}",
+        *([f"- two phases (session.sh): the first, without what FIRST_CONFIG turned off, "
+           f"ended at {_utc(st['phase1'])}, {_dur(st['phase1'] - st['started'])} after the "
+           "start; the second ran the whole config on the first's outputs (its jobs below)"]
+          if st["phase1"] and st["started"] else []),
         f"- jobs: {prog[0]} of {prog[1]} done" if prog else "- jobs: no progress line in the log",
         f"- failed rules: {', '.join(failed) if failed else 'none'}",
         f"- command: `{_read(run / 'command').strip()}`",
@@ -273,6 +277,11 @@ def collect(repo: Path, run: Path, out: Path, results: str = "results",
     files = [(str(p), repo / p) for p in _results_files(repo, results)]
     for cfg in sorted(run.glob("config-*")):
         files.append((f"run/{cfg.name}", cfg))
+    # What session.sh's AFTER measured once the study had ended (its log and files).
+    if (run / "after.log").is_file():
+        files.append(("device/after.log", run / "after.log"))
+    files += [(f"device/{p.relative_to(run)}", p) for p in sorted((run / "bench").rglob("*"))
+              if p.is_file()]
     files.append(("RUN.md", md.encode()))
     _tar_gz(out / "results.tar.gz", files)
 

@@ -21,7 +21,10 @@
 #
 # Environment: PYTHON (default python3), ISAE_DEVICE (state folder, default /tmp/isae-device),
 # CORES (default: all), RESULTS (results folder of the config, default results), MODEL=none
-# (start without the language model, for targets on the synthetic sets only).
+# (start without the language model, for targets on the synthetic sets only); for start,
+# FIRST_CONFIG (a --config string for a first, smaller Snakemake phase) and AFTER (a command
+# run once Snakemake has ended, its files under $BENCH): session.sh says more. wait and
+# watch follow the whole session, AFTER included.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -152,7 +155,7 @@ cmd_start() {
     rm -rf "$WORK"
   fi
   mv "$WORK.tmp" "$WORK"
-  rm -f "$RUN"/{rc,ended,started,pid,config-*}
+  rm -rf "$RUN"/{rc,ended,done,phase1,started,pid,config-*,snakemake.log,after.log,bench}
   local i=0
   for c in "${configs[@]}"; do
     local src="$repo/$c"; [ -f "$src" ] || src=$c
@@ -172,8 +175,9 @@ cmd_start() {
     cd "$WORK"
     # A new session (the run outlives this call: the tool ends the call's own processes);
     # its shell records its own pid, which is also its process group for `stop`.
-    setsid nohup bash -c 'echo $$ > "$0/pid"; "$@" > "$0/snakemake.log" 2>&1; echo $? > "$0/rc"; date +%s > "$0/ended"' \
-      "$RUN" "${cmd[@]}" < /dev/null > /dev/null 2>&1 &
+    # FIRST_CONFIG and AFTER (session.sh) pass through the environment.
+    setsid nohup bash "$WORK/benchmarks/device/session.sh" "$RUN" "${cmd[@]}" \
+      < /dev/null > /dev/null 2>&1 &
   )
   for _ in 1 2 3 4 5 6 7 8 9 10; do [ -f "$RUN/pid" ] && break; sleep 0.5; done
   [ -f "$RUN/pid" ] || die "the run did not start (no pid file in $RUN)"
@@ -191,6 +195,7 @@ cmd_status() {
   now=$(date +%s); start=$(cat "$RUN/started")
   if [ -f "$RUN/rc" ]; then
     end=$(cat "$RUN/ended"); state="finished, exit code $(cat "$RUN/rc")"
+    [ -f "$RUN/done" ] || { running && state="$state; AFTER running: $(tail -n 1 "$RUN/after.log" 2>/dev/null)"; }
   elif running; then
     end=$now; state="running"
   else
@@ -216,7 +221,7 @@ progress_line() {
 cmd_wait() {
   local limit=${1:-540} t0=$SECONDS last=-60
   [ -f "$RUN/started" ] || die "no run started in $DEV"
-  while [ ! -f "$RUN/rc" ] && running && [ $((SECONDS - t0)) -lt "$limit" ]; do
+  while [ ! -f "$RUN/done" ] && running && [ $((SECONDS - t0)) -lt "$limit" ]; do
     if [ $((SECONDS - last)) -ge 60 ]; then
       last=$SECONDS
       progress_line
@@ -244,7 +249,7 @@ cmd_watch() {
       done
     fi
     rm -rf "$tmp"
-    [ -f "$RUN/rc" ] && break
+    [ -f "$RUN/done" ] && break
     running || break
     # leave room for one more round (wait + collect) inside the limit
     [ $((SECONDS - t0 + ${WATCH_EVERY:-60} + 30)) -lt "$limit" ] || break
