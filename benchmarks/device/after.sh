@@ -1,37 +1,65 @@
 #!/usr/bin/env bash
-# The measurements that need the GPU to themselves, run by session.sh (AFTER) once the
-# study has ended, most wanted first, each with its own time limit, each writing its table
-# into $BENCH (they travel back with the run under device/). A session whose device time
-# runs out keeps the ones that finished.
+# The measurements that need the GPU to themselves, run by session.sh around the study,
+# each with its own time limit, each writing its table into $BENCH (they travel back with
+# the run under device/). A session whose device time runs out keeps the ones that finished.
 #
-#   AFTER='bash benchmarks/device/after.sh' run_study.sh start config/gpu.yaml -- ...
+#   BEFORE='bash benchmarks/device/after.sh before' \
+#   AFTER='bash benchmarks/device/after.sh after' run_study.sh start config/gpu.yaml -- ...
 #
+# before: the GPU tests and the grouped-training check, which decide whether the study may
+#   train its SAEs in groups (a failure writes ISAE_GROUPED=0 into $RUN_ENV, which session.sh
+#   sources before Snakemake), then the short timing targets (#26's group and switches,
+#   #23's matcher at 24 576), so that they are measured even if the study uses the rest.
+# after: the longer measurements, most wanted first.
 # Each benchmark's own docstring says what it measures; here only the order and the limits.
 set -u
 BENCH=${BENCH:?run by session.sh, which sets BENCH}
+part=${1:-after}
 acts=${ACTS:-results/activations/minilm}
 step() {
   local name=$1 limit=$2
   shift 2
   echo "== $(date +%H:%M:%S) $name (limit ${limit}s): $*"
   timeout "$limit" "$@" > "$BENCH/$name.log" 2>&1
-  echo "== $(date +%H:%M:%S) $name exit code $?"
+  local rc=$?
+  echo "== $(date +%H:%M:%S) $name exit code $rc"
   tail -n 30 "$BENCH/$name.log"
+  return $rc
 }
-# #26: a group of 9 SAEs against the same 9 one after another, the group's correctness
-# check, and every switch combination's step at width 12 288.
-step group_bench 360 python benchmarks/group_bench.py --out "$BENCH/group_bench.json" \
-  --only group,check,switches
-# #23: the certified matcher at the paper's width against scipy on the same matrices.
-step match_bench 420 python benchmarks/match_bench.py --device cuda --sizes 24576 --d 768 \
-  --kinds trained --cli --scipy-timeout 240 --out "$BENCH/match_bench.json"
-# #25: the dead-latent recipes at 32 x d on the study's own MiniLM set.
-if [ -d "$acts" ]; then
-  step width_bench 420 python benchmarks/width_bench.py --activations "$acts" --device cuda \
-    --widths 12288 --table "$BENCH/width_bench.parquet"
-fi
-# #24: how far two identical trainings land on this GPU.
-step rerun_spread 240 python benchmarks/rerun_spread.py --device cuda \
-  --out "$BENCH/rerun_spread.json"
-# #26 item 3: what the thresholding steps cost, with and without gradient.
-step iter_bench 240 python benchmarks/iter_bench.py --part throughput --out "$BENCH/iter_bench.json"
+no_groups() {
+  echo "== $1: the study trains its SAEs one by one (ISAE_GROUPED=0)"
+  echo "export ISAE_GROUPED=0" >> "${RUN_ENV:?run by session.sh, which sets RUN_ENV}"
+}
+case "$part" in
+  before)
+    step gpu_tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_fast_gpu.py \
+      tests/test_group.py \
+      || { grep -E "^FAILED.*(group|stacked)" "$BENCH/gpu_tests.log" \
+           && no_groups "a grouped-training test failed on the GPU"; }
+    # #26: a group of 9 SAEs against the same 9 one after another, the group's correctness
+    # check, and every switch combination's step at width 12 288.
+    step group_bench 300 python3 benchmarks/group_bench.py --out "$BENCH/group_bench.json" \
+      --only group,check,switches
+    grep -q "check: PASS" "$BENCH/group_bench.log" \
+      || no_groups "group_bench's check did not pass"
+    # #23: the certified matcher at the paper's width against scipy on the same matrices
+    # (scipy stopped after 90 s: the dense solver's time there is a lower bound).
+    step match_bench 200 python3 benchmarks/match_bench.py --device cuda --sizes 24576 --d 768 \
+      --kinds trained --cli --scipy-timeout 90 --out "$BENCH/match_bench.json"
+    ;;
+  after)
+    # #25: the dead-latent recipes at 32 x d on the study's own MiniLM set.
+    if [ -d "$acts" ]; then
+      step width_bench 420 python3 benchmarks/width_bench.py --activations "$acts" --device cuda \
+        --widths 12288 --table "$BENCH/width_bench.parquet"
+    fi
+    # #24: how far two identical trainings land on this GPU.
+    step rerun_spread 240 python3 benchmarks/rerun_spread.py --device cuda \
+      --out "$BENCH/rerun_spread.json"
+    # #26 item 3: what the thresholding steps cost, with and without gradient.
+    step iter_bench 240 python3 benchmarks/iter_bench.py --part throughput \
+      --out "$BENCH/iter_bench.json"
+    ;;
+  *) echo "after.sh: error: part must be before or after, not $part" >&2; exit 2 ;;
+esac
+exit 0

@@ -277,9 +277,10 @@ def collect(repo: Path, run: Path, out: Path, results: str = "results",
     files = [(str(p), repo / p) for p in _results_files(repo, results)]
     for cfg in sorted(run.glob("config-*")):
         files.append((f"run/{cfg.name}", cfg))
-    # What session.sh's AFTER measured once the study had ended (its log and files).
-    if (run / "after.log").is_file():
-        files.append(("device/after.log", run / "after.log"))
+    # What session.sh's BEFORE and AFTER measured around the study (their logs and files).
+    for name in ("before.log", "env", "after.log"):
+        if (run / name).is_file():
+            files.append((f"device/{name}", run / name))
     files += [(f"device/{p.relative_to(run)}", p) for p in sorted((run / "bench").rglob("*"))
               if p.is_file()]
     files.append(("RUN.md", md.encode()))

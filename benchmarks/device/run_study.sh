@@ -22,7 +22,8 @@
 # Environment: PYTHON (default python3), ISAE_DEVICE (state folder, default /tmp/isae-device),
 # CORES (default: all), RESULTS (results folder of the config, default results), MODEL=none
 # (start without the language model, for targets on the synthetic sets only); for start,
-# FIRST_CONFIG (a --config string for a first, smaller Snakemake phase) and AFTER (a command
+# BEFORE (a command run before Snakemake), FIRST_CONFIG (a --config string for a first,
+# smaller Snakemake phase) and AFTER (a command
 # run once Snakemake has ended, its files under $BENCH): session.sh says more. wait and
 # watch follow the whole session, AFTER included.
 set -euo pipefail
@@ -155,7 +156,7 @@ cmd_start() {
     rm -rf "$WORK"
   fi
   mv "$WORK.tmp" "$WORK"
-  rm -rf "$RUN"/{rc,ended,done,phase1,started,pid,config-*,snakemake.log,after.log,bench}
+  rm -rf "$RUN"/{rc,ended,done,phase1,started,pid,config-*,snakemake.log,before.log,env,after.log,bench}
   local i=0
   for c in "${configs[@]}"; do
     local src="$repo/$c"; [ -f "$src" ] || src=$c
@@ -175,7 +176,7 @@ cmd_start() {
     cd "$WORK"
     # A new session (the run outlives this call: the tool ends the call's own processes);
     # its shell records its own pid, which is also its process group for `stop`.
-    # FIRST_CONFIG and AFTER (session.sh) pass through the environment.
+    # BEFORE, FIRST_CONFIG and AFTER (session.sh) pass through the environment.
     setsid nohup bash "$WORK/benchmarks/device/session.sh" "$RUN" "${cmd[@]}" \
       < /dev/null > /dev/null 2>&1 &
   )
@@ -198,6 +199,9 @@ cmd_status() {
     [ -f "$RUN/done" ] || { running && state="$state; AFTER running: $(tail -n 1 "$RUN/after.log" 2>/dev/null)"; }
   elif running; then
     end=$now; state="running"
+    if [ -f "$RUN/before.log" ] && ! grep -q "BEFORE exit code" "$RUN/before.log"; then
+      state="running BEFORE: $(grep '^== ' "$RUN/before.log" | tail -n 1)"
+    fi
   else
     end=$now; state="not running and no exit code (killed?)"
   fi

@@ -11,19 +11,33 @@
 #                 that a session whose device time runs out still has every table and figure
 #                 of that smaller DAG; the second phase (the command as given) then adds what
 #                 remains, reusing every output of the first.
+#   BEFORE        a shell command run before Snakemake starts (the GPU checks and the timing
+#                 benchmarks that gate the study or must have the GPU to themselves); its
+#                 output goes to RUN_DIR/before.log, its files under $BENCH; lines it writes
+#                 to $RUN_ENV (RUN_DIR/env, shell `export` lines, e.g. ISAE_GROUPED=0 when
+#                 the grouped check failed) are sourced before Snakemake runs.
 #   AFTER         a shell command run once Snakemake has ended (timing benchmarks that must
 #                 not share the GPU with the study); its output goes to RUN_DIR/after.log and
 #                 the files it writes under $BENCH (RUN_DIR/bench) travel back with the run.
 #
-# Files in RUN_DIR: pid (this shell, the process group's leader), snakemake.log, phase1 (the
+# Files in RUN_DIR: pid (this shell, the process group's leader), before.log, env, snakemake.log, phase1 (the
 # time the first phase ended), rc and ended (Snakemake's exit code and end), after.log,
 # bench/, done (everything ended).
 set -u
 run=$1
 shift
 echo $$ > "$run/pid"
-export BENCH="$run/bench"
+export BENCH="$run/bench" RUN_ENV="$run/env"
 mkdir -p "$BENCH"
+if [ -n "${BEFORE:-}" ]; then
+  bash -c "$BEFORE" > "$run/before.log" 2>&1
+  echo "== BEFORE exit code $?" >> "$run/before.log"
+fi
+if [ -f "$RUN_ENV" ]; then
+  echo "== environment from BEFORE: $(tr '\n' ' ' < "$RUN_ENV")" >> "$run/snakemake.log"
+  # shellcheck disable=SC1090
+  . "$RUN_ENV"
+fi
 rc=0
 if [ -n "${FIRST_CONFIG:-}" ]; then
   echo "== phase 1 of 2: --config $FIRST_CONFIG" >> "$run/snakemake.log"
