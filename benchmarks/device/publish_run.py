@@ -1,7 +1,8 @@
 """A collected device run (the unpacked results.tar.gz of collect_run.py) into the folder
 that the repository keeps, e.g. results-gpu/: the tables (Markdown, Parquet, LaTeX), the
 figures as PNG, the per-run tables they are made from, the learning-rate sweeps, the
-feature-browser pages, the activation sets' provenance, Snakemake's benchmark files, RUN.md
+feature-browser pages, the activation sets' provenance, Snakemake's benchmark files, the
+logs and tables of the benchmarks run around the study (device/), RUN.md
 (as the device wrote it: the caller adds what it learnt), and the training summary of train_summary.py. Weights never travel back, so none are kept.
 
     python3 benchmarks/device/publish_run.py COLLECTED DEST [--redraw F7 ...]
@@ -48,6 +49,10 @@ def publish(src: Path, dest: Path, redraw: list[str]) -> list[Path]:
         for f in sorted(results.glob(pat)):
             if f.is_file():
                 keep(f, dest / f.relative_to(results))
+    # What the session measured around the study (session.sh's BEFORE and AFTER).
+    for f in sorted((src / "device").rglob("*")):
+        if f.is_file():
+            keep(f, dest / "device" / f.relative_to(src / "device"))
     rules = results / "benchmarks"
     for f in sorted(rules.rglob("*.tsv")):
         keep(f, dest / "benchmarks" / f.relative_to(rules))
