@@ -131,7 +131,7 @@ def lr_sweep(
             summary, path = result[(arch, f, seed)]
             fvu, cos = math.inf, math.nan
             if not summary.get("diverged"):
-                fvu = reconstruction_metrics(load(path), acts)["fvu"]
+                fvu = reconstruction_metrics(load(path, device=tcfg.device), acts)["fvu"]
                 if pair_seed is not None and not result[(arch, f, pair_seed)][0].get("diverged"):
                     cos = match_dictionaries(load_decoder(path),
                                              load_decoder(result[(arch, f, pair_seed)][1]),
