@@ -10,6 +10,7 @@
 #   train its SAEs in groups (a failure writes ISAE_GROUPED=0 into $RUN_ENV, which session.sh
 #   sources before Snakemake), then the short timing targets (#26's group and switches,
 #   #23's matcher at 24 576), so that they are measured even if the study uses the rest.
+# gate: the GPU tests alone (for a session whose benchmarks an earlier one measured).
 # after: the longer measurements, most wanted first.
 # Each benchmark's own docstring says what it measures; here only the order and the limits.
 set -u
@@ -30,12 +31,18 @@ no_groups() {
   echo "== $1: the study trains its SAEs one by one (ISAE_GROUPED=0)"
   echo "export ISAE_GROUPED=0" >> "${RUN_ENV:?run by session.sh, which sets RUN_ENV}"
 }
-case "$part" in
-  before)
+gpu_tests() {
     step gpu_tests 180 python3 -m pytest -q -p no:cacheprovider tests/test_fast_gpu.py \
       tests/test_group.py \
       || { grep -E "^FAILED.*(group|stacked)" "$BENCH/gpu_tests.log" \
            && no_groups "a grouped-training test failed on the GPU"; }
+}
+case "$part" in
+  gate)
+    gpu_tests
+    ;;
+  before)
+    gpu_tests
     # #26: a group of 9 SAEs against the same 9 one after another, the group's correctness
     # check, and every switch combination's step at width 12 288.
     step group_bench 240 python3 benchmarks/group_bench.py --out "$BENCH/group_bench.json" \
@@ -60,6 +67,6 @@ case "$part" in
     step iter_bench 240 python3 benchmarks/iter_bench.py --part throughput \
       --out "$BENCH/iter_bench.json"
     ;;
-  *) echo "after.sh: error: part must be before or after, not $part" >&2; exit 2 ;;
+  *) echo "after.sh: error: part must be gate, before or after, not $part" >&2; exit 2 ;;
 esac
 exit 0
