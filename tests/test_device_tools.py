@@ -379,3 +379,28 @@ def test_publish_keeps_tables_figures_and_runs_not_weights(tmp_path):
         publish_run.publish(tmp_path / "nothing", tmp_path / "out", [])
     with pytest.raises(SystemExit, match="cannot redraw F9"):
         publish_run.publish(src, dest, ["F9"])
+
+
+def test_the_width_session_config_is_gpu_yaml_with_minilm_alone():
+    """width-minilm.yaml is what width_config.py makes of config/gpu.yaml now, and it plans
+    MiniLM's main grid and width axis with gpu.yaml's own settings, nothing else."""
+    import yaml
+
+    from isae.study import plan
+
+    spec = importlib.util.spec_from_file_location("width_config", ROOT / "benchmarks/device/width_config.py")
+    wc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wc)
+    assert (ROOT / "benchmarks/device/width-minilm.yaml").read_text() == wc.text()
+    gpu = yaml.safe_load((ROOT / "config/gpu.yaml").read_text())
+    cfg = plan.load_config([ROOT / "benchmarks/device/width-minilm.yaml"], ROOT / "config/schema.yaml")
+    assert list(cfg["datasets"]) == ["minilm"]
+    m, g = cfg["datasets"]["minilm"], gpu["datasets"]["minilm"]
+    assert (m["train"]["k"], m["train"]["width"], m["train"]["rows"]) == (
+        g["train"]["k"], g["train"]["width"], g["train"]["rows"])
+    assert m["width_axis"]["widths"] == g["width_axis"]["widths"]
+    assert m["width_axis"]["per_width"] == g["width_axis"]["per_width"]
+    assert cfg["seeds"] == gpu["seeds"] and cfg["lr_sweep"] == gpu["lr_sweep"]
+    widths = {j.wildcards.get("group") for j in plan.jobs(cfg) if j.rule == "train"}
+    assert widths == {"k16-w1536-r10000000", "k16-w3072-r10000000", "k16-w6144-r20000000",
+                      "k16-w12288-r40000000"}
