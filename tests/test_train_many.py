@@ -201,6 +201,18 @@ def test_best_rates_by_heldout_fvu_with_a_tie_rule():
         sweep.best_rates(table.assign(heldout_fvu=math.inf))
 
 
+def test_lr_sweep_evaluates_its_candidates_on_the_training_device(data, tmp_path, monkeypatch):
+    """Each candidate is loaded for its held-out FVU on the device it trained on, named
+    explicitly (loading's default is the CPU: on a GPU machine that evaluation took longer
+    than the training)."""
+    seen = []
+    real = sweep.load
+    monkeypatch.setattr(sweep, "load", lambda path, **kw: seen.append(kw.get("device")) or real(path, **kw))
+    tcfg = TrainConfig(tokens=1024, batch_size=256, device="cpu")
+    sweep.lr_sweep(data, ["topk", "isae"], [1.0, 4.0], 3, 48, tcfg, tmp_path / "lr")
+    assert seen == ["cpu"] * 4
+
+
 @pytest.mark.slow
 def test_lr_sweep_writes_the_choice_train_reads(data, tmp_path, capsys):
     out = tmp_path / "lr"
