@@ -404,3 +404,25 @@ def test_the_width_session_config_is_gpu_yaml_with_minilm_alone():
     widths = {j.wildcards.get("group") for j in plan.jobs(cfg) if j.rule == "train"}
     assert widths == {"k16-w1536-r10000000", "k16-w3072-r10000000", "k16-w6144-r20000000",
                       "k16-w12288-r40000000"}
+
+
+@pytest.mark.parametrize("check,grouped", [("PASS", True), ("FAIL", False)])
+def test_the_gate_turns_grouping_off_only_when_the_groups_own_check_fails(tmp_path, check, grouped):
+    """after.sh gate: a failing grouped unit test hands the decision to group_bench's check
+    at the study's shape; only a failed check writes ISAE_GROUPED=0 for the study."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    fake = bin_ / "python3"  # stands in for the GPU machine's interpreter
+    fake.write_text("#!/bin/sh\ncase \"$*\" in\n"  # (the scratch path holds "pytest" too)
+                    f"  *group_bench*) echo 'check: {check}'; exit 0;;\n"
+                    "  *-m\\ pytest*) echo 'FAILED tests/test_fast_gpu.py::test_graphed_group_steps'; exit 1;;\n"
+                    "esac\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "BENCH": str(tmp_path),
+           "RUN_ENV": str(tmp_path / "env")}
+    subprocess.run(["bash", str(DEVICE / "after.sh"), "gate"], env=env, check=True,
+                   capture_output=True)
+    assert (tmp_path / "group_bench.log").is_file()
+    assert (tmp_path / "env").is_file() != grouped
+    if not grouped:
+        assert (tmp_path / "env").read_text().strip() == "export ISAE_GROUPED=0"

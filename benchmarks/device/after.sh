@@ -7,10 +7,11 @@
 #   AFTER='bash benchmarks/device/after.sh after' run_study.sh start config/gpu.yaml -- ...
 #
 # before: the GPU tests and the grouped-training check, which decide whether the study may
-#   train its SAEs in groups (a failure writes ISAE_GROUPED=0 into $RUN_ENV, which session.sh
-#   sources before Snakemake), then the short timing targets (#26's group and switches,
-#   #23's matcher at 24 576), so that they are measured even if the study uses the rest.
-# gate: the GPU tests alone (for a session whose benchmarks an earlier one measured).
+#   train its SAEs in groups (gpu_tests below; a failure writes ISAE_GROUPED=0 into $RUN_ENV,
+#   which session.sh sources before Snakemake), then the short timing targets (#26's group
+#   and switches, #23's matcher at 24 576), so that they are measured even if the study uses
+#   the rest.
+# gate: the same decision alone (for a session whose benchmarks an earlier one measured).
 # after: the longer measurements, most wanted first.
 # Each benchmark's own docstring says what it measures; here only the order and the limits.
 set -u
@@ -32,23 +33,32 @@ no_groups() {
   echo "export ISAE_GROUPED=0" >> "${RUN_ENV:?run by session.sh, which sets RUN_ENV}"
 }
 gpu_tests() {
-    step gpu_tests 180 python3 -m pytest -q -p no:cacheprovider tests/test_fast_gpu.py \
-      tests/test_group.py \
-      || { grep -E "^FAILED.*(group|stacked)" "$BENCH/gpu_tests.log" \
-           && no_groups "a grouped-training test failed on the GPU"; }
+  # The GPU tests; if a grouped-training test fails, the study's own shape decides: a group
+  # of 9 SAEs against the same 9 trained one by one (group_bench's check, within 2 % in
+  # held-out FVU). Only if that check fails too does the study train one by one. (A unit
+  # test's tolerance can be wrong on a GPU it never ran on: 2026-12-06, six of them were.)
+  step gpu_tests 180 python3 -m pytest -q -p no:cacheprovider tests/test_fast_gpu.py \
+    tests/test_group.py && return 0
+  grep -qE "^FAILED.*(group|stacked)" "$BENCH/gpu_tests.log" || return 0
+  echo "== a grouped-training test failed on the GPU; the group's check at the study's shape decides"
+  step group_bench 240 python3 benchmarks/group_bench.py --out "$BENCH/group_bench.json" \
+    --only group,check${1:+,$1}
+  grep -q "check: PASS" "$BENCH/group_bench.log" || no_groups "group_bench's check did not pass"
 }
 case "$part" in
   gate)
     gpu_tests
     ;;
   before)
-    gpu_tests
+    gpu_tests switches
     # #26: a group of 9 SAEs against the same 9 one after another, the group's correctness
-    # check, and every switch combination's step at width 12 288.
-    step group_bench 240 python3 benchmarks/group_bench.py --out "$BENCH/group_bench.json" \
-      --only group,check,switches
-    grep -q "check: PASS" "$BENCH/group_bench.log" \
-      || no_groups "group_bench's check did not pass"
+    # check, and every switch combination's step at width 12 288 (if gpu_tests ran none).
+    if [ ! -f "$BENCH/group_bench.log" ]; then
+      step group_bench 240 python3 benchmarks/group_bench.py --out "$BENCH/group_bench.json" \
+        --only group,check,switches
+      grep -q "check: PASS" "$BENCH/group_bench.log" \
+        || no_groups "group_bench's check did not pass"
+    fi
     # #23: the certified matcher at the paper's width against scipy on the same matrices
     # (scipy stopped after 60 s: the dense solver's time there is a lower bound).
     step match_bench 150 python3 benchmarks/match_bench.py --device cuda --sizes 24576 --d 768 \
