@@ -5,8 +5,11 @@ JSON results file that benchmarks/session_table.py reads."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -118,10 +121,27 @@ class Results:
         return "\n".join(lines)
 
 
+def sections(record: Callable[[str, BaseException], None]):
+    """A ``@section(name)`` decorator for a benchmark script's sections: each prints its name,
+    runs, and on an exception prints the traceback and records it with ``record(name, e)``
+    (the script's own FAILED row), so that one broken section does not hide the others."""
+    def section(name: str):
+        def wrap(fn):
+            @functools.wraps(fn)
+            def run(*a, **kw):
+                print(f"== {name}", flush=True)
+                try:
+                    return fn(*a, **kw)
+                except Exception as e:  # noqa: BLE001 - one broken section must not hide the others
+                    traceback.print_exc()
+                    record(name, e)
+            return run
+        return wrap
+    return section
+
+
 def guarded(results: Results, key: str, what: str, fn) -> None:
     """Run one measurement; a failure is printed and recorded, and the next one runs."""
-    import traceback
-
     print(f"== {what}", flush=True)
     try:
         fn()

@@ -41,12 +41,12 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 
 import torch
+from bench_set import sections
 
 from isae.data import language_models as lm
 
@@ -96,18 +96,7 @@ def row(what: str, tokens: int | None = None, seconds: float | None = None, note
     print(f"  {what}: " + "  ".join(p for p in parts if p), flush=True)
 
 
-def section(name: str):
-    """Run a section, turning any exception into a FAILED row so the others still run."""
-    def wrap(fn):
-        def run(*a, **kw):
-            print(f"== {name}", flush=True)
-            try:
-                return fn(*a, **kw)
-            except Exception as e:  # noqa: BLE001 - one broken section must not hide the others
-                traceback.print_exc()
-                row(name, note=one_line(e, "FAILED"))
-        return run
-    return wrap
+section = sections(lambda name, e: row(name, note=one_line(e, "FAILED")))
 
 
 def one_line(e: BaseException, prefix: str) -> str:

@@ -23,12 +23,12 @@ import json
 import sys
 import tempfile
 import time
-import traceback
 import types
 from pathlib import Path
 
 import numpy as np
 import torch
+from bench_set import sections
 
 from isae.gpu import cuda_graphs as graphs
 from isae.gpu.ops import FastOps
@@ -86,17 +86,7 @@ def per_step(fn, warmup: int = 5, reps: int = 30) -> float:
     return (time.perf_counter() - t0) * 1e3 / reps
 
 
-def section(name):
-    def wrap(fn):
-        def run(*a, **kw):
-            print(f"== {name}", flush=True)
-            try:
-                return fn(*a, **kw)
-            except Exception as e:  # noqa: BLE001 - one broken section must not hide the others
-                traceback.print_exc()
-                row(name, note=f"FAILED: {type(e).__name__}: {e}"[:200])
-        return run
-    return wrap
+section = sections(lambda name, e: row(name, note=f"FAILED: {type(e).__name__}: {e}"[:200]))
 
 
 def synthetic_batches(d: int, n_true: int, k_true: int, seed: int):

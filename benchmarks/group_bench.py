@@ -44,13 +44,12 @@ import json
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_set import Peak, ensure_set  # noqa: E402
+from bench_set import Peak, ensure_set, sections  # noqa: E402
 
 from isae.data import checkpoints  # noqa: E402
 from isae.models.compute import select_ops  # noqa: E402
@@ -72,17 +71,7 @@ def dsync() -> None:
         torch.cuda.synchronize()
 
 
-def section(name):
-    def wrap(fn):
-        def run(*a, **kw):
-            print(f"== {name}", flush=True)
-            try:
-                return fn(*a, **kw)
-            except Exception as e:  # noqa: BLE001 - one broken section must not hide the others
-                traceback.print_exc()
-                row(name, note=f"FAILED: {type(e).__name__}: {e}"[:300])
-        return run
-    return wrap
+section = sections(lambda name, e: row(name, note=f"FAILED: {type(e).__name__}: {e}"[:300]))
 
 
 # ----------------------------------------------------------------------------- switch names
