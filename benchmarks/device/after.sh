@@ -32,33 +32,34 @@ no_groups() {
   echo "== $1: the study trains its SAEs one by one (ISAE_GROUPED=0)"
   echo "export ISAE_GROUPED=0" >> "${RUN_ENV:?run by session.sh, which sets RUN_ENV}"
 }
+group_check() {
+  # group_bench's group and check sections (and any others named in $1, comma-led): a group
+  # of 9 SAEs against the same 9 trained one by one, within 2 % in held-out FVU, or the
+  # study trains one by one.
+  step group_bench 240 python3 benchmarks/group_bench.py --out "$BENCH/group_bench.json" \
+    --only "group,check${1:-}"
+  grep -q "check: PASS" "$BENCH/group_bench.log" || no_groups "group_bench's check did not pass"
+}
 gpu_tests() {
-  # The GPU tests; if a grouped-training test fails, the study's own shape decides: a group
-  # of 9 SAEs against the same 9 trained one by one (group_bench's check, within 2 % in
-  # held-out FVU). Only if that check fails too does the study train one by one. (A unit
-  # test's tolerance can be wrong on a GPU it never ran on: 2026-12-06, six of them were.)
+  # The GPU tests; if a grouped-training test fails, the study's own shape decides
+  # (group_check). (A unit test's tolerance can be wrong on a GPU it never ran on:
+  # 2026-12-06, six of them were.)
   step gpu_tests 180 python3 -m pytest -q -p no:cacheprovider tests/test_fast_gpu.py \
     tests/test_group.py && return 0
   grep -qE "^FAILED.*(group|stacked)" "$BENCH/gpu_tests.log" || return 0
   echo "== a grouped-training test failed on the GPU; the group's check at the study's shape decides"
-  step group_bench 240 python3 benchmarks/group_bench.py --out "$BENCH/group_bench.json" \
-    --only group,check${1:+,$1}
-  grep -q "check: PASS" "$BENCH/group_bench.log" || no_groups "group_bench's check did not pass"
+  group_check "${1:-}"
 }
 case "$part" in
   gate)
     gpu_tests
     ;;
   before)
-    gpu_tests switches
     # #26: a group of 9 SAEs against the same 9 one after another, the group's correctness
-    # check, and every switch combination's step at width 12 288 (if gpu_tests ran none).
-    if [ ! -f "$BENCH/group_bench.log" ]; then
-      step group_bench 240 python3 benchmarks/group_bench.py --out "$BENCH/group_bench.json" \
-        --only group,check,switches
-      grep -q "check: PASS" "$BENCH/group_bench.log" \
-        || no_groups "group_bench's check did not pass"
-    fi
+    # check, and every switch combination's step at width 12 288 (once, whether or not the
+    # tests needed the check).
+    gpu_tests ,switches
+    [ -f "$BENCH/group_bench.log" ] || group_check ,switches
     # #23: the certified matcher at the paper's width against scipy on the same matrices
     # (scipy stopped after 60 s: the dense solver's time there is a lower bound).
     step match_bench 150 python3 benchmarks/match_bench.py --device cuda --sizes 24576 --d 768 \
