@@ -426,3 +426,28 @@ def test_the_gate_turns_grouping_off_only_when_the_groups_own_check_fails(tmp_pa
     assert (tmp_path / "env").is_file() != grouped
     if not grouped:
         assert (tmp_path / "env").read_text().strip() == "export ISAE_GROUPED=0"
+
+
+def test_side_measurements_wait_for_the_set_then_run_beside_the_study(tmp_path):
+    """after.sh side_start returns at once; the background part waits for the study's
+    activation set, runs width_bench on it, then the rerun spread and the GPU tests (a
+    failing test changes nothing for the study), and side_wait returns once they ended."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    fake = bin_ / "python3"
+    fake.write_text('#!/bin/sh\necho "ran $*" >> "$BENCH/calls"\n'
+                    'case "$*" in *pytest*) exit 1;; esac\n')
+    fake.chmod(0o755)
+    acts = tmp_path / "acts"
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "BENCH": str(tmp_path),
+           "RUN_ENV": str(tmp_path / "env"), "ACTS": str(acts)}
+    after = ["bash", str(DEVICE / "after.sh")]
+    subprocess.run([*after, "side_start"], env=env, check=True, capture_output=True, timeout=30)
+    acts.mkdir()  # the set appears after the side part started waiting
+    (acts / "meta.json").write_text("{}")
+    subprocess.run([*after, "side_wait"], env=env, check=True, capture_output=True, timeout=60)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [c.split()[1] for c in calls] == ["benchmarks/width_bench.py",
+                                             "benchmarks/rerun_spread.py", "-m"]
+    assert f"--activations {acts}" in calls[0]
+    assert not (tmp_path / "env").exists()

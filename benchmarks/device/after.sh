@@ -13,6 +13,10 @@
 #   the rest.
 # gate: the same decision alone (for a session whose benchmarks an earlier one measured).
 # after: the longer measurements, most wanted first.
+# side_start / side_wait: session B's measurements (side, below) beside the study rather than
+#   after it: side_start (as BEFORE) starts them in the background, side_wait (as AFTER)
+#   waits for them. The study's early jobs (extraction, the 4 x d lr sweep) leave the GPU
+#   mostly idle, and a lent session is too short to run them one after the other.
 # Each benchmark's own docstring says what it measures; here only the order and the limits.
 set -u
 BENCH=${BENCH:?run by session.sh, which sets BENCH}
@@ -78,6 +82,33 @@ case "$part" in
     step iter_bench 240 python3 benchmarks/iter_bench.py --part throughput \
       --out "$BENCH/iter_bench.json"
     ;;
-  *) echo "after.sh: error: part must be gate, before or after, not $part" >&2; exit 2 ;;
+  side_start)
+    # Same process group as session.sh (no setsid): run_study.sh stop ends it too.
+    nohup bash "$0" side > "$BENCH/side.log" 2>&1 < /dev/null &
+    echo "== side measurements started in the background (pid $!), log: $BENCH/side.log"
+    ;;
+  side)
+    # Waits for the study's own MiniLM set (the extraction writes it under a temporary name
+    # and renames it whole), then: #25's dead-latent recipes at 32 x d, #24's run-to-run
+    # spread, and the GPU tests (recorded only: the grouped check already passed at the
+    # study's shape on 2026-12-06, and the tests since changed only their own assumptions).
+    for _ in $(seq 1 240); do [ -f "$acts/meta.json" ] && break; sleep 5; done
+    if [ -f "$acts/meta.json" ]; then
+      step width_bench 480 python3 benchmarks/width_bench.py --activations "$acts" --device cuda \
+        --widths 12288 --table "$BENCH/width_bench.parquet"
+    else
+      echo "== no activation set at $acts after 20 min: width_bench skipped"
+    fi
+    step rerun_spread 240 python3 benchmarks/rerun_spread.py --device cuda \
+      --out "$BENCH/rerun_spread.json"
+    step gpu_tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_fast_gpu.py \
+      tests/test_group.py
+    touch "$BENCH/side.done"
+    ;;
+  side_wait)
+    for _ in $(seq 1 360); do [ -f "$BENCH/side.done" ] && break; sleep 5; done
+    tail -n 80 "$BENCH/side.log"
+    ;;
+  *) echo "after.sh: error: part must be gate, before, after, side_start, side or side_wait, not $part" >&2; exit 2 ;;
 esac
 exit 0
