@@ -94,10 +94,11 @@ case "$part" in
     # study's shape on 2026-12-06, and the tests since changed only their own assumptions).
     for _ in $(seq 1 240); do [ -f "$acts/meta.json" ] && break; sleep 5; done
     if [ -f "$acts/meta.json" ]; then
-      # At the study's own rate alone (1 x: MiniLM's sweeps chose it for all three archs at
-      # 4 and 16 x d on 2026-12-06, under the tie rule): three passes, not five.
+      # sparsify's recipe alone, at the study's budget at 32 x d (40 M rows): the anchor
+      # beside the study's own 32 x d runs (the isae recipe at 1 x, which MiniLM's sweeps
+      # chose for all three archs at 4 and 16 x d on 2026-12-06, under the tie rule).
       step width_bench 480 python3 benchmarks/width_bench.py --activations "$acts" --device cuda \
-        --widths 12288 --lr-factors 1 --table "$BENCH/width_bench.parquet"
+        --widths 12288 --recipes sparsify --tokens 40000000 --table "$BENCH/width_bench.parquet"
     else
       echo "== no activation set at $acts after 20 min: width_bench skipped"
     fi
