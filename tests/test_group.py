@@ -71,19 +71,20 @@ def _dead_masks(n: int) -> torch.Tensor:
     return dead
 
 
+@pytest.mark.parametrize("aux_detach", [False, True])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_stacked_reference_equals_each_model_alone_in_float64(arch):
+def test_stacked_reference_equals_each_model_alone_in_float64(arch, aux_detach):
     torch.manual_seed(0)
     d, n, k, B = 16, 80, 4, 96
     singles = _coders(arch, d, n, k, (0, 1, 2), torch.float64)
     stacked = StackedCoder(singles, STACKED_REFERENCE)
     x = torch.randn(B, d, dtype=torch.float64)
     dead = _dead_masks(n)
-    out = stacked(x, dead)
+    out = stacked(x, dead, aux_detach=aux_detach)
     (out.fvu.sum() + out.auxk.sum() / 32).backward()
     assert out.auxk[0] == 0 and out.auxk[1] > 0 and out.auxk[2] > 0
     for m, c in enumerate(singles):
-        o = c(x, dead[m] if dead[m].any() else None)
+        o = c(x, dead[m] if dead[m].any() else None, aux_detach=aux_detach)
         (o.fvu + o.auxk / 32).backward()
         torch.testing.assert_close(out.fvu[m], o.fvu, rtol=1e-12, atol=0)
         torch.testing.assert_close(out.auxk[m], o.auxk, rtol=1e-12, atol=1e-15)
@@ -94,8 +95,9 @@ def test_stacked_reference_equals_each_model_alone_in_float64(arch):
                                        msg=f"{arch} model {m} {name}")
 
 
+@pytest.mark.parametrize("aux_detach", [False, True])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_stacked_fast_ops_equal_the_single_fast_path_model_by_model(arch):
+def test_stacked_fast_ops_equal_the_single_fast_path_model_by_model(arch, aux_detach):
     """The stacked fast op set flattens the models onto the single-model kernels; on the
     CPU (stock-op kernels, bfloat16 products as on the GPU) each model's loss and gradients
     are the single fast path's, and a fixed AuxK width larger than any model's dead count
@@ -109,11 +111,11 @@ def test_stacked_fast_ops_equal_the_single_fast_path_model_by_model(arch):
         torch.manual_seed(2)  # the same biases both times
         singles = _coders(arch, d, n, k, (0, 1, 2), ops=FastOps(cuda_graphs=False))
         stacked = StackedCoder(singles, StackedFastOps(cuda_graphs=False))
-        out = stacked(x, dead, aux_width=width)
+        out = stacked(x, dead, aux_width=width, aux_detach=aux_detach)
         (out.fvu.sum() + out.auxk.sum() / 32).backward()
         grads[width] = {name: P.grad.clone() for name, (P, _) in stacked.member_params().items()}
         for m, c in enumerate(singles):
-            o = c(x, dead[m] if dead[m].any() else None)
+            o = c(x, dead[m] if dead[m].any() else None, aux_detach=aux_detach)
             (o.fvu + o.auxk / 32).backward()
             torch.testing.assert_close(out.fvu[m], o.fvu, rtol=1e-5, atol=0)
             torch.testing.assert_close(out.auxk[m], o.auxk, rtol=1e-2, atol=1e-7)
@@ -181,7 +183,31 @@ class _FakeRun:
         self.cfg = SAEConfig.from_arch(arch, d_in=8, d_sae=width, k=k)
 
 
-def test_group_takes_the_topk_family_runs_of_one_shape():
+def test_detached_auxk_codes_change_only_what_they_should():
+    """With AuxK's codes detached, the stacked model's encoder gradient is its FVU's alone
+    (model 0, with no dead latent, is unchanged; the others' encoders lose AuxK's share),
+    while the decoder still gets AuxK's gradient: the float64 reference against itself."""
+    torch.manual_seed(0)
+    d, n, k, B = 16, 80, 4, 96
+    x = torch.randn(B, d, dtype=torch.float64)
+    dead = _dead_masks(n)
+    grads = {}
+    for case in (False, True, "fvu"):
+        torch.manual_seed(1)  # the same weights and biases each time
+        stacked = StackedCoder(_coders("topk", d, n, k, (0, 1, 2), torch.float64),
+                               STACKED_REFERENCE)
+        out = stacked(x, dead, aux_detach=case is True)
+        (out.fvu.sum() + (0 if case == "fvu" else out.auxk.sum())).backward()
+        grads[case] = {name: [cut(P.grad, m).clone() for m in range(3)]
+                       for name, (P, cut) in stacked.member_params().items()}
+    torch.testing.assert_close(grads[True]["W_enc"][0], grads[False]["W_enc"][0])
+    for m in (1, 2):
+        assert not torch.allclose(grads[True]["W_enc"][m], grads[False]["W_enc"][m])
+        torch.testing.assert_close(grads[True]["W_enc"][m], grads["fvu"]["W_enc"][m])
+        assert not torch.allclose(grads[True]["W_dec"][m], grads["fvu"]["W_dec"][m])
+
+
+def test_group_takes_the_topk_family_runs_of_one_shape(monkeypatch):
     tcfg = TrainConfig()
     runs = [_FakeRun("topk"), _FakeRun("relu"), _FakeRun("dl")]
     assert group_runs(runs, tcfg, torch.device("cpu"), grouped=True) is None  # one to group
@@ -190,11 +216,21 @@ def test_group_takes_the_topk_family_runs_of_one_shape():
     # +sg's undifferentiated thresholding steps are not in the stacked maths: alone
     assert group_runs([_FakeRun("isae-iter"), _FakeRun("isae-iter+sg")], tcfg,
                       torch.device("cpu"), grouped=True) is None
+    # detached AuxK codes (the stack passes them on) group; sparsify's AuxK does not
+    from isae.training import group as grouping
+
+    monkeypatch.setattr(grouping, "RunGroup", lambda members, tcfg, device: members)
+    pair = [_FakeRun("isae"), _FakeRun("isae")]
+    assert len(group_runs(pair, TrainConfig(auxk_detach="tied"), torch.device("cpu"),
+                          grouped=True)) == 2
+    assert group_runs(pair, TrainConfig(auxk_norm="input"), torch.device("cpu"),
+                      grouped=True) is None
 
 
 def _train(acts, archs, seeds, out, grouped, lrs=None, **kw):
     cfgs = [SAEConfig.from_arch(a, d_in=32, d_sae=96, k=3, seed=s) for a in archs for s in seeds]
-    tcfg = TrainConfig(tokens=45 * 128, batch_size=128, dead_tokens=1000, log_every=5, **kw)
+    tcfg = TrainConfig(**{"tokens": 45 * 128, "batch_size": 128, "dead_tokens": 1000,
+                          "log_every": 5, **kw})
     outs = [out / f"{c.arch}-{c.seed}" for c in cfgs]
     return cfgs, outs, train_many(acts, cfgs, tcfg, outs, resume=False, grouped=grouped,
                                   lrs=lrs, drop_diverged=True)
@@ -248,6 +284,24 @@ def test_grouped_training_follows_one_by_one_training(synthetic_set, tmp_path, m
             assert s["fvu"] == pytest.approx(ref["fvu"], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_grouped_training_with_detached_auxk_codes_follows_one_by_one(synthetic_set, tmp_path):
+    """auxk_detach=tied (gpu.yaml's setting from 16 x d): tied coders group with their AuxK
+    codes detached and train as they do one by one, within TOLERANCE."""
+    archs, seeds = ["topk", "isae"], (0, 1)
+    kw = {"auxk_detach": "tied", "dead_tokens": 256}  # latents die within the run
+    cfgs, solo_outs, solo = _train(synthetic_set, archs, seeds, tmp_path / "solo", False, **kw)
+    _, group_outs, grouped = _train(synthetic_set, archs, seeds, tmp_path / "group", True, **kw)
+    for c, a, b in zip(cfgs, solo_outs, group_outs):
+        la, lb = pd.read_parquet(a / "train_log.parquet"), pd.read_parquet(b / "train_log.parquet")
+        np.testing.assert_allclose(lb["fvu"], la["fvu"], rtol=TOLERANCE["fvu_rel"])
+        assert (la["auxk"] > 0).any(), (c.arch, "AuxK never ran: the test checks nothing")
+        ta, tb = load_file(str(a / "sae.safetensors")), load_file(str(b / "sae.safetensors"))
+        cos = (ta["W_dec"] * tb["W_dec"]).sum(1)
+        assert cos.mean() >= TOLERANCE["cos_mean"] and cos.min() >= TOLERANCE["cos_min"], (
+            c.arch, c.seed, float(cos.mean()), float(cos.min()))
+
+
 class _Stop(Exception):
     pass
 
@@ -280,7 +334,8 @@ def test_a_grouped_state_resumes_grouped_and_one_by_one(synthetic_set, tmp_path,
         monkeypatch.setattr(trainer, "training_batches", real)
         assert (out / "topk-0.resume").is_dir()
         cfgs = [SAEConfig.from_arch(a, d_in=32, d_sae=96, k=3, seed=s) for a in archs for s in seeds]
-        tcfg = TrainConfig(tokens=45 * 128, batch_size=128, dead_tokens=1000, log_every=5, **kw)
+        tcfg = TrainConfig(**{"tokens": 45 * 128, "batch_size": 128, "dead_tokens": 1000,
+                          "log_every": 5, **kw})
         outs = [out / f"{c.arch}-{c.seed}" for c in cfgs]
         done = train_many(synthetic_set, cfgs, tcfg, outs, grouped=grouped_after)
         for a, b, sa, sb in zip(ref_outs, outs, ref, done):

@@ -350,11 +350,13 @@ class StackedCoder(nn.Module):
         return out
 
     def forward(self, x: Tensor, dead: Tensor | None = None, aux_width: int | None = None,
-                total_var: Tensor | None = None) -> StackedOutput:
+                total_var: Tensor | None = None, aux_detach: bool = False) -> StackedOutput:
         """(x: [B, D], the batch every model reads) -> StackedOutput. ``dead``: [M, N] bool,
         each model's dead latents for AuxK; aux_width as in SparseCoder.forward (the fast
         path's fixed number of AuxK columns, at least any model's dead count); total_var:
-        ||x - mean(x)||^2 when the caller has it (StackedOps.total_var)."""
+        ||x - mean(x)||^2 when the caller has it (StackedOps.total_var); aux_detach: AuxK's
+        codes carry no gradient, as in SparseCoder.forward (every model of a stack shares its
+        switches, so the choice is the stack's)."""
         assert x.dim() == 2 and x.shape[1] == self.cfg.d_in, (
             f"expected [B, {self.cfg.d_in}], got {tuple(x.shape)}")
         cfg, ops = self.cfg, self.ops
@@ -373,6 +375,9 @@ class StackedCoder(nn.Module):
         if aux is None:
             auxk = fvu.new_zeros(self.M)
         else:
+            if aux_detach:
+                pre = pre.detach()
+                aux_codes = None if aux_codes is None else aux_codes.detach()
             auxk = ops.auxk_loss(err.detach(), pre, aux_codes, aux, w, cfg.signed, k_aux)
         return StackedOutput(x_hat, codes, fvu, auxk)
 

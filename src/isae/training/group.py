@@ -105,7 +105,8 @@ class _Part:
         dead = self.since >= tcfg.dead_tokens
         for P, _ in self.params.values():
             P.grad = None
-        out = coder(x, dead, aux_width=width, total_var=total_var)
+        out = coder(x, dead, aux_width=width, total_var=total_var,
+                    aux_detach=tcfg.auxk_detaches(coder.cfg))
         loss = out.fvu + tcfg.auxk_alpha * out.auxk
         loss.sum().backward()  # each model's gradient is its own loss's
         coder.project_decoder_grad()
@@ -271,11 +272,9 @@ def group_runs(runs: list, tcfg: TrainConfig, device: torch.device,
         grouped = grouped_training(device)
     if not grouped:
         return None
-    # The stacked model computes Gao et al.'s AuxK only: runs whose settings ask for
-    # sparsify's normalisation or detached AuxK codes step alone (TrainConfig.auxk_norm,
-    # auxk_detach).
-    topk = [r for r in runs if stacks(r.cfg) and tcfg.auxk_norm == "residual"
-            and not tcfg.auxk_detaches(r.cfg)]
+    # The stacked model computes Gao et al.'s AuxK normalisation only: runs whose settings
+    # ask for sparsify's step alone (TrainConfig.auxk_norm).
+    topk = [r for r in runs if stacks(r.cfg) and tcfg.auxk_norm == "residual"]
     if not topk:
         return None
     shape = (topk[0].cfg.d_sae, topk[0].cfg.k)
