@@ -307,11 +307,14 @@ def test_grouped_kernel_forms_on_cuda():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["topk", "isae", "isae-tied", "isae-iter", "topk+tied+nobias"])
+@pytest.mark.parametrize("arch,aux_detach", [
+    ("topk", False), ("isae", False), ("isae-tied", False), ("isae-iter", False),
+    ("topk+tied+nobias", False), ("isae", True), ("isae-iter", True)])
 @pytest.mark.parametrize("d,n,k", [(64, 512, 8), (384, 1536, 16)])
-def test_stacked_fast_ops_equal_single_models_on_cuda(arch, d, n, k):
+def test_stacked_fast_ops_equal_single_models_on_cuda(arch, aux_detach, d, n, k):
     """Three models stacked on the fast op set against each alone on it: loss, AuxK (a dead
-    mask per model, one model with none) and gradients, to bfloat16 near-ties."""
+    mask per model, one model with none) and gradients, to bfloat16 near-ties; with AuxK's
+    codes detached too (gpu.yaml's tied coders from 16 x d)."""
     from isae.gpu.stacked_ops import StackedFastOps
     from isae.models.stacked import StackedCoder
 
@@ -320,11 +323,11 @@ def test_stacked_fast_ops_equal_single_models_on_cuda(arch, d, n, k):
     stacked = StackedCoder(singles, StackedFastOps(cuda_graphs=False))
     x = torch.randn(4096, d, device="cuda")
     dead = torch.rand(3, n, device="cuda") < torch.tensor([[0.0], [0.05], [0.4]], device="cuda")
-    out = stacked(x, dead, aux_width=int(dead.sum(1).max()) + 100)
+    out = stacked(x, dead, aux_width=int(dead.sum(1).max()) + 100, aux_detach=aux_detach)
     (out.fvu.sum() + out.auxk.sum() / 32).backward()
     assert out.auxk[0] == 0
     for m, c in enumerate(singles):
-        o = c(x, dead[m] if dead[m].any() else None)
+        o = c(x, dead[m] if dead[m].any() else None, aux_detach=aux_detach)
         (o.fvu + o.auxk / 32).backward()
         assert abs(float(out.fvu[m]) / float(o.fvu) - 1) < 2e-3, (m, float(out.fvu[m]), float(o.fvu))
         if m:

@@ -13,6 +13,8 @@
 #   the rest.
 # gate: the same decision alone (for a session whose benchmarks an earlier one measured).
 # after: the longer measurements, most wanted first.
+# short: the GPU tests, the rerun spread and the grouped check alone, for a session with
+#   minutes of device time and no study (run directly, BENCH=$OUT).
 # side_start / side_wait: session B's measurements (side, below) beside the study rather than
 #   after it: side_start (as BEFORE) starts them in the background, side_wait (as AFTER)
 #   waits for them. The study's early jobs (extraction, the 4 x d lr sweep) leave the GPU
@@ -108,10 +110,20 @@ case "$part" in
       tests/test_group.py
     touch "$BENCH/side.done"
     ;;
+  short)
+    # A session with only a few minutes of device time (no study): the GPU tests, the rerun
+    # spread and the grouped check at the study's shape, each short.
+    step gpu_tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_fast_gpu.py \
+      tests/test_group.py
+    step rerun_spread 150 python3 benchmarks/rerun_spread.py --device cuda \
+      --out "$BENCH/rerun_spread.json"
+    step group_bench 150 python3 benchmarks/group_bench.py --out "$BENCH/group_bench.json" \
+      --only group,check
+    ;;
   side_wait)
     for _ in $(seq 1 360); do [ -f "$BENCH/side.done" ] && break; sleep 5; done
     tail -n 80 "$BENCH/side.log"
     ;;
-  *) echo "after.sh: error: part must be gate, before, after, side_start, side or side_wait, not $part" >&2; exit 2 ;;
+  *) echo "after.sh: error: part must be gate, before, after, short, side_start, side or side_wait, not $part" >&2; exit 2 ;;
 esac
 exit 0
