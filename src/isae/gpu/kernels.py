@@ -773,11 +773,15 @@ class Segments:
                                            size=(self.n, R), check_invariants=False)
 
 
+#: Correctly rounded sqrt and division in Triton (torch's ops round so); a Triton without
+#: them takes the fast forms (a few ulp).
+_PRECISE = AVAILABLE and hasattr(tl, "sqrt_rn") and hasattr(tl, "div_rn")
+
 if AVAILABLE:
 
     @triton.jit
     def _adam_rows_kernel(p, g, m, v, step_size, bc2_sqrt, n, per, one_m_beta1, beta2,
-                          one_m_beta2, eps, BLOCK: tl.constexpr):
+                          one_m_beta2, eps, BLOCK: tl.constexpr, PRECISE: tl.constexpr):
         o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         msk = o < n
         model = o // per
@@ -791,10 +795,15 @@ if AVAILABLE:
         # of itself (an H100 saw that as the fused step's error against torch's Adam).
         mv = mv + one_m_beta1 * (gv - mv)  # lerp, as torch.optim.Adam
         vv = vv * beta2 + one_m_beta2 * gv * gv
-        denom = tl.div_rn(tl.sqrt_rn(vv), c2) + eps
+        if PRECISE:
+            denom = tl.div_rn(tl.sqrt_rn(vv), c2) + eps
+            step = tl.div_rn(mv, denom)
+        else:
+            denom = tl.sqrt(vv) / c2 + eps
+            step = mv / denom
         tl.store(m + o, mv, mask=msk)
         tl.store(v + o, vv, mask=msk)
-        tl.store(p + o, pv - a * tl.div_rn(mv, denom), mask=msk)
+        tl.store(p + o, pv - a * step, mask=msk)
 
 
 def adam_rows_(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step_size: Tensor,
@@ -813,4 +822,4 @@ def adam_rows_(p: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step_s
     if n:
         _adam_rows_kernel[(triton.cdiv(n, 4096),)](
             p, g, exp_avg, exp_avg_sq, step_size, bc2_sqrt, n, n // M, 1 - betas[0], betas[1],
-            1 - betas[1], eps, BLOCK=4096, num_warps=8)
+            1 - betas[1], eps, BLOCK=4096, PRECISE=_PRECISE, num_warps=8)
