@@ -106,8 +106,9 @@ case "$part" in
     fi
     step rerun_spread 240 python3 benchmarks/rerun_spread.py --device cuda \
       --out "$BENCH/rerun_spread.json"
-    step gpu_tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_fast_gpu.py \
-      tests/test_group.py
+    # (not again where the gate ran them before the study)
+    [ -f "$BENCH/gpu_tests.log" ] || step gpu_tests 240 python3 -m pytest -q -p no:cacheprovider \
+      tests/test_fast_gpu.py tests/test_group.py
     touch "$BENCH/side.done"
     ;;
   short)
