@@ -26,6 +26,9 @@ Sections (``--only`` takes a comma list; the table is printed last):
   and second (recording) step, and which kernels one eager step launched (a wrapper that
   launched none fell back to stock torch: isae.gpu.kernel_trace); then the line
   "slowest switch combination <name>: N % of topk" (target >= 70 %).
+* ``profile``: where the group's time goes, without data loading: the graphed step of each
+  arch alone and of the whole group, and on CUDA torch.profiler's share of the step that the
+  GPU is busy, with the kernels that fill it (not in the default run's list of targets).
 * ``user``: each combination trained from scratch for ``--user-steps`` steps at the wide
   shape as ``isae train`` would (its loop rate, early training included: dead latents as
   they come, and for each new AuxK width an eager step and a graph recording, counted and
@@ -182,6 +185,70 @@ def check_section(a, tmp: Path) -> None:
     row(f"check: {verdict}", note=f"largest relative held-out FVU difference {worst:.2%} "
         f"(tolerance {a.tolerance:.0%}) over {len(cfgs)} runs", key="check", passed=verdict == "PASS",
         worst=worst)
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+@section("profile: one group step against the same SAEs' steps alone (steady state)")
+def profile_section(a) -> None:
+    """Where the group's time goes, without data loading: the graphed steady-state step of
+    each arch alone and of the group of all archs x seeds, on one random batch with every
+    latent live (no AuxK); then, on CUDA, torch.profiler over a few group steps: how much of
+    the step the GPU is busy, and the kernels that keep it busy."""
+    from isae.training.group import RunGroup
+    from isae.training.steppers import Run
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = torch.randn(a.batch, a.d, device=DEV, generator=g)
+    dead = torch.zeros(a.width, dtype=torch.bool, device=DEV)
+    tcfg = TrainConfig(lr=2e-4, batch_size=a.batch, device=DEV)
+    archs = a.archs.split(",")
+    alone = 0.0
+    for arch in archs:
+        m = SparseCoder(SAEConfig.from_arch(arch, d_in=a.d, d_sae=a.width, k=a.k, seed=0),
+                        device=DEV, ops=select_ops(DEV))
+        st = SAEStepper(m, tcfg)
+        for _ in range(3):  # eager, recorded, replayed
+            st.step(x, 1.0, dead)
+        ms = _per_step(lambda st=st: st.step(x, 1.0, dead), a.switch_reps)
+        alone += ms * a.seeds
+        row(f"profile: {arch} step alone", ms, f"{a.batch / ms / 1e3:.2f} M tok/s",
+            "CUDA graph" if st.graphs is not None else "eager", key="profile_alone", arch=arch)
+        del m, st
+        gc.collect()
+    runs = [Run(SAEConfig.from_arch(arch, d_in=a.d, d_sae=a.width, k=a.k, seed=s), tcfg, None,
+                torch.device(DEV), select_ops(DEV)) for arch in archs for s in range(a.seeds)]
+    group = RunGroup(runs, tcfg, torch.device(DEV))
+    for _ in range(3):
+        group.step(x, 1.0)
+    ms_g = _per_step(lambda: group.step(x, 1.0), a.switch_reps)
+    row(f"profile: the group's step ({len(runs)} SAEs)", ms_g,
+        f"{len(runs) * a.batch / ms_g / 1e3:.2f} M tok/s",
+        f"its SAEs' steps alone, one after another: {alone:.3f} ms ({alone / ms_g:.2f}x the "
+        f"group's); {'CUDA graph' if group.graphs is not None else 'eager'}",
+        key="profile_group", ms_alone=alone, ratio=alone / ms_g)
+    if DEV != "cuda":
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    reps = 5
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            group.step(x, 1.0)
+        dsync()
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / reps / 1e3
+    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:12]
+    kernels = [{"name": e.key[:90], "ms_per_step": e.self_device_time_total / reps / 1e3,
+                "calls_per_step": e.count / reps} for e in top if e.self_device_time_total > 0]
+    row("profile: GPU busy per group step", busy,
+        note=f"of {ms_g:.3f} ms per step: {100 * busy / ms_g:.0f} % (the rest: the host, "
+             f"launch gaps, syncs); top kernels: " + "; ".join(
+                 f"{k['name'][:40]} {k['ms_per_step']:.3f} ms x{k['calls_per_step']:.0f}"
+                 for k in kernels[:5]),
+        key="profile_busy", busy_ms=busy, kernels=kernels)
+    print(events.table(sort_by="self_device_time_total", row_limit=20), flush=True)
 
 
 # ----------------------------------------------------------------------------- switches
@@ -344,7 +411,8 @@ def main() -> None:
     tmp = Path(a.set_dir) if a.set_dir else Path(tempfile.mkdtemp(prefix="group_bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
     sections = {"group": lambda: group_section(a, tmp), "check": lambda: check_section(a, tmp),
-                "switches": lambda: switches_section(a), "user": lambda: user_section(a, tmp)}
+                "switches": lambda: switches_section(a), "user": lambda: user_section(a, tmp),
+                "profile": lambda: profile_section(a)}
     only = a.only.split(",") if a.only else list(sections)
     unknown = [s for s in only if s not in sections]
     if unknown:

@@ -448,7 +448,8 @@ def test_side_measurements_wait_for_the_set_then_run_beside_the_study(tmp_path):
     subprocess.run([*after, "side_wait"], env=env, check=True, capture_output=True, timeout=60)
     calls = (tmp_path / "calls").read_text().splitlines()
     assert [c.split()[1] for c in calls] == ["benchmarks/width_bench.py",
-                                             "benchmarks/rerun_spread.py", "-m"]
+                                             "benchmarks/rerun_spread.py",
+                                             "benchmarks/group_bench.py", "-m"]
     assert f"--activations {acts}" in calls[0]
     assert not (tmp_path / "env").exists()
     # after the gate (its GPU tests already logged), the side part does not run them again
@@ -457,4 +458,4 @@ def test_side_measurements_wait_for_the_set_then_run_beside_the_study(tmp_path):
     (tmp_path / "gpu_tests.log").write_text("from the gate\n")
     subprocess.run([*after, "side"], env=env, check=True, capture_output=True, timeout=60)
     assert [c.split()[1] for c in (tmp_path / "calls").read_text().splitlines()] == [
-        "benchmarks/width_bench.py", "benchmarks/rerun_spread.py"]
+        "benchmarks/width_bench.py", "benchmarks/rerun_spread.py", "benchmarks/group_bench.py"]

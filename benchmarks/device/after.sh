@@ -106,6 +106,9 @@ case "$part" in
     fi
     step rerun_spread 240 python3 benchmarks/rerun_spread.py --device cuda \
       --out "$BENCH/rerun_spread.json"
+    # #26: where a group step's time goes (torch.profiler), for the 3x target
+    step group_profile 120 python3 benchmarks/group_bench.py --only profile \
+      --out "$BENCH/group_profile.json"
     # (not again where the gate ran them before the study)
     [ -f "$BENCH/gpu_tests.log" ] || step gpu_tests 240 python3 -m pytest -q -p no:cacheprovider \
       tests/test_fast_gpu.py tests/test_group.py
