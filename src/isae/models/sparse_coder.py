@@ -53,6 +53,16 @@ class _Encoding(NamedTuple):
     """The amortised codes' reconstruction, differentiable, where the steps are not (+sg)."""
 
 
+def auxk_inputs(pre: Tensor, aux_codes: Tensor | None, detach: bool
+                ) -> tuple[Tensor, Tensor | None]:
+    """AuxK's inputs (the pre-activations and the dead latents' codes), without their
+    gradient when ``detach`` (TrainConfig.auxk_detach): AuxK then moves only the dead
+    latents' decoder rows."""
+    if not detach:
+        return pre, aux_codes
+    return pre.detach(), None if aux_codes is None else aux_codes.detach()
+
+
 class SparseCoder(nn.Module):
     """One sparse coder. ``encode`` / ``decode`` / ``forward`` as in sparsify.
 
@@ -183,10 +193,7 @@ class SparseCoder(nn.Module):
         if self.cfg.kind == "relu":
             l1 = (codes.val * self.W_dec.norm(dim=1)).sum(-1).mean()
         elif aux is not None:
-            pre, aux_codes = enc.pre, enc.aux_codes
-            if aux_detach:
-                pre = pre.detach()
-                aux_codes = None if aux_codes is None else aux_codes.detach()
+            pre, aux_codes = auxk_inputs(enc.pre, enc.aux_codes, aux_detach)
             auxk = self.ops.auxk_loss(err.detach(), pre, aux_codes, aux, w, self.cfg.signed,
                                       self._k_aux(aux.n))
         fvu0 = self.ops.fvu(x, enc.x_hat0)[0] if enc.x_hat0 is not None else None

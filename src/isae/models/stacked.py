@@ -48,7 +48,7 @@ from isae.models.reference import (
     project_rows_,
     topk_select,
 )
-from isae.models.sparse_coder import SparseCoder
+from isae.models.sparse_coder import SparseCoder, auxk_inputs
 
 #: The config fields that must agree for coders to stack (the seed may differ).
 STACKED_FIELDS = ("d_in", "d_sae", "k", "kind", "signed", "tied", "bias", "encoder_steps",
@@ -375,9 +375,7 @@ class StackedCoder(nn.Module):
         if aux is None:
             auxk = fvu.new_zeros(self.M)
         else:
-            if aux_detach:
-                pre = pre.detach()
-                aux_codes = None if aux_codes is None else aux_codes.detach()
+            pre, aux_codes = auxk_inputs(pre, aux_codes, aux_detach)
             auxk = ops.auxk_loss(err.detach(), pre, aux_codes, aux, w, cfg.signed, k_aux)
         return StackedOutput(x_hat, codes, fvu, auxk)
 
