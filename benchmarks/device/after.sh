@@ -46,12 +46,19 @@ group_check() {
     --only "group,check${1:-}"
   grep -q "check: PASS" "$BENCH/group_bench.log" || no_groups "group_bench's check did not pass"
 }
+run_gpu_tests() {  # $1: time limit (s)
+  step gpu_tests "$1" python3 -m pytest -q -p no:cacheprovider tests/test_fast_gpu.py \
+    tests/test_group.py
+}
+run_rerun_spread() {  # $1: time limit (s)
+  step rerun_spread "$1" python3 benchmarks/rerun_spread.py --device cuda \
+    --out "$BENCH/rerun_spread.json"
+}
 gpu_tests() {
   # The GPU tests; if a grouped-training test fails, the study's own shape decides
   # (group_check). (A unit test's tolerance can be wrong on a GPU it never ran on:
   # 2026-12-06, six of them were.)
-  step gpu_tests 180 python3 -m pytest -q -p no:cacheprovider tests/test_fast_gpu.py \
-    tests/test_group.py && return 0
+  run_gpu_tests 180 && return 0
   grep -qE "^FAILED.*(group|stacked)" "$BENCH/gpu_tests.log" || return 0
   echo "== a grouped-training test failed on the GPU; the group's check at the study's shape decides"
   group_check "${1:-}"
@@ -78,8 +85,7 @@ case "$part" in
         --widths 12288 --table "$BENCH/width_bench.parquet"
     fi
     # #24: how far two identical trainings land on this GPU.
-    step rerun_spread 240 python3 benchmarks/rerun_spread.py --device cuda \
-      --out "$BENCH/rerun_spread.json"
+    run_rerun_spread 240
     # #26 item 3: what the thresholding steps cost, with and without gradient.
     step iter_bench 240 python3 benchmarks/iter_bench.py --part throughput \
       --out "$BENCH/iter_bench.json"
@@ -92,8 +98,8 @@ case "$part" in
   side)
     # Waits for the study's own MiniLM set (the extraction writes it under a temporary name
     # and renames it whole), then: #25's dead-latent recipes at 32 x d, #24's run-to-run
-    # spread, and the GPU tests (recorded only: the grouped check already passed at the
-    # study's shape on 2026-12-06, and the tests since changed only their own assumptions).
+    # spread, #26's group profile, and the GPU tests where no gate ran them (recorded
+    # only: here they decide nothing for the study, which is already running).
     for _ in $(seq 1 240); do [ -f "$acts/meta.json" ] && break; sleep 5; done
     if [ -f "$acts/meta.json" ]; then
       # sparsify's recipe alone, at the study's budget at 32 x d (40 M rows): the anchor
@@ -104,23 +110,19 @@ case "$part" in
     else
       echo "== no activation set at $acts after 20 min: width_bench skipped"
     fi
-    step rerun_spread 240 python3 benchmarks/rerun_spread.py --device cuda \
-      --out "$BENCH/rerun_spread.json"
+    run_rerun_spread 240
     # #26: where a group step's time goes (torch.profiler), for the 3x target
     step group_profile 120 python3 benchmarks/group_bench.py --only profile \
       --out "$BENCH/group_profile.json"
     # (not again where the gate ran them before the study)
-    [ -f "$BENCH/gpu_tests.log" ] || step gpu_tests 240 python3 -m pytest -q -p no:cacheprovider \
-      tests/test_fast_gpu.py tests/test_group.py
+    [ -f "$BENCH/gpu_tests.log" ] || run_gpu_tests 240
     touch "$BENCH/side.done"
     ;;
   short)
     # A session with only a few minutes of device time (no study): the GPU tests, the rerun
     # spread and the grouped check at the study's shape, each short.
-    step gpu_tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_fast_gpu.py \
-      tests/test_group.py
-    step rerun_spread 150 python3 benchmarks/rerun_spread.py --device cuda \
-      --out "$BENCH/rerun_spread.json"
+    run_gpu_tests 240
+    run_rerun_spread 150
     step group_bench 150 python3 benchmarks/group_bench.py --out "$BENCH/group_bench.json" \
       --only group,check
     ;;
