@@ -406,6 +406,29 @@ def test_the_width_session_config_is_gpu_yaml_with_minilm_alone():
                       "k16-w12288-r40000000"}
 
 
+def test_the_short_session_overlays_keep_gpu_yaml_settings():
+    """width-32.yaml copies gpu.yaml's 32 x d entry (an overlay replaces a list whole): it
+    must stay that entry; with fixed-lr.yaml the session trains MiniLM at 4 and 32 x d, no
+    sweep."""
+    import yaml
+
+    from isae.study import plan
+
+    gpu = yaml.safe_load((ROOT / "config/gpu.yaml").read_text())
+    w32 = yaml.safe_load((DEVICE / "width-32.yaml").read_text())
+    axis = w32["datasets"]["minilm"]["width_axis"]
+    widest = max(gpu["datasets"]["minilm"]["width_axis"]["widths"])
+    assert axis["widths"] == [widest]
+    assert axis["per_width"] == [e for e in gpu["datasets"]["minilm"]["width_axis"]["per_width"]
+                                 if e["width"] == widest]
+    cfg = plan.load_config([DEVICE / "width-minilm.yaml", DEVICE / "fixed-lr.yaml",
+                            DEVICE / "width-32.yaml"], ROOT / "config/schema.yaml")
+    jobs = plan.jobs(cfg)
+    assert not [j for j in jobs if j.rule.startswith("lr_sweep")]
+    assert {j.wildcards.get("group") for j in jobs if j.rule == "train"} == {
+        "k16-w1536-r10000000", "k16-w12288-r40000000"}
+
+
 @pytest.mark.parametrize("check,grouped", [("PASS", True), ("FAIL", False)])
 def test_the_gate_turns_grouping_off_only_when_the_groups_own_check_fails(tmp_path, check, grouped):
     """after.sh gate: a failing grouped unit test hands the decision to group_bench's check
