@@ -377,8 +377,8 @@ def test_publish_keeps_tables_figures_and_runs_not_weights(tmp_path):
     assert {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()} == got
     with pytest.raises(SystemExit, match="not a collected run"):
         publish_run.publish(tmp_path / "nothing", tmp_path / "out", [])
-    with pytest.raises(SystemExit, match="cannot redraw F9"):
-        publish_run.publish(src, dest, ["F9"])
+    with pytest.raises(SystemExit, match="cannot redraw F8"):
+        publish_run.publish(src, dest, ["F8"])
 
 
 def test_the_width_session_config_is_gpu_yaml_with_minilm_alone():

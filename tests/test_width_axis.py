@@ -125,7 +125,8 @@ def planted() -> dict:
                     k=8, width=width, rows=1000 * width, mean_abs_cos=cos + width / 1000,
                     live_mean_abs_cos=cos + 0.2, live_n_matched=width - 10 * a,
                     live_chance_data_rows=0.4, code_pearson_all=0.3, code_jaccard=0.4,
-                    main=width == 64, width_axis=True, **{"frac_gt_0.9": cos / 2}))
+                    main=width == 64, width_axis=True,
+                    **{"frac_gt_0.9": cos / 2, "live_frac_gt_0.9": cos / 4}))
     pairs = pd.DataFrame(pairs)
     chance = pd.DataFrame([dict(dataset="syn", width=w, kind=kind, target="seed", draw=d,
                                 mean_abs_cos=v + w / 1000 + d / 100)
@@ -160,6 +161,9 @@ def test_t3_reads_the_largest_width_of_the_axis():
     assert topk["chance_data_rows_mean"] == pytest.approx(0.533)
     assert topk["ric_observed_max_mean"] == pytest.approx(2.0)
     assert topk["code_pearson_all_mean"] == pytest.approx(0.3)
+    # Over the live latents: the pairs' own fraction above 0.9 (not the all-latent one).
+    assert topk["live_frac_gt_0.9_mean"] == pytest.approx(0.6 / 4)
+    assert topk["live_frac_gt_0.9_max"] == pytest.approx(0.7 / 4)
     # The factors: main sweep 4x / 1x, second sweep at 128 4x / 4x (isae at its edge).
     assert topk["lr_factor_main_mean"] == 4.0
     assert isae["lr_factor_main_mean"] == 1.0 and isae["lr_factor_here_mean"] == 4.0
@@ -263,6 +267,8 @@ def test_f9_panels_axes_and_hollow_markers(tmp_path):
     seed = next(ax for ax in axes if "all latents" in ax.get_ylabel())
     chance = [line for line in seed.get_lines() if line.get_linestyle() == "--"]
     assert len(chance) == 1 and list(chance[0].get_ydata()) == pytest.approx([0.469, 0.533])
+    live = next(ax for ax in axes if ax.get_ylabel().startswith("fraction of live latents"))
+    assert sorted(y for _, y, _ in _markers(live)) == pytest.approx([0.15] * 4)
     delta = next(ax for ax in axes if ax.get_ylabel().startswith("largest δ_U"))
     assert {round(line.get_ydata()[0], 4) for line in delta.get_lines()
             if line.get_color() == "tab:orange"} == {round(1 / 3, 4), round(math.sqrt(2) - 1, 4)}

@@ -26,7 +26,8 @@ KEEP = ["tables/*", "figures/*.png", "runs/*.parquet", "lr/*/sweep.parquet",
         "browser/**/*.html", "activations/*/meta.json", "activations/*/text_files.json"]
 
 # Figure -> (function name in isae.study.figures, the tables it reads from results/runs).
-REDRAW = {"F7": ("f7_budget", {"runs": "runs", "pairs": "pairs", "chance": "chance"})}
+REDRAW = {"F7": ("f7_budget", {"runs": "runs", "pairs": "pairs", "chance": "chance"}),
+          "F9": ("f9_width", {"runs": "runs", "pairs": "pairs", "chance": "chance"})}
 
 
 def publish(src: Path, dest: Path, redraw: list[str]) -> list[Path]:
@@ -78,7 +79,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("collected", type=Path, help="the unpacked results.tar.gz of a device run")
     p.add_argument("dest", type=Path, help="the folder to keep, e.g. results-gpu")
-    p.add_argument("--redraw", nargs="*", default=[], help="figures to draw again (F7)")
+    p.add_argument("--redraw", nargs="*", default=[], help="figures to draw again (F7, F9)")
     a = p.parse_args()
     written = publish(a.collected, a.dest, a.redraw)
     print(f"{len(written)} files -> {a.dest}")

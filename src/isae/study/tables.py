@@ -748,7 +748,11 @@ T3_LR = [
     Metric("rows", "rows (M)", r"rows (M)", digits=3, fmt="g", scale=1e-6, spread="none"),
 ]
 T3_RUNS = [*_pick(T1_EVAL, "fvu", "dead_frac"), *_pick(T1_CONVERGENCE, "converged", "fvu_trend")]
-T3_PAIRS = [*T1_MATCH[:2], *T1_LIVE]
+#: The fraction of live latents matched above 0.9: dead atoms that collapse onto shared
+#: directions match across seeds and inflate the fraction over all latents.
+T3_LIVE_FRAC = Metric("live_frac_gt_0.9", "live seed >0.9", r"live seed $>0.9$", spread="range",
+                      optional=True, hide_when_empty=True)
+T3_PAIRS = [*T1_MATCH[:2], *T1_LIVE[:1], T3_LIVE_FRAC, *T1_LIVE[1:]]
 T3_CHANCE = _pick(T1_MATCH, "chance_data_rows")
 T3_TRUTH = T1_TRUTH[:2]
 T3_CODES = _pick(T2_MATCH, "code_pearson_all", "code_jaccard")
@@ -806,7 +810,9 @@ T3_CAPTION = (
     "the swept width nearest to it), the training rows; held-out FVU and dead % (latents "
     "that never fire on the held-out rows), mean ± sd over seeds; convergence as in T1; "
     "stability between seeds over all latents and over the latents live in both seeds "
-    "(matched among themselves), their number and the chance level of as many random "
+    "(matched among themselves: |cos| and the fraction above 0.9, since dead atoms can "
+    "collapse onto shared directions that match across seeds), their number and the chance "
+    "level of as many random "
     "training rows, mean [min, max] over the seed pairs; the chance level of two dictionaries "
     "of random training rows at this width; truth recovery (synthetic); T2's code "
     "consistency (mean [min, max] over pairs) and restricted isometry on observed supports "
