@@ -544,13 +544,17 @@ def default_cache_bytes(device: torch.device) -> int:
 
 @torch.no_grad()
 def assign_abs_cos(A: torch.Tensor, B: torch.Tensor, block: int = 4096, m: int = 16,
-                   max_rounds: int = 8, max_edges: int | None = None,
+                   max_rounds: int = 32, max_edges: int | None = None,
                    cache_bytes: int | None = None, method: str = "sparse") -> Assignment:
     """The maximum-|cos| assignment of the rows of A to the rows of B, with its certificate.
 
     (A: [n, D], B: [N, D] float32 unit rows on one device) -> Assignment of min(n, N) pairs.
     ``m``: candidates per row and per column; ``max_rounds``, ``max_edges`` (default
-    64 (n + N)): the sparse path's bounds before the dense fallback; ``cache_bytes``: keep W
+    256 (n + N), 24 bytes each on the host): the sparse path's bounds before the dense
+    fallback. Dead atoms that collapse onto a few shared directions (isae-iter at 32 x d on
+    MiniLM) make blocks of near-ties that take 10-13 rounds and more edges to certify; with
+    8 rounds and 64 (n + N) edges such 12 288-latent matchings fell back to the dense solver
+    at 80-95 s each on a GPU run's host. ``cache_bytes``: keep W
     on the device up to this size (default ``default_cache_bytes``); ``method``: ``sparse``
     (certified, with the fallback) or ``dense`` (scipy alone).
     """
@@ -569,7 +573,7 @@ def assign_abs_cos(A: torch.Tensor, B: torch.Tensor, block: int = 4096, m: int =
     log.debug("assignment %d x %d: candidates %.2f s, %d edges, |cos| %s", n, N,
               time.perf_counter() - t, len(g.rows),
               "kept on the device" if W.cache is not None else "recomputed by blocks")
-    max_edges = 64 * (n + N) if max_edges is None else max_edges
+    max_edges = 256 * (n + N) if max_edges is None else max_edges
     reason, rounds, sigma, gap, v_old = "", 0, None, float("inf"), None
     if method == "dense":
         reason = "asked for"
