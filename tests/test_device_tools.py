@@ -482,3 +482,14 @@ def test_side_measurements_wait_for_the_set_then_run_beside_the_study(tmp_path):
     subprocess.run([*after, "side"], env=env, check=True, capture_output=True, timeout=60)
     assert [c.split()[1] for c in (tmp_path / "calls").read_text().splitlines()] == [
         "benchmarks/width_bench.py", "benchmarks/rerun_spread.py", "benchmarks/group_bench.py"]
+    # session A's side part: isae-iter's dead-latent recipes at 32 x d on the same set, alone
+    (tmp_path / "calls").unlink()
+    (tmp_path / "side.done").unlink()
+    subprocess.run([*after, "side_start", "side_a"], env=env, check=True, capture_output=True,
+                   timeout=30)
+    subprocess.run([*after, "side_wait"], env=env, check=True, capture_output=True, timeout=60)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 1 and "benchmarks/width_bench.py" in calls[0]
+    assert "--archs isae-iter --widths 12288" in calls[0] and f"--activations {acts}" in calls[0]
+    bad = subprocess.run([*after, "side_start", "nope"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "side or side_a" in bad.stderr

@@ -15,10 +15,12 @@
 # after: the longer measurements, most wanted first.
 # short: the GPU tests, the rerun spread and the grouped check alone, for a session with
 #   minutes of device time and no study (run directly, BENCH=$OUT).
-# side_start / side_wait: session B's measurements (side, below) beside the study rather than
-#   after it: side_start (as BEFORE) starts them in the background, side_wait (as AFTER)
-#   waits for them. The study's early jobs (extraction, the 4 x d lr sweep) leave the GPU
-#   mostly idle, and a lent session is too short to run them one after the other.
+# side_start [PART] / side_wait: measurements beside the study rather than after it:
+#   side_start (as BEFORE) starts PART in the background (side, session B's, by default;
+#   side_a for session A), side_wait (as AFTER) waits for it. The study's early jobs
+#   (extraction, the lr sweeps) leave the GPU mostly idle, and a lent session is too short
+#   to run them one after the other.
+# profile: #26's group profile on an idle GPU (as AFTER, once the study has ended).
 # Each benchmark's own docstring says what it measures; here only the order and the limits.
 set -u
 BENCH=${BENCH:?run by session.sh, which sets BENCH}
@@ -92,8 +94,30 @@ case "$part" in
     ;;
   side_start)
     # Same process group as session.sh (no setsid): run_study.sh stop ends it too.
-    nohup bash "$0" side > "$BENCH/side.log" 2>&1 < /dev/null &
-    echo "== side measurements started in the background (pid $!), log: $BENCH/side.log"
+    side=${2:-side}
+    case "$side" in side|side_a) ;; *) echo "after.sh: error: side_start runs side or side_a, not $side" >&2; exit 2 ;; esac
+    nohup bash "$0" "$side" > "$BENCH/side.log" 2>&1 < /dev/null &
+    echo "== side measurements ($side) started in the background (pid $!), log: $BENCH/side.log"
+    ;;
+  side_a)
+    # Session A's: #25's dead isae-iter latents at 32 x d (24 % in the width run of
+    # 2026-12-06, with the study's recipe: tied codes' AuxK detached, 200 000-row window, 1 x).
+    # Its latents die in the first few M rows, so 10 M rows per run show it: AuxK through
+    # the codes (recipe isae), the 20 000-row window with detached codes (live), each at
+    # 0.25 and 1 x, and sparsify's recipe.
+    for _ in $(seq 1 240); do [ -f "$acts/meta.json" ] && break; sleep 5; done
+    if [ -f "$acts/meta.json" ]; then
+      step width_bench_iter 420 python3 benchmarks/width_bench.py --activations "$acts" \
+        --device cuda --archs isae-iter --widths 12288 --lr-factors 0.25,1 --tokens 10000000 \
+        --table "$BENCH/width_bench_iter.parquet"
+    else
+      echo "== no activation set at $acts after 20 min: width_bench_iter skipped"
+    fi
+    touch "$BENCH/side.done"
+    ;;
+  profile)
+    step group_profile 120 python3 benchmarks/group_bench.py --only profile \
+      --out "$BENCH/group_profile.json"
     ;;
   side)
     # Waits for the study's own MiniLM set (the extraction writes it under a temporary name
@@ -130,6 +154,6 @@ case "$part" in
     for _ in $(seq 1 360); do [ -f "$BENCH/side.done" ] && break; sleep 5; done
     tail -n 80 "$BENCH/side.log"
     ;;
-  *) echo "after.sh: error: part must be gate, before, after, short, side_start, side or side_wait, not $part" >&2; exit 2 ;;
+  *) echo "after.sh: error: part must be gate, before, after, short, side_start, side, side_a, side_wait or profile, not $part" >&2; exit 2 ;;
 esac
 exit 0
