@@ -13,7 +13,10 @@ batch 4096, 20 M training rows, the recipes of isae.models.config.RECIPES:
   through its decoder rows only;
 * ``sparsify``: EleutherAI sparsify's rate 2e-4 / sqrt(w / 2^14), its AuxK (normalised by
   the batch's variance, decoder rows only) and its 10 M-row dead window (--lr-factors does
-  not apply).
+  not apply);
+* not in the default list: ``detached`` (the study's recipe at 16 and 32 x d: a tied
+  coder's AuxK codes detached, today's window) and ``noaux`` (no AuxK), for isae-iter's
+  dead latents at 32 x d (``--archs isae-iter --recipes detached,noaux,isae,live,sparsify``).
 
 Training each recipe at factors 1 and 4 at two widths is also the check of the rule that
 carries the rate chosen at 4 x d to width w by sqrt(1536 / w): it holds where the same

@@ -491,5 +491,6 @@ def test_side_measurements_wait_for_the_set_then_run_beside_the_study(tmp_path):
     calls = (tmp_path / "calls").read_text().splitlines()
     assert len(calls) == 1 and "benchmarks/width_bench.py" in calls[0]
     assert "--archs isae-iter --widths 12288" in calls[0] and f"--activations {acts}" in calls[0]
+    assert "--recipes detached,noaux,isae,live,sparsify" in calls[0]
     bad = subprocess.run([*after, "side_start", "nope"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "side or side_a" in bad.stderr

@@ -91,7 +91,12 @@ def test_recipes_are_field_values_and_unknown_ones_are_refused():
         TrainConfig(auxk_norm="batch")
     with pytest.raises(UserError, match="--base-lr"):
         TrainConfig(base_lr=0.0)
-    assert set(RECIPES) >= {"isae", "live", "sparsify"}
+    assert set(RECIPES) >= {"isae", "live", "sparsify", "detached", "noaux"}
+    # the study's 32 x d recipe differs from today's by the detached codes alone; noaux by
+    # AuxK's weight alone
+    assert TrainConfig.from_recipe("detached") == TrainConfig(auxk_detach="tied")
+    assert TrainConfig.from_recipe("noaux").auxk_alpha == 0.0
+    assert TrainConfig.from_recipe("noaux") == TrainConfig(auxk_alpha=0.0)
 
 
 def test_the_training_record_keeps_its_keys_at_the_defaults():

@@ -102,13 +102,14 @@ case "$part" in
   side_a)
     # Session A's: #25's dead isae-iter latents at 32 x d (24 % in the width run of
     # 2026-12-06, with the study's recipe: tied codes' AuxK detached, 200 000-row window, 1 x).
-    # Its latents die in the first few M rows, so 10 M rows per run show it: AuxK through
-    # the codes (recipe isae), the 20 000-row window with detached codes (live), each at
-    # 0.25 and 1 x, and sparsify's recipe.
+    # Its latents die in the first few M rows, so 10 M rows per run show it: the study's own
+    # recipe (detached), no AuxK (noaux), AuxK through the codes (isae), the 20 000-row
+    # window with detached codes (live), each at 0.25 and 1 x, and sparsify's recipe.
     for _ in $(seq 1 240); do [ -f "$acts/meta.json" ] && break; sleep 5; done
     if [ -f "$acts/meta.json" ]; then
       step width_bench_iter 420 python3 benchmarks/width_bench.py --activations "$acts" \
-        --device cuda --archs isae-iter --widths 12288 --lr-factors 0.25,1 --tokens 10000000 \
+        --device cuda --archs isae-iter --widths 12288 --recipes detached,noaux,isae,live,sparsify \
+        --lr-factors 0.25,1 --tokens 10000000 \
         --table "$BENCH/width_bench_iter.parquet"
     else
       echo "== no activation set at $acts after 20 min: width_bench_iter skipped"

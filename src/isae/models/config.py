@@ -496,6 +496,14 @@ RECIPES: dict[str, dict] = {
     # coder's AuxK moves its dead atoms as decoder rows only: through its codes, AuxK made
     # those atoms rarer still.
     "live": {"dead_tokens": 20_000, "auxk_detach": "tied"},
+    # The study's recipe at 16 and 32 x d (config/gpu.yaml's per_width options): today's
+    # window, tied coders' AuxK codes detached. isae-iter lost 24 % of its latents with it at
+    # 32 x d on MiniLM (benchmarks/RESULTS.md, tenth GPU session); width_bench trains it
+    # beside the others to see which ingredient does that.
+    "detached": {"auxk_detach": "tied"},
+    # No AuxK at all: whether AuxK itself kills latents (its loss rose to 4-5 as isae-iter's
+    # latents died at 32 x d, against about 1 where none died).
+    "noaux": {"auxk_alpha": 0.0},
     # EleutherAI sparsify's Adam recipe: its rate, its AuxK (normalised by the batch's
     # variance, codes without gradient as in its fused encoder) and its 10 M-row dead window
     # (k_aux d / 2, auxk_alpha 1 / 32 and the unit-norm decoder with its gradient
