@@ -181,6 +181,13 @@ def main(argv=None) -> None:
         X, H = project(X, H, args.pca)
         d = args.pca
     model = init_model(args, d, X)
+    if model.cfg.encoder_steps:
+        # The step below is the amortised TopK alone: an iterative encoder would train as its
+        # base without the steps (and be evaluated with them). dead_latents_iter.py runs the
+        # trainer's own step.
+        sys.exit(f"dead_latents.py: error: {args.arch} has {model.cfg.encoder_steps} "
+                 "thresholding steps, which this harness's hand-written step does not run; "
+                 "use benchmarks/dead_latents_iter.py")
     tcfg = TrainConfig(tokens=args.tokens, batch_size=args.batch_size,
                        warmup_frac=args.warmup_frac)
     lr = args.lr_factor * tcfg.learning_rate(args.width)

@@ -458,7 +458,7 @@ def test_side_measurements_wait_for_the_set_then_run_beside_the_study(tmp_path):
     bin_ = tmp_path / "bin"
     bin_.mkdir()
     fake = bin_ / "python3"
-    fake.write_text('#!/bin/sh\necho "ran $*" >> "$BENCH/calls"\n'
+    fake.write_text('#!/bin/sh\necho "ran $* ref=${ISAE_REFERENCE_OPS:-}" >> "$BENCH/calls"\n'
                     'case "$*" in *pytest*) exit 1;; esac\n')
     fake.chmod(0o755)
     acts = tmp_path / "acts"
@@ -489,7 +489,9 @@ def test_side_measurements_wait_for_the_set_then_run_beside_the_study(tmp_path):
                    timeout=30)
     subprocess.run([*after, "side_wait"], env=env, check=True, capture_output=True, timeout=60)
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert len(calls) == 1 and "benchmarks/width_bench.py" in calls[0]
+    assert len(calls) == 2 and all("benchmarks/width_bench.py" in c for c in calls)
+    assert "--recipes detached --lr-factors 1 --tokens 5000000" in calls[1]
+    assert calls[0].endswith("ref=") and calls[1].endswith("ref=1")  # the reference op set
     assert "--archs isae-iter --widths 12288" in calls[0] and f"--activations {acts}" in calls[0]
     assert "--recipes detached,noaux,isae,live,sparsify" in calls[0]
     bad = subprocess.run([*after, "side_start", "nope"], env=env, capture_output=True, text=True)

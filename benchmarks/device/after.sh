@@ -111,6 +111,12 @@ case "$part" in
         --device cuda --archs isae-iter --widths 12288 --recipes detached,noaux,isae,live,sparsify \
         --lr-factors 0.25,1 --tokens 10000000 \
         --table "$BENCH/width_bench_iter.parquet"
+      # The same recipe on the reference op set (float32 throughout), where the fast one
+      # picks the thresholding steps' supports and AuxK's codes in bfloat16: a CPU stand-in
+      # in float32 did not lose isae-iter's latents (benchmarks/dead_latents_iter.md).
+      ISAE_REFERENCE_OPS=1 step width_bench_iter_ref 300 python3 benchmarks/width_bench.py \
+        --activations "$acts" --device cuda --archs isae-iter --widths 12288 --recipes detached \
+        --lr-factors 1 --tokens 5000000 --table "$BENCH/width_bench_iter_ref.parquet"
     else
       echo "== no activation set at $acts after 20 min: width_bench_iter skipped"
     fi
