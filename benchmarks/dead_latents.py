@@ -164,9 +164,9 @@ def init_model(args, d: int, X: torch.Tensor) -> SparseCoder:
     return model
 
 
-def main(argv=None) -> None:
-    args = parse(argv)
-    torch.set_num_threads(args.threads)
+def load_rows(args) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The first --train-rows training rows and every held-out row, normalised (float16),
+    projected on --pca directions when asked; and their dimension."""
     acts = ActivationSet(args.activations)
     norm = acts.normalizer()
     mean = torch.as_tensor(norm.mean)
@@ -176,10 +176,26 @@ def main(argv=None) -> None:
 
     X = normed(acts.load("train", max_rows=args.train_rows)["x"])
     H = normed(acts.load("heldout")["x"])
-    d = acts.d
     if args.pca:
         X, H = project(X, H, args.pca)
-        d = args.pca
+    return X, H, args.pca or acts.d
+
+
+def batches(X: torch.Tensor, batch_size: int, seed: int):
+    """Batches of X's rows (float32), epoch after epoch, each epoch in a new random order."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    order, pos = torch.randperm(len(X), generator=g), 0
+    while True:
+        if pos + batch_size > len(order):
+            order, pos = torch.randperm(len(X), generator=g), 0
+        yield X[order[pos : pos + batch_size]].float()
+        pos += batch_size
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    X, H, d = load_rows(args)
     model = init_model(args, d, X)
     if model.cfg.encoder_steps:
         # The step below is the amortised TopK alone: an iterative encoder would train as its
@@ -195,23 +211,18 @@ def main(argv=None) -> None:
     steps = tcfg.total_steps()
     k_aux_nominal = args.k_aux or max(d // 2, 1)
     since = torch.zeros(args.width, dtype=torch.long)
-    g = torch.Generator().manual_seed(1000 + args.seed)
-    order = torch.randperm(len(X), generator=g)
+    rows = batches(X, args.batch_size, args.seed)
     # As many random training rows as the evaluations' held-out rows: a latent that fires
     # there but not on held-out rows is specific to the training documents, not dead.
     train_probe = torch.randperm(len(X), generator=torch.Generator().manual_seed(7))[
         : min(args.eval_rows, len(H))]
-    pos = 0
     every = max(steps // args.evals, 1)
     info = {k: v for k, v in vars(args).items() if k not in ("activations", "threads")}
     print(json.dumps({"recipe": info, "lr": lr, "steps": steps, "train_rows": len(X),
                       "heldout_rows": len(H)}), flush=True)
     t0 = time.perf_counter()
     for step in range(steps):
-        if pos + args.batch_size > len(order):
-            order, pos = torch.randperm(len(X), generator=g), 0
-        x = X[order[pos : pos + args.batch_size]].float()
-        pos += args.batch_size
+        x = next(rows)
         if args.schedule == "sparsify":
             warm = max(int(tcfg.warmup_frac * steps), 1)
             mult = (step + 1) / warm if step < warm else max(steps - step, 0) / max(steps - warm, 1)

@@ -14,7 +14,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # dead_latents.py besi
 import dead_latents as H0
 import torch
 
-from isae.data.activations import ActivationSet
 from isae.models.config import TrainConfig
 from isae.models.reference import auxk_weight, topk_select
 from isae.training.trainer import lr_multiplier
@@ -43,17 +42,7 @@ def main():
     argv = [a for a in sys.argv[1:] if a not in extra]
     args = H0.parse(argv)
     torch.set_num_threads(1)
-    acts = ActivationSet(args.activations)
-    norm = acts.normalizer()
-    mean = torch.as_tensor(norm.mean)
-    def normed(x):
-        return ((torch.as_tensor(x).float() - mean) / norm.scale).half()
-    X = normed(acts.load("train", max_rows=args.train_rows)["x"])
-    Hx = normed(acts.load("heldout")["x"])
-    d = acts.d
-    if args.pca:
-        X, Hx = H0.project(X, Hx, args.pca)
-        d = args.pca
+    X, Hx, d = H0.load_rows(args)
     model = H0.init_model(args, d, X)
     if extra:
         model.cfg.encoder_steps = int(extra[0].split("=")[1])
@@ -70,9 +59,7 @@ def main():
     steps = tcfg.total_steps()
     since = torch.zeros(args.width, dtype=torch.long)
     since0 = since.clone()
-    g = torch.Generator().manual_seed(1000 + args.seed)
-    order = torch.randperm(len(X), generator=g)
-    pos = 0
+    rows = H0.batches(X, args.batch_size, args.seed)
     every = max(steps // args.evals, 1)
     print(
         json.dumps(
@@ -95,10 +82,7 @@ def main():
     )
     t0 = time.perf_counter()
     for step in range(steps):
-        if pos + args.batch_size > len(order):
-            order, pos = torch.randperm(len(X), generator=g), 0
-        x = X[order[pos : pos + args.batch_size]].float()
-        pos += args.batch_size
+        x = next(rows)
         for grp in opt.param_groups:
             grp["lr"] = lr * lr_multiplier(step, steps, tcfg)
         dead = since >= tcfg.dead_tokens
