@@ -342,16 +342,17 @@ def test_falls_back_to_the_dense_solver_and_says_so(caplog):
 
 
 def _collapsed(n: int, d: int, frac: float, ndir: int, seed: int) -> torch.Tensor:
-    """A dictionary whose first ``frac`` of atoms sit, with a little noise, on ``ndir``
-    directions shared by every seed (dead atoms that collapsed, as isae-iter's did at 32 x d),
-    the rest noisy copies of one shared set of atoms (features learnt by every seed)."""
-    shared = torch.randn(n, d, generator=torch.Generator().manual_seed(1))
-    dirs = torch.randn(ndir, d, generator=torch.Generator().manual_seed(2))
-    g = torch.Generator().manual_seed(seed)
-    X = shared + 0.9 * torch.randn(n, d, generator=g)
-    dead = int(frac * n)
-    X[:dead] = dirs[torch.randint(0, ndir, (dead,), generator=g)] + 0.05 * torch.randn(dead, d, generator=g)
-    return _unit(X)
+    """benchmarks/match_collapsed.py's dictionaries: a fraction ``frac`` of the atoms on
+    ``ndir`` directions shared by every seed (dead atoms that collapsed, as isae-iter's did at
+    32 x d), the rest noisy copies of one shared set (features learnt by every seed)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "match_collapsed.py"
+    spec = importlib.util.spec_from_file_location("match_collapsed", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.collapsed(n, d, frac, ndir, seed)
 
 
 def test_collapsed_atoms_are_certified_without_the_dense_fallback():
