@@ -3,30 +3,17 @@
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # dead_latents.py beside it
 import dead_latents as H0
 import torch
 
-from isae.data.activations import ActivationSet
 from isae.models.config import SAEConfig
 from isae.models.reference import topk_select
 from isae.models.sparse_coder import SparseCoder
 
 torch.set_num_threads(1)
-
-
-def load_data(path, pca, train_rows=1_000_000):
-    acts = ActivationSet(path)
-    norm = acts.normalizer()
-    mean = torch.as_tensor(norm.mean)
-    def normed(x):
-        return ((torch.as_tensor(x).float() - mean) / norm.scale).half()
-    X = normed(acts.load("train", max_rows=train_rows)["x"])
-    H = normed(acts.load("heldout")["x"])
-    if pca:
-        X, H = H0.project(X, H, pca)
-    return X, H
 
 
 def pcs(M):
@@ -120,6 +107,7 @@ def analyse(save, H):
 
 
 if __name__ == "__main__":
-    X, H = load_data(sys.argv[1], int(sys.argv[2]))
+    rows = SimpleNamespace(activations=sys.argv[1], pca=int(sys.argv[2]), train_rows=1_000_000)
+    X, H, _ = H0.load_rows(rows)
     for sv in sys.argv[3:]:
         print(json.dumps(analyse(sv, H)), flush=True)
