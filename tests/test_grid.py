@@ -324,6 +324,11 @@ def test_job_flags():
     assert plan.cli_flags(plan.lr_sweep_options(cfg, g, "syn")) == (
         "--arch topk,isae --factors 1,4 --k 2 --width 16 --seed 0 --data-seed 0"
         " --tokens 1000 --batch-size 64 --device cpu")
+    # A pair seed: the sweep trains every factor twice, for the stability beside each choice.
+    cfg["lr_sweep"]["pair_seed"] = 1
+    assert "--seed 0 --pair-seed 1 --data-seed 0" in plan.cli_flags(plan.lr_sweep_options(cfg, g, "syn"))
+    sweep = next(j for j in plan.jobs(cfg) if j.rule == "lr_sweep")
+    assert sweep.trained == (plan.Trained("topk", 4, 16, 1000), plan.Trained("isae", 4, 16, 1000))
     cfg["lr_sweep"]["factors"] = []
     cfg["datasets"]["syn"]["train"]["lr"] = 0.001
     g = G.Grid.of(cfg)

@@ -103,6 +103,7 @@ def lr_sweep_options(cfg: dict, grid: Grid, name: str) -> dict:
         "k": tr["k"],
         "width": tr["width"],
         "seed": cfg["lr_sweep"]["seed"],
+        "pair_seed": cfg["lr_sweep"].get("pair_seed"),
         "data_seed": cfg["data_seed"],
         "tokens": tr["rows"],
         "batch_size": tr["batch_size"],
@@ -219,11 +220,16 @@ class Job:
     """What it trains (train and lr_sweep jobs)."""
 
 
+def sweep_runs(cfg: dict) -> int:
+    """SAEs an lr sweep trains per arch: one per factor, two with a pair seed."""
+    return len(cfg["lr_sweep"]["factors"]) * (1 if cfg["lr_sweep"].get("pair_seed") is None else 2)
+
+
 def width_lr_sweep_jobs(cfg: dict, grid: Grid, names: Sequence[str], gpus: int) -> list[Job]:
     """The second lr sweep of each dataset with a width axis (rule lr_sweep_width)."""
     out = []
     for n in names:
-        factors = len(cfg["lr_sweep"]["factors"])
+        factors = sweep_runs(cfg)
         for w in lr_sweep_widths(cfg, grid, n)[1:]:
             rows = width_rows(cfg, n, w)
             out.append(Job("lr_sweep_width", {"dataset": n, "width": str(w)}, gpus, tuple(
@@ -250,7 +256,7 @@ def jobs(cfg: dict, grid: Grid | None = None) -> list[Job]:
     out += [Job(*derived_set_job(d, data)) for d, data in derived_sets(grid)]
     for n in swept:
         tr = cfg["datasets"][n]["train"]
-        factors = len(cfg["lr_sweep"]["factors"])
+        factors = sweep_runs(cfg)
         out.append(Job("lr_sweep", {"dataset": n}, gpus, tuple(
             Trained(a, factors, tr["width"], tr["rows"]) for a in grid.sweep_archs(n))))  # fmt: skip
     out += width_lr_sweep_jobs(cfg, grid, swept, gpus)
