@@ -402,3 +402,24 @@ def test_runs_outside_the_group_train_beside_it_as_before(synthetic_set, tmp_pat
         a = load_file(str(tmp_path / "False" / arch / "sae.safetensors"))
         b = load_file(str(tmp_path / "True" / arch / "sae.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a), arch
+
+
+@pytest.mark.slow
+def test_auxk_skip_turns_auxk_off_for_iterative_coders_alone(synthetic_set, tmp_path):
+    """auxk_skip=iter, one by one and grouped: the iterative coder trains exactly as with
+    AuxK's weight 0, the others exactly as with AuxK on (bit for bit on the CPU), and AuxK
+    does act in this run (latents die within it), so the option changes something."""
+    archs, seeds = ["topk", "isae-iter"], (0,)
+    kw = {"dead_tokens": 256}
+    for grouped in (False, True):
+        out = tmp_path / f"grouped-{grouped}"
+        cfgs, skip, _ = _train(synthetic_set, archs, seeds, out / "skip", grouped,
+                               auxk_skip="iter", **kw)
+        _, on, _ = _train(synthetic_set, archs, seeds, out / "on", grouped, **kw)
+        _, off, _ = _train(synthetic_set, archs, seeds, out / "off", grouped, auxk_alpha=0.0, **kw)
+        for c, s, a, b in zip(cfgs, skip, on, off):
+            want, other = (b, a) if c.encoder_steps else (a, b)
+            ts, tw, to = (load_file(str(p / "sae.safetensors")) for p in (s, want, other))
+            assert all(torch.equal(ts[n], tw[n]) for n in ts), (grouped, c.arch)
+            assert not all(torch.equal(ts[n], to[n]) for n in ts), (grouped, c.arch, "AuxK did nothing")
+            assert json.loads((s / "cfg.json").read_text())["train"]["auxk_skip"] == "iter"

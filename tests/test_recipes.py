@@ -173,3 +173,15 @@ def test_the_stacked_group_leaves_out_what_it_does_not_compute(tmp_path):
         == sorted(both)
     sp = TrainConfig.from_recipe("sparsify")
     assert group_runs(runs(both, sp), sp, cpu, grouped=True) is None
+
+
+def test_which_coders_skip_auxk():
+    it = SAEConfig.from_arch("isae-iter", d_in=8, d_sae=32, k=2)
+    for arch in ("topk", "isae", "topk+iter", "isae-iter"):
+        sae = SAEConfig.from_arch(arch, d_in=8, d_sae=32, k=2)
+        skips = sae.encoder_steps > 0
+        assert TrainConfig(auxk_skip="iter").auxk_alpha_for(sae) == (0.0 if skips else 1 / 32)
+        assert TrainConfig().auxk_alpha_for(sae) == 1 / 32
+    assert TrainConfig(auxk_skip="iter", auxk_alpha=0.5).auxk_alpha_for(it) == 0.0
+    with pytest.raises(UserError, match="auxk_skip"):
+        TrainConfig(auxk_skip="tied")

@@ -107,7 +107,7 @@ class _Part:
             P.grad = None
         out = coder(x, dead, aux_width=width, total_var=total_var,
                     aux_detach=tcfg.auxk_detaches(coder.cfg))
-        loss = out.fvu + tcfg.auxk_alpha * out.auxk
+        loss = out.fvu + tcfg.auxk_alpha_for(coder.cfg) * out.auxk
         loss.sum().backward()  # each model's gradient is its own loss's
         coder.project_decoder_grad()
         with torch.no_grad():

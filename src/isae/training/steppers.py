@@ -69,7 +69,7 @@ class SAEStepper:
         model = self.model
         out = model(x, dead=dead, aux_width=aux_width,
                     aux_detach=self.tcfg.auxk_detaches(model.cfg))
-        alpha = auxk_weight(self.tcfg.auxk_alpha, self.tcfg.auxk_norm, x, out.x_hat, dead,
+        alpha = auxk_weight(self.tcfg.auxk_alpha_for(model.cfg), self.tcfg.auxk_norm, x, out.x_hat, dead,
                             max(model.cfg.d_in // 2, 1))
         loss = model.loss(x, out, alpha)
         self.opt.zero_grad(set_to_none=True)
