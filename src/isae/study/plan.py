@@ -201,7 +201,7 @@ class Trained:
 
     arch: str
     saes: int
-    """How many (seeds, or the lr sweep's factors)."""
+    """How many (seeds, or the lr sweep's factors times its seeds)."""
     width: int
     rows: int
     """Training rows (tokens) of each."""
