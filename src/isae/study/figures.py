@@ -194,8 +194,8 @@ def _all_converged(df: pd.DataFrame) -> bool:
 
 #: The trained references of F1 (``refs``, isae.study.tables.reference_rows): marker, label.
 REFERENCE_STYLE = {
-    "null": ("v", "trained null: same recipe on Gaussian data (one pair)"),
-    "split": ("^", "split data: two halves by document (one pair)"),
+    "null": ("v", "trained null: same recipe on Gaussian data (a marker per pair)"),
+    "split": ("^", "split data: two halves by document (a marker per pair)"),
 }
 
 
