@@ -269,6 +269,8 @@ def test_f9_panels_axes_and_hollow_markers(tmp_path):
     assert len(chance) == 1 and list(chance[0].get_ydata()) == pytest.approx([0.469, 0.533])
     live = next(ax for ax in axes if ax.get_ylabel().startswith("fraction of live latents"))
     assert sorted(y for _, y, _ in _markers(live)) == pytest.approx([0.15] * 4)
+    truth = next(ax for ax in axes if ax.get_ylabel().startswith("matched |cos| to the true"))
+    assert sorted(y for _, y, _ in _markers(truth)) == pytest.approx([0.7] * 4)
     delta = next(ax for ax in axes if ax.get_ylabel().startswith("largest δ_U"))
     assert {round(line.get_ydata()[0], 4) for line in delta.get_lines()
             if line.get_color() == "tab:orange"} == {round(1 / 3, 4), round(math.sqrt(2) - 1, 4)}
@@ -284,3 +286,20 @@ def test_width_label():
     assert figures.width_label(1536, 384.0) == "1536\n4×d"
     assert figures.width_label(1000, 384.0) == "1000"
     assert figures.width_label(512, None) == "512" and figures.width_label(512, np.nan) == "512"
+
+
+def test_f9_truth_panel_says_where_there_is_no_truth():
+    """A language-model row has no truth: its truth panel is a labelled placeholder, while the
+    synthetic row draws its points."""
+    p = planted()
+    lm_runs = p["runs"].assign(dataset="lm", truth_abs_cos=math.nan)
+    runs = pd.concat([p["runs"], lm_runs], ignore_index=True)
+    pairs = pd.concat([p["pairs"], p["pairs"].assign(dataset="lm")], ignore_index=True)
+    fig = figures.f9_width(runs, pairs)
+    truth = [ax for ax in fig.axes if ax.get_ylabel().startswith("matched |cos| to the true")]
+    assert len(truth) == 2
+    texts = {ax.get_title(): [t.get_text() for t in ax.texts] for ax in truth}
+    assert [t for t, v in texts.items() if v == ["no truth for this dataset"]] == [""]
+    assert sorted(y for _, y, _ in _markers(next(ax for ax in truth if ax.get_title())))\
+        == pytest.approx([0.7] * 4)
+    plt.close("all")
