@@ -90,6 +90,10 @@ def _grid(rows: int, cols: int, width: float = 4.4, height: float = 3.4):
     return fig, axes
 
 
+#: What a truth panel says on a dataset without a known dictionary (F4, F7, F8, F9).
+NO_TRUTH = "no truth for this dataset"
+
+
 def _placeholder(ax, xlabel: str, ylabel: str, why: str) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -530,8 +534,7 @@ def f4_ablation(runs: pd.DataFrame, pairs: pd.DataFrame) -> Figure:
         for c, metric in enumerate(metrics):
             ax = axes[r][c]
             if sub[sub["metric"] == metric].empty:
-                _placeholder(ax, _F4_LABELS[metric], "same rows as left",
-                             "no truth for this dataset")
+                _placeholder(ax, _F4_LABELS[metric], "same rows as left", NO_TRUTH)
                 ax.set_title(f"{ds}", fontsize=9)
                 continue
             m = sub[sub["metric"] == metric].set_index("variant").reindex(variants)
@@ -741,7 +744,7 @@ def f7_budget(runs: pd.DataFrame, pairs: pd.DataFrame, chance: pd.DataFrame | No
             ax = axes[r][c]
             sub = d[(d["dataset"] == ds) & (d["metric"] == metric)]
             if sub.empty:
-                _placeholder(ax, xlabel, label, "no truth for this dataset")
+                _placeholder(ax, xlabel, label, NO_TRUTH)
                 continue
             for i, a in enumerate(archs):
                 s = sub[sub["arch"] == a].sort_values("rows")
@@ -864,7 +867,7 @@ def f8_iter(runs: pd.DataFrame, pairs: pd.DataFrame) -> Figure:
             ax = axes[r][c]
             sub = d[(d["dataset"] == ds) & (d["metric"] == metric)]
             if sub.empty:
-                _placeholder(ax, xlabel, label, "no truth for this dataset")
+                _placeholder(ax, xlabel, label, NO_TRUTH)
                 ax.set_xlabel(xlabel, fontsize=9)  # the sizes of the panels beside it
                 ax.set_ylabel(label, fontsize=8)
                 continue
@@ -1002,7 +1005,7 @@ def f9_width(runs: pd.DataFrame, pairs: pd.DataFrame, chance: pd.DataFrame | Non
             ax = axes[r][c]
             sub = d[(d["dataset"] == ds) & (d["metric"] == metric)]
             if sub.empty:
-                why = "no truth for this dataset" if metric == "truth_abs_cos" else "not measured here"
+                why = NO_TRUTH if metric == "truth_abs_cos" else "not measured here"
                 _placeholder(ax, xlabel, label, why)
                 continue
             for i, a in enumerate(archs):
