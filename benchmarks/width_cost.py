@@ -12,11 +12,12 @@ the totals and the longest new job.
 
 Step times, one SAE alone on one H100, batch 4 096, d 384 (benchmarks/RESULTS.md and the
 width issue's measurements): topk 0.39 ms at width 1 536 and 2.61 ms at 12 288 (1.57 M
-tok/s); isae-iter 3.98 ms at 12 288 (1.03 M tok/s); isae-tied (untied isae, off the fast
-path) 17.1 ms at 12 288 (0.24 M tok/s, early in training). Between measured widths a step's
-time is a straight line in the width; isae-iter and isae-tied keep their ratio to topk at
-12 288 (1.52x, 6.5x) at every width, and the isae preset and other fast-path switches
-take topk's time: assumptions, not measurements. The synthetic sets (d 64 / 128, batch
+tok/s); isae-iter 3.98 ms at 12 288 (1.03 M tok/s). isae-tied (untied isae) took 17.1 ms
+there (0.24 M tok/s) before it ran on the fast path; since the tenth session it runs at
+104 % of topk's rate (RESULTS.md, "every switch combination on the fast path"), so it is
+costed at topk's time. Between measured widths a step's time is a straight line in the
+width; isae-iter keeps its ratio to topk at 12 288 (1.52x) at every width, and the isae
+preset and other switches take topk's time: assumptions, not measurements. The synthetic sets (d 64 / 128, batch
 1 024, widths up to 2 048) are launch-bound and costed at topk's 1 536-wide step, which
 overstates them. An H200 is at least as fast. Four jobs sharing the GPU gain little on
 small SAEs (0.39 ms alone against 1.48 ms each with four sharing: RESULTS.md), and a
@@ -54,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: ms per step of one topk SAE at batch 4 096, d 384: (width, ms), measured.
 TOPK_MS = ((1536, 0.39), (12288, 4096 / 1.57e6 * 1e3))
 #: Step time over topk's, at 12 288 (measured there, assumed at every width).
-RATIO = {"iter": (4096 / 1.03e6) / (4096 / 1.57e6), "untied-signed": (4096 / 0.24e6) / (4096 / 1.57e6)}
+RATIO = {"iter": (4096 / 1.03e6) / (4096 / 1.57e6)}
 #: Seconds of one n x n matching (match_dictionaries, random pairs, one thread), measured.
 LSA_S = ((1536, 0.14), (3072, 0.40), (6144, 1.38), (12288, 5.35))
 #: A trained pair's matching against a random pair's (at most, at 8 192: RESULTS.md).
@@ -73,10 +74,7 @@ def step_ms(arch: str, width: int) -> float:
     fields = parse_arch(arch).fields
     ms = topk_ms(width)
     # Each thresholding step costs the same: a straight line through 0 and 3 steps.
-    ms *= 1 + (RATIO["iter"] - 1) * fields["encoder_steps"] / 3
-    if fields["signed"] and not fields["tied"]:  # isae-tied's combination, off the fast path
-        ms *= RATIO["untied-signed"]
-    return ms
+    return ms * (1 + (RATIO["iter"] - 1) * fields["encoder_steps"] / 3)
 
 
 def lsa_s(n: int) -> float:

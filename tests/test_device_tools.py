@@ -399,11 +399,20 @@ def test_the_width_session_config_is_gpu_yaml_with_minilm_alone():
     assert (m["train"]["k"], m["train"]["width"], m["train"]["rows"]) == (
         g["train"]["k"], g["train"]["width"], g["train"]["rows"])
     assert m["width_axis"]["widths"] == g["width_axis"]["widths"]
-    assert m["width_axis"]["per_width"] == g["width_axis"]["per_width"]
+    full = plan.load_config([ROOT / "config/gpu.yaml"], ROOT / "config/schema.yaml")
+    assert m["width_axis"]["per_width"] == full["datasets"]["minilm"]["width_axis"]["per_width"]
     assert cfg["seeds"] == gpu["seeds"] and cfg["lr_sweep"] == gpu["lr_sweep"]
+    assert cfg["width_study"]["archs"] == gpu["width_study"]["archs"]
     widths = {j.wildcards.get("group") for j in plan.jobs(cfg) if j.rule == "train"}
+    # The width axis, and the budget axis at 32 x d (not the one at 4 x d).
     assert widths == {"k16-w1536-r10000000", "k16-w3072-r10000000", "k16-w6144-r20000000",
-                      "k16-w12288-r40000000"}
+                      "k16-w12288-r40000000", "k16-w12288-r20000000", "k16-w12288-r80000000"}
+    # This session's cut: the budget axis at 32 x d for topk alone.
+    cut = plan.load_config([DEVICE / "width-minilm.yaml", DEVICE / "fixed-lr.yaml",
+                            DEVICE / "budget-32-topk.yaml"], ROOT / "config/schema.yaml")
+    from isae.study.grid import Grid
+    g80 = Grid.of(cut).groups[("minilm", "k16-w12288-r80000000")]
+    assert g80.archs == ("topk",) and g80.seeds == (0, 1, 2)
 
 
 def test_the_short_session_overlays_keep_gpu_yaml_settings():
@@ -426,7 +435,8 @@ def test_the_short_session_overlays_keep_gpu_yaml_settings():
     jobs = plan.jobs(cfg)
     assert not [j for j in jobs if j.rule.startswith("lr_sweep")]
     assert {j.wildcards.get("group") for j in jobs if j.rule == "train"} == {
-        "k16-w1536-r10000000", "k16-w12288-r40000000"}
+        "k16-w1536-r10000000", "k16-w12288-r20000000", "k16-w12288-r40000000",
+        "k16-w12288-r80000000"}
 
 
 @pytest.mark.parametrize("check,grouped", [("PASS", True), ("FAIL", False)])
@@ -494,5 +504,12 @@ def test_side_measurements_wait_for_the_set_then_run_beside_the_study(tmp_path):
     assert calls[0].endswith("ref=") and calls[1].endswith("ref=1")  # the reference op set
     assert "--archs isae-iter --widths 12288" in calls[0] and f"--activations {acts}" in calls[0]
     assert "--recipes detached,noaux,isae,live,sparsify" in calls[0]
+    # the GPU tests alone
+    (tmp_path / "calls").unlink()
+    (tmp_path / "side.done").unlink()
+    subprocess.run([*after, "side_start", "side_tests"], env=env, check=True,
+                   capture_output=True, timeout=30)
+    subprocess.run([*after, "side_wait"], env=env, check=True, capture_output=True, timeout=60)
+    assert [c.split()[1] for c in (tmp_path / "calls").read_text().splitlines()] == ["-m"]
     bad = subprocess.run([*after, "side_start", "nope"], env=env, capture_output=True, text=True)
-    assert bad.returncode == 2 and "side or side_a" in bad.stderr
+    assert bad.returncode == 2 and "side, side_a or side_tests" in bad.stderr

@@ -409,6 +409,24 @@ def test_width_axis_runs_by_hand_and_reuse():
     assert {r.width for r in G.Grid.of(off).runs} == {16}
 
 
+def test_a_width_of_the_axis_may_carry_a_budget_axis_of_its_own():
+    cfg = width_cfg()
+    cfg["datasets"]["syn"]["width_axis"]["per_width"][0]["budgets"] = [500, 4000]
+    g = G.Grid.of(cfg)
+    budget = {(r.arch, r.width, r.rows, r.seed) for r, gr in g.runs.items() if "budget" in gr}
+    # The main width's axis (main rows and train.budgets), then 64's: its own 2000 rows
+    # (the width axis's runs, reused) and its budgets, for budgets.archs x budgets.seeds.
+    assert budget == {("topk", 16, 500, 0), ("topk", 16, 1000, 0),
+                      ("topk", 64, 500, 0), ("topk", 64, 2000, 0), ("topk", 64, 4000, 0)}
+    assert {"width_axis", "budget"} <= g.runs[G.Run("syn", "topk", 2, 64, 2000, 0)]
+    # Each budget at 64 trains in its own group, with 64's options.
+    at = plan.train_options(cfg, g, g.groups[("syn", "k2-w64-r4000")])
+    assert at["tokens"] == 4000 and at["dead_tokens"] == 100 and at["arch"] == "topk"
+    # Without the width study the width's budgets plan nothing.
+    cfg["width_study"]["datasets"] = []
+    assert {r.width for r in G.Grid.of(cfg).runs} == {16}
+
+
 def test_rates_per_width_come_from_the_nearest_sweep():
     cfg = width_cfg()
     g = G.Grid.of(cfg)

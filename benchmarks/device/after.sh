@@ -17,9 +17,9 @@
 #   minutes of device time and no study (run directly, BENCH=$OUT).
 # side_start [PART] / side_wait: measurements beside the study rather than after it:
 #   side_start (as BEFORE) starts PART in the background (side, session B's, by default;
-#   side_a for session A), side_wait (as AFTER) waits for it. The study's early jobs
-#   (extraction, the lr sweeps) leave the GPU mostly idle, and a lent session is too short
-#   to run them one after the other.
+#   side_a for session A; side_tests, the GPU tests alone), side_wait (as AFTER) waits for
+#   it. The study's early jobs (extraction, the lr sweeps) leave the GPU mostly idle, and a
+#   lent session is too short to run them one after the other.
 # profile: #26's group profile on an idle GPU (as AFTER, once the study has ended).
 # Each benchmark's own docstring says what it measures; here only the order and the limits.
 set -u
@@ -95,7 +95,7 @@ case "$part" in
   side_start)
     # Same process group as session.sh (no setsid): run_study.sh stop ends it too.
     side=${2:-side}
-    case "$side" in side|side_a) ;; *) echo "after.sh: error: side_start runs side or side_a, not $side" >&2; exit 2 ;; esac
+    case "$side" in side|side_a|side_tests) ;; *) echo "after.sh: error: side_start runs side, side_a or side_tests, not $side" >&2; exit 2 ;; esac
     nohup bash "$0" "$side" > "$BENCH/side.log" 2>&1 < /dev/null &
     echo "== side measurements ($side) started in the background (pid $!), log: $BENCH/side.log"
     ;;
@@ -120,6 +120,12 @@ case "$part" in
     else
       echo "== no activation set at $acts after 20 min: width_bench_iter skipped"
     fi
+    touch "$BENCH/side.done"
+    ;;
+  side_tests)
+    # The GPU tests alone, recorded beside a study whose other side measurements earlier
+    # sessions made (they decide nothing here: the study is already running).
+    run_gpu_tests 240
     touch "$BENCH/side.done"
     ;;
   profile)
@@ -161,6 +167,6 @@ case "$part" in
     for _ in $(seq 1 360); do [ -f "$BENCH/side.done" ] && break; sleep 5; done
     tail -n 80 "$BENCH/side.log"
     ;;
-  *) echo "after.sh: error: part must be gate, before, after, short, side_start, side, side_a, side_wait or profile, not $part" >&2; exit 2 ;;
+  *) echo "after.sh: error: part must be gate, before, after, short, side_start, side, side_a, side_tests, side_wait or profile, not $part" >&2; exit 2 ;;
 esac
 exit 0

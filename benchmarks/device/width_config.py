@@ -22,9 +22,10 @@ HEADER = """\
 # 30 minutes of one are too few for it beside the rest of config/gpu.yaml, which the other
 # session runs with `--config 'width_study={datasets: [synthetic, wellposed]}'`
 # (benchmarks/device/README.md). A full config, config/gpu.yaml with the synthetic sets,
-# the k sweep, the budget axis, the ablation, the iteration study, the references and the
-# fidelity left out. Written by benchmarks/device/width_config.py: edit config/gpu.yaml and
-# run that, not this file (config/gpu.yaml says why each value is what it is).
+# the k sweep, the budget axis at 4 x d, the ablation, the iteration study, the references
+# and the fidelity left out; the budget axis at 32 x d (width_axis.per_width) stays. Written
+# by benchmarks/device/width_config.py: edit config/gpu.yaml and run that, not this file
+# (config/gpu.yaml says why each value is what it is).
 #
 #   run_study.sh start benchmarks/device/width-minilm.yaml -- --resources gpu=4 --keep-going
 #
@@ -38,8 +39,8 @@ HEADER = """\
 def width_config(gpu: dict) -> dict:
     """config/gpu.yaml's dict -> the width session's: MiniLM's main grid and width axis."""
     cfg = {**gpu, "datasets": {"minilm": gpu["datasets"]["minilm"]}}
-    for key, field in (("sweep", "archs"), ("budgets", "archs"), ("ablation", "datasets"),
-                       ("iter", "datasets"), ("references", "datasets")):
+    for key, field in (("sweep", "archs"), ("ablation", "datasets"), ("iter", "datasets"),
+                       ("references", "datasets")):
         cfg[key] = {**gpu[key], field: []}
     cfg["width_study"] = {**gpu["width_study"], "datasets": ["minilm"]}
     m = cfg["datasets"]["minilm"]

@@ -676,32 +676,37 @@ def f6_fidelity(fidelity: pd.DataFrame, runs: pd.DataFrame | None = None) -> Fig
 
 
 def budget_curves(runs: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
-    """Per dataset x arch x training rows of the budget grid: the mean, sd, min, max and n
-    of held-out FVU and truth |cos| over seeds, of seed |cos| over seed pairs, and whether
-    every run converged.
+    """Per dataset x width x arch x training rows of the budget grid: the mean, sd, min, max
+    and n of held-out FVU and truth |cos| over seeds, of seed |cos| over seed pairs, and
+    whether every run converged. A budget grid may span widths (the width axis's own
+    budgets); tables without a width column get width 0.
 
-    -> columns dataset, arch, rows, metric (fvu | truth_abs_cos | seed_abs_cos), mean, sd,
-    lo, hi, n, converged."""
-    cols = ["dataset", "arch", "rows", "metric", "mean", "sd", "lo", "hi", "n", "converged"]
+    -> columns dataset, width, arch, rows, metric (fvu | truth_abs_cos | seed_abs_cos), mean,
+    sd, lo, hi, n, converged."""
+    cols = ["dataset", "width", "arch", "rows", "metric", "mean", "sd", "lo", "hi", "n",
+            "converged"]
+    keys = ["dataset", "width", "arch", "rows"]
     r = _rows(runs, "budget")
     p = _rows(seed_pairs(pairs), "budget")
     out = []
     if r.empty:
         return pd.DataFrame(columns=cols)
-    conv = r.groupby(["dataset", "arch", "rows"])["converged"].agg(lambda v: bool(v.all())) \
+    r = r if "width" in r.columns else r.assign(width=0)
+    p = p if "width" in p.columns or p.empty else p.assign(width=0)
+    conv = r.groupby(keys)["converged"].agg(lambda v: bool(v.all())) \
         if "converged" in r.columns else None
     sources = [("fvu", r, "fvu"), ("truth_abs_cos", r, "truth_abs_cos"),
                ("seed_abs_cos", p, "mean_abs_cos")]
     for metric, df, col in sources:
         if df.empty or col not in df.columns:
             continue
-        for (ds, arch, rows), g in df.groupby(["dataset", "arch", "rows"]):
+        for (ds, width, arch, rows), g in df.groupby(keys):
             mean, sd, lo, hi, n = _stats(g[col])
             if n == 0:
                 continue
-            c = bool(conv.get((ds, arch, rows), True)) if conv is not None else True
-            out.append(dict(dataset=ds, arch=arch, rows=int(rows), metric=metric, mean=mean,
-                            sd=sd, lo=lo, hi=hi, n=n, converged=c))
+            c = bool(conv.get((ds, width, arch, rows), True)) if conv is not None else True
+            out.append(dict(dataset=ds, width=int(width), arch=arch, rows=int(rows),
+                            metric=metric, mean=mean, sd=sd, lo=lo, hi=hi, n=n, converged=c))
     return pd.DataFrame(out, columns=cols)
 
 
@@ -726,23 +731,24 @@ def budget_label(rows: float) -> str:
 
 def f7_budget(runs: pd.DataFrame, pairs: pd.DataFrame, chance: pd.DataFrame | None = None) -> Figure:
     """Seed stability, truth recovery and held-out FVU against the training rows (log x),
-    per arch, one row of panels per dataset (the budget grid)."""
+    per arch, one row of panels per dataset and budget width (the budget grid)."""
     title = "F7 · the training budget as an axis"
     xlabel = "training rows (tokens) per SAE"
     d = budget_curves(runs, pairs)
     if d.empty:
         return _empty_figure(title, xlabel, "metric", "no budget runs in the config")
-    datasets = _datasets(d)
-    budget = _rows(runs, "budget")
-    budget_widths = (budget.groupby("dataset")["width"].first().to_dict()
-                     if "width" in budget.columns else {})
+    # One row of panels per dataset, or per dataset and width where a dataset's budget
+    # axis spans widths (the width axis's own budgets).
+    panels = list(dict.fromkeys(zip(d["dataset"], d["width"])))
+    widths_of = d.groupby("dataset")["width"].nunique()
     metrics = [(m, label) for m, label in _F7_METRICS if m in set(d["metric"])]
     archs = _archs(d)
-    fig, axes = _grid(len(datasets), len(metrics), width=4.2, height=3.1)
-    for r, ds in enumerate(datasets):
+    fig, axes = _grid(len(panels), len(metrics), width=4.2, height=3.1)
+    for r, (ds, width) in enumerate(panels):
+        name = f"{ds} · {width:,} latents" if widths_of[ds] > 1 else ds
         for c, (metric, label) in enumerate(metrics):
             ax = axes[r][c]
-            sub = d[(d["dataset"] == ds) & (d["metric"] == metric)]
+            sub = d[(d["dataset"] == ds) & (d["width"] == width) & (d["metric"] == metric)]
             if sub.empty:
                 _placeholder(ax, xlabel, label, NO_TRUTH)
                 continue
@@ -759,8 +765,8 @@ def f7_budget(runs: pd.DataFrame, pairs: pd.DataFrame, chance: pd.DataFrame | No
                 # At the budget runs' width: the chance table holds every width of the set.
                 ch = chance[(chance["dataset"] == ds) & (chance["target"] == "seed") &
                             (chance["kind"] == "data_rows")]
-                if "width" in ch.columns and ds in budget_widths:
-                    ch = ch[ch["width"] == budget_widths[ds]]
+                if "width" in ch.columns and width:
+                    ch = ch[ch["width"] == width]
                 ch = ch["mean_abs_cos"].mean()
                 if np.isfinite(ch):
                     ax.axhline(ch, color="0.15", lw=1)
@@ -770,7 +776,7 @@ def f7_budget(runs: pd.DataFrame, pairs: pd.DataFrame, chance: pd.DataFrame | No
             _ticks_at(ax, sorted(set(sub["rows"])), budget_label)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(label, fontsize=8)
-            ax.set_title(f"{ds} ({_count_label(sub['n'], metric)} per point)", fontsize=9)
+            ax.set_title(f"{name} ({_count_label(sub['n'], metric)} per point)", fontsize=9)
     handles = [*_arch_handles(archs), _hollow_handle()]
     if chance is not None and not chance.empty:
         handles.append(Line2D([], [], color="0.15", label="chance: random training rows"))

@@ -11,7 +11,8 @@ order, so that a later grid can reuse what an earlier one trains:
 * sweep     every dataset x ``sweep.archs`` x ``train.ks`` x ``train.widths`` x
             ``sweep.seeds`` at the main rows (F2, F3, F5, F6);
 * budget    every dataset x ``budgets.archs`` x ``budgets.seeds`` at the main k and width and
-            at every rows of ``train.budgets`` and the main rows (F7);
+            at every rows of ``train.budgets`` and the main rows, and at each width of the
+            width axis with ``budgets`` of its own, at those and that width's rows (F7);
 * ablation  ``ablation.datasets`` x (topk, isae, ``ablation.variants``) x ``ablation.seeds``
             at the main k, width and rows (F4);
 * iter      ``iter.datasets`` x (each base, base+iterN for N in ``iter.steps``) x
@@ -184,14 +185,19 @@ def sweep_grid(cfg: dict, name: str, planned: Mapping[Run, frozenset]) -> list[R
 
 
 def budget_grid(cfg: dict, name: str, planned: Mapping[Run, frozenset]) -> list[Run]:
-    """budgets.archs x budgets.seeds at every training budget and the main rows (F7)."""
+    """budgets.archs x budgets.seeds at every training budget and the main rows (F7), and at
+    every width of the width axis with ``budgets`` of its own (``width_axis.per_width``), at
+    those and that width's rows."""
     tr = cfg["datasets"][name]["train"]
     bud = cfg["budgets"]
+    axes = {tr["width"]: {tr["rows"], *tr["budgets"]}}
+    for width in axis_widths(cfg, name):
+        if extra := _per_width(cfg, name, width).get("budgets"):
+            axes.setdefault(width, {width_rows(cfg, name, width)}).update(extra)
     return [
-        Run(name, arch, tr["k"], tr["width"], rows, seed)
-        for arch, rows, seed in itertools.product(
-            bud["archs"], sorted({tr["rows"], *tr["budgets"]}), bud["seeds"]
-        )
+        Run(name, arch, tr["k"], width, rows, seed)
+        for width, rows_set in sorted(axes.items())
+        for arch, rows, seed in itertools.product(bud["archs"], sorted(rows_set), bud["seeds"])
     ]
 
 
