@@ -112,3 +112,28 @@ def test_readme_noaux_numbers_are_the_followup_runs():
             "3/3 converged") in readme
     assert (f"live-latent stability {pairs['live_mean_abs_cos'].mean():.3f} (against 0.534), "
             f"{100 * pairs['live_frac_gt_0.9'].mean():.1f} % above 0.9") in readme
+
+
+def test_the_cut_short_run_at_32_x_d_is_its_training_logs():
+    """results-gpu/width/partial-twelfth/RUN.md's table (training FVU, convergence, the share
+    of latents silent for 200 000 training rows at the end and at its peak), recomputed from
+    the runs' own train_log.parquet and cfg.json."""
+    import json
+
+    d = WIDTH / "partial-twelfth"
+    text = (d / "RUN.md").read_text()
+    for arch in ("topk", "isae", "isae-iter", "isae-tied"):
+        logs = sorted((d / "checkpoints" / "minilm" / "k16-w12288-r40000000" / arch).glob("seed*"))
+        assert len(logs) == 3
+        tables = [pd.read_parquet(s / "train_log.parquet") for s in logs]
+        cfgs = [json.loads((s / "cfg.json").read_text()) for s in logs]
+        assert all(c["arch"] == arch and c["d_sae"] == 12288 for c in cfgs)
+        assert all(t["tokens"].iloc[-1] >= 40_000_000 for t in tables)
+        final = sum(100 * t["dead_frac"].iloc[-1] for t in tables) / 3
+        peak = sum(100 * t["dead_frac"].max() for t in tables) / 3
+        row = next(ln for ln in text.splitlines() if ln.startswith(f"| `{arch}`"))
+        cells = [c.strip().strip("*") for c in row.strip("|").split("|")]
+        assert float(cells[3]) == pytest.approx(final, abs=0.006 if final < 1 else 0.06), arch
+        assert float(cells[4]) == pytest.approx(peak, abs=0.006 if peak < 10 else 0.06), arch
+    summary = pd.read_parquet(d / "train_runs.parquet")
+    assert (summary.groupby("arch")["converged"].sum() == 3).all()
