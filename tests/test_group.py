@@ -423,3 +423,24 @@ def test_auxk_skip_turns_auxk_off_for_iterative_coders_alone(synthetic_set, tmp_
             assert all(torch.equal(ts[n], tw[n]) for n in ts), (grouped, c.arch)
             assert not all(torch.equal(ts[n], to[n]) for n in ts), (grouped, c.arch, "AuxK did nothing")
             assert json.loads((s / "cfg.json").read_text())["train"]["auxk_skip"] == "iter"
+
+
+def test_auxk_detach_signed_detaches_signed_coders_alone(synthetic_set, tmp_path):
+    """auxk_detach=signed, one by one and grouped: the signed untied coder (isae-tied) trains
+    exactly as with every coder's AuxK codes detached, the unsigned one (topk) exactly as
+    with none detached (bit for bit on the CPU), and detaching does change isae-tied here."""
+    archs, seeds = ["topk", "isae-tied"], (0,)
+    kw = {"dead_tokens": 256}  # latents die within the run, so AuxK acts
+    for grouped in (False, True):
+        out = tmp_path / f"grouped-{grouped}"
+        cfgs, signed, _ = _train(synthetic_set, archs, seeds, out / "signed", grouped,
+                                 auxk_detach="signed", **kw)
+        _, every, _ = _train(synthetic_set, archs, seeds, out / "all", grouped,
+                             auxk_detach="all", **kw)
+        _, none, _ = _train(synthetic_set, archs, seeds, out / "none", grouped, **kw)
+        for c, s, a, n in zip(cfgs, signed, every, none):
+            want, other = (a, n) if c.signed else (n, a)
+            ts, tw, to = (load_file(str(p / "sae.safetensors")) for p in (s, want, other))
+            assert all(torch.equal(ts[k], tw[k]) for k in ts), (grouped, c.arch)
+            assert not all(torch.equal(ts[k], to[k]) for k in ts), (grouped, c.arch, "no effect")
+            assert json.loads((s / "cfg.json").read_text())["train"]["auxk_detach"] == "signed"

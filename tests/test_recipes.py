@@ -151,6 +151,11 @@ def test_which_coders_detach():
     assert live.auxk_detaches(tied) and not live.auxk_detaches(untied)
     assert sp.auxk_detaches(tied) and sp.auxk_detaches(untied)
     assert not TrainConfig().auxk_detaches(tied)
+    signed = TrainConfig(auxk_detach="signed")
+    for arch, detaches in (("topk", False), ("isae", True), ("isae-tied", True),
+                           ("topk+signed", True), ("isae-signed", False)):
+        cfg = SAEConfig.from_arch(arch, d_in=8, d_sae=32, k=2)
+        assert signed.auxk_detaches(cfg) == detaches == cfg.signed, arch
     with pytest.raises(UserError, match="auxk_detach"):
         TrainConfig(auxk_detach="decoder")
 

@@ -381,11 +381,15 @@ class TrainConfig:
     variance, so AuxK is the FVU of the residual by the dead latents' decode; input
     (EleutherAI sparsify): the batch's total variance, times min(dead / k_aux, 1), a weight
     that falls as the coder improves and when few latents are dead."""
-    auxk_detach: str = field(default="none", metadata={"choices": ("none", "tied", "all")})
+    auxk_detach: str = field(default="none",
+                             metadata={"choices": ("none", "tied", "signed", "all")})
     """Which coders' AuxK codes carry no gradient, so that AuxK moves only the dead latents'
     decoder rows: none (Gao et al.), tied (tied coders only: in benchmarks/dead_latents.py,
     AuxK's gradient through a tied coder's codes made a quarter of isae's latents at 16 x d
-    never fire), all (what EleutherAI sparsify's fused encoder does)."""
+    never fire), signed (coders with signed codes, tied or not: the same harness found the
+    same for untied isae-tied, 23 % against 0.02 % detached, while untied unsigned topk
+    needs the gradient, 27 % dead without it), all (what EleutherAI sparsify's fused encoder
+    does)."""
     auxk_skip: str = field(default="none", metadata={"choices": ("none", "iter")})
     """Which coders train without AuxK (its weight 0 for them alone, so that one option can
     serve a group of architectures): none, or iter (coders with thresholding steps: at
@@ -437,7 +441,7 @@ class TrainConfig:
         if self.auxk_norm not in choices(TrainConfig, "auxk_norm"):
             raise UserError(f"auxk_norm must be residual or input, not {self.auxk_norm!r}")
         if self.auxk_detach not in choices(TrainConfig, "auxk_detach"):
-            raise UserError(f"auxk_detach must be none, tied or all, not {self.auxk_detach!r}")
+            raise UserError(f"auxk_detach must be none, tied, signed or all, not {self.auxk_detach!r}")
         if self.auxk_skip not in choices(TrainConfig, "auxk_skip"):
             raise UserError(f"auxk_skip must be none or iter, not {self.auxk_skip!r}")
         self.dead_tokens = check_int("--dead-tokens", self.dead_tokens, 1)
@@ -470,7 +474,8 @@ class TrainConfig:
 
     def auxk_detaches(self, sae: SAEConfig) -> bool:
         """Whether AuxK's codes carry no gradient for this coder (``auxk_detach``)."""
-        return self.auxk_detach == "all" or (self.auxk_detach == "tied" and sae.tied)
+        return (self.auxk_detach == "all" or (self.auxk_detach == "tied" and sae.tied)
+                or (self.auxk_detach == "signed" and sae.signed))
 
     def auxk_alpha_for(self, sae: SAEConfig) -> float:
         """AuxK's weight for this coder: auxk_alpha, or 0 where ``auxk_skip`` names it."""
