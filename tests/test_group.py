@@ -405,42 +405,37 @@ def test_runs_outside_the_group_train_beside_it_as_before(synthetic_set, tmp_pat
 
 
 @pytest.mark.slow
-def test_auxk_skip_turns_auxk_off_for_iterative_coders_alone(synthetic_set, tmp_path):
-    """auxk_skip=iter, one by one and grouped: the iterative coder trains exactly as with
-    AuxK's weight 0, the others exactly as with AuxK on (bit for bit on the CPU), and AuxK
-    does act in this run (latents die within it), so the option changes something."""
-    archs, seeds = ["topk", "isae-iter"], (0,)
+def _trains_per_coder_as(synthetic_set, tmp_path, archs, option: dict, like_a: dict,
+                         like_b: dict, takes_a) -> None:
+    """A per-coder option (``option``), one by one and grouped, trains each coder bit for
+    bit (CPU) as the settings ``like_a`` where ``takes_a(cfg)``, else as ``like_b``, and
+    each differs from the other settings (the option changes something here), and the
+    checkpoint records it. AuxK acts within these runs: latents die within 256 rows."""
     kw = {"dead_tokens": 256}
     for grouped in (False, True):
         out = tmp_path / f"grouped-{grouped}"
-        cfgs, skip, _ = _train(synthetic_set, archs, seeds, out / "skip", grouped,
-                               auxk_skip="iter", **kw)
-        _, on, _ = _train(synthetic_set, archs, seeds, out / "on", grouped, **kw)
-        _, off, _ = _train(synthetic_set, archs, seeds, out / "off", grouped, auxk_alpha=0.0, **kw)
-        for c, s, a, b in zip(cfgs, skip, on, off):
-            want, other = (b, a) if c.encoder_steps else (a, b)
-            ts, tw, to = (load_file(str(p / "sae.safetensors")) for p in (s, want, other))
-            assert all(torch.equal(ts[n], tw[n]) for n in ts), (grouped, c.arch)
-            assert not all(torch.equal(ts[n], to[n]) for n in ts), (grouped, c.arch, "AuxK did nothing")
-            assert json.loads((s / "cfg.json").read_text())["train"]["auxk_skip"] == "iter"
+        cfgs, got, _ = _train(synthetic_set, archs, (0,), out / "option", grouped, **option, **kw)
+        _, a, _ = _train(synthetic_set, archs, (0,), out / "a", grouped, **like_a, **kw)
+        _, b, _ = _train(synthetic_set, archs, (0,), out / "b", grouped, **like_b, **kw)
+        for c, g, x, y in zip(cfgs, got, a, b):
+            want, other = (x, y) if takes_a(c) else (y, x)
+            tg, tw, to = (load_file(str(p / "sae.safetensors")) for p in (g, want, other))
+            assert all(torch.equal(tg[n], tw[n]) for n in tg), (grouped, c.arch)
+            assert not all(torch.equal(tg[n], to[n]) for n in tg), (grouped, c.arch, "no effect")
+            train = json.loads((g / "cfg.json").read_text())["train"]
+            assert all(train[k] == v for k, v in option.items())
+
+
+def test_auxk_skip_turns_auxk_off_for_iterative_coders_alone(synthetic_set, tmp_path):
+    """auxk_skip=iter: the iterative coder trains exactly as with AuxK's weight 0, the
+    others exactly as with AuxK on."""
+    _trains_per_coder_as(synthetic_set, tmp_path, ["topk", "isae-iter"], {"auxk_skip": "iter"},
+                         {"auxk_alpha": 0.0}, {}, lambda c: c.encoder_steps > 0)
 
 
 def test_auxk_detach_signed_detaches_signed_coders_alone(synthetic_set, tmp_path):
-    """auxk_detach=signed, one by one and grouped: the signed untied coder (isae-tied) trains
-    exactly as with every coder's AuxK codes detached, the unsigned one (topk) exactly as
-    with none detached (bit for bit on the CPU), and detaching does change isae-tied here."""
-    archs, seeds = ["topk", "isae-tied"], (0,)
-    kw = {"dead_tokens": 256}  # latents die within the run, so AuxK acts
-    for grouped in (False, True):
-        out = tmp_path / f"grouped-{grouped}"
-        cfgs, signed, _ = _train(synthetic_set, archs, seeds, out / "signed", grouped,
-                                 auxk_detach="signed", **kw)
-        _, every, _ = _train(synthetic_set, archs, seeds, out / "all", grouped,
-                             auxk_detach="all", **kw)
-        _, none, _ = _train(synthetic_set, archs, seeds, out / "none", grouped, **kw)
-        for c, s, a, n in zip(cfgs, signed, every, none):
-            want, other = (a, n) if c.signed else (n, a)
-            ts, tw, to = (load_file(str(p / "sae.safetensors")) for p in (s, want, other))
-            assert all(torch.equal(ts[k], tw[k]) for k in ts), (grouped, c.arch)
-            assert not all(torch.equal(ts[k], to[k]) for k in ts), (grouped, c.arch, "no effect")
-            assert json.loads((s / "cfg.json").read_text())["train"]["auxk_detach"] == "signed"
+    """auxk_detach=signed: the signed untied coder (isae-tied) trains exactly as with every
+    coder's AuxK codes detached, the unsigned one (topk) exactly as with none detached."""
+    _trains_per_coder_as(synthetic_set, tmp_path, ["topk", "isae-tied"],
+                         {"auxk_detach": "signed"}, {"auxk_detach": "all"}, {},
+                         lambda c: c.signed)
