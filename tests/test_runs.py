@@ -59,6 +59,7 @@ def test_runs_table_equals_the_single_purpose_functions(group, measured, synthet
         assert r["converged"] == c["converged"]
         assert r["steps"] == 40  # 20000 rows at 512 a step, rounded up
         assert r["truth_abs_cos"] == match_dictionaries(ck.W_dec, truth).summary()["mean_abs_cos"]
+        assert r["truth_n_atoms"] == truth.shape[0]
         c = ck.model.cfg
         assert r["encode_flops"] == encode_flops(c.kind, 32, 128, 3, c.encoder_steps)
         assert 0 < r["init_abs_cos"] < 1

@@ -286,6 +286,23 @@ def test_width_label():
     assert figures.width_label(1536, 384.0) == "1536\n4×d"
     assert figures.width_label(1000, 384.0) == "1000"
     assert figures.width_label(512, None) == "512" and figures.width_label(512, np.nan) == "512"
+    assert figures.width_label(128, 64.0, "atoms") == "128\n2×atoms"
+
+
+def test_f9_ticks_count_atoms_on_a_synthetic_set_and_d_on_a_language_model():
+    """A synthetic set's widths are multiples of its true dictionary (1, 2, 4 x atoms), not
+    of its dimension: its ticks say so, while a set without a truth keeps x d."""
+    p = planted()
+    syn = p["runs"].assign(truth_n_atoms=64)
+    lm = p["runs"].assign(dataset="lm", truth_abs_cos=math.nan, truth_n_atoms=math.nan)
+    runs = pd.concat([syn, lm], ignore_index=True)
+    assert figures.width_units(runs) == {"syn": (64.0, "atoms"), "lm": (32.0, "d")}
+    pairs = pd.concat([p["pairs"], p["pairs"].assign(dataset="lm")], ignore_index=True)
+    fig = figures.f9_width(runs, pairs)
+    ticks = {ax.get_title().split(" ")[0]: [t.get_text() for t in ax.get_xticklabels()]
+             for ax in fig.axes if ax.get_ylabel().startswith("held-out FVU")}
+    assert ticks == {"syn": ["64\n1×atoms", "128\n2×atoms"], "lm": ["64\n2×d", "128\n4×d"]}
+    plt.close("all")
 
 
 def test_f9_truth_panel_says_where_there_is_no_truth():

@@ -182,7 +182,8 @@ def measure_group(
         if truth:
             m = match_dictionaries(ckpt.W_dec, W_true, device=device)
             s = m.summary()
-            row.update({"truth_abs_cos": s["mean_abs_cos"], "truth_frac_gt_0.9": s["frac_gt_0.9"],
+            row.update({"truth_n_atoms": int(W_true.shape[0]),
+                        "truth_abs_cos": s["mean_abs_cos"], "truth_frac_gt_0.9": s["frac_gt_0.9"],
                         "truth_frac_gt_0.7": s["frac_gt_0.7"], "truth_mmcs": s["mmcs_ab"]})
             # True codes live in raw units; the model's in its normalised space.
             z_true = (np.asarray(data["z_val"], np.float64) / float(ckpt.norm.scale),

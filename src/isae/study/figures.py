@@ -976,12 +976,26 @@ def width_curves(runs: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out, columns=cols)
 
 
-def width_label(width: int, d: float | None) -> str:
+def width_label(width: int, d: float | None, unit: str = "d") -> str:
     """A tick of the width axis: 1536 -> "1536\n4×d" when d (384) divides it, else the
-    width alone."""
+    width alone. ``unit`` names what ``d`` counts ("atoms" on a synthetic set, whose
+    widths are multiples of its true dictionary, not of its dimension)."""
     if d and np.isfinite(d) and d > 0 and width % int(d) == 0:
-        return f"{width}\n{width // int(d)}×d"
+        return f"{width}\n{width // int(d)}×{unit}"
     return str(width)
+
+
+def width_units(runs: pd.DataFrame) -> dict[str, tuple[float, str]]:
+    """Per dataset, what its width ticks count in: the true dictionary's atoms where the
+    runs table has them (synthetic sets), else the activations' dimension."""
+    out: dict[str, tuple[float, str]] = {}
+    for ds, g in runs.groupby("dataset"):
+        atoms = g["truth_n_atoms"].max() if "truth_n_atoms" in g.columns else np.nan
+        if np.isfinite(atoms) and atoms > 0:
+            out[ds] = (float(atoms), "atoms")
+        elif "ric_d" in g.columns and np.isfinite(g["ric_d"].max()):
+            out[ds] = (float(g["ric_d"].max()), "d")
+    return out
 
 
 def f9_width(runs: pd.DataFrame, pairs: pd.DataFrame, chance: pd.DataFrame | None = None
@@ -1002,8 +1016,7 @@ def f9_width(runs: pd.DataFrame, pairs: pd.DataFrame, chance: pd.DataFrame | Non
     datasets = _datasets(d)
     metrics = [(m, label) for m, _, _, _, label in F9_METRICS if m in set(d["metric"])]
     archs = _archs(d)
-    dims = (runs.groupby("dataset")["ric_d"].max().to_dict()
-            if "ric_d" in runs.columns else {})
+    units = width_units(runs)
     fig, axes = _grid(len(datasets), len(metrics), width=3.6, height=3.1)
     for r, ds in enumerate(datasets):
         widths = sorted(set(d[d["dataset"] == ds]["width"]))
@@ -1038,7 +1051,7 @@ def f9_width(runs: pd.DataFrame, pairs: pd.DataFrame, chance: pd.DataFrame | Non
                 for t, ls in zip(DELTA_THRESHOLDS.values(), ["-.", ":"]):
                     ax.axhline(t, color="tab:orange", ls=ls, lw=1.2)
             ax.set_xscale("log", base=2)
-            _ticks_at(ax, widths, lambda w, ds=ds: width_label(int(w), dims.get(ds)))
+            _ticks_at(ax, widths, lambda w, ds=ds: width_label(int(w), *units.get(ds, (None,))))
             ax.tick_params(axis="x", labelsize=7)
             ax.set_xlabel(xlabel, fontsize=8)
             ax.set_ylabel(label, fontsize=7)
