@@ -289,6 +289,14 @@ def test_width_label():
     assert figures.width_label(128, 64.0, "atoms") == "128\n2×atoms"
 
 
+def test_every_arch_of_a_figure_gets_its_own_colour():
+    """An arch without a fixed colour takes one no fixed arch uses: isae-tied was drawn in
+    isae-iter's green in F9 of the 32 x d run."""
+    archs = [*figures.ARCH_COLORS, "topk-signed", "isae-nobias", "relu+tied", "topk+iter"]
+    colours = [figures.arch_color(a, i) for i, a in enumerate(archs)]
+    assert len(set(colours)) == len(archs)
+
+
 def test_f9_ticks_count_atoms_on_a_synthetic_set_and_d_on_a_language_model():
     """A synthetic set's widths are multiples of its true dictionary (1, 2, 4 x atoms), not
     of its dimension: its ticks say so, while a set without a truth keeps x d."""

@@ -31,6 +31,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never a display (CI, SLURM nodes)
 
+import matplotlib.colors as mcolors
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -49,6 +50,7 @@ ARCH_COLORS = {
     "relu": "#9467bd",
     "isae": "#1f77b4",
     "isae-iter": "#2ca02c",
+    "isae-tied": "#8c564b",
     "dl": "#7f7f7f",
 }
 #: Colours of the chance levels (F1, F7): the data-shaped ones are the reference.
@@ -63,7 +65,13 @@ NOT_CONVERGED = "hollow: not converged"
 
 
 def arch_color(arch: str, i: int = 0) -> str:
-    return ARCH_COLORS.get(arch, plt.get_cmap("tab10")(i % 10))
+    """The arch's fixed colour, else the i-th of tab10's colours that no fixed arch uses
+    (tab10's own i-th could repeat a fixed one: an ablation drawn in isae-iter's green)."""
+    if arch in ARCH_COLORS:
+        return ARCH_COLORS[arch]
+    taken = {c.lower() for c in ARCH_COLORS.values()}
+    free = [c for c in plt.get_cmap("tab10").colors if mcolors.to_hex(c) not in taken]
+    return mcolors.to_hex(free[i % len(free)])
 
 
 def _rows(df: pd.DataFrame, *grids: str) -> pd.DataFrame:
