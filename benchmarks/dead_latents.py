@@ -67,6 +67,20 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--auxk-detach", action="store_true",
                    help="AuxK's codes without gradient: AuxK moves the dead latents' decoder "
                         "rows only (sparsify's fused encoder since 2025)")
+    p.add_argument("--auxk-ls-scale", action="store_true",
+                   help="AuxK's decode times the detached per-row least-squares scale "
+                        "<e, e_hat> / <e_hat, e_hat>, so that AuxK's gradient does not pull the "
+                        "codes' overall scale down when e_hat overshoots the residual")
+    p.add_argument("--dead-enc-renorm", action="store_true",
+                   help="after each step, rescale the encoder columns of the latents dead in "
+                        "the window to the median norm of the live latents' columns (an "
+                        "untied encoder only; direction kept)")
+    p.add_argument("--auxk-enc-tangent", action="store_true",
+                   help="remove the radial component of AuxK's gradient on the dead latents' "
+                        "encoder columns (AuxK may turn them, not shrink them)")
+    p.add_argument("--trace", default=None,
+                   help="write per-evaluation per-latent encoder norms, encoder/decoder cosines, "
+                        "window silence and AuxK's radial gradient here (torch.save)")
     p.add_argument("--dead-tokens", type=int, default=200_000)
     p.add_argument("--init", default="random")
     p.add_argument("--schedule", choices=("isae", "sparsify"), default="isae")
@@ -220,6 +234,9 @@ def main(argv=None) -> None:
     info = {k: v for k, v in vars(args).items() if k not in ("activations", "threads")}
     print(json.dumps({"recipe": info, "lr": lr, "steps": steps, "train_rows": len(X),
                       "heldout_rows": len(H)}), flush=True)
+    grad_stats: list[tuple[int, float, float]] = []
+    trace: list[dict] = []
+    fired_total = torch.zeros(args.width, dtype=torch.long)
     t0 = time.perf_counter()
     for step in range(steps):
         x = next(rows)
@@ -244,6 +261,12 @@ def main(argv=None) -> None:
             if args.auxk_detach:
                 sel = sel._replace(val=sel.val.detach())
             e_hat = sparse_decode(sel, model.W_dec)
+            if args.auxk_ls_scale:
+                with torch.no_grad():
+                    ed = err.detach()
+                    scale = (ed * e_hat).sum(1, keepdim=True) / e_hat.pow(2).sum(
+                        1, keepdim=True).clamp_min(1e-12)
+                e_hat = e_hat * scale
             if args.auxk_norm == "residual":
                 aux = fvu(err.detach(), e_hat)[0]
             else:
@@ -255,31 +278,75 @@ def main(argv=None) -> None:
             loss = loss + args.multi_topk * fvu(x, sparse_decode(wide, model.W_dec) + model.b_dec)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if model.W_enc is not None and n_dead and (args.trace or args.auxk_enc_tangent):
+            with torch.no_grad():
+                # A window-dead latent's encoder column has AuxK's gradient only (it is not
+                # in the batch's top k): its radial part, cos(grad, w) > 0 shrinks it.
+                W, G = model.W_enc, model.W_enc.grad
+                radial = (G * W).sum(0) / W.pow(2).sum(0).clamp_min(1e-12)
+                cosg = (G * W).sum(0) / (G.norm(dim=0) * W.norm(dim=0)).clamp_min(1e-12)
+                gd = cosg[dead & (G.norm(dim=0) > 0)]
+                if len(gd):
+                    grad_stats.append((step, float(gd.mean()), float((gd > 0).float().mean())))
+                if args.auxk_enc_tangent:
+                    G[:, dead] -= radial[dead] * W[:, dead]
         model.project_decoder_grad()
         if args.optimizer == "lazy-adam":
             lazy_step(model, opt)
         else:
             opt.step()
         model.normalize_decoder()
+        if args.dead_enc_renorm and model.W_enc is not None and n_dead and n_dead < args.width:
+            with torch.no_grad():
+                nrm = model.W_enc.norm(dim=0)
+                target = nrm[~dead].median()
+                model.W_enc[:, dead] *= (target / nrm[dead].clamp_min(1e-12))
         with torch.no_grad():
             fires = torch.zeros(args.width, dtype=torch.long)
             fires.scatter_add_(0, codes.idx.reshape(-1), (codes.val != 0).reshape(-1).long())
             since = torch.where(fires > 0, 0, since + x.shape[0])
+            fired_total += fires
         if (step + 1) % every == 0 or step == steps - 1:
             dead_h, fvu_h = heldout(model, H[: args.eval_rows])
             dead_t, _ = heldout(model, X[train_probe])
+            extra = {}
+            if model.W_enc is not None:
+                with torch.no_grad():
+                    en = model.W_enc.norm(dim=0)
+                    cos = (model.W_enc.T * model.W_dec).sum(1) / en.clamp_min(1e-12)
+                    dw = since >= args.dead_tokens
+                    def med(t, m):
+                        return round(float(t[m].median()), 4) if int(m.sum()) else None
+                    extra = {"enc_norm_live": med(en, ~dw), "enc_norm_dead": med(en, dw),
+                             "cos_live": med(cos, ~dw), "cos_dead": med(cos, dw)}
+                    recent = [g for g in grad_stats if g[0] > step + 1 - every]
+                    if recent:
+                        extra["auxk_gradcos_dead"] = round(sum(g[1] for g in recent) / len(recent), 4)
+                        extra["auxk_shrinks_frac"] = round(sum(g[2] for g in recent) / len(recent), 4)
+                    if args.trace:
+                        trace.append({"step": step + 1, "enc_norm": en.clone(), "cos": cos.clone(),
+                                      "since": since.clone(), "fired_total": fired_total.clone()})
             print(json.dumps({"step": step + 1, "tokens": (step + 1) * args.batch_size,
                               "train_fvu": round(float(loss_fvu.detach()), 4),
                               "auxk": round(float(aux.detach()), 4),
                               "dead_window": round(n_dead / args.width, 4),
                               "dead_heldout": round(dead_h, 4), "fvu_heldout": round(fvu_h, 4),
                               "dead_train_rows": round(dead_t, 4),
+                              **extra,
                               "s": round(time.perf_counter() - t0, 1)}), flush=True)
     dead_h, fvu_h = heldout(model, H)
     dead_t, _ = heldout(model, X[torch.randperm(len(X), generator=torch.Generator().manual_seed(7))
                                  [: len(H)]])
     if args.save:
         torch.save(model.state_dict(), args.save)
+    if args.trace:
+        fired_h = torch.zeros(args.width, dtype=torch.bool)
+        with torch.no_grad():
+            for i in range(0, len(H), 4096):
+                c = model.encode(H[i : i + 4096].float())
+                fired_h[c.idx[c.val != 0]] = True
+        torch.save({"trace": trace, "grad_stats": grad_stats, "dead_heldout_final": ~fired_h,
+                    "args": vars(args)}, args.trace)
     print(json.dumps({"final": True, "dead_heldout": round(dead_h, 4),
                       "dead_train_rows": round(dead_t, 4),
                       "fvu_heldout": round(fvu_h, 4), "heldout_rows": len(H),
