@@ -313,14 +313,16 @@ def test_grouped_kernel_forms_on_cuda():
         assert worst < 1e-5, worst
 
 
-@pytest.mark.parametrize("arch,aux_detach", [
-    ("topk", False), ("isae", False), ("isae-tied", False), ("isae-iter", False),
-    ("topk+tied+nobias", False), ("isae", True), ("isae-iter", True)])
+@pytest.mark.parametrize("arch,aux_detach,aux_fit", [
+    ("topk", False, False), ("isae", False, False), ("isae-tied", False, False),
+    ("isae-iter", False, False), ("topk+tied+nobias", False, False), ("isae", True, False),
+    ("isae-iter", True, False), ("isae-tied", False, True)])
 @pytest.mark.parametrize("d,n,k", [(64, 512, 8), (384, 1536, 16)])
-def test_stacked_fast_ops_equal_single_models_on_cuda(arch, aux_detach, d, n, k):
+def test_stacked_fast_ops_equal_single_models_on_cuda(arch, aux_detach, aux_fit, d, n, k):
     """Three models stacked on the fast op set against each alone on it: loss, AuxK (a dead
     mask per model, one model with none) and gradients, to bfloat16 near-ties; with AuxK's
-    codes detached too (gpu.yaml's tied coders from 16 x d)."""
+    codes detached too (gpu.yaml's tied coders from 16 x d), and with AuxK's decode fitted
+    to the residual (auxk_fit)."""
     from isae.gpu.stacked_ops import StackedFastOps
     from isae.models.stacked import StackedCoder
 
@@ -329,11 +331,12 @@ def test_stacked_fast_ops_equal_single_models_on_cuda(arch, aux_detach, d, n, k)
     stacked = StackedCoder(singles, StackedFastOps(cuda_graphs=False))
     x = torch.randn(4096, d, device="cuda")
     dead = torch.rand(3, n, device="cuda") < torch.tensor([[0.0], [0.05], [0.4]], device="cuda")
-    out = stacked(x, dead, aux_width=int(dead.sum(1).max()) + 100, aux_detach=aux_detach)
+    out = stacked(x, dead, aux_width=int(dead.sum(1).max()) + 100, aux_detach=aux_detach,
+                  aux_fit=aux_fit)
     (out.fvu.sum() + out.auxk.sum() / 32).backward()
     assert out.auxk[0] == 0
     for m, c in enumerate(singles):
-        o = c(x, dead[m] if dead[m].any() else None, aux_detach=aux_detach)
+        o = c(x, dead[m] if dead[m].any() else None, aux_detach=aux_detach, aux_fit=aux_fit)
         (o.fvu + o.auxk / 32).backward()
         assert abs(float(out.fvu[m]) / float(o.fvu) - 1) < 2e-3, (m, float(out.fvu[m]), float(o.fvu))
         if m:

@@ -433,6 +433,14 @@ def test_auxk_skip_turns_auxk_off_for_iterative_coders_alone(synthetic_set, tmp_
                          {"auxk_alpha": 0.0}, {}, lambda c: c.encoder_steps > 0)
 
 
+def test_auxk_fit_signed_fits_signed_coders_alone(synthetic_set, tmp_path):
+    """auxk_fit=signed: the signed untied coder (isae-tied) trains exactly as with every
+    coder's AuxK decode fitted, the unsigned one (topk) exactly as with none."""
+    _trains_per_coder_as(synthetic_set, tmp_path, ["topk", "isae-tied"],
+                         {"auxk_fit": "signed"}, {"auxk_fit": "all"}, {},
+                         lambda c: c.signed)
+
+
 def test_auxk_detach_signed_detaches_signed_coders_alone(synthetic_set, tmp_path):
     """auxk_detach=signed: the signed untied coder (isae-tied) trains exactly as with every
     coder's AuxK codes detached, the unsigned one (topk) exactly as with none detached."""

@@ -11,7 +11,14 @@ from opsets import model as opset_model
 
 from isae.errors import UserError
 from isae.models.config import BASE_LR, RECIPES, SAEConfig, TrainConfig
-from isae.models.reference import REFERENCE, auxk_select, auxk_weight, sparse_decode, topk_select
+from isae.models.reference import (
+    REFERENCE,
+    auxk_select,
+    auxk_weight,
+    fit_to,
+    sparse_decode,
+    topk_select,
+)
 from isae.models.sparse_coder import SparseCoder
 from isae.training.group import group_runs
 from isae.training.steppers import Run
@@ -142,6 +149,73 @@ def test_detached_auxk_moves_the_dead_decoder_rows_only(ops, arch):
     if m.W_enc is not None:
         assert m.W_enc.grad is None or float(m.W_enc.grad.abs().max()) == 0.0
         assert m.b_enc.grad is None or float(m.b_enc.grad.abs().max()) == 0.0
+
+
+def test_fit_to_is_each_rows_least_squares_scale():
+    """fit_to scales each row of e_hat by the float64 least-squares solution of
+    min_c ||err - c e_hat||^2, leaves a zero row at zero, and carries no gradient through
+    the scale: the gradient in e_hat is c x the gradient of ||err - c e_hat||^2 with c held."""
+    torch.manual_seed(0)
+    err, e_hat = torch.randn(7, 5), torch.randn(7, 5) * 3
+    e_hat[2] = 0
+    got = fit_to(err, e_hat)
+    E, H = err.double(), e_hat.double()
+    for r in range(7):
+        c = 0.0 if r == 2 else float(torch.linalg.lstsq(H[r, :, None], E[r, :, None]).solution)
+        assert torch.allclose(got[r].double(), c * H[r], rtol=1e-5, atol=1e-6), r
+    e_hat.requires_grad_(True)
+    (err - fit_to(err, e_hat)).pow(2).sum().backward()
+    c = (E * H).sum(1, keepdim=True) / H.pow(2).sum(1, keepdim=True).clamp_min(1e-300)
+    want = -2 * c * (E - c * H)
+    assert torch.allclose(e_hat.grad.double(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("ops", OP_SETS)
+@pytest.mark.parametrize("arch", ["topk", "isae-tied"])
+def test_fitted_auxk_is_the_residuals_fitted_decode(ops, arch):
+    """With aux_fit, AuxK is sum_r ||e_r - c_r e_hat_r||^2 / ||e - mean(e)||^2 with c_r the
+    row's least-squares scale (float64, from the same weights), never above the unfitted
+    loss's share of the residual, and its gradient reaches the encoder (the codes carry it)
+    as the float64 gradient with c held fixed."""
+    torch.manual_seed(1)
+    d, n, k = 24, 160, 4
+    m = opset_model(arch, d, n, k, OP_SETS[ops]())
+    x = torch.randn(256, d)
+    dead = torch.rand(n) < 0.3
+    out = m(x, dead=dead, aux_fit=True)
+    out.auxk.backward()
+    X = x.double()
+    enc = m.encoder_weight.detach().double().requires_grad_(True)
+    W = m.W_dec.detach().double()
+    pre = (X - m.b_dec.detach().double()) @ enc + m.b_enc.detach().double()
+    codes = topk_select(pre.detach(), k, m.cfg.signed)
+    e = X - (sparse_decode(codes, W) + m.b_dec.detach().double())
+    aux = auxk_select(pre, dead, min(d // 2, int(dead.sum())), m.cfg.signed)
+    e_hat = sparse_decode(aux, W)
+    c = ((e * e_hat).sum(1, keepdim=True) / e_hat.pow(2).sum(1, keepdim=True)).detach()
+    total = (e - e.mean(0)).pow(2).sum()
+    loss = (e - c * e_hat).pow(2).sum() / total
+    tol = 1e-5 if ops == "reference" else 0.03
+    assert abs(float(out.auxk) / float(loss.detach()) - 1) < tol
+    assert float(loss.detach()) <= float(e.pow(2).sum().detach() / total.detach()) + 1e-12
+    loss.backward()
+    got = m.encoder_weight.grad.double()
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), enc.grad.flatten(), dim=0)
+    assert float(cos) > (0.99999 if ops == "reference" else 0.97)
+
+
+def test_which_coders_fit():
+    """auxk_fit picks coders as auxk_detach does, and never one whose codes are detached."""
+    cfgs = {a: SAEConfig.from_arch(a, d_in=8, d_sae=32, k=2) for a in ("topk", "isae", "isae-tied")}
+    assert not any(TrainConfig().auxk_fits(c) for c in cfgs.values())
+    signed = TrainConfig(auxk_fit="signed")
+    assert [signed.auxk_fits(c) for c in cfgs.values()] == [False, True, True]
+    assert all(TrainConfig(auxk_fit="all").auxk_fits(c) for c in cfgs.values())
+    # gpu.yaml's pairing: tied coders detached (isae), the untied signed one fitted.
+    paired = TrainConfig(auxk_fit="signed", auxk_detach="tied")
+    assert [paired.auxk_fits(c) for c in cfgs.values()] == [False, False, True]
+    with pytest.raises(UserError, match="auxk_fit"):
+        TrainConfig(auxk_fit="tied")
 
 
 def test_which_coders_detach():

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 SAE_FLAGS = ("k", "d_sae", "seed", "l1_coeff", "encoder_steps")
 #: TrainConfig fields with a flag (its seed, of the data order, is the first model seed).
 TRAIN_FLAGS = ("tokens", "batch_size", "lr", "base_lr", "decay", "warmup_frac", "auxk_alpha",
-               "auxk_norm", "auxk_detach", "auxk_skip", "dead_tokens",
+               "auxk_norm", "auxk_detach", "auxk_fit", "auxk_skip", "dead_tokens",
                "shuffle_buffer", "checkpoint_every", "log_every", "converged_below", "device",
                "data_on_device", "data_memory_fraction")
 log = logging.getLogger(__name__)

@@ -43,7 +43,7 @@ from torch.autograd import Function
 
 from isae.gpu import kernels
 from isae.gpu.cuda_graphs import StepGraphs
-from isae.models.reference import AuxLatents, Codes, Weights, iht_eta, keep_better
+from isae.models.reference import AuxLatents, Codes, Weights, fit_to, iht_eta, keep_better
 
 LOW = torch.bfloat16
 
@@ -500,10 +500,13 @@ class FastOps:
         return fvu(x, x_hat)
 
     def auxk_loss(self, err: Tensor, pre: Tensor, aux_codes: Tensor | None, aux: AuxLatents,
-                  w: Weights, signed: bool, k_aux: int) -> Tensor:
-        """The FVU of the residual by the decode of the AuxK codes the encoder selected.
-        (The reference's scale min(n_dead / k_aux, 1) is always 1, since k_aux <= n_dead.)"""
+                  w: Weights, signed: bool, k_aux: int, fit: bool = False) -> Tensor:
+        """The FVU of the residual by the decode of the AuxK codes the encoder selected
+        (fitted to it where ``fit``, reference.fit_to). (The reference's scale
+        min(n_dead / k_aux, 1) is always 1, since k_aux <= n_dead.)"""
         e_hat = aux_decode(aux_codes, aux.cols, w.dec, w.grads)
+        if fit:
+            e_hat = fit_to(err, e_hat)
         return fvu(err, e_hat)[0]
 
     def project_rows_(self, G: Tensor, W: Tensor) -> None:

@@ -39,7 +39,15 @@ from isae.gpu.ops import (
     normalize_rows_,
     select_topk,
 )
-from isae.models.reference import AuxLatents, Codes, Weights, adam_scalars, iht_eta, keep_better
+from isae.models.reference import (
+    AuxLatents,
+    Codes,
+    Weights,
+    adam_scalars,
+    fit_to,
+    iht_eta,
+    keep_better,
+)
 
 _OFFSETS: dict[tuple, Tensor] = {}
 
@@ -342,12 +350,14 @@ class StackedFastOps:
         return stacked_fvu(x, x_hat, total_var)
 
     def auxk_loss(self, err: Tensor, pre: Tensor, aux_codes: Tensor | None, aux: AuxLatents,
-                  w: Weights, signed: bool, k_aux: int) -> Tensor:
-        """Each model's FVU of its residual by the decode of its AuxK codes; 0 for a model
-        with no dead latent."""
+                  w: Weights, signed: bool, k_aux: int, fit: bool = False) -> Tensor:
+        """Each model's FVU of its residual by the decode of its AuxK codes (fitted to the
+        residual where ``fit``); 0 for a model with no dead latent."""
         M = err.shape[0]
         gcols = (aux.cols + _offsets(M, w.b_enc.shape[1], aux.cols.device).view(M, 1)).reshape(-1)
         e_hat = _StackedAuxDecode.apply(aux_codes, gcols, w.dec, w.grads, M)
+        if fit:
+            e_hat = fit_to(err, e_hat)
         return torch.where(aux.dead.any(1), stacked_fvu(err, e_hat)[0], 0.0)
 
     def project_rows_(self, G: Tensor, W: Tensor) -> None:

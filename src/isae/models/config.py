@@ -390,6 +390,15 @@ class TrainConfig:
     same for untied isae-tied, 23 % against 0.02 % detached, while untied unsigned topk
     needs the gradient, 27 % dead without it), all (what EleutherAI sparsify's fused encoder
     does)."""
+    auxk_fit: str = field(default="none", metadata={"choices": ("none", "signed", "all")})
+    """Which coders' AuxK decode is scaled row by row by its least-squares fit to the
+    residual, the scale without gradient, so that where the dead latents' decode overshoots
+    the residual AuxK's gradient turns their codes rather than shrinking them: none (Gao et
+    al.), signed (coders with signed codes), all. A coder whose AuxK codes are detached
+    (auxk_detach) is left as it is: the fit acts on the codes' gradient. In
+    benchmarks/dead_latents.py (6 144 latents on MiniLM) untied isae-tied lost 37 % of its
+    latents with AuxK's gradient, 13 % detached and 0.3 % fitted, at the same FVU
+    (benchmarks/dead_latents_tied.md)."""
     auxk_skip: str = field(default="none", metadata={"choices": ("none", "iter")})
     """Which coders train without AuxK (its weight 0 for them alone, so that one option can
     serve a group of architectures): none, or iter (coders with thresholding steps: at
@@ -442,6 +451,8 @@ class TrainConfig:
             raise UserError(f"auxk_norm must be residual or input, not {self.auxk_norm!r}")
         if self.auxk_detach not in choices(TrainConfig, "auxk_detach"):
             raise UserError(f"auxk_detach must be none, tied, signed or all, not {self.auxk_detach!r}")
+        if self.auxk_fit not in choices(TrainConfig, "auxk_fit"):
+            raise UserError(f"auxk_fit must be none, signed or all, not {self.auxk_fit!r}")
         if self.auxk_skip not in choices(TrainConfig, "auxk_skip"):
             raise UserError(f"auxk_skip must be none or iter, not {self.auxk_skip!r}")
         self.dead_tokens = check_int("--dead-tokens", self.dead_tokens, 1)
@@ -476,6 +487,12 @@ class TrainConfig:
         """Whether AuxK's codes carry no gradient for this coder (``auxk_detach``)."""
         return (self.auxk_detach == "all" or (self.auxk_detach == "tied" and sae.tied)
                 or (self.auxk_detach == "signed" and sae.signed))
+
+    def auxk_fits(self, sae: SAEConfig) -> bool:
+        """Whether AuxK's decode is fitted to the residual for this coder (``auxk_fit``):
+        never where its AuxK codes are detached."""
+        wants = self.auxk_fit == "all" or (self.auxk_fit == "signed" and sae.signed)
+        return wants and not self.auxk_detaches(sae)
 
     def auxk_alpha_for(self, sae: SAEConfig) -> float:
         """AuxK's weight for this coder: auxk_alpha, or 0 where ``auxk_skip`` names it."""

@@ -91,6 +91,19 @@ def auxk_select(pre: Tensor, dead: Tensor, k: int, signed: bool) -> Codes:
     return Codes(val, idx)
 
 
+def fit_to(err: Tensor, e_hat: Tensor) -> Tensor:
+    """``e_hat`` scaled row by row by its least-squares fit to ``err``,
+    <err, e_hat> / <e_hat, e_hat> (0 where e_hat is 0), the scale without gradient
+    (TrainConfig.auxk_fit). AuxK's gradient then turns the dead latents' codes toward the
+    residual without pulling their size down where their decode overshoots it, which
+    shrank an untied signed coder's dead encoder rows (benchmarks/dead_latents_tied.md).
+    (err, e_hat: [..., D]) -> [..., D]."""
+    with torch.no_grad():
+        c = (err * e_hat).sum(-1, keepdim=True) / e_hat.pow(2).sum(-1, keepdim=True).clamp_min(
+            torch.finfo(e_hat.dtype).tiny)
+    return e_hat * c
+
+
 def auxk_weight(alpha: float, norm: str, x: Tensor, x_hat: Tensor, dead: Tensor | None,
                 k_aux: int) -> float | Tensor:
     """AuxK's weight in the loss FVU + weight x AuxK, where AuxK is the FVU of the residual
@@ -266,9 +279,12 @@ class ReferenceOps:
         return fvu(x, x_hat)
 
     def auxk_loss(self, err: Tensor, pre: Tensor, aux_codes: Tensor | None, aux: AuxLatents,
-                  w: Weights, signed: bool, k_aux: int) -> Tensor:
-        """The FVU of the residual ``err`` by the top ``k_aux`` dead latents' decode."""
+                  w: Weights, signed: bool, k_aux: int, fit: bool = False) -> Tensor:
+        """The FVU of the residual ``err`` by the top ``k_aux`` dead latents' decode (fitted
+        to it row by row where ``fit``: fit_to)."""
         e_hat = sparse_decode(auxk_select(pre, aux.dead, k_aux, signed), w.dec)
+        if fit:
+            e_hat = fit_to(err, e_hat)
         return min(aux.n / k_aux, 1.0) * fvu(err, e_hat)[0]
 
     def project_rows_(self, G: Tensor, W: Tensor) -> None:

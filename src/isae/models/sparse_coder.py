@@ -171,7 +171,7 @@ class SparseCoder(nn.Module):
                                  self.cfg.signed, self.cfg.iht_step)[0]
 
     def forward(self, x: Tensor, dead: Tensor | None = None, aux_width: int | None = None,
-                aux_detach: bool = False) -> ForwardOutput:
+                aux_detach: bool = False, aux_fit: bool = False) -> ForwardOutput:
         """(x: [B, D]) -> ForwardOutput. ``dead``: [N] bool mask of dead latents for AuxK.
 
         aux_width (fast path only): how many latent columns AuxK reads, the dead ones first
@@ -179,6 +179,8 @@ class SparseCoder(nn.Module):
         must be at least the number of dead latents; None reads exactly those (one host sync).
         aux_detach: AuxK's codes carry no gradient, so AuxK moves only the dead latents'
         decoder rows (TrainConfig.auxk_detach).
+        aux_fit: AuxK's decode is scaled row by row by its least-squares fit to the residual,
+        the scale without gradient (TrainConfig.auxk_fit, reference.fit_to).
         """
         w = self._weights()
         aux = None
@@ -195,7 +197,7 @@ class SparseCoder(nn.Module):
         elif aux is not None:
             pre, aux_codes = auxk_inputs(enc.pre, enc.aux_codes, aux_detach)
             auxk = self.ops.auxk_loss(err.detach(), pre, aux_codes, aux, w, self.cfg.signed,
-                                      self._k_aux(aux.n))
+                                      self._k_aux(aux.n), fit=aux_fit)
         fvu0 = self.ops.fvu(x, enc.x_hat0)[0] if enc.x_hat0 is not None else None
         return ForwardOutput(x_hat, codes, fvu_, auxk, l1, fvu0)
 

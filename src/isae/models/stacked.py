@@ -42,6 +42,7 @@ from isae.models.reference import (
     Weights,
     adam_rows_,
     adam_scalars,
+    fit_to,
     iht_eta,
     keep_better,
     normalize_rows_,
@@ -115,7 +116,7 @@ class StackedOps(Protocol):
             ) -> tuple[Tensor, Tensor]: ...
 
     def auxk_loss(self, err: Tensor, pre: Tensor, aux_codes: Tensor | None, aux: AuxLatents,
-                  w: Weights, signed: bool, k_aux: int) -> Tensor: ...
+                  w: Weights, signed: bool, k_aux: int, fit: bool = False) -> Tensor: ...
 
     def project_rows_(self, G: Tensor, W: Tensor) -> None: ...
 
@@ -219,9 +220,10 @@ class StackedReference:
         return stacked_fvu(x, x_hat, total_var)
 
     def auxk_loss(self, err: Tensor, pre: Tensor, aux_codes: Tensor | None, aux: AuxLatents,
-                  w: Weights, signed: bool, k_aux: int) -> Tensor:
+                  w: Weights, signed: bool, k_aux: int, fit: bool = False) -> Tensor:
         """Each model's FVU of its residual by its top k_aux dead latents' decode (all of
-        them where it has fewer); 0 for a model with none (ReferenceOps.auxk_loss)."""
+        them where it has fewer; fitted to the residual where ``fit``); 0 for a model with
+        none (ReferenceOps.auxk_loss)."""
         M, N = w.b_enc.shape
         dead = aux.dead[:, None, :].expand_as(pre)
         score = pre.abs() if signed else F.relu(pre)
@@ -232,6 +234,8 @@ class StackedReference:
             val = F.relu(val)
         val = val * dead.gather(-1, idx)  # a model with fewer dead latents than k_aux
         e_hat = _sparse_decode(Codes(val, idx + offsets(M, N, pre.device)), w.dec)
+        if fit:
+            e_hat = fit_to(err, e_hat)
         return torch.where(aux.dead.any(1), stacked_fvu(err, e_hat)[0], 0.0)
 
     def project_rows_(self, G: Tensor, W: Tensor) -> None:
@@ -350,13 +354,15 @@ class StackedCoder(nn.Module):
         return out
 
     def forward(self, x: Tensor, dead: Tensor | None = None, aux_width: int | None = None,
-                total_var: Tensor | None = None, aux_detach: bool = False) -> StackedOutput:
+                total_var: Tensor | None = None, aux_detach: bool = False,
+                aux_fit: bool = False) -> StackedOutput:
         """(x: [B, D], the batch every model reads) -> StackedOutput. ``dead``: [M, N] bool,
         each model's dead latents for AuxK; aux_width as in SparseCoder.forward (the fast
         path's fixed number of AuxK columns, at least any model's dead count); total_var:
         ||x - mean(x)||^2 when the caller has it (StackedOps.total_var); aux_detach: AuxK's
-        codes carry no gradient, as in SparseCoder.forward (every model of a stack shares its
-        switches, so the choice is the stack's)."""
+        codes carry no gradient, and aux_fit: AuxK's decode is fitted to the residual, as in
+        SparseCoder.forward (every model of a stack shares its switches, so the choice is the
+        stack's)."""
         assert x.dim() == 2 and x.shape[1] == self.cfg.d_in, (
             f"expected [B, {self.cfg.d_in}], got {tuple(x.shape)}")
         cfg, ops = self.cfg, self.ops
@@ -376,7 +382,8 @@ class StackedCoder(nn.Module):
             auxk = fvu.new_zeros(self.M)
         else:
             pre, aux_codes = auxk_inputs(pre, aux_codes, aux_detach)
-            auxk = ops.auxk_loss(err.detach(), pre, aux_codes, aux, w, cfg.signed, k_aux)
+            auxk = ops.auxk_loss(err.detach(), pre, aux_codes, aux, w, cfg.signed, k_aux,
+                                 fit=aux_fit)
         return StackedOutput(x_hat, codes, fvu, auxk)
 
     @torch.no_grad()

@@ -106,7 +106,7 @@ class _Part:
         for P, _ in self.params.values():
             P.grad = None
         out = coder(x, dead, aux_width=width, total_var=total_var,
-                    aux_detach=tcfg.auxk_detaches(coder.cfg))
+                    aux_detach=tcfg.auxk_detaches(coder.cfg), aux_fit=tcfg.auxk_fits(coder.cfg))
         loss = out.fvu + tcfg.auxk_alpha_for(coder.cfg) * out.auxk
         loss.sum().backward()  # each model's gradient is its own loss's
         coder.project_decoder_grad()

@@ -68,7 +68,8 @@ class SAEStepper:
     def _body(self, x: torch.Tensor, dead: torch.Tensor | None, aux_width: int | None) -> dict:
         model = self.model
         out = model(x, dead=dead, aux_width=aux_width,
-                    aux_detach=self.tcfg.auxk_detaches(model.cfg))
+                    aux_detach=self.tcfg.auxk_detaches(model.cfg),
+                    aux_fit=self.tcfg.auxk_fits(model.cfg))
         alpha = auxk_weight(self.tcfg.auxk_alpha_for(model.cfg), self.tcfg.auxk_norm, x, out.x_hat, dead,
                             max(model.cfg.d_in // 2, 1))
         loss = model.loss(x, out, alpha)

@@ -413,7 +413,7 @@ def identical_checkpoints(
 
 #: Settings added after checkpoints were first written: recorded only where they differ
 #: from their default, so that a checkpoint trained before they existed keeps its record.
-_LATER_SETTINGS = ("base_lr", "auxk_norm", "auxk_detach", "auxk_skip")
+_LATER_SETTINGS = ("base_lr", "auxk_norm", "auxk_detach", "auxk_fit", "auxk_skip")
 
 
 def _train_fingerprint(tcfg: TrainConfig) -> dict:
