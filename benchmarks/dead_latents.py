@@ -15,6 +15,14 @@ can be varied alone:
   --k-aux K              AuxK's k (ours and sparsify's: d / 2)
   --auxk-detach          AuxK's codes without gradient, so that AuxK moves the dead
                          latents' decoder rows only (what sparsify's fused encoder does)
+  --auxk-ls-scale        AuxK's decode times the detached per-row least-squares scale
+                         <e, e_hat>/<e_hat, e_hat> (AuxK through the codes without pulling
+                         their scale down; benchmarks/dead_latents_tied.md)
+  --dead-enc-renorm      rescale the window-dead latents' encoder columns to the live
+                         median norm after each step (untied encoders)
+  --auxk-enc-tangent     drop the radial part of the dead latents' encoder gradient
+  --trace FILE           per-evaluation per-latent encoder norms, enc/dec cosines, silence
+                         and fire counts, and AuxK's radial gradient statistic (torch.save)
   --dead-tokens T        the dead window in rows (ours 200 000; sparsify 10 M)
   --init I               random: unit Gaussian rows (ours); data: rows drawn from the
                          training split; enc-scale S: an untied encoder S x W_dec^T
@@ -285,7 +293,9 @@ def main(argv=None) -> None:
                 W, G = model.W_enc, model.W_enc.grad
                 radial = (G * W).sum(0) / W.pow(2).sum(0).clamp_min(1e-12)
                 cosg = (G * W).sum(0) / (G.norm(dim=0) * W.norm(dim=0)).clamp_min(1e-12)
-                gd = cosg[dead & (G.norm(dim=0) > 0)]
+                in_batch = torch.zeros(args.width, dtype=torch.bool)
+                in_batch[codes.idx[codes.val != 0]] = True
+                gd = cosg[dead & ~in_batch & (G.norm(dim=0) > 0)]
                 if len(gd):
                     grad_stats.append((step, float(gd.mean()), float((gd > 0).float().mean())))
                 if args.auxk_enc_tangent:
