@@ -119,6 +119,20 @@ def test_the_training_record_keeps_its_keys_at_the_defaults():
     assert sp["base_lr"] == 2e-4 and sp["auxk_norm"] == "input"
 
 
+def _float64_auxk(m, x, dead, grad: str):
+    """m's AuxK inputs recomputed in float64 from its weights: (W_dec, encoder weight, the
+    residual e, AuxK's codes), with ``grad`` ("decoder" or "encoder") the one weight that
+    requires a gradient; the main codes and e carry none."""
+    W = m.W_dec.detach().double().requires_grad_(grad == "decoder")
+    enc = m.encoder_weight.detach().double().requires_grad_(grad == "encoder")
+    X, b_dec = x.double(), m.b_dec.detach().double()
+    pre = (X - b_dec) @ enc + m.b_enc.detach().double()
+    codes = topk_select(pre.detach(), m.cfg.k, m.cfg.signed)
+    e = X - (sparse_decode(codes, W.detach()) + b_dec)
+    aux = auxk_select(pre, dead, min(x.shape[1] // 2, int(dead.sum())), m.cfg.signed)
+    return W, enc, e, aux
+
+
 @pytest.mark.parametrize("ops", OP_SETS)
 @pytest.mark.parametrize("arch", ["topk", "isae"])
 def test_detached_auxk_moves_the_dead_decoder_rows_only(ops, arch):
@@ -133,13 +147,7 @@ def test_detached_auxk_moves_the_dead_decoder_rows_only(ops, arch):
     out = m(x, dead=dead, aux_detach=True)
     out.auxk.backward()
     # The reference, in float64 from the same weights.
-    W = m.W_dec.detach().double().requires_grad_(True)
-    enc = m.encoder_weight.detach().double()
-    X = x.double()
-    pre = (X - m.b_dec.detach().double()) @ enc + m.b_enc.detach().double()
-    codes = topk_select(pre, k, m.cfg.signed)
-    e = X - (sparse_decode(codes, W.detach()) + m.b_dec.detach().double())
-    aux = auxk_select(pre, dead, min(d // 2, int(dead.sum())), m.cfg.signed)
+    W, _, e, aux = _float64_auxk(m, x, dead, grad="decoder")
     loss = (e - sparse_decode(aux, W)).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
     loss.backward()
     got = m.W_dec.grad.double()
@@ -184,19 +192,13 @@ def test_fitted_auxk_is_the_residuals_fitted_decode(ops, arch):
     dead = torch.rand(n) < 0.3
     out = m(x, dead=dead, aux_fit=True)
     out.auxk.backward()
-    X = x.double()
-    enc = m.encoder_weight.detach().double().requires_grad_(True)
-    W = m.W_dec.detach().double()
-    pre = (X - m.b_dec.detach().double()) @ enc + m.b_enc.detach().double()
-    codes = topk_select(pre.detach(), k, m.cfg.signed)
-    e = X - (sparse_decode(codes, W) + m.b_dec.detach().double())
-    aux = auxk_select(pre, dead, min(d // 2, int(dead.sum())), m.cfg.signed)
+    W, enc, e, aux = _float64_auxk(m, x, dead, grad="encoder")
     e_hat = sparse_decode(aux, W)
     c = ((e * e_hat).sum(1, keepdim=True) / e_hat.pow(2).sum(1, keepdim=True)).detach()
     total = (e - e.mean(0)).pow(2).sum()
     loss = (e - c * e_hat).pow(2).sum() / total
     tol = 1e-5 if ops == "reference" else 0.03
-    assert abs(float(out.auxk) / float(loss.detach()) - 1) < tol
+    assert abs(float(out.auxk.detach()) / float(loss.detach()) - 1) < tol
     assert float(loss.detach()) <= float(e.pow(2).sum().detach() / total.detach()) + 1e-12
     loss.backward()
     got = m.encoder_weight.grad.double()
