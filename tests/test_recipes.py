@@ -119,6 +119,20 @@ def test_the_training_record_keeps_its_keys_at_the_defaults():
     assert sp["base_lr"] == 2e-4 and sp["auxk_norm"] == "input"
 
 
+def _auxk_backward(ops: str, arch: str, seed: int, **aux):
+    """A small coder on op set ``ops`` (d 24, 160 latents, k 4), 256 random rows, about 30 %
+    of its latents dead, and AuxK's loss alone backpropagated with the forward options
+    ``aux`` (aux_detach, aux_fit): (model, x, dead, output)."""
+    torch.manual_seed(seed)
+    d, n, k = 24, 160, 4
+    m = opset_model(arch, d, n, k, OP_SETS[ops]())
+    x = torch.randn(256, d)
+    dead = torch.rand(n) < 0.3
+    out = m(x, dead=dead, **aux)
+    out.auxk.backward()
+    return m, x, dead, out
+
+
 def _float64_auxk(m, x, dead, grad: str):
     """m's AuxK inputs recomputed in float64 from its weights: (W_dec, encoder weight, the
     residual e, AuxK's codes), with ``grad`` ("decoder" or "encoder") the one weight that
@@ -139,13 +153,7 @@ def test_detached_auxk_moves_the_dead_decoder_rows_only(ops, arch):
     """With aux_detach, AuxK's gradient is the float64 gradient of
     ||e - sum_j z_j W_dec[j]||^2 / ||e - mean(e)||^2 in W_dec alone, the codes z and the
     residual e held fixed: nothing reaches the encoder, its bias, or a live latent's row."""
-    torch.manual_seed(0)
-    d, n, k = 24, 160, 4
-    m = opset_model(arch, d, n, k, OP_SETS[ops]())
-    x = torch.randn(256, d)
-    dead = torch.rand(n) < 0.3
-    out = m(x, dead=dead, aux_detach=True)
-    out.auxk.backward()
+    m, x, dead, _ = _auxk_backward(ops, arch, seed=0, aux_detach=True)
     # The reference, in float64 from the same weights.
     W, _, e, aux = _float64_auxk(m, x, dead, grad="decoder")
     loss = (e - sparse_decode(aux, W)).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
@@ -185,13 +193,7 @@ def test_fitted_auxk_is_the_residuals_fitted_decode(ops, arch):
     row's least-squares scale (float64, from the same weights), never above the unfitted
     loss's share of the residual, and its gradient reaches the encoder (the codes carry it)
     as the float64 gradient with c held fixed."""
-    torch.manual_seed(1)
-    d, n, k = 24, 160, 4
-    m = opset_model(arch, d, n, k, OP_SETS[ops]())
-    x = torch.randn(256, d)
-    dead = torch.rand(n) < 0.3
-    out = m(x, dead=dead, aux_fit=True)
-    out.auxk.backward()
+    m, x, dead, out = _auxk_backward(ops, arch, seed=1, aux_fit=True)
     W, enc, e, aux = _float64_auxk(m, x, dead, grad="encoder")
     e_hat = sparse_decode(aux, W)
     c = ((e * e_hat).sum(1, keepdim=True) / e_hat.pow(2).sum(1, keepdim=True)).detach()
