@@ -413,6 +413,14 @@ def test_the_width_session_config_is_gpu_yaml_with_minilm_alone():
     from isae.study.grid import Grid
     g80 = Grid.of(cut).groups[("minilm", "k16-w12288-r80000000")]
     assert g80.archs == ("topk",) and g80.seeds == (0, 1, 2)
+    # Session B3's cut: the two signed archs' budget axis at 32 x d, with width-32.yaml.
+    b3 = plan.load_config([DEVICE / "width-minilm.yaml", DEVICE / "fixed-lr.yaml",
+                           DEVICE / "width-32.yaml", DEVICE / "budget-32-signed.yaml"],
+                          ROOT / "config/schema.yaml")
+    groups = Grid.of(b3).groups
+    assert groups[("minilm", "k16-w12288-r20000000")].archs == ("isae", "isae-iter")
+    assert groups[("minilm", "k16-w12288-r40000000")].archs == (
+        "topk", "isae", "isae-iter", "isae-tied")
 
 
 def test_the_short_session_overlays_keep_gpu_yaml_settings():
