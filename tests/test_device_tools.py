@@ -18,6 +18,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -379,6 +380,37 @@ def test_publish_keeps_tables_figures_and_runs_not_weights(tmp_path):
         publish_run.publish(tmp_path / "nothing", tmp_path / "out", [])
     with pytest.raises(SystemExit, match="cannot redraw F8"):
         publish_run.publish(src, dest, ["F8"])
+
+
+def test_borrowed_budget_axis_takes_only_the_named_archs_budget_rows(tmp_path):
+    """publish_run.py --borrow-budget: F7-combined's tables hold this run's rows of the other
+    archs and the other run's budget rows of the named arch, at the other run's budget
+    widths only, with nothing counted twice."""
+    sys.path.insert(0, str(DEVICE))
+    try:
+        publish_run = _load("publish_run")
+    finally:
+        sys.path.remove(str(DEVICE))
+
+    def table(rows, arch_col):
+        return pd.DataFrame([{arch_col: a, "width": w, "rows": r, "budget": b, "src": src}
+                             for a, w, r, b, src in rows])
+
+    mine = [("topk", 12288, 40, False, "mine"), ("isae", 12288, 20, True, "mine"),
+            ("isae", 12288, 40, True, "mine"), ("isae", 3072, 10, True, "mine")]
+    other = [("topk", 12288, 20, True, "other"), ("topk", 12288, 40, True, "other"),
+             ("topk", 1536, 10, False, "other"), ("isae", 12288, 40, True, "other")]
+    runs, pairs = publish_run.borrow_budget(table(mine, "arch"), table(mine, "arch_a"),
+                                            table(other, "arch"), table(other, "arch_a"), ["topk"])
+    for df, col in ((runs, "arch"), (pairs, "arch_a")):
+        got = sorted(zip(df[col], df["width"], df["rows"], df["src"]))
+        assert got == [("isae", 12288, 20, "mine"), ("isae", 12288, 40, "mine"),
+                       ("topk", 12288, 20, "other"), ("topk", 12288, 40, "other")]
+    with pytest.raises(SystemExit, match="no budget axis for isae-tied"):
+        publish_run.borrow_budget(table(mine, "arch"), table(mine, "arch_a"),
+                                  table(other, "arch"), table(other, "arch_a"), ["isae-tied"])
+    (tmp_path / "RUN.md").write_text("# RUN\n\n- commit: 308f6a1d88b0; the run's copy matches\n")
+    assert publish_run.run_commit(tmp_path) == "308f6a1d88b0"
 
 
 def test_the_width_session_config_is_gpu_yaml_with_minilm_alone():

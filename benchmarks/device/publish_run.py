@@ -10,6 +10,12 @@ logs and tables of the benchmarks run around the study (device/), RUN.md
 COLLECTED holds results/ (with its benchmarks/) and RUN.md as collect_run.py packed them.
 --redraw draws a figure again from the run's own tables with this checkout's plotting code
 (a plotting fix made after the run); RUN.md's commit stays the run's, and the caller says so.
+
+--borrow-budget OTHER ARCH... draws figures/F7-combined.png: this run's budget axis with the
+budget axis of ARCH taken from OTHER, an already published run (its runs/ tables), at the
+widths where OTHER has it, so two sessions that each ran part of one axis show as one
+figure. Only this run's own rows of those archs at those widths are replaced; the caller's
+RUN.md header names both runs. The run's own F7 stays as it was drawn.
 """
 
 from __future__ import annotations
@@ -30,7 +36,34 @@ REDRAW = {"F7": ("f7_budget", {"runs": "runs", "pairs": "pairs", "chance": "chan
           "F9": ("f9_width", {"runs": "runs", "pairs": "pairs", "chance": "chance"})}
 
 
-def publish(src: Path, dest: Path, redraw: list[str]) -> list[Path]:
+def run_commit(published: Path) -> str:
+    """The commit a published run's RUN.md names ("- commit: <sha>; ...")."""
+    for line in (published / "RUN.md").read_text().splitlines():
+        if line.startswith("- commit:"):
+            return line.split(":", 1)[1].strip().split(";")[0].split()[0]
+    raise SystemExit(f"publish_run.py: error: {published}/RUN.md names no commit")
+
+
+def borrow_budget(runs: pd.DataFrame, pairs: pd.DataFrame, other_runs: pd.DataFrame,
+                  other_pairs: pd.DataFrame, archs: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """This run's runs and pairs tables, restricted to the widths where `other` has a budget
+    axis for `archs`, with those archs' rows there taken from `other` (budget rows only)."""
+    theirs = other_runs[other_runs["arch"].isin(archs) & other_runs["budget"].astype(bool)]
+    if theirs.empty:
+        raise SystemExit(f"publish_run.py: error: the other run has no budget axis for {', '.join(archs)}")
+    widths = set(theirs["width"])
+
+    def merged(own: pd.DataFrame, other: pd.DataFrame, arch_col: str) -> pd.DataFrame:
+        mine = own[own["width"].isin(widths) & ~own[arch_col].isin(archs)]
+        other = other[other["width"].isin(widths) & other[arch_col].isin(archs)
+                      & other["budget"].astype(bool)]
+        return pd.concat([mine, other], ignore_index=True)
+
+    return merged(runs, theirs, "arch"), merged(pairs, other_pairs, "arch_a")
+
+
+def publish(src: Path, dest: Path, redraw: list[str],
+            borrow: tuple[Path, list[str]] | None = None) -> list[Path]:
     results = src / "results"
     if not (results.is_dir() and (src / "RUN.md").is_file()):
         raise SystemExit(f"publish_run.py: error: no results/ and RUN.md under {src}: not a collected run")
@@ -72,6 +105,20 @@ def publish(src: Path, dest: Path, redraw: list[str]) -> list[Path]:
         out = dest / "figures" / f"{name}.png"
         figures.save_figure(fig, [out])
         written.append(out)
+    if borrow is not None:
+        from isae.study import figures
+        other, archs = borrow
+        runs, pairs = borrow_budget(*(pd.read_parquet(d / "runs" / f"{t}.parquet")
+                                      for d in (dest, other) for t in ("runs", "pairs")), archs)
+        chance = pd.read_parquet(dest / "runs" / "chance.parquet")
+        out = dest / "figures" / "F7-combined.png"
+        fig = figures.f7_budget(runs, pairs, chance)
+        # suptitle() again replaces the figure's title: the two runs' commits join it.
+        fig.suptitle(f"F7 · the training budget as an axis\n({', '.join(archs)}: the run of commit "
+                     f"{run_commit(other)[:7]}; the others: the run of commit {run_commit(dest)[:7]})",
+                     fontsize=11)
+        figures.save_figure(fig, [out])
+        written.append(out)
     return written
 
 
@@ -80,8 +127,15 @@ def main() -> None:
     p.add_argument("collected", type=Path, help="the unpacked results.tar.gz of a device run")
     p.add_argument("dest", type=Path, help="the folder to keep, e.g. results-gpu")
     p.add_argument("--redraw", nargs="*", default=[], help="figures to draw again (F7, F9)")
+    p.add_argument("--borrow-budget", nargs="+", metavar=("OTHER", "ARCH"),
+                   help="a published run and the archs whose budget axis F7-combined.png takes from it")
     a = p.parse_args()
-    written = publish(a.collected, a.dest, a.redraw)
+    borrow = None
+    if a.borrow_budget:
+        if len(a.borrow_budget) < 2:
+            p.error("--borrow-budget needs a published run and at least one arch")
+        borrow = (Path(a.borrow_budget[0]), a.borrow_budget[1:])
+    written = publish(a.collected, a.dest, a.redraw, borrow)
     print(f"{len(written)} files -> {a.dest}")
 
 
