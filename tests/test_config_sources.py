@@ -89,3 +89,29 @@ def test_schema_arch_defaults_are_architectures():
     for block in ("sweep", "budgets", "iter"):
         for arch in props[block]["properties"][block == "iter" and "bases" or "archs"]["default"]:
             parse_arch(arch)
+
+
+def test_paper_yaml_trains_32_x_d_with_the_recipe_measured_on_minilm():
+    """config/paper.yaml's SAEs at 32 x d (Pythia and DINOv2, d 768) and 16 x d get the
+    dead-latent recipe config/gpu.yaml gives MiniLM (d 384) at those ratios; below 16 x d
+    neither config sets one (the defaults: AuxK through the codes, no fit, no skip)."""
+    from isae.study import plan
+    from isae.study.grid import train_extra
+
+    root = Path(__file__).resolve().parents[1]
+    schema = root / "config" / "schema.yaml"
+    gpu = plan.load_config([root / "config" / "gpu.yaml"], schema)
+    paper = plan.load_config([root / "config" / "paper.yaml"], schema)
+    defaults = {f: default_of(TrainConfig, f) for f in ("auxk_detach", "auxk_fit", "auxk_skip")}
+
+    def recipe(opts: dict) -> dict:
+        return {**defaults, **{f: v for f, v in opts.items() if f in defaults}}
+
+    for ratio in (4, 8, 16, 32):
+        want = recipe(train_extra(gpu, "minilm", 384 * ratio))
+        assert recipe(train_extra(paper, "pythia", 768 * ratio)) == want, ratio
+        if ratio == 32:
+            assert recipe(train_extra(paper, "dinov2", 768 * ratio)) == want
+            assert want == {"auxk_detach": "tied", "auxk_fit": "signed", "auxk_skip": "iter"}
+        if ratio < 16:
+            assert want == defaults
