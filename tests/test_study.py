@@ -398,21 +398,28 @@ def test_budget_curves_hand_computed():
 
 
 def test_budget_curves_and_f7_keep_the_widths_of_one_dataset_apart():
-    runs = pd.DataFrame(dict(dataset="lm", arch="topk", width=[8, 8, 64, 64],
-                             rows=[100, 100, 100, 100], seed=[0, 1, 0, 1],
-                             fvu=[0.5, 0.3, 0.2, 0.1], converged=True, budget=True))
+    runs = pd.DataFrame(dict(dataset="lm", arch="topk", width=[8, 8, 8, 8, 64, 64, 64, 64, 2, 2],
+                             rows=[100, 100, 400, 400, 100, 100, 400, 400, 100, 100],
+                             seed=[0, 1] * 5, fvu=[0.5, 0.3, 0.4, 0.2, 0.2, 0.1, 0.1, 0.1, 0.9, 0.8],
+                             converged=True, budget=True))
     pairs = pd.DataFrame(dict(dataset="lm", kind="seed", arch_a="topk", arch_b="topk",
-                              width=[8, 64], rows=100, seed_a=0, seed_b=1,
-                              mean_abs_cos=[0.3, 0.6], budget=True))
-    d = figures.budget_curves(runs, pairs).set_index(["width", "metric"])
-    assert d.loc[(8, "fvu"), "mean"] == pytest.approx(0.4)
-    assert d.loc[(64, "fvu"), "mean"] == pytest.approx(0.15)
-    assert d.loc[(64, "seed_abs_cos"), "mean"] == 0.6
+                              width=[8, 8, 64, 64, 2], rows=[100, 400, 100, 400, 100],
+                              seed_a=0, seed_b=1, mean_abs_cos=[0.3, 0.4, 0.6, 0.7, 0.1],
+                              budget=True))
+    d = figures.budget_curves(runs, pairs).set_index(["width", "rows", "metric"])
+    assert d.loc[(8, 100, "fvu"), "mean"] == pytest.approx(0.4)
+    assert d.loc[(64, 100, "fvu"), "mean"] == pytest.approx(0.15)
+    assert d.loc[(64, 400, "seed_abs_cos"), "mean"] == 0.7
     fig = figures.f7_budget(runs, pairs)
     titles = {ax.get_title() for ax in fig.axes if ax.get_title()}
     assert any(t.startswith("lm · 8 latents") for t in titles)
     assert any(t.startswith("lm · 64 latents") for t in titles)
+    # A width with one budget is no axis: no panel for it.
+    assert not any(t.startswith("lm · 2 latents") for t in titles)
     figures.plt.close(fig)
+    one = figures.f7_budget(runs[runs["width"] == 2], pairs[pairs["width"] == 2])
+    assert any("no budget axis" in t.get_text() for ax in one.axes for t in ax.texts)
+    figures.plt.close(one)
 
 
 def test_iter_steps_and_curves():

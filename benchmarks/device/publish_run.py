@@ -106,20 +106,25 @@ def publish(src: Path, dest: Path, redraw: list[str],
         figures.save_figure(fig, [out])
         written.append(out)
     if borrow is not None:
-        from isae.study import figures
-        other, archs = borrow
-        runs, pairs = borrow_budget(*(pd.read_parquet(d / "runs" / f"{t}.parquet")
-                                      for d in (dest, other) for t in ("runs", "pairs")), archs)
-        chance = pd.read_parquet(dest / "runs" / "chance.parquet")
-        out = dest / "figures" / "F7-combined.png"
-        fig = figures.f7_budget(runs, pairs, chance)
-        # suptitle() again replaces the figure's title: the two runs' commits join it.
-        fig.suptitle(f"F7 · the training budget as an axis\n({', '.join(archs)}: the run of commit "
-                     f"{run_commit(other)[:7]}; the others: the run of commit {run_commit(dest)[:7]})",
-                     fontsize=11)
-        figures.save_figure(fig, [out])
-        written.append(out)
+        written.append(draw_combined(dest, *borrow))
     return written
+
+
+def draw_combined(dest: Path, other: Path, archs: list[str]) -> Path:
+    """figures/F7-combined.png of the published run `dest`, with the budget axis of `archs`
+    from the published run `other` (borrow_budget); the title names both runs' commits."""
+    from isae.study import figures
+    runs, pairs = borrow_budget(*(pd.read_parquet(d / "runs" / f"{t}.parquet")
+                                  for d in (dest, other) for t in ("runs", "pairs")), archs)
+    chance = pd.read_parquet(dest / "runs" / "chance.parquet")
+    out = dest / "figures" / "F7-combined.png"
+    fig = figures.f7_budget(runs, pairs, chance)
+    # suptitle() again replaces the figure's title: the two runs' commits join it.
+    fig.suptitle(f"F7 · the training budget as an axis\n({', '.join(archs)}: the run of commit "
+                 f"{run_commit(other)[:7]}; the others: the run of commit {run_commit(dest)[:7]})",
+                 fontsize=11)
+    figures.save_figure(fig, [out])
+    return out
 
 
 def main() -> None:

@@ -743,12 +743,17 @@ def f7_budget(runs: pd.DataFrame, pairs: pd.DataFrame, chance: pd.DataFrame | No
     title = "F7 · the training budget as an axis"
     xlabel = "training rows (tokens) per SAE"
     d = budget_curves(runs, pairs)
+    widths_of = d.groupby("dataset")["width"].nunique()
+    # A panel needs two budgets to be an axis: a width whose runs all have one budget (the
+    # main width when only the width axis's largest width has budgets) says nothing here.
+    if not d.empty:
+        n_rows = d.groupby(["dataset", "width"])["rows"].transform("nunique")
+        d = d[n_rows > 1]
     if d.empty:
-        return _empty_figure(title, xlabel, "metric", "no budget runs in the config")
+        return _empty_figure(title, xlabel, "metric", "no budget axis (two budgets or more) in the config")
     # One row of panels per dataset, or per dataset and width where a dataset's budget
     # axis spans widths (the width axis's own budgets).
     panels = list(dict.fromkeys(zip(d["dataset"], d["width"])))
-    widths_of = d.groupby("dataset")["width"].nunique()
     metrics = [(m, label) for m, label in _F7_METRICS if m in set(d["metric"])]
     archs = _archs(d)
     fig, axes = _grid(len(panels), len(metrics), width=4.2, height=3.1)
