@@ -453,6 +453,14 @@ def test_the_width_session_config_is_gpu_yaml_with_minilm_alone():
     assert groups[("minilm", "k16-w12288-r20000000")].archs == ("isae", "isae-iter")
     assert groups[("minilm", "k16-w12288-r40000000")].archs == (
         "topk", "isae", "isae-iter", "isae-tied")
+    # Session B4's: the whole width axis (16 x d with isae-tied's fit) and isae-tied's budget
+    # axis at 32 x d.
+    b4 = plan.load_config([DEVICE / "width-minilm.yaml", DEVICE / "fixed-lr.yaml",
+                           DEVICE / "budget-32-tied.yaml"], ROOT / "config/schema.yaml")
+    groups = Grid.of(b4).groups
+    assert groups[("minilm", "k16-w12288-r80000000")].archs == ("isae-tied",)
+    assert groups[("minilm", "k16-w6144-r20000000")].archs == (
+        "topk", "isae", "isae-iter", "isae-tied")
 
 
 def test_the_short_session_overlays_keep_gpu_yaml_settings():
