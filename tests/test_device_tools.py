@@ -437,7 +437,7 @@ def test_the_width_session_config_is_gpu_yaml_with_minilm_alone():
     assert cfg["width_study"]["archs"] == gpu["width_study"]["archs"]
     widths = {j.wildcards.get("group") for j in plan.jobs(cfg) if j.rule == "train"}
     # The width axis, and the budget axis at 32 x d (not the one at 4 x d).
-    assert widths == {"k16-w1536-r10000000", "k16-w3072-r10000000", "k16-w6144-r20000000",
+    assert widths == {"k16-w1536-r10000000", "k16-w3072-r20000000", "k16-w6144-r40000000",
                       "k16-w12288-r40000000", "k16-w12288-r20000000", "k16-w12288-r80000000"}
     # This session's cut: the budget axis at 32 x d for topk alone.
     cut = plan.load_config([DEVICE / "width-minilm.yaml", DEVICE / "fixed-lr.yaml",
@@ -459,7 +459,7 @@ def test_the_width_session_config_is_gpu_yaml_with_minilm_alone():
                            DEVICE / "budget-32-tied.yaml"], ROOT / "config/schema.yaml")
     groups = Grid.of(b4).groups
     assert groups[("minilm", "k16-w12288-r80000000")].archs == ("isae-tied",)
-    assert groups[("minilm", "k16-w6144-r20000000")].archs == (
+    assert groups[("minilm", "k16-w6144-r40000000")].archs == (
         "topk", "isae", "isae-iter", "isae-tied")
 
 
