@@ -509,6 +509,27 @@ def test_the_gate_turns_grouping_off_only_when_the_groups_own_check_fails(tmp_pa
         assert (tmp_path / "env").read_text().strip() == "export ISAE_GROUPED=0"
 
 
+def test_the_tests_part_runs_the_gpu_tests_alone_and_records_them(tmp_path):
+    """after.sh tests (as AFTER): the GPU test files, test_recipes.py's CUDA cases among
+    them, in one pytest call whose output lands in gpu_tests.log; a failing test is recorded,
+    not turned into a failed session."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    fake = bin_ / "python3"
+    fake.write_text('#!/bin/sh\necho "ran $*" >> "$BENCH/calls"\necho "FAILED tests/x.py::y"\nexit 1\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "BENCH": str(tmp_path),
+           "RUN_ENV": str(tmp_path / "env")}
+    proc = subprocess.run(["bash", str(DEVICE / "after.sh"), "tests"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    (call,) = (tmp_path / "calls").read_text().splitlines()
+    assert call.split()[1:3] == ["-m", "pytest"]
+    assert {"tests/test_fast_gpu.py", "tests/test_group.py", "tests/test_recipes.py"} <= set(call.split())
+    assert "FAILED tests/x.py::y" in (tmp_path / "gpu_tests.log").read_text()
+    assert not (tmp_path / "env").exists()
+
+
 def test_side_measurements_wait_for_the_set_then_run_beside_the_study(tmp_path):
     """after.sh side_start returns at once; the background part waits for the study's
     activation set, runs width_bench on it, then the rerun spread and the GPU tests (a

@@ -13,6 +13,7 @@
 #   the rest.
 # gate: the same decision alone (for a session whose benchmarks an earlier one measured).
 # after: the longer measurements, most wanted first.
+# tests: the GPU tests alone, as AFTER (on the idle GPU once the study has ended).
 # short: the GPU tests, the rerun spread and the grouped check alone, for a session with
 #   minutes of device time and no study (run directly, BENCH=$OUT).
 # side_start [PART] / side_wait: measurements beside the study rather than after it:
@@ -50,7 +51,7 @@ group_check() {
 }
 run_gpu_tests() {  # $1: time limit (s)
   step gpu_tests "$1" python3 -m pytest -q -p no:cacheprovider tests/test_fast_gpu.py \
-    tests/test_group.py
+    tests/test_group.py tests/test_recipes.py
 }
 run_rerun_spread() {  # $1: time limit (s)
   step rerun_spread "$1" python3 benchmarks/rerun_spread.py --device cuda \
@@ -128,6 +129,11 @@ case "$part" in
     run_gpu_tests 240
     touch "$BENCH/side.done"
     ;;
+  tests)
+    # The GPU tests on the idle GPU, as AFTER: beside the study's first jobs they ran out of
+    # 240 s twice (sessions B2 and B3); alone they took 40 s (2026-12-07).
+    run_gpu_tests 240
+    ;;
   profile)
     step group_profile 120 python3 benchmarks/group_bench.py --only profile \
       --out "$BENCH/group_profile.json"
@@ -167,6 +173,6 @@ case "$part" in
     for _ in $(seq 1 360); do [ -f "$BENCH/side.done" ] && break; sleep 5; done
     tail -n 80 "$BENCH/side.log"
     ;;
-  *) echo "after.sh: error: part must be gate, before, after, short, side_start, side, side_a, side_tests, side_wait or profile, not $part" >&2; exit 2 ;;
+  *) echo "after.sh: error: part must be gate, before, after, tests, short, side_start, side, side_a, side_tests, side_wait or profile, not $part" >&2; exit 2 ;;
 esac
 exit 0
