@@ -413,6 +413,34 @@ def test_borrowed_budget_axis_takes_only_the_named_archs_budget_rows(tmp_path):
     assert publish_run.run_commit(tmp_path) == "308f6a1d88b0"
 
 
+def test_borrowed_widths_fill_only_the_widths_the_run_lacks():
+    """publish_run.py --borrow-widths: F9-combined's tables keep every row of this run and
+    add the other run's width-axis rows and chance draws at the widths this run did not
+    train, never a second copy of a width it has."""
+    sys.path.insert(0, str(DEVICE))
+    try:
+        publish_run = _load("publish_run")
+    finally:
+        sys.path.remove(str(DEVICE))
+
+    def table(rows, axis=True):
+        df = pd.DataFrame([{"dataset": "lm", "width": w, "src": src} for w, src in rows])
+        return df.assign(width_axis=axis) if axis is not None else df
+
+    mine = {"runs": table([(8, "mine"), (64, "mine")]), "pairs": table([(8, "mine"), (64, "mine")]),
+            "chance": table([(8, "mine"), (64, "mine")], axis=None)}
+    other = {"runs": pd.concat([table([(8, "o"), (16, "o"), (32, "o"), (64, "o")]),
+                                table([(16, "budget")], axis=False)]),
+             "pairs": table([(8, "o"), (16, "o"), (32, "o"), (64, "o")]),
+             "chance": table([(8, "o"), (16, "o"), (32, "o"), (64, "o")], axis=None)}
+    out = publish_run.borrow_widths(mine, other)
+    for name in ("runs", "pairs", "chance"):
+        assert sorted(zip(out[name]["width"], out[name]["src"])) == [
+            (8, "mine"), (16, "o"), (32, "o"), (64, "mine")], name
+    with pytest.raises(SystemExit, match="no width this run lacks"):
+        publish_run.borrow_widths(mine, mine)
+
+
 def test_the_width_session_config_is_gpu_yaml_with_minilm_alone():
     """width-minilm.yaml is what width_config.py makes of config/gpu.yaml now, and it plans
     MiniLM's main grid and width axis with gpu.yaml's own settings, nothing else."""

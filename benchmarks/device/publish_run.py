@@ -16,6 +16,9 @@ budget axis of ARCH taken from OTHER, an already published run (its runs/ tables
 widths where OTHER has it, so two sessions that each ran part of one axis show as one
 figure. Only this run's own rows of those archs at those widths are replaced; the caller's
 RUN.md header names both runs. The run's own F7 stays as it was drawn.
+
+--borrow-widths OTHER draws figures/F9-combined.png the same way: this run's width axis
+with the widths it did not train taken from OTHER.
 """
 
 from __future__ import annotations
@@ -62,8 +65,28 @@ def borrow_budget(runs: pd.DataFrame, pairs: pd.DataFrame, other_runs: pd.DataFr
     return merged(runs, theirs, "arch"), merged(pairs, other_pairs, "arch_a")
 
 
+def borrow_widths(tables: dict[str, pd.DataFrame], other: dict[str, pd.DataFrame]
+                  ) -> dict[str, pd.DataFrame]:
+    """This run's runs, pairs and chance tables with the other run's width-axis rows (and
+    chance draws) at the widths of a dataset's width axis this run did not train."""
+    mine = tables["runs"][tables["runs"]["width_axis"].astype(bool)]
+    have = set(zip(mine["dataset"], mine["width"]))
+    out = {}
+    for name, df in tables.items():
+        theirs = other[name]
+        if "width_axis" in theirs.columns:
+            theirs = theirs[theirs["width_axis"].astype(bool)]
+        keys = zip(theirs["dataset"], theirs["width"])
+        theirs = theirs[[k not in have for k in keys]]
+        out[name] = pd.concat([df, theirs], ignore_index=True)
+    if len(out["runs"]) == len(tables["runs"]):
+        raise SystemExit("publish_run.py: error: the other run has no width this run lacks")
+    return out
+
+
 def publish(src: Path, dest: Path, redraw: list[str],
-            borrow: tuple[Path, list[str]] | None = None) -> list[Path]:
+            borrow: tuple[Path, list[str]] | None = None,
+            borrow_from: Path | None = None) -> list[Path]:
     results = src / "results"
     if not (results.is_dir() and (src / "RUN.md").is_file()):
         raise SystemExit(f"publish_run.py: error: no results/ and RUN.md under {src}: not a collected run")
@@ -107,7 +130,27 @@ def publish(src: Path, dest: Path, redraw: list[str],
         written.append(out)
     if borrow is not None:
         written.append(draw_combined(dest, *borrow))
+    if borrow_from is not None:
+        written.append(draw_combined_widths(dest, borrow_from))
     return written
+
+
+def draw_combined_widths(dest: Path, other: Path) -> Path:
+    """figures/F9-combined.png of the published run `dest`, with the widths of its width
+    axis that it lacks taken from the published run `other` (borrow_widths)."""
+    from isae.study import figures
+    names = ("runs", "pairs", "chance")
+    tables = borrow_widths({n: pd.read_parquet(dest / "runs" / f"{n}.parquet") for n in names},
+                           {n: pd.read_parquet(other / "runs" / f"{n}.parquet") for n in names})
+    out = dest / "figures" / "F9-combined.png"
+    fig = figures.f9_width(**tables)
+    borrowed = sorted(set(tables["runs"]["width"]) - set(
+        pd.read_parquet(dest / "runs" / "runs.parquet")["width"]))
+    fig.suptitle(f"F9 · the width (expansion factor) as an axis\n(widths {', '.join(map(str, borrowed))}: "
+                 f"the run of commit {run_commit(other)[:7]}; the others: the run of commit "
+                 f"{run_commit(dest)[:7]})", fontsize=11)
+    figures.save_figure(fig, [out])
+    return out
 
 
 def draw_combined(dest: Path, other: Path, archs: list[str]) -> Path:
@@ -134,13 +177,15 @@ def main() -> None:
     p.add_argument("--redraw", nargs="*", default=[], help="figures to draw again (F7, F9)")
     p.add_argument("--borrow-budget", nargs="+", metavar=("OTHER", "ARCH"),
                    help="a published run and the archs whose budget axis F7-combined.png takes from it")
+    p.add_argument("--borrow-widths", type=Path, metavar="OTHER",
+                   help="a published run whose widths F9-combined.png adds where this run has none")
     a = p.parse_args()
     borrow = None
     if a.borrow_budget:
         if len(a.borrow_budget) < 2:
             p.error("--borrow-budget needs a published run and at least one arch")
         borrow = (Path(a.borrow_budget[0]), a.borrow_budget[1:])
-    written = publish(a.collected, a.dest, a.redraw, borrow)
+    written = publish(a.collected, a.dest, a.redraw, borrow, a.borrow_widths)
     print(f"{len(written)} files -> {a.dest}")
 
 
