@@ -218,8 +218,10 @@ def test_readme_budget_axis_at_32_x_d_is_the_runs():
         cos_at[arch] = cos
     for b in (20e6, 40e6, 80e6):
         assert cos_at["topk"][b] > cos_at["isae-iter"][b] > cos_at["isae"][b]
-    # F7 with TopK's axis from the first run beside the others'.
-    assert (FIT / "figures" / "F7-combined.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # F7 with TopK's axis from the first run beside the others', and F9 with the first
+    # run's 8 and 16 x d beside the fit run's widths.
+    for name in ("F7-combined.png", "F9-combined.png"):
+        assert (FIT / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_readme_isae_tied_dead_fractions_are_the_runs():
