@@ -328,3 +328,19 @@ def test_f9_truth_panel_says_where_there_is_no_truth():
     assert sorted(y for _, y, _ in _markers(next(ax for ax in truth if ax.get_title())))\
         == pytest.approx([0.7] * 4)
     plt.close("all")
+
+
+def test_f9_wraps_a_single_datasets_panels_after_four():
+    """One dataset's F9 panels wrap into rows of four (a page's width); with several
+    datasets each keeps one row."""
+    p = planted()
+    lm = p["runs"].assign(dataset="lm", truth_abs_cos=math.nan)
+    fig = figures.f9_width(lm, p["pairs"].assign(dataset="lm"))
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    rows = {round(ax.get_position().y0, 3) for ax in shown}
+    assert len(rows) == -(-len(shown) // 4) and len(rows) > 1
+    assert max(sum(1 for ax in shown if round(ax.get_position().y0, 3) == y) for y in rows) == 4
+    two = figures.f9_width(pd.concat([p["runs"], lm], ignore_index=True),
+                           pd.concat([p["pairs"], p["pairs"].assign(dataset="lm")], ignore_index=True))
+    assert len({round(ax.get_position().y0, 3) for ax in two.axes if ax.get_visible()}) == 2
+    plt.close("all")

@@ -1030,11 +1030,17 @@ def f9_width(runs: pd.DataFrame, pairs: pd.DataFrame, chance: pd.DataFrame | Non
     metrics = [(m, label) for m, _, _, _, label in F9_METRICS if m in set(d["metric"])]
     archs = _archs(d)
     units = width_units(runs)
-    fig, axes = _grid(len(datasets), len(metrics), width=3.6, height=3.1)
+    # One row of panels per dataset; a single dataset's eight panels wrap after four, so
+    # that the figure stays readable at a page's width.
+    per_row = len(metrics) if len(datasets) > 1 else min(4, len(metrics))
+    wraps = -(-len(metrics) // per_row)
+    fig, axes = _grid(len(datasets) * wraps, per_row, width=3.6, height=3.1)
+    for ax in axes.flat[len(datasets) * len(metrics):]:
+        ax.set_visible(False)
     for r, ds in enumerate(datasets):
         widths = sorted(set(d[d["dataset"] == ds]["width"]))
         for c, (metric, label) in enumerate(metrics):
-            ax = axes[r][c]
+            ax = axes[r * wraps + c // per_row][c % per_row]
             sub = d[(d["dataset"] == ds) & (d["metric"] == metric)]
             if sub.empty:
                 why = NO_TRUTH if metric == "truth_abs_cos" else "not measured here"
