@@ -135,39 +135,41 @@ def publish(src: Path, dest: Path, redraw: list[str],
     return written
 
 
+def _published(run: Path) -> dict[str, pd.DataFrame]:
+    """A published run's runs, pairs and chance tables."""
+    return {n: pd.read_parquet(run / "runs" / f"{n}.parquet") for n in ("runs", "pairs", "chance")}
+
+
+def _save_combined(fig, dest: Path, other: Path, name: str, borrowed: str) -> Path:
+    """figures/NAME-combined.png of `dest`; the figure's title gains both runs' commits
+    (suptitle() again replaces the title the figure function gave it)."""
+    from isae.study import figures
+    fig.suptitle(f"{fig.get_suptitle()}\n({borrowed}: the run of commit {run_commit(other)[:7]}; "
+                 f"the others: the run of commit {run_commit(dest)[:7]})", fontsize=11)
+    out = dest / "figures" / f"{name}-combined.png"
+    figures.save_figure(fig, [out])
+    return out
+
+
 def draw_combined_widths(dest: Path, other: Path) -> Path:
     """figures/F9-combined.png of the published run `dest`, with the widths of its width
     axis that it lacks taken from the published run `other` (borrow_widths)."""
     from isae.study import figures
-    names = ("runs", "pairs", "chance")
-    tables = borrow_widths({n: pd.read_parquet(dest / "runs" / f"{n}.parquet") for n in names},
-                           {n: pd.read_parquet(other / "runs" / f"{n}.parquet") for n in names})
-    out = dest / "figures" / "F9-combined.png"
-    fig = figures.f9_width(**tables)
-    borrowed = sorted(set(tables["runs"]["width"]) - set(
-        pd.read_parquet(dest / "runs" / "runs.parquet")["width"]))
-    fig.suptitle(f"F9 · the width (expansion factor) as an axis\n(widths {', '.join(map(str, borrowed))}: "
-                 f"the run of commit {run_commit(other)[:7]}; the others: the run of commit "
-                 f"{run_commit(dest)[:7]})", fontsize=11)
-    figures.save_figure(fig, [out])
-    return out
+    mine = _published(dest)
+    tables = borrow_widths(mine, _published(other))
+    borrowed = sorted(set(tables["runs"]["width"]) - set(mine["runs"]["width"]))
+    return _save_combined(figures.f9_width(**tables), dest, other, "F9",
+                          f"widths {', '.join(map(str, borrowed))}")
 
 
 def draw_combined(dest: Path, other: Path, archs: list[str]) -> Path:
     """figures/F7-combined.png of the published run `dest`, with the budget axis of `archs`
-    from the published run `other` (borrow_budget); the title names both runs' commits."""
+    from the published run `other` (borrow_budget)."""
     from isae.study import figures
-    runs, pairs = borrow_budget(*(pd.read_parquet(d / "runs" / f"{t}.parquet")
-                                  for d in (dest, other) for t in ("runs", "pairs")), archs)
-    chance = pd.read_parquet(dest / "runs" / "chance.parquet")
-    out = dest / "figures" / "F7-combined.png"
-    fig = figures.f7_budget(runs, pairs, chance)
-    # suptitle() again replaces the figure's title: the two runs' commits join it.
-    fig.suptitle(f"F7 · the training budget as an axis\n({', '.join(archs)}: the run of commit "
-                 f"{run_commit(other)[:7]}; the others: the run of commit {run_commit(dest)[:7]})",
-                 fontsize=11)
-    figures.save_figure(fig, [out])
-    return out
+    mine, theirs = _published(dest), _published(other)
+    runs, pairs = borrow_budget(mine["runs"], mine["pairs"], theirs["runs"], theirs["pairs"], archs)
+    return _save_combined(figures.f7_budget(runs, pairs, mine["chance"]), dest, other, "F7",
+                          ", ".join(archs))
 
 
 def main() -> None:
