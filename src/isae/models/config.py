@@ -386,10 +386,11 @@ class TrainConfig:
     """Which coders' AuxK codes carry no gradient, so that AuxK moves only the dead latents'
     decoder rows: none (Gao et al.), tied (tied coders only: in benchmarks/dead_latents.py,
     AuxK's gradient through a tied coder's codes made a quarter of isae's latents at 16 x d
-    never fire), signed (coders with signed codes, tied or not: the same harness found the
-    same for untied isae-tied, 23 % against 0.02 % detached, while untied unsigned topk
-    needs the gradient, 27 % dead without it), all (what EleutherAI sparsify's fused encoder
-    does)."""
+    never fire), signed (coders with signed codes, tied or not: over 400 000 rows the same
+    harness found the same for untied isae-tied, 23 % against 0.02 % detached, but over
+    40 M tokens on a GPU it lost 41 % detached, so untied signed coders want auxk_fit
+    instead; untied unsigned topk needs the gradient, 27 % dead without it), all (what
+    EleutherAI sparsify's fused encoder does)."""
     auxk_fit: str = field(default="none", metadata={"choices": ("none", "signed", "all")})
     """Which coders' AuxK decode is scaled row by row by its least-squares fit to the
     residual, the scale without gradient, so that where the dead latents' decode overshoots
@@ -398,7 +399,8 @@ class TrainConfig:
     (auxk_detach) is left as it is: the fit acts on the codes' gradient. In
     benchmarks/dead_latents.py (6 144 latents on MiniLM) untied isae-tied lost 37 % of its
     latents with AuxK's gradient, 13 % detached and 0.3 % fitted, at the same FVU
-    (benchmarks/dead_latents_tied.md)."""
+    (benchmarks/dead_latents_tied.md); on a GPU at 12 288 latents and 40 M tokens, 0.04 %
+    fitted against 41 % detached (results-gpu/width/fit-32/)."""
     auxk_skip: str = field(default="none", metadata={"choices": ("none", "iter")})
     """Which coders train without AuxK (its weight 0 for them alone, so that one option can
     serve a group of architectures): none, or iter (coders with thresholding steps: at
