@@ -29,6 +29,10 @@ Sections (``--only`` takes a comma list; the table is printed last):
 * ``profile``: where the group's time goes, without data loading: the graphed step of each
   arch alone and of the whole group, and on CUDA torch.profiler's share of the step that the
   GPU is busy, with the kernels that fill it (not in the default run's list of targets).
+* ``steps``: torch.profiler over each of ``--profile-archs`` alone, at ``--width`` and
+  ``--wide`` with ``--dead-frac`` dead: its graphed step and the kernels that fill it.
+* ``select``: the two top-k kernels (group maxima first, or the whole row) timed at the
+  group's and the switches' widths.
 * ``user``: each combination trained from scratch for ``--user-steps`` steps at the wide
   shape as ``isae train`` would (its loop rate, early training included: dead latents as
   they come, and for each new AuxK width an eager step and a graph recording, counted and
@@ -251,6 +255,83 @@ def profile_section(a) -> None:
     print(events.table(sort_by="self_device_time_total", row_limit=20), flush=True)
 
 
+@section("where one SAE's step goes, per arch and width (steady state, graphed)")
+def steps_section(a) -> None:
+    """torch.profiler over a few graphed steps of each of ``--profile-archs`` alone, at the
+    group's width and at the switches' width (``--dead-frac`` dead, AuxK on): the step's time
+    and the kernels that fill it, so that a change to one kernel can be aimed and judged."""
+    from isae.gpu import kernels
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = torch.randn(a.batch, a.d, device=DEV, generator=g)
+    for width in (a.width, a.wide):
+        dead = torch.rand(width, device=DEV, generator=g) < a.dead_frac
+        for arch in [s for s in a.profile_archs.split(",") if _known(s.removesuffix(":chunked"))]:
+            chunked = arch.endswith(":chunked")  # the IHT row kernels as before whole rows
+            arch = arch.removesuffix(":chunked")
+            tile = kernels.ROW_TILE
+            kernels.ROW_TILE = 0 if chunked else tile
+            m = SparseCoder(SAEConfig.from_arch(arch, d_in=a.d, d_sae=width, k=a.k, seed=0),
+                            device=DEV, ops=select_ops(DEV))
+            st = SAEStepper(m, TrainConfig(lr=2e-4))
+            for _ in range(3):  # eager, recorded, replayed
+                st.step(x, 1.0, dead)
+            ms = _per_step(lambda st=st, dead=dead: st.step(x, 1.0, dead), a.switch_reps)
+            top, busy = _profile_kernels(lambda st=st, dead=dead: st.step(x, 1.0, dead))
+            kernels.ROW_TILE = tile
+            label = f"{arch} (chunked IHT kernels)" if chunked else arch
+            row(f"steps: {label} at width {width}", ms, f"{a.batch / ms / 1e3:.2f} M tok/s",
+                f"GPU busy {busy:.3f} ms; " + "; ".join(
+                    f"{k['name'][:38]} {k['ms_per_step']:.3f} ms x{k['calls_per_step']:.0f}"
+                    for k in top[:8]),
+                key="steps", arch=label, width=width, busy_ms=busy, kernels=top)
+            del m, st
+            gc.collect()
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _profile_kernels(fn, reps: int = 5) -> tuple[list[dict], float]:
+    """(the kernels of ``fn`` by GPU time per call, top first; GPU-busy ms per call). Empty
+    off CUDA."""
+    if DEV != "cuda":
+        return [], 0.0
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        dsync()
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / reps / 1e3
+    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:16]
+    return [{"name": e.key[:90], "ms_per_step": e.self_device_time_total / reps / 1e3,
+             "calls_per_step": e.count / reps} for e in top if e.self_device_time_total > 0], busy
+
+
+@section("the top-k selection kernels at the study's shapes")
+def select_section(a) -> None:
+    """``kernels.topk_rows`` (group maxima, then bisection in the groups that reach the bound)
+    against ``kernels.topk_mask_rows`` with every column valid (bisection over the whole row
+    held in registers, for rows up to 4 096 wide): which is faster where, on random bf16
+    scores, by CUDA events over 50 calls."""
+    from isae.gpu import kernels
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+    for rows, n in ((a.batch, a.width), (3 * a.batch, a.width), (9 * a.batch, a.width),
+                    (a.batch, 4096), (a.batch, a.wide)):
+        pre = torch.randn(rows, n, device=DEV, generator=g).to(torch.bfloat16)
+        valid = torch.ones(n, dtype=torch.bool, device=DEV)
+        for name, fn in (("topk_rows", lambda pre=pre: kernels.topk_rows(pre, a.k, True)),
+                         ("topk_mask_rows",
+                          lambda pre=pre, valid=valid: kernels.topk_mask_rows(pre, a.k, True, valid))):
+            if name == "topk_mask_rows" and n > 4096:
+                continue
+            fn()
+            ms = _per_step(fn, 50)
+            row(f"select: {name} [{rows}, {n}] k {a.k}", ms, key="select", fn=name, rows=rows, n=n)
+
+
 # ----------------------------------------------------------------------------- switches
 
 
@@ -402,6 +483,10 @@ def main() -> None:
     ap.add_argument("--switch-reps", type=int, default=30, help="switches: timed steps each")
     ap.add_argument("--user-steps", type=int, default=150, help="user: steps per combination")
     ap.add_argument("--user-dead-tokens", type=int, default=200_000, help="user: --dead-tokens")
+    ap.add_argument("--profile-archs",
+                    default="topk,isae,isae-iter,isae-iter+sg,isae-iter+sg:chunked",
+                    help="steps: the archs profiled alone (:chunked: with the IHT kernels that "
+                         "reload the table per phase, as before the whole-row ones)")
     ap.add_argument("--set-dir", default=None, help="where the sets are written (reused if there)")
     a = ap.parse_args()
     DEV = a.device
@@ -412,7 +497,8 @@ def main() -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     sections = {"group": lambda: group_section(a, tmp), "check": lambda: check_section(a, tmp),
                 "switches": lambda: switches_section(a), "user": lambda: user_section(a, tmp),
-                "profile": lambda: profile_section(a)}
+                "profile": lambda: profile_section(a), "steps": lambda: steps_section(a),
+                "select": lambda: select_section(a)}
     only = a.only.split(",") if a.only else list(sections)
     unknown = [s for s in only if s not in sections]
     if unknown:

@@ -22,8 +22,11 @@ CHECKS = textwrap.dedent('''
     assert K.usable(torch.zeros(1)), "interpret mode not active"
     g = torch.Generator().manual_seed(0)
 
-    def check_topk(B, N, k, signed, dtype):
-        pre = torch.randn(B, N, generator=g).to(dtype)
+    def check_topk(B, N, k, signed, dtype, levels=0):
+        pre = torch.randn(B, N, generator=g)
+        if levels:  # few distinct values: many ties at the k-th score
+            pre = (pre * levels).round() / levels
+        pre = pre.to(dtype)
         if not signed:
             pre[0, : N - 2] = -1.0  # fewer positive values than k: zeros fill the rest
         val, idx = K.topk_rows(pre, k, signed)
@@ -38,6 +41,8 @@ CHECKS = textwrap.dedent('''
     check_topk(7, 300, 5, False, torch.bfloat16)   # ragged last group; row 0: the slow path
     check_topk(5, 3000, 13, True, torch.bfloat16)  # several chunks
     check_topk(3, 64, 64, True, torch.float32)     # k = N
+    check_topk(4, 700, 9, True, torch.float32)     # 32-bit keys: the search's widest span
+    check_topk(6, 500, 7, True, torch.bfloat16, levels=2)   # ties at the bound
     check_topk(4, 200, 1, False, torch.float32)    # k = 1
     ties = torch.zeros(2, 100, dtype=torch.bfloat16)
     ties[:, 10:20] = 1.0
@@ -129,7 +134,10 @@ CHECKS = textwrap.dedent('''
         finally:
             K.AVAILABLE = True
 
-    for B, N, D, k, signed, with_bias in ((9, 70, 40, 5, True, False), (7, 300, 130, 32, False, True)):
+    # whole-row kernels (the first two) and the chunked ones (a [32, 1024] tile is too big)
+    assert K._iht_row(40, 5) and K._iht_row(130, 32) and not K._iht_row(600, 32)
+    for B, N, D, k, signed, with_bias in ((9, 70, 40, 5, True, False), (7, 300, 130, 32, False, True),
+                                          (5, 200, 600, 32, True, True)):
         W = torch.randn(N, D, generator=g)
         W = (W / W.norm(dim=1, keepdim=True)).bfloat16()
         x = torch.randn(B, D, generator=g)

@@ -14,7 +14,8 @@ Small kernels, each replacing a stock op that dominated the training step on an 
   gradients of a k-sparse map as one sparse (CSR) x dense product over latents sorted once,
   instead of a dense [B, N] scatter and a B x N x D matmul; ``reduce_into`` accumulates.
 * ``iht_eta`` / ``iht_update``: the two halves of an IHT step without gradient (``+sg``),
-  each one pass over a row, around the dense correlation and its top-k.
+  each one pass over a row, around the dense correlation and its top-k; where a row's
+  [K, D] table tile fits in registers, that tile is loaded once for all of the pass.
 * One-pass elementwise work of a step: ``fvu_parts``, ``scale``, ``sub_cast``,
   ``keep_where``, and the decoder's row constraint (``project_rows_``, ``normalize_rows_``).
 * ``adam_rows_``: Adam over M stacked models, each with its own learning rate (a group
@@ -89,6 +90,28 @@ if AVAILABLE:
         return tl.where(sc >= 0, sc.to(tl.int32, bitcast=True) >> SHIFT, -1)
 
     @triton.jit
+    def _search(key, lo, hi, K):
+        # The largest t with count(key >= t) >= K, given count(key >= lo) >= K and
+        # count(key >= hi) < K: three thresholds per pass, their counts packed into one
+        # int64 sum (21 bits each), so a pass narrows [lo, hi) four times over for the one
+        # block-wide reduction whose latency a pass costs (binary bisection: twice over).
+        while hi - lo > 1:
+            # (halves of halves: 3 * (hi - lo) overflows int32 on float32 keys)
+            m2 = lo + (hi - lo) // 2
+            m1 = lo + (m2 - lo) // 2
+            m3 = m2 + (hi - m2) // 2
+            packed = tl.sum((key >= m1).to(tl.int64) + ((key >= m2).to(tl.int64) << 21)
+                            + ((key >= m3).to(tl.int64) << 42), axis=0)
+            c1 = packed & 2097151
+            c2 = (packed >> 21) & 2097151
+            c3 = packed >> 42
+            new_lo = tl.where(c3 >= K, m3, tl.where(c2 >= K, m2, tl.where(c1 >= K, m1, lo)))
+            new_hi = tl.where(c3 >= K, hi, tl.where(c2 >= K, m3, tl.where(c1 >= K, m2, m1)))
+            lo = new_lo
+            hi = new_hi
+        return lo, hi
+
+    @triton.jit
     def _select_kernel(pre, gmax, out_val, out_idx, gsel_buf, N, G, stride_row, K,
                        SIGNED: tl.constexpr, SHIFT: tl.constexpr, S: tl.constexpr,
                        GP: tl.constexpr, CAPG: tl.constexpr, CHUNK: tl.constexpr):
@@ -103,13 +126,7 @@ if AVAILABLE:
         hi = tl.max(gkey, axis=0) + 1  # count(key >= hi) = 0 < k
         kmin = tl.min(tl.where(gs < G, gkey, 2147483647), axis=0)
         glo = tl.where(G >= K, kmin, 0)
-        ghi = hi
-        while ghi - glo > 1:
-            mid = glo + (ghi - glo) // 2
-            big = tl.sum((gkey >= mid).to(tl.int32), axis=0) >= K
-            glo = tl.where(big, mid, glo)
-            ghi = tl.where(big, ghi, mid)
-        lo = glo
+        lo, _ = _search(gkey, glo, hi, K)
         # Only groups whose maximum reaches the bound can hold a winner: k of them, more
         # where maxima tie at the bound. The tile is sized to the count.
         gsel = gkey >= lo
@@ -160,12 +177,8 @@ if AVAILABLE:
         sc = tl.where(ok, _scores(base, o, N, SIGNED), -1.0)
         key = tl.reshape(_bits(sc, SHIFT), [CAP * S])
         col = tl.reshape(o, [CAP * S])
-        # 2. Bisection for t, the k-th largest key, among these columns only.
-        while hi - lo > 1:
-            mid = lo + (hi - lo) // 2
-            big = tl.sum((key >= mid).to(tl.int32), axis=0) >= K
-            lo = tl.where(big, mid, lo)
-            hi = tl.where(big, hi, mid)
+        # 2. The search for t, the k-th largest key, among these columns only.
+        lo, hi = _search(key, lo, hi, K)
         # 3. Everything above t, then the first ties at t, written in index order.
         n_gt = tl.sum((key > lo).to(tl.int32), axis=0)
         _write(base, key, col, lo, K - n_gt, 0, 0, out_val, out_idx, row, K, SIGNED)
@@ -628,6 +641,78 @@ if AVAILABLE:
                          mask=dm)
 
 
+    # Whole-row versions for rows whose [K, D] table tile fits in registers (the study's
+    # shapes): the support's rows of the table, the residual and the reconstruction are
+    # each loaded once and reused by every phase, where the chunked kernels above reload
+    # them per phase (on an H100 at d 384, k 16 those took 88-98 us per 4 096 rows, three
+    # times a gathered decode's 27 us).
+
+    @triton.jit
+    def _iht_eta_row_kernel(x, xh, idx, W, step, rs, D, scale, K: tl.constexpr,
+                            KP: tl.constexpr, BLOCK_D: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        kk = tl.arange(0, KP)
+        km = kk < K
+        j = tl.load(idx + row * K + kk, mask=km, other=0)
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        r = (tl.load(x + row * D + d, mask=dm, other=0.0)
+             - tl.load(xh + row * D + d, mask=dm, other=0.0))
+        w = tl.load(W + j[:, None] * D + d[None, :], mask=km[:, None] & dm[None, :],
+                    other=0.0).to(tl.float32)
+        g = tl.sum(w * r[None, :], axis=1)
+        dg = tl.sum(w * g[:, None], axis=0)
+        eta = tl.sum(g * g, axis=0) / tl.maximum(tl.sum(dg * dg, axis=0), 1e-12) * scale
+        tl.store(step + row, eta)
+        tl.store(rs + row * D + d, (r * eta).to(rs.dtype.element_ty, fp_downcast_rounding="rtne"),
+                 mask=dm)
+
+    @triton.jit
+    def _iht_update_row_kernel(x, xh, val, idx, nidx, step, W, bias, out_val, out_idx, out_xh,
+                               D, K: tl.constexpr, KP: tl.constexpr, BLOCK_D: tl.constexpr,
+                               SIGNED: tl.constexpr, BIAS: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        kk = tl.arange(0, KP)
+        km = kk < K
+        j_old = tl.load(idx + row * K + kk, mask=km, other=-1)
+        v_old = tl.load(val + row * K + kk, mask=km, other=0.0)
+        j = tl.load(nidx + row * K + kk, mask=km, other=0)
+        eta = tl.load(step + row)
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        xr = tl.load(x + row * D + d, mask=dm, other=0.0)
+        xo = tl.load(xh + row * D + d, mask=dm, other=0.0)
+        r = xr - xo
+        w = tl.load(W + j[:, None] * D + d[None, :], mask=km[:, None] & dm[None, :],
+                    other=0.0).to(tl.float32)
+        c = tl.sum(w * r[None, :], axis=1)
+        same = (j[:, None] == j_old[None, :]) & km[:, None]  # padding (-1) matches nothing
+        v = tl.sum(tl.where(same, v_old[None, :], 0.0), axis=1) + eta * c
+        if not SIGNED:
+            v = tl.maximum(v, 0.0)
+        v = tl.where(km, v, 0.0)
+        xn = tl.sum(w * v[:, None], axis=0)
+        if BIAS:
+            xn += tl.load(bias + d, mask=dm, other=0.0)
+        e = tl.where(dm, xr - xn, 0.0)
+        better = tl.sum(e * e, axis=0) <= tl.sum(r * r, axis=0)
+        tl.store(out_val + row * K + kk, tl.where(better, v, v_old), mask=km)
+        tl.store(out_idx + row * K + kk, tl.where(better, j, j_old), mask=km)
+        tl.store(out_xh + row * D + d, tl.where(better, xn, xo), mask=dm)
+
+#: The most table elements ([K, D], padded to powers of two) a whole-row IHT kernel holds.
+ROW_TILE = 16384
+
+
+def _iht_row(D: int, K: int) -> bool:
+    """Whether the whole-row IHT kernels serve rows of width D with K latents."""
+    return _pow2(D) * _pow2(K) <= ROW_TILE
+
+
+def _iht_warps(D: int, K: int) -> int:
+    return 8 if _pow2(D) * _pow2(K) > 8192 else 4
+
+
 def _iht_block(D: int, K: int) -> int:
     """Columns per pass of the IHT row kernels: [K, BLOCK_D] of the table in registers."""
     return max(16, min(_pow2(D), 4096 // _pow2(K), 256))
@@ -650,9 +735,13 @@ def iht_eta(x: Tensor, x_hat: Tensor, idx: Tensor, W: Tensor, scale: float
     step = torch.empty(B, 1, device=W.device, dtype=torch.float32)
     rs = torch.empty(B, D, device=W.device, dtype=W.dtype)
     if B:
-        _iht_eta_kernel[(B,)](x.contiguous(), x_hat.contiguous(), idx.contiguous(), W.contiguous(),
-                              step, rs, D, float(scale), K=K, KP=_pow2(K),
-                              BLOCK_D=_iht_block(D, K), num_warps=4)
+        args = (x.contiguous(), x_hat.contiguous(), idx.contiguous(), W.contiguous(), step, rs,
+                D, float(scale))
+        if _iht_row(D, K):
+            _iht_eta_row_kernel[(B,)](*args, K=K, KP=_pow2(K), BLOCK_D=_pow2(D),
+                                      num_warps=_iht_warps(D, K))
+        else:
+            _iht_eta_kernel[(B,)](*args, K=K, KP=_pow2(K), BLOCK_D=_iht_block(D, K), num_warps=4)
     return step, rs
 
 
@@ -678,12 +767,16 @@ def iht_update(x: Tensor, x_hat: Tensor, val: Tensor, idx: Tensor, new_idx: Tens
     out_idx = torch.empty(B, K, device=W.device, dtype=idx.dtype)
     out_xh = torch.empty(B, D, device=W.device, dtype=torch.float32)
     if B:
-        _iht_update_kernel[(B,)](
-            x.contiguous(), x_hat.contiguous(), val.contiguous(), idx.contiguous(),
-            new_idx.contiguous(), step.contiguous(), W.contiguous(),
-            out_xh if bias is None else bias.float().contiguous(), out_val, out_idx, out_xh, D,
-            K=K, KP=_pow2(K), BLOCK_D=_iht_block(D, K), SIGNED=signed, BIAS=bias is not None,
-            num_warps=4)
+        args = (x.contiguous(), x_hat.contiguous(), val.contiguous(), idx.contiguous(),
+                new_idx.contiguous(), step.contiguous(), W.contiguous(),
+                out_xh if bias is None else bias.float().contiguous(), out_val, out_idx, out_xh, D)
+        if _iht_row(D, K):
+            _iht_update_row_kernel[(B,)](*args, K=K, KP=_pow2(K), BLOCK_D=_pow2(D),
+                                         SIGNED=signed, BIAS=bias is not None,
+                                         num_warps=_iht_warps(D, K))
+        else:
+            _iht_update_kernel[(B,)](*args, K=K, KP=_pow2(K), BLOCK_D=_iht_block(D, K),
+                                     SIGNED=signed, BIAS=bias is not None, num_warps=4)
     return out_val, out_idx, out_xh
 
 
