@@ -269,8 +269,11 @@ def steps_section(a) -> None:
         for arch in [s for s in a.profile_archs.split(",") if _known(s.removesuffix(":chunked"))]:
             chunked = arch.endswith(":chunked")  # the IHT row kernels as before whole rows
             arch = arch.removesuffix(":chunked")
-            tile = kernels.ROW_TILE
-            kernels.ROW_TILE = 0 if chunked else tile
+            tile = getattr(kernels, "ROW_TILE", None)  # None: code from before the row kernels
+            if chunked and tile is None:
+                continue
+            if tile is not None:
+                kernels.ROW_TILE = 0 if chunked else tile
             m = SparseCoder(SAEConfig.from_arch(arch, d_in=a.d, d_sae=width, k=a.k, seed=0),
                             device=DEV, ops=select_ops(DEV))
             st = SAEStepper(m, TrainConfig(lr=2e-4))
@@ -278,7 +281,8 @@ def steps_section(a) -> None:
                 st.step(x, 1.0, dead)
             ms = _per_step(lambda st=st, dead=dead: st.step(x, 1.0, dead), a.switch_reps)
             top, busy = _profile_kernels(lambda st=st, dead=dead: st.step(x, 1.0, dead))
-            kernels.ROW_TILE = tile
+            if tile is not None:
+                kernels.ROW_TILE = tile
             label = f"{arch} (chunked IHT kernels)" if chunked else arch
             row(f"steps: {label} at width {width}", ms, f"{a.batch / ms / 1e3:.2f} M tok/s",
                 f"GPU busy {busy:.3f} ms; " + "; ".join(

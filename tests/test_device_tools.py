@@ -489,6 +489,16 @@ def test_the_width_session_config_is_gpu_yaml_with_minilm_alone():
     assert groups[("minilm", "k16-w12288-r80000000")].archs == ("isae-tied",)
     assert groups[("minilm", "k16-w6144-r40000000")].archs == (
         "topk", "isae", "isae-iter", "isae-tied")
+    # isae-iter+sg alone, at the width run's 4 x d (10 M) and 32 x d (40 M) with 32 x d's
+    # recipe: the same shapes and set as the published isae-iter runs it is read against.
+    sg = plan.load_config([DEVICE / "width-minilm.yaml", DEVICE / "fixed-lr.yaml",
+                           DEVICE / "width-32.yaml", DEVICE / "sg-minilm.yaml"],
+                          ROOT / "config/schema.yaml")
+    groups = Grid.of(sg).groups
+    assert {key[1]: g.archs for key, g in groups.items()} == {
+        "k16-w1536-r10000000": ("isae-iter+sg",), "k16-w12288-r40000000": ("isae-iter+sg",)}
+    assert groups[("minilm", "k16-w12288-r40000000")].seeds == (0, 1, 2)
+    assert not [j for j in plan.jobs(sg) if j.rule.startswith("lr_sweep")]
 
 
 def test_the_short_session_overlays_keep_gpu_yaml_settings():

@@ -377,7 +377,7 @@ if AVAILABLE:
     @triton.jit
     def _topk_mask_kernel(src, valid_all, out, C, stride_row, K, RPV, SIGNED: tl.constexpr,
                           SHIFT: tl.constexpr, BLOCK: tl.constexpr, ONE: tl.constexpr):
-        # Bisection on the keys as in _select_kernel (invariant: count(key >= lo) >= K >
+        # The search on the keys as in _select_kernel (invariant: count(key >= lo) >= K >
         # count(key >= hi)), then everything above the k-th key and the first ties at it.
         # RPV: rows per row of the valid mask (a stacked group: each model its own mask).
         row = tl.program_id(0).to(tl.int64)
@@ -389,11 +389,7 @@ if AVAILABLE:
         if ONE:  # the whole row in one block: loaded once
             x, key = _mask_keys(base, valid, offs, C, SIGNED, SHIFT)
             hi = tl.max(key, axis=0) + 1
-            while hi - lo > 1:
-                mid = lo + (hi - lo) // 2
-                big = tl.sum((key >= mid).to(tl.int32), axis=0) >= K
-                lo = tl.where(big, mid, lo)
-                hi = tl.where(big, hi, mid)
+            lo, hi = _search(key, lo, hi, K)
             tie = key == lo
             need = K - tl.sum((key > lo).to(tl.int32), axis=0)
             sel = (key > lo) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
