@@ -5,16 +5,16 @@
 # with the tree; delete it afterwards). On the device, detached (one call may not be long
 # enough):  (setsid bash benchmarks/device/kernels_ab.sh > /dev/null 2>&1 &)
 # then wait for $W/done and copy $W into $OUT. Logs: tests.log, new.log, base.log (each ends
-# with group_bench's table).
+# with group_bench's table). NEW_SECTIONS / BASE_SECTIONS: group_bench's --only for each.
 set -u
 export PYTHONPATH=src
 W=${W:-/tmp/w}
 mkdir -p "$W"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$W/gpu.txt"
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_fast_gpu.py > "$W/tests.log" 2>&1
-timeout 420 python3 benchmarks/group_bench.py --only steps,select,switches,profile,group,check \
+timeout 300 python3 benchmarks/group_bench.py --only ${NEW_SECTIONS:-steps,select,switches,profile} \
   --profile-archs topk,isae,isae-iter,isae-iter+sg --out "$W/new.json" > "$W/new.log" 2>&1
-PYTHONPATH=.baseline-src/src timeout 300 python3 benchmarks/group_bench.py \
-  --only steps,select,switches --profile-archs topk,isae,isae-iter,isae-iter+sg \
+PYTHONPATH=.baseline-src/src timeout 200 python3 benchmarks/group_bench.py \
+  --only ${BASE_SECTIONS:-steps,select} --profile-archs topk,isae,isae-iter,isae-iter+sg \
   --out "$W/base.json" > "$W/base.log" 2>&1
 echo done > "$W/done"
