@@ -12,7 +12,7 @@ W=${W:-/tmp/w}
 mkdir -p "$W"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$W/gpu.txt"
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_fast_gpu.py > "$W/tests.log" 2>&1
-timeout 300 python3 benchmarks/group_bench.py --only ${NEW_SECTIONS:-steps,select,switches,profile} \
+timeout 360 python3 benchmarks/group_bench.py --only ${NEW_SECTIONS:-steps,select,switches,profile} \
   --profile-archs topk,isae,isae-iter,isae-iter+sg --out "$W/new.json" > "$W/new.log" 2>&1
 PYTHONPATH=.baseline-src/src timeout 200 python3 benchmarks/group_bench.py \
   --only ${BASE_SECTIONS:-steps,select} --profile-archs topk,isae,isae-iter,isae-iter+sg \
