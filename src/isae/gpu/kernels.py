@@ -90,28 +90,6 @@ if AVAILABLE:
         return tl.where(sc >= 0, sc.to(tl.int32, bitcast=True) >> SHIFT, -1)
 
     @triton.jit
-    def _search(key, lo, hi, K):
-        # The largest t with count(key >= t) >= K, given count(key >= lo) >= K and
-        # count(key >= hi) < K: three thresholds per pass, their counts packed into one
-        # int64 sum (21 bits each), so a pass narrows [lo, hi) four times over for the one
-        # block-wide reduction whose latency a pass costs (binary bisection: twice over).
-        while hi - lo > 1:
-            # (halves of halves: 3 * (hi - lo) overflows int32 on float32 keys)
-            m2 = lo + (hi - lo) // 2
-            m1 = lo + (m2 - lo) // 2
-            m3 = m2 + (hi - m2) // 2
-            packed = tl.sum((key >= m1).to(tl.int64) + ((key >= m2).to(tl.int64) << 21)
-                            + ((key >= m3).to(tl.int64) << 42), axis=0)
-            c1 = packed & 2097151
-            c2 = (packed >> 21) & 2097151
-            c3 = packed >> 42
-            new_lo = tl.where(c3 >= K, m3, tl.where(c2 >= K, m2, tl.where(c1 >= K, m1, lo)))
-            new_hi = tl.where(c3 >= K, hi, tl.where(c2 >= K, m3, tl.where(c1 >= K, m2, m1)))
-            lo = new_lo
-            hi = new_hi
-        return lo, hi
-
-    @triton.jit
     def _select_kernel(pre, gmax, out_val, out_idx, gsel_buf, N, G, stride_row, K,
                        SIGNED: tl.constexpr, SHIFT: tl.constexpr, S: tl.constexpr,
                        GP: tl.constexpr, CAPG: tl.constexpr, CHUNK: tl.constexpr):
@@ -126,7 +104,13 @@ if AVAILABLE:
         hi = tl.max(gkey, axis=0) + 1  # count(key >= hi) = 0 < k
         kmin = tl.min(tl.where(gs < G, gkey, 2147483647), axis=0)
         glo = tl.where(G >= K, kmin, 0)
-        lo, _ = _search(gkey, glo, hi, K)
+        ghi = hi
+        while ghi - glo > 1:
+            mid = glo + (ghi - glo) // 2
+            big = tl.sum((gkey >= mid).to(tl.int32), axis=0) >= K
+            glo = tl.where(big, mid, glo)
+            ghi = tl.where(big, ghi, mid)
+        lo = glo
         # Only groups whose maximum reaches the bound can hold a winner: k of them, more
         # where maxima tie at the bound. The tile is sized to the count.
         gsel = gkey >= lo
@@ -177,8 +161,15 @@ if AVAILABLE:
         sc = tl.where(ok, _scores(base, o, N, SIGNED), -1.0)
         key = tl.reshape(_bits(sc, SHIFT), [CAP * S])
         col = tl.reshape(o, [CAP * S])
-        # 2. The search for t, the k-th largest key, among these columns only.
-        lo, hi = _search(key, lo, hi, K)
+        # 2. Bisection for t, the k-th largest key, among these columns only. (Three
+        #    thresholds a pass, their counts packed in one int64 sum, was no faster on an
+        #    H100 here and slower in _topk_mask_kernel: benchmarks/RESULTS.md, fifteenth
+        #    session.)
+        while hi - lo > 1:
+            mid = lo + (hi - lo) // 2
+            big = tl.sum((key >= mid).to(tl.int32), axis=0) >= K
+            lo = tl.where(big, mid, lo)
+            hi = tl.where(big, hi, mid)
         # 3. Everything above t, then the first ties at t, written in index order.
         n_gt = tl.sum((key > lo).to(tl.int32), axis=0)
         _write(base, key, col, lo, K - n_gt, 0, 0, out_val, out_idx, row, K, SIGNED)
@@ -377,7 +368,7 @@ if AVAILABLE:
     @triton.jit
     def _topk_mask_kernel(src, valid_all, out, C, stride_row, K, RPV, SIGNED: tl.constexpr,
                           SHIFT: tl.constexpr, BLOCK: tl.constexpr, ONE: tl.constexpr):
-        # The search on the keys as in _select_kernel (invariant: count(key >= lo) >= K >
+        # Bisection on the keys as in _select_kernel (invariant: count(key >= lo) >= K >
         # count(key >= hi)), then everything above the k-th key and the first ties at it.
         # RPV: rows per row of the valid mask (a stacked group: each model its own mask).
         row = tl.program_id(0).to(tl.int64)
@@ -389,7 +380,11 @@ if AVAILABLE:
         if ONE:  # the whole row in one block: loaded once
             x, key = _mask_keys(base, valid, offs, C, SIGNED, SHIFT)
             hi = tl.max(key, axis=0) + 1
-            lo, hi = _search(key, lo, hi, K)
+            while hi - lo > 1:
+                mid = lo + (hi - lo) // 2
+                big = tl.sum((key >= mid).to(tl.int32), axis=0) >= K
+                lo = tl.where(big, mid, lo)
+                hi = tl.where(big, hi, mid)
             tie = key == lo
             need = K - tl.sum((key > lo).to(tl.int32), axis=0)
             sel = (key > lo) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
