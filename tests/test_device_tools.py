@@ -620,3 +620,29 @@ def test_side_measurements_wait_for_the_set_then_run_beside_the_study(tmp_path):
     assert [c.split()[1] for c in (tmp_path / "calls").read_text().splitlines()] == ["-m"]
     bad = subprocess.run([*after, "side_start", "nope"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "side, side_a or side_tests" in bad.stderr
+
+
+def test_kernels_ab_runs_this_tree_then_the_baseline(tmp_path):
+    """kernels_ab.sh: the GPU tests, then group_bench on this tree's src, then on the
+    baseline's, each with the sections asked for, and a done mark even where a step fails
+    (a failed or timed-out benchmark must not keep the waiting call from collecting)."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for name, body in (("python3", 'echo "ran $* path=$PYTHONPATH" >> "$W/calls"\n'
+                                   'case "$*" in *pytest*) exit 1;; esac\n'),
+                       ("nvidia-smi", "echo 'Fake GPU, 1.0'\n")):
+        (bin_ / name).write_text("#!/bin/sh\n" + body)
+        (bin_ / name).chmod(0o755)
+    w = tmp_path / "w"
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "W": str(w),
+           "NEW_SECTIONS": "steps,group", "BASE_SECTIONS": "select"}
+    subprocess.run(["bash", str(DEVICE / "kernels_ab.sh")], env=env, check=True,
+                   capture_output=True, timeout=60)
+    calls = (w / "calls").read_text().splitlines()
+    assert len(calls) == 3 and "-m pytest" in calls[0]
+    assert "benchmarks/group_bench.py --only steps,group" in calls[1]
+    assert calls[1].endswith("path=src")
+    assert "benchmarks/group_bench.py --only select" in calls[2]
+    assert calls[2].endswith("path=.baseline-src/src")
+    assert (w / "done").read_text().strip() == "done"
+    assert (w / "gpu.txt").read_text().startswith("Fake GPU")
