@@ -39,7 +39,16 @@ from isae.training.trainer import train_many
 
 #: Every switch combination of the TopK family, by name.
 ARCHS = ["topk", "topk+signed", "topk+tied", "topk+nobias", "topk+iter", "isae", "isae-signed",
-         "isae-tied", "isae-nobias", "isae-iter"]
+         "isae-tied", "isae-nobias", "isae-iter", "topk+iter+sg", "isae-iter+sg"]
+
+
+def _loss(out) -> torch.Tensor:
+    """The losses the tests differentiate: FVU + AuxK / 32 (+ the amortised codes' FVU of
+    +sg, a loss term of its own), summed over a stack's models."""
+    loss = out.fvu + out.auxk / 32
+    if out.fvu_amortised is not None:
+        loss = loss + out.fvu_amortised
+    return loss.sum()
 
 #: Grouped vs one-by-one training on the CPU (float32 reference maths, tens of steps): the
 #: FVU of each log row within FVU_REL (relative), and the decoder rows of each run at cosine
@@ -81,13 +90,16 @@ def test_stacked_reference_equals_each_model_alone_in_float64(arch, aux_detach):
     x = torch.randn(B, d, dtype=torch.float64)
     dead = _dead_masks(n)
     out = stacked(x, dead, aux_detach=aux_detach)
-    (out.fvu.sum() + out.auxk.sum() / 32).backward()
+    _loss(out).backward()
     assert out.auxk[0] == 0 and out.auxk[1] > 0 and out.auxk[2] > 0
     for m, c in enumerate(singles):
         o = c(x, dead[m] if dead[m].any() else None, aux_detach=aux_detach)
-        (o.fvu + o.auxk / 32).backward()
+        _loss(o).backward()
         torch.testing.assert_close(out.fvu[m], o.fvu, rtol=1e-12, atol=0)
         torch.testing.assert_close(out.auxk[m], o.auxk, rtol=1e-12, atol=1e-15)
+        assert (out.fvu_amortised is None) == (o.fvu_amortised is None)
+        if o.fvu_amortised is not None:
+            torch.testing.assert_close(out.fvu_amortised[m], o.fvu_amortised, rtol=1e-12, atol=0)
         torch.testing.assert_close(out.x_hat[m], o.x_hat, rtol=1e-12, atol=1e-12)
         assert torch.equal(local(out.codes.idx, n)[m].sort(-1).values, o.codes.idx.sort(-1).values)
         for name, (P, cut) in stacked.member_params().items():
@@ -112,13 +124,16 @@ def test_stacked_fast_ops_equal_the_single_fast_path_model_by_model(arch, aux_de
         singles = _coders(arch, d, n, k, (0, 1, 2), ops=FastOps(cuda_graphs=False))
         stacked = StackedCoder(singles, StackedFastOps(cuda_graphs=False))
         out = stacked(x, dead, aux_width=width, aux_detach=aux_detach)
-        (out.fvu.sum() + out.auxk.sum() / 32).backward()
+        _loss(out).backward()
         grads[width] = {name: P.grad.clone() for name, (P, _) in stacked.member_params().items()}
         for m, c in enumerate(singles):
             o = c(x, dead[m] if dead[m].any() else None, aux_detach=aux_detach)
-            (o.fvu + o.auxk / 32).backward()
+            _loss(o).backward()
             torch.testing.assert_close(out.fvu[m], o.fvu, rtol=1e-5, atol=0)
             torch.testing.assert_close(out.auxk[m], o.auxk, rtol=1e-2, atol=1e-7)
+            if o.fvu_amortised is not None:
+                torch.testing.assert_close(out.fvu_amortised[m], o.fvu_amortised, rtol=1e-5,
+                                           atol=0)
             for name, (P, cut) in stacked.member_params().items():
                 # bfloat16 products in another order: a near-tie in AuxK's selection may go
                 # the other way (a few rows of the decoder gradient)
@@ -213,13 +228,13 @@ def test_group_takes_the_topk_family_runs_of_one_shape(monkeypatch):
     assert group_runs(runs, tcfg, torch.device("cpu"), grouped=True) is None  # one to group
     assert group_runs([_FakeRun("topk"), _FakeRun("isae")], tcfg, torch.device("cpu"),
                       grouped=False) is None
-    # +sg's undifferentiated thresholding steps are not in the stacked maths: alone
-    assert group_runs([_FakeRun("isae-iter"), _FakeRun("isae-iter+sg")], tcfg,
-                      torch.device("cpu"), grouped=True) is None
     # detached AuxK codes (the stack passes them on) group; sparsify's AuxK does not
     from isae.training import group as grouping
 
     monkeypatch.setattr(grouping, "RunGroup", lambda members, tcfg, device: members)
+    # +sg's undifferentiated steps stack too (each switch set its own part of the group)
+    assert len(group_runs([_FakeRun("isae-iter"), _FakeRun("isae-iter+sg")], tcfg,
+                          torch.device("cpu"), grouped=True)) == 2
     pair = [_FakeRun("isae"), _FakeRun("isae")]
     assert len(group_runs(pair, TrainConfig(auxk_detach="tied"), torch.device("cpu"),
                           grouped=True)) == 2
@@ -241,7 +256,7 @@ def test_grouped_training_follows_one_by_one_training(synthetic_set, tmp_path, m
     """The grouped path (here the stacked reference maths on the CPU) against the same runs
     trained one by one on the same batches: every file in the same format, every run's
     training within TOLERANCE; and a diverging run is dropped without touching the others."""
-    archs, seeds = ["topk", "isae", "isae-iter", "isae-tied"], (0, 1)
+    archs, seeds = ["topk", "isae", "isae-iter", "isae-tied", "isae-iter+sg"], (0, 1)
     lrs = [1e-2 if a == "isae-tied" else None for a in archs for _ in seeds]
     cfgs, solo_outs, solo = _train(synthetic_set, archs, seeds, tmp_path / "solo", False, lrs)
     _, group_outs, grouped = _train(synthetic_set, archs, seeds, tmp_path / "group", True, lrs)
@@ -277,7 +292,7 @@ def test_grouped_training_follows_one_by_one_training(synthetic_set, tmp_path, m
 
     monkeypatch.setattr(grouping._Part, "train_step", poisoned)
     _, outs, blown = _train(synthetic_set, archs, seeds, tmp_path / "blown", True, lrs)
-    assert [s.get("diverged", False) for s in blown] == [False, True] + [False] * 6
+    assert [s.get("diverged", False) for s in blown] == [False, True] + [False] * (len(blown) - 2)
     assert not outs[1].exists()
     for s, ref in zip(blown, grouped):
         if not s.get("diverged"):

@@ -161,6 +161,15 @@ CHECKS = textwrap.dedent('''
         assert (got[0] - want[0]).abs().max() < 1e-4 and (got[2] - want[2]).abs().max() < 1e-4
         kept_new = (want[1] == new).all(1)
         assert not kept_new[0] and kept_new.any(), kept_new
+        if with_bias:  # a stacked group's: each block of rows its own bias
+            gb = 0.1 * torch.randn(B, D, generator=g)[:1].repeat(2, 1)
+            gb[1] += 0.05
+            rows = B - B % 2
+            args = (x[:rows], xh[:rows], val[:rows], idx[:rows], new[:rows], step0[:rows], W)
+            got = K.iht_update(*args, gb, signed)
+            want = fallback(K.iht_update, *args, gb, signed)
+            assert torch.equal(got[1], want[1])
+            assert (got[2] - want[2]).abs().max() < 1e-4
 
     # Whole models: here the fast op set runs the interpreted kernels (few rows: it is slow).
     from opsets import OP_SETS, check_against_float64

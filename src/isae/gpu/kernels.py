@@ -581,7 +581,7 @@ if AVAILABLE:
 
     @triton.jit
     def _iht_update_kernel(x, xh, val, idx, nidx, step, W, bias, out_val, out_idx, out_xh, D,
-                           K: tl.constexpr, KP: tl.constexpr, BLOCK_D: tl.constexpr,
+                           RPB, K: tl.constexpr, KP: tl.constexpr, BLOCK_D: tl.constexpr,
                            SIGNED: tl.constexpr, BIAS: tl.constexpr):
         # One row: the new support's values (old value where the latent was there already,
         # plus eta <r, W_j>), their decode, and whichever of new and old reconstructs x better.
@@ -613,8 +613,8 @@ if AVAILABLE:
             dm = d < D
             w = tl.load(W + j[:, None] * D + d[None, :], mask=km[:, None] & dm[None, :], other=0.0)
             xn = tl.sum(w.to(tl.float32) * v[:, None], axis=0)
-            if BIAS:
-                xn += tl.load(bias + d, mask=dm, other=0.0)
+            if BIAS:  # RPB: rows per bias row (a stacked group: each model its own)
+                xn += tl.load(bias + (row // RPB) * D + d, mask=dm, other=0.0)
             e = tl.load(x + row * D + d, mask=dm, other=0.0) - xn
             e_new += tl.where(dm, e * e, 0.0)
             tl.store(out_xh + row * D + d, xn, mask=dm)
@@ -660,8 +660,9 @@ if AVAILABLE:
 
     @triton.jit
     def _iht_update_row_kernel(x, xh, val, idx, nidx, step, W, bias, out_val, out_idx, out_xh,
-                               D, K: tl.constexpr, KP: tl.constexpr, BLOCK_D: tl.constexpr,
-                               SIGNED: tl.constexpr, BIAS: tl.constexpr):
+                               D, RPB, K: tl.constexpr, KP: tl.constexpr,
+                               BLOCK_D: tl.constexpr, SIGNED: tl.constexpr,
+                               BIAS: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         kk = tl.arange(0, KP)
         km = kk < K
@@ -684,7 +685,7 @@ if AVAILABLE:
         v = tl.where(km, v, 0.0)
         xn = tl.sum(w * v[:, None], axis=0)
         if BIAS:
-            xn += tl.load(bias + d, mask=dm, other=0.0)
+            xn += tl.load(bias + (row // RPB) * D + d, mask=dm, other=0.0)
         e = tl.where(dm, xr - xn, 0.0)
         better = tl.sum(e * e, axis=0) <= tl.sum(r * r, axis=0)
         tl.store(out_val + row * K + kk, tl.where(better, v, v_old), mask=km)
@@ -741,10 +742,14 @@ def iht_update(x: Tensor, x_hat: Tensor, val: Tensor, idx: Tensor, new_idx: Tens
     """The second half of an IHT step without gradient: on the new support ``new_idx`` [B, K]
     the values old + step <x - x_hat, W_j> (the old value where j was in ``idx`` already,
     ReLU unless signed), their decode (+ bias), and per row the new codes where they
-    reconstruct x no worse than the old ones (reference.keep_better).
+    reconstruct x no worse than the old ones (reference.keep_better). bias: [D], or [G, D]
+    for G equal blocks of rows (as gather_decode's).
     -> (val [B, K] float32, idx [B, K], reconstruction [B, D] float32)."""
     B, K = idx.shape
     D = W.shape[1]
+    groups = 1 if bias is None or bias.dim() == 1 else bias.shape[0]
+    if B % groups:
+        raise ValueError(f"{B} rows do not split into {groups} blocks")
     if not (usable(W) and x.dtype == x_hat.dtype == val.dtype == torch.float32):
         same = (new_idx.unsqueeze(-1) == idx.unsqueeze(-2)).to(val.dtype)
         v = (same @ val.unsqueeze(-1)).squeeze(-1) + step * gather_dot(x - x_hat, new_idx, W)
@@ -760,7 +765,8 @@ def iht_update(x: Tensor, x_hat: Tensor, val: Tensor, idx: Tensor, new_idx: Tens
     if B:
         args = (x.contiguous(), x_hat.contiguous(), val.contiguous(), idx.contiguous(),
                 new_idx.contiguous(), step.contiguous(), W.contiguous(),
-                out_xh if bias is None else bias.float().contiguous(), out_val, out_idx, out_xh, D)
+                out_xh if bias is None else bias.float().contiguous(), out_val, out_idx, out_xh, D,
+                max(B // groups, 1))
         if _iht_row(D, K):
             _iht_update_row_kernel[(B,)](*args, K=K, KP=_pow2(K), BLOCK_D=_pow2(D),
                                          SIGNED=signed, BIAS=bias is not None,

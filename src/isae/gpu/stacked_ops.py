@@ -10,7 +10,9 @@ and the decoder's row constraint are the kernels of kernels.py on bigger shapes.
 model's AuxK reads its own dead columns (a fixed number for all, the dead ones first), with
 its own mask. Biases are per model ([M, D], [M, N]); a model without learned biases reads
 the batch as it is, so its encoder input and the weight gradient's source rows are the
-batch itself, shared by all models (Segments reads src[b % B]).
+batch itself, shared by all models (Segments reads src[b % B]). ``+sg``'s undifferentiated
+thresholding steps (``iht_final``) run FastOps.iht_forward's two row kernels over the
+flattened models, each block of rows with its own bias.
 
 On CPU tensors the kernels fall back to stock torch (tests/test_group.py checks this op
 set against StackedReference and against single models there; tests/test_kernels.py runs
@@ -342,6 +344,31 @@ class StackedFastOps:
             val = torch.relu(val)
         new = Codes(val, idx)
         return keep_better(x, x_hat, codes, new, self.decode(new, w))
+
+    @torch.no_grad()
+    def iht_final(self, x: Tensor, codes: Codes, x_hat: Tensor, w: Weights, k: int,
+                  signed: bool, scale: float, steps: int) -> Codes:
+        """FastOps.iht_forward for each model (``+sg``): per step the two row kernels
+        (kernels.iht_eta, kernels.iht_update) over the flattened models, around each
+        model's bfloat16 correlation (one batched product) and its top-k. The caller decodes
+        the final codes with gradient."""
+        M, N = w.b_enc.shape
+        _, B, K = codes.idx.shape
+        D = x.shape[-1]
+        W_low = low(w.dec)
+        bias = w.b_dec.detach() if w.b_dec.requires_grad else None  # zero buffers: none
+        xs = x.expand(M, B, D).reshape(M * B, D)  # the shared batch, one row per model's row
+        val = codes.val.detach().reshape(M * B, K)
+        idx = codes.idx.reshape(M * B, K)
+        xh = x_hat.detach().reshape(M * B, D)
+        off = _offsets(M, N, idx.device)
+        for _ in range(steps):
+            step, rs = kernels.iht_eta(xs, xh, idx, W_low, scale)
+            u = torch.bmm(rs.view(M, B, D), W_low.view(M, N, D).transpose(1, 2)).view(M * B, N)
+            u.scatter_add_(-1, (idx.view(M, B, K) - off).view(M * B, K), val.to(u.dtype))
+            new = _globalize(select_topk(u, k, signed), M, N).view(M * B, K)
+            val, idx, xh = kernels.iht_update(xs, xh, val, idx, new, step, W_low, bias, signed)
+        return Codes(val.view(M, B, K), idx.view(M, B, K))
 
     def total_var(self, x: Tensor) -> Tensor:
         return kernels.fvu_parts(x, x)[2]

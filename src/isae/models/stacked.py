@@ -63,9 +63,8 @@ def stack_key(cfg) -> tuple:
 
 def stacks(cfg) -> bool:
     """Whether a coder of this config can join a stacked model: the TopK family, its
-    thresholding steps differentiated (``+sg``'s undifferentiated steps, with their loss on
-    the amortised codes, are not in the stacked maths yet: such a run trains alone)."""
-    return cfg.kind == "topk" and not (cfg.encoder_steps and cfg.iht_gradient == "final")
+    thresholding steps differentiated or not (``+sg``)."""
+    return cfg.kind == "topk"
 
 
 class StackedOutput(NamedTuple):
@@ -79,6 +78,9 @@ class StackedOutput(NamedTuple):
     """[M] each model's FVU."""
     auxk: Tensor
     """[M] each model's AuxK loss (0 for a model with no dead latent)."""
+    fvu_amortised: Tensor | None = None
+    """[M] each model's FVU of its amortised TopK codes, a loss term of its own where the
+    thresholding steps are not differentiated (+sg; SparseCoder.loss); else None."""
 
 
 def offsets(M: int, N: int, device) -> Tensor:
@@ -109,6 +111,9 @@ class StackedOps(Protocol):
 
     def iht_step(self, x: Tensor, x_hat: Tensor, codes: Codes, w: Weights, k: int, signed: bool,
                  scale: float) -> tuple[Codes, Tensor | None]: ...
+
+    def iht_final(self, x: Tensor, codes: Codes, x_hat: Tensor, w: Weights, k: int,
+                  signed: bool, scale: float, steps: int) -> Codes: ...
 
     def total_var(self, x: Tensor) -> Tensor: ...
 
@@ -211,6 +216,19 @@ class StackedReference:
         new = topk_select(u, k, signed)
         new = Codes(new.val, new.idx + offsets(M, N, x.device))
         return keep_better(x, x_hat, codes, new, self.decode(new, w))[0], None
+
+    @torch.no_grad()
+    def iht_final(self, x: Tensor, codes: Codes, x_hat: Tensor, w: Weights, k: int,
+                  signed: bool, scale: float, steps: int) -> Codes:
+        """``steps`` of ``iht_step`` from the amortised ``codes`` (reconstruction ``x_hat``)
+        without gradient: ReferenceOps.iht_final for each model. The caller decodes the
+        final codes with gradient."""
+        codes, x_hat = Codes(codes.val.detach(), codes.idx), x_hat.detach()
+        for _ in range(steps):
+            if x_hat is None:
+                x_hat = self.decode(codes, w)
+            codes, x_hat = self.iht_step(x, x_hat, codes, w, k, signed, scale)
+        return codes
 
     def total_var(self, x: Tensor) -> Tensor:
         """||x - mean_rows(x)||^2 of a shared batch [B, D] (every model's FVU denominator)."""
@@ -370,11 +388,20 @@ class StackedCoder(nn.Module):
         aux = ops.aux_latents(dead, aux_width) if dead is not None else None
         k_aux = min(max(cfg.d_in // 2, 1), aux.n) if aux is not None else 0
         codes, pre, aux_codes = ops.topk_encode(x, w, cfg.k, cfg.signed, aux, k_aux)
-        x_hat = None
-        for _ in range(cfg.encoder_steps):
-            if x_hat is None:
-                x_hat = ops.decode(codes, w)
-            codes, x_hat = ops.iht_step(x, x_hat, codes, w, cfg.k, cfg.signed, cfg.iht_step)
+        x_hat = fvu0 = None
+        if cfg.encoder_steps and cfg.iht_gradient == "final":
+            # +sg, as SparseCoder: the steps' codes as constants, the amortised codes' FVU a
+            # loss term of its own
+            x_hat0 = ops.decode(codes, w)
+            codes = ops.iht_final(x, codes, x_hat0, w, cfg.k, cfg.signed, cfg.iht_step,
+                                  cfg.encoder_steps)
+            fvu0 = ops.fvu(x, x_hat0, total_var)[0]
+        else:
+            for _ in range(cfg.encoder_steps):
+                if x_hat is None:
+                    x_hat = ops.decode(codes, w)
+                codes, x_hat = ops.iht_step(x, x_hat, codes, w, cfg.k, cfg.signed,
+                                            cfg.iht_step)
         if x_hat is None:
             x_hat = ops.decode(codes, w)
         fvu, err = ops.fvu(x, x_hat, total_var)
@@ -384,7 +411,7 @@ class StackedCoder(nn.Module):
             pre, aux_codes = auxk_inputs(pre, aux_codes, aux_detach)
             auxk = ops.auxk_loss(err.detach(), pre, aux_codes, aux, w, cfg.signed, k_aux,
                                  fit=aux_fit)
-        return StackedOutput(x_hat, codes, fvu, auxk)
+        return StackedOutput(x_hat, codes, fvu, auxk, fvu0)
 
     @torch.no_grad()
     def project_decoder_grad(self) -> None:

@@ -108,6 +108,8 @@ class _Part:
         out = coder(x, dead, aux_width=width, total_var=total_var,
                     aux_detach=tcfg.auxk_detaches(coder.cfg), aux_fit=tcfg.auxk_fits(coder.cfg))
         loss = out.fvu + tcfg.auxk_alpha_for(coder.cfg) * out.auxk
+        if out.fvu_amortised is not None:  # +sg (SparseCoder.loss)
+            loss = loss + out.fvu_amortised
         loss.sum().backward()  # each model's gradient is its own loss's
         coder.project_decoder_grad()
         with torch.no_grad():
