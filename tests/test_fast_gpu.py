@@ -465,24 +465,27 @@ def test_every_switch_combination_runs_on_the_fast_path_on_cuda(arch):
 
 
 def test_a_group_step_runs_on_the_fast_kernels_on_cuda():
-    """A group of every switch combination (each its own stacked part, two seeds each):
-    the eager first step of a width launches the fast kernels, none falls back to stock
-    torch; the recorded and replayed steps then run (finite losses)."""
+    """A group of every switch combination and the two +sg presets (each its own stacked
+    part, two seeds each): the eager first step of a width launches the fast kernels (the
+    IHT row kernels for +sg), none falls back to stock torch; the recorded and replayed
+    steps then run (finite losses)."""
     from isae.gpu import kernel_trace
     from isae.models.config import TrainConfig
     from isae.training.group import RunGroup
 
     tcfg = TrainConfig(lr=1e-3, batch_size=4096, dead_tokens=4096)
-    runs = _group_runs(SWITCH_ARCHS, (0, 1), 384, 1536, 16, tcfg)
+    runs = _group_runs(SWITCH_ARCHS + ["topk+iter+sg", "isae-iter+sg"], (0, 1), 384, 1536, 16,
+                       tcfg)
     group = RunGroup(runs, tcfg, torch.device("cuda"))
-    assert len(group.parts) == 16 and group.graphs is not None
+    assert len(group.parts) == 18 and group.graphs is not None
     x = torch.randn(4096, 384, device="cuda")
     group.step(x, 1.0)  # no dead latent: width 0, eager
     _force_dead(group, 100)  # every latent fired on the first batch: make some dead
     with kernel_trace.trace() as t:
         group.step(x, 1.0)  # dead latents now: a new width, eager
     assert not t.fallbacks(), t.fallbacks()
-    assert {"_adam_rows_kernel", "_topk_mask_kernel", "_select_kernel", kernel_trace.CSR} <= set(t.kernels())
+    assert {"_adam_rows_kernel", "_topk_mask_kernel", "_select_kernel", kernel_trace.CSR,
+            "_iht_eta_row_kernel", "_iht_update_row_kernel"} <= set(t.kernels())
     for _ in range(3):  # recorded, replayed
         _force_dead(group, 100)
         metrics = group.step(x, 1.0)
