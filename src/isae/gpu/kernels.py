@@ -580,18 +580,24 @@ if AVAILABLE:
                      mask=dm)
 
     @triton.jit
+    def _iht_update_inputs(idx, val, nidx, step, row, K, KP: tl.constexpr):
+        # A row's old support and values (padding: -1, matching no latent), its new support
+        # and its step size.
+        kk = tl.arange(0, KP)
+        km = kk < K
+        j_old = tl.load(idx + row * K + kk, mask=km, other=-1)
+        v_old = tl.load(val + row * K + kk, mask=km, other=0.0)
+        j = tl.load(nidx + row * K + kk, mask=km, other=0)
+        return kk, km, j_old, v_old, j, tl.load(step + row)
+
+    @triton.jit
     def _iht_update_kernel(x, xh, val, idx, nidx, step, W, bias, out_val, out_idx, out_xh, D,
                            RPB, K: tl.constexpr, KP: tl.constexpr, BLOCK_D: tl.constexpr,
                            SIGNED: tl.constexpr, BIAS: tl.constexpr):
         # One row: the new support's values (old value where the latent was there already,
         # plus eta <r, W_j>), their decode, and whichever of new and old reconstructs x better.
         row = tl.program_id(0).to(tl.int64)
-        kk = tl.arange(0, KP)
-        km = kk < K
-        j_old = tl.load(idx + row * K + kk, mask=km, other=-1)
-        v_old = tl.load(val + row * K + kk, mask=km, other=0.0)
-        j = tl.load(nidx + row * K + kk, mask=km, other=0)
-        eta = tl.load(step + row)
+        kk, km, j_old, v_old, j, eta = _iht_update_inputs(idx, val, nidx, step, row, K, KP)
         c = tl.zeros([KP], dtype=tl.float32)
         e_old = tl.zeros([BLOCK_D], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -664,12 +670,7 @@ if AVAILABLE:
                                BLOCK_D: tl.constexpr, SIGNED: tl.constexpr,
                                BIAS: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
-        kk = tl.arange(0, KP)
-        km = kk < K
-        j_old = tl.load(idx + row * K + kk, mask=km, other=-1)
-        v_old = tl.load(val + row * K + kk, mask=km, other=0.0)
-        j = tl.load(nidx + row * K + kk, mask=km, other=0)
-        eta = tl.load(step + row)
+        kk, km, j_old, v_old, j, eta = _iht_update_inputs(idx, val, nidx, step, row, K, KP)
         d = tl.arange(0, BLOCK_D)
         dm = d < D
         xr = tl.load(x + row * D + d, mask=dm, other=0.0)
