@@ -142,6 +142,20 @@ def keep_better(x: Tensor, x_hat: Tensor, codes: Codes, new: Codes, x_new: Tenso
     return kept, torch.where(better, x_new, x_hat)
 
 
+@torch.no_grad()
+def steps_without_grad(ops, x: Tensor, codes: Codes, x_hat: Tensor, w: Weights, k: int,
+                       signed: bool, scale: float, steps: int) -> Codes:
+    """``steps`` of ``ops.iht_step`` from ``codes`` (reconstruction ``x_hat``) without
+    gradient: the iht_final of an op set whose steps return no reconstruction (the
+    reference, single or stacked)."""
+    codes, x_hat = Codes(codes.val.detach(), codes.idx), x_hat.detach()
+    for _ in range(steps):
+        if x_hat is None:
+            x_hat = ops.decode(codes, w)
+        codes, x_hat = ops.iht_step(x, x_hat, codes, w, k, signed, scale)
+    return codes
+
+
 def project_rows_(G: Tensor, W: Tensor) -> None:
     """G[i] -= <G[i], W[i]> W[i] in place: a gradient step along G then keeps each row's norm
     to first order."""
@@ -267,13 +281,7 @@ class ReferenceOps:
         gradient: the codes of the same steps differentiated, as constants for the decoder
         (SAEConfig.iht_gradient). No reconstruction: the caller decodes the final codes
         with gradient."""
-        with torch.no_grad():
-            codes, x_hat = Codes(codes.val.detach(), codes.idx), x_hat.detach()
-            for _ in range(steps):
-                if x_hat is None:
-                    x_hat = self.decode(codes, w)
-                codes, x_hat = self.iht_step(x, x_hat, codes, w, k, signed, scale)
-        return codes, None
+        return steps_without_grad(self, x, codes, x_hat, w, k, signed, scale, steps), None
 
     def fvu(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
         return fvu(x, x_hat)

@@ -47,6 +47,7 @@ from isae.models.reference import (
     keep_better,
     normalize_rows_,
     project_rows_,
+    steps_without_grad,
     topk_select,
 )
 from isae.models.sparse_coder import SparseCoder, auxk_inputs
@@ -217,18 +218,12 @@ class StackedReference:
         new = Codes(new.val, new.idx + offsets(M, N, x.device))
         return keep_better(x, x_hat, codes, new, self.decode(new, w))[0], None
 
-    @torch.no_grad()
     def iht_final(self, x: Tensor, codes: Codes, x_hat: Tensor, w: Weights, k: int,
                   signed: bool, scale: float, steps: int) -> Codes:
         """``steps`` of ``iht_step`` from the amortised ``codes`` (reconstruction ``x_hat``)
         without gradient: ReferenceOps.iht_final for each model. The caller decodes the
         final codes with gradient."""
-        codes, x_hat = Codes(codes.val.detach(), codes.idx), x_hat.detach()
-        for _ in range(steps):
-            if x_hat is None:
-                x_hat = self.decode(codes, w)
-            codes, x_hat = self.iht_step(x, x_hat, codes, w, k, signed, scale)
-        return codes
+        return steps_without_grad(self, x, codes, x_hat, w, k, signed, scale, steps)
 
     def total_var(self, x: Tensor) -> Tensor:
         """||x - mean_rows(x)||^2 of a shared batch [B, D] (every model's FVU denominator)."""
