@@ -277,22 +277,38 @@ def steps_section(a) -> None:
             m = SparseCoder(SAEConfig.from_arch(arch, d_in=a.d, d_sae=width, k=a.k, seed=0),
                             device=DEV, ops=select_ops(DEV))
             st = SAEStepper(m, TrainConfig(lr=2e-4))
-            for _ in range(3):  # eager, recorded, replayed
-                st.step(x, 1.0, dead)
-            ms = _per_step(lambda st=st, dead=dead: st.step(x, 1.0, dead), a.switch_reps)
-            top, busy = _profile_kernels(lambda st=st, dead=dead: st.step(x, 1.0, dead))
+            with _tally() as tally:  # the steps' top-k: how often the previous support served
+                for _ in range(3):  # eager, recorded, replayed
+                    st.step(x, 1.0, dead)
+                ms = _per_step(lambda st=st, dead=dead: st.step(x, 1.0, dead), a.switch_reps)
+                top, busy = _profile_kernels(lambda st=st, dead=dead: st.step(x, 1.0, dead))
+            served = "" if tally is None or not int(tally[0]) else (
+                f"; the steps' top-k hint served {100 * (1 - int(tally[1]) / int(tally[0])):.1f} %"
+                " of rows (one batch stepped again and again)")
             if tile is not None:
                 kernels.ROW_TILE = tile
             label = f"{arch} (chunked IHT kernels)" if chunked else arch
             row(f"steps: {label} at width {width}", ms, f"{a.batch / ms / 1e3:.2f} M tok/s",
                 f"GPU busy {busy:.3f} ms; " + "; ".join(
                     f"{k['name'][:38]} {k['ms_per_step']:.3f} ms x{k['calls_per_step']:.0f}"
-                    for k in top[:8]),
+                    for k in top[:8]) + served,
                 key="steps", arch=label, width=width, busy_ms=busy, kernels=top)
             del m, st
             gc.collect()
             if DEV == "cuda":
                 torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _tally():
+    """kernel_trace.hint_tally where this version of isae has it, else None."""
+    from isae.gpu import kernel_trace
+
+    if not hasattr(kernel_trace, "hint_tally"):
+        yield None
+        return
+    with kernel_trace.hint_tally(DEV) as tally:
+        yield tally
 
 
 def _profile_kernels(fn, reps: int = 5) -> tuple[list[dict], float]:
@@ -334,6 +350,24 @@ def select_section(a) -> None:
             fn()
             ms = _per_step(fn, 50)
             row(f"select: {name} [{rows}, {n}] k {a.k}", ms, key="select", fn=name, rows=rows, n=n)
+        if not hasattr(kernels, "topk_rows_hinted") or rows != a.batch:
+            continue
+        # An IHT step's selection: the previous support as the hint, the scores moved a
+        # little (served: the short way), or random columns as the hint (the unhinted way).
+        prev = kernels.topk_rows(pre, a.k, True)[1]
+        moved = (pre.float() + 0.05 * torch.randn(pre.shape, device=DEV, generator=g)).bfloat16()
+        rand = torch.rand(rows, n, device=DEV, generator=g).argsort(1)[:, :a.k]
+        for label, hint in (("previous support", prev), ("random columns", rand)):
+            tally = torch.zeros(2, dtype=torch.int64, device=DEV)
+            kernels.topk_rows_hinted(moved, a.k, True, hint, tally)
+            served = 1 - int(tally[1]) / int(tally[0]) if int(tally[0]) else float("nan")
+
+            def fn(moved=moved, hint=hint):
+                return kernels.topk_rows_hinted(moved, a.k, True, hint)
+            ms = _per_step(fn, 50)
+            row(f"select: topk_rows_hinted [{rows}, {n}] k {a.k}, hint: {label}", ms,
+                note=f"the hint served {100 * served:.1f} % of rows", key="select",
+                fn=f"topk_rows_hinted ({label})", rows=rows, n=n, served=served)
 
 
 # ----------------------------------------------------------------------------- switches

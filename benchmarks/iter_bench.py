@@ -32,6 +32,7 @@ on the final codes' FVU with the codes as constants plus the amortised TopK code
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import tempfile
@@ -138,9 +139,16 @@ def training(root: Path, device: str, tokens: int, rows: int, batch: int, seeds:
                 for a, s in itertools.product(archs, range(seeds))]
         outs = [scratch / "runs" / name / f"{c.arch}-{c.seed}" for c in cfgs]
         t0 = time.perf_counter()
-        summaries = train_many(path, cfgs, tcfg, outs, resume=False, drop_diverged=True,
-                               report=lambda log, total, out, t=tcfg: run_convergence(log, t, total))
+        with _tally(device) as tally:
+            summaries = train_many(path, cfgs, tcfg, outs, resume=False, drop_diverged=True,
+                                   report=lambda log, total, out, t=tcfg: run_convergence(
+                                       log, t, total))
         wall = time.perf_counter() - t0
+        if tally is not None and int(tally[0]):
+            served = 1 - int(tally[1]) / int(tally[0])
+            print(f"   the thresholding steps' top-k: the previous support served "
+                  f"{100 * served:.1f} % of {int(tally[0]):,} rows", flush=True)
+            row("hint", f"hint, {name}", served=served, rows=int(tally[0]), set=name)
         acts = ActivationSet(path)
         truth = checkpoints.load_decoder(path / "truth")
         for arch in archs:
@@ -162,6 +170,21 @@ def training(root: Path, device: str, tokens: int, rows: int, batch: int, seeds:
                 seed_cos_sd=_sd(stab), dead_pct=100 * _mean(dead),
                 converged=f"{sum(bool(s.get('converged')) for s in done)}/{len(runs)}",
                 diverged=len(runs) - len(done), set=name, arch=arch, wall_s=wall)
+
+
+@contextlib.contextmanager
+def _tally(device: str):
+    """isae.gpu.kernel_trace.hint_tally on a GPU where this isae has it, else None."""
+    if device != "cuda":
+        yield None
+        return
+    from isae.gpu import kernel_trace
+
+    if not hasattr(kernel_trace, "hint_tally"):
+        yield None
+        return
+    with kernel_trace.hint_tally(device) as tally:
+        yield tally
 
 
 def _mean(v: list[float]) -> float:
@@ -197,6 +220,10 @@ def table() -> str:
                        f"{r['truth_cos']:.3f} ± {r['truth_cos_sd']:.3f} | "
                        f"{r['seed_cos']:.3f} ± {r['seed_cos_sd']:.3f} | {r['dead_pct']:.1f} | "
                        f"{r['converged']} | {r['diverged']} |")
+    for r in ROWS:
+        if r["part"] == "hint":
+            out.append(f"\n{r['set']}: the thresholding steps' top-k took the previous support's "
+                       f"short way for {100 * r['served']:.1f} % of {r['rows']:,} rows")
     return "\n".join(out)
 
 

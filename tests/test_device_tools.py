@@ -646,3 +646,13 @@ def test_kernels_ab_runs_this_tree_then_the_baseline(tmp_path):
     assert calls[2].endswith("path=.baseline-src/src")
     assert (w / "done").read_text().strip() == "done"
     assert (w / "gpu.txt").read_text().startswith("Fake GPU")
+    # the test files, their limit and a last iter_bench run, when asked for
+    env.update(TESTS="tests/test_group.py tests/test_fast_gpu.py", TESTS_LIMIT="7",
+               ITER_ARGS="--part training --tokens 1000")
+    (w / "calls").unlink()
+    subprocess.run(["bash", str(DEVICE / "kernels_ab.sh")], env=env, check=True,
+                   capture_output=True, timeout=60)
+    calls = (w / "calls").read_text().splitlines()
+    assert len(calls) == 4 and "pytest -q -p no:cacheprovider tests/test_group.py tests/test_fast_gpu.py" in calls[0]
+    assert "benchmarks/iter_bench.py --part training --tokens 1000 --out" in calls[3]
+    assert calls[3].endswith("path=src")

@@ -78,6 +78,32 @@ def test_triton_topk_equals_torch_topk(signed, n, dtype):
         assert torch.equal(val, want if signed else want.relu())
 
 
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("n", [1536, 12288, 70000])
+def test_hinted_topk_equals_topk(signed, n):
+    """topk_rows_hinted, compiled, gives topk_rows's values and indices exactly: with the
+    previous support of a slightly moved matrix (the hint serves most rows), a random hint
+    (it serves none), and rows of equal scores."""
+    from isae.gpu import kernels
+
+    g = torch.Generator(device="cuda").manual_seed(n)
+    pre = torch.randn(2048, n, device="cuda", generator=g).bfloat16()
+    for k in (1, 16, 32, 100):
+        prev = kernels.topk_rows(pre, k, signed)[1]
+        moved = (pre.float() + 0.05 * torch.randn(pre.shape, device="cuda", generator=g)).bfloat16()
+        moved[:8] = 1.0
+        rand = torch.rand(2048, n, device="cuda", generator=g).argsort(1)[:, :k]
+        want = kernels.topk_rows(moved, k, signed)
+        for hint, served in ((prev, 0.9), (rand, None)):
+            tally = torch.zeros(2, dtype=torch.int64, device="cuda")
+            got = kernels.topk_rows_hinted(moved, k, signed, hint, tally)
+            assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), (k, served)
+            rows, unhinted = tally.tolist()
+            assert rows == 2048
+            if served is not None:
+                assert 1 - unhinted / rows >= served, (k, unhinted)
+
+
 def test_triton_sparse_kernels_equal_float64():
     from isae.gpu import kernels
 
@@ -485,7 +511,8 @@ def test_a_group_step_runs_on_the_fast_kernels_on_cuda():
         group.step(x, 1.0)  # dead latents now: a new width, eager
     assert not t.fallbacks(), t.fallbacks()
     assert {"_adam_rows_kernel", "_topk_mask_kernel", "_select_kernel", kernel_trace.CSR,
-            "_iht_eta_row_kernel", "_iht_update_row_kernel"} <= set(t.kernels())
+            "_iht_eta_row_kernel", "_iht_update_row_kernel",
+            "_select_hinted_kernel"} <= set(t.kernels())
     for _ in range(3):  # recorded, replayed
         _force_dead(group, 100)
         metrics = group.step(x, 1.0)

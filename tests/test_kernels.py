@@ -53,6 +53,47 @@ CHECKS = textwrap.dedent('''
     v, i = K.topk_rows(many, 20, True)
     assert i.tolist() == [list(range(20))] * 2, i
 
+    def check_hinted(B, N, k, signed, dtype, hint, levels=0):
+        # topk_rows_hinted equals topk_rows exactly, for any hint: a close one (the fast
+        # path), a loose one (more than HINT_CAP * k columns reach it: the group path), one
+        # with repeated columns (no bound: the group path)
+        pre = torch.randn(B, N, generator=g)
+        if levels:
+            pre = (pre * levels).round() / levels
+        pre = pre.to(dtype)
+        if not signed:
+            pre[0, : N - 2] = -1.0
+        if hint == "previous":  # the last support, moved by a small step: as in an IHT step
+            h = K.topk_rows(pre, k, signed)[1]
+            pre = (pre.float() + 0.05 * torch.randn(B, N, generator=g)).to(dtype)
+        elif hint == "random":
+            h = torch.rand(B, N, generator=g).argsort(1)[:, :k]
+        else:
+            h = torch.zeros(B, k, dtype=torch.int64)
+        tally = torch.zeros(2, dtype=torch.int64)
+        got, want = K.topk_rows_hinted(pre, k, signed, h, tally), K.topk_rows(pre, k, signed)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), (B, N, k, hint)
+        return tally.tolist()
+
+    for hint in ("previous", "random", "repeated"):
+        for B, N, k, signed in ((6, 300, 5, True), (5, 3000, 13, False)):  # chunks
+            rows, unhinted = check_hinted(B, N, k, signed, torch.bfloat16, hint)
+            # a close hint serves every row but the unsigned set's row 0 (2 positive scores,
+            # k zeros tie at the bound); a loose or repeated one serves none
+            assert rows == B and unhinted == ((not signed) if hint == "previous" else B), (
+                hint, signed, unhinted)
+    check_hinted(4, 700, 9, True, torch.float32, "previous")
+    check_hinted(6, 500, 7, True, torch.bfloat16, "previous", levels=2)  # ties at the bound
+    check_hinted(3, 64, 64, False, torch.float32, "previous")  # k = N
+    tie_hint = torch.tensor([[10, 11, 12, 13], [10, 11, 12, 50]])
+    got = K.topk_rows_hinted(ties, 4, False, tie_hint[[1, 0]])[1]  # the hint's bound is a tie
+    assert got.tolist() == [[10, 11, 12, 13], [10, 11, 12, 50]], got
+    try:
+        K.topk_rows_hinted(ties, 4, False, tie_hint[:, :3])
+        raise AssertionError("a hint of the wrong shape was accepted")
+    except ValueError:
+        pass
+
     B, N, D, k = 9, 50, 40, 5
     W = torch.randn(N, D, generator=g).bfloat16()
     idx = torch.randint(0, N, (B, k), generator=g)
@@ -192,8 +233,11 @@ CHECKS = textwrap.dedent('''
                        ops=OP_SETS["fast"]())
     sg = SparseCoder(SAEConfig.from_arch("isae-iter+sg", d_in=16, d_sae=130, k=4, seed=1),
                      ops=OP_SETS["fast"]())
-    with torch.no_grad():
+    from isae.gpu import kernel_trace
+    with torch.no_grad(), kernel_trace.hint_tally("cpu") as tally:
         a, b = full(x), sg(x)
+    # each of the 2 x 3 thresholding steps selected its 48 rows from the previous support
+    assert tally[0] == 2 * 3 * 48 and 0 <= tally[1] <= tally[0], tally
     same_rows = (a.codes.idx.sort(1).values == b.codes.idx.sort(1).values).all(1)
     assert same_rows.float().mean() > 0.9, same_rows
     assert abs(float(a.fvu) - float(b.fvu)) < 0.05 * float(a.fvu)
@@ -324,9 +368,12 @@ SWITCH_CHECKS = textwrap.dedent('''
             SAEStepper(model, tcfg).step(x, 1.0, dead)
         launched = set(t.kernels())
         assert not t.fallbacks(), (name, t.fallbacks())
-        assert launched == ENCODE | AUXK, (name, launched ^ (ENCODE | AUXK))
         steps = parse_arch(name).fields["encoder_steps"]
-        assert t.kernels()["_select_kernel"] == 1 + steps, name  # each IHT step selects again
+        want = ENCODE | AUXK | ({"_select_hinted_kernel"} if steps else set())
+        assert launched == want, (name, launched ^ want)
+        assert t.kernels()["_select_kernel"] == 1, name  # the encoder's top-k
+        # each IHT step selects again, bounded by the support it starts from
+        assert t.kernels()["_select_hinted_kernel"] == steps, name
         print(name, dict(t.kernels()))
         runs.append(Run(cfg, tcfg, None, torch.device("cpu"), FastOps(cuda_graphs=False)))
     # every combination in one group, each its own part: the stacked kernels, no fallback
@@ -336,7 +383,8 @@ SWITCH_CHECKS = textwrap.dedent('''
     with kernel_trace.trace() as t:
         group.step(x, 1.0)  # every latent unused so far is dead
     assert not t.fallbacks(), t.fallbacks()
-    assert {"_adam_rows_kernel", "_topk_mask_kernel", "_select_kernel"} <= set(t.kernels())
+    assert {"_adam_rows_kernel", "_topk_mask_kernel", "_select_kernel",
+            "_select_hinted_kernel"} <= set(t.kernels())
     print("switches ok")
 ''')
 

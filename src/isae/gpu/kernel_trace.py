@@ -20,12 +20,14 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import torch
+
 from isae.gpu import kernels
 
 #: The wrappers of kernels.py, each backed by one or more Triton kernels.
-WRAPPERS = ("topk_rows", "topk_mask_rows", "gather_decode", "gather_dot", "project_rows_",
-            "normalize_rows_", "fvu_parts", "scale", "sub_cast", "keep_where", "adam_rows_",
-            "iht_eta", "iht_update")
+WRAPPERS = ("topk_rows", "topk_rows_hinted", "topk_mask_rows", "gather_decode", "gather_dot",
+            "project_rows_", "normalize_rows_", "fvu_parts", "scale", "sub_cast", "keep_where",
+            "adam_rows_", "iht_eta", "iht_update")
 #: Segments' products (cuSPARSE, not Triton): their launch is the CSR product.
 SEGMENT_METHODS = ("reduce", "reduce_into")
 #: What a Segments product launches (recorded as a kernel name).
@@ -107,3 +109,23 @@ def trace() -> Iterator[Trace]:
     finally:
         for owner, name, real in reversed(saved):
             setattr(owner, name, real)
+
+
+@contextlib.contextmanager
+def hint_tally(device: torch.device | str) -> Iterator[torch.Tensor]:
+    """An int64 [2] tensor on ``device`` that counts, for the thresholding steps' top-k
+    inside the block (kernels.topk_rows_hinted), the rows selected and those where the
+    previous support's bound did not serve (more than HINT_CAP x k columns reached it), so a
+    benchmark can say how often the short way ran in real training. The counts grow on the
+    device, also inside replayed CUDA graphs; read them after the block."""
+    tally = torch.zeros(2, dtype=torch.int64, device=device)
+    real = kernels.topk_rows_hinted
+
+    @functools.wraps(real)
+    def counted(pre, k, signed, hint, _tally=None):
+        return real(pre, k, signed, hint, tally)
+    kernels.topk_rows_hinted = counted
+    try:
+        yield tally
+    finally:
+        kernels.topk_rows_hinted = real

@@ -6,6 +6,9 @@ Small kernels, each replacing a stock op that dominated the training step on an 
 * ``topk_rows``: per-row top-k: a lower bound from the maxima of 64-column groups leaves
   only ~k groups to read, and bisection on the scores' float bits picks the k (0.38 ms on a
   [8192, 24576] bf16 matrix, where stock ``topk`` takes 1.8 ms).
+* ``topk_rows_hinted``: the same top-k where the rows' previous support is known (an IHT
+  step's): its smallest score is the bound, so one pass over the row finds the few columns
+  that reach it, with no group maxima and no search over them.
 * ``topk_mask_rows``: the same selection kept as a dense matrix (AuxK on the dead columns).
 * ``gather_decode``: sum_j val[b, j] W[idx[b, j]] (the sparse decoder) from a bf16 table.
 * ``gather_dot``: <g[b], W[idx[b, j]]> for each selected latent (the decoder's value
@@ -72,16 +75,20 @@ if AVAILABLE:
         return tl.where(m, a, -1.0)
 
     @triton.jit
-    def _group_max_kernel(pre, gmax, N, G, stride_row, SIGNED: tl.constexpr,
-                          S: tl.constexpr, GC: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        base = pre + row * stride_row
+    def _group_maxima(base, gmax, row, N, G, SIGNED: tl.constexpr, S: tl.constexpr,
+                      GC: tl.constexpr):
         gs = tl.arange(0, GC)
         ss = tl.arange(0, S)
         for g0 in range(0, G, GC):
             o = (g0 + gs)[:, None] * S + ss[None, :]
             m = tl.max(_scores(base, o, N, SIGNED), axis=1)
             tl.store(gmax + row * G + g0 + gs, m, mask=g0 + gs < G)
+
+    @triton.jit
+    def _group_max_kernel(pre, gmax, N, G, stride_row, SIGNED: tl.constexpr,
+                          S: tl.constexpr, GC: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        _group_maxima(pre + row * stride_row, gmax, row, N, G, SIGNED, S, GC)
 
     @triton.jit
     def _bits(sc, SHIFT: tl.constexpr):
@@ -94,7 +101,13 @@ if AVAILABLE:
                        SIGNED: tl.constexpr, SHIFT: tl.constexpr, S: tl.constexpr,
                        GP: tl.constexpr, CAPG: tl.constexpr, CHUNK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
-        base = pre + row * stride_row
+        _select_row(pre + row * stride_row, gmax, out_val, out_idx, gsel_buf, row, N, G, K,
+                    SIGNED, SHIFT, S, GP, CAPG, CHUNK)
+
+    @triton.jit
+    def _select_row(base, gmax, out_val, out_idx, gsel_buf, row, N, G, K,
+                    SIGNED: tl.constexpr, SHIFT: tl.constexpr, S: tl.constexpr,
+                    GP: tl.constexpr, CAPG: tl.constexpr, CHUNK: tl.constexpr):
         # 1. The bound: lo = the k-th largest group maximum (as a key), by bisection over the
         #    G maxima, from the smallest of them (all G reach it). k groups reach the bound,
         #    so count(key >= lo) >= k over the row; with fewer than k groups it stays 0,
@@ -192,6 +205,61 @@ if AVAILABLE:
         tl.store(out_idx + row * K + pos, col.to(tl.int64), mask=sel)
 
     @triton.jit
+    def _select_hinted_kernel(pre, hint, gmax, out_val, out_idx, gsel_buf, cand_buf, tally, N,
+                              G, stride_row, K, SIGNED: tl.constexpr, SHIFT: tl.constexpr,
+                              S: tl.constexpr, GP: tl.constexpr, CAPG: tl.constexpr,
+                              CHUNK: tl.constexpr, KP: tl.constexpr, CAPC: tl.constexpr,
+                              TALLY: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = pre + row * stride_row
+        # 1. The bound from the hint: the smallest score of K columns. Where they are K
+        #    distinct columns (a previous support), count(key >= lo) >= K; the count below
+        #    checks it, so any hint is safe.
+        kk = tl.arange(0, KP)
+        h = tl.load(hint + row * K + kk, mask=kk < K, other=0)
+        hkey = _bits(_scores(base, h, N, SIGNED), SHIFT)
+        lo = tl.min(tl.where(kk < K, hkey, 2147483647), axis=0)
+        # 2. One pass over the row: the columns that reach the bound, in index order, and the
+        #    row's largest key.
+        offs = tl.arange(0, CHUNK)
+        cs = tl.arange(0, CAPC)
+        n_cand = tl.full([], 0, tl.int32)
+        top = tl.full([], -1, tl.int32)
+        for c0 in range(0, N, CHUNK):
+            o = c0 + offs
+            key = _bits(_scores(base, o, N, SIGNED), SHIFT)
+            reach = key >= lo
+            pos = n_cand + tl.cumsum(reach.to(tl.int32), axis=0) - 1
+            tl.store(cand_buf + row * CAPC + pos, o, mask=reach & (pos < CAPC))
+            n_cand += tl.sum(reach.to(tl.int32), axis=0)
+            top = tl.maximum(top, tl.max(key, axis=0))
+        tl.debug_barrier()  # other threads of this program read what these wrote
+        if TALLY:
+            tl.atomic_add(tally, tl.full([], 1, tl.int64))
+        if (n_cand >= K) & (n_cand <= CAPC):
+            # 3. Bisection for the k-th largest key among the candidates only, then
+            #    _select_in_groups's write: the same result as the unhinted kernel.
+            ok = cs < n_cand
+            col = tl.load(cand_buf + row * CAPC + cs, mask=ok, other=0)
+            key = tl.where(ok, _bits(_scores(base, col, N, SIGNED), SHIFT), -1)
+            hi = top + 1
+            while hi - lo > 1:
+                mid = lo + (hi - lo) // 2
+                big = tl.sum((key >= mid).to(tl.int32), axis=0) >= K
+                lo = tl.where(big, mid, lo)
+                hi = tl.where(big, hi, mid)
+            n_gt = tl.sum((key > lo).to(tl.int32), axis=0)
+            _write(base, key, col, lo, K - n_gt, 0, 0, out_val, out_idx, row, K, SIGNED)
+        else:
+            # Too many columns reach the hint's bound (or it was no bound): topk_rows's way.
+            if TALLY:
+                tl.atomic_add(tally + 1, tl.full([], 1, tl.int64))
+            _group_maxima(base, gmax, row, N, G, SIGNED, S, 64)
+            tl.debug_barrier()
+            _select_row(base, gmax, out_val, out_idx, gsel_buf, row, N, G, K, SIGNED, SHIFT, S,
+                        GP, CAPG, CHUNK)
+
+    @triton.jit
     def _gather_decode_kernel(val, idx, W, out, bias, D, RPB, K: tl.constexpr, KP: tl.constexpr,
                               BLOCK_D: tl.constexpr, BIAS: tl.constexpr):
         # RPB: rows per bias row (a stacked group's rows use their own model's bias)
@@ -227,6 +295,8 @@ if AVAILABLE:
 
 #: Group size of the pre-filter; above MAX_K the stock topk serves.
 GROUP, MAX_K = 64, 128
+#: topk_rows_hinted's candidates: up to this many times k columns reaching the hint's bound.
+HINT_CAP = 4
 
 
 def topk_rows(pre: Tensor, k: int, signed: bool) -> tuple[Tensor, Tensor]:
@@ -265,6 +335,47 @@ def topk_rows(pre: Tensor, k: int, signed: bool) -> tuple[Tensor, Tensor]:
                          SIGNED=signed, SHIFT=16 if pre.dtype == torch.bfloat16 else 0, S=GROUP,
                          GP=_pow2(G), CAPG=capg, CHUNK=4096,
                          num_warps=4 if capg * GROUP <= 4096 else 8)
+    return val, idx
+
+
+def topk_rows_hinted(pre: Tensor, k: int, signed: bool, hint: Tensor,
+                     tally: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``topk_rows(pre, k, signed)``, exactly, with a hint: ``hint`` [B, k] int64 holds k
+    columns of each row, typically the support that the row's previous top-k chose (an IHT
+    step's). Their smallest score bounds the k-th largest from below, so one pass over the
+    row collects the few columns that reach it and the k are found among those alone: no
+    pass for the group maxima, no search over them. A row where more than ``HINT_CAP`` x k
+    columns reach the bound, or where the hint's columns are not distinct enough to bound
+    it, takes topk_rows's way within the same kernel. Off the kernels: topk_rows.
+
+    ``tally``: an int64 [2] on the device to which the kernel adds (rows, rows that took the
+    unhinted way), for a benchmark to see how often the hint served (no host sync, so it
+    also counts inside a replayed CUDA graph; kernel_trace.hint_tally)."""
+    B, N = pre.shape
+    if hint.shape != (B, k) or hint.dtype != torch.int64:
+        raise ValueError(f"hint must be int64 [{B}, {k}], got {hint.dtype} {tuple(hint.shape)}")
+    if not usable(pre) or k > MAX_K or not 0 < k <= N:
+        return topk_rows(pre, k, signed)
+    if pre.stride(1) != 1:
+        pre = pre.contiguous()
+    hint = hint.contiguous()
+    G = triton.cdiv(N, GROUP)
+    gmax = torch.empty(B, G, device=pre.device, dtype=torch.float32)
+    val = torch.empty(B, k, device=pre.device, dtype=torch.float32)
+    idx = torch.empty(B, k, device=pre.device, dtype=torch.int64)
+    if not B:
+        return val, idx
+    capg = _pow2(max(2 * k, 16))
+    capc = _pow2(HINT_CAP * k)
+    gsel_buf = torch.empty(B, capg, device=pre.device, dtype=torch.int32)
+    cand_buf = torch.empty(B, capc, device=pre.device, dtype=torch.int32)
+    _select_hinted_kernel[(B,)](pre, hint, gmax, val, idx, gsel_buf, cand_buf,
+                                tally if tally is not None else gsel_buf, N, G,
+                                pre.stride(0), k, SIGNED=signed, TALLY=tally is not None,
+                                SHIFT=16 if pre.dtype == torch.bfloat16 else 0, S=GROUP,
+                                GP=_pow2(G), CAPG=capg, CHUNK=min(_pow2(N), 4096),
+                                KP=_pow2(k), CAPC=capc,
+                                num_warps=4 if capg * GROUP <= 4096 else 8)
     return val, idx
 
 

@@ -377,8 +377,12 @@ def gather_dot(r: Tensor, idx: Tensor, W_dec: Tensor, grads: DecoderGrads | None
     return _GatherDot.apply(r, idx, W_dec, grads)
 
 
-def select_topk(score_src: Tensor, k: int, signed: bool) -> Tensor:
-    """Indices [B, k] of the top-k of a (bfloat16) matrix, no gradient."""
+def select_topk(score_src: Tensor, k: int, signed: bool, hint: Tensor | None = None) -> Tensor:
+    """Indices [B, k] of the top-k of a (bfloat16) matrix, no gradient. ``hint`` [B, k]: the
+    rows' previous support (an IHT step's), which bounds the search (kernels.topk_rows_hinted;
+    the same indices)."""
+    if hint is not None:
+        return kernels.topk_rows_hinted(score_src, k, signed, hint)[1]
     return kernels.topk_rows(score_src, k, signed)[1]
 
 
@@ -460,7 +464,7 @@ class FastOps:
             # (step r) W^T: the step scales the small [B, D] side, not the [B, N] product
             u = (r * step).to(LOW) @ low(w.dec).T  # [B, N] bf16
             u = u.scatter_add_(-1, codes.idx, codes.val.to(u.dtype))
-            idx = select_topk(u, k, signed)
+            idx = select_topk(u, k, signed, hint=codes.idx)
         # New value = the old code value (where the atom was already in the support) plus the
         # step along the float32 correlation.
         same = (idx.unsqueeze(-1) == codes.idx.unsqueeze(-2)).to(codes.val.dtype)
@@ -484,7 +488,7 @@ class FastOps:
             step, rs = kernels.iht_eta(x, x_hat, idx, W_low, scale)
             u = rs @ W_low.T  # [B, N] bf16, as in iht_step
             u = u.scatter_add_(-1, idx, val.to(u.dtype))
-            new = select_topk(u, k, signed)
+            new = select_topk(u, k, signed, hint=idx)
             val, idx, x_hat = kernels.iht_update(x, x_hat, val, idx, new, step, W_low, w.b_dec,
                                                  signed)
         return Codes(val, idx), x_hat

@@ -336,7 +336,7 @@ class StackedFastOps:
             u = u.view(M * B, N)
             lidx = (codes.idx - _offsets(M, N, codes.idx.device)).view(M * B, K)
             u.scatter_add_(-1, lidx, codes.val.reshape(M * B, K).to(u.dtype))
-            idx = _globalize(select_topk(u, k, signed), M, N)  # [M, B, K]
+            idx = _globalize(select_topk(u, k, signed, hint=lidx), M, N)  # [M, B, K]
         same = (idx.unsqueeze(-1) == codes.idx.unsqueeze(-2)).to(codes.val.dtype)
         corr = gather_dot(r2, idx.view(M * B, K), w.dec, w.grads).view(M, B, K)
         val = (same @ codes.val.unsqueeze(-1)).squeeze(-1) + step * corr
@@ -365,8 +365,9 @@ class StackedFastOps:
         for _ in range(steps):
             step, rs = kernels.iht_eta(xs, xh, idx, W_low, scale)
             u = torch.bmm(rs.view(M, B, D), W_low.view(M, N, D).transpose(1, 2)).view(M * B, N)
-            u.scatter_add_(-1, (idx.view(M, B, K) - off).view(M * B, K), val.to(u.dtype))
-            new = _globalize(select_topk(u, k, signed), M, N).view(M * B, K)
+            lidx = (idx.view(M, B, K) - off).view(M * B, K)
+            u.scatter_add_(-1, lidx, val.to(u.dtype))
+            new = _globalize(select_topk(u, k, signed, hint=lidx), M, N).view(M * B, K)
             val, idx, xh = kernels.iht_update(xs, xh, val, idx, new, step, W_low, bias, signed)
         return Codes(val.view(M, B, K), idx.view(M, B, K))
 
