@@ -68,6 +68,9 @@ CHECKS = textwrap.dedent('''
             pre = (pre.float() + 0.05 * torch.randn(B, N, generator=g)).to(dtype)
         elif hint == "random":
             h = torch.rand(B, N, generator=g).argsort(1)[:, :k]
+        elif hint == "smallest":  # the row's k smallest scores: every column reaches the bound
+            s = pre.float().abs() if signed else pre.float().relu()
+            h = s.argsort(1)[:, :k]
         else:
             h = torch.zeros(B, k, dtype=torch.int64)
         tally = torch.zeros(2, dtype=torch.int64)
@@ -75,13 +78,14 @@ CHECKS = textwrap.dedent('''
         assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), (B, N, k, hint)
         return tally.tolist()
 
-    for hint in ("previous", "random", "repeated"):
+    for hint in ("previous", "smallest", "random", "repeated"):
         for B, N, k, signed in ((6, 300, 5, True), (5, 3000, 13, False)):  # chunks
             rows, unhinted = check_hinted(B, N, k, signed, torch.bfloat16, hint)
             # a close hint serves every row but the unsigned set's row 0 (2 positive scores,
-            # k zeros tie at the bound); a loose or repeated one serves none
-            assert rows == B and unhinted == ((not signed) if hint == "previous" else B), (
-                hint, signed, unhinted)
+            # k zeros tie at the bound); the smallest scores serve none (every column is a
+            # candidate, over the cap); any other hint: right, whichever way it went
+            want = {"previous": int(not signed), "smallest": B}.get(hint, unhinted)
+            assert rows == B and unhinted == want, (hint, signed, unhinted)
     check_hinted(4, 700, 9, True, torch.float32, "previous")
     check_hinted(6, 500, 7, True, torch.bfloat16, "previous", levels=2)  # ties at the bound
     check_hinted(3, 64, 64, False, torch.float32, "previous")  # k = N

@@ -219,20 +219,19 @@ if AVAILABLE:
         h = tl.load(hint + row * K + kk, mask=kk < K, other=0)
         hkey = _bits(_scores(base, h, N, SIGNED), SHIFT)
         lo = tl.min(tl.where(kk < K, hkey, 2147483647), axis=0)
-        # 2. One pass over the row: the columns that reach the bound, in index order, and the
-        #    row's largest key.
+        # 2. One pass over the row: the columns that reach the bound, in index order.
         offs = tl.arange(0, CHUNK)
         cs = tl.arange(0, CAPC)
         n_cand = tl.full([], 0, tl.int32)
-        top = tl.full([], -1, tl.int32)
         for c0 in range(0, N, CHUNK):
             o = c0 + offs
             key = _bits(_scores(base, o, N, SIGNED), SHIFT)
             reach = key >= lo
-            pos = n_cand + tl.cumsum(reach.to(tl.int32), axis=0) - 1
-            tl.store(cand_buf + row * CAPC + pos, o, mask=reach & (pos < CAPC))
-            n_cand += tl.sum(reach.to(tl.int32), axis=0)
-            top = tl.maximum(top, tl.max(key, axis=0))
+            n_here = tl.sum(reach.to(tl.int32), axis=0)
+            if n_here > 0:  # most chunks hold none: no scan for them (the scan is the cost)
+                pos = n_cand + tl.cumsum(reach.to(tl.int32), axis=0) - 1
+                tl.store(cand_buf + row * CAPC + pos, o, mask=reach & (pos < CAPC))
+            n_cand += n_here
         tl.debug_barrier()  # other threads of this program read what these wrote
         if TALLY:
             tl.atomic_add(tally, tl.full([], 1, tl.int64))
@@ -242,7 +241,7 @@ if AVAILABLE:
             ok = cs < n_cand
             col = tl.load(cand_buf + row * CAPC + cs, mask=ok, other=0)
             key = tl.where(ok, _bits(_scores(base, col, N, SIGNED), SHIFT), -1)
-            hi = top + 1
+            hi = tl.max(key, axis=0) + 1  # the row's largest key reaches the bound: it is here
             while hi - lo > 1:
                 mid = lo + (hi - lo) // 2
                 big = tl.sum((key >= mid).to(tl.int32), axis=0) >= K
@@ -295,8 +294,9 @@ if AVAILABLE:
 
 #: Group size of the pre-filter; above MAX_K the stock topk serves.
 GROUP, MAX_K = 64, 128
-#: topk_rows_hinted's candidates: up to this many times k columns reaching the hint's bound.
-HINT_CAP = 4
+#: topk_rows_hinted: up to HINT_CAP x k candidate columns (0: no hint, topk_rows itself), the
+#: columns its pass reads at a time, its warps a row.
+HINT_CAP, HINT_CHUNK, HINT_WARPS = 16, 512, 2
 
 
 def topk_rows(pre: Tensor, k: int, signed: bool) -> tuple[Tensor, Tensor]:
@@ -354,7 +354,7 @@ def topk_rows_hinted(pre: Tensor, k: int, signed: bool, hint: Tensor,
     B, N = pre.shape
     if hint.shape != (B, k) or hint.dtype != torch.int64:
         raise ValueError(f"hint must be int64 [{B}, {k}], got {hint.dtype} {tuple(hint.shape)}")
-    if not usable(pre) or k > MAX_K or not 0 < k <= N:
+    if not usable(pre) or k > MAX_K or not 0 < k <= N or not HINT_CAP:
         return topk_rows(pre, k, signed)
     if pre.stride(1) != 1:
         pre = pre.contiguous()
@@ -373,9 +373,8 @@ def topk_rows_hinted(pre: Tensor, k: int, signed: bool, hint: Tensor,
                                 tally if tally is not None else gsel_buf, N, G,
                                 pre.stride(0), k, SIGNED=signed, TALLY=tally is not None,
                                 SHIFT=16 if pre.dtype == torch.bfloat16 else 0, S=GROUP,
-                                GP=_pow2(G), CAPG=capg, CHUNK=min(_pow2(N), 4096),
-                                KP=_pow2(k), CAPC=capc,
-                                num_warps=4 if capg * GROUP <= 4096 else 8)
+                                GP=_pow2(G), CAPG=capg, CHUNK=min(_pow2(N), HINT_CHUNK),
+                                KP=_pow2(k), CAPC=capc, num_warps=HINT_WARPS)
     return val, idx
 
 
