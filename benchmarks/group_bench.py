@@ -350,8 +350,8 @@ def select_section(a) -> None:
             fn()
             ms = _per_step(fn, 50)
             row(f"select: {name} [{rows}, {n}] k {a.k}", ms, key="select", fn=name, rows=rows, n=n)
-        if not hasattr(kernels, "topk_rows_hinted") or rows != a.batch:
-            continue
+        if not getattr(kernels, "HINT_CAP", 0) or rows != a.batch:
+            continue  # the hint off (--hint-cap), or a version without it
         # An IHT step's selection: the previous support as the hint, the scores moved a
         # little (served: the short way), or random columns as the hint (the unhinted way).
         prev = kernels.topk_rows(pre, a.k, True)[1]
@@ -526,8 +526,15 @@ def main() -> None:
                     help="steps: the archs profiled alone (:chunked: with the IHT kernels that "
                          "reload the table per phase, as before the whole-row ones)")
     ap.add_argument("--set-dir", default=None, help="where the sets are written (reused if there)")
+    ap.add_argument("--hint-cap", type=int, default=None,
+                    help="kernels.HINT_CAP for the whole run (the thresholding steps' top-k "
+                         "bounded by their previous support; 0: off, the default)")
     a = ap.parse_args()
     DEV = a.device
+    if a.hint_cap is not None:
+        from isae.gpu import kernels
+
+        kernels.HINT_CAP = a.hint_cap
     torch.backends.cuda.matmul.allow_tf32 = False
     name = torch.cuda.get_device_name() if DEV == "cuda" else DEV
     print(name, torch.__version__, flush=True)

@@ -10,6 +10,9 @@ steps, unhinted (HINT_CAP 0) and with the fastest setting of part 1, each step r
 anew. A table last.
 
     python benchmarks/hint_bench.py --out hint.json
+
+``--device cpu`` with ``TRITON_INTERPRET=1`` runs it at toy sizes in Triton's interpreter
+(tests/test_hint_bench.py): a check of the script, not a timing.
 """
 
 from __future__ import annotations
@@ -32,15 +35,21 @@ from isae.models.sparse_coder import SparseCoder  # noqa: E402
 from isae.training.trainer import SAEStepper  # noqa: E402
 
 ROWS: list[dict] = []
+DEV = "cuda"
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
 
 
 def ms_per_call(fn, reps: int) -> float:
     fn()
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - t0) * 1e3 / reps
 
 
@@ -49,20 +58,20 @@ def settings(s: tuple[int, int, int] | None) -> None:
 
 
 def select_part(a) -> dict:
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=DEV).manual_seed(0)
     grid = list(itertools.product((16,), (256, 512, 2048), (1, 2, 4)))  # a compile each
     total = {s: 0.0 for s in grid}
     for n in (a.width, a.wide):
-        pre = torch.randn(a.batch, n, device="cuda", generator=g).bfloat16()
+        pre = torch.randn(a.batch, n, device=DEV, generator=g).bfloat16()
         prev = kernels.topk_rows(pre, a.k, True)[1]
         for noise in (0.05, 0.3, 1.0):
-            moved = (pre.float() + noise * torch.randn(pre.shape, device="cuda", generator=g)
+            moved = (pre.float() + noise * torch.randn(pre.shape, device=DEV, generator=g)
                      ).bfloat16()
             base = ms_per_call(lambda moved=moved: kernels.topk_rows(moved, a.k, True), a.reps)
             ROWS.append(dict(part="select", n=n, noise=noise, setting="topk_rows", ms=base))
             for s in grid:
                 settings(s)
-                tally = torch.zeros(2, dtype=torch.int64, device="cuda")
+                tally = torch.zeros(2, dtype=torch.int64, device=DEV)
                 kernels.topk_rows_hinted(moved, a.k, True, prev, tally)
                 served = 1 - int(tally[1]) / int(tally[0])
                 ms = ms_per_call(lambda moved=moved, prev=prev: kernels.topk_rows_hinted(
@@ -78,15 +87,15 @@ def select_part(a) -> dict:
 
 
 def steps_part(a, best) -> None:
-    g = torch.Generator(device="cuda").manual_seed(1)
-    x = torch.randn(a.batch, a.d, device="cuda", generator=g)
+    g = torch.Generator(device=DEV).manual_seed(1)
+    x = torch.randn(a.batch, a.d, device=DEV, generator=g)
     for width in (a.width, a.wide):
-        dead = torch.rand(width, device="cuda", generator=g) < 0.05
+        dead = torch.rand(width, device=DEV, generator=g) < 0.05
         for arch in a.archs.split(","):
             for s in (None, best):
                 settings(s)
                 m = SparseCoder(SAEConfig.from_arch(arch, d_in=a.d, d_sae=width, k=a.k, seed=0),
-                                device="cuda", ops=select_ops("cuda"))
+                                device=DEV, ops=select_ops(DEV))
                 st = SAEStepper(m, TrainConfig(lr=2e-4))
                 for _ in range(3):  # eager, recorded, replayed
                     st.step(x, 1.0, dead)
@@ -96,13 +105,15 @@ def steps_part(a, best) -> None:
                 print(f"{arch} at {width}, {'unhinted' if s is None else s}: {ms:.3f} ms",
                       flush=True)
                 del m, st
-                torch.cuda.empty_cache()
+                if DEV == "cuda":
+                    torch.cuda.empty_cache()
     settings(None)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only to check the script")
     ap.add_argument("--d", type=int, default=384)
     ap.add_argument("--width", type=int, default=1536)
     ap.add_argument("--wide", type=int, default=12288)
@@ -112,8 +123,10 @@ def main() -> None:
     ap.add_argument("--step-reps", type=int, default=30)
     ap.add_argument("--archs", default="topk,isae-iter,isae-iter+sg,topk+iter")
     a = ap.parse_args()
+    global DEV
+    DEV = a.device
     torch.backends.cuda.matmul.allow_tf32 = False
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if DEV == "cuda" else DEV
     print(name, torch.__version__, flush=True)
     default = (kernels.HINT_CAP, kernels.HINT_CHUNK, kernels.HINT_WARPS)
     best = select_part(a)

@@ -253,7 +253,15 @@ def main() -> None:
     ap.add_argument("--train-archs", default=",".join(TRAIN_ARCHS), help="part 2's archs")
     ap.add_argument("--set-dir", default=None, help="where the synthetic sets are written (reused if there)")
     ap.add_argument("--out", default=None, help="JSON file of the rows")
+    ap.add_argument("--hint-cap", type=int, default=None,
+                    help="kernels.HINT_CAP (the thresholding steps' top-k bounded by their "
+                         "previous support; 0: off, the default); with it, part 2 says how "
+                         "often the bound served")
     a = ap.parse_args()
+    if a.hint_cap is not None:
+        from isae.gpu import kernels
+
+        kernels.HINT_CAP = a.hint_cap
     shapes = [(384, 12288), (768, 24576)]
     known = {s[0]: s for s in SETS}
     sets = [known[n] if n in known else _shape(n) for n in a.sets.split(",")]

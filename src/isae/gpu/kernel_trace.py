@@ -117,7 +117,8 @@ def hint_tally(device: torch.device | str) -> Iterator[torch.Tensor]:
     inside the block (kernels.topk_rows_hinted), the rows selected and those where the
     previous support's bound did not serve (more than HINT_CAP x k columns reached it), so a
     benchmark can say how often the short way ran in real training. The counts grow on the
-    device, also inside replayed CUDA graphs; read them after the block."""
+    device, also inside replayed CUDA graphs; read them after the block. Nothing is counted
+    while the hint is off (kernels.HINT_CAP 0, the default)."""
     tally = torch.zeros(2, dtype=torch.int64, device=device)
     real = kernels.topk_rows_hinted
 

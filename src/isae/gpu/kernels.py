@@ -8,7 +8,8 @@ Small kernels, each replacing a stock op that dominated the training step on an 
   [8192, 24576] bf16 matrix, where stock ``topk`` takes 1.8 ms).
 * ``topk_rows_hinted``: the same top-k where the rows' previous support is known (an IHT
   step's): its smallest score is the bound, so one pass over the row finds the few columns
-  that reach it, with no group maxima and no search over them.
+  that reach it, with no group maxima and no search over them. Off unless HINT_CAP is set:
+  not yet faster than ``topk_rows`` on a GPU.
 * ``topk_mask_rows``: the same selection kept as a dense matrix (AuxK on the dead columns).
 * ``gather_decode``: sum_j val[b, j] W[idx[b, j]] (the sparse decoder) from a bf16 table.
 * ``gather_dot``: <g[b], W[idx[b, j]]> for each selected latent (the decoder's value
@@ -294,9 +295,12 @@ if AVAILABLE:
 
 #: Group size of the pre-filter; above MAX_K the stock topk serves.
 GROUP, MAX_K = 64, 128
-#: topk_rows_hinted: up to HINT_CAP x k candidate columns (0: no hint, topk_rows itself), the
-#: columns its pass reads at a time, its warps a row.
-HINT_CAP, HINT_CHUNK, HINT_WARPS = 16, 512, 2
+#: topk_rows_hinted: up to HINT_CAP x k candidate columns, the columns its pass reads at a
+#: time, its warps a row. HINT_CAP 0 (the default) turns the hint off: topk_rows itself. The
+#: kernel's first version took 273 us where topk_rows takes 120 (an H100, width 12 288,
+#: benchmarks/RESULTS.md, sixteenth session); this one is checked in the interpreter only,
+#: and benchmarks/hint_bench.py measures its settings against topk_rows in one GPU call.
+HINT_CAP, HINT_CHUNK, HINT_WARPS = 0, 512, 2
 
 
 def topk_rows(pre: Tensor, k: int, signed: bool) -> tuple[Tensor, Tensor]:
@@ -346,7 +350,8 @@ def topk_rows_hinted(pre: Tensor, k: int, signed: bool, hint: Tensor,
     row collects the few columns that reach it and the k are found among those alone: no
     pass for the group maxima, no search over them. A row where more than ``HINT_CAP`` x k
     columns reach the bound, or where the hint's columns are not distinct enough to bound
-    it, takes topk_rows's way within the same kernel. Off the kernels: topk_rows.
+    it, takes topk_rows's way within the same kernel. Off the kernels, or with HINT_CAP 0
+    (the default, see there): topk_rows.
 
     ``tally``: an int64 [2] on the device to which the kernel adds (rows, rows that took the
     unhinted way), for a benchmark to see how often the hint served (no host sync, so it

@@ -380,8 +380,8 @@ def gather_dot(r: Tensor, idx: Tensor, W_dec: Tensor, grads: DecoderGrads | None
 def select_topk(score_src: Tensor, k: int, signed: bool, hint: Tensor | None = None) -> Tensor:
     """Indices [B, k] of the top-k of a (bfloat16) matrix, no gradient. ``hint`` [B, k]: the
     rows' previous support (an IHT step's), which bounds the search (kernels.topk_rows_hinted;
-    the same indices)."""
-    if hint is not None:
+    the same indices; while kernels.HINT_CAP is 0, the default, the hint is not used)."""
+    if hint is not None and kernels.HINT_CAP:
         return kernels.topk_rows_hinted(score_src, k, signed, hint)[1]
     return kernels.topk_rows(score_src, k, signed)[1]
 

@@ -1,0 +1,44 @@
+"""benchmarks/hint_bench.py at toy sizes, its kernels in Triton's interpreter on the CPU:
+every setting of the bounded top-k is timed against topk_rows with how many rows its bound
+served, a fastest setting is named, and whole steps come with and without it."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_hint_bench_runs_at_toy_sizes(tmp_path):
+    out = tmp_path / "hint.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hint_bench.py"), "--device", "cpu",
+                           "--width", "300", "--wide", "700", "--batch", "12", "--d", "16",
+                           "--reps", "1", "--step-reps", "1", "--archs", "topk,isae-iter",
+                           "--out", str(out)], env=env, capture_output=True, text=True,
+                          timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert d["default"][0] == 0, "the hint is off by default"
+    sel = [r for r in d["rows"] if r["part"] == "select"]
+    base = [r for r in sel if r["setting"] == "topk_rows"]
+    hinted = [r for r in sel if r["setting"] != "topk_rows"]
+    assert len(base) == 6 and len(hinted) == 6 * 9
+    assert all(0.0 <= r["served"] <= 1.0 and r["ms"] > 0 for r in hinted)
+    # a small move of the scores leaves the old support's bound serving every row
+    assert all(r["served"] == 1.0 for r in hinted if r["noise"] == 0.05)
+    assert str(tuple(d["best"])) in {r["setting"] for r in hinted}
+    steps = [r for r in d["rows"] if r["part"] == "steps"]
+    assert {(r["arch"], r["width"], r["setting"] == "unhinted") for r in steps} == {
+        (a, w, u) for a in ("topk", "isae-iter") for w in (300, 700) for u in (True, False)}
+    assert all(math.isfinite(r["ms"]) and r["ms"] > 0 for r in steps)
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("| steps |")
