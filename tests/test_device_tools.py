@@ -636,9 +636,14 @@ def test_kernels_ab_runs_this_tree_then_the_baseline(tmp_path):
     w = tmp_path / "w"
     env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "W": str(w),
            "NEW_SECTIONS": "steps,group", "BASE_SECTIONS": "select"}
-    subprocess.run(["bash", str(DEVICE / "kernels_ab.sh")], env=env, check=True,
-                   capture_output=True, timeout=60)
-    calls = (w / "calls").read_text().splitlines()
+
+    def run() -> list[str]:
+        (w / "calls").unlink(missing_ok=True)
+        subprocess.run(["bash", str(DEVICE / "kernels_ab.sh")], env=env, check=True,
+                       capture_output=True, timeout=60)
+        return (w / "calls").read_text().splitlines()
+
+    calls = run()
     assert len(calls) == 3 and "-m pytest" in calls[0]
     assert "benchmarks/group_bench.py --only steps,group" in calls[1]
     assert calls[1].endswith("path=src")
@@ -649,10 +654,8 @@ def test_kernels_ab_runs_this_tree_then_the_baseline(tmp_path):
     # the test files, their limit and a last iter_bench run, when asked for
     env.update(TESTS="tests/test_group.py tests/test_fast_gpu.py", TESTS_LIMIT="7",
                ITER_ARGS="--part training --tokens 1000")
-    (w / "calls").unlink()
-    subprocess.run(["bash", str(DEVICE / "kernels_ab.sh")], env=env, check=True,
-                   capture_output=True, timeout=60)
-    calls = (w / "calls").read_text().splitlines()
-    assert len(calls) == 4 and "pytest -q -p no:cacheprovider tests/test_group.py tests/test_fast_gpu.py" in calls[0]
+    calls = run()
+    assert len(calls) == 4
+    assert "pytest -q -p no:cacheprovider tests/test_group.py tests/test_fast_gpu.py" in calls[0]
     assert "benchmarks/iter_bench.py --part training --tokens 1000 --out" in calls[3]
     assert calls[3].endswith("path=src")

@@ -175,6 +175,11 @@ if AVAILABLE:
         sc = tl.where(ok, _scores(base, o, N, SIGNED), -1.0)
         key = tl.reshape(_bits(sc, SHIFT), [CAP * S])
         col = tl.reshape(o, [CAP * S])
+        _select_among(base, key, col, lo, hi, out_val, out_idx, row, K, SIGNED)
+
+    @triton.jit
+    def _select_among(base, key, col, lo, hi, out_val, out_idx, row, K, SIGNED: tl.constexpr):
+        # Columns ``col`` in index order, their keys, count(key >= lo) >= K > count(key >= hi).
         # 2. Bisection for t, the k-th largest key, among these columns only. (Three
         #    thresholds a pass, their counts packed in one int64 sum, was no faster on an
         #    H100 here and slower in _topk_mask_kernel: benchmarks/RESULTS.md, fifteenth
@@ -237,19 +242,13 @@ if AVAILABLE:
         if TALLY:
             tl.atomic_add(tally, tl.full([], 1, tl.int64))
         if (n_cand >= K) & (n_cand <= CAPC):
-            # 3. Bisection for the k-th largest key among the candidates only, then
-            #    _select_in_groups's write: the same result as the unhinted kernel.
+            # 3. The k among the candidates only, as the unhinted kernel picks them among
+            #    its groups' columns: the same result.
             ok = cs < n_cand
             col = tl.load(cand_buf + row * CAPC + cs, mask=ok, other=0)
             key = tl.where(ok, _bits(_scores(base, col, N, SIGNED), SHIFT), -1)
             hi = tl.max(key, axis=0) + 1  # the row's largest key reaches the bound: it is here
-            while hi - lo > 1:
-                mid = lo + (hi - lo) // 2
-                big = tl.sum((key >= mid).to(tl.int32), axis=0) >= K
-                lo = tl.where(big, mid, lo)
-                hi = tl.where(big, hi, mid)
-            n_gt = tl.sum((key > lo).to(tl.int32), axis=0)
-            _write(base, key, col, lo, K - n_gt, 0, 0, out_val, out_idx, row, K, SIGNED)
+            _select_among(base, key, col, lo, hi, out_val, out_idx, row, K, SIGNED)
         else:
             # Too many columns reach the hint's bound (or it was no bound): topk_rows's way.
             if TALLY:
