@@ -86,10 +86,15 @@ if AVAILABLE:
             tl.store(gmax + row * G + g0 + gs, m, mask=g0 + gs < G)
 
     @triton.jit
-    def _group_max_kernel(pre, gmax, N, G, stride_row, SIGNED: tl.constexpr,
-                          S: tl.constexpr, GC: tl.constexpr):
+    def _group_max_kernel(pre, gmax, todo, N, G, stride_row, SIGNED: tl.constexpr,
+                          S: tl.constexpr, GC: tl.constexpr, TODO: tl.constexpr):
+        # TODO: only the rows where todo[row] is set (the rest were served already)
         row = tl.program_id(0).to(tl.int64)
-        _group_maxima(pre + row * stride_row, gmax, row, N, G, SIGNED, S, GC)
+        if TODO:
+            if tl.load(todo + row) != 0:
+                _group_maxima(pre + row * stride_row, gmax, row, N, G, SIGNED, S, GC)
+        else:
+            _group_maxima(pre + row * stride_row, gmax, row, N, G, SIGNED, S, GC)
 
     @triton.jit
     def _bits(sc, SHIFT: tl.constexpr):
@@ -98,12 +103,18 @@ if AVAILABLE:
         return tl.where(sc >= 0, sc.to(tl.int32, bitcast=True) >> SHIFT, -1)
 
     @triton.jit
-    def _select_kernel(pre, gmax, out_val, out_idx, gsel_buf, N, G, stride_row, K,
+    def _select_kernel(pre, gmax, out_val, out_idx, gsel_buf, todo, N, G, stride_row, K,
                        SIGNED: tl.constexpr, SHIFT: tl.constexpr, S: tl.constexpr,
-                       GP: tl.constexpr, CAPG: tl.constexpr, CHUNK: tl.constexpr):
+                       GP: tl.constexpr, CAPG: tl.constexpr, CHUNK: tl.constexpr,
+                       TODO: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
-        _select_row(pre + row * stride_row, gmax, out_val, out_idx, gsel_buf, row, N, G, K,
-                    SIGNED, SHIFT, S, GP, CAPG, CHUNK)
+        if TODO:
+            if tl.load(todo + row) != 0:
+                _select_row(pre + row * stride_row, gmax, out_val, out_idx, gsel_buf, row, N, G,
+                            K, SIGNED, SHIFT, S, GP, CAPG, CHUNK)
+        else:
+            _select_row(pre + row * stride_row, gmax, out_val, out_idx, gsel_buf, row, N, G, K,
+                        SIGNED, SHIFT, S, GP, CAPG, CHUNK)
 
     @triton.jit
     def _select_row(base, gmax, out_val, out_idx, gsel_buf, row, N, G, K,
@@ -211,11 +222,9 @@ if AVAILABLE:
         tl.store(out_idx + row * K + pos, col.to(tl.int64), mask=sel)
 
     @triton.jit
-    def _select_hinted_kernel(pre, hint, gmax, out_val, out_idx, gsel_buf, cand_buf, tally, N,
-                              G, stride_row, K, SIGNED: tl.constexpr, SHIFT: tl.constexpr,
-                              S: tl.constexpr, GP: tl.constexpr, CAPG: tl.constexpr,
-                              CHUNK: tl.constexpr, KP: tl.constexpr, CAPC: tl.constexpr,
-                              TALLY: tl.constexpr):
+    def _select_hinted_kernel(pre, hint, out_val, out_idx, cand_buf, todo, tally, N, stride_row,
+                              K, SIGNED: tl.constexpr, SHIFT: tl.constexpr, CHUNK: tl.constexpr,
+                              KP: tl.constexpr, CAPC: tl.constexpr, TALLY: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = pre + row * stride_row
         # 1. The bound from the hint: the smallest score of K columns. Where they are K
@@ -239,9 +248,15 @@ if AVAILABLE:
                 tl.store(cand_buf + row * CAPC + pos, o, mask=reach & (pos < CAPC))
             n_cand += n_here
         tl.debug_barrier()  # other threads of this program read what these wrote
+        served = (n_cand >= K) & (n_cand <= CAPC)
+        # Rows the bound did not serve (too many candidates, or no bound) are left to
+        # topk_rows's kernels, launched after this one for those rows only: kept out of
+        # this kernel, their larger tiles would cost it registers on every row.
+        tl.store(todo + row, tl.where(served, 0, 1).to(tl.int32))
         if TALLY:
             tl.atomic_add(tally, tl.full([], 1, tl.int64))
-        if (n_cand >= K) & (n_cand <= CAPC):
+            tl.atomic_add(tally + 1, tl.where(served, 0, 1).to(tl.int64))
+        if served:
             # 3. The k among the candidates only, as the unhinted kernel picks them among
             #    its groups' columns: the same result.
             ok = cs < n_cand
@@ -249,14 +264,6 @@ if AVAILABLE:
             key = tl.where(ok, _bits(_scores(base, col, N, SIGNED), SHIFT), -1)
             hi = tl.max(key, axis=0) + 1  # the row's largest key reaches the bound: it is here
             _select_among(base, key, col, lo, hi, out_val, out_idx, row, K, SIGNED)
-        else:
-            # Too many columns reach the hint's bound (or it was no bound): topk_rows's way.
-            if TALLY:
-                tl.atomic_add(tally + 1, tl.full([], 1, tl.int64))
-            _group_maxima(base, gmax, row, N, G, SIGNED, S, 64)
-            tl.debug_barrier()
-            _select_row(base, gmax, out_val, out_idx, gsel_buf, row, N, G, K, SIGNED, SHIFT, S,
-                        GP, CAPG, CHUNK)
 
     @triton.jit
     def _gather_decode_kernel(val, idx, W, out, bias, D, RPB, K: tl.constexpr, KP: tl.constexpr,
@@ -324,21 +331,29 @@ def topk_rows(pre: Tensor, k: int, signed: bool) -> tuple[Tensor, Tensor]:
         return codes.val.float(), codes.idx
     if pre.stride(1) != 1:
         pre = pre.contiguous()
-    G = triton.cdiv(N, GROUP)
-    gmax = torch.empty(B, G, device=pre.device, dtype=torch.float32)
     val = torch.empty(B, k, device=pre.device, dtype=torch.float32)
     idx = torch.empty(B, k, device=pre.device, dtype=torch.int64)
-    if not B:
-        return val, idx
-    _group_max_kernel[(B,)](pre, gmax, N, G, pre.stride(0), SIGNED=signed, S=GROUP, GC=64,
-                            num_warps=4)
+    if B:
+        _select_rows(pre, k, signed, val, idx)
+    return val, idx
+
+
+def _select_rows(pre: Tensor, k: int, signed: bool, val: Tensor, idx: Tensor,
+                 todo: Tensor | None = None) -> None:
+    """topk_rows's two kernels into ``val`` and ``idx``; with ``todo`` (int32 [B]) only on
+    the rows where it is set."""
+    B, N = pre.shape
+    G = triton.cdiv(N, GROUP)
+    gmax = torch.empty(B, G, device=pre.device, dtype=torch.float32)
+    flags = todo if todo is not None else gmax  # a pointer the kernels leave unread
+    _group_max_kernel[(B,)](pre, gmax, flags, N, G, pre.stride(0), SIGNED=signed, S=GROUP,
+                            GC=64, TODO=todo is not None, num_warps=4)
     capg = _pow2(max(2 * k, 16))
     gsel_buf = torch.empty(B, capg, device=pre.device, dtype=torch.int32)
-    _select_kernel[(B,)](pre, gmax, val, idx, gsel_buf, N, G, pre.stride(0), k,
+    _select_kernel[(B,)](pre, gmax, val, idx, gsel_buf, flags, N, G, pre.stride(0), k,
                          SIGNED=signed, SHIFT=16 if pre.dtype == torch.bfloat16 else 0, S=GROUP,
-                         GP=_pow2(G), CAPG=capg, CHUNK=4096,
+                         GP=_pow2(G), CAPG=capg, CHUNK=4096, TODO=todo is not None,
                          num_warps=4 if capg * GROUP <= 4096 else 8)
-    return val, idx
 
 
 def topk_rows_hinted(pre: Tensor, k: int, signed: bool, hint: Tensor,
@@ -349,8 +364,8 @@ def topk_rows_hinted(pre: Tensor, k: int, signed: bool, hint: Tensor,
     row collects the few columns that reach it and the k are found among those alone: no
     pass for the group maxima, no search over them. A row where more than ``HINT_CAP`` x k
     columns reach the bound, or where the hint's columns are not distinct enough to bound
-    it, takes topk_rows's way within the same kernel. Off the kernels, or with HINT_CAP 0
-    (the default, see there): topk_rows.
+    it, is left to topk_rows's kernels, launched after for those rows only. Off the kernels,
+    or with HINT_CAP 0 (the default, see there): topk_rows.
 
     ``tally``: an int64 [2] on the device to which the kernel adds (rows, rows that took the
     unhinted way), for a benchmark to see how often the hint served (no host sync, so it
@@ -363,22 +378,19 @@ def topk_rows_hinted(pre: Tensor, k: int, signed: bool, hint: Tensor,
     if pre.stride(1) != 1:
         pre = pre.contiguous()
     hint = hint.contiguous()
-    G = triton.cdiv(N, GROUP)
-    gmax = torch.empty(B, G, device=pre.device, dtype=torch.float32)
     val = torch.empty(B, k, device=pre.device, dtype=torch.float32)
     idx = torch.empty(B, k, device=pre.device, dtype=torch.int64)
     if not B:
         return val, idx
-    capg = _pow2(max(2 * k, 16))
     capc = _pow2(HINT_CAP * k)
-    gsel_buf = torch.empty(B, capg, device=pre.device, dtype=torch.int32)
     cand_buf = torch.empty(B, capc, device=pre.device, dtype=torch.int32)
-    _select_hinted_kernel[(B,)](pre, hint, gmax, val, idx, gsel_buf, cand_buf,
-                                tally if tally is not None else gsel_buf, N, G,
-                                pre.stride(0), k, SIGNED=signed, TALLY=tally is not None,
-                                SHIFT=16 if pre.dtype == torch.bfloat16 else 0, S=GROUP,
-                                GP=_pow2(G), CAPG=capg, CHUNK=min(_pow2(N), HINT_CHUNK),
-                                KP=_pow2(k), CAPC=capc, num_warps=HINT_WARPS)
+    todo = torch.empty(B, device=pre.device, dtype=torch.int32)
+    _select_hinted_kernel[(B,)](pre, hint, val, idx, cand_buf, todo,
+                                tally if tally is not None else todo, N, pre.stride(0), k,
+                                SIGNED=signed, SHIFT=16 if pre.dtype == torch.bfloat16 else 0,
+                                CHUNK=min(_pow2(N), HINT_CHUNK), KP=_pow2(k), CAPC=capc,
+                                TALLY=tally is not None, num_warps=HINT_WARPS)
+    _select_rows(pre, k, signed, val, idx, todo)  # the rows the bound did not serve
     return val, idx
 
 
