@@ -1,6 +1,7 @@
 """What the training benchmarks share: the synthetic float16 set they write themselves, peak
-device memory per run, a batch source patched to serve batches already in memory, and the
-JSON results file that benchmarks/session_table.py reads."""
+device memory per run, a batch source patched to serve batches already in memory, the
+thresholding steps' top-k tally, and the JSON results file that benchmarks/session_table.py
+reads."""
 
 from __future__ import annotations
 
@@ -17,6 +18,22 @@ import torch
 
 from isae.data.activations import ActivationSet, ActivationWriter, heldout_mask
 from isae.training import trainer
+
+
+@contextlib.contextmanager
+def hint_tally(device: str):
+    """isae.gpu.kernel_trace.hint_tally (how often the thresholding steps' top-k took its
+    bound's short way) on a GPU, with an isae that has it; else None."""
+    if device != "cuda":
+        yield None
+        return
+    from isae.gpu import kernel_trace
+
+    if not hasattr(kernel_trace, "hint_tally"):  # an older src (kernels_ab.sh's baseline)
+        yield None
+        return
+    with kernel_trace.hint_tally(device) as tally:
+        yield tally
 
 
 def ensure_set(path: Path, rows: int, d: int, atoms: int, batch: int, device: str) -> ActivationSet:

@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_set import Peak, ensure_set, sections  # noqa: E402
+from bench_set import Peak, ensure_set, hint_tally, sections  # noqa: E402
 
 from isae.data import checkpoints  # noqa: E402
 from isae.models.compute import select_ops  # noqa: E402
@@ -277,7 +277,7 @@ def steps_section(a) -> None:
             m = SparseCoder(SAEConfig.from_arch(arch, d_in=a.d, d_sae=width, k=a.k, seed=0),
                             device=DEV, ops=select_ops(DEV))
             st = SAEStepper(m, TrainConfig(lr=2e-4))
-            with _tally() as tally:  # the steps' top-k: how often the previous support served
+            with hint_tally(DEV) as tally:  # the steps' top-k: how often the previous support served
                 for _ in range(3):  # eager, recorded, replayed
                     st.step(x, 1.0, dead)
                 ms = _per_step(lambda st=st, dead=dead: st.step(x, 1.0, dead), a.switch_reps)
@@ -297,18 +297,6 @@ def steps_section(a) -> None:
             gc.collect()
             if DEV == "cuda":
                 torch.cuda.empty_cache()
-
-
-@contextlib.contextmanager
-def _tally():
-    """kernel_trace.hint_tally where this version of isae has it, else None."""
-    from isae.gpu import kernel_trace
-
-    if not hasattr(kernel_trace, "hint_tally"):
-        yield None
-        return
-    with kernel_trace.hint_tally(DEV) as tally:
-        yield tally
 
 
 def _profile_kernels(fn, reps: int = 5) -> tuple[list[dict], float]:

@@ -32,7 +32,6 @@ on the final codes' FVU with the codes as constants plus the amortised TopK code
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import tempfile
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_set import hint_tally
 
 from isae.analysis.convergence import run_convergence
 from isae.analysis.matching import match_dictionaries
@@ -139,7 +139,7 @@ def training(root: Path, device: str, tokens: int, rows: int, batch: int, seeds:
                 for a, s in itertools.product(archs, range(seeds))]
         outs = [scratch / "runs" / name / f"{c.arch}-{c.seed}" for c in cfgs]
         t0 = time.perf_counter()
-        with _tally(device) as tally:
+        with hint_tally(device) as tally:
             summaries = train_many(path, cfgs, tcfg, outs, resume=False, drop_diverged=True,
                                    report=lambda log, total, out, t=tcfg: run_convergence(
                                        log, t, total))
@@ -170,21 +170,6 @@ def training(root: Path, device: str, tokens: int, rows: int, batch: int, seeds:
                 seed_cos_sd=_sd(stab), dead_pct=100 * _mean(dead),
                 converged=f"{sum(bool(s.get('converged')) for s in done)}/{len(runs)}",
                 diverged=len(runs) - len(done), set=name, arch=arch, wall_s=wall)
-
-
-@contextlib.contextmanager
-def _tally(device: str):
-    """isae.gpu.kernel_trace.hint_tally on a GPU where this isae has it, else None."""
-    if device != "cuda":
-        yield None
-        return
-    from isae.gpu import kernel_trace
-
-    if not hasattr(kernel_trace, "hint_tally"):
-        yield None
-        return
-    with kernel_trace.hint_tally(device) as tally:
-        yield tally
 
 
 def _mean(v: list[float]) -> float:
