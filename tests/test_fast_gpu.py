@@ -487,6 +487,9 @@ def test_every_switch_combination_runs_on_the_fast_path_on_cuda(arch):
     assert not t.fallbacks(), t.fallbacks()
     assert {"_select_kernel", "_topk_mask_kernel", "_gather_decode_kernel", kernel_trace.CSR,
             "_fvu_kernel", "_normalize_rows_kernel"} <= set(t.kernels())
+    if "iter" in arch:  # the fused differentiated step, forward and backward
+        assert {"_iht_eta_row_kernel", "_iht_update_row_kernel",
+                "_iht_grad_row_kernel"} <= set(t.kernels())
     for _ in range(2):  # recorded, replayed
         out = st.step(x, 1.0, dead)
     assert len(st.graphs.graphs) == 1 and torch.isfinite(out["fvu"])
@@ -513,7 +516,8 @@ def test_a_group_step_runs_on_the_fast_kernels_on_cuda():
         group.step(x, 1.0)  # dead latents now: a new width, eager
     assert not t.fallbacks(), t.fallbacks()
     assert {"_adam_rows_kernel", "_topk_mask_kernel", "_select_kernel", kernel_trace.CSR,
-            "_iht_eta_row_kernel", "_iht_update_row_kernel"} <= set(t.kernels())
+            "_iht_eta_row_kernel", "_iht_update_row_kernel", "_iht_grad_row_kernel"
+            } <= set(t.kernels())
     for _ in range(3):  # recorded, replayed
         _force_dead(group, 100)
         metrics = group.step(x, 1.0)

@@ -27,7 +27,7 @@ from isae.gpu import kernels
 #: The wrappers of kernels.py, each backed by one or more Triton kernels.
 WRAPPERS = ("topk_rows", "topk_rows_hinted", "topk_mask_rows", "gather_decode", "gather_dot",
             "project_rows_", "normalize_rows_", "fvu_parts", "scale", "sub_cast", "keep_where",
-            "adam_rows_", "iht_eta", "iht_update")
+            "adam_rows_", "iht_eta", "iht_update", "iht_update_kept", "iht_grad")
 #: Segments' products (cuSPARSE, not Triton): their launch is the CSR product.
 SEGMENT_METHODS = ("reduce", "reduce_into")
 #: What a Segments product launches (recorded as a kernel name).

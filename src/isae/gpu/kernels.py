@@ -20,6 +20,8 @@ Small kernels, each replacing a stock op that dominated the training step on an 
 * ``iht_eta`` / ``iht_update``: the two halves of an IHT step without gradient (``+sg``),
   each one pass over a row, around the dense correlation and its top-k; where a row's
   [K, D] table tile fits in registers, that tile is loaded once for all of the pass.
+  ``iht_update_kept`` also says which rows took the new codes, and ``iht_grad`` is the
+  backward of the differentiated step built on them (isae-iter), one pass over a row.
 * One-pass elementwise work of a step: ``fvu_parts``, ``scale``, ``sub_cast``,
   ``keep_where``, and the decoder's row constraint (``project_rows_``, ``normalize_rows_``).
 * ``adam_rows_``: Adam over M stacked models, each with its own learning rate (a group
@@ -717,8 +719,8 @@ if AVAILABLE:
         return kk, km, j_old, v_old, j, tl.load(step + row)
 
     @triton.jit
-    def _iht_update_kernel(x, xh, val, idx, nidx, step, W, bias, out_val, out_idx, out_xh, D,
-                           RPB, K: tl.constexpr, KP: tl.constexpr, BLOCK_D: tl.constexpr,
+    def _iht_update_kernel(x, xh, val, idx, nidx, step, W, bias, out_val, out_idx, out_xh,
+                           out_better, D, RPB, K: tl.constexpr, KP: tl.constexpr, BLOCK_D: tl.constexpr,
                            SIGNED: tl.constexpr, BIAS: tl.constexpr):
         # One row: the new support's values (old value where the latent was there already,
         # plus eta <r, W_j>), their decode, and whichever of new and old reconstructs x better.
@@ -750,7 +752,9 @@ if AVAILABLE:
             e = tl.load(x + row * D + d, mask=dm, other=0.0) - xn
             e_new += tl.where(dm, e * e, 0.0)
             tl.store(out_xh + row * D + d, xn, mask=dm)
-        if tl.sum(e_new, axis=0) <= tl.sum(e_old, axis=0):
+        keep_new = tl.sum(e_new, axis=0) <= tl.sum(e_old, axis=0)
+        tl.store(out_better + row, keep_new.to(tl.int8))
+        if keep_new:
             tl.store(out_val + row * K + kk, v, mask=km)
             tl.store(out_idx + row * K + kk, j, mask=km)
         else:
@@ -792,7 +796,7 @@ if AVAILABLE:
 
     @triton.jit
     def _iht_update_row_kernel(x, xh, val, idx, nidx, step, W, bias, out_val, out_idx, out_xh,
-                               D, RPB, K: tl.constexpr, KP: tl.constexpr,
+                               out_better, D, RPB, K: tl.constexpr, KP: tl.constexpr,
                                BLOCK_D: tl.constexpr, SIGNED: tl.constexpr,
                                BIAS: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
@@ -815,6 +819,7 @@ if AVAILABLE:
             xn += tl.load(bias + (row // RPB) * D + d, mask=dm, other=0.0)
         e = tl.where(dm, xr - xn, 0.0)
         better = tl.sum(e * e, axis=0) <= tl.sum(r * r, axis=0)
+        tl.store(out_better + row, better.to(tl.int8))
         tl.store(out_val + row * K + kk, tl.where(better, v, v_old), mask=km)
         tl.store(out_idx + row * K + kk, tl.where(better, j, j_old), mask=km)
         tl.store(out_xh + row * D + d, tl.where(better, xn, xo), mask=dm)
@@ -872,6 +877,18 @@ def iht_update(x: Tensor, x_hat: Tensor, val: Tensor, idx: Tensor, new_idx: Tens
     reconstruct x no worse than the old ones (reference.keep_better). bias: [D], or [G, D]
     for G equal blocks of rows (as gather_decode's).
     -> (val [B, K] float32, idx [B, K], reconstruction [B, D] float32)."""
+    return _iht_update(x, x_hat, val, idx, new_idx, step, W, bias, signed)[:3]
+
+
+def iht_update_kept(x: Tensor, x_hat: Tensor, val: Tensor, idx: Tensor, new_idx: Tensor,
+                    step: Tensor, W: Tensor, bias: Tensor | None, signed: bool
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``iht_update``'s three results and which rows took the new codes (bool [B]): the
+    differentiated step's backward (``iht_grad``) follows that choice."""
+    return _iht_update(x, x_hat, val, idx, new_idx, step, W, bias, signed)
+
+
+def _iht_update(x, x_hat, val, idx, new_idx, step, W, bias, signed):
     B, K = idx.shape
     D = W.shape[1]
     groups = 1 if bias is None or bias.dim() == 1 else bias.shape[0]
@@ -885,15 +902,17 @@ def iht_update(x: Tensor, x_hat: Tensor, val: Tensor, idx: Tensor, new_idx: Tens
         x_new = gather_decode(v, new_idx, W, bias)
         kept, x_kept = reference.keep_better(x, x_hat, reference.Codes(val, idx),
                                              reference.Codes(v, new_idx), x_new)
-        return kept.val, kept.idx, x_kept
+        better = (x - x_new).pow(2).sum(-1) <= (x - x_hat).pow(2).sum(-1)
+        return kept.val, kept.idx, x_kept, better
     out_val = torch.empty(B, K, device=W.device, dtype=torch.float32)
     out_idx = torch.empty(B, K, device=W.device, dtype=idx.dtype)
     out_xh = torch.empty(B, D, device=W.device, dtype=torch.float32)
+    better = torch.empty(B, device=W.device, dtype=torch.int8)
     if B:
         args = (x.contiguous(), x_hat.contiguous(), val.contiguous(), idx.contiguous(),
                 new_idx.contiguous(), step.contiguous(), W.contiguous(),
-                out_xh if bias is None else bias.float().contiguous(), out_val, out_idx, out_xh, D,
-                max(B // groups, 1))
+                out_xh if bias is None else bias.float().contiguous(), out_val, out_idx, out_xh,
+                better, D, max(B // groups, 1))
         if _iht_row(D, K):
             _iht_update_row_kernel[(B,)](*args, K=K, KP=_pow2(K), BLOCK_D=_pow2(D),
                                          SIGNED=signed, BIAS=bias is not None,
@@ -901,7 +920,135 @@ def iht_update(x: Tensor, x_hat: Tensor, val: Tensor, idx: Tensor, new_idx: Tens
         else:
             _iht_update_kernel[(B,)](*args, K=K, KP=_pow2(K), BLOCK_D=_iht_block(D, K),
                                      SIGNED=signed, BIAS=bias is not None, num_warps=4)
-    return out_val, out_idx, out_xh
+    return out_val, out_idx, out_xh, better.bool()
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _iht_grad_row_kernel(x, xh, val, idx, nidx, step, kept, W, g_val, g_xh,
+                             o_gval, o_gxh, o_wnx, o_wnr, o_wod, o_wor, o_gdg, o_r, D, scale,
+                             K: tl.constexpr, KP: tl.constexpr, BLOCK_D: tl.constexpr,
+                             SIGNED: tl.constexpr, HAS_GV: tl.constexpr, HAS_GX: tl.constexpr):
+        # One row of iht_grad (its docstring has the maths): the new support's tile first
+        # (the step size's gradient needs its correlations), then the old one's.
+        row = tl.program_id(0).to(tl.int64)
+        kk, km, j_old, v_old, j, eta = _iht_update_inputs(idx, val, nidx, step, row, K, KP)
+        b = tl.load(kept + row) != 0
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        r = (tl.load(x + row * D + d, mask=dm, other=0.0)
+             - tl.load(xh + row * D + d, mask=dm, other=0.0))
+        tl.store(o_r + row * D + d, r, mask=dm)
+        gx = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if HAS_GX:
+            gx = tl.load(g_xh + row * D + d, mask=dm, other=0.0)
+        gvk = tl.zeros([KP], dtype=tl.float32)
+        if HAS_GV:
+            gvk = tl.load(g_val + row * K + kk, mask=km, other=0.0)
+        w = tl.load(W + j[:, None] * D + d[None, :], mask=km[:, None] & dm[None, :],
+                    other=0.0).to(tl.float32)
+        c = tl.sum(w * r[None, :], axis=1)
+        same = (j[:, None] == j_old[None, :]) & km[:, None]
+        v = tl.sum(tl.where(same, v_old[None, :], 0.0), axis=1) + eta * c
+        gv = tl.sum(w * gx[None, :], axis=1) + gvk
+        if not SIGNED:
+            gv = tl.where(v > 0, gv, 0.0)
+            v = tl.maximum(v, 0.0)
+        gv = tl.where(km & b, gv, 0.0)
+        g_step = tl.sum(gv * c, axis=0)
+        g_c = eta * gv
+        g_r = tl.sum(w * g_c[:, None], axis=0)
+        tl.store(o_wnx + row * K + kk, tl.where(b, v, 0.0), mask=km)
+        tl.store(o_wnr + row * K + kk, g_c, mask=km)
+        wo = tl.load(W + j_old[:, None] * D + d[None, :], mask=km[:, None] & dm[None, :],
+                     other=0.0).to(tl.float32)
+        gs = tl.sum(wo * r[None, :], axis=1)
+        dg = tl.sum(wo * gs[:, None], axis=0)
+        G = tl.sum(gs * gs, axis=0)
+        Q = tl.sum(dg * dg, axis=0)
+        Qc = tl.maximum(Q, 1e-12)
+        g_G = g_step * scale / Qc
+        g_Q = tl.where(Q >= 1e-12, -g_step * scale * G / (Qc * Qc), 0.0)
+        g_dg = 2.0 * g_Q * dg
+        g_gs = tl.where(km, 2.0 * g_G * gs + tl.sum(wo * g_dg[None, :], axis=1), 0.0)
+        g_r += tl.sum(wo * g_gs[:, None], axis=0)
+        tl.store(o_wod + row * K + kk, tl.where(b, gs, 0.0), mask=km)
+        tl.store(o_wor + row * K + kk, g_gs, mask=km)
+        tl.store(o_gdg + row * D + d, g_dg, mask=dm)
+        g_old = tl.sum(tl.where(same, gv[:, None], 0.0), axis=0)  # over the old latents
+        tl.store(o_gval + row * K + kk, tl.where(b, g_old, gvk), mask=km)
+        tl.store(o_gxh + row * D + d, tl.where(b, -g_r, gx), mask=dm)
+
+
+def iht_grad(x: Tensor, x_hat: Tensor, val: Tensor, idx: Tensor, new_idx: Tensor, step: Tensor,
+             kept: Tensor, W: Tensor, scale: float, signed: bool, g_val: Tensor | None,
+             g_xh: Tensor | None) -> tuple[Tensor, ...]:
+    """The backward of one differentiated IHT step (``iht_update_kept`` after ``iht_eta``,
+    its support ``new_idx`` chosen without gradient), one pass over each row.
+
+    The step, per row that took the new codes (``kept``): r = x - x_hat; on the old support
+    g_S = W_S r, Dg = g_S W_S, step = scale ||g_S||^2 / max(||Dg||^2, 1e-12); on the new one
+    c = W_new r, v = ReLU(same @ val + step c) (no ReLU when signed), x_new = v W_new (+ bias).
+    A row that kept its old codes passes the gradients g_val [B, K] and g_xh [B, D] (either
+    None: zero) of the step's outputs straight through.
+
+    -> (d val [B, K], d x_hat [B, D], and the decoder's gradient in four k-sparse parts: the
+    weights of g_xh and of r on the new support, of dDg and of r on the old one
+    ([B, K] each), then dDg [B, D] and r [B, D]; the caller reduces each weight with its
+    source over the latents, kernels.Segments). The bias's gradient is g_xh on the kept rows.
+    Computed in x's dtype."""
+    B, K = idx.shape
+    D = W.shape[1]
+    if not (usable(W) and x.dtype == x_hat.dtype == val.dtype == torch.float32
+            and _iht_row(D, K) and (g_xh is None or g_xh.dtype == torch.float32)
+            and (g_val is None or g_val.dtype == torch.float32)):
+        return _iht_grad_stock(x, x_hat, val, idx, new_idx, step, kept, W, scale, signed,
+                               g_val, g_xh)
+    f32 = dict(device=W.device, dtype=torch.float32)
+    gval, wnx, wnr, wod, wor = (torch.empty(B, K, **f32) for _ in range(5))
+    gxh, gdg, r = (torch.empty(B, D, **f32) for _ in range(3))
+    if B:
+        _iht_grad_row_kernel[(B,)](
+            x.contiguous(), x_hat.contiguous(), val.contiguous(), idx.contiguous(),
+            new_idx.contiguous(), step.contiguous(), kept.to(torch.int8).contiguous(),
+            W.contiguous(), r if g_val is None else g_val.contiguous(),
+            r if g_xh is None else g_xh.contiguous(), gval, gxh, wnx, wnr, wod, wor, gdg, r,
+            D, float(scale), K=K, KP=_pow2(K), BLOCK_D=_pow2(D), SIGNED=signed,
+            HAS_GV=g_val is not None, HAS_GX=g_xh is not None, num_warps=_iht_warps(D, K))
+    return gval, gxh, wnx, wnr, wod, wor, gdg, r
+
+
+def _iht_grad_stock(x, x_hat, val, idx, new_idx, step, kept, W, scale, signed, g_val, g_xh):
+    """iht_grad in stock torch ops (CPU tensors, wide rows)."""
+    Wf = W.to(x.dtype)
+    r = x - x_hat
+    b = kept.bool().unsqueeze(-1)
+    gx = torch.zeros_like(x) if g_xh is None else g_xh.to(x.dtype)
+    gvk = torch.zeros_like(val) if g_val is None else g_val.to(val.dtype)
+    Wn, Wo = Wf[new_idx], Wf[idx]  # [B, K, D]
+    c = torch.einsum("bkd,bd->bk", Wn, r)
+    same = (new_idx.unsqueeze(-1) == idx.unsqueeze(-2)).to(val.dtype)  # [B, K new, K old]
+    v = (same @ val.unsqueeze(-1)).squeeze(-1) + step * c
+    gv = torch.einsum("bkd,bd->bk", Wn, gx) + gvk
+    if not signed:
+        gv = gv * (v > 0)
+        v = v.clamp_min(0)
+    gv = gv * b
+    g_step = (gv * c).sum(-1, keepdim=True)
+    g_c = step * gv
+    gs = torch.einsum("bkd,bd->bk", Wo, r)
+    dg = torch.einsum("bk,bkd->bd", gs, Wo)
+    G, Q = gs.pow(2).sum(-1, keepdim=True), dg.pow(2).sum(-1, keepdim=True)
+    Qc = Q.clamp_min(1e-12)
+    g_G = g_step * scale / Qc
+    g_Q = torch.where(Q >= 1e-12, -g_step * scale * G / (Qc * Qc), 0.0)
+    g_dg = 2.0 * g_Q * dg
+    g_gs = 2.0 * g_G * gs + torch.einsum("bkd,bd->bk", Wo, g_dg)
+    g_r = torch.einsum("bk,bkd->bd", g_c, Wn) + torch.einsum("bk,bkd->bd", g_gs, Wo)
+    g_old = (same.transpose(1, 2) @ gv.unsqueeze(-1)).squeeze(-1)
+    return (torch.where(b, g_old, gvk), torch.where(b, -g_r, gx), v * b, g_c, gs * b, g_gs,
+            g_dg, r)
 
 
 def fvu_parts(x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor, Tensor]:

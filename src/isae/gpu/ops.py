@@ -21,8 +21,11 @@ Here the sparse maps get their own backward, built on the Triton kernels of kern
   k_aux with a Triton kernel, and its encoder gradient goes into the main [N, D] buffer.
 * The FVU (loss and AuxK's) is one pass over x and x_hat.
 * IHT (isae-iter) selects each new support from a dense bfloat16 correlation computed
-  without gradient, and differentiates only the correlations it keeps (gathered dots).
-  With ``+sg`` the steps are not differentiated at all: two row kernels per step
+  without gradient, and differentiates only what the step keeps: the new values, their
+  decode and the step size, as one autograd function (``iht_step_grad``) whose forward is
+  the two row kernels below and whose backward is one row kernel (kernels.iht_grad) and
+  the decoder's segmented reductions. With ``+sg`` the steps are not differentiated at all:
+  two row kernels per step
   (kernels.iht_eta, kernels.iht_update) around the correlation and its top-k, the
   decoder sees the final codes as constants, and the amortised codes' decode (the steps'
   starting point) is differentiated for their own loss term.
@@ -37,13 +40,12 @@ and benchmarks/gpu_bench.py.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
 from isae.gpu import kernels
 from isae.gpu.cuda_graphs import StepGraphs
-from isae.models.reference import AuxLatents, Codes, Weights, fit_to, iht_eta, keep_better
+from isae.models.reference import AuxLatents, Codes, Weights, fit_to
 
 LOW = torch.bfloat16
 
@@ -119,9 +121,10 @@ def fvu(x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
     return _FVU.apply(x, x_hat)
 
 
-def _segments(ctx, idx: Tensor, n: int) -> kernels.Segments:
-    """The sorted latents of ``idx``, built once and shared by the functions that saw it."""
-    holder = ctx.holder
+def _segments(ctx, idx: Tensor, n: int, holder: dict | None = None) -> kernels.Segments:
+    """The sorted latents of ``idx``, built once and shared by the functions that saw it
+    (``holder``: ``_holder(idx)``, by default the one a function kept as ``ctx.holder``)."""
+    holder = ctx.holder if holder is None else holder
     if "seg" not in holder:
         holder["seg"] = kernels.Segments(idx, n)
     return holder["seg"]
@@ -386,6 +389,64 @@ def select_topk(score_src: Tensor, k: int, signed: bool, hint: Tensor | None = N
     return kernels.topk_rows(score_src, k, signed)[1]
 
 
+class _IHTStep(Function):
+    @staticmethod
+    def forward(ctx, x_hat: Tensor, val: Tensor, W_dec: Tensor, bias: Tensor | None, x: Tensor,
+                idx: Tensor, new_idx: Tensor, step: Tensor, grads: DecoderGrads | None,
+                scale: float, signed: bool):
+        W_low = low(W_dec)
+        b = None if bias is None else bias.detach()
+        val_k, idx_k, xh_k, kept = kernels.iht_update_kept(x, x_hat, val, idx, new_idx, step,
+                                                           W_low, b, signed)
+        ctx.save_for_backward(x, x_hat, val, idx, new_idx, step, kept, W_low)
+        ctx.grads, ctx.n, ctx.scale, ctx.signed = grads, W_dec.shape[0], scale, signed
+        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.old, ctx.new = _holder(idx), _holder(new_idx)
+        ctx.mark_non_differentiable(idx_k)
+        ctx.set_materialize_grads(False)
+        return val_k, idx_k, xh_k
+
+    @staticmethod
+    def backward(ctx, g_val: Tensor | None, _g_idx, g_xh: Tensor | None):
+        x, x_hat, val, idx, new_idx, step, kept, W_low = ctx.saved_tensors
+        g_old, g_xhat, wnx, wnr, wod, wor, gdg, r = kernels.iht_grad(
+            x, x_hat, val, idx, new_idx, step, kept, W_low, ctx.scale, ctx.signed, g_val, g_xh)
+        dW = db = None
+        if ctx.needs_input_grad[2]:
+            grads = _buffer(ctx, ctx.n, x.shape[1])
+            new = _segments(ctx, new_idx, ctx.n, ctx.new)
+            old = _segments(ctx, idx, ctx.n, ctx.old)
+            if g_xh is not None:
+                grads.add_segments(new, wnx, g_xh)
+            grads.add_segments(new, wnr, r)
+            grads.add_segments(old, wod, gdg)
+            grads.add_segments(old, wor, r)
+            dW = grads.take() if ctx.grads is None else None
+        if ctx.bias_shape is not None and ctx.needs_input_grad[3] and g_xh is not None:
+            # x_new's bias ([D], or [G, D]: one per block of rows): the rows that took the
+            # new codes
+            groups = ctx.bias_shape[0] if len(ctx.bias_shape) == 2 else 1
+            db = (g_xh * kept.unsqueeze(-1)).view(groups, -1, g_xh.shape[1]).sum(1)
+            db = db.view(ctx.bias_shape)
+        return (g_xhat, g_old, dW, db, None, None, None, None, None, None, None)
+
+
+def iht_step_grad(x: Tensor, x_hat: Tensor, val: Tensor, idx: Tensor, new_idx: Tensor,
+                  step: Tensor, W_dec: Tensor, grads: DecoderGrads | None, bias: Tensor | None,
+                  scale: float, signed: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The second half of a differentiated IHT step on rows [R, D] (a stacked group's
+    flattened, with global indices): the new codes on ``new_idx`` (chosen without gradient
+    from the correlation scaled by ``step``, kernels.iht_eta's), their decode (+ bias: [D],
+    or [G, D] for G equal blocks of rows) and per row the better of new and old, as
+    kernels.iht_update; differentiable in x_hat, val, W_dec (into ``grads``) and the bias,
+    with the step size differentiated as a function of x_hat and W_dec.
+
+    One row kernel forward and one backward (kernels.iht_grad), where the step written
+    in stock ops and the gathered products took some forty kernels on the GPU.
+    -> (val [R, K], idx [R, K], reconstruction [R, D])."""
+    return _IHTStep.apply(x_hat, val, W_dec, bias, x, idx, new_idx, step, grads, scale, signed)
+
+
 class _KnownDecode(Function):
     @staticmethod
     def forward(ctx, val: Tensor, idx: Tensor, W_dec: Tensor, grads: DecoderGrads | None,
@@ -456,23 +517,18 @@ class FastOps:
         """The reference's step, taking and returning the reconstruction: the new support is
         chosen from a bfloat16 correlation computed without gradient; only the correlations
         kept are differentiated."""
-        r = x - x_hat
-        g_S = gather_dot(r, codes.idx, w.dec, w.grads)
-        Dg = sparse_decode(g_S, codes.idx, w.dec, w.grads)
-        step = iht_eta(g_S, Dg, scale)
         with torch.no_grad():
+            W_low = low(w.dec)
+            step, rs = kernels.iht_eta(x, x_hat.detach(), codes.idx, W_low, scale)
             # (step r) W^T: the step scales the small [B, D] side, not the [B, N] product
-            u = (r * step).to(LOW) @ low(w.dec).T  # [B, N] bf16
-            u = u.scatter_add_(-1, codes.idx, codes.val.to(u.dtype))
+            u = rs @ W_low.T  # [B, N] bf16
+            u = u.scatter_add_(-1, codes.idx, codes.val.detach().to(u.dtype))
             idx = select_topk(u, k, signed, hint=codes.idx)
         # New value = the old code value (where the atom was already in the support) plus the
-        # step along the float32 correlation.
-        same = (idx.unsqueeze(-1) == codes.idx.unsqueeze(-2)).to(codes.val.dtype)
-        val = (same @ codes.val.unsqueeze(-1)).squeeze(-1) + step * gather_dot(r, idx, w.dec, w.grads)
-        if not signed:
-            val = F.relu(val)
-        new = Codes(val, idx)
-        return keep_better(x, x_hat, codes, new, self.decode(new, w))
+        # step along the float32 correlation; the row keeps the better of old and new.
+        val, idx, x_new = iht_step_grad(x, x_hat, codes.val, codes.idx, idx, step, w.dec,
+                                        w.grads, w.b_dec, scale, signed)
+        return Codes(val, idx), x_new
 
     @torch.no_grad()
     def iht_forward(self, x: Tensor, codes: Codes, x_hat: Tensor, w: Weights, k: int,

@@ -12,7 +12,8 @@ its own mask. Biases are per model ([M, D], [M, N]); a model without learned bia
 the batch as it is, so its encoder input and the weight gradient's source rows are the
 batch itself, shared by all models (Segments reads src[b % B]). ``+sg``'s undifferentiated
 thresholding steps (``iht_final``) run FastOps.iht_forward's two row kernels over the
-flattened models, each block of rows with its own bias.
+flattened models, each block of rows with its own bias; the differentiated steps
+(``iht_step``) run FastOps's fused step (ops.iht_step_grad) over the same rows.
 
 On CPU tensors the kernels fall back to stock torch (tests/test_group.py checks this op
 set against StackedReference and against single models there; tests/test_kernels.py runs
@@ -36,7 +37,7 @@ from isae.gpu.ops import (
     _holder,
     _segments,
     collect,
-    gather_dot,
+    iht_step_grad,
     low,
     normalize_rows_,
     select_topk,
@@ -47,8 +48,6 @@ from isae.models.reference import (
     Weights,
     adam_scalars,
     fit_to,
-    iht_eta,
-    keep_better,
 )
 
 _OFFSETS: dict[tuple, Tensor] = {}
@@ -322,28 +321,25 @@ class StackedFastOps:
 
     def iht_step(self, x: Tensor, x_hat: Tensor, codes: Codes, w: Weights, k: int, signed: bool,
                  scale: float) -> tuple[Codes, Tensor]:
-        """FastOps.iht_step for each model: the new support from a bfloat16 correlation
-        without gradient, only the kept correlations differentiated."""
+        """FastOps.iht_step for each model: the new support from each model's bfloat16
+        correlation without gradient (one batched product), then the fused step
+        (ops.iht_step_grad) over the flattened models' rows."""
         M, N = w.b_enc.shape
         _, B, K = codes.idx.shape
-        r = x - x_hat  # [M, B, D]
-        r2 = r.view(M * B, -1)
-        g_S = gather_dot(r2, codes.idx.view(M * B, K), w.dec, w.grads)  # [M * B, K]
-        Dg = _StackedDecode.apply(g_S.view(M, B, K), codes.idx, w.dec, w.grads, None)
-        step = iht_eta(g_S.view(M, B, K), Dg, scale)  # [M, B, 1]
+        D = x.shape[-1]
+        xs = x.expand(M, B, D).reshape(M * B, D)  # the shared batch, one row per model's row
+        idx = codes.idx.reshape(M * B, K)
         with torch.no_grad():
-            u = torch.bmm((r * step).to(LOW), low(w.dec).view(M, N, -1).transpose(1, 2))
-            u = u.view(M * B, N)
+            W_low = low(w.dec)
+            step, rs = kernels.iht_eta(xs, x_hat.detach().reshape(M * B, D), idx, W_low, scale)
+            u = torch.bmm(rs.view(M, B, D), W_low.view(M, N, D).transpose(1, 2)).view(M * B, N)
             lidx = (codes.idx - _offsets(M, N, codes.idx.device)).view(M * B, K)
-            u.scatter_add_(-1, lidx, codes.val.reshape(M * B, K).to(u.dtype))
-            idx = _globalize(select_topk(u, k, signed, hint=lidx), M, N)  # [M, B, K]
-        same = (idx.unsqueeze(-1) == codes.idx.unsqueeze(-2)).to(codes.val.dtype)
-        corr = gather_dot(r2, idx.view(M * B, K), w.dec, w.grads).view(M, B, K)
-        val = (same @ codes.val.unsqueeze(-1)).squeeze(-1) + step * corr
-        if not signed:
-            val = torch.relu(val)
-        new = Codes(val, idx)
-        return keep_better(x, x_hat, codes, new, self.decode(new, w))
+            u.scatter_add_(-1, lidx, codes.val.detach().reshape(M * B, K).to(u.dtype))
+            new = _globalize(select_topk(u, k, signed, hint=lidx), M, N).view(M * B, K)
+        bias = w.b_dec if w.b_dec.requires_grad else None  # zero buffers: nothing to add
+        val, idx, x_new = iht_step_grad(xs, x_hat.reshape(M * B, D), codes.val.reshape(M * B, K),
+                                        idx, new, step, w.dec, w.grads, bias, scale, signed)
+        return Codes(val.view(M, B, K), idx.view(M, B, K)), x_new.view(M, B, D)
 
     @torch.no_grad()
     def iht_final(self, x: Tensor, codes: Codes, x_hat: Tensor, w: Weights, k: int,
