@@ -441,10 +441,12 @@ def test_graphed_group_steps_equal_eager_group_steps(streams):
 def test_grouped_training_follows_one_by_one_training_on_cuda(synthetic_set, tmp_path):
     """train_many on the GPU, grouped (the default there) and one by one: no systematic
     difference (the mean relative difference of the final training FVU over the 8 runs
-    within 2 %) and no run far off (each within 12 %). The two follow the same batches but
-    not the same bfloat16 near-ties, so their paths part like two runs of one path do (a
-    GPU is not bitwise reproducible: benchmarks/rerun_spread.py); on this toy set (300
-    steps) H100s saw 2.9 % and 6.2 % for one isae-iter run. benchmarks/group_bench.py's
+    within 2 %) and no run far off (each within 12 %, isae-iter's within 20 %). The two
+    follow the same batches but not the same bfloat16 near-ties, so their paths part like
+    two runs of one path do (a GPU is not bitwise reproducible: benchmarks/rerun_spread.py).
+    On this toy set (300 steps) isae-iter parts most: H100s saw 2.9 %, 6.2 % and 12.2 % for
+    one of its runs with the unfused steps, 9.3 % and 13.4 % with the fused ones
+    (results-gpu/kernels-seventeenth/5-grouped-spread.md). benchmarks/group_bench.py's
     check holds the study's shape to 2 % per run (0.16-0.24 % seen)."""
     from isae.models.config import SAEConfig, TrainConfig
     from isae.training.trainer import train_many
@@ -457,9 +459,10 @@ def test_grouped_training_follows_one_by_one_training_on_cuda(synthetic_set, tmp
         outs = [tmp_path / str(grouped) / f"{c.arch}-{c.seed}" for c in cfgs]
         done[grouped] = train_many(synthetic_set, cfgs, tcfg, outs, resume=False, grouped=grouped)
     rel = [a["fvu"] / b["fvu"] - 1 for a, b in zip(done[True], done[False])]
+    print("relative FVU difference, grouped / one by one - 1:", [round(r, 4) for r in rel])
     assert abs(float(np.mean(rel))) < 0.02, rel
     for r, a in zip(rel, done[True]):
-        assert abs(r) < 0.12, (a["arch"], a["seed"], r)
+        assert abs(r) < (0.2 if a["arch"] == "isae-iter" else 0.12), (a["arch"], a["seed"], r)
 
 
 SWITCH_ARCHS = ["topk" + "".join("+" + s for i, s in enumerate(("signed", "tied", "nobias", "iter"))

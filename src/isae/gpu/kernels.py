@@ -1020,32 +1020,45 @@ def iht_grad(x: Tensor, x_hat: Tensor, val: Tensor, idx: Tensor, new_idx: Tensor
 
 
 def _iht_grad_stock(x, x_hat, val, idx, new_idx, step, kept, W, scale, signed, g_val, g_xh):
-    """iht_grad in stock torch ops (CPU tensors, wide rows)."""
-    Wf = W.to(x.dtype)
+    """iht_grad from gathered products: the gathered kernels for a GPU's rows too wide for
+    the row kernel, dense algebra in x's dtype on the CPU (the tests' float64)."""
+    if usable(W):
+        def dot(g, j):
+            return gather_dot(g, j, W)
+
+        def dec(v, j):
+            return gather_decode(v, j, W)
+    else:
+        Wf = W.to(x.dtype)
+
+        def dot(g, j):
+            return torch.einsum("bkd,bd->bk", Wf[j], g)
+
+        def dec(v, j):
+            return torch.einsum("bk,bkd->bd", v, Wf[j])
     r = x - x_hat
     b = kept.bool().unsqueeze(-1)
     gx = torch.zeros_like(x) if g_xh is None else g_xh.to(x.dtype)
     gvk = torch.zeros_like(val) if g_val is None else g_val.to(val.dtype)
-    Wn, Wo = Wf[new_idx], Wf[idx]  # [B, K, D]
-    c = torch.einsum("bkd,bd->bk", Wn, r)
+    c = dot(r, new_idx)
     same = (new_idx.unsqueeze(-1) == idx.unsqueeze(-2)).to(val.dtype)  # [B, K new, K old]
     v = (same @ val.unsqueeze(-1)).squeeze(-1) + step * c
-    gv = torch.einsum("bkd,bd->bk", Wn, gx) + gvk
+    gv = dot(gx, new_idx) + gvk
     if not signed:
         gv = gv * (v > 0)
         v = v.clamp_min(0)
     gv = gv * b
     g_step = (gv * c).sum(-1, keepdim=True)
     g_c = step * gv
-    gs = torch.einsum("bkd,bd->bk", Wo, r)
-    dg = torch.einsum("bk,bkd->bd", gs, Wo)
+    gs = dot(r, idx)
+    dg = dec(gs, idx)
     G, Q = gs.pow(2).sum(-1, keepdim=True), dg.pow(2).sum(-1, keepdim=True)
     Qc = Q.clamp_min(1e-12)
     g_G = g_step * scale / Qc
     g_Q = torch.where(Q >= 1e-12, -g_step * scale * G / (Qc * Qc), 0.0)
     g_dg = 2.0 * g_Q * dg
-    g_gs = 2.0 * g_G * gs + torch.einsum("bkd,bd->bk", Wo, g_dg)
-    g_r = torch.einsum("bk,bkd->bd", g_c, Wn) + torch.einsum("bk,bkd->bd", g_gs, Wo)
+    g_gs = 2.0 * g_G * gs + dot(g_dg, idx)
+    g_r = dec(g_c, new_idx) + dec(g_gs, idx)
     g_old = (same.transpose(1, 2) @ gv.unsqueeze(-1)).squeeze(-1)
     return (torch.where(b, g_old, gvk), torch.where(b, -g_r, gx), v * b, g_c, gs * b, g_gs,
             g_dg, r)
