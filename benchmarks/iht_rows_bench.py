@@ -3,8 +3,8 @@ per row, at the study's shapes, on one GPU; then iht_grad on rows too wide for i
 kernel (its gathered form). A table last.
 
 A thresholding step runs the first two forward (both archs with steps) and the third
-backward (the differentiated ``isae-iter``); ``kernels._iht_warps`` picks the warps of all
-three from the row's [K, D] tile. Each setting is checked against the default's results
+backward (the differentiated ``isae-iter``); ``kernels._iht_warps`` picks the forward
+kernels' warps from the row's [K, D] tile, ``kernels._iht_grad_warps`` the backward's. Each setting is checked against the default's results
 before it is timed.
 
     python benchmarks/iht_rows_bench.py --out iht_rows.json
@@ -71,20 +71,23 @@ def calls(a: dict) -> dict:
 
 
 def close(got, want) -> bool:
+    """Equal to float rounding: another warp count sums in another order, and a bfloat16
+    result (iht_eta's scaled residual) may then round one unit (2^-8) the other way."""
     got = got if isinstance(got, tuple) else (got,)
     want = want if isinstance(want, tuple) else (want,)
-    return all(torch.allclose(u.float(), v.float(), rtol=1e-3, atol=1e-3 * (1 + float(v.float().abs().max())))
+    return all(torch.allclose(u.float(), v.float(), rtol=2.0**-7 if v.dtype == torch.bfloat16 else 1e-3,
+                              atol=1e-3 * (1 + float(v.float().abs().max())))
                for u, v in zip(got, want))
 
 
 def warps_part(shapes, warps, B: int, reps: int, dev: str) -> None:
-    real = kernels._iht_warps
+    real = kernels._iht_warps, kernels._iht_grad_warps
     for N, D, K in shapes:
         a = inputs(B, N, D, K, dev)
         fns = calls(a)
         want = {name: fn() for name, fn in fns.items()}
         for w in warps:
-            kernels._iht_warps = lambda D, K, w=w: w
+            kernels._iht_warps = kernels._iht_grad_warps = lambda D, K, w=w: w
             try:
                 for name, fn in fns.items():
                     ok = close(fn(), want[name])
@@ -93,7 +96,7 @@ def warps_part(shapes, warps, B: int, reps: int, dev: str) -> None:
                                      row_kernel=kernels._iht_row(D, K), ms=ms, same=ok))
                     print(ROWS[-1], flush=True)
             finally:
-                kernels._iht_warps = real
+                kernels._iht_warps, kernels._iht_grad_warps = real
 
 
 def main() -> None:

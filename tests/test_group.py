@@ -114,8 +114,21 @@ def test_stacked_fast_ops_equal_the_single_fast_path_model_by_model(arch, aux_de
     CPU (stock-op kernels, bfloat16 products as on the GPU) each model's loss and gradients
     are the single fast path's, and a fixed AuxK width larger than any model's dead count
     (what a CUDA graph uses) changes nothing."""
+    _stacked_equals_single_fast(arch, aux_detach, 16, 80, 4)
+
+
+@pytest.mark.parametrize("arch", ["topk+iter", "isae-iter"])
+def test_stacked_fast_ops_on_rows_too_wide_for_the_fused_step(arch):
+    """The same on rows whose [K, D] table tile the IHT row kernels do not hold (d 600,
+    k 32): there both op sets take the unfused differentiated step."""
+    from isae.gpu import kernels
+    assert not kernels._iht_row(600, 32)
+    _stacked_equals_single_fast(arch, False, 600, 200, 32)
+
+
+def _stacked_equals_single_fast(arch: str, aux_detach: bool, d: int, n: int, k: int) -> None:
     torch.manual_seed(1)
-    d, n, k, B = 16, 80, 4, 96
+    B = 96
     x = torch.randn(B, d)
     dead = _dead_masks(n)
     grads = {}

@@ -12,7 +12,7 @@ import torch
 
 from isae.gpu import kernels
 from isae.gpu import ops as fast
-from isae.models.reference import REFERENCE, Codes, iht_eta, keep_better, topk_select
+from isae.models.reference import REFERENCE, Codes, topk_select
 
 
 def _case(B: int, N: int, D: int, k: int, signed: bool, seed: int):
@@ -103,39 +103,27 @@ def test_iht_grad_without_an_output_gradient_passes_zeros():
         assert torch.equal(u, v)
 
 
-def _unfused_step(x, x_hat, codes, w, k, signed, scale):
-    """The fast op set's step as it was written before the fused one: the same bfloat16
-    decoder, its gathered products and the step size differentiated by autograd."""
-    r = x - x_hat
-    g_S = fast.gather_dot(r, codes.idx, w.dec, w.grads)
-    step = iht_eta(g_S, fast.sparse_decode(g_S, codes.idx, w.dec, w.grads), scale)
-    with torch.no_grad():
-        u = (r * step).to(fast.LOW) @ fast.low(w.dec).T
-        u = u.scatter_add_(-1, codes.idx, codes.val.to(u.dtype))
-        idx = fast.select_topk(u, k, signed)
-    same = (idx.unsqueeze(-1) == codes.idx.unsqueeze(-2)).to(codes.val.dtype)
-    val = (same @ codes.val.unsqueeze(-1)).squeeze(-1) + step * fast.gather_dot(r, idx, w.dec,
-                                                                                w.grads)
-    if not signed:
-        val = torch.relu(val)
-    new = Codes(val, idx)
-    return keep_better(x, x_hat, codes, new, fast.FastOps().decode(new, w))
-
-
 @pytest.mark.parametrize("signed", [False, True])
-def test_the_fused_step_matches_the_unfused_one_through_three_steps(signed):
-    """FastOps.iht_step (the fused step; stock ops on the CPU) against the same step written
-    with autograd, from one amortised encoding through three steps: the same supports, the
-    same loss, and the same gradients for the decoder, its bias and the encoder."""
+@pytest.mark.parametrize("N, D, k", [(120, 32, 6), (200, 600, 32)])
+def test_the_fused_step_matches_the_unfused_one_through_three_steps(signed, N, D, k):
+    """ops.iht_step_fused (stock ops on the CPU) against ops.iht_step_unfused (the step as
+    autograd differentiates it through the gathered products), from one amortised encoding
+    through three steps: the same supports, the same loss, and the same gradients for the
+    decoder, its bias and the encoder; on rows the row kernels hold (FastOps.iht_step takes
+    the fused step there) and on wider ones (it takes the unfused one)."""
     torch.manual_seed(0)
-    B, N, D, k = 64, 120, 32, 6
+    B = 64
     W = torch.randn(N, D)
     W = W / W.norm(dim=1, keepdim=True)
     W_enc = W.T.clone() + 0.1 * torch.randn(D, N)
     x = torch.randn(B, D)
     ops = fast.FastOps(cuda_graphs=False)
+
+    def unfused(*a):
+        return fast.iht_step_unfused(ops, *a)
+
     results = []
-    for step_fn in (ops.iht_step, _unfused_step):
+    for step_fn in (fast.iht_step_fused, unfused, ops.iht_step):
         leaves = [t.clone().requires_grad_(True) for t in (W, W_enc, torch.zeros(D))]
         Wl, We, bl = leaves
         w = ops.weights(Wl, We, bl, torch.zeros(N))
@@ -146,9 +134,14 @@ def test_the_fused_step_matches_the_unfused_one_through_three_steps(signed):
         loss = (x - x_hat).pow(2).sum() / B + codes.val.pow(2).mean()
         loss.backward()
         results.append((codes.idx, loss.detach(), [t.grad for t in leaves]))
-    (i_f, l_f, g_f), (i_u, l_u, g_u) = results
+    (i_f, l_f, g_f), (i_u, l_u, g_u), (i_d, l_d, g_d) = results
     assert torch.equal(i_f, i_u)
     assert abs(float(l_f - l_u)) < 1e-5 * float(l_u)
     for name, a, b in zip(("W_dec", "W_enc", "b_dec"), g_f, g_u):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max())), (
             name, float((a - b).abs().max()), float(b.abs().max()))
+    # FastOps.iht_step: exactly one of the two, by the row's width
+    i_w, l_w, g_w = (i_f, l_f, g_f) if kernels._iht_row(D, k) else (i_u, l_u, g_u)
+    assert torch.equal(i_d, i_w) and torch.equal(l_d, l_w)
+    assert all(torch.equal(a, b) for a, b in zip(g_d, g_w))
+    assert kernels._iht_row(D, k) == (D < 100)

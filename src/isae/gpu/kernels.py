@@ -837,6 +837,13 @@ def _iht_warps(D: int, K: int) -> int:
     return 8 if _pow2(D) * _pow2(K) > 8192 else 4
 
 
+def _iht_grad_warps(D: int, K: int) -> int:
+    # Half the forward row kernels' warps: on an H100 at d 384, k 16 (a [16, 512] tile) the
+    # backward took 0.11 ms per 4 096 rows over 2 warps, 0.15 over 4 and 0.36 over 8; the
+    # forward kernels were fastest over 4 (benchmarks/iht_rows_bench.py, RESULTS.md).
+    return max(1, _iht_warps(D, K) // 2)
+
+
 def _iht_block(D: int, K: int) -> int:
     """Columns per pass of the IHT row kernels: [K, BLOCK_D] of the table in registers."""
     return max(16, min(_pow2(D), 4096 // _pow2(K), 256))
@@ -1015,7 +1022,7 @@ def iht_grad(x: Tensor, x_hat: Tensor, val: Tensor, idx: Tensor, new_idx: Tensor
             W.contiguous(), r if g_val is None else g_val.contiguous(),
             r if g_xh is None else g_xh.contiguous(), gval, gxh, wnx, wnr, wod, wor, gdg, r,
             D, float(scale), K=K, KP=_pow2(K), BLOCK_D=_pow2(D), SIGNED=signed,
-            HAS_GV=g_val is not None, HAS_GX=g_xh is not None, num_warps=_iht_warps(D, K))
+            HAS_GV=g_val is not None, HAS_GX=g_xh is not None, num_warps=_iht_grad_warps(D, K))
     return gval, gxh, wnx, wnr, wod, wor, gdg, r
 
 

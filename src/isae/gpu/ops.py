@@ -45,7 +45,7 @@ from torch.autograd import Function
 
 from isae.gpu import kernels
 from isae.gpu.cuda_graphs import StepGraphs
-from isae.models.reference import AuxLatents, Codes, Weights, fit_to
+from isae.models.reference import AuxLatents, Codes, Weights, fit_to, iht_eta, keep_better
 
 LOW = torch.bfloat16
 
@@ -447,6 +447,44 @@ def iht_step_grad(x: Tensor, x_hat: Tensor, val: Tensor, idx: Tensor, new_idx: T
     return _IHTStep.apply(x_hat, val, W_dec, bias, x, idx, new_idx, step, grads, scale, signed)
 
 
+def iht_step_fused(x: Tensor, x_hat: Tensor, codes: Codes, w: Weights, k: int, signed: bool,
+                   scale: float) -> tuple[Codes, Tensor]:
+    """FastOps.iht_step as kernels.iht_eta, the correlation and its top-k, then
+    ``iht_step_grad``: about ten kernels forward and backward."""
+    with torch.no_grad():
+        W_low = low(w.dec)
+        step, rs = kernels.iht_eta(x, x_hat.detach(), codes.idx, W_low, scale)
+        # (step r) W^T: the step scales the small [B, D] side, not the [B, N] product
+        u = rs @ W_low.T  # [B, N] bf16
+        u = u.scatter_add_(-1, codes.idx, codes.val.detach().to(u.dtype))
+        idx = select_topk(u, k, signed, hint=codes.idx)
+    # New value = the old code value (where the atom was already in the support) plus the
+    # step along the float32 correlation; the row keeps the better of old and new.
+    val, idx, x_new = iht_step_grad(x, x_hat, codes.val, codes.idx, idx, step, w.dec, w.grads,
+                                    w.b_dec, scale, signed)
+    return Codes(val, idx), x_new
+
+
+def iht_step_unfused(ops, x: Tensor, x_hat: Tensor, codes: Codes, w: Weights, k: int,
+                     signed: bool, scale: float) -> tuple[Codes, Tensor]:
+    """FastOps.iht_step from the gathered products, autograd differentiating the step size
+    and the kept correlations (about forty kernels on the GPU; ``ops.decode`` decodes)."""
+    r = x - x_hat
+    g_S = gather_dot(r, codes.idx, w.dec, w.grads)
+    step = iht_eta(g_S, sparse_decode(g_S, codes.idx, w.dec, w.grads), scale)
+    with torch.no_grad():
+        # (step r) W^T: the step scales the small [B, D] side, not the [B, N] product
+        u = (r * step).to(LOW) @ low(w.dec).T  # [B, N] bf16
+        u = u.scatter_add_(-1, codes.idx, codes.val.to(u.dtype))
+        idx = select_topk(u, k, signed, hint=codes.idx)
+    same = (idx.unsqueeze(-1) == codes.idx.unsqueeze(-2)).to(codes.val.dtype)
+    val = (same @ codes.val.unsqueeze(-1)).squeeze(-1) + step * gather_dot(r, idx, w.dec, w.grads)
+    if not signed:
+        val = torch.relu(val)
+    new = Codes(val, idx)
+    return keep_better(x, x_hat, codes, new, ops.decode(new, w))
+
+
 class _KnownDecode(Function):
     @staticmethod
     def forward(ctx, val: Tensor, idx: Tensor, W_dec: Tensor, grads: DecoderGrads | None,
@@ -516,19 +554,12 @@ class FastOps:
                  scale: float) -> tuple[Codes, Tensor]:
         """The reference's step, taking and returning the reconstruction: the new support is
         chosen from a bfloat16 correlation computed without gradient; only the correlations
-        kept are differentiated."""
-        with torch.no_grad():
-            W_low = low(w.dec)
-            step, rs = kernels.iht_eta(x, x_hat.detach(), codes.idx, W_low, scale)
-            # (step r) W^T: the step scales the small [B, D] side, not the [B, N] product
-            u = rs @ W_low.T  # [B, N] bf16
-            u = u.scatter_add_(-1, codes.idx, codes.val.detach().to(u.dtype))
-            idx = select_topk(u, k, signed, hint=codes.idx)
-        # New value = the old code value (where the atom was already in the support) plus the
-        # step along the float32 correlation; the row keeps the better of old and new.
-        val, idx, x_new = iht_step_grad(x, x_hat, codes.val, codes.idx, idx, step, w.dec,
-                                        w.grads, w.b_dec, scale, signed)
-        return Codes(val, idx), x_new
+        kept are differentiated. Fused (``iht_step_grad``) where the row kernels hold a
+        row's [K, D] table tile; wider rows take ``iht_step_unfused`` (at d 768, k 32 the
+        fused step's chunked kernels were 8 % slower: benchmarks/RESULTS.md)."""
+        if not kernels._iht_row(x.shape[-1], codes.idx.shape[-1]):
+            return iht_step_unfused(self, x, x_hat, codes, w, k, signed, scale)
+        return iht_step_fused(x, x_hat, codes, w, k, signed, scale)
 
     @torch.no_grad()
     def iht_forward(self, x: Tensor, codes: Codes, x_hat: Tensor, w: Weights, k: int,

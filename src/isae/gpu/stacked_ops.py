@@ -37,6 +37,7 @@ from isae.gpu.ops import (
     _holder,
     _segments,
     collect,
+    gather_dot,
     iht_step_grad,
     low,
     normalize_rows_,
@@ -48,6 +49,8 @@ from isae.models.reference import (
     Weights,
     adam_scalars,
     fit_to,
+    iht_eta,
+    keep_better,
 )
 
 _OFFSETS: dict[tuple, Tensor] = {}
@@ -323,10 +326,13 @@ class StackedFastOps:
                  scale: float) -> tuple[Codes, Tensor]:
         """FastOps.iht_step for each model: the new support from each model's bfloat16
         correlation without gradient (one batched product), then the fused step
-        (ops.iht_step_grad) over the flattened models' rows."""
+        (ops.iht_step_grad) over the flattened models' rows; rows too wide for the row
+        kernels take ``_iht_step_unfused``, as FastOps.iht_step does."""
         M, N = w.b_enc.shape
         _, B, K = codes.idx.shape
         D = x.shape[-1]
+        if not kernels._iht_row(D, K):
+            return self._iht_step_unfused(x, x_hat, codes, w, k, signed, scale)
         xs = x.expand(M, B, D).reshape(M * B, D)  # the shared batch, one row per model's row
         idx = codes.idx.reshape(M * B, K)
         with torch.no_grad():
@@ -340,6 +346,30 @@ class StackedFastOps:
         val, idx, x_new = iht_step_grad(xs, x_hat.reshape(M * B, D), codes.val.reshape(M * B, K),
                                         idx, new, step, w.dec, w.grads, bias, scale, signed)
         return Codes(val.view(M, B, K), idx.view(M, B, K)), x_new.view(M, B, D)
+
+    def _iht_step_unfused(self, x: Tensor, x_hat: Tensor, codes: Codes, w: Weights, k: int,
+                          signed: bool, scale: float) -> tuple[Codes, Tensor]:
+        """ops.iht_step_unfused for each model."""
+        M, N = w.b_enc.shape
+        _, B, K = codes.idx.shape
+        r = x - x_hat  # [M, B, D]
+        r2 = r.view(M * B, -1)
+        g_S = gather_dot(r2, codes.idx.view(M * B, K), w.dec, w.grads)  # [M * B, K]
+        Dg = _StackedDecode.apply(g_S.view(M, B, K), codes.idx, w.dec, w.grads, None)
+        step = iht_eta(g_S.view(M, B, K), Dg, scale)  # [M, B, 1]
+        with torch.no_grad():
+            u = torch.bmm((r * step).to(LOW), low(w.dec).view(M, N, -1).transpose(1, 2))
+            u = u.view(M * B, N)
+            lidx = (codes.idx - _offsets(M, N, codes.idx.device)).view(M * B, K)
+            u.scatter_add_(-1, lidx, codes.val.reshape(M * B, K).to(u.dtype))
+            idx = _globalize(select_topk(u, k, signed, hint=lidx), M, N)  # [M, B, K]
+        same = (idx.unsqueeze(-1) == codes.idx.unsqueeze(-2)).to(codes.val.dtype)
+        corr = gather_dot(r2, idx.view(M * B, K), w.dec, w.grads).view(M, B, K)
+        val = (same @ codes.val.unsqueeze(-1)).squeeze(-1) + step * corr
+        if not signed:
+            val = torch.relu(val)
+        new = Codes(val, idx)
+        return keep_better(x, x_hat, codes, new, self.decode(new, w))
 
     @torch.no_grad()
     def iht_final(self, x: Tensor, codes: Codes, x_hat: Tensor, w: Weights, k: int,
