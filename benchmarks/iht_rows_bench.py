@@ -93,7 +93,7 @@ def warps_part(shapes, warps, B: int, reps: int, dev: str) -> None:
                     ok = close(fn(), want[name])
                     ms = ms_per_call(fn, reps, dev)
                     ROWS.append(dict(part="warps", kernel=name, N=N, D=D, K=K, rows=B, warps=w,
-                                     row_kernel=kernels._iht_row(D, K), ms=ms, same=ok))
+                                     row_kernel=kernels.iht_row_fits(D, K), ms=ms, same=ok))
                     print(ROWS[-1], flush=True)
             finally:
                 kernels._iht_warps, kernels._iht_grad_warps = real

@@ -122,7 +122,7 @@ def test_stacked_fast_ops_on_rows_too_wide_for_the_fused_step(arch):
     """The same on rows whose [K, D] table tile the IHT row kernels do not hold (d 600,
     k 32): there both op sets take the unfused differentiated step."""
     from isae.gpu import kernels
-    assert not kernels._iht_row(600, 32)
+    assert not kernels.iht_row_fits(600, 32)
     _stacked_equals_single_fast(arch, False, 600, 200, 32)
 
 

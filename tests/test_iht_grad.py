@@ -141,7 +141,7 @@ def test_the_fused_step_matches_the_unfused_one_through_three_steps(signed, N, D
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max())), (
             name, float((a - b).abs().max()), float(b.abs().max()))
     # FastOps.iht_step: exactly one of the two, by the row's width
-    i_w, l_w, g_w = (i_f, l_f, g_f) if kernels._iht_row(D, k) else (i_u, l_u, g_u)
+    i_w, l_w, g_w = (i_f, l_f, g_f) if kernels.iht_row_fits(D, k) else (i_u, l_u, g_u)
     assert torch.equal(i_d, i_w) and torch.equal(l_d, l_w)
     assert all(torch.equal(a, b) for a, b in zip(g_d, g_w))
-    assert kernels._iht_row(D, k) == (D < 100)
+    assert kernels.iht_row_fits(D, k) == (D < 100)

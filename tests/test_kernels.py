@@ -181,7 +181,7 @@ CHECKS = textwrap.dedent('''
             K.AVAILABLE = True
 
     # whole-row kernels (the first two) and the chunked ones (a [32, 1024] tile is too big)
-    assert K._iht_row(40, 5) and K._iht_row(130, 32) and not K._iht_row(600, 32)
+    assert K.iht_row_fits(40, 5) and K.iht_row_fits(130, 32) and not K.iht_row_fits(600, 32)
     for B, N, D, k, signed, with_bias in ((9, 70, 40, 5, True, False), (7, 300, 130, 32, False, True),
                                           (5, 200, 600, 32, True, True)):
         W = torch.randn(N, D, generator=g)

@@ -828,7 +828,7 @@ if AVAILABLE:
 ROW_TILE = 16384
 
 
-def _iht_row(D: int, K: int) -> bool:
+def iht_row_fits(D: int, K: int) -> bool:
     """Whether the whole-row IHT kernels serve rows of width D with K latents."""
     return _pow2(D) * _pow2(K) <= ROW_TILE
 
@@ -868,7 +868,7 @@ def iht_eta(x: Tensor, x_hat: Tensor, idx: Tensor, W: Tensor, scale: float
     if B:
         args = (x.contiguous(), x_hat.contiguous(), idx.contiguous(), W.contiguous(), step, rs,
                 D, float(scale))
-        if _iht_row(D, K):
+        if iht_row_fits(D, K):
             _iht_eta_row_kernel[(B,)](*args, K=K, KP=_pow2(K), BLOCK_D=_pow2(D),
                                       num_warps=_iht_warps(D, K))
         else:
@@ -920,7 +920,7 @@ def _iht_update(x, x_hat, val, idx, new_idx, step, W, bias, signed):
                 new_idx.contiguous(), step.contiguous(), W.contiguous(),
                 out_xh if bias is None else bias.float().contiguous(), out_val, out_idx, out_xh,
                 better, D, max(B // groups, 1))
-        if _iht_row(D, K):
+        if iht_row_fits(D, K):
             _iht_update_row_kernel[(B,)](*args, K=K, KP=_pow2(K), BLOCK_D=_pow2(D),
                                          SIGNED=signed, BIAS=bias is not None,
                                          num_warps=_iht_warps(D, K))
@@ -933,7 +933,7 @@ def _iht_update(x, x_hat, val, idx, new_idx, step, W, bias, signed):
 if AVAILABLE:
 
     @triton.jit
-    def _iht_grad_row_kernel(x, xh, val, idx, nidx, step, kept, W, g_val, g_xh,
+    def _iht_grad_row_kernel(x, xh, val, idx, nidx, step, took, W, g_val, g_xh,
                              o_gval, o_gxh, o_wnx, o_wnr, o_wod, o_wor, o_gdg, o_r, D, scale,
                              K: tl.constexpr, KP: tl.constexpr, BLOCK_D: tl.constexpr,
                              SIGNED: tl.constexpr, HAS_GV: tl.constexpr, HAS_GX: tl.constexpr):
@@ -941,7 +941,7 @@ if AVAILABLE:
         # (the step size's gradient needs its correlations), then the old one's.
         row = tl.program_id(0).to(tl.int64)
         kk, km, j_old, v_old, j, eta = _iht_update_inputs(idx, val, nidx, step, row, K, KP)
-        b = tl.load(kept + row) != 0
+        b = tl.load(took + row) != 0
         d = tl.arange(0, BLOCK_D)
         dm = d < D
         r = (tl.load(x + row * D + d, mask=dm, other=0.0)
@@ -989,12 +989,12 @@ if AVAILABLE:
 
 
 def iht_grad(x: Tensor, x_hat: Tensor, val: Tensor, idx: Tensor, new_idx: Tensor, step: Tensor,
-             kept: Tensor, W: Tensor, scale: float, signed: bool, g_val: Tensor | None,
+             took: Tensor, W: Tensor, scale: float, signed: bool, g_val: Tensor | None,
              g_xh: Tensor | None) -> tuple[Tensor, ...]:
     """The backward of one differentiated IHT step (``iht_update_kept`` after ``iht_eta``,
     its support ``new_idx`` chosen without gradient), one pass over each row.
 
-    The step, per row that took the new codes (``kept``): r = x - x_hat; on the old support
+    The step, per row that took the new codes (``took``): r = x - x_hat; on the old support
     g_S = W_S r, Dg = g_S W_S, step = scale ||g_S||^2 / max(||Dg||^2, 1e-12); on the new one
     c = W_new r, v = ReLU(same @ val + step c) (no ReLU when signed), x_new = v W_new (+ bias).
     A row that kept its old codes passes the gradients g_val [B, K] and g_xh [B, D] (either
@@ -1003,14 +1003,14 @@ def iht_grad(x: Tensor, x_hat: Tensor, val: Tensor, idx: Tensor, new_idx: Tensor
     -> (d val [B, K], d x_hat [B, D], and the decoder's gradient in four k-sparse parts: the
     weights of g_xh and of r on the new support, of dDg and of r on the old one
     ([B, K] each), then dDg [B, D] and r [B, D]; the caller reduces each weight with its
-    source over the latents, kernels.Segments). The bias's gradient is g_xh on the kept rows.
-    Computed in x's dtype."""
+    source over the latents, kernels.Segments). The bias's gradient is g_xh on the rows in
+    ``took``. Computed in x's dtype."""
     B, K = idx.shape
     D = W.shape[1]
     if not (usable(W) and x.dtype == x_hat.dtype == val.dtype == torch.float32
-            and _iht_row(D, K) and (g_xh is None or g_xh.dtype == torch.float32)
+            and iht_row_fits(D, K) and (g_xh is None or g_xh.dtype == torch.float32)
             and (g_val is None or g_val.dtype == torch.float32)):
-        return _iht_grad_stock(x, x_hat, val, idx, new_idx, step, kept, W, scale, signed,
+        return _iht_grad_stock(x, x_hat, val, idx, new_idx, step, took, W, scale, signed,
                                g_val, g_xh)
     f32 = dict(device=W.device, dtype=torch.float32)
     gval, wnx, wnr, wod, wor = (torch.empty(B, K, **f32) for _ in range(5))
@@ -1018,7 +1018,7 @@ def iht_grad(x: Tensor, x_hat: Tensor, val: Tensor, idx: Tensor, new_idx: Tensor
     if B:
         _iht_grad_row_kernel[(B,)](
             x.contiguous(), x_hat.contiguous(), val.contiguous(), idx.contiguous(),
-            new_idx.contiguous(), step.contiguous(), kept.to(torch.int8).contiguous(),
+            new_idx.contiguous(), step.contiguous(), took.to(torch.int8).contiguous(),
             W.contiguous(), r if g_val is None else g_val.contiguous(),
             r if g_xh is None else g_xh.contiguous(), gval, gxh, wnx, wnr, wod, wor, gdg, r,
             D, float(scale), K=K, KP=_pow2(K), BLOCK_D=_pow2(D), SIGNED=signed,
@@ -1026,7 +1026,7 @@ def iht_grad(x: Tensor, x_hat: Tensor, val: Tensor, idx: Tensor, new_idx: Tensor
     return gval, gxh, wnx, wnr, wod, wor, gdg, r
 
 
-def _iht_grad_stock(x, x_hat, val, idx, new_idx, step, kept, W, scale, signed, g_val, g_xh):
+def _iht_grad_stock(x, x_hat, val, idx, new_idx, step, took, W, scale, signed, g_val, g_xh):
     """iht_grad from gathered products: the gathered kernels for a GPU's rows too wide for
     the row kernel, dense algebra in x's dtype on the CPU (the tests' float64)."""
     if usable(W):
@@ -1044,7 +1044,7 @@ def _iht_grad_stock(x, x_hat, val, idx, new_idx, step, kept, W, scale, signed, g
         def dec(v, j):
             return torch.einsum("bk,bkd->bd", v, Wf[j])
     r = x - x_hat
-    b = kept.bool().unsqueeze(-1)
+    b = took.bool().unsqueeze(-1)
     gx = torch.zeros_like(x) if g_xh is None else g_xh.to(x.dtype)
     gvk = torch.zeros_like(val) if g_val is None else g_val.to(val.dtype)
     c = dot(r, new_idx)

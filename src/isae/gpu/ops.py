@@ -396,9 +396,9 @@ class _IHTStep(Function):
                 scale: float, signed: bool):
         W_low = low(W_dec)
         b = None if bias is None else bias.detach()
-        val_k, idx_k, xh_k, kept = kernels.iht_update_kept(x, x_hat, val, idx, new_idx, step,
+        val_k, idx_k, xh_k, took = kernels.iht_update_kept(x, x_hat, val, idx, new_idx, step,
                                                            W_low, b, signed)
-        ctx.save_for_backward(x, x_hat, val, idx, new_idx, step, kept, W_low)
+        ctx.save_for_backward(x, x_hat, val, idx, new_idx, step, took, W_low)
         ctx.grads, ctx.n, ctx.scale, ctx.signed = grads, W_dec.shape[0], scale, signed
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.old, ctx.new = _holder(idx), _holder(new_idx)
@@ -408,9 +408,9 @@ class _IHTStep(Function):
 
     @staticmethod
     def backward(ctx, g_val: Tensor | None, _g_idx, g_xh: Tensor | None):
-        x, x_hat, val, idx, new_idx, step, kept, W_low = ctx.saved_tensors
+        x, x_hat, val, idx, new_idx, step, took, W_low = ctx.saved_tensors
         g_old, g_xhat, wnx, wnr, wod, wor, gdg, r = kernels.iht_grad(
-            x, x_hat, val, idx, new_idx, step, kept, W_low, ctx.scale, ctx.signed, g_val, g_xh)
+            x, x_hat, val, idx, new_idx, step, took, W_low, ctx.scale, ctx.signed, g_val, g_xh)
         dW = db = None
         if ctx.needs_input_grad[2]:
             grads = _buffer(ctx, ctx.n, x.shape[1])
@@ -426,7 +426,7 @@ class _IHTStep(Function):
             # x_new's bias ([D], or [G, D]: one per block of rows): the rows that took the
             # new codes
             groups = ctx.bias_shape[0] if len(ctx.bias_shape) == 2 else 1
-            db = (g_xh * kept.unsqueeze(-1)).view(groups, -1, g_xh.shape[1]).sum(1)
+            db = (g_xh * took.unsqueeze(-1)).view(groups, -1, g_xh.shape[1]).sum(1)
             db = db.view(ctx.bias_shape)
         return (g_xhat, g_old, dW, db, None, None, None, None, None, None, None)
 
@@ -557,7 +557,7 @@ class FastOps:
         kept are differentiated. Fused (``iht_step_grad``) where the row kernels hold a
         row's [K, D] table tile; wider rows take ``iht_step_unfused`` (at d 768, k 32 the
         fused step's chunked kernels were 8 % slower: benchmarks/RESULTS.md)."""
-        if not kernels._iht_row(x.shape[-1], codes.idx.shape[-1]):
+        if not kernels.iht_row_fits(x.shape[-1], codes.idx.shape[-1]):
             return iht_step_unfused(self, x, x_hat, codes, w, k, signed, scale)
         return iht_step_fused(x, x_hat, codes, w, k, signed, scale)
 

@@ -331,7 +331,7 @@ class StackedFastOps:
         M, N = w.b_enc.shape
         _, B, K = codes.idx.shape
         D = x.shape[-1]
-        if not kernels._iht_row(D, K):
+        if not kernels.iht_row_fits(D, K):
             return self._iht_step_unfused(x, x_hat, codes, w, k, signed, scale)
         xs = x.expand(M, B, D).reshape(M * B, D)  # the shared batch, one row per model's row
         idx = codes.idx.reshape(M * B, K)
