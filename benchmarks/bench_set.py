@@ -63,6 +63,19 @@ def sync(device: str | torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def per_step(fn, device: str | torch.device, warmup: int, reps: int) -> float:
+    """Milliseconds per call of fn() called back to back, by the wall clock between two
+    device syncs (launches and host syncs count, as in a training loop)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) * 1e3 / reps
+
+
 class Peak:
     """Peak device memory of what runs inside (CUDA; None elsewhere), from a reset."""
 

@@ -17,28 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-from isae.gpu import kernels
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_set import per_step  # noqa: E402
+
+from isae.gpu import kernels  # noqa: E402
 
 ROWS: list[dict] = []
-
-
-def sync(dev: str) -> None:
-    if dev == "cuda":
-        torch.cuda.synchronize()
-
-
-def ms_per_call(fn, reps: int, dev: str) -> float:
-    fn()
-    sync(dev)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    sync(dev)
-    return (time.perf_counter() - t0) * 1e3 / reps
 
 
 def inputs(B: int, N: int, D: int, K: int, dev: str) -> dict:
@@ -91,7 +81,7 @@ def warps_part(shapes, warps, B: int, reps: int, dev: str) -> None:
             try:
                 for name, fn in fns.items():
                     ok = close(fn(), want[name])
-                    ms = ms_per_call(fn, reps, dev)
+                    ms = per_step(fn, dev, 1, reps)
                     ROWS.append(dict(part="warps", kernel=name, N=N, D=D, K=K, rows=B, warps=w,
                                      row_kernel=kernels.iht_row_fits(D, K), ms=ms, same=ok))
                     print(ROWS[-1], flush=True)

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_set import hint_tally
+from bench_set import hint_tally, per_step
 
 from isae.analysis.convergence import run_convergence
 from isae.analysis.matching import match_dictionaries
@@ -71,22 +71,6 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def per_step(fn, device: str, warmup: int, reps: int) -> float:
-    """Milliseconds per call of fn() called back to back, by the wall clock between two
-    device syncs (launches and host syncs count, as in a training loop)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) * 1e3 / reps
 
 
 def throughput(d: int, n: int, k: int, batch: int, device: str, reps: int) -> None:

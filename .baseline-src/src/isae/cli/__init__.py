@@ -1,1 +1,0 @@
-"""One module per ``isae`` subcommand: ``add_parser(subparsers)`` and ``run(args) -> dict``."""
