@@ -1,6 +1,7 @@
 """The IHT row kernels (kernels.iht_eta, iht_update_kept, iht_grad) timed over their warps
-per row, at the study's shapes, on one GPU; then iht_grad on rows too wide for its row
-kernel (its gathered form). A table last.
+per row, at the study's shapes, on one GPU, and on rows too wide for the row kernels
+(their chunked forms; iht_grad's stock-op form, which no training step calls there: the op
+sets take the unfused step on such rows). A table last.
 
 A thresholding step runs the first two forward (both archs with steps) and the third
 backward (the differentiated ``isae-iter``); ``kernels._iht_warps`` picks the forward

@@ -1027,22 +1027,16 @@ def iht_grad(x: Tensor, x_hat: Tensor, val: Tensor, idx: Tensor, new_idx: Tensor
 
 
 def _iht_grad_stock(x, x_hat, val, idx, new_idx, step, took, W, scale, signed, g_val, g_xh):
-    """iht_grad from gathered products: the gathered kernels for a GPU's rows too wide for
-    the row kernel, dense algebra in x's dtype on the CPU (the tests' float64)."""
-    if usable(W):
-        def dot(g, j):
-            return gather_dot(g, j, W)
+    """iht_grad in stock torch ops, in x's dtype (the tests' float64), the supports' table
+    rows gathered into [B, K, D] tensors: CPU tensors, and rows too wide for the row kernel
+    (where the op sets take the unfused step instead: ops.iht_step_unfused)."""
+    Wf = W.to(x.dtype)
 
-        def dec(v, j):
-            return gather_decode(v, j, W)
-    else:
-        Wf = W.to(x.dtype)
+    def dot(g, j):
+        return torch.einsum("bkd,bd->bk", Wf[j], g)
 
-        def dot(g, j):
-            return torch.einsum("bkd,bd->bk", Wf[j], g)
-
-        def dec(v, j):
-            return torch.einsum("bk,bkd->bd", v, Wf[j])
+    def dec(v, j):
+        return torch.einsum("bk,bkd->bd", v, Wf[j])
     r = x - x_hat
     b = took.bool().unsqueeze(-1)
     gx = torch.zeros_like(x) if g_xh is None else g_xh.to(x.dtype)
