@@ -4,28 +4,22 @@ served, a fastest setting is named, and whole steps come with and without it."""
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from interpreted import ROOT, run_interpreted
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_hint_bench_runs_at_toy_sizes(tmp_path):
     out = tmp_path / "hint.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hint_bench.py"), "--device", "cpu",
+    proc = run_interpreted([str(ROOT / "benchmarks" / "hint_bench.py"), "--device", "cpu",
                            "--width", "300", "--wide", "700", "--batch", "12", "--d", "16",
                            "--reps", "1", "--step-reps", "1", "--archs", "topk,isae-iter",
-                           "--out", str(out)], env=env, capture_output=True, text=True,
-                          timeout=900, cwd=tmp_path)
+                           "--out", str(out)], timeout=900, cwd=tmp_path,
+                           env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     d = json.loads(out.read_text())
     assert d["default"][0] == 0, "the hint is off by default"

@@ -3,27 +3,22 @@ each of the three IHT row kernels is timed at each warp count, on a shape with a
 and one without, and each setting's results equal the default's."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from interpreted import ROOT, run_interpreted
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_iht_rows_bench_runs_at_toy_sizes(tmp_path):
     out = tmp_path / "rows.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "iht_rows_bench.py"),
+    proc = run_interpreted([str(ROOT / "benchmarks" / "iht_rows_bench.py"),
                            "--device", "cpu", "--batch", "5", "--reps", "1",
                            "--shapes", "70x40x5,300x600x32", "--warps", "2,4", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+                          timeout=900, cwd=tmp_path,
+                           env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     seen = {(r["kernel"], r["N"], r["warps"]) for r in rows}

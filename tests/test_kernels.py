@@ -6,12 +6,11 @@ Skipped where Triton is not installed (it comes with the ``dev`` extra); on a GP
 kernels are compiled and checked by tests/test_fast_gpu.py.
 """
 
-import os
 import subprocess
-import sys
 import textwrap
 
 import pytest
+from interpreted import run_interpreted
 
 pytest.importorskip("triton")
 
@@ -271,11 +270,7 @@ CHECKS = textwrap.dedent('''
 
 
 def test_triton_kernels_in_interpreter():
-    tests = os.path.dirname(os.path.abspath(__file__))  # for the opsets helper
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)}
-    r = subprocess.run([sys.executable, "-c", CHECKS], env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = run_interpreted(["-c", CHECKS], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "kernels ok" in r.stdout
 
@@ -417,11 +412,7 @@ SWITCH_CHECKS = textwrap.dedent('''
 
 
 def _interpret(script: str) -> subprocess.CompletedProcess:
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)}
-    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                          timeout=1200)
+    return run_interpreted(["-c", script], timeout=1200)
 
 
 @pytest.mark.slow
