@@ -659,3 +659,44 @@ def test_kernels_ab_runs_this_tree_then_the_baseline(tmp_path):
     assert "pytest -q -p no:cacheprovider tests/test_group.py tests/test_fast_gpu.py" in calls[0]
     assert "benchmarks/iter_bench.py --part training --tokens 1000 --out" in calls[3]
     assert calls[3].endswith("path=src")
+
+
+def _bench(path: Path, seconds: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("s\th:m:s\tmax_rss\n" f"{seconds}\t0:00:01\t100\n")
+
+
+def test_study_time_sums_the_jobs_both_runs_have(tmp_path, capsys):
+    study_time = _load("study_time")
+    before, after = tmp_path / "before", tmp_path / "after"
+    for job, b, a in [("minilm/g1", 90.0, 30.0), ("synthetic/g2", 10.0, 20.0)]:
+        _bench(before / "train" / f"{job}.tsv", b)
+        _bench(after / "train" / f"{job}.tsv", a)
+    _bench(after / "train" / "wellposed/new.tsv", 7.0)  # only in the later run: not summed
+    assert study_time.main([str(before), str(after), "--rules", "train"]) == 0
+    out = capsys.readouterr().out
+    assert "| minilm/g1 | 90.0 | 30.0 | 3.00 |" in out
+    assert "| wellposed/new |  | 7.0 | only in one run |" in out
+    assert "| **sum over the 2 jobs both runs have** | 100.0 | 50.0 | 2.00 |" in out
+    # no benchmark files of the rule in either run: one line, exit 2
+    assert study_time.main([str(before), str(after), "--rules", "measure"]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_study_time_reads_a_committed_folder(tmp_path, capsys):
+    study_time = _load("study_time")
+    repo = tmp_path / "repo"
+    _bench(repo / "bench" / "train" / "minilm" / "g1.tsv", 40.0)
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-qm", "x"], check=True)
+    after = tmp_path / "after"
+    _bench(after / "train" / "minilm" / "g1.tsv", 10.0)
+    cwd = os.getcwd()
+    os.chdir(repo)
+    try:
+        assert study_time.main(["HEAD:bench", str(after), "--rules", "train"]) == 0
+    finally:
+        os.chdir(cwd)
+    assert "| minilm/g1 | 40.0 | 10.0 | 4.00 |" in capsys.readouterr().out
