@@ -264,6 +264,7 @@ def test_collect_packs_what_travels_back(tmp_path):
     assert not {"results/figures/F1.pdf", "results/checkpoints/x/seed0/sae.safetensors"} & names
     assert "finished, exit code 1" in md and "12 min 34 s" in md and "3 of 5 done" in md
     assert "failed rules: fidelity, train" in md and "| train | 2 | 40.0 |" in md
+    assert "- bytecode cache: not recorded" in md  # a run from before run_study.sh kept one
     with tarfile.open(out / "logs.tar.gz") as tar:
         assert {"snakemake.log", "logs/train/a/seed0.log"} <= set(tar.getnames())
 
@@ -297,6 +298,29 @@ def test_run_study_usage_and_missing_run(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"run_study.sh: error: no run started in {tmp_path / 'dev'}"]
     proc = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and "needs a config file" in proc.stderr
+
+
+@pytest.mark.parametrize("pycache", [None, "0"])
+def test_study_env_keeps_a_bytecode_cache_unless_told_not_to(tmp_path, pycache):
+    """The image sets PYTHONDONTWRITEBYTECODE; the run's jobs import through a cache of their
+    own (PYCACHE=0: none, as the runs before it), which RUN.md records."""
+    script = (DEVICE / "run_study.sh").read_text()
+    func = script[script.index("study_env() {"):]
+    func = func[:func.index("\n}\n") + 3]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"}
+    if pycache is not None:
+        env["PYCACHE"] = pycache
+    proc = subprocess.run(["bash", "-c", f'DEV={tmp_path}; SITE=/s; BIN=/b\n{func}\nstudy_env /r; '
+                           'echo "dont=${PYTHONDONTWRITEBYTECODE:-unset} '
+                           'prefix=${PYTHONPYCACHEPREFIX:-unset}"'],
+                          capture_output=True, text=True, env=env, check=True)
+    expect = ("dont=1 prefix=unset" if pycache == "0"
+              else f"dont=unset prefix={tmp_path}/pycache")
+    assert proc.stdout.strip() == expect
+    repo, run = _fake_run(tmp_path)
+    (run / "pycache").write_text(f"{tmp_path}/pycache\n")
+    collect_run.collect(repo, run, tmp_path / "out")
+    assert f"- bytecode cache: {tmp_path}/pycache" in (tmp_path / "out" / "RUN.md").read_text()
 
 
 def test_image_stand_in_never_holds_carried_packages(tmp_path):
@@ -661,18 +685,19 @@ def test_kernels_ab_runs_this_tree_then_the_baseline(tmp_path):
     assert calls[3].endswith("path=src")
 
 
-def _bench(path: Path, seconds: float) -> None:
+def _bench_s(path: Path, seconds: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("s\th:m:s\tmax_rss\n" f"{seconds}\t0:00:01\t100\n")
+    # a first attempt, then the run that counts (Snakemake appends a row when a job reruns)
+    path.write_text("s\th:m:s\tmax_rss\n" f"999\t0:16:39\t100\n{seconds}\t0:00:01\t100\n")
 
 
 def test_study_time_sums_the_jobs_both_runs_have(tmp_path, capsys):
     study_time = _load("study_time")
     before, after = tmp_path / "before", tmp_path / "after"
     for job, b, a in [("minilm/g1", 90.0, 30.0), ("synthetic/g2", 10.0, 20.0)]:
-        _bench(before / "train" / f"{job}.tsv", b)
-        _bench(after / "train" / f"{job}.tsv", a)
-    _bench(after / "train" / "wellposed/new.tsv", 7.0)  # only in the later run: not summed
+        _bench_s(before / "train" / f"{job}.tsv", b)
+        _bench_s(after / "train" / f"{job}.tsv", a)
+    _bench_s(after / "train" / "wellposed/new.tsv", 7.0)  # only in the later run: not summed
     assert study_time.main([str(before), str(after), "--rules", "train"]) == 0
     out = capsys.readouterr().out
     assert "| minilm/g1 | 90.0 | 30.0 | 3.00 |" in out
@@ -686,13 +711,13 @@ def test_study_time_sums_the_jobs_both_runs_have(tmp_path, capsys):
 def test_study_time_reads_a_committed_folder(tmp_path, capsys):
     study_time = _load("study_time")
     repo = tmp_path / "repo"
-    _bench(repo / "bench" / "train" / "minilm" / "g1.tsv", 40.0)
+    _bench_s(repo / "bench" / "train" / "minilm" / "g1.tsv", 40.0)
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
     subprocess.run(git + ["add", "."], check=True)
     subprocess.run(git + ["commit", "-qm", "x"], check=True)
     after = tmp_path / "after"
-    _bench(after / "train" / "minilm" / "g1.tsv", 10.0)
+    _bench_s(after / "train" / "minilm" / "g1.tsv", 10.0)
     cwd = os.getcwd()
     os.chdir(repo)
     try:

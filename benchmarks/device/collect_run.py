@@ -187,6 +187,7 @@ def run_md(repo: Path, run: Path, results: str, python: str) -> str:
         f"- failed rules: {', '.join(failed) if failed else 'none'}",
         f"- command: `{_read(run / 'command').strip()}`",
         f"- config files: {_read(run / 'configs').strip()}",
+        f"- bytecode cache: {_read(run / 'pycache').strip() or 'not recorded'}",
         f"- commit: {_read(run / 'commit').strip() or 'unknown'}",
         "",
         "## Hardware",

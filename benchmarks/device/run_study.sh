@@ -20,7 +20,8 @@
 #   run_study.sh --cpu-smoke [--plain]     here, on the CPU: all of the above on a tiny config
 #
 # Environment: PYTHON (default python3), ISAE_DEVICE (state folder, default /tmp/isae-device),
-# CORES (default: all), RESULTS (results folder of the config, default results), MODEL=none
+# CORES (default: all), RESULTS (results folder of the config, default results), PYCACHE=0
+# (no bytecode cache: see study_env), MODEL=none
 # (start without the language model, for targets on the synthetic sets only); for start,
 # BEFORE (a command run before Snakemake), FIRST_CONFIG (a --config string for a first,
 # smaller Snakemake phase) and AFTER (a command
@@ -48,6 +49,15 @@ study_env() {
   # Nothing can be fetched there: fail at once instead of retrying the Hub.
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
   export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+  # The image sets PYTHONDONTWRITEBYTECODE and its packages carry no bytecode, so every job
+  # compiled torch's sources again: importing torch and torch._dynamo (which torch.optim
+  # pulls in) took 9 s a job, 3 s with a cache (an H100, 2026-12-07). An installed package
+  # keeps its bytecode; the run keeps its own. PYCACHE=0: every job compiles, as the runs
+  # before 2026-12-07 did (for a like-for-like comparison with them).
+  if [ "${PYCACHE:-1}" != 0 ]; then
+    unset PYTHONDONTWRITEBYTECODE
+    export PYTHONPYCACHEPREFIX="$DEV/pycache"
+  fi
 }
 
 # ---------------------------------------------------------------------------- stage
@@ -156,7 +166,7 @@ cmd_start() {
     rm -rf "$WORK"
   fi
   mv "$WORK.tmp" "$WORK"
-  rm -rf "$RUN"/{rc,ended,done,phase1,started,pid,config-*,snakemake.log,before.log,env,after.log,bench}
+  rm -rf "$RUN"/{rc,ended,done,phase1,started,pid,pycache,config-*,snakemake.log,before.log,env,after.log,bench}
   local i=0
   for c in "${configs[@]}"; do
     local src="$repo/$c"; [ -f "$src" ] || src=$c
@@ -173,6 +183,7 @@ cmd_start() {
   date +%s > "$RUN/started"
   (
     study_env "$WORK"
+    echo "${PYTHONPYCACHEPREFIX:-off (every job compiles its imports)}" > "$RUN/pycache"
     cd "$WORK"
     # A new session (the run outlives this call: the tool ends the call's own processes);
     # its shell records its own pid, which is also its process group for `stop`.

@@ -21,11 +21,12 @@ from pathlib import Path
 
 
 def _seconds(text: str) -> float:
-    """The ``s`` column of a Snakemake benchmark file (its first data row)."""
+    """The ``s`` column of a Snakemake benchmark file: its last row (a job run again appends
+    one, as collect_run.rule_times reads them)."""
     rows = list(csv.DictReader(io.StringIO(text), delimiter="\t"))
     if not rows:
         raise ValueError("a benchmark file with no data row")
-    return float(rows[0]["s"])
+    return float(rows[-1]["s"])
 
 
 def read_times(where: str, rule: str) -> dict[str, float]:
