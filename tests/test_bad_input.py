@@ -512,7 +512,7 @@ def test_resume_refuses_other_data(base, tmp_path, monkeypatch):
     s = tmp_path / "set"
     synthetic.extract(out=str(s), d=D, atoms=ATOMS, k=K, rows=1200, rows_per_shard=400, seed=0)
     cfg = SAEConfig.from_arch("topk", d_in=D, d_sae=ATOMS, k=K)
-    tcfg = TrainConfig(tokens=4000, batch_size=200, checkpoint_every=5, lr=1e-2)
+    tcfg = TrainConfig(tokens=4000, batch_size=200, checkpoint_every=5, checkpoint_seconds=0, lr=1e-2)
     _crash_after_saves(monkeypatch, 1)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(s, cfg, tcfg, tmp_path / "out")
@@ -522,7 +522,7 @@ def test_resume_refuses_other_data(base, tmp_path, monkeypatch):
     # The same path, regenerated from another seed: same shape, other rows.
     synthetic.extract(out=str(s), d=D, atoms=ATOMS, k=K, rows=1200, rows_per_shard=400, seed=1)
     args = ["train", "--activations", str(s), "--arch", "topk", "--k", str(K), "--width", str(ATOMS),
-            "--tokens", "4000", "--batch-size", "200", "--checkpoint-every", "5", "--lr", "1e-2",
+            "--tokens", "4000", "--batch-size", "200", "--checkpoint-every", "5", "--checkpoint-seconds", "0", "--lr", "1e-2",
             "--out", str(tmp_path / "out")]
     line = one_line(isae(*args), "was made on other data")
     assert "pass --no-resume" in line and state.is_file()
@@ -539,7 +539,7 @@ def test_resume_round_trip_is_bit_exact(arch, base, tmp_path, monkeypatch):
     from isae.training.trainer import train
 
     cfg = SAEConfig.from_arch(arch, d_in=D, d_sae=ATOMS, k=K, seed=2)
-    tcfg = TrainConfig(tokens=6000, batch_size=200, checkpoint_every=7, log_every=3, lr=1e-2,
+    tcfg = TrainConfig(tokens=6000, batch_size=200, checkpoint_every=7, checkpoint_seconds=0, log_every=3, lr=1e-2,
                        dead_tokens=400)
     train(base / "set", cfg, tcfg, tmp_path / "ref")
     _crash_after_saves(monkeypatch, 2)
@@ -620,7 +620,7 @@ def test_disk_full_during_final_and_resume_saves(base, tmp_path, monkeypatch, ca
     from isae.data import checkpoints
     from isae.training import resume
 
-    args = ["-q", *train_args(str(base / "set"), str(tmp_path / "out"), "--checkpoint-every", "3")]
+    args = ["-q", *train_args(str(base / "set"), str(tmp_path / "out"), "--checkpoint-every", "3", "--checkpoint-seconds", "0")]
     monkeypatch.setattr(resume, "save_file", _fail_on_call(2, resume.save_file, partial=True))
     assert main(args) == 2
     _disk_full_line(capsys)

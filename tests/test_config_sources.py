@@ -25,7 +25,8 @@ TRAIN_DEFAULTS = {"k": 32, "d_sae": None, "seed": 0, "l1_coeff": 1e-3, "encoder_
                   "warmup_frac": 0.02, "auxk_alpha": 1 / 32, "dead_tokens": 200_000,
                   "base_lr": 8e-4, "auxk_norm": "residual", "auxk_detach": "none", "auxk_fit": "none",
                   "auxk_skip": "none",
-                  "shuffle_buffer": 65536, "checkpoint_every": 200, "log_every": None,
+                  "shuffle_buffer": 65536, "checkpoint_every": 200, "checkpoint_seconds": 60.0,
+                  "log_every": None,
                   "converged_below": 0.03, "device": "cpu", "data_on_device": "auto",
                   "data_memory_fraction": 0.5, "seeds": None, "no_resume": False, "force": False,
                   # the flags of several runs on one pass (no config field of their own)

@@ -340,7 +340,7 @@ def test_a_grouped_state_resumes_grouped_and_one_by_one(synthetic_set, tmp_path,
     run): resumed grouped it ends bit for bit as the uninterrupted group (CPU), resumed one by
     one it ends within TOLERANCE of it."""
     archs, seeds = ["topk", "isae-iter"], (0, 1)
-    kw = dict(checkpoint_every=20)
+    kw = dict(checkpoint_every=20, checkpoint_seconds=0)
     _, ref_outs, ref = _train(synthetic_set, archs, seeds, tmp_path / "ref", True, **kw)
     real = trainer.training_batches
 

@@ -642,7 +642,7 @@ def test_two_trains_on_one_out_in_process(base, tmp_path, capsys):
 @pytest.mark.slow
 def test_two_trains_on_one_out(base, tmp_path, capsys):
     out = tmp_path / "out"
-    args = train_args(base / "set", out, "--checkpoint-every", "5")
+    args = train_args(base / "set", out, "--checkpoint-every", "5", "--checkpoint-seconds", "0")
     args[args.index("--tokens") + 1] = "4000000"
     first = subprocess.Popen([sys.executable, "-m", "isae", "-q", *args], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, preexec_fn=_limit_address_space,
@@ -673,13 +673,13 @@ def test_resume_state_of_other_tokens_names_the_setting(base, tmp_path, capsys, 
     monkeypatch.setattr(trainer, "_save_state", save_then_crash)
     cfg = SAEConfig.from_arch("topk", d_in=D, d_sae=ATOMS, k=K)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        trainer.train(base / "set", cfg, TrainConfig(tokens=4000, batch_size=200, checkpoint_every=5),
+        trainer.train(base / "set", cfg, TrainConfig(tokens=4000, batch_size=200, checkpoint_every=5, checkpoint_seconds=0),
                       tmp_path / "out")
     monkeypatch.undo()
     # Fewer tokens than the state's step: once refused as "unreadable or corrupt".
     line = refuse(capsys, ["train", "--activations", base / "set", "--arch", "topk", "--k", K,
                            "--width", ATOMS, "--tokens", 600, "--batch-size", 200,
-                           "--checkpoint-every", 5, "--seed", 0, "--out", tmp_path / "out"],
+                           "--checkpoint-every", 5, "--checkpoint-seconds", "0", "--seed", 0, "--out", tmp_path / "out"],
                   "belongs to another configuration")
     assert "training setting tokens is 4000 there, 600 here" in line and "corrupt" not in line
 

@@ -174,7 +174,7 @@ def _cfg(seed=0):
 
 def _tcfg(**kw):
     return TrainConfig(**{"tokens": 64 * 120, "batch_size": 64, "lr": 1e-2, "log_every": 7,
-                          "checkpoint_every": 25, "data_on_device": "always", "seed": 0, **kw})
+                          "checkpoint_every": 25, "checkpoint_seconds": 0, "data_on_device": "always", "seed": 0, **kw})
 
 
 class _Stop(Exception):

@@ -151,7 +151,7 @@ def test_a_pass_takes_whatever_stepper_steps_its_runs(data, tmp_path, monkeypatc
 
     cfgs = [SAEConfig.from_arch(a, d_in=16, d_sae=48, k=3, seed=s)
             for a, s in (("topk", 0), ("relu", 1), ("dl", 2))]
-    tcfg = TrainConfig(tokens=3000, batch_size=256, checkpoint_every=5, log_every=2)
+    tcfg = TrainConfig(tokens=3000, batch_size=256, checkpoint_every=5, checkpoint_seconds=0, log_every=2)
     usual = train_many(data, cfgs, tcfg, [tmp_path / f"u{i}" for i in range(3)], resume=False)
     monkeypatch.setattr(trainer, "pass_stepper", reversed_stepper)
     real_save, saves = trainer._save_state, []

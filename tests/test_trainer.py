@@ -237,7 +237,7 @@ def _cli(*args):
 
 def test_resume_after_sigkill_equals_uninterrupted(data, tmp_path):
     args = ["train", "--activations", str(data[0]), "--arch", "isae-iter", *FAST,
-            "--tokens", "600000", "--checkpoint-every", "20", "--log-every", "5"]
+            "--tokens", "600000", "--checkpoint-every", "20", "--checkpoint-seconds", "0", "--log-every", "5"]
     ref = _cli(*args, "--out", str(tmp_path / "ref"))
     assert ref.wait(timeout=300) == 0
     out = tmp_path / "killed"
@@ -259,6 +259,32 @@ def test_resume_after_sigkill_equals_uninterrupted(data, tmp_path):
     la = pd.read_parquet(out / "train_log.parquet")
     lb = pd.read_parquet(tmp_path / "ref" / "train_log.parquet")
     pd.testing.assert_frame_equal(la.drop(columns="wall_s"), lb.drop(columns="wall_s"))
+
+
+@pytest.mark.parametrize("seconds", [0.0, 5.0, 1e9])
+def test_resume_saves_wait_for_their_steps_and_their_seconds(data, tmp_path, monkeypatch, seconds):
+    """A resume state is saved at a multiple of checkpoint_every steps, and only once
+    checkpoint_seconds have passed since the start or the last save (a clock that ticks one
+    second a reading here); 0 saves at every multiple, as before the time gate."""
+    clock = iter(range(10**6))
+    monkeypatch.setattr(trainer.time, "perf_counter", lambda: float(next(clock)))
+    saved = []
+    monkeypatch.setattr(trainer, "_save_state", lambda rdir, st: saved.append((st["step"], st["wall"])))
+    cfg = SAEConfig(d_in=data[1].shape[1], d_sae=64, k=3, arch="topk", seed=0)
+    tcfg = TrainConfig(tokens=512 * 60, batch_size=512, lr=1e-2, checkpoint_every=4,
+                       checkpoint_seconds=seconds, log_every=1000)
+    trainer.train(data[0], cfg, tcfg, tmp_path / "out")
+    steps = [s for s, _ in saved]
+    assert all(s % 4 == 0 and s < 60 for s in steps)
+    if seconds == 0:
+        assert steps == list(range(4, 60, 4))
+    elif seconds == 5:
+        assert 2 <= len(steps) < len(range(4, 60, 4))
+        walls = [0.0] + [w for _, w in saved]
+        assert all(b - a >= 5 for a, b in zip(walls, walls[1:]))
+    else:
+        assert steps == []
+    assert (tmp_path / "out" / "sae.safetensors").exists()  # the run itself finished
 
 
 # ------------------------------------------------------------------ bad input
@@ -305,7 +331,7 @@ def test_nan_in_shard_names_file_and_row(capsys, tmp_path):
 def test_resume_with_other_dimension(capsys, tmp_path, data):
     out = tmp_path / "o"
     p = _cli("train", "--activations", str(data[0]), "--arch", "topk", *FAST, "--tokens", "100000000",
-             "--checkpoint-every", "2", "--out", str(out))
+             "--checkpoint-every", "2", "--checkpoint-seconds", "0", "--out", str(out))
     state = tmp_path / "o.resume" / "state.safetensors"
     deadline = time.time() + 60
     while not state.exists() and time.time() < deadline:
@@ -315,7 +341,7 @@ def test_resume_with_other_dimension(capsys, tmp_path, data):
     other = tmp_path / "d16"
     signed_sparse_set(other, d=16, atoms=64, rows=3000)
     _bad(capsys, ["train", "--activations", str(other), "--arch", "topk", "--k", "3", "--width", "128",
-                  "--batch-size", "512", "--lr", "1e-2", "--tokens", "100000000", "--checkpoint-every", "2",
+                  "--batch-size", "512", "--lr", "1e-2", "--tokens", "100000000", "--checkpoint-every", "2", "--checkpoint-seconds", "0",
                   "--out", str(out)], "dimension 32")
 
 
@@ -510,7 +536,7 @@ def test_a_set_regenerated_during_training_is_refused(capsys, tmp_path, monkeypa
     signed_sparse_set(path, rows=4000, rows_per_shard=1000)
     out = tmp_path / "ck"
     args = ["train", "--activations", str(path), "--arch", "topk", "--k", "3", "--width", "64",
-            "--batch-size", "256", "--tokens", "4096", "--checkpoint-every", every, "--out", str(out)]
+            "--batch-size", "256", "--tokens", "4096", "--checkpoint-every", every, "--checkpoint-seconds", "0", "--out", str(out)]
     _regenerate_at(monkeypatch, path, 6)
     _bad(capsys, args, "changed while training")
     assert not out.exists()

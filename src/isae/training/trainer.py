@@ -21,16 +21,17 @@ Batches come from the training split held in device memory, or streamed from dis
 (training/batches.py chooses; ``TrainConfig.data_on_device``), normalised by the set's
 ``Normalizer``.
 
-Resume: every ``checkpoint_every`` steps the full state (parameters, optimiser, dead-latent
-counters, RNG, log, the batch source) is written atomically to ``<out>.resume/`` beside the
-checkpoint, as safetensors plus JSON (training/resume.py: no pickle, so loading it runs no
-code). A restarted run starts its batches at the saved step (the device copy jumps there;
-the stream is replayed, cheap: no model work) and continues; on CPU with the same thread
-count it ends bitwise equal to an uninterrupted run. The state records a fingerprint of the
-configuration and of the data (meta.json and the shards' names and sizes): a state made
-for anything else is refused, never mixed in. The data's fingerprint is read again at each
-resume save and before the checkpoints are written: a set replaced while training (say,
-regenerated) is refused, and nothing is saved.
+Resume: every ``checkpoint_every`` steps, once ``checkpoint_seconds`` have passed since the
+last save, the full state (parameters, optimiser, dead-latent counters, RNG, log, the batch
+source) is written atomically to ``<out>.resume/`` beside the checkpoint, as safetensors
+plus JSON (training/resume.py: no pickle, so loading it runs no code). A restarted run
+starts its batches at the saved step (the device copy jumps there; the stream is replayed,
+cheap: no model work) and continues; on CPU with the same thread count it ends bitwise equal
+to an uninterrupted run. The state records a fingerprint of the configuration and of the
+data (meta.json and the shards' names and sizes): a state made for anything else is refused,
+never mixed in. The data's fingerprint is read again at each resume save and before the
+checkpoints are written: a set replaced while training (say, regenerated) is refused, and
+nothing is saved.
 """
 
 from __future__ import annotations
@@ -256,7 +257,7 @@ def _step_loop(p: _Pass, stepper: PassStepper, batches: Iterator[torch.Tensor], 
     archs = set(r.cfg.arch for r in runs)
     name = f"{len(runs)} models" if len(archs) > 1 else runs[0].cfg.arch + (
         f" x{len(runs)} seeds" if len(runs) > 1 else "")
-    t0 = time.perf_counter()
+    t0 = last_save = time.perf_counter()
     bar = progress(total=p.total_steps * tcfg.batch_size, desc=f"train {name}", unit="tok")
     bar.update(start.step * tcfg.batch_size)
     try:
@@ -275,7 +276,9 @@ def _step_loop(p: _Pass, stepper: PassStepper, batches: Iterator[torch.Tensor], 
             if logging_step and runs[0].rows:
                 r = runs[0].rows[-1]
                 bar.set_postfix(fvu=f"{r['fvu']:.3f}", l0=f"{r['l0']:.1f}", dead=f"{r['dead_frac']:.2f}")
-            if (step + 1) % tcfg.checkpoint_every == 0 and step + 1 < p.total_steps:
+            if ((step + 1) % tcfg.checkpoint_every == 0 and step + 1 < p.total_steps
+                    and time.perf_counter() - last_save >= tcfg.checkpoint_seconds):
+                last_save = time.perf_counter()
                 _check_same_data(p)
                 _save_state(p.rdir, {
                     "fingerprint": p.fingerprint,
