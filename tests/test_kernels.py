@@ -120,6 +120,13 @@ CHECKS = textwrap.dedent('''
     want = acc.double() + ref
     seg.reduce_into(acc, val, src)  # accumulates in place
     assert (acc.double() - want).abs().max() < 1e-5
+    # latents past 16-bit keys (a stacked group's global indices): sorted as 32-bit ones
+    wide = 40_000
+    idx_w = idx * 800 + 7  # up to 39 207, every row still sharing latent 3 * 800 + 7
+    seg = K.Segments(idx_w, wide)
+    ref = torch.zeros(wide, D, dtype=torch.float64).index_add_(
+        0, idx_w.reshape(-1), (val.double()[..., None] * src.double()[:, None]).reshape(-1, D))
+    assert (seg.reduce(val, src).double() - ref).abs().max() < 1e-5
 
     def check_mask(B, C, k, signed, dtype):
         src = torch.randn(B, C, generator=g).to(dtype)
