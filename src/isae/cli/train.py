@@ -37,8 +37,8 @@ SAE_FLAGS = ("k", "d_sae", "seed", "l1_coeff", "encoder_steps")
 #: TrainConfig fields with a flag (its seed, of the data order, is the first model seed).
 TRAIN_FLAGS = ("tokens", "batch_size", "lr", "base_lr", "decay", "warmup_frac", "auxk_alpha",
                "auxk_norm", "auxk_detach", "auxk_fit", "auxk_skip", "dead_tokens",
-               "shuffle_buffer", "checkpoint_every", "checkpoint_seconds", "log_every", "converged_below", "device",
-               "data_on_device", "data_memory_fraction")
+               "shuffle_buffer", "checkpoint_every", "checkpoint_seconds", "log_every",
+               "converged_below", "device", "data_on_device", "data_memory_fraction")
 log = logging.getLogger(__name__)
 
 #: Times d, the width when --width is not given.
