@@ -333,6 +333,9 @@ CASES = [
     # numbers on the command line (items 11, 15)
     Case("checkpoint-every-0", cli(*train_args("{set}", "{out}", "--checkpoint-every", "0")),
          "--checkpoint-every must be >= 1"),
+    Case("checkpoint-seconds-negative",
+         cli(*train_args("{set}", "{out}", "--checkpoint-seconds", "-1")),
+         "--checkpoint-seconds must be a finite number >= 0"),
     Case("log-every-0", cli(*train_args("{set}", "{out}", "--log-every", "0")), "--log-every must be >= 1"),
     Case("lr-negative", cli(*train_args("{set}", "{out}", "--lr", "-1")), "--lr must be a finite number > 0"),
     Case("lr-nan", cli(*train_args("{set}", "{out}", "--lr", "nan")), "--lr must be a finite number > 0"),
