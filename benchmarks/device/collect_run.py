@@ -115,15 +115,21 @@ def _float(x: str) -> float | None:
         return None
 
 
+def last_row(text: str) -> dict | None:
+    """A Snakemake benchmark file's row that counts: a rerun appends a line, and the last is
+    the run that made the output. None for a file with no data row."""
+    rows = list(csv.DictReader(io.StringIO(text), delimiter="\t"))
+    return rows[-1] if rows else None
+
+
 def rule_times(bench_root: Path) -> list[dict]:
     """Per rule, from Snakemake's benchmark files (results/benchmarks/<rule>/...tsv): jobs,
     total, mean and max seconds, max RSS (MB), total CPU seconds."""
     acc: dict[str, dict] = defaultdict(lambda: {"jobs": 0, "s": [], "rss": [], "cpu": []})
     for tsv in sorted(bench_root.rglob("*.tsv")):
         rule = tsv.relative_to(bench_root).parts[0]
-        with open(tsv, newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
-        for row in rows[-1:]:  # a rerun appends; the last line is the run that made the output
+        row = last_row(tsv.read_text())
+        if row is not None:
             a = acc[rule]
             a["jobs"] += 1
             for key, col in (("s", "s"), ("rss", "max_rss"), ("cpu", "cpu_time")):

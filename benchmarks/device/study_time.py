@@ -13,20 +13,20 @@ before, after, and their ratio per job; jobs only one run has are marked) and th
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from collect_run import last_row  # noqa: E402
+
 
 def _seconds(text: str) -> float:
-    """The ``s`` column of a Snakemake benchmark file: its last row (a job run again appends
-    one, as collect_run.rule_times reads them)."""
-    rows = list(csv.DictReader(io.StringIO(text), delimiter="\t"))
-    if not rows:
+    """The ``s`` column of a Snakemake benchmark file's row that counts (collect_run.last_row)."""
+    row = last_row(text)
+    if row is None:
         raise ValueError("a benchmark file with no data row")
-    return float(rows[-1]["s"])
+    return float(row["s"])
 
 
 def read_times(where: str, rule: str) -> dict[str, float]:
