@@ -120,14 +120,20 @@ GROUP_RUNS: dict = {}
 
 
 @section("a group of SAEs as one model vs one after another (end to end, from disk)")
-def group_section(a, tmp: Path) -> None:
+def _group_of(a, tmp: Path):
+    """The group's set on disk, its SAEs (--archs x --seeds), its training settings and the
+    short ones that compile the kernels before a timing."""
     acts = ensure_set(tmp / "acts", a.rows, a.d, 4 * a.width, a.batch, DEV)
-    archs = a.archs.split(",")
     cfgs = [SAEConfig.from_arch(arch, d_in=a.d, d_sae=a.width, k=a.k, seed=s)
-            for arch in archs for s in range(a.seeds)]
+            for arch in a.archs.split(",") for s in range(a.seeds)]
     tcfg = TrainConfig(tokens=a.steps * a.batch, batch_size=a.batch, device=DEV,
                        checkpoint_every=10**9)
     warm = TrainConfig(tokens=15 * a.batch, batch_size=a.batch, device=DEV, checkpoint_every=10**9)
+    return acts, cfgs, tcfg, warm
+
+
+def group_section(a, tmp: Path) -> None:
+    acts, cfgs, tcfg, warm = _group_of(a, tmp)
     # Compile the kernels outside the timings (each way still pays its own graph recordings,
     # loads and checkpoints).
     train_many(acts.path, cfgs[:: a.seeds], warm, [tmp / "warm" / c.arch for c in cfgs[:: a.seeds]],
@@ -176,12 +182,7 @@ def ahead_section(a, tmp: Path) -> None:
 
     from isae.training.group import STEP_AHEAD_ENV
 
-    acts = ensure_set(tmp / "acts", a.rows, a.d, 4 * a.width, a.batch, DEV)
-    cfgs = [SAEConfig.from_arch(arch, d_in=a.d, d_sae=a.width, k=a.k, seed=s)
-            for arch in a.archs.split(",") for s in range(a.seeds)]
-    tcfg = TrainConfig(tokens=a.steps * a.batch, batch_size=a.batch, device=DEV,
-                       checkpoint_every=10**9)
-    warm = TrainConfig(tokens=15 * a.batch, batch_size=a.batch, device=DEV, checkpoint_every=10**9)
+    acts, cfgs, tcfg, warm = _group_of(a, tmp)
     before = os.environ.get(STEP_AHEAD_ENV)
     res = {}
     try:
