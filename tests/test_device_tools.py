@@ -725,3 +725,17 @@ def test_study_time_reads_a_committed_folder(tmp_path, capsys):
     finally:
         os.chdir(cwd)
     assert "| minilm/g1 | 40.0 | 10.0 | 4.00 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("lines, shown", [
+    (None, "not recorded"),
+    ("", "none (the defaults)"),
+    ("ISAE_GROUPED=0\nISAE_STEP_AHEAD=1\n", "`ISAE_GROUPED=0`, `ISAE_STEP_AHEAD=1`"),
+])
+def test_run_md_names_the_library_switches_a_run_started_with(tmp_path, lines, shown):
+    repo, run = _fake_run(tmp_path)
+    if lines is not None:
+        (run / "isae-env").write_text(lines)
+    collect_run.collect(repo, run, tmp_path / "out")
+    text = (tmp_path / "out" / "RUN.md").read_text()
+    assert f"- isae switches in the environment: {shown}\n" in text

@@ -56,6 +56,14 @@ def _read(path: Path) -> str:
         return ""
 
 
+def _isae_env(run: Path) -> str:
+    """The ISAE_* variables the run started with, or why there are none to show."""
+    if not (run / "isae-env").exists():
+        return "not recorded"
+    lines = [x.strip() for x in _read(run / "isae-env").splitlines() if x.strip()]
+    return ", ".join(f"`{x}`" for x in lines) if lines else "none (the defaults)"
+
+
 def progress(log_text: str) -> tuple[int, int] | None:
     """(jobs done, jobs in all) from the last progress line of a Snakemake log."""
     found = PROGRESS.findall(log_text)
@@ -194,6 +202,7 @@ def run_md(repo: Path, run: Path, results: str, python: str) -> str:
         f"- command: `{_read(run / 'command').strip()}`",
         f"- config files: {_read(run / 'configs').strip()}",
         f"- bytecode cache: {_read(run / 'pycache').strip() or 'not recorded'}",
+        f"- isae switches in the environment: {_isae_env(run)}",
         f"- commit: {_read(run / 'commit').strip() or 'unknown'}",
         "",
         "## Hardware",

@@ -166,7 +166,7 @@ cmd_start() {
     rm -rf "$WORK"
   fi
   mv "$WORK.tmp" "$WORK"
-  rm -rf "$RUN"/{rc,ended,done,phase1,started,pid,pycache,config-*,snakemake.log,before.log,env,after.log,bench}
+  rm -rf "$RUN"/{rc,ended,done,phase1,started,pid,pycache,isae-env,config-*,snakemake.log,before.log,env,after.log,bench}
   local i=0
   for c in "${configs[@]}"; do
     local src="$repo/$c"; [ -f "$src" ] || src=$c
@@ -184,6 +184,8 @@ cmd_start() {
   (
     study_env "$WORK"
     echo "${PYTHONPYCACHEPREFIX:-off (every job compiles its imports)}" > "$RUN/pycache"
+    # The library's switches (ISAE_STEP_AHEAD, ISAE_GROUPED, ...) change what a run measures.
+    env | grep '^ISAE_' | grep -v '^ISAE_DEVICE=' | sort > "$RUN/isae-env" || true
     cd "$WORK"
     # A new session (the run outlives this call: the tool ends the call's own processes);
     # its shell records its own pid, which is also its process group for `stop`.
