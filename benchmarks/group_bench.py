@@ -20,12 +20,6 @@ Sections (``--only`` takes a comma list; the table is printed last):
   within ``--tolerance`` (default 2 %: bfloat16 near-ties flip a few selections, as between
   the fast path and the float32 reference); one line "check: PASS" or "check: FAIL". Needs
   the group section's checkpoints (run together).
-* ``ahead``: the group of ``group`` trained twice each way, alternating, with
-  ``ISAE_STEP_AHEAD=0`` (the host waits for each step's dead counts) and ``=1`` (each AuxK
-  width from a bound two steps back: the host prepares the next step while the GPU runs
-  this one); the second of each is timed, and the runs' final training FVU compared. Not in
-  the default run's list (``--only ahead``); at the synthetic sets' shape: ``--d 64 --width
-  256 --k 8 --batch 1024 --steps 4883``.
 * ``switches``: every combination of signed / tied / nobias / iter at d 384 / width 12 288
   (``--wide``), batch 4 096, k 16: the steady-state step of the graphed fast path with
   ``--dead-frac`` of the latents dead (AuxK on), each combination's first (eager, compiling)
@@ -174,43 +168,6 @@ def group_section(a, tmp: Path) -> None:
              f"{shr_wall / grp_wall:.2f}x over sharing the pass one by one",
         key="group_speedup", ratio=seq_wall / grp_wall)
     GROUP_RUNS.update(acts=acts, cfgs=cfgs, seq=tmp / "seq", grp=tmp / "grp")
-
-
-@section("ahead: the group stepping ahead (ISAE_STEP_AHEAD=1) against waiting after each step")
-def ahead_section(a, tmp: Path) -> None:
-    import os
-
-    from isae.training.group import STEP_AHEAD_ENV
-
-    acts, cfgs, tcfg, warm = _group_of(a, tmp)
-    before = os.environ.get(STEP_AHEAD_ENV)
-    res = {}
-    try:
-        for flag in ("0", "1", "0", "1"):  # twice each, alternating: the second pair is timed
-            os.environ[STEP_AHEAD_ENV] = flag
-            train_many(acts.path, cfgs, warm, [tmp / "ahead-warm" / f"{c.arch}-{c.seed}" for c in cfgs],
-                       resume=False, grouped=True)
-            t0 = time.perf_counter()
-            out = train_many(acts.path, cfgs, tcfg, [tmp / f"ahead-{flag}" / f"{c.arch}-{c.seed}"
-                                                     for c in cfgs], resume=False, grouped=True)
-            res[flag] = (time.perf_counter() - t0, out)
-    finally:
-        if before is None:
-            os.environ.pop(STEP_AHEAD_ENV, None)
-        else:
-            os.environ[STEP_AHEAD_ENV] = before
-    total = len(cfgs) * tcfg.total_steps() * a.batch
-    for flag, label in (("0", "waiting after each step (the default)"), ("1", "stepping ahead")):
-        wall, out = res[flag]
-        row(f"{len(cfgs)} SAEs as one group, {label}", wall * 1e3, f"{total / wall / 1e6:.2f} M tok/s",
-            f"loop alone {out[0]['tokens_per_s'] / 1e6:.2f} M tok/s; d {a.d}, width {a.width}, "
-            f"batch {a.batch}", key=f"ahead_{flag}", wall_s=wall)
-    diff = max(abs(x["fvu"] / y["fvu"] - 1) for x, y in zip(res["1"][1], res["0"][1]))
-    row("stepping ahead: speed-up of the loop",
-        note=f"{res['1'][1][0]['tokens_per_s'] / res['0'][1][0]['tokens_per_s']:.2f}x; largest "
-             f"relative difference of a run's final training FVU {diff:.2%}",
-        key="ahead_speedup", ratio=res["1"][1][0]["tokens_per_s"] / res["0"][1][0]["tokens_per_s"],
-        fvu_diff=diff)
 
 
 @section("check: the group learns what one-after-another training learns")
@@ -578,11 +535,10 @@ def main() -> None:
     tmp = Path(a.set_dir) if a.set_dir else Path(tempfile.mkdtemp(prefix="group_bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
     sections = {"group": lambda: group_section(a, tmp), "check": lambda: check_section(a, tmp),
-                "ahead": lambda: ahead_section(a, tmp),
                 "switches": lambda: switches_section(a), "user": lambda: user_section(a, tmp),
                 "profile": lambda: profile_section(a), "steps": lambda: steps_section(a),
                 "select": lambda: select_section(a)}
-    only = a.only.split(",") if a.only else [s for s in sections if s != "ahead"]
+    only = a.only.split(",") if a.only else list(sections)
     unknown = [s for s in only if s not in sections]
     if unknown:
         ap.error(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(sections)}")

@@ -730,7 +730,7 @@ def test_study_time_reads_a_committed_folder(tmp_path, capsys):
 @pytest.mark.parametrize("lines, shown", [
     (None, "not recorded"),
     ("", "none (the defaults)"),
-    ("ISAE_GROUPED=0\nISAE_STEP_AHEAD=1\n", "`ISAE_GROUPED=0`, `ISAE_STEP_AHEAD=1`"),
+    ("ISAE_CUDA_GRAPHS=0\nISAE_GROUPED=0\n", "`ISAE_CUDA_GRAPHS=0`, `ISAE_GROUPED=0`"),
 ])
 def test_run_md_names_the_library_switches_a_run_started_with(tmp_path, lines, shown):
     repo, run = _fake_run(tmp_path)

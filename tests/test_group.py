@@ -415,69 +415,6 @@ def test_a_group_steps_its_runs_and_only_them(tmp_path):
 
 
 
-class _WidthRecorder(type(STACKED_REFERENCE)):
-    """The stacked reference maths, asked for an AuxK width as the fast op set is (here the
-    dead count itself, unrounded, so that a width below it shows): it records each step's
-    width beside the most dead latents any model had then, and reads them all (exactly)."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[int, int]] = []
-
-    def aux_width(self, n_dead: int, n: int) -> int:
-        return n_dead
-
-    def aux_latents(self, dead, width):
-        self.seen.append((width, int(dead.sum(1).max())))
-        return super().aux_latents(dead, width)
-
-
-@pytest.mark.parametrize("ahead", ["0", "1"])
-def test_stepping_ahead_never_gives_auxk_fewer_columns_than_dead_latents(tmp_path, monkeypatch,
-                                                                         ahead):
-    """ISAE_STEP_AHEAD=1: each step's AuxK width comes from the bound two steps before, not
-    from waiting for the last step; it is never below that step's dead count (a latent's
-    counter grows by one batch a step at most), sometimes above, and the training is the
-    same (the reference reads the dead latents exactly, whatever the width)."""
-    def train(flag: str) -> tuple[list, list]:
-        monkeypatch.setenv("ISAE_STEP_AHEAD", flag)
-        tcfg = TrainConfig(batch_size=16, dead_tokens=48)  # dead after 3 batches unfired
-        runs = [Run(SAEConfig.from_arch(a, d_in=6, d_sae=60, k=2, seed=i), tcfg,
-                    tmp_path / f"{flag}-{i}", torch.device("cpu"), REFERENCE)
-                for i, a in enumerate(["topk", "topk", "isae"])]
-        ops = _WidthRecorder()
-        group = RunGroup(runs, tcfg, torch.device("cpu"), ops=ops)
-        gen = torch.Generator().manual_seed(0)
-        for _ in range(40):
-            group.step(torch.randn(16, 6, generator=gen), 1.0)
-        return ops.seen, [r.model.W_dec.detach().clone() for r in group.runs]
-
-    seen, weights = train(ahead)
-    steps = len(seen) // 2  # two parts a step
-    assert steps == 40
-    assert all(width >= dead for width, dead in seen)
-    assert any(dead > 0 for _, dead in seen)  # latents died: the widths mattered
-    if ahead == "1":
-        assert any(width > dead for width, dead in seen)  # the bound, not the exact count
-        _, exact = train("0")
-        assert all(torch.equal(a, b) for a, b in zip(weights, exact))
-    else:
-        # without stepping ahead the width is exactly the step's most dead latents (of both
-        # parts: one width serves the group)
-        most = [max(a, b) for (_, a), (_, b) in zip(seen[::2], seen[1::2])]
-        assert [width for width, _ in seen[::2]] == most
-
-
-def test_step_ahead_takes_0_or_1(monkeypatch):
-    from isae.errors import UserError
-    from isae.training.group import step_ahead
-
-    monkeypatch.setenv("ISAE_STEP_AHEAD", "yes")
-    with pytest.raises(UserError, match="ISAE_STEP_AHEAD must be 0 or 1"):
-        step_ahead()
-    monkeypatch.delenv("ISAE_STEP_AHEAD")
-    assert step_ahead() is False
-
-
 def test_runs_outside_the_group_train_beside_it_as_before(synthetic_set, tmp_path):
     """Dictionary learning and a ReLU SAE do not stack: they step one by one beside the
     group, on the same batches, bit for bit as without grouping."""

@@ -184,7 +184,7 @@ cmd_start() {
   (
     study_env "$WORK"
     echo "${PYTHONPYCACHEPREFIX:-off (every job compiles its imports)}" > "$RUN/pycache"
-    # The library's switches (ISAE_STEP_AHEAD, ISAE_GROUPED, ...) change what a run measures.
+    # The library's switches (ISAE_GROUPED, ...) change what a run measures.
     env | grep '^ISAE_' | grep -v '^ISAE_DEVICE=' | sort > "$RUN/isae-env" || true
     cd "$WORK"
     # A new session (the run outlives this call: the tool ends the call's own processes);

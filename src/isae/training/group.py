@@ -27,13 +27,9 @@ reached through the op set (isae.models.stacked.select_stacked_ops).
 
 from __future__ import annotations
 
-import collections
-import os
-
 import torch
 from torch import Tensor
 
-from isae.errors import UserError
 from isae.models.compute import grouped_training
 from isae.models.config import TrainConfig
 from isae.models.reference import Codes
@@ -46,20 +42,6 @@ from isae.models.stacked import (
     stacks,
 )
 from isae.training.steppers import EachRun, Run
-
-#: ``ISAE_STEP_AHEAD=1``: a group picks each step's AuxK width from a bound computed two
-#: steps before (``RunGroup._read_ahead``), so that the host prepares the next step while the
-#: GPU runs this one instead of waiting for it after every step. Off by default until it is
-#: measured on a GPU.
-STEP_AHEAD_ENV = "ISAE_STEP_AHEAD"
-
-
-def step_ahead() -> bool:
-    """Whether groups step ahead (``STEP_AHEAD_ENV``)."""
-    value = os.environ.get(STEP_AHEAD_ENV, "0")
-    if value not in ("0", "1"):
-        raise UserError(f"{STEP_AHEAD_ENV} must be 0 or 1, not {value!r}")
-    return value == "1"
 
 
 class _Part:
@@ -115,12 +97,10 @@ class _Part:
         return {"state": state, "param_groups": groups}
 
     def train_step(self, x: Tensor, total_var: Tensor, width: int | None, tcfg: TrainConfig,
-                   ops: StackedOps, bound: bool = False) -> dict[str, Tensor]:
+                   ops: StackedOps) -> dict[str, Tensor]:
         """One optimisation step of every model of the part; the dead-latent counters
-        updated. Returns [M] tensors loss, fvu, auxk, n_dead_next (the next step's dead
-        counts) and, where ``bound``, n_dead_bound (a bound on the dead counts of the step
-        after it: a latent's counter grows by at most one batch a step), and the codes, val
-        and idx [M, B, K] (each model's own latent indices)."""
+        updated. Returns [M] tensors loss, fvu, auxk and n_dead_next (the next step's dead
+        counts), and the codes, val and idx [M, B, K] (each model's own latent indices)."""
         coder = self.coder
         dead = self.since >= tcfg.dead_tokens
         for P, _ in self.params.values():
@@ -142,12 +122,9 @@ class _Part:
             fires = torch.zeros(self.M * self.N, dtype=torch.long, device=x.device)
             fires.scatter_add_(0, out.codes.idx.reshape(-1), nonzero.reshape(-1).long())
             self.since.copy_(torch.where(fires.view(self.M, self.N) > 0, 0, self.since + x.shape[0]))
-            res = {"loss": loss.detach(), "fvu": out.fvu.detach(), "auxk": out.auxk.detach(),
-                   "n_dead_next": (self.since >= tcfg.dead_tokens).sum(1),
-                   "val": out.codes.val.detach(), "idx": local(out.codes.idx, self.N)}
-            if bound:
-                res["n_dead_bound"] = (self.since + x.shape[0] >= tcfg.dead_tokens).sum(1)
-            return res
+            return {"loss": loss.detach(), "fvu": out.fvu.detach(), "auxk": out.auxk.detach(),
+                    "n_dead_next": (self.since >= tcfg.dead_tokens).sum(1),
+                    "val": out.codes.val.detach(), "idx": local(out.codes.idx, self.N)}
 
     @torch.no_grad()
     def silence(self, m: int) -> None:
@@ -200,8 +177,6 @@ class RunGroup:
                 r.stepper = MemberStepper(p, m, r.stepper)
         self._silence_diverged()  # restored as diverged
         self.n_dead = torch.cat([(p.since >= tcfg.dead_tokens).sum(1) for p in self.parts]).tolist()
-        self.ahead = step_ahead()
-        self._counts: collections.deque = collections.deque()  # (next, bound) of recent steps
         self.branches = self.ops.branches(len(self.parts), device)
         self.graphs = self.ops.step_graphs(self._body, self._before_recording, device)
         self._no_dead = torch.zeros(0, dtype=torch.bool, device=device)
@@ -223,8 +198,7 @@ class RunGroup:
         outs = []
         for i, part in enumerate(self.parts):
             with self.branches(i):
-                outs.append(part.train_step(x, total_var, width, self.tcfg, self.ops,
-                                            bound=self.ahead))
+                outs.append(part.train_step(x, total_var, width, self.tcfg, self.ops))
         self.branches.join()
         return {key: [o[key] for o in outs] for key in outs[0]}
 
@@ -233,19 +207,6 @@ class RunGroup:
             for P, _ in part.params.values():
                 P.grad = None
             self.ops.refresh_copies(part.coder.W_dec)
-
-    def _read_ahead(self, out: dict) -> None:
-        """The counts that pick the next step's AuxK width without waiting for this step:
-        the bound this step's predecessor computed on the dead counts two steps on (read now,
-        that step has ended while this one may still run), or, for the first two steps, the
-        previous step's exact counts. The width is then at least the one the exact counts
-        pick: AuxK reads every dead latent, and masks the live ones it also reads."""
-        # copies: the recorded step's outputs are overwritten by its next replay
-        self._counts.append((torch.cat(out["n_dead_next"]), torch.cat(out["n_dead_bound"])))
-        if len(self._counts) > 1:
-            self.n_dead = self._counts.popleft()[1].tolist()
-        else:
-            self.n_dead = self._counts[-1][0].tolist()
 
     def step(self, x: Tensor, lr_scale: float) -> dict[int, dict]:
         """One step of every live run of the group on the batch x [B, D] at ``lr_scale``
@@ -262,11 +223,8 @@ class RunGroup:
             out = self.graphs(x, self._no_dead, width)
         else:
             out = self._body(x, None, width)
-        if self.ahead:
-            self._read_ahead(out)
-        else:
-            # the one host sync: the next step's dead counts pick its AuxK width (its graph)
-            self.n_dead = torch.cat(out["n_dead_next"]).tolist()
+        # the one host sync: the next step's dead counts pick its AuxK width (its graph)
+        self.n_dead = torch.cat(out["n_dead_next"]).tolist()
         metrics = {}
         for j, (run, (part, m)) in enumerate(zip(self.runs, self._where)):
             if run.diverged:
