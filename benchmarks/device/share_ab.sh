@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # There, in a finished study's work copy (/tmp/isae-device/repo): four of the study's `train`
-# commands (the synthetic sets' main and ablation groups) run one after another on the idle
+# commands (the synthetic sets' iteration, main and ablation groups) one after another on the idle
 # GPU, then all four at once, as `--resources gpu=4` lets Snakemake run them. Each job's wall
 # time and the total, one line each, into $OUT/share-ab.txt: how much of a job's seconds in
 # a study is other jobs' time on a time-sliced GPU.
 #   bash benchmarks/device/share_ab.sh [MODES]   (MODES: "serial shared", the default)
 set -u
-cd "${ISAE_DEVICE:-/tmp/isae-device}/repo" || exit 2
-export PYTHONPATH=${SRC:-src}:${ISAE_DEVICE:-/tmp/isae-device}/site
-export PYTHONPYCACHEPREFIX=${ISAE_DEVICE:-/tmp/isae-device}/pycache
+dev=${ISAE_DEVICE:-/tmp/isae-device}
+cd "$dev/repo" || exit 2
+export PYTHONPATH=src:$dev/site PYTHONPYCACHEPREFIX=$dev/pycache
 unset PYTHONDONTWRITEBYTECODE
 log=${OUT:-.}/share-ab.txt
 jobs=(
