@@ -31,6 +31,11 @@ Sections (``--only`` takes a comma list; the table is printed last):
   GPU is busy, with the kernels that fill it (not in the default run's list of targets).
 * ``steps``: torch.profiler over each of ``--profile-archs`` alone, at ``--width`` and
   ``--wide`` with ``--dead-frac`` dead: its graphed step and the kernels that fill it.
+* ``floor``: the least a thresholding step can cost at ``--wide``: its dense bfloat16
+  correlation ([batch, d] x [d, width]) and the top-k of it, timed alone, without gradient,
+  beside ``topk``'s whole graphed step; then the rate ``topk+iter`` would reach if each of its
+  steps cost only that (no step size, no update, no backward): the ceiling on #26's
+  "slowest switch" ratio that this algorithm leaves.
 * ``select``: the two top-k kernels (group maxima first, or the whole row) timed at the
   group's and the switches' widths.
 * ``user``: each combination trained from scratch for ``--user-steps`` steps at the wide
@@ -364,6 +369,50 @@ def select_section(a) -> None:
                 fn=f"topk_rows_hinted ({label})", rows=rows, n=n, served=served)
 
 
+@section("the floor under a thresholding step: its correlation and top-k alone")
+def floor_section(a) -> None:
+    """Each thresholding step of ``isae-iter`` and ``topk+iter`` chooses its support from a
+    dense correlation of the residual with every atom and the top-k of it: the same GEMM and
+    selection that ``topk``'s encoder runs once. Timed here alone (CUDA, no gradient, as
+    ops.iht_step_fused computes them), against ``topk``'s graphed step at the same shape, so
+    that the best ratio any implementation of these steps could reach is a measurement."""
+    from isae.gpu.ops import select_topk
+
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = torch.randn(a.batch, a.d, device=DEV, generator=g)
+    dead = torch.rand(a.wide, device=DEV, generator=g) < a.dead_frac
+    m = SparseCoder(SAEConfig.from_arch("topk", d_in=a.d, d_sae=a.wide, k=a.k, seed=0),
+                    device=DEV, ops=select_ops(DEV))
+    st = SAEStepper(m, TrainConfig(lr=2e-4))
+    for _ in range(3):  # eager, recorded, replayed
+        st.step(x, 1.0, dead)
+    topk_ms = _per_step(lambda st=st: st.step(x, 1.0, dead), a.switch_reps)
+    W = torch.randn(a.wide, a.d, device=DEV, generator=g).bfloat16()
+    rs = torch.randn(a.batch, a.d, device=DEV, generator=g).bfloat16()
+    u = rs @ W.T
+    gemm = _per_step(lambda: rs @ W.T, 50)
+    steps = parse_arch("topk+iter").fields["encoder_steps"]
+    signed = parse_arch("topk+iter").fields["signed"]
+    select_topk(u, a.k, signed)
+    sel = _per_step(lambda: select_topk(u, a.k, signed), 50)
+    per = gemm + sel
+    best = topk_ms + steps * per
+    row(f"floor: topk step at width {a.wide}", topk_ms, f"{a.batch / topk_ms / 1e3:.2f} M tok/s",
+        key="floor_topk")
+    row(f"floor: one step's correlation [{a.batch}, {a.d}] x [{a.d}, {a.wide}] bf16", gemm,
+        note=f"{2 * a.batch * a.d * a.wide / gemm / 1e9:.0f} TFLOP/s", key="floor_gemm")
+    row(f"floor: one step's top-{a.k} of [{a.batch}, {a.wide}] bf16", sel,
+        note=f"{a.batch * a.wide * 2 / sel / 1e9:.2f} TB/s read once", key="floor_select")
+    row(f"floor: topk+iter ({steps} steps) at most {100 * topk_ms / best:.0f} % of topk", best,
+        note=f"if each step cost only its correlation and top-k ({per:.3f} ms); the 70 % "
+             f"target allows {topk_ms / 0.7 - topk_ms:.3f} ms for all {steps} steps with "
+             f"their backward", key="floor", pct=100 * topk_ms / best, per_step_ms=per)
+    del m, st
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
 # ----------------------------------------------------------------------------- switches
 
 
@@ -498,7 +547,7 @@ def main() -> None:
     global DEV
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="JSON file of the rows")
-    ap.add_argument("--only", default=None, help="comma list of: group, check, switches, user")
+    ap.add_argument("--only", default=None, help="comma list of: group, check, switches, user, profile, steps, select, floor")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--d", type=int, default=384)
     ap.add_argument("--width", type=int, default=1536, help="the group's SAEs")
@@ -537,7 +586,7 @@ def main() -> None:
     sections = {"group": lambda: group_section(a, tmp), "check": lambda: check_section(a, tmp),
                 "switches": lambda: switches_section(a), "user": lambda: user_section(a, tmp),
                 "profile": lambda: profile_section(a), "steps": lambda: steps_section(a),
-                "select": lambda: select_section(a)}
+                "select": lambda: select_section(a), "floor": lambda: floor_section(a)}
     only = a.only.split(",") if a.only else list(sections)
     unknown = [s for s in only if s not in sections]
     if unknown:
