@@ -739,3 +739,24 @@ def test_run_md_names_the_library_switches_a_run_started_with(tmp_path, lines, s
     collect_run.collect(repo, run, tmp_path / "out")
     text = (tmp_path / "out" / "RUN.md").read_text()
     assert f"- isae switches in the environment: {shown}\n" in text
+
+
+def test_the_short_b4_overlay_keeps_gpu_yaml_settings_at_8_and_16_x_d():
+    """width-8-16.yaml copies gpu.yaml's 8 and 16 x d entries (an overlay replaces a list
+    whole): it must stay those entries, so that its run is the study's recipe there."""
+    import yaml
+
+    from isae.study import plan
+
+    gpu = yaml.safe_load((ROOT / "config/gpu.yaml").read_text())
+    short = yaml.safe_load((DEVICE / "width-8-16.yaml").read_text())
+    axis = short["datasets"]["minilm"]["width_axis"]
+    full = gpu["datasets"]["minilm"]["width_axis"]
+    assert axis["widths"] == [w for w in full["widths"] if w != max(full["widths"])]
+    assert axis["per_width"] == [e for e in full["per_width"] if e["width"] in axis["widths"]]
+    cfg = plan.load_config([DEVICE / "width-minilm.yaml", DEVICE / "fixed-lr.yaml",
+                            DEVICE / "width-8-16.yaml"], ROOT / "config/schema.yaml")
+    jobs = plan.jobs(cfg)
+    assert not [j for j in jobs if j.rule.startswith("lr_sweep")]
+    assert {j.wildcards.get("group") for j in jobs if j.rule == "train"} == {
+        "k16-w1536-r10000000", "k16-w3072-r20000000", "k16-w6144-r40000000"}
