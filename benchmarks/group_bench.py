@@ -391,8 +391,8 @@ def floor_section(a) -> None:
     rs = torch.randn(a.batch, a.d, device=DEV, generator=g).bfloat16()
     u = rs @ W.T
     gemm = _per_step(lambda: rs @ W.T, 50)
-    steps = parse_arch("topk+iter").fields["encoder_steps"]
-    signed = parse_arch("topk+iter").fields["signed"]
+    fields = parse_arch("topk+iter").fields
+    steps, signed = fields["encoder_steps"], fields["signed"]
     select_topk(u, a.k, signed)
     sel = _per_step(lambda: select_topk(u, a.k, signed), 50)
     per = gemm + sel
@@ -547,7 +547,9 @@ def main() -> None:
     global DEV
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="JSON file of the rows")
-    ap.add_argument("--only", default=None, help="comma list of: group, check, switches, user, profile, steps, select, floor")
+    ap.add_argument("--only", default=None,
+                    help="comma list of: group, check, switches, user, profile, steps, select, "
+                         "floor")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--d", type=int, default=384)
     ap.add_argument("--width", type=int, default=1536, help="the group's SAEs")
