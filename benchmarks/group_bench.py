@@ -34,8 +34,9 @@ Sections (``--only`` takes a comma list; the table is printed last):
 * ``floor``: the least a thresholding step can cost at ``--wide``: its dense bfloat16
   correlation ([batch, d] x [d, width]) and the top-k of it, timed alone, without gradient,
   beside ``topk``'s whole graphed step; then the rate ``topk+iter`` would reach if each of its
-  steps cost only that (no step size, no update, no backward): the ceiling on #26's
-  "slowest switch" ratio that this algorithm leaves.
+  steps cost only that (no step size, no update, no backward): the ceiling that today's
+  GEMM and top-k kernels put on #26's "slowest switch" ratio (a kernel fusing the two would
+  lower the floor, and speed ``topk`` too).
 * ``select``: the two top-k kernels (group maxima first, or the whole row) timed at the
   group's and the switches' widths.
 * ``user``: each combination trained from scratch for ``--user-steps`` steps at the wide
@@ -375,7 +376,7 @@ def floor_section(a) -> None:
     dense correlation of the residual with every atom and the top-k of it: the same GEMM and
     selection that ``topk``'s encoder runs once. Timed here alone (CUDA, no gradient, as
     ops.iht_step_fused computes them), against ``topk``'s graphed step at the same shape, so
-    that the best ratio any implementation of these steps could reach is a measurement."""
+    that the best ratio these steps could reach with today's kernels is a measurement."""
     from isae.gpu.ops import select_topk
 
     g = torch.Generator(device=DEV).manual_seed(0)
